@@ -1,0 +1,371 @@
+"""The "Segment Anything" Segment Editor effect, without Qt.
+
+:class:`SegmentAnythingSession` holds what the effect knows between clicks: the source volume
+(as a ``samliverseg`` Volume), the prompt engine, the prompts collected so far, and the current
+preview. The Qt effect turns mouse events into :meth:`~SegmentAnythingSession.click` /
+:meth:`~SegmentAnythingSession.drag_box` calls, shows :class:`Outcome` messages, and displays
+the preview and the prompts through :class:`PreviewDisplay` (plain MRML nodes).
+
+Every user-facing failure comes back as an :class:`Outcome` with ``ok=False`` and a one-line
+message; the scene is left as it was. Engine calls are serialised with a lock so that a
+background prefetch thread (embedding slices ahead) and the GUI thread never run the model at the
+same time; a click waits for at most one slice embedding.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import numpy as np
+import vtk
+
+import slicer
+
+from samliverseg.errors import CancelledError, InputError, PromptError, SAMLiverSegError
+
+from . import geometry, markups_prompts, segment_writer, slice_clicks, volume_nodes
+
+PREVIEW_NODE_NAME = "Segment Anything preview"
+POSITIVE_NODE_NAME = "SAM positive points"
+NEGATIVE_NODE_NAME = "SAM negative points"
+BOX_NODE_NAME = "SAM box"
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    message: str = ""
+    seconds: float = 0.0
+    voxels: int = 0
+    cold: bool = False  # the slice had to be embedded (not cached)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        oom = getattr(torch.cuda, "OutOfMemoryError", None)
+        if oom is not None and isinstance(exc, oom):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+@dataclass
+class EngineSettings:
+    model: str = "lite_medsam"
+    checkpoint: Optional[str] = None
+    device: str = "auto"
+    window: Optional[str] = None  # None: the model's own window
+    cache_mb: float = 768
+
+
+class SegmentAnythingSession:
+    """State and actions of the effect (see the module docstring)."""
+
+    def __init__(self, settings: Optional[EngineSettings] = None,
+                 engine_factory: Optional[Callable[[EngineSettings], object]] = None):
+        self.settings = settings or EngineSettings()
+        self._engine_factory = engine_factory or self._default_engine_factory
+        self.engine = None
+        self.volume_node = None
+        self.volume = None
+        self.builder: Optional[slice_clicks.PromptBuilder] = None
+        self.preview: Optional[np.ndarray] = None  # uint8 [k, j, i]
+        self.preview_is_3d = False
+        self.intensity_check: Optional[volume_nodes.IntensityCheck] = None
+        self.lock = threading.RLock()
+        self.notes: List[str] = []
+
+    # -- engine ---------------------------------------------------------------------------
+    @staticmethod
+    def _default_engine_factory(s: EngineSettings):
+        from samliverseg.engine import PromptEngine
+
+        return PromptEngine(model=s.model, checkpoint=s.checkpoint, device=s.device, window=s.window,
+                            cache_mb=s.cache_mb)
+
+    def _ensure_engine(self):
+        if self.engine is None:
+            self.engine = self._engine_factory(self.settings)
+            if self.volume is not None:
+                self.engine.set_volume(self.volume)
+        return self.engine
+
+    def _fall_back_to_cpu(self) -> None:
+        self.notes.append("the GPU ran out of memory: switched to CPU (slower); close other GPU programs to use it again")
+        self.settings.device = "cpu"
+        self.engine = None
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+        self._ensure_engine()
+
+    def _run(self, fn):
+        """Run ``fn(engine)`` under the lock; on GPU out-of-memory retry once on CPU."""
+        with self.lock:
+            engine = self._ensure_engine()
+            try:
+                return fn(engine)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or self.settings.device == "cpu":
+                    raise
+            self._fall_back_to_cpu()
+            return fn(self.engine)
+
+    def configure(self, settings: EngineSettings) -> None:
+        """New model / checkpoint / device / window: the engine is rebuilt on next use."""
+        with self.lock:
+            if settings.window != self.settings.window and self.engine is not None and \
+                    (settings.model, settings.checkpoint, settings.device) == \
+                    (self.settings.model, self.settings.checkpoint, self.settings.device):
+                self.settings = settings
+                self.engine.set_window(settings.window or self.engine.spec.window)
+                return
+            self.settings = settings
+            self.engine = None
+
+    # -- volume ---------------------------------------------------------------------------
+    def set_volume_node(self, node) -> Outcome:
+        """Use ``node`` as source volume; refuses 2D/RGB/non-volume input with a message."""
+        t0 = time.perf_counter()
+        try:
+            volume = volume_nodes.volume_from_node(node)
+        except SAMLiverSegError as exc:
+            return Outcome(False, str(exc))
+        check = volume_nodes.check_ct_intensities(volume.array)
+        with self.lock:
+            self.volume_node, self.volume, self.intensity_check = node, volume, check
+            self.builder = slice_clicks.PromptBuilder(tuple(volume.array.shape), volume.array)
+            self.preview, self.preview_is_3d = None, False
+            if self.engine is not None:
+                self.engine.set_volume(volume)
+        msg = "" if check.looks_like_ct else check.message
+        if not check.looks_like_ct and self.settings.window is None:
+            msg += " (the segmentation uses the model's CT window until you set a custom one)"
+        return Outcome(True, msg, time.perf_counter() - t0)
+
+    def _require_volume(self) -> None:
+        if self.volume_node is None or self.builder is None:
+            raise InputError("no source volume: select a CT volume as source volume first")
+
+    # -- prompts --------------------------------------------------------------------------
+    def click(self, slice_node, xy: Sequence[float], positive: bool = True, preview: bool = True) -> Outcome:
+        """A left click (positive) or Shift+click (negative) at XY in a slice view."""
+        try:
+            self._require_volume()
+            target = slice_clicks.map_click(slice_node, self.volume_node, xy, self.volume.array.shape)
+            note = self.builder.add_point(target, positive)
+        except SAMLiverSegError as exc:
+            return Outcome(False, str(exc))
+        if not preview:
+            return Outcome(True, note)
+        out = self.update_preview()
+        if out.ok and note:
+            out.message = note
+        return out
+
+    def drag_box(self, slice_node, xy0: Sequence[float], xy1: Sequence[float], preview: bool = True) -> Outcome:
+        try:
+            self._require_volume()
+            a = slice_clicks.map_click(slice_node, self.volume_node, xy0, self.volume.array.shape)
+            b = slice_clicks.map_click(slice_node, self.volume_node, xy1, self.volume.array.shape, a.slice_axis)
+            note = self.builder.set_box(a, b)
+        except SAMLiverSegError as exc:
+            return Outcome(False, str(exc))
+        if not preview:
+            return Outcome(True, note)
+        out = self.update_preview()
+        if out.ok and note:
+            out.message = note
+        return out
+
+    def clear(self) -> None:
+        with self.lock:
+            if self.builder is not None:
+                self.builder.clear()
+            self.preview, self.preview_is_3d = None, False
+
+    def has_prompts(self) -> bool:
+        return self.builder is not None and not self.builder.is_empty()
+
+    # -- results --------------------------------------------------------------------------
+    def _is_cached(self, engine, axis: str, index: int) -> bool:
+        fn = getattr(engine, "is_cached", None)
+        try:
+            return bool(fn(axis, index)) if fn is not None else False
+        except Exception:  # noqa: BLE001 - a cache query must never break a click
+            return False
+
+    def update_preview(self) -> Outcome:
+        """The 2D result on the slice last clicked (what the user sees at once)."""
+        t0 = time.perf_counter()
+        try:
+            self._require_volume()
+            prompts = self.builder.prompts_on_slice()
+            axis, index = prompts.slice_axis, self.builder.current_slice
+
+            def run(engine):
+                cold = not self._is_cached(engine, axis, index)
+                return engine.segment_slice(prompts), cold
+
+            result, cold = self._run(run)
+        except SAMLiverSegError as exc:
+            return Outcome(False, str(exc), time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, scene unchanged
+            return Outcome(False, f"segmentation failed: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
+        mask = np.zeros(self.volume.array.shape, np.uint8)
+        slice_clicks.slice_array(mask, axis, index)[...] = np.asarray(result.mask, dtype=bool)
+        self.preview, self.preview_is_3d = mask, False
+        n = int(np.count_nonzero(mask))
+        msg = "" if n else "the model found nothing here: add a box or more points"
+        return Outcome(True, msg, time.perf_counter() - t0, n, cold)
+
+    def propagate(self, progress: Optional[Callable[[int, int], None]] = None,
+                  cancel: Optional[threading.Event] = None) -> Outcome:
+        """Extend the prompts to 3D (both directions from the prompted slice(s))."""
+        t0 = time.perf_counter()
+        try:
+            self._require_volume()
+            prompts = self.builder.prompts()
+            result = self._run(lambda e: e.segment(prompts, propagate=True, progress=progress, cancel=cancel))
+        except CancelledError:
+            return Outcome(False, "propagation cancelled; the preview is unchanged", time.perf_counter() - t0)
+        except SAMLiverSegError as exc:
+            return Outcome(False, str(exc), time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001
+            return Outcome(False, f"propagation failed: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
+        self.preview, self.preview_is_3d = np.asarray(result.mask, dtype=np.uint8), True
+        n = int(np.count_nonzero(self.preview))
+        return Outcome(True, "" if n else "the model found nothing to propagate", time.perf_counter() - t0, n)
+
+    def prefetch(self, axis: str, indices: Iterable[int], progress: Optional[Callable[[int, int], None]] = None,
+                 cancel: Optional[threading.Event] = None) -> int:
+        """Embed slices ahead of clicks, one at a time under the lock (run it in a thread)."""
+        self._require_volume()
+        todo = list(indices)
+        done = 0
+        for n, idx in enumerate(todo):
+            if cancel is not None and cancel.is_set():
+                break
+            done += self._run(lambda e: e.prefetch([idx], slice_axis=axis))
+            if progress is not None:
+                progress(n + 1, len(todo))
+        return done
+
+    def apply(self, target: segment_writer.WriteTarget, segmentation_node, segment_id: str) -> Outcome:
+        """Write the preview into the segment (undo saved first); prompts and preview are cleared."""
+        t0 = time.perf_counter()
+        if self.preview is None:
+            return Outcome(False, "nothing to apply: click on the object or drag a box first")
+        mode = "add" if self.preview_is_3d else "replace_slices"
+        axis = self.builder.slice_axis or "k"
+        try:
+            report = segment_writer.write_mask(target, self.preview, self.volume_node, segmentation_node, segment_id,
+                                               mode=mode, slice_axis=axis)
+        except SAMLiverSegError as exc:
+            return Outcome(False, str(exc), time.perf_counter() - t0)
+        self.clear()
+        return Outcome(True, "", time.perf_counter() - t0, report.voxels_in_mask)
+
+
+# -- display in the views (plain MRML nodes) --------------------------------------------------------
+
+class PreviewDisplay:
+    """The preview as a segmentation node, the prompts as markups: visible until applied or cleared."""
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.preview_node = None
+        self.positive_node = None
+        self.negative_node = None
+        self.box_node = None
+
+    def _points_node(self, name: str, color) -> "slicer.vtkMRMLMarkupsFiducialNode":
+        node = slicer.vtkMRMLMarkupsFiducialNode()
+        node.SetName(name)
+        node.SetHideFromEditors(True)
+        node.SetSaveWithScene(False)
+        self.scene.AddNode(node)
+        node.CreateDefaultDisplayNodes()
+        node.SetLocked(True)
+        d = node.GetDisplayNode()
+        if d is not None:
+            d.SetSelectedColor(*color)
+            d.SetColor(*color)
+            d.SetTextScale(0.0)
+        return node
+
+    def show_prompts(self, volume_node, builder: slice_clicks.PromptBuilder) -> None:
+        if self.positive_node is None:
+            self.positive_node = self._points_node(POSITIVE_NODE_NAME, (0.1, 0.9, 0.1))
+            self.negative_node = self._points_node(NEGATIVE_NODE_NAME, (0.95, 0.1, 0.1))
+        markups_prompts.add_points_to_markups(self.positive_node, volume_node, builder.positive, "+")
+        markups_prompts.add_points_to_markups(self.negative_node, volume_node, builder.negative, "-")
+        self._show_box(volume_node, builder)
+
+    def _show_box(self, volume_node, builder) -> None:
+        if builder.box is None:
+            if self.box_node is not None:
+                self.box_node.GetDisplayNode().SetVisibility(False) if self.box_node.GetDisplayNode() else None
+            return
+        if self.box_node is None:
+            self.box_node = slicer.vtkMRMLMarkupsROINode()
+            self.box_node.SetName(BOX_NODE_NAME)
+            self.box_node.SetHideFromEditors(True)
+            self.box_node.SetSaveWithScene(False)
+            self.scene.AddNode(self.box_node)
+            self.box_node.CreateDefaultDisplayNodes()
+            self.box_node.SetLocked(True)
+        m = geometry.world_ijk_to_ras(volume_node)
+        lo, hi = np.array(builder.box.lo()), np.array(builder.box.hi())
+        c = "ijk".index(builder.slice_axis)
+        centre_ijk = (lo + hi) / 2.0
+        spacing = np.linalg.norm(m[:3, :3], axis=0)
+        axes = m[:3, :3] / spacing
+        size = (hi - lo) * spacing
+        size[c] = spacing[c]  # one voxel thick
+        obj = np.eye(4)
+        obj[:3, :3] = axes
+        obj[:3, 3] = (m @ np.array([*centre_ijk, 1.0]))[:3]
+        self.box_node.SetAndObserveObjectToNodeMatrix(geometry.vtk_matrix_from_array(obj))
+        self.box_node.SetSize(*[float(v) for v in size])
+        if self.box_node.GetDisplayNode() is not None:
+            self.box_node.GetDisplayNode().SetVisibility(True)
+
+    def show_preview(self, volume_node, mask: Optional[np.ndarray], color=(1.0, 0.85, 0.1)) -> None:
+        if mask is None:
+            if self.preview_node is not None:
+                self.scene.RemoveNode(self.preview_node)
+                self.preview_node = None
+            return
+        if self.preview_node is None:
+            self.preview_node = volume_nodes.add_segmentation_node(self.scene, volume_node, PREVIEW_NODE_NAME)
+            self.preview_node.SetHideFromEditors(True)
+            self.preview_node.SetSaveWithScene(False)
+            self.preview_node.GetSegmentation().AddEmptySegment("preview", "preview", list(color))
+            parent = volume_node.GetParentTransformNode()
+            self.preview_node.SetAndObserveTransformNodeID(parent.GetID() if parent else None)
+        image = volume_nodes.oriented_image_from_mask(mask, geometry.ijk_to_ras(volume_node))
+        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            image, self.preview_node, "preview", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+
+    def preview_mask(self, volume_node) -> Optional[np.ndarray]:
+        if self.preview_node is None:
+            return None
+        return volume_nodes.segment_mask(self.preview_node, "preview", volume_node)
+
+    def clear(self) -> None:
+        for name in ("preview_node", "positive_node", "negative_node", "box_node"):
+            node = getattr(self, name)
+            if node is not None and self.scene.IsNodePresent(node):
+                self.scene.RemoveNode(node)
+            setattr(self, name, None)

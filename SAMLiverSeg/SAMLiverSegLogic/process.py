@@ -1,0 +1,184 @@
+"""A Qt-free manager for one background process (batch segmentation, training, ...).
+
+The pattern of SlicerMONAIAuto3DSeg, without Qt: the process writes lines on stdout; a reader
+thread puts them on a queue; the GUI polls (:meth:`BackgroundProcess.poll`) from a ``QTimer``,
+so Slicer never blocks. :meth:`BackgroundProcess.cancel` terminates the whole process tree
+(children first, with psutil), waits, then kills what is left.
+
+Lines that are JSON objects are parsed (``samliverseg`` progress events); other lines arrive as
+``{"event": "log", "text": line}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+#: Exit code reported when the user cancelled.
+CANCELLED = -1001
+
+
+def samliverseg_command(*args: str, python: Optional[str] = None) -> List[str]:
+    """The command line of ``samliverseg ARGS`` run by ``python`` (default: this interpreter)."""
+    return [python or sys.executable, "-m", "samliverseg.cli", *[str(a) for a in args]]
+
+
+def parse_line(line: str) -> Dict:
+    text = line.rstrip("\r\n")
+    s = text.strip()
+    if s.startswith("{") and s.endswith("}"):
+        try:
+            obj = json.loads(s)
+            if isinstance(obj, dict):
+                obj.setdefault("event", "json")
+                return obj
+        except ValueError:
+            pass
+    return {"event": "log", "text": text}
+
+
+def _default_launcher(args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
+    kwargs = {}
+    if os.name == "nt":
+        kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(
+            subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
+    return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+
+
+def kill_process_tree(pid: int, timeout: float = 5.0) -> List[int]:
+    """Terminate ``pid`` and all its descendants; kill whatever is alive after ``timeout`` s.
+
+    Returns the pids that had to be killed (did not exit on terminate).
+    """
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return []
+    procs = parent.children(recursive=True) + [parent]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    return [p.pid for p in alive]
+
+
+@dataclass
+class BackgroundProcess:
+    """One subprocess whose stdout lines are read in a thread and polled by the caller."""
+
+    args: Sequence[str]
+    env: Optional[Dict[str, str]] = None
+    cwd: Optional[str] = None
+    launcher: Callable = _default_launcher
+    kill_timeout: float = 5.0
+
+    proc: Optional[subprocess.Popen] = field(default=None, init=False)
+    returncode: Optional[int] = field(default=None, init=False)
+    cancelled: bool = field(default=False, init=False)
+    lines: List[str] = field(default_factory=list, init=False)
+    started_at: float = field(default=0.0, init=False)
+    _queue: "queue.Queue" = field(default_factory=queue.Queue, init=False)
+    _thread: Optional[threading.Thread] = field(default=None, init=False)
+    _reader_done: threading.Event = field(default_factory=threading.Event, init=False)
+
+    def start(self) -> "BackgroundProcess":
+        if self.proc is not None:
+            raise RuntimeError("the process was already started")
+        self.started_at = time.monotonic()
+        env = self.env
+        if env is None:
+            env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = self.launcher(list(self.args), env=env, cwd=self.cwd)
+        self._thread = threading.Thread(target=self._read, name="samliverseg-process-reader", daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        try:
+            stream = self.proc.stdout
+            for line in iter(stream.readline, ""):
+                self._queue.put(line)
+        except (ValueError, OSError):  # stream closed under us on cancel
+            pass
+        finally:
+            self._reader_done.set()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc is not None else None
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.returncode is None and self.proc.poll() is None
+
+    def poll(self) -> List[Dict]:
+        """New events since the last call (never blocks); sets :attr:`returncode` when done."""
+        events = []
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self.lines.append(line.rstrip("\r\n"))
+            events.append(parse_line(line))
+        if self.proc is not None and self.returncode is None:
+            rc = self.proc.poll()
+            if rc is not None and self._reader_done.wait(timeout=0.5):
+                # drain what the reader queued after our first pass
+                while True:
+                    try:
+                        line = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    self.lines.append(line.rstrip("\r\n"))
+                    events.append(parse_line(line))
+                self.returncode = CANCELLED if self.cancelled else rc
+                events.append({"event": "finished", "returncode": self.returncode})
+        return events
+
+    def finished(self) -> bool:
+        return self.returncode is not None
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Block until the process ends (for scripts and tests; a GUI polls instead)."""
+        if self.proc is None:
+            return None
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._reader_done.wait(timeout=5)
+        self.poll()
+        return self.returncode
+
+    def cancel(self) -> List[int]:
+        """Stop the process and everything it started. Returns the pids that needed a kill."""
+        if self.proc is None or self.returncode is not None:
+            return []
+        self.cancelled = True
+        killed = kill_process_tree(self.proc.pid, timeout=self.kill_timeout)
+        try:
+            self.proc.wait(timeout=self.kill_timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self._reader_done.wait(timeout=2)
+        self.poll()
+        return killed

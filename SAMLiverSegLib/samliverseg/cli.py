@@ -1,0 +1,270 @@
+"""``samliverseg``: the command line. A stable contract that scripts and the Slicer module call.
+
+Commands: ``segment``, ``evaluate``, ``demo``, ``models``. IJK everywhere means ITK/Slicer index
+order (i = column, j = row, k = slice; 0-based; inclusive). Errors on bad input print one line,
+``error: ...``, on stderr and exit non-zero, leaving no partial output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from . import __version__
+from .errors import InputError, SAMLiverSegError
+
+#: Exit codes (documented in the README).
+EXIT_OK, EXIT_INPUT, EXIT_CHECKPOINT, EXIT_OOM, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 4, 70, 130
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lite_medsam", help="model name (see `samliverseg models`); default lite_medsam")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file for the model (overrides the cache lookup)")
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda or mps")
+    p.add_argument("--window", default=None,
+                   help="CT window: wide (-500..1000), liver (-300..300), abdomen (W400/L40) or LOW,HIGH in HU; "
+                        "default: the model's own")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samliverseg", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"samliverseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment a CT volume from prompts")
+    seg.add_argument("image", help="CT volume: NIfTI, NRRD, MHA or a DICOM series folder")
+    seg.add_argument("-o", "--output", required=True,
+                     help="output: .nii.gz/.nii/.nrrd/.mha labelmap, .seg.nrrd Slicer segmentation, or .dcm DICOM SEG")
+    _add_model_args(seg)
+    seg.add_argument("--box-ijk", nargs=5, type=float, metavar=("I0", "J0", "I1", "J1", "K"),
+                     help="a box on axial slice K (propagated to 3D unless --no-propagate)")
+    seg.add_argument("--roi-ijk", nargs=6, type=float, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+                     help="a 3D box: the object is segmented inside it")
+    seg.add_argument("--point-ijk", nargs=3, type=float, action="append", default=[], metavar=("I", "J", "K"),
+                     help="a positive point (repeatable)")
+    seg.add_argument("--negative-ijk", nargs=3, type=float, action="append", default=[], metavar=("I", "J", "K"),
+                     help="a negative point (repeatable)")
+    seg.add_argument("--prompts", action="append", default=[], metavar="FILE.mrk.json",
+                     help="Slicer markups (point list or ROI), RAS or LPS as the file says (repeatable)")
+    seg.add_argument("--slice-axis", choices=("k", "j", "i"), default="k",
+                     help="the axis the 2D prompts' slices are across (k: axial for an axial CT)")
+    seg.add_argument("--no-propagate", action="store_true", help="segment only the prompted slice(s)")
+    seg.add_argument("--no-postprocess", action="store_true", help="keep holes and all connected components")
+    seg.add_argument("--label", type=int, default=1, help="label value written for the object (default 1)")
+    seg.add_argument("--segment-name", default=None,
+                     help="segment name in .seg.nrrd / DICOM SEG (default: Liver for label 1, Liver tumor for 2)")
+    seg.add_argument("--report", default=None, help="write a JSON report (timings, prompts, voxel counts)")
+
+    ev = sub.add_parser("evaluate", help="compare a segmentation with a reference (MONAI metrics)")
+    ev.add_argument("pred")
+    ev.add_argument("ref")
+    ev.add_argument("--label", type=int, default=None, help="label of PRED to evaluate (default: any non-zero)")
+    ev.add_argument("--ref-label", type=int, default=None, help="label of REF (default: any non-zero)")
+    ev.add_argument("--json", default=None, help="write the metrics as JSON")
+
+    demo = sub.add_parser("demo", help="segment the liver and a tumour of a synthetic phantom (or IMAGE) and report")
+    demo.add_argument("image", nargs="?", default=None, help="optional real CT; default: a synthetic phantom")
+    demo.add_argument("--reference", default=None, help="reference labelmap for IMAGE (for Dice)")
+    demo.add_argument("--box-ijk", nargs=5, type=float, metavar=("I0", "J0", "I1", "J1", "K"),
+                      help="box for IMAGE (default: from the reference's middle slice)")
+    demo.add_argument("-o", "--output-dir", default="output/demo", help="where to write the results")
+    demo.add_argument("--seed", type=int, default=0, help="phantom seed")
+    _add_model_args(demo)
+
+    sub.add_parser("models", help="list the models and whether their weights are present")
+    return parser
+
+
+# -- segment ------------------------------------------------------------------------------------
+
+def _prompts_from_args(args, volume):
+    from .prompts import Prompts, Roi3D, SliceBox
+
+    prompts = Prompts(slice_axis=args.slice_axis)
+    if args.box_ijk:
+        i0, j0, i1, j1, k = args.box_ijk
+        if args.slice_axis != "k":
+            raise InputError("--box-ijk is a box on an axial (k) slice; it cannot be used with --slice-axis j or i")
+        prompts.box = SliceBox.axial(i0, j0, i1, j1, k)
+    if args.roi_ijk:
+        prompts.roi = Roi3D(*args.roi_ijk)
+    prompts.positive += [tuple(p) for p in args.point_ijk]
+    prompts.negative += [tuple(p) for p in args.negative_ijk]
+    if args.prompts:
+        from .markups import markups_to_prompts
+
+        for path in args.prompts:
+            extra = markups_to_prompts(path, volume, slice_axis=args.slice_axis)
+            prompts.positive += extra.positive
+            prompts.negative += extra.negative
+            if extra.roi is not None:
+                if prompts.roi is not None:
+                    raise InputError("more than one ROI given")
+                prompts.roi = extra.roi
+            if extra.box is not None:
+                prompts.box = extra.box
+    return prompts
+
+
+def _segments_for(label: int, name: Optional[str]):
+    from . import export
+
+    if name is None:
+        return [{1: export.LIVER, 2: export.LIVER_TUMOR}.get(label, export.LIVER).with_label(label)]
+    base = export.LIVER_TUMOR if "tum" in name.lower() else export.LIVER
+    return [base.with_label(label, name=name)]
+
+
+def write_output(labels, volume, path: str, segments) -> None:
+    """Write a label array [k, j, i] in the format the path's extension says."""
+    from . import export
+
+    low = path.lower()
+    if low.endswith(".seg.nrrd"):
+        export.write_seg_nrrd(labels, volume, path, segments)
+    elif low.endswith(".dcm"):
+        export.write_dicom_seg(labels, volume, path, segments)
+    elif low.endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+        export.write_labelmap(labels, volume, path)
+    else:
+        raise InputError(f"unknown output format {path!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
+
+
+def _check_output_path(path: str, volume=None) -> None:
+    low = path.lower()
+    if not low.endswith((".seg.nrrd", ".dcm", ".nii.gz", ".nii", ".nrrd", ".mha")):
+        raise InputError(f"unknown output format {path!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
+    if low.endswith(".dcm") and volume is not None and not getattr(volume, "dicom_files", None):
+        raise InputError("a DICOM SEG output (.dcm) needs a DICOM series as input")
+    parent = Path(path).resolve().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write to {parent}")
+
+
+def _write_json(path: str, data: dict) -> None:
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def cmd_segment(args) -> int:
+    from .engine import PromptEngine
+    from .volume import read_volume
+
+    t0 = time.perf_counter()
+    volume = read_volume(args.image)
+    _check_output_path(args.output, volume)
+    prompts = _prompts_from_args(args, volume)
+    t_read = time.perf_counter() - t0
+    engine = PromptEngine(model=args.model, checkpoint=args.checkpoint, device=args.device, window=args.window)
+    if args.no_postprocess:
+        engine.settings.fill_holes = False
+        engine.settings.largest_component = False
+    engine.set_volume(volume)
+    result = engine.segment(prompts, propagate=not args.no_propagate)
+    labels = result.mask.astype("uint8") * int(args.label)
+    write_output(labels, volume, args.output, _segments_for(args.label, args.segment_name))
+    report = dict(result.report)
+    report.update({"input": str(args.image), "output": str(args.output), "label": int(args.label),
+                   "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
+                   "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)})
+    if args.report:
+        _write_json(args.report, report)
+    print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, "
+          f"slices {report['slices_with_mask']} ({report['timings']['total_s']} s)")
+    return EXIT_OK
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_files, json_safe
+
+    metrics = evaluate_files(args.pred, args.ref, label=args.label, ref_label=args.ref_label)
+    if args.json:
+        _write_json(args.json, json_safe(metrics))
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            print(f"{key:>16}: {value:.4f}")
+        else:
+            print(f"{key:>16}: {value}")
+    return EXIT_OK
+
+
+# -- models -------------------------------------------------------------------------------------
+
+def cmd_models(args) -> int:
+    from .build_sam import model_status
+    from .weights import cache_dir
+
+    rows = model_status()
+    print(f"weights cache: {cache_dir()}")
+    print(f"{'model':<14} {'present':<8} {'weights':<60} description")
+    for r in rows:
+        r = r if isinstance(r, dict) else vars(r)
+        where = r.get("path") or f"missing: put {r.get('filename')} in the cache (or pass --checkpoint)"
+        print(f"{r['name']:<14} {'yes' if r['present'] else 'no':<8} {str(where):<60} {r.get('description', '')}")
+    return EXIT_OK
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return EXIT_OK
+
+
+COMMANDS = {"segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "models": cmd_models}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    oom_types = tuple(t for t in (getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t)
+    return isinstance(exc, oom_types) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SAMLiverSegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as exc:  # the last line of defence: one line, not a traceback
+        if _is_oom(exc):
+            print("error: out of memory: use --device cpu, close other GPU programs, or a smaller model", file=sys.stderr)
+            return EXIT_OOM
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

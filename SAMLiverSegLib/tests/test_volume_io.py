@@ -1,0 +1,287 @@
+"""Volume geometry, reading images and DICOM series, and rejecting bad input."""
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from samliverseg.errors import InputError
+from samliverseg.volume import LPS_TO_RAS, Volume, check_ct_range, read_volume
+
+SHARED = Path(os.environ.get("SAMLIVERSEG_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
+_skip_no_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared CT data not found at {SHARED} (set SAMLIVERSEG_SHARED_DATA)")
+
+
+def needs_shared(test):
+    return pytest.mark.shared_data(_skip_no_shared(test))
+
+
+def rot(axis, deg):
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    m = {"x": [[1, 0, 0], [0, c, -s], [0, s, c]], "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
+         "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]]}[axis]
+    return np.array(m, dtype=float)
+
+
+DIRECTIONS = {
+    "identity": np.eye(3),
+    "flipped_ik": np.diag([-1.0, 1.0, -1.0]),
+    "flipped_j": np.diag([1.0, -1.0, 1.0]),
+    "oblique": rot("x", 20) @ rot("z", 20),
+    "oblique_flipped": rot("y", 20) @ rot("x", 20) @ np.diag([1.0, -1.0, -1.0]),
+}
+SPACING = (0.7, 0.8, 2.5)
+ORIGIN = (12.5, -40.25, 101.0)
+
+
+def make_volume(direction, shape_kji=(6, 9, 11), seed=0):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(-1000, 1500, size=shape_kji).astype(np.float32)
+    return Volume(arr, spacing=SPACING, origin=ORIGIN, direction=direction)
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(DIRECTIONS))
+def test_ijk_lps_matches_simpleitk(name):
+    v = make_volume(DIRECTIONS[name])
+    img = v.to_sitk()
+    rng = np.random.default_rng(1)
+    ijk = rng.uniform(-1, 10, size=(20, 3))
+    expected = np.array([img.TransformContinuousIndexToPhysicalPoint(tuple(map(float, p))) for p in ijk])
+    np.testing.assert_allclose(v.ijk_to_lps(ijk), expected, atol=1e-9)
+    np.testing.assert_allclose(v.lps_to_ijk(v.ijk_to_lps(ijk)), ijk, atol=1e-9)
+    # 4x4 matrix agrees with the point functions
+    h = np.c_[ijk, np.ones(len(ijk))] @ v.ijk_to_lps_matrix().T
+    np.testing.assert_allclose(h[:, :3], expected, atol=1e-9)
+    # RAS is diag(-1,-1,1) of LPS, both ways
+    np.testing.assert_allclose(v.ijk_to_ras(ijk), expected * np.array([-1, -1, 1]), atol=1e-9)
+    np.testing.assert_allclose(v.ras_to_ijk(v.ijk_to_ras(ijk)), ijk, atol=1e-9)
+    np.testing.assert_allclose(v.ijk_to_ras_matrix(), np.diag([-1, -1, 1, 1]) @ v.ijk_to_lps_matrix(), atol=1e-12)
+    # a single point in, a single point out
+    assert v.ijk_to_lps([1, 2, 3]).shape == (3,)
+    # voxel (i, j, k) is array[k, j, i]
+    assert v.shape_ijk == (11, 9, 6) and v.shape == (6, 9, 11)
+    assert img.GetSize() == v.shape_ijk
+    assert img.GetPixel(10, 8, 5) == v.array[5, 8, 10]
+    assert np.allclose(LPS_TO_RAS @ LPS_TO_RAS, np.eye(3))
+
+
+@pytest.mark.parametrize("name", list(DIRECTIONS))
+def test_from_sitk_to_sitk_round_trip(name):
+    v = make_volume(DIRECTIONS[name])
+    back = Volume.from_sitk(v.to_sitk())
+    np.testing.assert_array_equal(back.array, v.array)
+    assert back.array.dtype == np.float32
+    np.testing.assert_allclose(back.spacing, v.spacing)
+    np.testing.assert_allclose(back.origin, v.origin)
+    np.testing.assert_allclose(back.direction, v.direction)
+    mask = (v.array > 0).astype(np.uint8)
+    m = v.to_sitk(mask)
+    assert m.GetPixelIDValue() == sitk.sitkUInt8
+    with pytest.raises(InputError):
+        v.to_sitk(mask[:-1])
+    w = v.with_array(mask.astype(np.float32), modality="CT")
+    assert w.modality == "CT" and w.spacing == v.spacing and w.array is not v.array
+    assert v.same_grid(w)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+@pytest.mark.parametrize("name", ["flipped_ik", "oblique_flipped"])
+def test_read_volume_files(tmp_path, suffix, name):
+    v = make_volume(DIRECTIONS[name])
+    img = sitk.Cast(v.to_sitk(), sitk.sitkInt16)
+    f = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(img, str(f))
+    r = read_volume(f)
+    np.testing.assert_array_equal(r.array, v.array)
+    tol = 1e-4 if suffix == ".nii.gz" else 1e-9  # NIfTI stores the geometry as float32
+    np.testing.assert_allclose(r.spacing, v.spacing, atol=tol)
+    np.testing.assert_allclose(r.origin, v.origin, atol=tol)
+    np.testing.assert_allclose(r.direction, v.direction, atol=tol)
+    assert r.dicom_files is None and r.source_path == str(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# real data
+# ---------------------------------------------------------------------------------------------
+def _dicom_positions(files):
+    import pydicom
+
+    return np.array([[float(x) for x in pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient] for f in files])
+
+
+def _check_series_order(v):
+    """File k of ``dicom_files`` is slice k: its ImagePositionPatient is voxel (0, 0, k)."""
+    pos = _dicom_positions(v.dicom_files)
+    expected = v.ijk_to_lps(np.c_[np.zeros(v.shape[0]), np.zeros(v.shape[0]), np.arange(v.shape[0])])
+    np.testing.assert_allclose(pos, expected, atol=1e-3)
+
+
+@needs_shared
+def test_totalseg_dicom_series():
+    from samliverseg.sample_data import totalseg_dicom_dir
+
+    d = totalseg_dicom_dir()
+    v = read_volume(d)
+    assert v.shape_ijk == (512, 512, 20)
+    np.testing.assert_allclose(v.spacing, (0.9765625, 0.9765625, 2.0), atol=1e-6)
+    assert v.modality == "CT"
+    assert len(v.dicom_files) == 20
+    _check_series_order(v)
+    assert check_ct_range(v) is None
+    assert v.array.min() < -900 and v.array.max() > 500  # HU (rescale applied)
+    # one file of the series reads the whole series
+    one = read_volume(v.dicom_files[7])
+    assert one.dicom_files == v.dicom_files
+
+
+@needs_shared
+def test_dcmqi_three_slice_ct():
+    v = read_volume(SHARED / "dcmqi-liver-3slice" / "ct-3slice")
+    assert v.shape_ijk == (512, 512, 3)
+    np.testing.assert_allclose(v.spacing, (0.810547, 0.810547, 1.0), atol=1e-5)
+    assert [Path(f).name for f in v.dicom_files] == ["03.dcm", "02.dcm", "01.dcm"]  # sorted by position
+    _check_series_order(v)
+    assert v.metadata["frame_of_reference_uid"].startswith("1.2.392.")
+    # the study folder (CT in a sub-folder, a SEG beside it) reads the CT
+    assert read_volume(SHARED / "dcmqi-liver-3slice").dicom_files == v.dicom_files
+    with pytest.raises(InputError, match="Segmentation"):
+        read_volume(SHARED / "dcmqi-liver-3slice" / "liver.dcm")
+
+
+@needs_shared
+def test_totalseg_nifti():
+    from samliverseg.sample_data import load_totalseg_example
+
+    v, liver = load_totalseg_example()
+    assert v.shape_ijk == (122, 101, 112)
+    np.testing.assert_allclose(v.spacing, (3.0, 3.0, 3.0))
+    assert not np.allclose(v.direction, np.eye(3))  # a real, flipped patient geometry
+    assert liver.shape == v.shape and set(np.unique(liver)) == {0, 1}
+    assert check_ct_range(v) is None
+
+
+@needs_shared
+def test_ircadb_load(capsys):
+    from samliverseg.sample_data import load_ircadb, tumor_union
+
+    load_ircadb()  # warm the cache (first run unzips ~35 MB)
+    t = time.perf_counter()
+    v, masks = load_ircadb()
+    elapsed = time.perf_counter() - t
+    assert v.shape_ijk == (512, 512, 129)
+    np.testing.assert_allclose(v.spacing, (0.57, 0.57, 1.6), atol=1e-6)
+    assert v.array.min() == -1024 and v.array.max() == 1023
+    assert len(v.dicom_files) == 129
+    _check_series_order(v)
+    assert set(masks) == {"liver"} | {f"livertumor{i:02d}" for i in range(1, 8)}
+    sizes = {n: int(m.sum()) for n, m in masks.items()}
+    assert min(sizes[n] for n in masks if n != "liver") == 766
+    assert max(sizes[n] for n in masks if n != "liver") == 162337
+    tumors = tumor_union(masks)
+    assert np.all(masks["liver"][tumors > 0] == 1)  # the liver mask includes the tumours
+    ml = tumors.sum() * np.prod(v.spacing) / 1000.0
+    assert 105 < ml < 115  # ~111 ml per the data README
+    liver_hu = float(np.median(v.array[(masks["liver"] > 0) & (tumors == 0)]))
+    assert 80 < liver_hu < 140
+    with capsys.disabled():
+        print(f"\n[ircadb] warm load (CT series + 8 masks) {elapsed:.2f} s; tumours {ml:.1f} ml; "
+              f"median liver {liver_hu:.0f} HU")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+def _one_line_error(path, **kw):
+    with pytest.raises(InputError) as e:
+        read_volume(path, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_missing_path(tmp_path):
+    assert "does not exist" in _one_line_error(tmp_path / "nope.nii.gz")
+
+
+def test_text_files(tmp_path):
+    t = tmp_path / "notes.txt"
+    t.write_text("hello\n")
+    assert "not a readable image" in _one_line_error(t)
+    fake = tmp_path / "fake.nii.gz"
+    fake.write_text("not really nifti\n")
+    assert "cannot read" in _one_line_error(fake)
+    empty = tmp_path / "empty.nrrd"
+    empty.write_bytes(b"")
+    assert "empty" in _one_line_error(empty)
+
+
+def test_folder_without_dicom(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    assert "no DICOM series" in _one_line_error(tmp_path)
+
+
+def test_2d_images(tmp_path):
+    png = tmp_path / "slice.png"
+    sitk.WriteImage(sitk.Image(32, 32, sitk.sitkUInt8), str(png))
+    assert "2D image; a 3D CT volume is needed" in _one_line_error(png)
+    nii = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.Image(32, 32, sitk.sitkInt16), str(nii))
+    assert "2D image" in _one_line_error(nii)
+
+
+def test_single_slice_volume(tmp_path):
+    f = tmp_path / "one.nii.gz"
+    sitk.WriteImage(sitk.Image(16, 16, 1, sitk.sitkInt16), str(f))
+    assert "single slice" in _one_line_error(f)
+    assert read_volume(f, allow_single_slice=True).shape_ijk == (16, 16, 1)
+
+
+def test_rgb_images(tmp_path):
+    png = tmp_path / "rgb.png"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((16, 16, 3), np.uint8), isVector=True), str(png))
+    assert sitk.ReadImage(str(png)).GetNumberOfComponentsPerPixel() == 3
+    assert "colour/vector" in _one_line_error(png)
+    mha = tmp_path / "rgb3d.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8, 3), np.uint8), isVector=True), str(mha))
+    assert "colour/vector" in _one_line_error(mha)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_and_inf(tmp_path, bad):
+    # NRRD: ITK's NIfTI reader silently turns NaN into 0, so a .nii.gz cannot show the check.
+    a = np.zeros((4, 8, 8), np.float32)
+    a[2, 3, 3] = bad
+    f = tmp_path / "bad.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(f))
+    msg = _one_line_error(f)
+    assert ("NaN" if np.isnan(bad) else "infinite") in msg
+    with pytest.raises(InputError):
+        Volume.from_sitk(sitk.GetImageFromArray(a))
+
+
+def test_bad_volume_constructor():
+    with pytest.raises(InputError):
+        Volume(np.zeros((4, 4)))
+    with pytest.raises(InputError):
+        Volume(np.zeros((2, 2, 2)), spacing=(1, 0, 1))
+    with pytest.raises(InputError):
+        Volume(np.zeros((2, 2, 2)), direction=np.zeros((3, 3)))
+
+
+def test_check_ct_range():
+    def vol(a):
+        return Volume(np.asarray(a, np.float32).reshape(1, 1, -1))
+
+    assert check_ct_range(vol([-1024, 0, 40, 1500])) is None
+    assert check_ct_range(vol([-3024, 0, 3000])) is None  # padding value of some scanners
+    assert "8-bit" in check_ct_range(vol([0, 12, 255]))
+    assert "0..1" in check_ct_range(vol([0, 0.2, 1.0]))
+    assert "intercept" in check_ct_range(vol([0, 1024, 3000]))
+    assert "constant" in check_ct_range(vol([5, 5, 5]))
+    assert "far outside" in check_ct_range(vol([-50000, 0, 100]))
