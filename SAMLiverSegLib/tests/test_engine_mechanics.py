@@ -1,0 +1,201 @@
+"""Prompt engine mechanics with a small random-weight SAM: caching, slice axes, prompt handling,
+prefetch with progress and cancel, and the errors a user meets. (Accuracy with the real
+LiteMedSAM weights is in test_engine_litemedsam.py.)"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from samliverseg.build_sam import ModelSpec, build_sam_vit
+from samliverseg.engine import PromptEngine, pixel_spacing, point_to_xy, slice_of
+from samliverseg.errors import CancelledError, InputError, PromptError
+from samliverseg.predictor import EmbeddingCache, SliceEmbedding, SlicePredictor
+from samliverseg.prompts import Prompts, Roi3D, SliceBox
+from samliverseg.volume import Volume
+
+
+def tiny_sam(resize="longest_side", normalization="sam_pixel"):
+    torch.manual_seed(0)
+    model = build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
+                          decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
+    model.spec = ModelSpec(name="tiny_test", description="tiny random SAM", builder=lambda: model,
+                           checkpoint_filename="none.pth", image_size=64, resize=resize,
+                           normalization=normalization, embedding_size=4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def volume():
+    rng = np.random.default_rng(0)
+    arr = rng.normal(40, 15, size=(12, 40, 50)).astype(np.float32)  # [k, j, i]
+    arr[:, 10:30, 12:35] += 80  # a bright block
+    arr[0] = -1000.0  # an all-air slice
+    return Volume(array=arr, spacing=(0.8, 0.8, 2.5))
+
+
+@pytest.fixture()
+def engine(volume):
+    eng = PromptEngine(model=tiny_sam(), device="cpu", window="abdomen")
+    eng.set_volume(volume)
+    return eng
+
+
+def test_slice_views_and_coordinates(volume):
+    arr = np.arange(2 * 3 * 4).reshape(2, 3, 4)  # k=2, j=3, i=4
+    assert slice_of(arr, "k", 1).shape == (3, 4)
+    assert slice_of(arr, "j", 2).shape == (2, 4)
+    assert slice_of(arr, "i", 3).shape == (2, 3)
+    p = (3.0, 2.0, 1.0)  # i, j, k
+    for axis in "kji":
+        x, y = point_to_xy(p, axis)
+        sl = slice_of(arr, axis, int(p["ijk".index(axis)]))
+        assert sl[int(y), int(x)] == arr[1, 2, 3]
+    assert pixel_spacing(volume, "k") == (0.8, 0.8)
+    assert pixel_spacing(volume, "j") == (2.5, 0.8)
+    assert pixel_spacing(volume, "i") == (2.5, 0.8)
+
+
+def test_predictor_keeps_physical_aspect_and_maps_back():
+    model = tiny_sam()
+    pred = SlicePredictor(model, torch.device("cpu"))
+    # a coronal slice: 12 rows of 2.5 mm, 50 columns of 0.8 mm -> 30 mm x 40 mm
+    assert pred.input_size(12, 50, (2.5, 0.8)) == (48, 64)
+    img = np.random.default_rng(1).integers(0, 255, size=(12, 50), dtype=np.uint8)
+    emb = pred.embed(img, (2.5, 0.8))
+    assert emb.input_hw == (48, 64) and emb.original_hw == (12, 50)
+    out = pred.predict(emb, point_coords=np.array([[25.0, 6.0]]), point_labels=np.array([1]))
+    assert out.masks.shape == (3, 12, 50) and out.scores.shape == (3,)
+    assert out.low_res_logits.shape == (3, 16, 16)
+    single = pred.predict(emb, box=(5, 2, 40, 10), multimask_output=False)
+    assert single.masks.shape == (1, 12, 50)
+
+
+def test_square_resize_and_minmax_normalisation():
+    pred = SlicePredictor(tiny_sam(resize="square", normalization="minmax01"), torch.device("cpu"))
+    x, hw = pred.preprocess(np.full((10, 30), 7, dtype=np.uint8) + np.eye(10, 30, dtype=np.uint8))
+    assert hw == (64, 64) and x.shape == (1, 3, 64, 64)
+    assert float(x.min()) == 0.0 and float(x.max()) == pytest.approx(1.0)
+
+
+def test_embedding_cache_is_an_lru_bounded_in_bytes():
+    def emb():
+        return SliceEmbedding(features=torch.zeros(1, 4, 8, 8), original_hw=(8, 8), input_hw=(8, 8), image_size=8)
+
+    one = emb().nbytes
+    cache = EmbeddingCache(max_bytes=3 * one)
+    for key in "abc":
+        cache.put(key, emb())
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", emb())  # evicts b, the least recently used
+    assert "b" not in cache and "a" in cache and "c" in cache and "d" in cache
+    assert cache.nbytes == 3 * one and len(cache) == 3
+
+
+def test_slice_is_embedded_once_and_prompted_many_times(engine):
+    box = SliceBox.axial(10, 8, 36, 32, 5)
+    engine.segment_slice(Prompts(box=box))
+    n = len(engine.embed_times)
+    engine.segment_slice(Prompts(positive=[(20.0, 20.0, 5.0)], negative=[(45.0, 35.0, 5.0)]))
+    engine.segment_slice(Prompts(box=box, positive=[(20.0, 20.0, 5.0)]))
+    assert len(engine.embed_times) == n == 1
+    assert engine.cache.hits >= 2
+
+
+@pytest.mark.parametrize("axis,index,shape", [("k", 5, (40, 50)), ("j", 20, (12, 50)), ("i", 25, (12, 40))])
+def test_segment_slice_on_each_axis(engine, axis, index, shape):
+    p = [20.0, 20.0, 6.0]
+    p["ijk".index(axis)] = index
+    res = engine.segment_slice(Prompts(positive=[tuple(p)], slice_axis=axis))
+    assert res.mask.shape == shape and res.mask.dtype == bool
+    assert res.slice_axis == axis and res.slice_index == index
+
+
+def test_3d_result_is_on_the_volume_grid_and_reports(engine, volume):
+    res = engine.segment(Prompts(box=SliceBox.axial(10, 8, 36, 32, 5)), propagate=True)
+    assert res.mask.shape == volume.array.shape and res.mask.dtype == np.uint8
+    rep = res.report
+    assert rep["seed_slices"] == [5] and set(rep["stop_reasons"]) == {"up", "down"}
+    assert rep["voxels"] == int(res.mask.sum())
+    assert rep["timings"]["decodes"] >= 1
+    no_prop = engine.segment(Prompts(box=SliceBox.axial(10, 8, 36, 32, 5)), propagate=False)
+    assert set(np.flatnonzero(no_prop.mask.any(axis=(1, 2)))) <= {5}
+
+
+def test_roi_result_stays_inside_the_roi(engine):
+    try:
+        res = engine.segment(Prompts(roi=Roi3D(12, 10, 3, 34, 30, 8)))
+    except PromptError as exc:  # a random model may find nothing: then the message must say so
+        assert "empty" in str(exc)
+        return
+    ks, js, is_ = np.nonzero(res.mask)
+    assert ks.min() >= 3 and ks.max() <= 8
+    assert js.min() >= 10 and js.max() <= 30 and is_.min() >= 12 and is_.max() <= 34
+
+
+@pytest.mark.parametrize("prompts,words", [
+    (Prompts(positive=[(60.0, 5.0, 5.0)]), "outside the volume"),
+    (Prompts(positive=[(5.0, 5.0, 12.0)]), "outside the volume"),
+    (Prompts(positive=[(5.0, -3.0, 2.0)]), "outside the volume"),
+    (Prompts(box=SliceBox.axial(10, 10, 10, 30, 4)), "empty"),
+    (Prompts(box=SliceBox.axial(60, 45, 80, 60, 4)), "outside"),
+    (Prompts(box=SliceBox((1, 1, 2), (20, 20, 3))), "same k slice"),
+    (Prompts(), "no prompt"),
+    (Prompts(negative=[(5.0, 5.0, 5.0)]), "positive point or a box"),
+    (Prompts(positive=[(20.0, 20.0, 0.0)]), "empty"),  # the all-air slice
+    (Prompts(positive=[(float("nan"), 1.0, 1.0)]), "outside"),
+])
+def test_bad_prompts_give_a_message(engine, prompts, words):
+    with pytest.raises(PromptError) as err:
+        engine.segment(prompts)
+    assert words in str(err.value)
+
+
+def test_bad_volumes_are_refused(engine):
+    bad = np.zeros((4, 10, 10), dtype=np.float32)
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        engine.set_volume(Volume(array=bad))
+    with pytest.raises(InputError, match="3D"):
+        engine.set_volume(Volume(array=np.zeros((10, 10), dtype=np.float32)))
+
+
+def test_prefetch_reports_progress_and_cancels(engine):
+    seen = []
+    n = engine.prefetch(range(1, 5), "k", progress=lambda d, t: seen.append((d, t)))
+    assert n == 4 and seen[-1] == (4, 4)
+    assert engine.prefetch(range(1, 5), "k") == 0  # all cached now
+    cancel = threading.Event()
+
+    def progress(done, total):
+        if done == 2:
+            cancel.set()
+
+    with pytest.raises(CancelledError):
+        engine.prefetch(range(5, 12), "k", progress=progress, cancel=cancel)
+    assert engine.is_cached("k", 5) and engine.is_cached("k", 6) and not engine.is_cached("k", 8)
+
+
+def test_background_prefetch_job(engine):
+    job = engine.start_prefetch(range(0, 12), "j")
+    job.join(timeout=120)
+    assert not job.is_alive() and job.error is None and job.done_count == 12
+    job2 = engine.start_prefetch(range(0, 50), "i")
+    job2.cancel()
+    job2.join(timeout=120)
+    assert job2.cancelled or job2.done_count == 50
+
+
+def test_new_volume_clears_the_cache(engine, volume):
+    engine.prefetch([3], "k")
+    assert engine.is_cached("k", 3)
+    engine.set_volume(volume)
+    assert not engine.is_cached("k", 3) and len(engine.cache) == 0
+
+
+def test_explicit_missing_device_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(InputError, match="cuda"):
+        PromptEngine(model=tiny_sam(), device="cuda")
