@@ -15,7 +15,10 @@ Submodules (import them explicitly; this package imports nothing heavy at Slicer
 * :mod:`.markups_prompts` - markups point lists / ROIs -> ``Prompts``.
 * :mod:`.segment_writer` - masks into segments through ``vtkSlicerSegmentEditorLogic``
   (editable area, overwrite mode, undo).
-* :mod:`.effect_logic` - the state machine of the "Segment Anything" effect.
+* :mod:`.effect_logic` - the state machine of the "Segment Anything" effect, its background
+  tasks, and the display of prompts / preview as MRML nodes.
+* :mod:`.module_logic` - "Segment liver" / "Segment tumor" from markups; model status.
+* :mod:`.constants` - the choices offered in the GUI (imports nothing).
 * :mod:`.process` - subprocess manager for batch jobs (reader thread, poll, kill the tree).
 * :mod:`.batch` - a folder of CT files -> a queue of ``samliverseg segment`` runs.
 * :mod:`.dependencies` - first-use dependency decisions (torch, the library, the weights).

@@ -19,6 +19,7 @@ from .process import BackgroundProcess, samliverseg_command
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 NOT_IMAGES = (".seg.nrrd", ".mrk.json")
 OUTPUT_FORMATS = {"seg.nrrd": ".seg.nrrd", "nii.gz": ".nii.gz", "nrrd": ".nrrd"}
+#: target -> (label value, segment name) written by the CLI
 TARGETS = {"liver": (1, "Liver"), "tumor": (2, "Liver tumor")}
 
 

@@ -123,6 +123,8 @@ class SegmentAnythingSession:
 
     def configure(self, settings: EngineSettings) -> None:
         """New model / checkpoint / device / window: the engine is rebuilt on next use."""
+        if settings == self.settings:
+            return
         with self.lock:
             if settings.window != self.settings.window and self.engine is not None and \
                     (settings.model, settings.checkpoint, settings.device) == \
@@ -205,14 +207,28 @@ class SegmentAnythingSession:
         except Exception:  # noqa: BLE001 - a cache query must never break a click
             return False
 
-    def update_preview(self) -> Outcome:
-        """The 2D result on the slice last clicked (what the user sees at once)."""
-        t0 = time.perf_counter()
+    def preview_job(self):
+        """Snapshot the prompts of the slice last clicked (GUI thread).
+
+        Returns a function that computes the 2D preview (run it in a worker thread), or an
+        :class:`Outcome` saying why there is nothing to compute.
+        """
         try:
             self._require_volume()
             prompts = self.builder.prompts_on_slice()
-            axis, index = prompts.slice_axis, self.builder.current_slice
+        except SAMLiverSegError as exc:
+            return Outcome(False, str(exc))
+        axis, index = prompts.slice_axis, self.builder.current_slice
+        return lambda: self._compute_preview(prompts, axis, index)
 
+    def update_preview(self) -> Outcome:
+        """The 2D result on the slice last clicked (what the user sees at once)."""
+        job = self.preview_job()
+        return job if isinstance(job, Outcome) else job()
+
+    def _compute_preview(self, prompts, axis: str, index: int) -> Outcome:
+        t0 = time.perf_counter()
+        try:
             def run(engine):
                 cold = not self._is_cached(engine, axis, index)
                 return engine.segment_slice(prompts), cold
@@ -226,16 +242,27 @@ class SegmentAnythingSession:
         slice_clicks.slice_array(mask, axis, index)[...] = np.asarray(result.mask, dtype=bool)
         self.preview, self.preview_is_3d = mask, False
         n = int(np.count_nonzero(mask))
-        msg = "" if n else "the model found nothing here: add a box or more points"
+        msg = "" if n else "the model found nothing here: drag a box around the object"
         return Outcome(True, msg, time.perf_counter() - t0, n, cold)
+
+    def propagate_job(self):
+        """Snapshot all prompts (GUI thread); returns ``fn(progress, cancel) -> Outcome`` or an Outcome."""
+        try:
+            self._require_volume()
+            prompts = self.builder.prompts()
+        except SAMLiverSegError as exc:
+            return Outcome(False, str(exc))
+        return lambda progress=None, cancel=None: self._compute_3d(prompts, progress, cancel)
 
     def propagate(self, progress: Optional[Callable[[int, int], None]] = None,
                   cancel: Optional[threading.Event] = None) -> Outcome:
         """Extend the prompts to 3D (both directions from the prompted slice(s))."""
+        job = self.propagate_job()
+        return job if isinstance(job, Outcome) else job(progress, cancel)
+
+    def _compute_3d(self, prompts, progress, cancel) -> Outcome:
         t0 = time.perf_counter()
         try:
-            self._require_volume()
-            prompts = self.builder.prompts()
             result = self._run(lambda e: e.segment(prompts, propagate=True, progress=progress, cancel=cancel))
         except CancelledError:
             return Outcome(False, "propagation cancelled; the preview is unchanged", time.perf_counter() - t0)
@@ -275,6 +302,47 @@ class SegmentAnythingSession:
             return Outcome(False, str(exc), time.perf_counter() - t0)
         self.clear()
         return Outcome(True, "", time.perf_counter() - t0, report.voxels_in_mask)
+
+
+# -- background work ---------------------------------------------------------------------------------
+
+class BackgroundTask:
+    """Run ``fn(progress, cancel)`` in a daemon thread; the GUI polls :meth:`done` from a QTimer.
+
+    ``fn`` must not touch MRML (the scene is not thread-safe): it computes, the GUI thread shows.
+    """
+
+    def __init__(self, fn: Callable, name: str = "task"):
+        self.name = name
+        self.cancel_event = threading.Event()
+        self.progress = (0, 0)
+        self.result = None
+        self.error: Optional[BaseException] = None
+        self._fn = fn
+        self._thread = threading.Thread(target=self._run, name=f"samliverseg-{name}", daemon=True)
+
+    def start(self) -> "BackgroundTask":
+        self._thread.start()
+        return self
+
+    def _set_progress(self, done: int, total: int) -> None:
+        self.progress = (int(done), int(total))
+
+    def _run(self) -> None:
+        try:
+            self.result = self._fn(self._set_progress, self.cancel_event)
+        except BaseException as exc:  # noqa: BLE001 - handed to the GUI thread
+            self.error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        self._thread.join(timeout)
+        return self.done()
 
 
 # -- display in the views (plain MRML nodes) --------------------------------------------------------

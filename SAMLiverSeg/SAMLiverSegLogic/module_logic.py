@@ -17,17 +17,7 @@ from typing import Dict, List, Optional, Tuple
 from samliverseg.errors import InputError, SAMLiverSegError
 
 from . import markups_prompts, segment_writer, volume_nodes
-
-#: Offered in the panel; the registry of the installed library is checked against it.
-MODEL_CHOICES = ["lite_medsam", "medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h"]
-DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
-#: "model" = the window the model was trained with; "custom" = the low,high field.
-WINDOW_CHOICES = ["model", "wide", "liver", "abdomen", "custom"]
-
-TARGETS = {
-    "liver": ("Liver", (0.867, 0.510, 0.396)),
-    "tumor": ("Liver tumor", (0.784, 0.235, 0.235)),
-}
+from .constants import DEVICE_CHOICES, MODEL_CHOICES, TARGETS, WINDOW_CHOICES  # noqa: F401
 
 
 def window_spec(choice: str, custom: str = "") -> Optional[str]:
@@ -72,7 +62,7 @@ def model_rows() -> Tuple[List[ModelRow], str]:
 
 def segment_from_markups(scene, volume_node, segmentation_node, target: str, settings, roi_node=None,
                          positive_node=None, negative_node=None, engine=None, propagate: bool = True,
-                         editor: Optional[segment_writer.Editor] = None) -> Dict:
+                         editor: Optional[segment_writer.Editor] = None, progress=None, cancel=None) -> Dict:
     """Segment the liver or a tumour from markups into a named segment. Returns a report dict.
 
     Raises :class:`SAMLiverSegError` subclasses (one-line messages) on bad input; nothing in the
@@ -85,22 +75,43 @@ def segment_from_markups(scene, volume_node, segmentation_node, target: str, set
     t0 = time.perf_counter()
     volume = volume_nodes.volume_from_node(volume_node)
     prompts = markups_prompts.prompts_from_markups(volume_node, roi_node, positive_node, negative_node)
-    if engine is None:
+    notes = []
+
+    def build(device):
         from samliverseg.engine import PromptEngine
 
-        engine = PromptEngine(model=settings.model, checkpoint=settings.checkpoint, device=settings.device,
-                              window=settings.window)
-    engine.set_volume(volume)
-    result = engine.segment(prompts, propagate=propagate)
+        return PromptEngine(model=settings.model, checkpoint=settings.checkpoint, device=device, window=settings.window)
+
+    if engine is None:
+        engine = build(settings.device)
+    try:
+        engine.set_volume(volume)
+        result = engine.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
+    except Exception as exc:
+        from .effect_logic import is_out_of_memory
+
+        if not is_out_of_memory(exc) or str(getattr(engine, "device", "cpu")) == "cpu":
+            raise
+        notes.append("the GPU ran out of memory: this segmentation ran on the CPU")
+        engine = build("cpu")
+        engine.set_volume(volume)
+        result = engine.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
     name, color = TARGETS[target]
-    if not segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(name) and \
-            segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+    segmentation = segmentation_node.GetSegmentation()
+    if not segmentation.GetSegmentIdBySegmentName(name) and segmentation.GetNumberOfSegments() == 0:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    existed = bool(segmentation.GetSegmentIdBySegmentName(name))
     segment_id = volume_nodes.add_segment(segmentation_node, name, color)
-    if editor is None:
-        editor = segment_writer.create_editor(scene, segmentation_node, volume_node)
-        segment_writer.configure_editing(editor.node, "everywhere", overwrite="none" if target == "tumor" else "all")
-    segment_writer.write_mask(editor.target, result.mask, volume_node, segmentation_node, segment_id, mode="set")
+    try:
+        if editor is None:
+            editor = segment_writer.create_editor(scene, segmentation_node, volume_node)
+            segment_writer.configure_editing(editor.node, "everywhere", overwrite="none" if target == "tumor" else "all")
+        segment_writer.write_mask(editor.target, result.mask, volume_node, segmentation_node, segment_id, mode="set")
+    except Exception:
+        if not existed:  # leave the segmentation as it was
+            segmentation.RemoveSegment(segment_id)
+        raise
     report = dict(getattr(result, "report", {}) or {})
-    report.update({"segment_id": segment_id, "segment_name": name, "wall_s": round(time.perf_counter() - t0, 3)})
+    report.update({"segment_id": segment_id, "segment_name": name, "notes": notes,
+                   "wall_s": round(time.perf_counter() - t0, 3)})
     return report

@@ -70,6 +70,9 @@ class ModelSpec:
     embedding_size: int = 64
     package: Optional[str] = None  # a pip distribution that ships the checkpoint
     source_hint: str = ""  # where to get the file when there is no download URL
+    # Trained with box prompts only (LiteMedSAM): the engine turns clicks into a box first
+    # (seeded_region.py), since a lone point gives an almost empty mask.
+    box_only: bool = False
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
@@ -223,6 +226,7 @@ register_model(ModelSpec(
     architecture="LiteMedSAM (TinyViT)",
     package=weights.LITE_MEDSAM_DISTRIBUTION,
     source_hint=f"install it with `{weights.LITE_MEDSAM_INSTALL}`",
+    box_only=True,
 ))
 register_model(ModelSpec(
     name="sam_vit_b",

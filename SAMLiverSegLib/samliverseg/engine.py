@@ -35,6 +35,7 @@ from scipy import ndimage
 from .errors import CancelledError, InputError, PromptError
 from .prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
 from .predictor import EmbeddingCache, SlicePredictor
+from .seeded_region import box_from_points, grow_region
 from .volume import Volume
 from .windowing import Window, apply_window, get_window
 
@@ -138,13 +139,13 @@ class PropagationSettings:
 
     box_margin_px: float = 3.0  # added around the previous mask's bounding box
     box_margin_frac: float = 0.03  # and this fraction of its size
-    add_point: bool = True  # also prompt with the previous mask's deepest point
+    add_point: bool = False  # also prompt with the previous mask's deepest point (not box-only models)
     max_growth_mm: float = 6.0  # a mask may grow at most this far beyond the previous one
-    min_overlap: float = 0.5  # fraction of a new mask that must lie near the previous one
+    min_overlap: float = 0.8  # fraction of a new mask that must lie near the previous one
     min_area_frac: float = 0.01  # stop when the area falls below this fraction of the seed's
     min_area_px: int = 4
     min_score: float = 0.3  # stop when the predicted IoU falls below this
-    hu_tolerance: Optional[float] = None  # stop when the median HU drifts this far from the seed's
+    hu_tolerance: Optional[float] = 40.0  # stop when the median HU drifts this far from the seed's
     fill_holes: bool = True
     largest_component: bool = True
 
@@ -280,11 +281,27 @@ class PromptEngine:
             if neg:
                 raise PromptError("only negative points on this slice: add a positive point or a box")
             raise PromptError(f"no prompt on slice {axis}={index}")
+        negatives_xy = [point_to_xy(p, axis) for p in neg]
+        if getattr(self.spec, "box_only", False):
+            # The model knows boxes only: clicks become a box (seeded_region.py); negative
+            # clicks then cut their region out of the result.
+            if box is None:
+                box = box_from_points(slice_of(self.volume.array, axis, index), [point_to_xy(p, axis) for p in pts],
+                                      negatives_xy, pixel_spacing(self.volume, axis))
+                if box is None:
+                    raise PromptError(f"found no object under the clicked point(s) on slice {axis}={index}: "
+                                      "click inside the object or draw a box")
+            points_xy, labels = [], []
         emb = self.embedding(axis, index)
         # One point is ambiguous (which of the nested objects?): ask for several masks and take
         # the one the model rates best. A box or several points are not: ask for one.
         multimask = box is None and len(points_xy) == 1
         mask, score, logits = self._decode(emb, points_xy, labels, box, mask_input, multimask)
+        if getattr(self.spec, "box_only", False) and negatives_xy:
+            hu = slice_of(self.volume.array, axis, index)
+            for nx, ny in negatives_xy:
+                if mask[int(round(ny)), int(round(nx))]:
+                    mask = mask & ~grow_region(hu, (nx, ny), pixel_spacing(self.volume, axis))
         return SliceResult(mask=mask, score=score, low_res_logits=logits, slice_axis=axis, slice_index=index)
 
     def segment_slice(self, prompts: Prompts, mask_input: Optional[torch.Tensor] = None) -> SliceResult:
@@ -459,7 +476,7 @@ class PromptEngine:
         my = st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1)
         rows, cols = prev.shape
         box = (max(0.0, x0 - mx), max(0.0, y0 - my), min(cols - 1.0, x1 + mx), min(rows - 1.0, y1 + my))
-        points = [deepest_point_xy(prev)] if st.add_point else []
+        points = [deepest_point_xy(prev)] if st.add_point and not getattr(self.spec, "box_only", False) else []
         emb = self.embedding(axis, s)
         mask, score, logits = self._decode(emb, points, [1] * len(points), box, None, False)
         mask = self._inside_roi(mask, roi, axis)

@@ -6,7 +6,7 @@ import pytest
 
 from SAMLiverSegLogic import MODULE_VERSION, dependencies as dep
 
-from conftest import REPO_ROOT, MODULE_DIR
+from slicer_test_helpers import REPO_ROOT, MODULE_DIR
 
 
 def test_version_compare():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import slicer
-from conftest import GEOMETRIES, add_ct
+from slicer_test_helpers import GEOMETRIES, add_ct
 
 from samliverseg.errors import InputError
 from SAMLiverSegLogic import segment_writer, volume_nodes

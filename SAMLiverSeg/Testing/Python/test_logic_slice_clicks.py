@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import slicer
-from conftest import GEOMETRIES, add_ct, centre_view_on, slice_node_for
+from slicer_test_helpers import GEOMETRIES, add_ct, centre_view_on, slice_node_for
 
 from samliverseg.errors import PromptError
 from SAMLiverSegLogic import effect_logic, geometry, slice_clicks, volume_nodes

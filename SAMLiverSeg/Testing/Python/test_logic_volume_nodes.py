@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 import slicer
-from conftest import GEOMETRIES, add_ct, blob_ct
+from slicer_test_helpers import GEOMETRIES, add_ct, blob_ct
 
 from samliverseg.errors import InputError
 from SAMLiverSegLogic import geometry, volume_nodes

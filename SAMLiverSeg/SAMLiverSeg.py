@@ -1,0 +1,603 @@
+"""SAMLiverSeg: liver and liver-tumour segmentation on CT with Segment-Anything-style models.
+
+This file holds the Qt side only (module, widget, thin logic, test). Every decision lives in the
+Qt-free package ``SAMLiverSegLogic`` (tested with pytest against a real MRML scene); the models
+live in the ``samliverseg`` library, installed into Slicer's Python on first use.
+"""
+
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+import unittest
+from typing import Annotated, Optional
+
+import ctk
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
+
+# Light imports only (no torch, no samliverseg): this file is imported at Slicer startup.
+from SAMLiverSegLogic import MODULE_VERSION
+from SAMLiverSegLogic.constants import (
+    DEVICE_CHOICES,
+    EFFECT_NAME,
+    MODEL_CHOICES,
+    OUTPUT_FORMAT_CHOICES,
+    TARGET_CHOICES,
+    WINDOW_CHOICES,
+)
+
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+EFFECT_FILE = os.path.join(MODULE_DIR, "SegmentEditorSegmentAnything", "SegmentEditorEffect.py")
+
+
+#
+# SAMLiverSeg
+#
+
+
+class SAMLiverSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SAM Liver Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["Segmentations", "SegmentEditor", "Markups"]
+        self.parent.contributors = ["SAMLiverSeg developers"]
+        self.parent.helpText = _(
+            "Segment the liver and liver tumours on CT with Segment-Anything-style models "
+            "(LiteMedSAM by default; SAM and MedSAM with your checkpoints). Place an ROI or points "
+            "and press <b>Segment liver</b> / <b>Segment tumor</b>, or use the <b>Segment Anything</b> "
+            "effect in the Segment Editor (click: positive point, Shift+click: negative point, "
+            "drag: box). A batch section segments a folder of CT files in the background."
+        )
+        self.parent.acknowledgementText = _(
+            "Built on Segment Anything (Meta AI), MedSAM and LiteMedSAM (Bo Wang lab), 3D Slicer and "
+            "its Segment Editor, and the PyTorch extension."
+        )
+        # Register the Segment Editor effect once the application is up (like the effect template).
+        slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
+
+
+def registerSegmentEditorEffect():
+    """Register the "Segment Anything" effect (imports nothing heavy; registering twice is a no-op:
+    the effect factory ignores a second effect of the same name)."""
+    try:
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+        instance.setPythonSource(EFFECT_FILE.replace("\\", "/"))
+        instance.self().register()
+    except Exception as exc:  # never break Slicer startup
+        logging.error(f"SAMLiverSeg: could not register the '{EFFECT_NAME}' effect: {exc}")
+
+
+#
+# SAMLiverSegParameterNode
+#
+
+
+@parameterNodeWrapper
+class SAMLiverSegParameterNode:
+    """All GUI state of the module (saved with the scene)."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    roi: vtkMRMLMarkupsROINode
+    points: vtkMRMLMarkupsFiducialNode
+    model: Annotated[str, Choice(MODEL_CHOICES)] = "lite_medsam"
+    checkpoint: str = ""
+    device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
+    window: Annotated[str, Choice(WINDOW_CHOICES)] = "model"
+    customWindow: str = "-200,300"
+    propagate: bool = True
+    batchInputFolder: str = ""
+    batchOutputFolder: str = ""
+    batchPromptsFile: str = ""
+    batchTarget: Annotated[str, Choice(TARGET_CHOICES)] = "liver"
+    batchFormat: Annotated[str, Choice(OUTPUT_FORMAT_CHOICES)] = "seg.nrrd"
+
+
+#
+# SAMLiverSegWidget
+#
+
+
+class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    BATCH_POLL_MS = 200
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.batchRunner = None
+        self.batchTimer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SAMLiverSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SAMLiverSegLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.segmentLiverButton.connect("clicked(bool)", lambda: self.onSegment("liver"))
+        self.ui.segmentTumorButton.connect("clicked(bool)", lambda: self.onSegment("tumor"))
+        self.ui.openSegmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
+        self.ui.checkpointBrowseButton.connect("clicked(bool)", self.onBrowseCheckpoint)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.updateModelStatus)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.batchInputBrowseButton.connect("clicked(bool)", lambda: self.onBrowseFolder("batchInputFolder"))
+        self.ui.batchOutputBrowseButton.connect("clicked(bool)", lambda: self.onBrowseFolder("batchOutputFolder"))
+        self.ui.batchPromptsBrowseButton.connect("clicked(bool)", self.onBrowseBatchPrompts)
+        self.ui.batchStartButton.connect("clicked(bool)", self.onBatchStart)
+        self.ui.batchCancelButton.connect("clicked(bool)", self.onBatchCancel)
+        self.ui.batchCancelButton.enabled = False
+        self.ui.batchProgressBar.setValue(0)
+
+        self.batchTimer = qt.QTimer()
+        self.batchTimer.setInterval(self.BATCH_POLL_MS)
+        self.batchTimer.connect("timeout()", self.onBatchPoll)
+
+        self.initializeParameterNode()
+        self.updateDependencyStatus()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self.batchRunner is not None and not self.batchRunner.done():
+            self.batchRunner.cancel()
+        if self.batchTimer is not None:
+            self.batchTimer.stop()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self.updateDependencyStatus()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[SAMLiverSegParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        hasPrompt = bool(p.roi or p.points)
+        canSegment = bool(p.inputVolume) and hasPrompt
+        tip = _("Segment from the ROI and/or points") if canSegment else _("Select a CT volume and an ROI or points")
+        for button in (self.ui.segmentLiverButton, self.ui.segmentTumorButton):
+            button.enabled = canSegment
+            button.toolTip = tip
+        self.ui.customWindowLineEdit.enabled = p.window == "custom"
+        running = self.batchRunner is not None and not self.batchRunner.done()
+        self.ui.batchStartButton.enabled = bool(p.batchInputFolder and p.batchOutputFolder) and not running
+        self.ui.batchCancelButton.enabled = running
+
+    # -- dependencies and model status -------------------------------------------------------
+    def updateDependencyStatus(self) -> None:
+        from SAMLiverSegLogic import dependencies
+
+        ready, message = dependencies.dependencies_ready()
+        self.ui.dependenciesStatusLabel.text = _("Ready") if ready else message
+        self.ui.installDependenciesButton.visible = not ready
+        if ready:
+            self.updateModelStatus()
+        else:
+            self.ui.weightsStatusLabel.text = _("(install the dependencies first)")
+            self.ui.cacheFolderLabel.text = ""
+
+    def updateModelStatus(self) -> None:
+        from SAMLiverSegLogic import module_logic
+
+        rows, cache = module_logic.model_rows()
+        lines = [f"{'✔' if r.present else '✘'} {r.name}: {r.where}" for r in rows]
+        self.ui.weightsStatusLabel.text = "\n".join(lines) if lines else cache
+        self.ui.cacheFolderLabel.text = cache if rows else ""
+
+    def ensureDependencies(self) -> bool:
+        """First use: check and (after asking) install torch, the library and the weights."""
+        from SAMLiverSegLogic import dependencies
+
+        ready, _msg = dependencies.dependencies_ready()
+        if ready:
+            return True
+        try:
+            with slicer.util.WaitCursor():
+                notes = dependencies.ensure_dependencies(MODULE_DIR, confirm=slicer.util.confirmOkCancelDisplay)
+        except dependencies.DependencyError as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle=_("SAMLiverSeg setup"))
+            self.updateDependencyStatus()
+            return False
+        self.updateDependencyStatus()
+        if notes:
+            slicer.util.infoDisplay("\n".join(notes), windowTitle=_("SAMLiverSeg setup"))
+            return not any("restart" in n for n in notes)
+        return dependencies.dependencies_ready()[0]
+
+    def onInstallDependencies(self) -> None:
+        self.ensureDependencies()
+
+    # -- segment from markups ----------------------------------------------------------------
+    def engineSettings(self):
+        from SAMLiverSegLogic import effect_logic, module_logic
+
+        p = self._parameterNode
+        return effect_logic.EngineSettings(model=p.model, checkpoint=p.checkpoint or None, device=p.device,
+                                           window=module_logic.window_spec(p.window, p.customWindow))
+
+    def confirmIntensityRange(self, volumeNode) -> bool:
+        """Non-CT intensities: offer the custom window (the scene is left alone if refused)."""
+        from SAMLiverSegLogic import volume_nodes
+
+        check = volume_nodes.check_ct_intensities(volume_nodes.array_from_volume_node(volumeNode))
+        if check.looks_like_ct or self._parameterNode.window == "custom":
+            return True
+        if slicer.util.confirmYesNoDisplay(
+            check.message + "\n\n" + _("Use the custom window {window}?").format(window=check.suggested_window),
+            windowTitle=_("Not a CT range"),
+        ):
+            self._parameterNode.window = "custom"
+            self._parameterNode.customWindow = check.suggested_window
+            return True
+        return False
+
+    def onSegment(self, target: str) -> None:
+        p = self._parameterNode
+        if not self.ensureDependencies():
+            return
+        from samliverseg.errors import SAMLiverSegError
+        from SAMLiverSegLogic import volume_nodes
+
+        try:
+            volume_nodes.check_source_volume(p.inputVolume)
+            from SAMLiverSegLogic import markups_prompts
+
+            markups_prompts.prompts_from_markups(p.inputVolume, p.roi, p.points)  # bad prompts: a message now
+            settings = self.engineSettings()
+        except SAMLiverSegError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        if not self.confirmIntensityRange(p.inputVolume):
+            return
+        settings = self.engineSettings()
+        createdSegmentation = None
+        if not p.outputSegmentation:
+            createdSegmentation = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", f"{p.inputVolume.GetName()} segmentation")
+            createdSegmentation.CreateDefaultDisplayNodes()
+            createdSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(p.inputVolume)
+            p.outputSegmentation = createdSegmentation
+        progress = slicer.util.createProgressDialog(labelText=_("Segmenting..."), maximum=0)
+        cancel = threading.Event()
+        progress.connect("canceled()", cancel.set)
+
+        def onProgress(done, total):
+            progress.maximum = total
+            progress.value = done
+            slicer.app.processEvents()
+
+        def undoCreation():
+            if createdSegmentation is not None:  # bad input leaves the scene as it was
+                p.outputSegmentation = None
+                slicer.mrmlScene.RemoveNode(createdSegmentation)
+
+        try:
+            with slicer.util.WaitCursor():
+                report = self.logic.segmentFromMarkups(
+                    p.inputVolume, p.outputSegmentation, target, settings, roiNode=p.roi,
+                    pointsNode=p.points, propagate=p.propagate, progress=onProgress, cancel=cancel)
+        except SAMLiverSegError as exc:
+            undoCreation()
+            slicer.util.errorDisplay(str(exc))
+            return
+        except Exception as exc:
+            undoCreation()
+            logging.exception("SAMLiverSeg segmentation failed")
+            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=exc))
+            return
+        finally:
+            progress.close()
+        msg = _("{name}: {voxels} voxels, {ml} ml in {s} s").format(
+            name=report["segment_name"], voxels=report.get("voxels", "?"), ml=report.get("volume_ml", "?"),
+            s=report["wall_s"])
+        self.ui.statusLabel.text = msg + "".join(f"\n{n}" for n in report.get("notes", []))
+
+    def onOpenSegmentEditor(self) -> None:
+        """Open the Segment Editor on the same volume/segmentation with the effect selected."""
+        p = self._parameterNode
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        if p.outputSegmentation:
+            editor.setSegmentationNode(p.outputSegmentation)
+        if p.inputVolume:
+            setSource = getattr(editor, "setSourceVolumeNode", None) or editor.setMasterVolumeNode
+            setSource(p.inputVolume)
+        editor.setActiveEffectByName(EFFECT_NAME)
+
+    def onBrowseCheckpoint(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Checkpoint"), "", "PyTorch checkpoints (*.pth *.pt *.ckpt)")
+        if path:
+            self._parameterNode.checkpoint = path
+
+    def onBrowseFolder(self, attribute: str) -> None:
+        path = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose a folder"), getattr(self._parameterNode, attribute))
+        if path:
+            setattr(self._parameterNode, attribute, path)
+
+    def onBrowseBatchPrompts(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Prompts for every case"), "", "Markups (*.mrk.json)")
+        if path:
+            self._parameterNode.batchPromptsFile = path
+
+    # -- batch -------------------------------------------------------------------------------
+    def onBatchStart(self) -> None:
+        if not self.ensureDependencies():
+            return
+        from samliverseg.errors import SAMLiverSegError
+        from SAMLiverSegLogic import batch
+
+        p = self._parameterNode
+        try:
+            jobs = batch.plan_batch(p.batchInputFolder, p.batchOutputFolder, default_prompts=p.batchPromptsFile or None,
+                                    output_format=p.batchFormat)
+            window = self.engineSettings().window
+        except (ValueError, SAMLiverSegError) as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self.batchRunner = self.logic.createBatchRunner(jobs, p, window)
+        skipped = [j for j in jobs if j.status == "skipped"]
+        self.ui.batchLogTextEdit.clear()
+        for j in skipped:
+            self.ui.batchLogTextEdit.appendPlainText(f"[{j.case}] skipped: {j.message}")
+        if not self.batchRunner.runnable():
+            slicer.util.errorDisplay(_("No case has a prompt: put CASE.mrk.json beside each image or choose a "
+                                       "prompts file for every case."))
+            self.batchRunner = None
+            return
+        self.ui.batchProgressBar.setMaximum(len(self.batchRunner.runnable()))
+        self.ui.batchProgressBar.setValue(0)
+        self.batchTimer.start()
+        self._updateButtons()
+
+    def onBatchPoll(self) -> None:
+        runner = self.batchRunner
+        if runner is None:
+            self.batchTimer.stop()
+            return
+        for line in runner.poll():
+            self.ui.batchLogTextEdit.appendPlainText(line)
+        done, total = runner.progress()
+        self.ui.batchProgressBar.setValue(done)
+        if runner.done():
+            self.batchTimer.stop()
+            self.ui.batchLogTextEdit.appendPlainText(_("Finished: {summary}").format(summary=runner.summary()))
+            self._updateButtons()
+
+    def onBatchCancel(self) -> None:
+        if self.batchRunner is not None:
+            self.batchRunner.cancel()
+            self.ui.batchLogTextEdit.appendPlainText(_("Cancelled: {summary}").format(summary=self.batchRunner.summary()))
+        self.batchTimer.stop()
+        self._updateButtons()
+
+
+#
+# SAMLiverSegLogic
+#
+
+
+class SAMLiverSegLogic(ScriptedLoadableModuleLogic):
+    """Thin: forwards to the Qt-free SAMLiverSegLogic package (usable from the Python console)."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return SAMLiverSegParameterNode(super().getParameterNode())
+
+    def segmentFromMarkups(self, volumeNode, segmentationNode, target, settings, roiNode=None, pointsNode=None,
+                           propagate=True, progress=None, cancel=None, engine=None):
+        from SAMLiverSegLogic import module_logic
+
+        return module_logic.segment_from_markups(
+            slicer.mrmlScene, volumeNode, segmentationNode, target, settings, roi_node=roiNode,
+            positive_node=pointsNode, engine=engine, propagate=propagate, progress=progress, cancel=cancel)
+
+    @staticmethod
+    def pythonSlicerExecutable() -> str:
+        return shutil.which("PythonSlicer") or sys.executable
+
+    def createBatchRunner(self, jobs, parameterNode, window):
+        from SAMLiverSegLogic import batch
+
+        def launcher(args, env=None, cwd=None):
+            return slicer.util.launchConsoleProcess(args, useStartupEnvironment=True,
+                                                    updateEnvironment={"PYTHONUNBUFFERED": "1"}, cwd=cwd)
+
+        return batch.BatchRunner(jobs, model=parameterNode.model, device=parameterNode.device, window=window,
+                                 checkpoint=parameterNode.checkpoint or None, target=parameterNode.batchTarget,
+                                 python=self.pythonSlicerExecutable(), launcher=launcher)
+
+
+#
+# SAMLiverSegTest
+#
+
+
+class SAMLiverSegTest(ScriptedLoadableModuleTest):
+    """Loads a CT (a synthetic phantom), places a box, runs the effect logic, checks the segment.
+
+    Run from "Reload and Test" or ctest (slicer_add_python_unittest). On first run it installs
+    the dependencies (in testing mode without asking).
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SAMLiverSeg_dependencies()
+        self.setUp()
+        self.test_SAMLiverSeg_EffectLogicBox()
+        self.setUp()
+        self.test_SAMLiverSeg_SegmentEditorEffect()
+
+    def test_SAMLiverSeg_dependencies(self):
+        from SAMLiverSegLogic import dependencies
+
+        ready, message = dependencies.dependencies_ready()
+        if not ready:
+            self.delayDisplay(f"Installing dependencies ({message})")
+            dependencies.ensure_dependencies(MODULE_DIR, confirm=lambda text: True, interactive_pip=False)
+        ready, message = dependencies.dependencies_ready()
+        self.assertTrue(ready, message)
+
+    def _phantomScene(self):
+        import numpy as np
+        from samliverseg.phantom import make_phantom
+        from SAMLiverSegLogic import volume_nodes
+
+        ph = make_phantom((24, 96, 112), (3.0, 3.0, 5.0), seed=3, n_tumors=1, scale=0.75)
+        volumeNode = volume_nodes.add_volume_node_from_volume(slicer.mrmlScene, ph.to_volume(), "PhantomCT")
+        volumeNode.CreateDefaultDisplayNodes()
+        liver = ph.liver_mask
+        ks = np.flatnonzero(liver.any(axis=(1, 2)))
+        k = int(ks[len(ks) // 2])
+        jj, ii = np.nonzero(liver[k])
+        box = (int(ii.min()) - 2, int(jj.min()) - 2, int(ii.max()) + 2, int(jj.max()) + 2, k)
+        slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
+        return volumeNode, liver, box
+
+    def _redSliceOn(self, volumeNode, ijk):
+        from SAMLiverSegLogic import geometry
+
+        sliceWidget = slicer.app.layoutManager().sliceWidget("Red")
+        sliceNode = sliceWidget.mrmlSliceNode()
+        sliceNode.SetOrientation("Axial")
+        sliceNode.RotateToVolumePlane(volumeNode)
+        ras = geometry.ijk_to_ras_point(volumeNode, ijk)
+        sliceNode.JumpSliceByCentering(*[float(v) for v in ras])
+        slicer.app.processEvents()
+        return sliceWidget, sliceNode
+
+    def test_SAMLiverSeg_EffectLogicBox(self):
+        import numpy as np
+        from SAMLiverSegLogic import effect_logic, geometry, segment_writer, slice_clicks, volume_nodes
+
+        self.delayDisplay("Load a CT phantom")
+        volumeNode, liver, box = self._phantomScene()
+        i0, j0, i1, j1, k = box
+        segmentationNode = volume_nodes.add_segmentation_node(slicer.mrmlScene, volumeNode)
+        segmentId = volume_nodes.add_segment(segmentationNode, "Liver")
+        editor = segment_writer.create_editor(slicer.mrmlScene, segmentationNode, volumeNode)
+
+        self.delayDisplay("Place a box in the red slice view")
+        _sliceWidget, sliceNode = self._redSliceOn(volumeNode, ((i0 + i1) / 2, (j0 + j1) / 2, k))
+        xyA = slice_clicks.ras_to_xy(sliceNode, geometry.ijk_to_ras_point(volumeNode, (i0, j0, k)))[:2]
+        xyB = slice_clicks.ras_to_xy(sliceNode, geometry.ijk_to_ras_point(volumeNode, (i1, j1, k)))[:2]
+        session = effect_logic.SegmentAnythingSession(effect_logic.EngineSettings(device="cpu"))
+        self.assertTrue(session.set_volume_node(volumeNode).ok)
+        outcome = session.drag_box(sliceNode, xyA, xyB)
+        self.assertTrue(outcome.ok, outcome.message)
+        self.assertGreater(outcome.voxels, 0)
+
+        self.delayDisplay("Propagate to 3D and apply")
+        outcome = session.propagate()
+        self.assertTrue(outcome.ok, outcome.message)
+        outcome = session.apply(editor.target, segmentationNode, segmentId)
+        self.assertTrue(outcome.ok, outcome.message)
+        mask = volume_nodes.segment_mask(segmentationNode, segmentId, volumeNode)
+        dice = 2.0 * np.logical_and(mask, liver).sum() / (mask.sum() + liver.sum())
+        self.delayDisplay(f"Liver Dice against the phantom truth: {dice:.3f}")
+        self.assertGreater(dice, 0.5)
+        editor.target.undo()
+        self.assertEqual(volume_nodes.segment_mask(segmentationNode, segmentId, volumeNode).sum(), 0)
+        self.delayDisplay("Test passed")
+
+    def test_SAMLiverSeg_SegmentEditorEffect(self):
+        """The registered effect in a real Segment Editor: drag a box, apply, undo."""
+        import numpy as np
+        from SAMLiverSegLogic import geometry, slice_clicks, volume_nodes
+
+        registerSegmentEditorEffect()
+        volumeNode, liver, box = self._phantomScene()
+        i0, j0, i1, j1, k = box
+        segmentationNode = volume_nodes.add_segmentation_node(slicer.mrmlScene, volumeNode)
+        segmentId = volume_nodes.add_segment(segmentationNode, "Liver")
+
+        editorWidget = slicer.qMRMLSegmentEditorWidget()
+        editorWidget.setMRMLScene(slicer.mrmlScene)
+        editorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        editorWidget.setMRMLSegmentEditorNode(editorNode)
+        editorWidget.setSegmentationNode(segmentationNode)
+        setSource = getattr(editorWidget, "setSourceVolumeNode", None) or editorWidget.setMasterVolumeNode
+        setSource(volumeNode)
+        editorWidget.setCurrentSegmentID(segmentId)
+        editorWidget.setActiveEffectByName(EFFECT_NAME)
+        effect = editorWidget.activeEffect()
+        self.assertIsNotNone(effect, "the effect is not registered")
+        effect.setParameter("Device", "cpu")
+
+        sliceWidget, sliceNode = self._redSliceOn(volumeNode, ((i0 + i1) / 2, (j0 + j1) / 2, k))
+        xyA = slice_clicks.ras_to_xy(sliceNode, geometry.ijk_to_ras_point(volumeNode, (i0, j0, k)))[:2]
+        xyB = slice_clicks.ras_to_xy(sliceNode, geometry.ijk_to_ras_point(volumeNode, (i1, j1, k)))[:2]
+        effect.self().onDrag(sliceWidget, xyA, xyB)
+        self.assertTrue(effect.self().waitForBackgroundWork(timeout=300))
+        self.assertIsNotNone(effect.self().session.preview)
+        effect.self().onApply()
+        mask = volume_nodes.segment_mask(segmentationNode, segmentId, volumeNode)
+        self.assertGreater(int(mask[k].sum()), 0)
+        self.assertEqual(int(mask.sum()), int(mask[k].sum()))  # a 2D result changes only its slice
+        editorWidget.undo()
+        self.assertEqual(volume_nodes.segment_mask(segmentationNode, segmentId, volumeNode).sum(), 0)
+        editorWidget.setActiveEffect(None)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,16 @@
+"""Choices offered in the GUI. Importing this module imports nothing else (safe at Slicer startup)."""
+
+#: Models offered in the panel (the registry of the installed library is checked against it).
+MODEL_CHOICES = ["lite_medsam", "medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h"]
+DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
+#: "model" = the window the model was trained with; "custom" = the LOW,HIGH field.
+WINDOW_CHOICES = ["model", "wide", "liver", "abdomen", "custom"]
+#: Batch: what to segment, and the output format.
+TARGET_CHOICES = ["liver", "tumor"]
+OUTPUT_FORMAT_CHOICES = ["seg.nrrd", "nii.gz", "nrrd"]
+#: Segment names and colours written for each target.
+TARGETS = {
+    "liver": ("Liver", (0.867, 0.510, 0.396)),
+    "tumor": ("Liver tumor", (0.784, 0.235, 0.235)),
+}
+EFFECT_NAME = "Segment Anything"

@@ -1,0 +1,109 @@
+"""Helpers of the Qt-free logic tests (a uniquely named module, so that ``conftest`` never clashes).
+
+Volumes of several geometries, slice nodes set up the way a slice view sets them up, a small
+CT-like array. ``slicer`` here is the slicer-core wheel: Slicer's MRML, Segmentations and Segment
+Editor logic without Qt, the same C++ classes the application uses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+MODULE_DIR = Path(__file__).resolve().parents[2]  # .../SAMLiverSeg
+REPO_ROOT = MODULE_DIR.parent
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+os.environ.setdefault("SAMLIVERSEG_CACHE", str(REPO_ROOT / ".cache" / "samliverseg"))
+
+import slicer  # noqa: E402  (slicer-core)
+
+from SAMLiverSegLogic import geometry, volume_nodes  # noqa: E402
+
+
+def rotation(axis, degrees):
+    a = np.radians(degrees)
+    c, s = np.cos(a), np.sin(a)
+    if axis == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+def make_ijk_to_ras(spacing, origin_ras, directions_ras):
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(directions_ras, float) @ np.diag(spacing)
+    m[:3, 3] = origin_ras
+    return m
+
+
+#: The geometry cases every geometric test runs on: (name, IJKToRAS).
+GEOMETRIES = {
+    # i -> R, j -> A, k -> S, 1 mm
+    "identity": make_ijk_to_ras((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3)),
+    # the usual DICOM axial CT (LPS-aligned: i -> L, j -> P) with k reversed (feet first)
+    "flipped": make_ijk_to_ras((0.8, 0.8, 2.0), (120.5, 95.25, -40.0), np.diag([-1.0, -1.0, -1.0])),
+    # rotated 25 degrees about S, then 12 degrees about R
+    "oblique": make_ijk_to_ras((0.9, 0.9, 1.5), (-30.0, 12.0, 7.5), rotation("x", 12) @ rotation("z", 25)),
+    # strongly anisotropic voxels, shifted origin
+    "anisotropic": make_ijk_to_ras((0.6, 1.1, 4.0), (-80.0, -60.0, 100.0), np.eye(3)),
+}
+
+
+def blob_ct(shape_kji=(24, 40, 48), seed=0):
+    """A small CT-like array: air around a soft-tissue body with a brighter organ and noise."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.indices(shape_kji)
+    nk, nj, ni = shape_kji
+    body = ((i - ni / 2) / (ni * 0.45)) ** 2 + ((j - nj / 2) / (nj * 0.42)) ** 2 < 1
+    organ = ((i - ni * 0.4) / (ni * 0.2)) ** 2 + ((j - nj * 0.45) / (nj * 0.2)) ** 2 + \
+        ((k - nk / 2) / (nk * 0.35)) ** 2 < 1
+    arr = np.full(shape_kji, -1000.0, np.float32)
+    arr[body] = 20.0
+    arr[organ] = 110.0
+    arr += rng.normal(0, 5, shape_kji).astype(np.float32)
+    return arr.astype(np.int16)
+
+
+def add_ct(scene, ijk_to_ras, shape_kji=(24, 40, 48), name="CT", seed=0):
+    return volume_nodes.add_volume_node(scene, blob_ct(shape_kji, seed), ijk_to_ras, name)
+
+
+def slice_node_for(scene, orientation, volume_node=None, dims=(480, 360), fov_mm=None):
+    """A slice node set up as a slice view does: orientation preset, view size, field of view."""
+    node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    node.SetLayoutName(f"View{scene.GetNumberOfNodesByClass('vtkMRMLSliceNode')}")
+    node.SetOrientation(orientation)
+    if volume_node is not None:
+        node.RotateToVolumePlane(volume_node)
+    node.SetDimensions(dims[0], dims[1], 1)
+    w = fov_mm or 160.0
+    node.SetFieldOfView(w, w * dims[1] / dims[0], 1.0)
+    node.UpdateMatrices()
+    return node
+
+
+def centre_view_on(slice_node, ras):
+    """Put the slice plane through ``ras`` and the view centre on it (like Slicer's jump to point)."""
+    slice_node.JumpSliceByCentering(float(ras[0]), float(ras[1]), float(ras[2]))
+    slice_node.UpdateMatrices()
+
+
+def roi_in_volume_axes(scene, vol, lo_ijk, hi_ijk):
+    """An ROI whose box is exactly the IJK box ``lo..hi`` (rotated with an oblique volume)."""
+    m = geometry.world_ijk_to_ras(vol)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    obj = np.eye(4)
+    obj[:3, :3] = m[:3, :3] / spacing
+    centre = (np.asarray(lo_ijk, float) + np.asarray(hi_ijk, float)) / 2
+    obj[:3, 3] = (m @ np.array([*centre, 1.0]))[:3]
+    roi = slicer.vtkMRMLMarkupsROINode()
+    scene.AddNode(roi)
+    roi.SetAndObserveObjectToNodeMatrix(geometry.vtk_matrix_from_array(obj))
+    roi.SetSize(*((np.asarray(hi_ijk, float) - np.asarray(lo_ijk, float)) * spacing))
+    return roi
