@@ -42,9 +42,12 @@ def box_prompt(mask3d: np.ndarray, margin: int) -> Prompts:
     return Prompts(box=SliceBox.axial(i0 - margin, j0 - margin, i1 + margin, j1 + margin, k))
 
 
-def point_prompt(mask3d: np.ndarray) -> Prompts:
+def point_prompt(mask3d: np.ndarray, avoid: np.ndarray = None) -> Prompts:
+    """The deepest point of the object on its middle slice (outside ``avoid``: the tumours,
+    for a click on liver parenchyma)."""
     k = middle_slice(mask3d, "k")
-    x, y = interior_point(mask3d[k])
+    region = mask3d[k] > 0 if avoid is None else (mask3d[k] > 0) & ~(avoid[k] > 0)
+    x, y = interior_point(region)
     return Prompts(positive=[(float(x), float(y), float(k))])
 
 
@@ -86,7 +89,10 @@ def bench_case(engine, name, volume, liver, tumors, margin, results):
     rows.append(["liver", "1 box + propagation", f"{r['dice']:.3f}", f"{r['hd95_mm']:.1f}", f"{r['vol_ml']:.0f}/{r['ref_ml']:.0f}",
                  f"{r['propagation_s']:.1f}", r["stop"].get("up", ""), r["stop"].get("down", "")])
     results[f"{name}/liver_box"] = r
-    r = run_one(engine, point_prompt(liver), liver, volume.spacing)
+    tumour_union = np.zeros_like(liver)
+    for t in tumors.values():
+        tumour_union |= t > 0
+    r = run_one(engine, point_prompt(liver, tumour_union), liver, volume.spacing)
     rows.append(["liver", "1 point + propagation", f"{r['dice']:.3f}", f"{r['hd95_mm']:.1f}", f"{r['vol_ml']:.0f}/{r['ref_ml']:.0f}",
                  f"{r['propagation_s']:.1f}", r["stop"].get("up", ""), r["stop"].get("down", "")])
     results[f"{name}/liver_point"] = r

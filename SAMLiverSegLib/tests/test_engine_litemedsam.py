@@ -60,7 +60,7 @@ def test_tumour_from_one_box(engine, phantom):
 def test_liver_from_one_point(engine, phantom):
     liver = phantom.liver_mask
     k = middle_slice(liver)
-    x, y = interior_point(liver[k])
+    x, y = interior_point(phantom.labels[k] == 1)  # a click on liver parenchyma, not in a tumour
     res = engine.segment(Prompts(positive=[(float(x), float(y), float(k))]))
     m = evaluate(res.mask, liver, phantom.spacing)
     assert m["dice"] >= 0.8, (m, res.report["stop_reasons"])
