@@ -33,6 +33,19 @@ def _box_on_middle_slice(mask3d: np.ndarray, margin: int = BOX_MARGIN_VOXELS):
     return SliceBox.axial(i0 - margin, j0 - margin, i1 + margin, j1 + margin, k)
 
 
+def _write_image(image, path: Path) -> None:
+    import SimpleITK as sitk
+
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), True)
+
+
+def _r(v, nd=1):
+    return round(v, nd) if isinstance(v, float) else v
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     from .postprocess import largest_connected_component
 
@@ -60,7 +73,7 @@ def run_demo(args) -> Dict:
         volume = phantom.to_volume()
         liver_truth = phantom.liver_mask
         tumor_truth = phantom.tumor_label_mask(0)  # the largest tumour
-        write_labelmap(volume.array.astype(np.int16), volume, out / "phantom_ct.nii.gz")
+        _write_image(phantom.to_sitk("hu"), out / "phantom_ct.nii.gz")
         write_labelmap(phantom.labels, volume, out / "phantom_truth.nii.gz")
         source = "synthetic phantom"
     else:
@@ -131,7 +144,7 @@ def run_demo(args) -> Dict:
     for name, entry in results.items():
         m = entry.get("metrics", {})
         lines.append(f"| {name} | {m.get('dice', float('nan')):.3f} | {m.get('hd95_mm')} | "
-                     f"{m.get('volume_pred_ml', entry['engine']['volume_ml'])} | {m.get('volume_ref_ml')} | "
+                     f"{_r(m.get('volume_pred_ml', entry['engine']['volume_ml']))} | {_r(m.get('volume_ref_ml'))} | "
                      f"{entry['engine']['timings']['total_s']} |")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -148,7 +148,7 @@ class PropagationSettings:
     add_point: bool = False  # also prompt with the previous mask's deepest point (not box-only models)
     max_growth_mm: float = 6.0  # a mask may grow at most this far beyond the previous one ...
     max_growth_slices: Optional[float] = 1.0  # ... or this many slice spacings, if smaller
-    min_overlap: float = 0.8  # fraction of a new mask that must lie near the previous one
+    min_overlap: float = 0.6  # fraction of the model's new mask that must survive the growth limit and HU gate
     min_area_frac: float = 0.01  # stop when the area falls below this fraction of the seed's
     min_area_px: int = 4
     min_score: float = 0.3  # stop when the predicted IoU falls below this
@@ -476,9 +476,11 @@ class PromptEngine:
         rs, cs = pixel_spacing(vol, axis)
         growth_mm = st.max_growth_mm
         if st.max_growth_slices is not None:
+            # Thin slices: the boundary moves little from one to the next. Coarse pixels: at
+            # least two pixels, or a 3 mm grid could never follow a sloping boundary.
             across = float(vol.spacing[IJK_INDEX[axis]])
-            growth_mm = min(growth_mm, st.max_growth_slices * across)
-        grow = max(1, int(round(growth_mm / min(rs, cs))))
+            growth_mm = min(growth_mm, max(st.max_growth_slices * across, 2.0 * max(rs, cs)))
+        grow = max(2, int(round(growth_mm / min(rs, cs))))
         structure = np.ones((3, 3), dtype=bool)
         prev = slice_of(mask3d, axis, start).astype(bool)
         s = start + direction

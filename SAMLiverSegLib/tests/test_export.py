@@ -23,19 +23,7 @@ from samliverseg.export import (
 )
 from samliverseg.volume import Volume, read_volume
 
-SHARED = Path(os.environ.get("SAMLIVERSEG_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
-_skip_no_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared CT data not found at {SHARED} (set SAMLIVERSEG_SHARED_DATA)")
-
-
-def needs_shared(test):
-    return pytest.mark.shared_data(_skip_no_shared(test))
-
-
-def rot(axis, deg):
-    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
-    m = {"x": [[1, 0, 0], [0, c, -s], [0, s, c]], "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
-         "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]]}[axis]
-    return np.array(m, dtype=float)
+from libtest_helpers import SHARED, needs_shared, rot
 
 
 DIRECTIONS = {

@@ -109,7 +109,7 @@ def png_size(path):
 
 
 @pytest.mark.parametrize("path,size", [
-    (REPO_ROOT / "SAMLiverSeg.png", (128, 128)),
+    (REPO_ROOT / "Resources" / "SAMLiverSeg.png", (128, 128)),
     (MODULE_DIR / "Resources" / "Icons" / "SAMLiverSeg.png", (128, 128)),
     (MODULE_DIR / "SegmentEditorSegmentAnything" / "SegmentEditorEffect.png", (32, 32)),
 ])
