@@ -145,7 +145,7 @@ class PropagationSettings:
 
     box_margin_px: float = 3.0  # added around the previous mask's bounding box
     box_margin_frac: float = 0.03  # and this fraction of its size
-    add_point: bool = False  # also prompt with the previous mask's deepest point (not box-only models)
+    add_point: bool = True  # also prompt with the previous mask's deepest point (ignored for box-only models)
     max_growth_mm: float = 6.0  # a mask may grow at most this far beyond the previous one ...
     max_growth_slices: Optional[float] = 1.0  # ... or this many slice spacings, if smaller
     min_overlap: float = 0.6  # fraction of the model's new mask that must survive the growth limit and HU gate

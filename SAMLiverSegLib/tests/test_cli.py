@@ -139,3 +139,25 @@ def test_evaluate_grid_mismatch(case, tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6, 7), np.uint8)), str(other))
     rc, o, e = run_cli("evaluate", other, case["truth"])
     assert_one_line_error(rc, o, e, "")
+
+
+@pytest.mark.shared_data
+def test_dicom_series_in_dicom_seg_out(tmp_path):
+    from samliverseg import sample_data
+    from samliverseg.export import read_dicom_seg
+    from samliverseg.volume import read_volume
+
+    if sample_data.shared_data_dir() is None:
+        pytest.skip(sample_data.missing_reason())
+    series = sample_data.totalseg_dicom_dir()
+    vol = read_volume(series)
+    k = vol.array.shape[0] // 2
+    ni, nj = vol.array.shape[2], vol.array.shape[1]
+    box = [ni // 4, nj // 4, 3 * ni // 4, 3 * nj // 4, k]
+    seg, nii = tmp_path / "liver.dcm", tmp_path / "liver.nii.gz"
+    for out in (seg, nii):
+        rc, _, err = run_cli("segment", series, "-o", out, "--box-ijk", *box, "--no-propagate")
+        assert rc == 0, err
+    labels = read_dicom_seg(seg, vol)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(nii)))
+    assert ref.sum() > 0 and np.array_equal(labels > 0, ref > 0)
