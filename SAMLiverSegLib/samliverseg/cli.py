@@ -1,6 +1,6 @@
 """``samliverseg``: the command line. A stable contract that scripts and the Slicer module call.
 
-Commands: ``segment``, ``evaluate``, ``demo``, ``models``. IJK everywhere means ITK/Slicer index
+Commands: ``segment``, ``evaluate``, ``demo``, ``models``, ``download``. IJK everywhere means ITK/Slicer index
 order (i = column, j = row, k = slice; 0-based; inclusive). Errors on bad input print one line,
 ``error: ...``, on stderr and exit non-zero, leaving no partial output file.
 """
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo)
 
     sub.add_parser("models", help="list the models and whether their weights are present")
+    dl = sub.add_parser("download", help="download a model's official weights into the cache (SHA-256 checked)")
+    dl.add_argument("name", help="model name, e.g. sam_vit_b")
     return parser
 
 
@@ -215,15 +217,34 @@ def cmd_evaluate(args) -> int:
 
 def cmd_models(args) -> int:
     from .build_sam import model_status
-    from .weights import cache_dir
+    from .weights import cache_dir, format_size
 
-    rows = model_status()
     print(f"weights cache: {cache_dir()}")
-    print(f"{'model':<14} {'present':<8} {'weights':<60} description")
-    for r in rows:
-        r = r if isinstance(r, dict) else vars(r)
-        where = r.get("path") or f"missing: put {r.get('filename')} in the cache (or pass --checkpoint)"
-        print(f"{r['name']:<14} {'yes' if r['present'] else 'no':<8} {str(where):<60} {r.get('description', '')}")
+    for r in model_status():
+        default = " (default)" if r.is_default else ""
+        print(f"\n{r.name}{default}: {r.description}")
+        if r.present:
+            print(f"  weights: present at {r.path}")
+        else:
+            size = f", {format_size(r.size)}" if r.size else ""
+            where = f"put {r.filename}{size} in {cache_dir()}, set {r.env_var}, or pass --checkpoint FILE"
+            print(f"  weights: missing: {where}")
+            if r.download_url:
+                print(f"  download: {r.download_url}")
+        if r.note and r.present:
+            print(f"  note: {r.note}")
+    return EXIT_OK
+
+
+def cmd_download(args) -> int:
+    from .build_sam import download_model
+
+    def progress(done: int, total: Optional[int]) -> None:
+        if total:
+            print(f"\rdownloading {args.name}: {100 * done // total}%", end="", file=sys.stderr, flush=True)
+
+    path = download_model(args.name, progress=progress)
+    print(f"\n{args.name}: {path}")
     return EXIT_OK
 
 
@@ -236,7 +257,8 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "models": cmd_models}
+COMMANDS = {"segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "models": cmd_models,
+            "download": cmd_download}
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -82,8 +82,17 @@ def test_models_lists_the_registry():
     assert rc == 0, err
     for name in ("lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam"):
         assert name in out
-    lite = [l for l in out.splitlines() if l.startswith("lite_medsam")][0]
-    assert " yes " in lite
+    sections = {sec.split(":")[0].split(" ")[0]: sec for sec in out.split("\n\n")[1:]}
+    assert "weights: present" in sections["lite_medsam"]
+    assert "sam_vit_b_01ec64.pth, 375.0 MB" in sections["sam_vit_b"] and "download: https://" in sections["sam_vit_b"]
+
+
+def test_download_without_a_url_says_where_to_get_the_file(capsys):
+    from samliverseg.cli import main
+
+    assert main(["download", "medsam"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "medsam_vit_b.pth" in err[0]
 
 
 @pytest.mark.parametrize("extra,words", [
