@@ -109,7 +109,8 @@ def bench_case(engine, name, volume, liver, tumors, margin, results):
     embeds = engine.embed_times[n0e:]
     decodes = engine.decode_times[n0d:]
     print_table(f"{name}: {volume.array.shape[::-1]} voxels (i, j, k) at {tuple(round(s, 2) for s in volume.spacing)} mm, "
-                f"model {engine.spec.name}, window {engine.window.spec()}, device {engine.device}",
+                f"model {engine.spec.name}, window {engine.window.spec()}, device {engine.device}, "
+                f"encoder {engine.predictor.precision}",
                 ["object", "prompt", "Dice", "HD95 mm", "ml pred/ref", "prop. s", "stop (up)", "stop (down)"], rows)
     timing = {"slices": len(embeds), "embed_ms": 1000 * float(np.mean(embeds)) if embeds else float("nan"),
               "decode_ms": 1000 * float(np.mean(decodes)) if decodes else float("nan"), "prefetch_s": prefetch_s,
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--window", default=None)
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="image encoder precision")
     ap.add_argument("--margin", type=int, default=5, help="box margin in voxels around the reference")
     ap.add_argument("--cases", default="ircadb,totalseg")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
     if sample_data.shared_data_dir() is None:
         print(f"benchmark skipped: {sample_data.missing_reason()}")
         return 0
-    engine = PromptEngine(args.model, checkpoint=args.checkpoint, device=args.device, window=args.window, cache_mb=4096)
+    engine = PromptEngine(args.model, checkpoint=args.checkpoint, device=args.device, window=args.window, cache_mb=4096,
+                          precision=args.precision)
     results = {}
     if "ircadb" in args.cases:
         vol, masks = sample_data.load_ircadb()

@@ -39,6 +39,7 @@ from scipy import ndimage
 
 from .errors import CancelledError, InputError, PromptError
 from .prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
+from .maskutil import bbox_2d, interior_point
 from .postprocess import fill_holes, keep_components_touching
 from .predictor import EmbeddingCache, SlicePredictor
 from .seeded_region import box_from_points, grow_region
@@ -103,21 +104,6 @@ def box_to_xyxy(box: SliceBox, axis: str) -> Tuple[float, float, float, float]:
     return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
-def bbox_xyxy(mask2d: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
-    rows = np.flatnonzero(mask2d.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask2d.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
-
-
-def deepest_point_xy(mask2d: np.ndarray) -> Tuple[float, float]:
-    """The pixel farthest from the mask's border (x = column, y = row)."""
-    dist = ndimage.distance_transform_edt(np.pad(mask2d, 1))[1:-1, 1:-1]
-    r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return float(c), float(r)
-
-
 # -- results ------------------------------------------------------------------------------------
 
 @dataclass
@@ -171,6 +157,7 @@ class PromptEngine:
         window: Optional[Union[str, Window]] = None,
         cache_mb: float = 768,
         settings: Optional[PropagationSettings] = None,
+        precision: str = "fp32",
     ):
         self.device = resolve_device(device)
         if isinstance(model, str):
@@ -182,7 +169,9 @@ class PromptEngine:
         self.model = model
         self.spec = model.spec
         self.window = window if isinstance(window, Window) else get_window(window or self.spec.window)
-        self.predictor = SlicePredictor(model, self.device)
+        if precision not in SlicePredictor.PRECISIONS:
+            raise InputError(f"unknown precision {precision!r}: use fp32, bf16 or fp16")
+        self.predictor = SlicePredictor(model, self.device, precision)
         self.cache = EmbeddingCache(int(cache_mb * 2**20))
         self.settings = settings or PropagationSettings()
         self.volume: Optional[Volume] = None
@@ -511,12 +500,13 @@ class PromptEngine:
         vol = self.volume
         if not prev.any():
             return f"empty mask before slice {s}"
-        x0, y0, x1, y1 = bbox_xyxy(prev)
+        x0, y0, x1, y1 = bbox_2d(prev)
         mx = st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1)
         my = st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1)
         rows, cols = prev.shape
         box = (max(0.0, x0 - mx), max(0.0, y0 - my), min(cols - 1.0, x1 + mx), min(rows - 1.0, y1 + my))
-        points = [deepest_point_xy(prev)] if st.add_point and not getattr(self.spec, "box_only", False) else []
+        rs, cs = pixel_spacing(vol, axis)
+        points = [interior_point(prev, spacing=(cs, rs))] if st.add_point and not getattr(self.spec, "box_only", False) else []
         emb = self.embedding(axis, s)
         mask, score, logits = self._decode(emb, points, [1] * len(points), box, None, False)
         mask = self._inside_roi(mask, roi, axis)

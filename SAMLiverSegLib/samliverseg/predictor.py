@@ -21,9 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-
 
 @dataclass
 class SliceEmbedding:
@@ -109,10 +106,17 @@ class EmbeddingCache:
 class SlicePredictor:
     """Runs a :class:`~samliverseg.modeling.sam.SamModel` on slices, as its spec says to feed it."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    #: Encoder precisions: full float32, or autocast to bfloat16 / float16 (the decoder and the
+    #: cached embeddings stay float32).
+    PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32"):
         self.model = model
         self.spec = model.spec
         self.device = torch.device(device)
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(self.PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.image_size = int(self.spec.image_size)
         # Inference from a GUI thread and a prefetch thread must not interleave on one model.
         self.lock = threading.RLock()
@@ -138,8 +142,8 @@ class SlicePredictor:
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=h < rows or w < cols)
         x = x.expand(1, 3, h, w)
         if self.spec.normalization == "sam_pixel":
-            mean = torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1)
-            std = torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1)
+            mean = torch.tensor(self.spec.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1)
+            std = torch.tensor(self.spec.pixel_std, dtype=torch.float32).view(1, 3, 1, 1)
             x = (x - mean) / std
         elif self.spec.normalization == "minmax01":
             lo, hi = x.min(), x.max()
@@ -153,8 +157,9 @@ class SlicePredictor:
     @torch.no_grad()
     def embed(self, image: np.ndarray, pixel_spacing: Sequence[float] = (1.0, 1.0)) -> SliceEmbedding:
         x, (h, w) = self.preprocess(image, pixel_spacing)
-        with self.lock:
-            features = self.model.image_encoder(x.to(self.device))
+        dtype = self.PRECISIONS[self.precision]
+        with self.lock, torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            features = self.model.image_encoder(x.to(self.device)).float()
         return SliceEmbedding(features=features, original_hw=tuple(image.shape), input_hw=(h, w), image_size=self.image_size)
 
     # -- prompt side ----------------------------------------------------------------------

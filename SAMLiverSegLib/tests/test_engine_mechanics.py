@@ -199,3 +199,17 @@ def test_explicit_missing_device_is_an_error():
         pytest.skip("a CUDA device is present")
     with pytest.raises(InputError, match="cuda"):
         PromptEngine(model=tiny_sam(), device="cuda")
+
+
+def test_reduced_precision_encoder_keeps_float32_embeddings(volume):
+    eng = PromptEngine(model=tiny_sam(), device="cpu", window="abdomen", precision="bf16")
+    eng.set_volume(volume)
+    emb = eng.embedding("k", 5)
+    assert emb.features.dtype == torch.float32
+    ref = PromptEngine(model=tiny_sam(), device="cpu", window="abdomen")
+    ref.set_volume(volume)
+    full = ref.embedding("k", 5).features
+    rel = float((emb.features - full).norm() / full.norm())
+    assert 0 < rel < 0.1  # it did run in bf16, and stayed close
+    with pytest.raises(InputError, match="precision"):
+        PromptEngine(model=tiny_sam(), device="cpu", precision="int4")
