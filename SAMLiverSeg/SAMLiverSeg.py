@@ -308,7 +308,11 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self.confirmIntensityRange(p.inputVolume):
             return
-        settings = self.engineSettings()
+        try:
+            settings = self.engineSettings()  # the window may have just been set to the suggested custom one
+        except SAMLiverSegError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
         createdSegmentation = None
         if not p.outputSegmentation:
             createdSegmentation = slicer.mrmlScene.AddNewNodeByClass(

@@ -134,7 +134,7 @@ def check_ct_intensities(array: np.ndarray, max_samples: int = 2_000_000) -> Int
         return IntensityCheck(False, float("nan"), float("nan"), "the volume contains no finite values")
     p1, p50, p99 = (float(v) for v in np.percentile(flat, [1, 50, 99]))
     lo, hi = float(flat.min()), float(flat.max())
-    suggested = f"{p1:g},{p99:g}" if p99 > p1 else f"{lo:g},{hi:g}"
+    suggested = f"{p1:.6f},{p99:.6f}".replace(".000000", "") if p99 > p1 else f"{lo:.6f},{hi:.6f}".replace(".000000", "")
     has_air = lo <= -500
     has_tissue = hi >= 0 and p99 >= -100
     plausible_range = lo >= -4000 and hi <= 40000

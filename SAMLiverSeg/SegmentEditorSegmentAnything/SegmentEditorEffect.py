@@ -57,6 +57,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.display = None
         self.task = None  # the BackgroundTask running now
         self.taskKind = ""
+        self.discardedTask = None  # a task whose prompts were cleared while it ran: its result is dropped
         self.previewPending = False  # a click arrived while the model was busy
         self.prefetchTask = None
         self.dragStart = None
@@ -247,22 +248,22 @@ Works in axial, coronal and sagittal views.</html>"""
 
     def deactivate(self):
         self.pollTimer.stop()
-        for task in (self.task, self.prefetchTask):
-            if task is not None:
-                task.cancel()
-        self.task = self.prefetchTask = None
+        self.dragStart = None
         for viewWidget in list(self.rubberBands):
             self.removeRubberBand(viewWidget)
-        if self.session is not None:
-            self.session.clear()
-        if self.display is not None:
-            self.display.clear()
+        # Cancels the running task but keeps it: its thread may still write the session, so its
+        # result is dropped in finishTask (polled again on the next activation).
+        self.onClear()
 
+    # The Segment Editor notifies every registered effect, active or not (and, in Slicer >= 5.2,
+    # calls both methods): load the volume only when this effect is in use (activate() does it too).
     def sourceVolumeNodeChanged(self):
-        self.useSourceVolume()
+        if self.scriptedEffect.active():
+            self.useSourceVolume()
 
     def masterVolumeNodeChanged(self):  # Slicer < 5.2
-        self.useSourceVolume()
+        if self.scriptedEffect.active():
+            self.useSourceVolume()
 
     def useSourceVolume(self):
         if self.session is None:
@@ -382,6 +383,11 @@ Works in axial, coronal and sagittal views.</html>"""
         self.updateButtons()
 
     def finishTask(self, task):
+        if task is self.discardedTask:  # the prompts were cleared while it ran: its preview is stale
+            self.discardedTask = None
+            if self.session is not None:
+                self.session.preview, self.session.preview_is_3d = None, False
+            return
         if task.error is not None:
             logging.error(f"Segment Anything: {task.error}")
             self.showStatus(f"Failed: {task.error}", error=True)
@@ -444,6 +450,10 @@ Works in axial, coronal and sagittal views.</html>"""
     def onClear(self):
         if self.task is not None:
             self.task.cancel()
+            self.discardedTask = self.task  # dropped when it ends (see finishTask)
+        if self.prefetchTask is not None:
+            self.prefetchTask.cancel()
+        self.previewPending = False
         if self.session is not None:
             self.session.clear()
         if self.display is not None:

@@ -57,7 +57,7 @@ def run_demo(args) -> Dict:
     from .engine import PromptEngine
     from .evaluation import evaluate, json_safe
     from .export import LIVER, LIVER_TUMOR, read_labelmap, write_labelmap, write_seg_nrrd
-    from .overlay import save_overlay_png
+    from .overlay import save_overlay_png, to_lps_view
     from .prompts import SliceBox
     from .volume import read_volume
 
@@ -112,7 +112,7 @@ def run_demo(args) -> Dict:
         entry = {"prompt": res.report["prompts"], "engine": res.report}
         if truth is not None:
             entry["metrics"] = json_safe(evaluate(res.mask, truth, volume.spacing))
-            print(f"demo: {name}: Dice {entry['metrics']['dice']:.3f}, HD95 {entry['metrics']['hd95_mm']} mm, "
+            print(f"demo: {name}: Dice {entry['metrics']['dice']:.3f}, HD95 {_r(entry['metrics']['hd95_mm'])} mm, "
                   f"{entry['metrics']['volume_pred_ml']:.1f} ml (truth {entry['metrics']['volume_ref_ml']:.1f} ml), "
                   f"{res.report['timings']['total_s']} s")
         results[name] = entry
@@ -123,9 +123,10 @@ def run_demo(args) -> Dict:
     ref_all = None
     if liver_truth is not None:
         ref_all = liver_truth
-    save_overlay_png(volume.array, labels > 0, out / "overlay.png", volume.spacing, ref=ref_all,
+    spacing, hu_v, mask_v, ref_v = to_lps_view(volume, volume.array, (labels > 0).astype(np.uint8), ref_all)
+    save_overlay_png(hu_v, mask_v, out / "overlay.png", spacing, ref=ref_v,
                      mask_name="SAMLiverSeg", ref_name="truth" if ref_all is not None else "reference",
-                     title=f"{engine.spec.name}: liver + tumour from one box each ({source})")
+                     title=f"{engine.spec.name}: one box per object, propagated ({source})")
     report = {
         "source": source,
         "model": engine.spec.name,
@@ -144,9 +145,9 @@ def run_demo(args) -> Dict:
              "| object | Dice | HD95 (mm) | volume (ml) | truth (ml) | time (s) |", "|---|---|---|---|---|---|"]
     for name, entry in results.items():
         m = entry.get("metrics", {})
-        lines.append(f"| {name} | {m.get('dice', float('nan')):.3f} | {m.get('hd95_mm')} | "
+        lines.append(f"| {name} | {m.get('dice', float('nan')):.3f} | {_r(m.get('hd95_mm'))} | "
                      f"{_r(m.get('volume_pred_ml', entry['engine']['volume_ml']))} | {_r(m.get('volume_ref_ml'))} | "
-                     f"{entry['engine']['timings']['total_s']} |")
+                     f"{_r(entry['engine']['timings']['total_s'])} |")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

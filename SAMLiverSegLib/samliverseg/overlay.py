@@ -167,6 +167,29 @@ def render_overlay(
     return canvas
 
 
+def to_lps_view(volume, *arrays: Optional[np.ndarray]):
+    """Arrays on ``volume``'s grid, reoriented to the axis-aligned orientation closest to LPS.
+
+    The views of :func:`save_overlay_png` assume i → patient left, j → posterior, k → superior;
+    a real image stored in another orientation (flipped, permuted, oblique) is resampled-free
+    reoriented first (axes permuted and flipped with SimpleITK's DICOMOrient), so the R/L/A/P/S/I
+    letters are true. Returns ``(spacing, array, ...)``; None arrays stay None.
+    """
+    import SimpleITK as sitk
+
+    out = []
+    spacing = tuple(float(s) for s in volume.spacing)
+    for a in arrays:
+        if a is None:
+            out.append(None)
+            continue
+        img = volume.to_sitk(np.asarray(a))
+        img = sitk.DICOMOrient(img, "LPS")
+        spacing = tuple(float(s) for s in img.GetSpacing())
+        out.append(sitk.GetArrayFromImage(img))
+    return (spacing, *out)
+
+
 def save_overlay_png(
     hu: np.ndarray,
     mask: Optional[np.ndarray],
