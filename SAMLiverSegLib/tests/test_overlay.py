@@ -98,3 +98,21 @@ def test_center_and_title(tmp_path):
     img = render_overlay(hu, mask, (1.0, 1.0, 2.0), center=(0, 0, 0), title="case 1")
     assert not _has(img, MASK_COLOR, legend_h=58)  # the planes through voxel (0, 0, 0) miss the mask
     assert img.size[1] == TOP + 384 + 58
+
+
+def test_to_lps_view_undoes_a_flipped_storage_order():
+    from samliverseg.overlay import to_lps_view
+    from samliverseg.volume import Volume
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    lps = Volume(array=a, spacing=(1.0, 2.0, 3.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    # the same physical image stored RAS-like: i and j run the other way
+    ras_stored = Volume(array=a[:, ::-1, ::-1].copy(), spacing=(1.0, 2.0, 3.0), origin=(6.0, 10.0, 0.0),
+                        direction=np.diag([-1.0, -1.0, 1.0]))
+    sp1, v1 = to_lps_view(lps, lps.array)
+    sp2, v2 = to_lps_view(ras_stored, ras_stored.array)
+    assert sp1 == sp2 == (1.0, 2.0, 3.0)
+    assert np.array_equal(v1, v2) and np.array_equal(v1, a)
+    sp3, v3, none = to_lps_view(ras_stored, ras_stored.array, None)
+    assert none is None

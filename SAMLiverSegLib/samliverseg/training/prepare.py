@@ -102,7 +102,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import re
 import sys
@@ -189,7 +188,7 @@ def patient_id(name: str) -> str:
 
 
 def _image_files(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir()
+    return sorted(p for p in folder.resolve().iterdir()
                   if not p.name.startswith(".") and p.is_file() and _image_suffix(p.name) is not None)
 
 
