@@ -1,6 +1,6 @@
 """``samliverseg``: the command line. A stable contract that scripts and the Slicer module call.
 
-Commands: ``segment``, ``evaluate``, ``demo``, ``models``, ``download``. IJK everywhere means ITK/Slicer index
+Commands: ``segment``, ``evaluate``, ``demo``, ``models``, ``download``, ``prepare``. IJK everywhere means ITK/Slicer index
 order (i = column, j = row, k = slice; 0-based; inclusive). Errors on bad input print one line,
 ``error: ...``, on stderr and exit non-zero, leaving no partial output file.
 """
@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output-dir", default="output/demo", help="where to write the results")
     demo.add_argument("--seed", type=int, default=0, help="phantom seed")
     _add_model_args(demo)
+
+    from .training.prepare import add_prepare_arguments
+
+    prep = sub.add_parser("prepare", help="convert a labelled / unlabelled dataset into a training cache "
+                                           "(windowed arrays + geometry, split by patient)")
+    add_prepare_arguments(prep)
 
     sub.add_parser("models", help="list the models and whether their weights are present")
     dl = sub.add_parser("download", help="download a model's official weights into the cache (SHA-256 checked)")
@@ -239,6 +245,12 @@ def cmd_models(args) -> int:
     return EXIT_OK
 
 
+def cmd_prepare(args) -> int:
+    from .training.prepare import run_prepare
+
+    return run_prepare(args)
+
+
 def cmd_download(args) -> int:
     from .build_sam import download_model
 
@@ -261,7 +273,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "models": cmd_models,
-            "download": cmd_download}
+            "download": cmd_download, "prepare": cmd_prepare}
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -200,6 +200,10 @@ def _as_points(points: Any) -> Tuple[np.ndarray, bool]:
     return p, False
 
 
+def _fmt_mm(values: Sequence[float], digits: int) -> str:
+    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
+
+
 def geometry_mismatch(volume: Volume, shape_kji: Sequence[int], spacing: Sequence[float],
                       origin: Sequence[float], direction: Any, tol_mm: float = 1e-3) -> Optional[str]:
     """None when the given grid equals the volume's; else a short description of the difference.
@@ -214,10 +218,10 @@ def geometry_mismatch(volume: Volume, shape_kji: Sequence[int], spacing: Sequenc
         return f"size {ni}×{nj}×{nk} differs from the volume's {'×'.join(map(str, volume.shape_ijk))}"
     sp = np.asarray(spacing, dtype=float)
     if np.abs(sp - np.asarray(volume.spacing)).max() > tol_mm:
-        return f"spacing {tuple(np.round(sp, 4))} differs from the volume's {tuple(np.round(volume.spacing, 4))}"
+        return f"spacing {_fmt_mm(sp, 4)} differs from the volume's {_fmt_mm(volume.spacing, 4)}"
     org = np.asarray(origin, dtype=float)
     if np.abs(org - np.asarray(volume.origin)).max() > tol_mm:
-        return f"origin {tuple(np.round(org, 3))} differs from the volume's {tuple(np.round(volume.origin, 3))}"
+        return f"origin {_fmt_mm(org, 3)} differs from the volume's {_fmt_mm(volume.origin, 3)}"
     d = np.asarray(direction, dtype=float).reshape(3, 3)
     extent = max(float(np.max(np.asarray(volume.shape_ijk) * np.asarray(volume.spacing))), 1.0)
     if np.abs(d - volume.direction).max() > max(tol_mm / extent, 1e-5):

@@ -170,3 +170,18 @@ def test_dicom_series_in_dicom_seg_out(tmp_path):
     labels = read_dicom_seg(seg, vol)
     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(nii)))
     assert ref.sum() > 0 and np.array_equal(labels > 0, ref > 0)
+
+
+def test_prepare_through_the_cli(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for n in range(3):
+        ph = make_phantom((12, 48, 48), (3.0, 3.0, 5.0), seed=n, n_tumors=1)
+        sitk.WriteImage(ph.to_sitk("hu"), str(data / f"case{n}.nii.gz"))
+        sitk.WriteImage(ph.to_sitk("labels"), str(data / f"case{n}_label.nii.gz"))
+    rc, out, err = run_cli("prepare", data, "-o", tmp_path / "cache")
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert len(manifest["cases"]) == 3 and {c["split"] for c in manifest["cases"]} == {"train", "val"}
+    rc, out, err = run_cli("prepare", tmp_path / "empty_does_not_exist", "-o", tmp_path / "cache2")
+    assert_one_line_error(rc, out, err, "does not exist")
