@@ -226,7 +226,7 @@ def test_bad_cases_are_reported_and_skipped(tmp_path, capsys):
     assert kinds == {"mismatch": "grid_mismatch", "empty": "empty_label", "eightbit": "non_ct",
                      "corrupt": "unreadable", "nolabel": "missing_label", "orphan_seg": "missing_image"}
     assert all(p["reason"] and "\n" not in p["reason"] for p in m["problems"])
-    assert "spacing (3.0, 3.0, 4.0) differs" in next(p["reason"] for p in m["problems"] if p["case"] == "mismatch")
+    assert "spacing (3, 3, 4) differs" in next(p["reason"] for p in m["problems"] if p["case"] == "mismatch")
     assert "8-bit" in next(p["reason"] for p in m["problems"] if p["case"] == "eightbit")
     out = capsys.readouterr().out
     assert "2 case(s)" in out and "skipped 6" in out and "skipped mismatch: grid_mismatch" in out

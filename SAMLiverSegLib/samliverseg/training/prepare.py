@@ -408,9 +408,7 @@ class _Skip(Exception):
 
 
 def _one_line(text: Any) -> str:
-    # numpy >= 2 scalars print as np.float64(3.0) inside tuples; keep the reasons readable
-    text = re.sub(r"np\.(?:float|int)\d+\(([^()]*)\)", r"\1", str(text))
-    return " ".join(text.split())[:300]
+    return " ".join(str(text).split())[:300]
 
 
 def _load_case(case: CaseSource, lut: Optional[np.ndarray]) -> Tuple[Volume, Optional[np.ndarray]]:
