@@ -168,6 +168,10 @@ class SegmentAnythingSession:
             note = self.builder.add_point(target, positive)
         except SAMLiverSegError as exc:
             return Outcome(False, str(exc))
+        return self._after_prompt(note, preview)
+
+    def _after_prompt(self, note: str, preview: bool) -> Outcome:
+        """Preview after a new prompt (unless told not to); a note of the prompt builder wins."""
         if not preview:
             return Outcome(True, note)
         out = self.update_preview()
@@ -183,12 +187,7 @@ class SegmentAnythingSession:
             note = self.builder.set_box(a, b)
         except SAMLiverSegError as exc:
             return Outcome(False, str(exc))
-        if not preview:
-            return Outcome(True, note)
-        out = self.update_preview()
-        if out.ok and note:
-            out.message = note
-        return out
+        return self._after_prompt(note, preview)
 
     def clear(self) -> None:
         with self.lock:

@@ -129,27 +129,23 @@ class BackgroundProcess:
     def is_running(self) -> bool:
         return self.proc is not None and self.returncode is None and self.proc.poll() is None
 
-    def poll(self) -> List[Dict]:
-        """New events since the last call (never blocks); sets :attr:`returncode` when done."""
+    def _drain(self) -> List[Dict]:
         events = []
         while True:
             try:
                 line = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return events
             self.lines.append(line.rstrip("\r\n"))
             events.append(parse_line(line))
+
+    def poll(self) -> List[Dict]:
+        """New events since the last call (never blocks); sets :attr:`returncode` when done."""
+        events = self._drain()
         if self.proc is not None and self.returncode is None:
             rc = self.proc.poll()
             if rc is not None and self._reader_done.wait(timeout=0.5):
-                # drain what the reader queued after our first pass
-                while True:
-                    try:
-                        line = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    self.lines.append(line.rstrip("\r\n"))
-                    events.append(parse_line(line))
+                events += self._drain()  # what the reader queued after our first pass
                 self.returncode = CANCELLED if self.cancelled else rc
                 events.append({"event": "finished", "returncode": self.returncode})
         return events
