@@ -1,6 +1,6 @@
 """``samliverseg``: the command line. A stable contract that scripts and the Slicer module call.
 
-Commands: ``segment``, ``evaluate``, ``demo``, ``models``, ``download``, ``prepare``. IJK everywhere means ITK/Slicer index
+Commands: ``segment``, ``evaluate``, ``demo``, ``models``, ``download``, ``prepare``, ``train``. IJK everywhere means ITK/Slicer index
 order (i = column, j = row, k = slice; 0-based; inclusive). Errors on bad input print one line,
 ``error: ...``, on stderr and exit non-zero, leaving no partial output file.
 """
@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="convert a labelled / unlabelled dataset into a training cache "
                                            "(windowed arrays + geometry, split by patient)")
     add_prepare_arguments(prep)
+
+    from .training.train import add_train_arguments
+
+    add_train_arguments(sub.add_parser("train", help="fine-tune a model on a prepared cache (trainer kind 'decoder'); "
+                                                     "progress as JSON lines on stdout"))
 
     sub.add_parser("models", help="list the models and whether their weights are present")
     dl = sub.add_parser("download", help="download a model's official weights into the cache (SHA-256 checked)")
@@ -251,6 +256,12 @@ def cmd_prepare(args) -> int:
     return run_prepare(args)
 
 
+def cmd_train(args) -> int:
+    from .training.train import run_train
+
+    return run_train(args)
+
+
 def cmd_download(args) -> int:
     from .build_sam import download_model
 
@@ -273,7 +284,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "models": cmd_models,
-            "download": cmd_download, "prepare": cmd_prepare}
+            "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train}
 
 
 def _is_oom(exc: BaseException) -> bool:

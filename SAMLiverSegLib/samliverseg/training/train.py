@@ -1,0 +1,119 @@
+"""``samliverseg train --config CONFIG.yaml [--resume] [--output DIR]``.
+
+Builds the trainer named by the config's ``kind`` (``decoder``: :mod:`.decoder_trainer`), runs
+it and reports progress as JSON lines on stdout (:mod:`.progress`); logs go to stderr and to
+``OUTPUT/train.log``.
+
+Signals: SIGTERM or SIGINT lets the current optimiser step finish, then ``last.pt`` is written
+atomically, a ``cancelled`` event is printed and the process exits with code 130. Run again with
+``--resume`` to continue from ``last.pt``.
+
+Exit codes:
+
+====  ==========================================================================
+0     done (``done`` event)
+2     bad input: config (unknown key, bad value), cache, model name (``error`` event)
+3     checkpoint problem: unreadable/incompatible resume checkpoint, base weights
+      missing, a checkpoint that cannot be written (full disk) (``error`` event)
+4     out of memory on the GPU (``error`` event suggests a smaller ``batch_size``)
+130   cancelled by SIGTERM/SIGINT (``cancelled`` event; state saved in ``last.pt``)
+1     an unexpected error (``error`` event with the exception's text)
+====  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import traceback
+from typing import List, Optional
+
+from ..errors import CancelledError, SAMLiverSegError
+from .progress import ProgressWriter
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_OOM = 4
+EXIT_CANCELLED = CancelledError.exit_code  # 130
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", required=True, help="the training config (YAML; see training/config.py)")
+    parser.add_argument("--resume", action="store_true", help="continue the run from OUTPUT/last.pt")
+    parser.add_argument("--output", default=None, help="the run folder (overrides the config's `output`)")
+    return parser
+
+
+def build_trainer(cfg, progress: ProgressWriter, rank: int = 0):
+    if cfg.kind == "decoder":
+        from .decoder_trainer import DecoderTrainer
+        return DecoderTrainer(cfg, progress=progress, rank=rank)
+    raise SAMLiverSegError(f"trainer kind {cfg.kind!r} is not available")  # pragma: no cover
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(__import__("torch").cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or "CUDA out of memory" in str(exc)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    progress = ProgressWriter(rank=rank)
+    stop = threading.Event()
+
+    def _on_signal(signum, frame):  # finish the step, then checkpoint and exit 130
+        if not stop.is_set():
+            progress.log(f"received {signal.Signals(signum).name}: stopping after the current step")
+        stop.set()
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, _on_signal)
+    try:
+        from pathlib import Path
+        out = getattr(args, "output", None)
+        cfg = load_config(args.config, {"output": str(Path(out).expanduser().resolve()) if out else None})
+        progress.set_log_path(Path(cfg.output).expanduser() / "train.log")
+        trainer = build_trainer(cfg, progress, rank)
+        trainer.run(resume=bool(getattr(args, "resume", False)), cancel=stop.is_set)
+        return EXIT_OK
+    except CancelledError:
+        return EXIT_CANCELLED  # the trainer has emitted `cancelled`
+    except SAMLiverSegError as exc:
+        msg = str(exc)
+        progress.log(f"error: {msg}")
+        progress.emit("error", message=msg, exit_code=exc.exit_code)
+        return exc.exit_code
+    except MemoryError:
+        msg = "out of memory (CPU RAM): lower batch_size or max_slices_per_case"
+        progress.log(f"error: {msg}")
+        progress.emit("error", message=msg, exit_code=EXIT_OOM)
+        return EXIT_OOM
+    except Exception as exc:  # noqa: BLE001 - reported as an event, never a silent crash
+        if _is_oom(exc):
+            msg = "CUDA out of memory: lower batch_size (or max_slices_per_case), or use amp: true"
+            progress.log(f"error: {msg}")
+            progress.emit("error", message=msg, exit_code=EXIT_OOM)
+            return EXIT_OOM
+        progress.log("unexpected error:\n" + traceback.format_exc())
+        progress.emit("error", message=f"{type(exc).__name__}: {exc}", exit_code=EXIT_UNEXPECTED)
+        return EXIT_UNEXPECTED
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = add_train_arguments(argparse.ArgumentParser(prog="samliverseg train",
+                                                         description="train a model on a prepared cache"))
+    return run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
