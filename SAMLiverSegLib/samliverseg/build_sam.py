@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import weights
+from .devices import resolve_device
 from .errors import CheckpointError, InputError, WeightsMissingError
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, SamModel, TinyViT, TwoWayTransformer
 
@@ -427,17 +428,6 @@ def load_state_strict(model: SamModel, state: Mapping, spec: ModelSpec, source: 
     model.load_state_dict(state, strict=True)
 
 
-def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 def build_model(
     name: Union[str, ModelSpec] = DEFAULT_MODEL,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
@@ -456,7 +446,7 @@ def build_model(
     load_state_strict(model, state, spec, source=path)
     del state
     model.spec = spec
-    return model.to(_resolve_device(device)).eval()
+    return model.to(resolve_device(device)).eval()
 
 
 def download_model(name: Union[str, ModelSpec], progress: Optional[Callable[[int, Optional[int]], None]] = None,

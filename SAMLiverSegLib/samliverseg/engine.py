@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .devices import resolve_device
 from .errors import CancelledError, InputError, PromptError
 from .prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
 from .maskutil import bbox_2d, interior_point
@@ -47,26 +48,6 @@ from .volume import Volume
 from .windowing import Window, apply_window, get_window
 
 ProgressFn = Callable[[int, int], None]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""
-    name = (device or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device 'mps' was asked for but is not available; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or mps") from exc
 
 
 # -- slices of the [k, j, i] array ------------------------------------------------------------

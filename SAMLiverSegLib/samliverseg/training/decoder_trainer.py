@@ -44,7 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..build_sam import _resolve_device, build_model, find_model_checkpoint, get_spec
+from ..build_sam import build_model, find_model_checkpoint, get_spec
+from ..devices import resolve_device
 from ..errors import CancelledError, InputError
 from ..predictor import SlicePredictor
 from . import checkpoint as ck
@@ -90,7 +91,7 @@ class DecoderTrainer:
         self.progress = progress or ProgressWriter(rank=rank)
         if self.progress.log_path is None:
             self.progress.set_log_path(self.out / "train.log")
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.amp = bool(config.amp and self.device.type == "cuda")
         self.spec = get_spec(config.base_model)
         self.manifest = load_manifest(Path(config.cache))
