@@ -21,6 +21,16 @@ Example (every key optional except ``cache`` and ``output``)::
     device: auto             # auto (CUDA > MPS > CPU) | cpu | cuda | cuda:1 | mps
     amp: false               # mixed precision, CUDA only
     max_slices_per_case: 16  # cap on the training/validation slices taken from one case
+    model_name: null         # name under which the finished model is registered (default: the
+                             # run folder's name); see `samliverseg models`
+
+Kind-specific options live in a section named after the kind (``unet:``, ``adapter:``,
+``student:``, ``semi:``), a mapping validated against that trainer's options dataclass
+(``SECTION_OPTIONS``: e.g. ``UNetOptions`` in ``unet_trainer.py``) with the same rules::
+
+    kind: unet
+    unet:
+      patch_size: [128, 128, 128]
 
 Unknown keys are rejected (:class:`~samliverseg.errors.InputError` naming the key), as are
 values of the wrong type or out of range. Relative ``cache``/``output``/``checkpoint`` paths are
@@ -30,15 +40,25 @@ resolved against the config file's folder.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+import importlib
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
 
 from ..errors import InputError
 
-KINDS = ("decoder",)
+KINDS = ("decoder", "unet", "adapter", "student", "semi")
+
+#: kind -> "module:OptionsClass" validating the ``<kind>:`` section of the config (a dataclass
+#: whose fields have defaults). Imported lazily so that a config load imports one trainer only.
+SECTION_OPTIONS = {
+    "unet": "samliverseg.training.unet_trainer:UNetOptions",
+    "adapter": "samliverseg.training.adapter_trainer:AdapterOptions",
+    "student": "samliverseg.training.student_trainer:StudentOptions",
+    "semi": "samliverseg.training.semi_trainer:SemiOptions",
+}
 TARGETS = {"liver": "label > 0 (liver including tumour)", "tumor": "label == 2 (tumour)"}
 SCHEDULERS = ("constant", "cosine")
 
@@ -64,6 +84,16 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     max_slices_per_case: int = 16
+    model_name: Optional[str] = None
+    unet: Dict[str, Any] = field(default_factory=dict)
+    adapter: Dict[str, Any] = field(default_factory=dict)
+    student: Dict[str, Any] = field(default_factory=dict)
+    semi: Dict[str, Any] = field(default_factory=dict)
+
+    def options(self, kind: Optional[str] = None) -> Any:
+        """The validated options dataclass of ``kind``'s section (default: this run's kind)."""
+        kind = kind or self.kind
+        return options_from_dict(_options_class(kind), getattr(self, kind) or {}, kind)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,8 +106,38 @@ class TrainConfig:
 _TYPES = {f.name: f.type for f in fields(TrainConfig)}
 
 
-def _check(name: str, value: Any) -> Any:
-    t = _TYPES[name]
+def _number(name: str, value: Any, integer: bool) -> Any:
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"config key {name!r} must be an integer, got {value!r}")
+        return value
+    if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"config key {name!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _check(name: str, value: Any, t: Any = None) -> Any:
+    t = _TYPES[name] if t is None else t
+    t = getattr(t, "__name__", t) if isinstance(t, type) else str(t).replace("typing.", "")
+    if t.startswith("Optional[") and value is None:
+        return None
+    if t in ("Optional[int]", "Optional[float]", "Optional[bool]"):
+        t = t[len("Optional["):-1]
+    if t in ("List[int]", "List[float]", "Optional[List[int]]", "Optional[List[float]]"):
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"config key {name!r} must be a list, got {value!r}")
+        return [_number(name, v, "int" in t) for v in value]
+    if t in ("Dict[str, Any]",):
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise InputError(f"config key {name!r} must be a mapping (indented key: value lines), got {value!r}")
+        return dict(value)
     if t in ("str", str):
         if not isinstance(value, str) or (name in ("cache", "output") and not value):
             raise InputError(f"config key {name!r} must be a non-empty string, got {value!r}")
@@ -88,18 +148,38 @@ def _check(name: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise InputError(f"config key {name!r} must be true or false, got {value!r}")
     elif t in ("int", int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"config key {name!r} must be an integer, got {value!r}")
+        value = _number(name, value, True)
     elif t in ("float", float):
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"config key {name!r} must be a number, got {value!r}")
-        value = float(value)
+        value = _number(name, value, False)
     return value
+
+
+def _options_class(kind: str) -> type:
+    target = SECTION_OPTIONS.get(kind)
+    if target is None:
+        raise InputError(f"trainer kind {kind!r} has no options section")
+    module, _, cls = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        raise InputError(f"trainer kind {kind!r} is not available in this installation") from None
+
+
+def options_from_dict(cls: type, data: Mapping[str, Any], section: str) -> Any:
+    """Validate ``data`` against the dataclass ``cls`` (unknown keys and bad types rejected)."""
+    if not isinstance(data, Mapping):
+        raise InputError(f"config section {section!r} must be a mapping")
+    types = {f.name: f.type for f in fields(cls)}
+    unknown = [k for k in data if k not in types]
+    if unknown:
+        raise InputError(f"unknown config key {section}.{unknown[0]} (known keys of {section!r}: "
+                         f"{', '.join(sorted(types)) or 'none'})")
+    values = {k: _check(f"{section}.{k}", v, types[k]) for k, v in data.items()}
+    opts = cls(**values)
+    check = getattr(opts, "validate", None)
+    if callable(check):
+        check()  # raises InputError naming the key
+    return opts
 
 
 def config_from_dict(data: Mapping[str, Any], base_dir: Optional[Path] = None) -> TrainConfig:
@@ -133,6 +213,9 @@ def config_from_dict(data: Mapping[str, Any], base_dir: Optional[Path] = None) -
             raise InputError(f"config key 'device' must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}") from None
     if not cfg.lr > 0:
         raise InputError(f"config key 'lr' must be positive, got {cfg.lr}")
+    for kind in SECTION_OPTIONS:  # a section is validated when present or when it is the run's kind
+        if getattr(cfg, kind) or kind == cfg.kind:
+            cfg.options(kind)
     if base_dir is not None:
         for key in ("cache", "output", "checkpoint"):
             v = getattr(cfg, key)

@@ -1,7 +1,6 @@
 """``samliverseg train --config CONFIG.yaml [--resume] [--output DIR]``.
 
-Builds the trainer named by the config's ``kind`` (``decoder``: :mod:`.decoder_trainer`), runs
-it and reports progress as JSON lines on stdout (:mod:`.progress`); logs go to stderr and to
+Builds the trainer named by the config's ``kind`` (``TRAINERS``), runs it and reports progress as JSON lines on stdout (:mod:`.progress`); logs go to stderr and to
 ``OUTPUT/train.log``.
 
 Signals: SIGTERM or SIGINT lets the current optimiser step finish, then ``last.pt`` is written
@@ -47,11 +46,28 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+#: kind -> "module:Class". A trainer is ``Class(cfg, progress=ProgressWriter, rank=int)`` with
+#: ``run(resume: bool, cancel: Callable[[], bool]) -> dict``; it emits the progress events, writes
+#: ``last.pt``/``best.pt``/``model.pth`` in ``cfg.output`` (rank 0 only) and raises
+#: CancelledError after emitting ``cancelled``. Under torchrun the process group is already set
+#: up (:mod:`.distributed`) when the trainer is built.
+TRAINERS = {
+    "decoder": "samliverseg.training.decoder_trainer:DecoderTrainer",
+    "unet": "samliverseg.training.unet_trainer:UNetTrainer",
+    "adapter": "samliverseg.training.adapter_trainer:AdapterTrainer",
+    "student": "samliverseg.training.student_trainer:StudentTrainer",
+    "semi": "samliverseg.training.semi_trainer:SemiTrainer",
+}
+
+
 def build_trainer(cfg, progress: ProgressWriter, rank: int = 0):
-    if cfg.kind == "decoder":
-        from .decoder_trainer import DecoderTrainer
-        return DecoderTrainer(cfg, progress=progress, rank=rank)
-    raise SAMLiverSegError(f"trainer kind {cfg.kind!r} is not available")  # pragma: no cover
+    import importlib
+    module, _, cls = TRAINERS.get(cfg.kind, ":").partition(":")
+    try:
+        trainer_cls = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError, ValueError):
+        raise SAMLiverSegError(f"trainer kind {cfg.kind!r} is not available in this installation") from None
+    return trainer_cls(cfg, progress=progress, rank=rank)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -62,7 +78,8 @@ def _is_oom(exc: BaseException) -> bool:
 def run_train(args: argparse.Namespace) -> int:
     from .config import load_config
 
-    rank = int(os.environ.get("RANK", "0") or 0)
+    from . import distributed
+    rank = distributed.env_info().rank
     progress = ProgressWriter(rank=rank)
     stop = threading.Event()
 
@@ -80,6 +97,7 @@ def run_train(args: argparse.Namespace) -> int:
         out = getattr(args, "output", None)
         cfg = load_config(args.config, {"output": str(Path(out).expanduser().resolve()) if out else None})
         progress.set_log_path(Path(cfg.output).expanduser() / "train.log")
+        distributed.setup(cfg.device)
         trainer = build_trainer(cfg, progress, rank)
         trainer.run(resume=bool(getattr(args, "resume", False)), cancel=stop.is_set)
         return EXIT_OK
@@ -107,6 +125,7 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        distributed.cleanup()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
