@@ -201,6 +201,20 @@ class SlicePredictor:
         full = self.postprocess(low_res, embedding)
         return Prediction(masks=(full > 0.0).cpu().numpy(), scores=iou[0].float().cpu().numpy(), low_res_logits=low_res[0].detach())
 
+    @torch.no_grad()
+    def mask_to_low_res(self, mask: np.ndarray, embedding: SliceEmbedding, logit: float = 8.0) -> torch.Tensor:
+        """A slice mask (rows, cols) -> a (1, 4E, 4E) dense mask prompt: the inverse of
+        :meth:`postprocess` (resize to the model-input size, pad to S, resize to 4E), given as
+        logits of +-``logit`` so that it reads like an earlier prediction's low-res output."""
+        s = embedding.image_size
+        h, w = embedding.input_hw
+        low = 4 * int(embedding.features.shape[-1])
+        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+        m = F.pad(m, (0, s - w, 0, s - h))
+        m = F.interpolate(m, size=(low, low), mode="bilinear", align_corners=False)
+        return torch.where(m[0] > 0.5, float(logit), -float(logit))
+
     def postprocess(self, low_res: torch.Tensor, embedding: SliceEmbedding) -> torch.Tensor:
         """(1, C, 4E, 4E) logits -> (C, rows, cols) logits on the slice grid."""
         s = embedding.image_size
