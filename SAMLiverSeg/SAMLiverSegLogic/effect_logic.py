@@ -32,6 +32,12 @@ PREVIEW_NODE_NAME = "Segment Anything preview"
 POSITIVE_NODE_NAME = "SAM positive points"
 NEGATIVE_NODE_NAME = "SAM negative points"
 BOX_NODE_NAME = "SAM box"
+UNCERTAINTY_NODE_NAME = "Segment uncertainty"
+UNCERTAINTY_COLOR_NAME = "SAM uncertainty"
+#: Voxels whose ensemble variance is at least this are called uncertain (shown, and counted in the
+#: message). With N binary votes, Var = p(1 - p): 0.05 means that ~6 % or more of the members
+#: disagree with the majority.
+UNCERTAINTY_THRESHOLD = 0.05
 
 
 @dataclass
@@ -41,6 +47,7 @@ class Outcome:
     seconds: float = 0.0
     voxels: int = 0
     cold: bool = False  # the slice had to be embedded (not cached)
+    data: object = None  # what the computation produced, when the caller needs more than a mask
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -287,6 +294,43 @@ class SegmentAnythingSession:
                 progress(n + 1, len(todo))
         return done
 
+    def uncertainty_job(self, segment_mask: Optional[np.ndarray] = None):
+        """Snapshot the mask to analyse (GUI thread): the preview when there is one, else
+        ``segment_mask`` (the selected segment's voxels on the source volume's grid, [k, j, i]).
+
+        Returns ``fn(progress, cancel) -> Outcome`` whose ``data`` is a
+        :class:`samliverseg.uncertainty.UncertaintyMap` (the prompt-ensemble variance), or an
+        :class:`Outcome` saying why there is nothing to analyse.
+        """
+        if self.volume is None:
+            return Outcome(False, "select a source volume first")
+        mask = self.preview if self.preview is not None and np.any(self.preview) else segment_mask
+        if mask is None or not np.any(mask):
+            return Outcome(False, "nothing to analyse: segment the object first (a preview or the selected segment)")
+        if tuple(np.shape(mask)) != tuple(self.volume.array.shape):
+            return Outcome(False, "the segment is not on the source volume's grid")
+        mask = np.array(mask, dtype=np.uint8, copy=True)
+        axis = (self.builder.slice_axis if self.builder is not None else None) or "k"
+        return lambda progress=None, cancel=None: self._compute_uncertainty(mask, axis, progress, cancel)
+
+    def _compute_uncertainty(self, mask, axis, progress, cancel) -> Outcome:
+        from samliverseg.uncertainty import ensemble_uncertainty
+
+        t0 = time.perf_counter()
+        try:
+            umap = self._run(lambda e: ensemble_uncertainty(e, mask, slice_axis=axis, progress=progress, cancel=cancel))
+        except CancelledError:
+            return Outcome(False, "uncertainty cancelled", time.perf_counter() - t0)
+        except SAMLiverSegError as exc:
+            return Outcome(False, str(exc), time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001
+            return Outcome(False, f"uncertainty failed: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
+        n = int(np.count_nonzero(umap.variance >= UNCERTAINTY_THRESHOLD))
+        frac = umap.uncertain_fraction(UNCERTAINTY_THRESHOLD)
+        msg = (f"{100 * frac:.1f} % of the voxels the {umap.members} ensemble members touch are uncertain "
+               f"(variance >= {UNCERTAINTY_THRESHOLD}); click there to correct")
+        return Outcome(True, msg, time.perf_counter() - t0, n, data=umap)
+
     def apply(self, target: segment_writer.WriteTarget, segmentation_node, segment_id: str) -> Outcome:
         """Write the preview into the segment (undo saved first); prompts and preview are cleared."""
         t0 = time.perf_counter()
@@ -355,6 +399,7 @@ class PreviewDisplay:
         self.positive_node = None
         self.negative_node = None
         self.box_node = None
+        self.uncertainty_node = None
 
     def _points_node(self, name: str, color) -> "slicer.vtkMRMLMarkupsFiducialNode":
         node = slicer.vtkMRMLMarkupsFiducialNode()
@@ -424,6 +469,58 @@ class PreviewDisplay:
         image = volume_nodes.oriented_image_from_mask(mask, geometry.ijk_to_ras(volume_node))
         slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             image, self.preview_node, "preview", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+
+    def show_uncertainty(self, volume_node, variance: np.ndarray):
+        """The variance map as a scalar volume on the source volume's grid (and parent transform),
+        coloured from transparent (certain) to yellow/red (uncertain), below
+        ``UNCERTAINTY_THRESHOLD / 2`` thresholded away; returns the node (the Qt effect shows it
+        as the slice views' foreground layer)."""
+        node = self.uncertainty_node
+        if node is None or not self.scene.IsNodePresent(node):
+            node = volume_nodes.add_volume_node(self.scene, np.asarray(variance, np.float32),
+                                                geometry.ijk_to_ras(volume_node), UNCERTAINTY_NODE_NAME)
+            node.SetHideFromEditors(True)
+            node.SetSaveWithScene(False)
+            parent = volume_node.GetParentTransformNode()
+            node.SetAndObserveTransformNodeID(parent.GetID() if parent else None)
+            node.CreateDefaultDisplayNodes()
+            self.uncertainty_node = node
+        else:
+            volume_nodes.update_volume_node(node, np.asarray(variance, np.float32))
+            geometry.set_ijk_to_ras(node, geometry.ijk_to_ras(volume_node))
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetAndObserveColorNodeID(self._uncertainty_colors().GetID())
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevelMinMax(0.0, 0.25)  # the largest variance of binary votes
+            display.SetApplyThreshold(True)
+            display.SetAutoThreshold(False)
+            display.SetLowerThreshold(UNCERTAINTY_THRESHOLD / 2)
+            display.SetUpperThreshold(1.0)
+        return node
+
+    def _uncertainty_colors(self):
+        node = self.scene.GetFirstNodeByName(UNCERTAINTY_COLOR_NAME)
+        if node is not None:
+            return node
+        node = slicer.vtkMRMLColorTableNode()
+        node.SetName(UNCERTAINTY_COLOR_NAME)
+        node.SetTypeToUser()
+        node.SetHideFromEditors(True)
+        node.SetSaveWithScene(False)
+        n = 64
+        node.SetNumberOfColors(n)
+        for i in range(n):  # dark yellow -> bright red
+            t = i / (n - 1)
+            node.SetColor(i, f"u{i}", 1.0, 0.9 * (1.0 - t) + 0.1, 0.1 * (1.0 - t), 1.0)
+        self.scene.AddNode(node)
+        return node
+
+    def hide_uncertainty(self) -> None:
+        node = self.uncertainty_node
+        if node is not None and self.scene.IsNodePresent(node):
+            self.scene.RemoveNode(node)
+        self.uncertainty_node = None
 
     def preview_mask(self, volume_node) -> Optional[np.ndarray]:
         if self.preview_node is None:

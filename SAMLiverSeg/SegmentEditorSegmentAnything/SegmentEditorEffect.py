@@ -143,11 +143,17 @@ Works in axial, coronal and sagittal views.</html>"""
         buttons.addWidget(self.clearButton)
         buttons.addWidget(self.applyButton)
         self.scriptedEffect.addOptionsWidget(buttons)
+        self.uncertaintyCheckBox = qt.QCheckBox("Show uncertainty")
+        self.uncertaintyCheckBox.objectName = self.__class__.__name__ + "ShowUncertainty"
+        self.uncertaintyCheckBox.toolTip = ("Ask the model several times with perturbed prompts and show where the "
+                                            "answers disagree (the preview, else the selected segment): click there")
+        self.scriptedEffect.addOptionsWidget(self.uncertaintyCheckBox)
 
         self.propagateButton.connect("clicked()", self.onPropagate)
         self.clearButton.connect("clicked()", self.onClear)
         self.applyButton.connect("clicked()", self.onApply)
         self.cancelTaskButton.connect("clicked()", self.onCancelTask)
+        self.uncertaintyCheckBox.connect("toggled(bool)", self.onShowUncertainty)
         for combo in (self.modelComboBox, self.deviceComboBox, self.windowComboBox):
             combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
         self.customWindowLineEdit.connect("editingFinished()", self.updateMRMLFromGUI)
@@ -254,6 +260,7 @@ Works in axial, coronal and sagittal views.</html>"""
         # Cancels the running task but keeps it: its thread may still write the session, so its
         # result is dropped in finishTask (polled again on the next activation).
         self.onClear()
+        self.uncertaintyCheckBox.setChecked(False)  # removes the overlay
 
     # The Segment Editor notifies every registered effect, active or not (and, in Slicer >= 5.2,
     # calls both methods): load the volume only when this effect is in use (activate() does it too).
@@ -341,8 +348,8 @@ Works in axial, coronal and sagittal views.</html>"""
     def startTask(self, kind, task):
         self.task, self.taskKind = task, kind
         task.start()
-        self.progressBar.visible = kind == "propagate"
-        self.cancelTaskButton.visible = kind == "propagate"
+        self.progressBar.visible = kind in ("propagate", "uncertainty")
+        self.cancelTaskButton.visible = kind in ("propagate", "uncertainty")
         self.progressBar.setValue(0)
         self.updateButtons()
 
@@ -367,7 +374,7 @@ Works in axial, coronal and sagittal views.</html>"""
 
     def onPoll(self):
         task = self.task
-        if task is not None and self.taskKind == "propagate":
+        if task is not None and self.taskKind in ("propagate", "uncertainty"):
             done, total = task.progress
             self.progressBar.setMaximum(max(total, 1))
             self.progressBar.setValue(done)
@@ -395,6 +402,13 @@ Works in axial, coronal and sagittal views.</html>"""
         outcome = task.result
         if not outcome.ok:
             self.showStatus(outcome.message, error=True)
+            if task.name == "uncertainty":
+                self.uncertaintyCheckBox.setChecked(False)
+            return
+        if task.name == "uncertainty":
+            node = self.display.show_uncertainty(self.session.volume_node, outcome.data.variance)
+            slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.6)
+            self.showStatus(f"Uncertainty ({outcome.seconds:.1f} s): {outcome.message}")
             return
         self.display.show_preview(self.session.volume_node, self.session.preview)
         what = "3D result" if self.session.preview_is_3d else "result on this slice"
@@ -429,6 +443,39 @@ Works in axial, coronal and sagittal views.</html>"""
             self.onPoll()
             slicer.app.processEvents()
         return True
+
+    def onShowUncertainty(self, on):
+        """Show (or hide) where the model is unsure about the preview or the selected segment."""
+        if not on:
+            if self.task is not None and self.taskKind == "uncertainty":
+                self.task.cancel()
+            if self.display is not None:
+                self.display.hide_uncertainty()
+            return
+        if self.session is None or self.task is not None:
+            self.uncertaintyCheckBox.setChecked(False)
+            return
+        from SAMLiverSegLogic import effect_logic, volume_nodes
+
+        self.configureSession()
+        segmentMask = None
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        segmentationNode = parameterSetNode.GetSegmentationNode()
+        segmentId = parameterSetNode.GetSelectedSegmentID()
+        if self.session.preview is None and segmentationNode is not None and segmentId:
+            try:
+                segmentMask = volume_nodes.segment_mask(segmentationNode, segmentId, self.session.volume_node)
+            except Exception as exc:  # noqa: BLE001 - shown, nothing changed
+                self.showStatus(f"Cannot read the segment: {exc}", error=True)
+                self.uncertaintyCheckBox.setChecked(False)
+                return
+        job = self.session.uncertainty_job(segmentMask)
+        if isinstance(job, effect_logic.Outcome):
+            self.showStatus(job.message, error=True)
+            self.uncertaintyCheckBox.setChecked(False)
+            return
+        self.showStatus("Estimating the uncertainty...")
+        self.startTask("uncertainty", effect_logic.BackgroundTask(job, "uncertainty"))
 
     # -- apply / clear ---------------------------------------------------------------------------
     def onApply(self):
