@@ -47,6 +47,11 @@ from SAMLiverSegLogic.constants import (
     WINDOW_CHOICES,
 )
 
+#: Training panel choices (kept equal to SAMLiverSegLogic.training_process's by a test; that module
+#: imports the library, so it is not imported at startup).
+TRAINER_KIND_CHOICES = ["decoder", "unet", "adapter", "student", "semi"]
+TRAIN_DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 EFFECT_FILE = os.path.join(MODULE_DIR, "SegmentEditorSegmentAnything", "SegmentEditorEffect.py")
 
@@ -115,6 +120,14 @@ class SAMLiverSegParameterNode:
     batchPromptsFile: str = ""
     batchTarget: Annotated[str, Choice(TARGET_CHOICES)] = "liver"
     batchFormat: Annotated[str, Choice(OUTPUT_FORMAT_CHOICES)] = "seg.nrrd"
+    trainLabelledFolder: str = ""
+    trainUnlabelledFolder: str = ""
+    trainKind: Annotated[str, Choice(TRAINER_KIND_CHOICES)] = "decoder"
+    trainTarget: Annotated[str, Choice(TARGET_CHOICES)] = "liver"
+    trainBaseModel: Annotated[str, Choice(MODEL_CHOICES)] = "lite_medsam"
+    trainDevice: Annotated[str, Choice(TRAIN_DEVICE_CHOICES)] = "auto"
+    trainEpochs: int = 10
+    trainRunFolder: str = ""
 
 
 #
@@ -124,6 +137,9 @@ class SAMLiverSegParameterNode:
 
 class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     BATCH_POLL_MS = 200
+    TRAIN_POLL_MS = 500
+    #: Stop: the trainer finishes its step and saves last.pt; its processes are killed after this.
+    TRAIN_STOP_GRACE_S = 120.0
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -133,6 +149,12 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self.batchRunner = None
         self.batchTimer = None
+        self.trainingJob = None
+        self.trainTimer = None
+        self.trainPlotNodes = None
+        self.trainPlotWidget = None
+        self.trainLogShown = 0
+        self.trainPlotSize = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -163,6 +185,17 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.batchTimer.setInterval(self.BATCH_POLL_MS)
         self.batchTimer.connect("timeout()", self.onBatchPoll)
 
+        self.ui.trainLabelledBrowseButton.connect("clicked(bool)", lambda: self.onBrowseFolder("trainLabelledFolder"))
+        self.ui.trainUnlabelledBrowseButton.connect("clicked(bool)", lambda: self.onBrowseFolder("trainUnlabelledFolder"))
+        self.ui.trainRunFolderBrowseButton.connect("clicked(bool)", lambda: self.onBrowseFolder("trainRunFolder"))
+        self.ui.trainStartButton.connect("clicked(bool)", self.onTrainStart)
+        self.ui.trainStopButton.connect("clicked(bool)", self.onTrainStop)
+        self.ui.trainResumeButton.connect("clicked(bool)", self.onTrainResume)
+        self.ui.trainProgressBar.setValue(0)
+        self.trainTimer = qt.QTimer()
+        self.trainTimer.setInterval(self.TRAIN_POLL_MS)
+        self.trainTimer.connect("timeout()", self.onTrainPoll)
+
         self.initializeParameterNode()
         self.updateDependencyStatus()
 
@@ -172,6 +205,11 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.batchRunner.cancel()
         if self.batchTimer is not None:
             self.batchTimer.stop()
+        if self.trainingJob is not None and self.trainingJob.running():
+            # the trainer saves last.pt and exits on its own (Resume continues the run)
+            self.trainingJob.stop(grace_s=self.TRAIN_STOP_GRACE_S)
+        if self.trainTimer is not None:
+            self.trainTimer.stop()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -221,6 +259,11 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self.batchRunner is not None and not self.batchRunner.done()
         self.ui.batchStartButton.enabled = bool(p.batchInputFolder and p.batchOutputFolder) and not running
         self.ui.batchCancelButton.enabled = running
+        training = self.trainingJob is not None and self.trainingJob.running()
+        self.ui.trainStartButton.enabled = bool(p.trainLabelledFolder and p.trainRunFolder) and not training
+        self.ui.trainStopButton.enabled = training and not self.trainingJob.stop_requested
+        canResume = bool(p.trainRunFolder) and os.path.isfile(os.path.join(p.trainRunFolder, "last.pt"))
+        self.ui.trainResumeButton.enabled = canResume and not training
 
     # -- dependencies and model status -------------------------------------------------------
     def updateDependencyStatus(self) -> None:
@@ -433,6 +476,123 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.batchTimer.stop()
         self._updateButtons()
 
+    # -- training ----------------------------------------------------------------------------
+    def onTrainStart(self) -> None:
+        if not self.ensureDependencies():
+            return
+        from samliverseg.errors import SAMLiverSegError
+        from SAMLiverSegLogic import training_process
+
+        p = self._parameterNode
+        request = self.logic.trainingRequest(p)
+        try:
+            request.validate()
+        except SAMLiverSegError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        found = training_process.previous_run(p.trainRunFolder)
+        if (found["last"] or found["model"]) and not slicer.util.confirmOkCancelDisplay(
+                _("The run folder {folder} holds an earlier training run. Start over? Its checkpoints and model "
+                  "will be replaced (Resume continues it instead).").format(folder=p.trainRunFolder),
+                windowTitle=_("Start training")):
+            return
+        job = self.logic.createTrainingJob(request)
+        try:
+            job.start()
+        except SAMLiverSegError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self._startTrainingPolling(job, clearLog=True)
+
+    def onTrainResume(self) -> None:
+        if not self.ensureDependencies():
+            return
+        from samliverseg.errors import SAMLiverSegError
+
+        request = self.logic.trainingRequest(self._parameterNode)
+        job = self.trainingJob
+        sameRun = job is not None and not job.running() and job.request.run == request.run
+        if sameRun:
+            job.request = request  # keeps the loss/Dice history of the stopped run on the plot
+        else:
+            job = self.logic.createTrainingJob(request)
+        try:
+            job.resume()
+        except SAMLiverSegError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        self._startTrainingPolling(job, clearLog=not sameRun)
+
+    def onTrainStop(self) -> None:
+        if self.trainingJob is not None:
+            self.trainingJob.stop(grace_s=self.TRAIN_STOP_GRACE_S)
+            self.onTrainPoll()
+        self._updateButtons()
+
+    def _startTrainingPolling(self, job, clearLog: bool) -> None:
+        self.trainingJob = job
+        if clearLog:
+            self.ui.trainLogTextEdit.clear()
+            self.trainLogShown = 0
+        self.trainPlotSize = None
+        self.trainTimer.start()
+        self.onTrainPoll()
+        self._updateButtons()
+
+    def onTrainPoll(self) -> None:
+        job = self.trainingJob
+        if job is None:
+            self.trainTimer.stop()
+            return
+        job.poll()
+        lines, self.trainLogShown = job.new_log_lines(self.trainLogShown)
+        for line in lines:
+            self.ui.trainLogTextEdit.appendPlainText(line)
+        st = job.state
+        fraction = st.fraction()
+        if fraction is None and job.running():
+            self.ui.trainProgressBar.setRange(0, 0)  # busy: preparing, loading the model
+        else:
+            self.ui.trainProgressBar.setRange(0, 1000)
+            self.ui.trainProgressBar.setValue(int(round(1000 * (fraction or 0.0))))
+        self.ui.trainStatusLabel.text = st.progress_text()
+        self.updateTrainingPlot()
+        if not job.running():
+            self.trainTimer.stop()
+            self._updateButtons()
+            if st.status == "done":
+                self.onTrainingDone()
+
+    def updateTrainingPlot(self) -> None:
+        from SAMLiverSegLogic import module_logic
+
+        st = self.trainingJob.state
+        size = (len(st.losses), len(st.epoch_losses), len(st.val_dice))
+        alive = self.trainPlotNodes is not None and self.trainPlotNodes.alive_in(slicer.mrmlScene)
+        if size == self.trainPlotSize and alive:
+            return
+        self.trainPlotSize = size
+        self.trainPlotNodes = module_logic.update_training_plot(slicer.mrmlScene, st, self.trainPlotNodes)
+        if self.trainPlotWidget is None:
+            self.trainPlotWidget = slicer.qMRMLPlotWidget()
+            self.trainPlotWidget.setMRMLScene(slicer.mrmlScene)
+            self.ui.trainPlotFrame.layout().addWidget(self.trainPlotWidget)
+        shown = self.trainPlotWidget.mrmlPlotViewNode()
+        if shown is None or shown.GetID() != self.trainPlotNodes.view.GetID():
+            self.trainPlotWidget.setMRMLPlotViewNode(self.trainPlotNodes.view)
+
+    def onTrainingDone(self) -> None:
+        """The finished model is registered: show where it is and refresh the model lists."""
+        st = self.trainingJob.state
+        self.updateModelStatus()
+        if st.registered_name:
+            text = _("Training finished. The model '{name}' is selectable in the Segment Anything effect "
+                     "(model list).").format(name=st.registered_name)
+        else:
+            text = _("Training finished: {message}").format(message=st.message)
+        slicer.util.infoDisplay(text + "\n" + _("Model file: {path}").format(path=st.model_path),
+                                windowTitle=_("Training"))
+
 
 #
 # SAMLiverSegLogic
@@ -459,6 +619,25 @@ class SAMLiverSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def pythonSlicerExecutable() -> str:
         return shutil.which("PythonSlicer") or sys.executable
+
+    def trainingRequest(self, parameterNode):
+        """The training run described by the panel (the Setup checkpoint is the base weights when
+        the base model is the Setup model)."""
+        from SAMLiverSegLogic import training_process
+
+        p = parameterNode
+        checkpoint = p.checkpoint if (p.checkpoint and p.trainBaseModel == p.model) else ""
+        return training_process.TrainingRequest(
+            labelled=p.trainLabelledFolder, unlabelled=p.trainUnlabelledFolder, kind=p.trainKind,
+            epochs=int(p.trainEpochs), device=p.trainDevice, base_model=p.trainBaseModel, target=p.trainTarget,
+            run_folder=p.trainRunFolder, checkpoint=checkpoint)
+
+    def createTrainingJob(self, request):
+        """A job running `samliverseg prepare/train` with PythonSlicer in Slicer's startup environment."""
+        from SAMLiverSegLogic import training_process
+
+        return training_process.TrainingJob(request, python=self.pythonSlicerExecutable(),
+                                            env=slicer.util.startupEnvironment())
 
     def createBatchRunner(self, jobs, parameterNode, window):
         from SAMLiverSegLogic import batch
@@ -494,6 +673,8 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
         self.test_SAMLiverSeg_EffectLogicBox()
         self.setUp()
         self.test_SAMLiverSeg_SegmentEditorEffect()
+        self.setUp()
+        self.test_SAMLiverSeg_TrainingPanel()
 
     def test_SAMLiverSeg_dependencies(self):
         from SAMLiverSegLogic import dependencies
@@ -604,4 +785,37 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
         editorWidget.undo()
         self.assertEqual(volume_nodes.segment_mask(segmentationNode, segmentId, volumeNode).sum(), 0)
         editorWidget.setActiveEffect(None)
+        self.delayDisplay("Test passed")
+
+    def test_SAMLiverSeg_TrainingPanel(self):
+        """The training panel without training: the request built from the parameter node, its
+        validation, and the loss / Dice plot nodes shown in a plot widget."""
+        from samliverseg.errors import InputError
+        from SAMLiverSegLogic import module_logic, training_process
+
+        logic = SAMLiverSegLogic()
+        p = logic.getParameterNode()
+        p.trainLabelledFolder = ""
+        p.trainRunFolder = os.path.join(slicer.app.temporaryPath, "SAMLiverSegTrainingTest")
+        p.trainKind = "decoder"
+        p.trainEpochs = 3
+        request = logic.trainingRequest(p)
+        self.assertEqual((request.kind, request.epochs, request.base_model), ("decoder", 3, p.trainBaseModel))
+        with self.assertRaises(InputError):
+            request.validate()  # no labelled folder: a message, nothing started
+        job = logic.createTrainingJob(request)
+        self.assertEqual(job.state.status, "idle")
+
+        state = training_process.TrainingState(losses=[(1, 0.8), (2, 0.6), (3, 0.5)], epoch_losses=[(0, 3, 0.63)],
+                                               val_dice=[(0, 3, 0.71)])
+        nodes = module_logic.update_training_plot(slicer.mrmlScene, state)
+        widget = slicer.qMRMLPlotWidget()
+        widget.setMRMLScene(slicer.mrmlScene)
+        widget.setMRMLPlotViewNode(nodes.view)
+        widget.show()
+        slicer.app.processEvents()
+        self.assertEqual(widget.mrmlPlotViewNode().GetPlotChartNodeID(), nodes.chart.GetID())
+        self.assertEqual(nodes.chart.GetNumberOfPlotSeriesNodes(), 3)
+        self.assertEqual(nodes.steps_table.GetTable().GetNumberOfRows(), 3)
+        widget.close()
         self.delayDisplay("Test passed")

@@ -91,10 +91,9 @@ class SegmentAnythingSession:
     # -- engine ---------------------------------------------------------------------------
     @staticmethod
     def _default_engine_factory(s: EngineSettings):
-        from samliverseg.engine import PromptEngine
+        from .module_logic import build_engine  # a built-in model, or a trained one (user_models)
 
-        return PromptEngine(model=s.model, checkpoint=s.checkpoint, device=s.device, window=s.window,
-                            cache_mb=s.cache_mb)
+        return build_engine(s.model, s.checkpoint, s.device, s.window, cache_mb=s.cache_mb)
 
     def _ensure_engine(self):
         if self.engine is None:

@@ -4,7 +4,13 @@
   engine (propagated to 3D) -> a segment named "Liver" / "Liver tumor" in the chosen segmentation,
   written through the Segment Editor logic (one undo step).
 * Which models exist and whether their weights are present, and the weights cache folder.
-* The choices offered in the panel (models, devices, windows) and their validation.
+* The choices offered in the panel (models, devices, windows) and their validation; the model
+  names offered for segmentation (the built-in ones, then the user's trained models).
+* The training plot: train loss per optimiser step, mean train loss and validation Dice per
+  epoch (``training_process.TrainingState``) as Slicer plot nodes: two ``vtkMRMLTableNode``
+  (columns ``step``, ``train loss``; ``step``, ``epoch``, ``epoch loss``, ``val Dice``), three
+  ``vtkMRMLPlotSeriesNode`` (x = optimiser step) in one ``vtkMRMLPlotChartNode``, and a
+  ``vtkMRMLPlotViewNode`` showing the chart (for the panel's embedded plot widget).
 """
 
 from __future__ import annotations
@@ -78,9 +84,7 @@ def segment_from_markups(scene, volume_node, segmentation_node, target: str, set
     notes = []
 
     def build(device):
-        from samliverseg.engine import PromptEngine
-
-        return PromptEngine(model=settings.model, checkpoint=settings.checkpoint, device=device, window=settings.window)
+        return build_engine(settings.model, settings.checkpoint, device, settings.window)
 
     if engine is None:
         engine = build(settings.device)
@@ -115,3 +119,130 @@ def segment_from_markups(scene, volume_node, segmentation_node, target: str, set
     report.update({"segment_id": segment_id, "segment_name": name, "notes": notes,
                    "wall_s": round(time.perf_counter() - t0, 3)})
     return report
+
+
+def model_choices() -> List[str]:
+    """Model names to offer for prompt-based segmentation: the built-in choices, then the user's
+    trained interactive models (``samliverseg.user_models``: kinds ``decoder``/``adapter``; automatic
+    and unreadable ones are left out; none when the registry cannot be read)."""
+    names = list(MODEL_CHOICES)
+    try:
+        from samliverseg import user_models
+
+        for m in user_models.list_user_models():
+            if not m.error and not m.automatic and m.name not in names:
+                names.append(m.name)
+    except (ImportError, OSError, SAMLiverSegError):
+        pass
+    return names
+
+
+def build_engine(model: str, checkpoint: Optional[str] = None, device: str = "auto", window: Optional[str] = None,
+                 **kwargs):
+    """A ``PromptEngine`` on a built-in model (``checkpoint``: its weights, or the cache's), or on a
+    trained model registered in ``samliverseg.user_models`` (its own weights; its training cache's
+    window unless ``window``). An automatic (prompt-free) trained model is an InputError."""
+    from samliverseg.build_sam import MODEL_REGISTRY
+    from samliverseg.engine import PromptEngine
+
+    if model not in MODEL_REGISTRY:
+        from samliverseg import user_models
+
+        if user_models.is_user_model(model):
+            if checkpoint:
+                raise InputError(f"{model!r} is a trained model with its own weights: leave the checkpoint empty")
+            described = user_models.describe_user_model(model)
+            if described.automatic:
+                raise InputError(f"{model!r} is an automatic {described.kind} model (no prompts): use it with "
+                                 f"`samliverseg segment --model {model}` or the batch section")
+            return user_models.load_user_model(described, device=device).engine(device=device, window=window, **kwargs)
+    return PromptEngine(model=model, checkpoint=checkpoint, device=device, window=window, **kwargs)
+
+
+# -- the training plot ---------------------------------------------------------------------------
+
+TRAINING_PLOT_NAME = "SAMLiverSeg training"
+#: series name -> (table: "steps" | "epochs", y column, colour RGB, marker)
+TRAINING_SERIES = {
+    "train loss (step)": ("steps", "train loss", (0.55, 0.70, 0.90), False),
+    "train loss (epoch)": ("epochs", "epoch loss", (0.10, 0.30, 0.80), True),
+    "val Dice": ("epochs", "val Dice", (0.85, 0.35, 0.10), True),
+}
+
+
+@dataclass
+class TrainingPlotNodes:
+    chart: object
+    view: object
+    steps_table: object
+    epochs_table: object
+    series: Dict[str, object]
+
+    def alive_in(self, scene) -> bool:
+        nodes = [self.chart, self.view, self.steps_table, self.epochs_table, *self.series.values()]
+        return all(n is not None and n.GetScene() is scene for n in nodes)
+
+
+def _fill_table(table_node, columns: Dict[str, List[float]]) -> None:
+    """Replace the table's content by ``columns`` (name -> values, all the same length; float64)."""
+    import vtk
+
+    table = table_node.GetTable()
+    n = len(next(iter(columns.values()))) if columns else 0
+    for name, values in columns.items():
+        arr = table.GetColumnByName(name)
+        if arr is None:
+            arr = vtk.vtkDoubleArray()
+            arr.SetName(name)
+            table.AddColumn(arr)
+        arr.SetNumberOfTuples(n)
+        for r, v in enumerate(values):
+            arr.SetValue(r, float("nan") if v is None else float(v))
+        arr.Modified()
+    table.SetNumberOfRows(n)
+    table.Modified()
+    table_node.Modified()
+
+
+def _training_plot_nodes(scene) -> TrainingPlotNodes:
+    steps = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{TRAINING_PLOT_NAME} steps")
+    epochs = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{TRAINING_PLOT_NAME} epochs")
+    _fill_table(steps, {"step": [], "train loss": []})
+    _fill_table(epochs, {"step": [], "epoch": [], "epoch loss": [], "val Dice": []})
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", TRAINING_PLOT_NAME)
+    chart.SetTitle("Training")
+    chart.SetXAxisTitle("optimiser step")
+    chart.SetYAxisTitle("loss / Dice")
+    series = {}
+    for name, (which, column, color, marker) in TRAINING_SERIES.items():
+        node = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", name)
+        node.SetAndObserveTableNodeID((steps if which == "steps" else epochs).GetID())
+        node.SetXColumnName("step")
+        node.SetYColumnName(column)
+        node.SetPlotType(node.PlotTypeScatter)
+        node.SetMarkerStyle(node.MarkerStyleCircle if marker else node.MarkerStyleNone)
+        node.SetColor(*color)
+        chart.AddAndObservePlotSeriesNodeID(node.GetID())
+        series[name] = node
+    view = scene.AddNewNodeByClass("vtkMRMLPlotViewNode", f"{TRAINING_PLOT_NAME} view")
+    view.SetPlotChartNodeID(chart.GetID())
+    return TrainingPlotNodes(chart, view, steps, epochs, series)
+
+
+def update_training_plot(scene, state, nodes: Optional[TrainingPlotNodes] = None) -> TrainingPlotNodes:
+    """Show ``state``'s histories in the training plot nodes (created when ``nodes`` is None or
+    no longer in ``scene``, e.g. after the scene was closed); returns the nodes."""
+    if nodes is None or not nodes.alive_in(scene):
+        nodes = _training_plot_nodes(scene)
+    _fill_table(nodes.steps_table, {"step": [s for s, _ in state.losses], "train loss": [v for _, v in state.losses]})
+    by_epoch: Dict[int, List[Optional[float]]] = {}
+    for epoch, step, loss in state.epoch_losses:
+        by_epoch[epoch] = [step, loss, None]
+    for epoch, step, dice in state.val_dice:
+        row = by_epoch.setdefault(epoch, [step, None, None])
+        row[2] = dice
+    epochs = sorted(by_epoch)
+    _fill_table(nodes.epochs_table, {"step": [by_epoch[e][0] for e in epochs], "epoch": [e + 1 for e in epochs],
+                                     "epoch loss": [by_epoch[e][1] for e in epochs],
+                                     "val Dice": [by_epoch[e][2] for e in epochs]})
+    return nodes

@@ -6,7 +6,16 @@ so Slicer never blocks. :meth:`BackgroundProcess.cancel` terminates the whole pr
 (children first, with psutil), waits, then kills what is left.
 
 Lines that are JSON objects are parsed (``samliverseg`` progress events); other lines arrive as
-``{"event": "log", "text": line}``.
+``{"event": "log", "text": line}``. By default stderr is merged into stdout; with
+``separate_stderr=True`` it is read by a second thread and its lines always arrive as
+``{"event": "log", "text": line, "stream": "stderr"}`` (never parsed as JSON: the training
+protocol keeps progress on stdout and human logs on stderr).
+
+Stopping: :meth:`BackgroundProcess.cancel` terminates the tree and waits (blocking, up to
+``kill_timeout``); :meth:`BackgroundProcess.terminate` only asks the main process to stop
+(SIGTERM; CTRL_BREAK_EVENT on Windows, where the process has its own process group) and returns
+at once, so that a GUI can let a trainer finish its step and kill the tree later if it must
+(``kill_process_tree(pid, force=True)``).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -44,19 +54,22 @@ def parse_line(line: str) -> Dict:
     return {"event": "log", "text": text}
 
 
-def _default_launcher(args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None):
+def _default_launcher(args: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
+                      separate_stderr: bool = False):
     kwargs = {}
     if os.name == "nt":
         kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(
             subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-    return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    stderr = subprocess.PIPE if separate_stderr else subprocess.STDOUT
+    return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
                             env=env, cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
 
 
-def kill_process_tree(pid: int, timeout: float = 5.0) -> List[int]:
+def kill_process_tree(pid: int, timeout: float = 5.0, force: bool = False) -> List[int]:
     """Terminate ``pid`` and all its descendants; kill whatever is alive after ``timeout`` s.
 
-    Returns the pids that had to be killed (did not exit on terminate).
+    Returns the pids that had to be killed (did not exit on terminate). ``force``: kill at once
+    (no terminate first; every process of the tree is returned).
     """
     import psutil
 
@@ -67,10 +80,12 @@ def kill_process_tree(pid: int, timeout: float = 5.0) -> List[int]:
     procs = parent.children(recursive=True) + [parent]
     for p in procs:
         try:
-            p.terminate()
+            p.kill() if force else p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    _, alive = psutil.wait_procs(procs, timeout=0 if force else timeout)
+    if force:
+        alive = procs
     for p in alive:
         try:
             p.kill()
@@ -89,15 +104,21 @@ class BackgroundProcess:
     cwd: Optional[str] = None
     launcher: Callable = _default_launcher
     kill_timeout: float = 5.0
+    #: read stderr apart (its lines are logs, never JSON events); the launcher is then called
+    #: with ``separate_stderr=True`` and must return a Popen whose ``stderr`` is a text pipe
+    separate_stderr: bool = False
 
     proc: Optional[subprocess.Popen] = field(default=None, init=False)
     returncode: Optional[int] = field(default=None, init=False)
+    #: the real exit status (``returncode`` is :data:`CANCELLED` after :meth:`cancel`)
+    exit_code: Optional[int] = field(default=None, init=False)
     cancelled: bool = field(default=False, init=False)
     lines: List[str] = field(default_factory=list, init=False)
     started_at: float = field(default=0.0, init=False)
     _queue: "queue.Queue" = field(default_factory=queue.Queue, init=False)
     _thread: Optional[threading.Thread] = field(default=None, init=False)
     _reader_done: threading.Event = field(default_factory=threading.Event, init=False)
+    _err_done: threading.Event = field(default_factory=threading.Event, init=False)
 
     def start(self) -> "BackgroundProcess":
         if self.proc is not None:
@@ -107,20 +128,28 @@ class BackgroundProcess:
         if env is None:
             env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = self.launcher(list(self.args), env=env, cwd=self.cwd)
-        self._thread = threading.Thread(target=self._read, name="samliverseg-process-reader", daemon=True)
+        if self.separate_stderr:
+            self.proc = self.launcher(list(self.args), env=env, cwd=self.cwd, separate_stderr=True)
+        else:
+            self.proc = self.launcher(list(self.args), env=env, cwd=self.cwd)
+        self._thread = threading.Thread(target=self._read, args=(self.proc.stdout, "stdout", self._reader_done),
+                                        name="samliverseg-process-reader", daemon=True)
         self._thread.start()
+        if self.separate_stderr and self.proc.stderr is not None:
+            threading.Thread(target=self._read, args=(self.proc.stderr, "stderr", self._err_done),
+                             name="samliverseg-process-stderr", daemon=True).start()
+        else:
+            self._err_done.set()
         return self
 
-    def _read(self) -> None:
+    def _read(self, stream, name: str, done: threading.Event) -> None:
         try:
-            stream = self.proc.stdout
             for line in iter(stream.readline, ""):
-                self._queue.put(line)
+                self._queue.put((name, line))
         except (ValueError, OSError):  # stream closed under us on cancel
             pass
         finally:
-            self._reader_done.set()
+            done.set()
 
     @property
     def pid(self) -> Optional[int]:
@@ -133,19 +162,23 @@ class BackgroundProcess:
         events = []
         while True:
             try:
-                line = self._queue.get_nowait()
+                name, line = self._queue.get_nowait()
             except queue.Empty:
                 return events
             self.lines.append(line.rstrip("\r\n"))
-            events.append(parse_line(line))
+            if name == "stderr":
+                events.append({"event": "log", "text": line.rstrip("\r\n"), "stream": "stderr"})
+            else:
+                events.append(parse_line(line))
 
     def poll(self) -> List[Dict]:
         """New events since the last call (never blocks); sets :attr:`returncode` when done."""
         events = self._drain()
         if self.proc is not None and self.returncode is None:
             rc = self.proc.poll()
-            if rc is not None and self._reader_done.wait(timeout=0.5):
-                events += self._drain()  # what the reader queued after our first pass
+            if rc is not None and self._reader_done.wait(timeout=0.5) and self._err_done.wait(timeout=0.5):
+                events += self._drain()  # what the readers queued after our first pass
+                self.exit_code = rc
                 self.returncode = CANCELLED if self.cancelled else rc
                 events.append({"event": "finished", "returncode": self.returncode})
         return events
@@ -162,8 +195,23 @@ class BackgroundProcess:
         except subprocess.TimeoutExpired:
             return None
         self._reader_done.wait(timeout=5)
+        self._err_done.wait(timeout=5)
         self.poll()
         return self.returncode
+
+    def terminate(self) -> bool:
+        """Ask the main process to stop (SIGTERM; CTRL_BREAK_EVENT on Windows); never blocks.
+
+        Its children are not signalled (a trainer stops its own workers; data-loader workers
+        killed under it would turn a clean stop into a crash). Returns False if it has ended.
+        """
+        if self.proc is None or self.returncode is not None or self.proc.poll() is not None:
+            return False
+        try:
+            self.proc.send_signal(signal.CTRL_BREAK_EVENT if os.name == "nt" else signal.SIGTERM)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def cancel(self) -> List[int]:
         """Stop the process and everything it started. Returns the pids that needed a kill."""
@@ -176,5 +224,6 @@ class BackgroundProcess:
         except subprocess.TimeoutExpired:
             pass
         self._reader_done.wait(timeout=2)
+        self._err_done.wait(timeout=2)
         self.poll()
         return killed

@@ -245,12 +245,24 @@ Works in axial, coronal and sagittal views.</html>"""
             return
         from SAMLiverSegLogic import effect_logic
 
+        self.refreshModelChoices()
         if self.session is None:
             self.session = effect_logic.SegmentAnythingSession(self.engineSettings())
         if self.display is None:
             self.display = effect_logic.PreviewDisplay(slicer.mrmlScene)
         self.useSourceVolume()
         self.pollTimer.start()
+
+    def refreshModelChoices(self):
+        """The built-in models plus the user's trained ones (they appear after a training run)."""
+        from SAMLiverSegLogic import module_logic
+
+        current = self.scriptedEffect.parameter("Model") or "lite_medsam"
+        wasBlocked = self.modelComboBox.blockSignals(True)
+        self.modelComboBox.clear()
+        self.modelComboBox.addItems(module_logic.model_choices())
+        self.modelComboBox.currentIndex = max(self.modelComboBox.findText(current), 0)
+        self.modelComboBox.blockSignals(wasBlocked)
 
     def deactivate(self):
         self.pollTimer.stop()

@@ -92,8 +92,11 @@ class ProgressWriter:
         record = {"event": event, "time": round(time.time(), 3), "epoch": self.epoch, "step": self.step,
                   "total_steps": self.total_steps, "eta_s": 0.0 if event == "done" else self.eta_s()}
         record.update(_clean(fields))
-        self.stream.write(json.dumps(record) + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(json.dumps(record) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # the reader went away (e.g. Slicer quit): keep training/saving
+            pass
         return record
 
     def log(self, message: str) -> None:
