@@ -50,6 +50,15 @@ class Outcome:
     data: object = None  # what the computation produced, when the caller needs more than a mask
 
 
+def is_model_3d(name: Optional[str]) -> bool:
+    """True for a native 3D model (SAM-Med3D); False when the library lacks them."""
+    try:
+        from samliverseg.build_sam3d import is_model3d
+    except ImportError:
+        return False
+    return bool(name) and is_model3d(name)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     try:
         import torch
@@ -87,10 +96,23 @@ class SegmentAnythingSession:
         self.intensity_check: Optional[volume_nodes.IntensityCheck] = None
         self.lock = threading.RLock()
         self.notes: List[str] = []
+        # 3D models (SAM-Med3D): every click prompts the whole volume and refines the last result
+        self.clicks3d: List[tuple] = []  # ((i, j, k), label) in the order clicked
+        self.sent3d = 0  # how many of them the current result3d has seen
+        self.result3d = None
+        self._generation = 0  # bumped by clear(): a running 3D job's result is then dropped
 
     # -- engine ---------------------------------------------------------------------------
+    def is_3d_model(self) -> bool:
+        """True when the chosen model is a native 3D model (a click prompts the whole volume)."""
+        return is_model_3d(self.settings.model)
+
     @staticmethod
     def _default_engine_factory(s: EngineSettings):
+        if is_model_3d(s.model):
+            from samliverseg.engine3d import Sam3DEngine
+
+            return Sam3DEngine(model=s.model, checkpoint=s.checkpoint, device=s.device)
         from .module_logic import build_engine  # a built-in model, or a trained one (user_models)
 
         return build_engine(s.model, s.checkpoint, s.device, s.window, cache_mb=s.cache_mb)
@@ -98,7 +120,7 @@ class SegmentAnythingSession:
     def _ensure_engine(self):
         if self.engine is None:
             self.engine = self._engine_factory(self.settings)
-            if self.volume is not None:
+            if self.volume is not None and hasattr(self.engine, "set_volume"):
                 self.engine.set_volume(self.volume)
         return self.engine
 
@@ -134,7 +156,8 @@ class SegmentAnythingSession:
         with self.lock:
             if settings.window != self.settings.window and self.engine is not None and \
                     (settings.model, settings.checkpoint, settings.device) == \
-                    (self.settings.model, self.settings.checkpoint, self.settings.device):
+                    (self.settings.model, self.settings.checkpoint, self.settings.device) and \
+                    hasattr(self.engine, "set_window"):
                 self.settings = settings
                 self.engine.set_window(settings.window or self.engine.spec.window)
                 return
@@ -154,7 +177,8 @@ class SegmentAnythingSession:
             self.volume_node, self.volume, self.intensity_check = node, volume, check
             self.builder = slice_clicks.PromptBuilder(tuple(volume.array.shape), volume.array)
             self.preview, self.preview_is_3d = None, False
-            if self.engine is not None:
+            self._reset_3d()
+            if self.engine is not None and hasattr(self.engine, "set_volume"):
                 self.engine.set_volume(volume)
         msg = "" if check.looks_like_ct else check.message
         if not check.looks_like_ct and self.settings.window is None:
@@ -171,7 +195,15 @@ class SegmentAnythingSession:
         try:
             self._require_volume()
             target = slice_clicks.map_click(slice_node, self.volume_node, xy, self.volume.array.shape)
-            note = self.builder.add_point(target, positive)
+            if self.is_3d_model():  # any view, any slice: the clicks are 3D points
+                slice_clicks.check_slice_not_empty(self.volume.array, target.slice_axis, target.slice_index)
+                with self.lock:
+                    self.clicks3d.append((tuple(float(v) for v in target.ijk), 1 if positive else 0))
+                    (self.builder.positive if positive else self.builder.negative).append(tuple(target.ijk))
+                    self.builder.slice_axis, self.builder.current_slice = target.slice_axis, target.slice_index
+                note = ""
+            else:
+                note = self.builder.add_point(target, positive)
         except SAMLiverSegError as exc:
             return Outcome(False, str(exc))
         return self._after_prompt(note, preview)
@@ -186,6 +218,9 @@ class SegmentAnythingSession:
         return out
 
     def drag_box(self, slice_node, xy0: Sequence[float], xy1: Sequence[float], preview: bool = True) -> Outcome:
+        if self.is_3d_model():
+            return Outcome(False, f"{self.settings.model} takes points, not boxes: click inside the object "
+                                  "(Shift+click outside it to remove a part)")
         try:
             self._require_volume()
             a = slice_clicks.map_click(slice_node, self.volume_node, xy0, self.volume.array.shape)
@@ -195,8 +230,13 @@ class SegmentAnythingSession:
             return Outcome(False, str(exc))
         return self._after_prompt(note, preview)
 
+    def _reset_3d(self) -> None:
+        self.clicks3d, self.sent3d, self.result3d = [], 0, None
+        self._generation += 1
+
     def clear(self) -> None:
         with self.lock:
+            self._reset_3d()
             if self.builder is not None:
                 self.builder.clear()
             self.preview, self.preview_is_3d = None, False
@@ -220,6 +260,12 @@ class SegmentAnythingSession:
         """
         try:
             self._require_volume()
+            if self.is_3d_model():
+                with self.lock:
+                    new, upto, gen = list(self.clicks3d[self.sent3d:]), len(self.clicks3d), self._generation
+                if not new:
+                    return Outcome(False, "click on the object")
+                return lambda: self._compute_3d_click(new, upto, gen)
             prompts = self.builder.prompts_on_slice()
         except SAMLiverSegError as exc:
             return Outcome(False, str(exc))
@@ -250,8 +296,34 @@ class SegmentAnythingSession:
         msg = "" if n else "the model found nothing here: drag a box around the object"
         return Outcome(True, msg, time.perf_counter() - t0, n, cold)
 
+    def _compute_3d_click(self, new, upto: int, generation: int) -> Outcome:
+        """Send the clicks not yet seen to the 3D model, refining the previous result."""
+        t0 = time.perf_counter()
+        try:
+            result = self._run(lambda e: e.segment(self.volume, [p for p, _ in new], [lab for _, lab in new],
+                                                   previous=self.result3d))
+        except SAMLiverSegError as exc:
+            with self.lock:  # the clicks that failed are dropped, the earlier result stays
+                if generation == self._generation:
+                    self.clicks3d = self.clicks3d[:upto - len(new)] + self.clicks3d[upto:]
+                    self.builder.positive = [p for p, lab in self.clicks3d if lab == 1]
+                    self.builder.negative = [p for p, lab in self.clicks3d if lab == 0]
+            return Outcome(False, str(exc), time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, scene unchanged
+            return Outcome(False, f"segmentation failed: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
+        with self.lock:
+            if generation != self._generation:  # cleared meanwhile
+                return Outcome(False, "the prompts were cleared", time.perf_counter() - t0)
+            self.result3d, self.sent3d = result, upto
+            self.preview, self.preview_is_3d = np.asarray(result.mask, dtype=np.uint8), True
+        n = int(np.count_nonzero(self.preview))
+        return Outcome(True, "" if n else "the model found nothing here: click inside the object",
+                       time.perf_counter() - t0, n)
+
     def propagate_job(self):
         """Snapshot all prompts (GUI thread); returns ``fn(progress, cancel) -> Outcome`` or an Outcome."""
+        if self.is_3d_model():
+            return Outcome(False, f"{self.settings.model} segments in 3D at every click: Apply writes the result")
         try:
             self._require_volume()
             prompts = self.builder.prompts()
@@ -303,6 +375,9 @@ class SegmentAnythingSession:
         """
         if self.volume is None:
             return Outcome(False, "select a source volume first")
+        if self.is_3d_model():
+            return Outcome(False, "the uncertainty map uses a 2D model's prompt ensemble: choose lite_medsam "
+                                  "(or another 2D model) to show it")
         mask = self.preview if self.preview is not None and np.any(self.preview) else segment_mask
         if mask is None or not np.any(mask):
             return Outcome(False, "nothing to analyse: segment the object first (a preview or the selected segment)")

@@ -84,17 +84,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 <b>Left-click</b>: positive point. <b>Shift+click</b>: negative point. <b>Drag</b>: box (best for
 LiteMedSAM/MedSAM). The result on that slice shows at once; <b>Propagate to 3D</b> extends it
 through the volume; <b>Apply</b> writes it into the selected segment (Ctrl+Z undoes it).
-Works in axial, coronal and sagittal views.</html>"""
+Works in axial, coronal and sagittal views. With a 3D model (SAM-Med3D) every click, in any view,
+segments the whole object in 3D and refines it. <b>Show uncertainty</b> marks where the model is
+unsure (the best places for the next click).</html>"""
 
     def cleanup(self):
         self.pollTimer.disconnect("timeout()", self.onPoll)
 
     # -- options panel -------------------------------------------------------------------------
     def setupOptionsFrame(self):
-        from SAMLiverSegLogic.constants import DEVICE_CHOICES, MODEL_CHOICES, WINDOW_CHOICES
+        from SAMLiverSegLogic.constants import DEVICE_CHOICES, MODEL_3D_CHOICES, MODEL_CHOICES, WINDOW_CHOICES
 
         self.modelComboBox = qt.QComboBox()
-        self.modelComboBox.addItems(MODEL_CHOICES)
+        self.modelComboBox.addItems(MODEL_CHOICES + MODEL_3D_CHOICES)
         self.modelComboBox.toolTip = "Model (weights of LiteMedSAM are installed; others need a checkpoint)"
         self.deviceComboBox = qt.QComboBox()
         self.deviceComboBox.addItems(DEVICE_CHOICES)
@@ -256,11 +258,12 @@ Works in axial, coronal and sagittal views.</html>"""
     def refreshModelChoices(self):
         """The built-in models plus the user's trained ones (they appear after a training run)."""
         from SAMLiverSegLogic import module_logic
+        from SAMLiverSegLogic.constants import MODEL_3D_CHOICES
 
         current = self.scriptedEffect.parameter("Model") or "lite_medsam"
         wasBlocked = self.modelComboBox.blockSignals(True)
         self.modelComboBox.clear()
-        self.modelComboBox.addItems(module_logic.model_choices())
+        self.modelComboBox.addItems(module_logic.model_choices() + MODEL_3D_CHOICES)
         self.modelComboBox.currentIndex = max(self.modelComboBox.findText(current), 0)
         self.modelComboBox.blockSignals(wasBlocked)
 
