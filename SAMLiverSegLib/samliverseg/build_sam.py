@@ -392,6 +392,9 @@ def describe_state_dict(state: Mapping) -> str:
         depth = len({k.split(".")[2] for k in keys if k.startswith("image_encoder.blocks.")})
         names = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
         return f"a SAM {names.get(int(pos.shape[-1]), 'ViT')} checkpoint (embed {int(pos.shape[-1])}, {depth} blocks)"
+    if pos is not None and getattr(pos, "ndim", 0) == 5:
+        from .build_sam3d import describe_state_dict3d  # a 3D model's file given to a 2D model
+        return describe_state_dict3d(state)
     if any(k.startswith("image_encoder.trunk.") for k in keys):
         return "a SAM 2 checkpoint"
     if not any(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.")) for k in keys):
