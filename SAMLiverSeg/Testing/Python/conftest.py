@@ -24,18 +24,6 @@ import slicer  # noqa: E402  (slicer-core)
 from SAMLiverSegLogic import volume_nodes  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _user_models_in_a_temporary_folder(tmp_path_factory):
-    """Models registered by training tests never reach the developer's real models folder."""
-    old = os.environ.get("SAMLIVERSEG_MODELS")
-    os.environ["SAMLIVERSEG_MODELS"] = str(tmp_path_factory.mktemp("user_models"))
-    yield
-    if old is None:
-        os.environ.pop("SAMLIVERSEG_MODELS", None)
-    else:
-        os.environ["SAMLIVERSEG_MODELS"] = old
-
-
 @pytest.fixture
 def scene():
     s = slicer.vtkMRMLScene()
