@@ -1,4 +1,6 @@
-"""Session-wide test settings for both test trees (pytest.ini's testpaths): trained models registered by tests go to a temporary folder.
+"""Session-wide test settings for both test trees (pytest.ini's testpaths).
+
+Trained models registered by tests go to a temporary folder:
 
 ``samliverseg train`` registers every finished run in the user models folder
 (``$SAMLIVERSEG_MODELS``, default ``<weights cache>/models``); without this, running the tests
