@@ -23,7 +23,8 @@ EXIT_OK, EXIT_INPUT, EXIT_CHECKPOINT, EXIT_OOM, EXIT_INTERNAL, EXIT_CANCELLED = 
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lite_medsam", help="model name (see `samliverseg models`); default lite_medsam")
+    p.add_argument("--model", default="lite_medsam",
+                   help="model name: a built-in model or a trained one (see `samliverseg models`); default lite_medsam")
     p.add_argument("--checkpoint", default=None, help="checkpoint file for the model (overrides the cache lookup)")
     p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda or mps")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
@@ -90,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(sub.add_parser("train", help="fine-tune a model on a prepared cache (trainer kind 'decoder'); "
                                                      "progress as JSON lines on stdout"))
 
-    sub.add_parser("models", help="list the models and whether their weights are present")
+    models = sub.add_parser("models", help="list the built-in models (are their weights present?) and the trained "
+                                           "models usable by name")
+    models.add_argument("--register", default=None, metavar="MODEL.pth",
+                        help="register a trained model.pth (from `samliverseg train`) for use by name")
+    models.add_argument("--name", default=None, help="with --register: its name (default: the run folder's name)")
+    models.add_argument("--replace", action="store_true", help="with --register: replace a model of that name")
     dl = sub.add_parser("download", help="download a model's official weights into the cache (SHA-256 checked)")
     dl.add_argument("name", help="model name, e.g. sam_vit_b")
     return parser
@@ -181,7 +187,61 @@ def _json_default(o):
     return str(o)
 
 
+def _trained_model(args):
+    """The registered trained model that ``--model`` names (None for a built-in model)."""
+    from .build_sam import MODEL_REGISTRY
+    from .user_models import describe_user_model
+
+    if args.model in MODEL_REGISTRY:
+        return None
+    if args.checkpoint:
+        raise InputError(f"--checkpoint goes with a built-in model; {args.model!r} is not one (a trained model "
+                         f"has its own weights)")
+    return describe_user_model(args.model)  # metadata only; an unknown name: the error lists the models
+
+
+def _segment_automatic(args, trained, volume, prompts, t0: float, t_read: float) -> int:
+    """An automatic (unet/student) trained model: the whole volume, no prompts (prompts are an error)."""
+    import numpy as np
+
+    if not prompts.is_empty():
+        raise InputError(f"model {trained.name!r} ({trained.kind}) is automatic: it segments the whole volume "
+                         f"and takes no prompts; drop --box-ijk/--roi-ijk/--point-ijk/--negative-ijk/--prompts")
+    if args.window:
+        raise InputError(f"--window cannot be used with the automatic model {trained.name!r}: it windows the CT "
+                         f"as its training cache did")
+    from .user_models import load_user_model
+
+    t1 = time.perf_counter()
+    mask = np.asarray(load_user_model(trained, device=args.device).segment_volume(volume, device=args.device))
+    if mask.shape != volume.array.shape:
+        raise SAMLiverSegError(f"model {trained.name!r} returned a mask of shape {mask.shape} for a volume of "
+                               f"shape {volume.array.shape}")
+    label = int(args.label)
+    write_output((mask > 0).astype("uint8") * label, volume, args.output, _segments_for(label, args.segment_name))
+    voxels = int((mask > 0).sum())
+    ks = np.nonzero((mask > 0).any(axis=(1, 2)))[0]
+    total = round(time.perf_counter() - t1, 3)
+    report = {"model": trained.name, "kind": trained.kind, "automatic": True, "voxels": voxels,
+              "volume_ml": round(voxels * float(np.prod(volume.spacing)) / 1000.0, 3),
+              "slices_with_mask": [int(ks[0]), int(ks[-1])] if ks.size else [], "timings": {"total_s": total},
+              "input": str(args.image), "output": str(args.output), "label": label,
+              "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
+              "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)}
+    if args.report:
+        _write_json(args.report, report)
+    print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, "
+          f"slices {report['slices_with_mask']} ({total} s)")
+    return EXIT_OK
+
+
 def cmd_segment(args) -> int:
+    from .build_sam3d import is_model3d
+
+    if is_model3d(args.model):  # SAM-Med3D: clicks -> one 3D mask (engine3d.py)
+        from .engine3d import segment_cli
+
+        return segment_cli(args)
     from .engine import PromptEngine
     from .prompts import validate_prompts
     from .volume import read_volume
@@ -189,10 +249,20 @@ def cmd_segment(args) -> int:
     t0 = time.perf_counter()
     volume = read_volume(args.image)
     _check_output_path(args.output, volume)
+    trained = _trained_model(args)  # a model trained with `samliverseg train` (user_models.py), else None
+    if trained is not None and trained.automatic:
+        return _segment_automatic(args, trained, volume, _prompts_from_args(args, volume), t0,
+                                  time.perf_counter() - t0)
     prompts = validate_prompts(_prompts_from_args(args, volume), volume.array.shape)  # before loading a model
     t_read = time.perf_counter() - t0
-    engine = PromptEngine(model=args.model, checkpoint=args.checkpoint, device=args.device, window=args.window,
-                          precision=args.precision)
+    if trained is not None:  # its trained weights and its training cache's window
+        from .user_models import load_user_model
+
+        engine = load_user_model(trained, device=args.device).engine(device=args.device, window=args.window,
+                                                                     precision=args.precision)
+    else:
+        engine = PromptEngine(model=args.model, checkpoint=args.checkpoint, device=args.device, window=args.window,
+                              precision=args.precision)
     if args.no_postprocess:
         engine.settings.fill_holes = False
         engine.settings.largest_component = False
@@ -204,6 +274,9 @@ def cmd_segment(args) -> int:
     report.update({"input": str(args.image), "output": str(args.output), "label": int(args.label),
                    "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
                    "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)})
+    if trained is not None:
+        report.update({"model": trained.name, "kind": trained.kind, "base_model": trained.metadata.get("base_model"),
+                       "model_path": str(trained.path), "window": engine.window.spec()})
     if args.report:
         _write_json(args.report, report)
     print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, "
@@ -229,10 +302,34 @@ def cmd_evaluate(args) -> int:
 
 # -- models -------------------------------------------------------------------------------------
 
+def _print_user_models() -> None:
+    from .user_models import list_user_models, models_dir
+
+    entries = list_user_models()
+    print(f"\ntrained models ({models_dir()}): {len(entries) or 'none'}")
+    for m in entries:
+        if m.error:
+            print(f"\n{m.name}: unusable: {m.error}")
+            continue
+        dice = f"{m.best_dice:.4f}" if m.best_dice is not None else "n/a"
+        how = "automatic, no prompts" if m.automatic else "interactive, prompts"
+        print(f"\n{m.name}: {m.kind} ({how}); base model {m.base_model or 'n/a'}; target {m.target or 'n/a'}; "
+              f"best val Dice {dice}")
+        print(f"  path: {m.path}")
+
+
 def cmd_models(args) -> int:
     from .build_sam import model_status
     from .weights import cache_dir, format_size
 
+    if args.register:
+        from .user_models import register_trained_model
+
+        entry = register_trained_model(args.register, name=args.name, replace=args.replace)
+        print(f"registered {entry.name} ({entry.kind}) in {entry.folder}")
+        return EXIT_OK
+    if args.name or args.replace:
+        raise InputError("--name and --replace go with --register MODEL.pth")
     print(f"weights cache: {cache_dir()}")
     for r in model_status():
         default = " (default)" if r.is_default else ""
@@ -247,6 +344,7 @@ def cmd_models(args) -> int:
                 print(f"  download: {r.download_url}")
         if r.note and r.present:
             print(f"  note: {r.note}")
+    _print_user_models()
     return EXIT_OK
 
 

@@ -28,10 +28,41 @@
 * Cancellation: ``cancel()`` is polled after every optimiser step (SIGTERM/SIGINT set it in
   ``train.py``); the trainer then saves ``last.pt`` atomically, emits ``cancelled`` and raises
   :class:`~samliverseg.errors.CancelledError` (exit code 130).
+
+Distributed data parallel (``torchrun --nproc_per_node W samliverseg train --config C.yaml``;
+``train.py`` has joined the process group, :mod:`.distributed`):
+
+* ``batch_size`` is per process: one optimiser step takes a *global* batch of
+  ``G = batch_size * W`` slices, ``order[b*G:(b+1)*G]`` of the same seeded epoch order on every
+  rank, and rank r decodes its share ``global_batch[r::W]`` (:func:`.distributed.shard`). The
+  learning rate is not rescaled.
+* Every rank draws the box jitter / points of the *whole* global batch from its trainer generator
+  (the generators stay identical on all ranks) and keeps its share's rows, so the prompts are
+  those a single process with ``batch_size = G`` draws.
+* The prompt encoder + mask decoder run as one module wrapped in
+  :func:`.distributed.wrap_ddp`; DDP averages the gradients over the ranks. The loss is a mean
+  over the samples of a batch (MONAI ``DiceCELoss``: the Dice term is computed per sample and
+  channel and averaged, the BCE term is a mean over all pixels of equally sized masks), so with
+  ``n_r`` of the batch's ``N`` samples on rank r the rank's loss is weighted by ``n_r * W / N``:
+  ``(1/W) * sum_r (n_r W / N) grad L_r = sum_r (n_r / N) grad L_r = grad L`` of the whole batch,
+  exactly a single-process step with ``batch_size = G`` (up to float rounding), also for a short
+  last batch. A rank whose share is empty decodes one sample with weight 0 (it must still take
+  part in the gradient all-reduce).
+* DDP needs every trainable parameter to receive a gradient in each step; the parameters that
+  cannot reach the loss (the IoU head, the point embeddings when no points are given, ...) are
+  found once by an autograd probe on one training slice and frozen (a single process never
+  updates them either: their gradient is always None).
+* Embeddings: rank 0 computes (or loads) them and writes the file; the other ranks wait for it
+  (``broadcast_object`` of the path) and load it. The run folder must be visible to every rank.
+* Validation: each rank scores its share of the val slices; the Dice is the sample-weighted
+  mean across ranks (the same number as a single process). Cancellation is agreed on by all
+  ranks after each step (any rank's ``cancel()`` stops all of them after the same step).
+* Checkpoints, ``model.pth``, progress lines and logs come from rank 0 only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -46,9 +77,10 @@ import torch.nn.functional as F
 
 from ..build_sam import build_model, find_model_checkpoint, get_spec
 from ..devices import resolve_device
-from ..errors import CancelledError, InputError
+from ..errors import CancelledError, InputError, SAMLiverSegError
 from ..predictor import SlicePredictor
 from . import checkpoint as ck
+from . import distributed
 from .config import TrainConfig
 from .prepare import load_manifest
 from .progress import ProgressWriter
@@ -64,6 +96,7 @@ class SliceSet:
     masks: torch.Tensor  # (N, S, S) uint8: the label in the model-input frame
     low_res: torch.Tensor  # (N, 1, L, L) float32 0/1: the loss target
     ids: List[str]  # "case:k"
+    path: Optional[Path] = None  # the embeddings file it was saved to / loaded from
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -83,6 +116,28 @@ def peak_rss_mb() -> Optional[float]:
             return None
 
 
+class PromptedDecoder(torch.nn.Module):
+    """The trained part of a SAM as one module (what DDP wraps): prompt encoder + mask decoder.
+
+    ``forward(features, boxes, point_coords, point_labels) -> low-res logits (B, 1, 4E, 4E)``,
+    the same computation as ``SamModel.decode(..., multimask_output=False)``.
+    """
+
+    def __init__(self, sam: torch.nn.Module):
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor, point_coords: Optional[torch.Tensor] = None,
+                point_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        points = None if point_coords is None else (point_coords, point_labels)
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+        low, _ = self.mask_decoder(image_embeddings=features, image_pe=self.prompt_encoder.get_dense_pe(),
+                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                   multimask_output=False)
+        return low
+
+
 class DecoderTrainer:
     def __init__(self, config: TrainConfig, progress: Optional[ProgressWriter] = None, rank: int = 0):
         self.cfg = config
@@ -91,7 +146,12 @@ class DecoderTrainer:
         self.progress = progress or ProgressWriter(rank=rank)
         if self.progress.log_path is None:
             self.progress.set_log_path(self.out / "train.log")
+        self.dist = distributed.current()
+        if self.dist.enabled:
+            self.rank = self.dist.rank
         self.device = resolve_device(config.device)
+        if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.dist.local_rank % max(1, torch.cuda.device_count()))
         self.amp = bool(config.amp and self.device.type == "cuda")
         self.spec = get_spec(config.base_model)
         self.manifest = load_manifest(Path(config.cache))
@@ -104,6 +164,9 @@ class DecoderTrainer:
             if name.startswith(self.trainable_prefixes):
                 p.requires_grad_(True)
         self.params = [p for n, p in self.model.named_parameters() if p.requires_grad]
+        self.head: torch.nn.Module = PromptedDecoder(self.model)  # DDP-wrapped in run() when distributed
+        self.frozen_unused: List[str] = []
+        self.resumed_world_size = self.dist.world_size
         self.predictor = SlicePredictor(self.model, self.device)
         self.generator = torch.Generator().manual_seed(int(config.seed))
         torch.manual_seed(config.seed)
@@ -132,7 +195,7 @@ class DecoderTrainer:
 
     def metadata(self) -> Dict[str, Any]:
         s = self.manifest.get("settings", {})
-        return {"base_model": self.spec.name, "architecture": self.spec.architecture,
+        return {"kind": "decoder", "base_model": self.spec.name, "architecture": self.spec.architecture,
                 "image_size": int(self.spec.image_size), "window": s.get("window"), "window_hu": s.get("window_hu"),
                 "spacing": s.get("spacing"), "target": self.cfg.target, "label_meaning": self.cfg.label_meaning,
                 "trained": list(self.trainable_prefixes), "cache": str(self.cfg.cache),
@@ -146,7 +209,7 @@ class DecoderTrainer:
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
                 "best_dice": self.best_dice, "epoch_loss": [self._epoch_loss_sum, self._epoch_loss_n],
                 "rng": ck.rng_state(self.generator), "config": self.cfg.to_dict(), "metadata": self.metadata(),
-                "history": self.history}
+                "history": self.history, "world_size": self.dist.world_size}
 
     def save(self, which: str) -> Path:
         path = self.out / (ck.LAST_NAME if which == "last" else ck.BEST_NAME)
@@ -170,6 +233,7 @@ class DecoderTrainer:
         self._epoch_loss_sum, self._epoch_loss_n = ckpt.get("epoch_loss", [0.0, 0])
         self.history = list(ckpt.get("history") or [])
         ck.set_rng_state(ckpt["rng"], self.generator)
+        self.resumed_world_size = int(ckpt.get("world_size") or 1)
         old = ckpt.get("config") or {}
         for k, v in self.cfg.to_dict().items():
             if k not in ck.RESUME_KEYS and k not in ("epochs", "output", "device") and old.get(k) != v:
@@ -204,6 +268,35 @@ class DecoderTrainer:
         return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _build_set(self, split: str, cancel: Callable[[], bool]) -> Optional[SliceSet]:
+        """The split's slice set; when distributed rank 0 makes (or loads) and saves it, the others load it."""
+        if not self.dist.enabled:
+            return self._build_set_local(split, cancel)
+        status: Any = None
+        error: Optional[BaseException] = None
+        s: Optional[SliceSet] = None
+        if self.rank == 0:
+            try:
+                s = self._build_set_local(split, cancel)
+                status = ("ok", str(s.path) if s is not None else None)
+            except BaseException as exc:  # told to the other ranks, then re-raised here
+                error = exc
+                status = ("cancelled" if isinstance(exc, CancelledError) else "error", str(exc))
+        status = distributed.broadcast_object(status)
+        if error is not None:
+            raise error
+        what, info = status
+        if what == "cancelled":
+            raise CancelledError(info)
+        if what == "error":
+            raise SAMLiverSegError(f"rank 0 could not prepare the {split} embeddings: {info}")
+        if self.rank == 0:
+            return s
+        if info is None:
+            return None
+        d = torch.load(info, map_location="cpu", weights_only=True)
+        return SliceSet(d["features"], d["masks"], d["low_res"], list(d["ids"]), path=Path(info))
+
+    def _build_set_local(self, split: str, cancel: Callable[[], bool]) -> Optional[SliceSet]:
         selection = self._select_slices(split)
         if not selection:
             return None
@@ -213,7 +306,7 @@ class DecoderTrainer:
             try:
                 d = torch.load(path, map_location="cpu", weights_only=True)
                 self.progress.log(f"{split}: {len(d['ids'])} slice embeddings loaded from {path}")
-                return SliceSet(d["features"], d["masks"], d["low_res"], list(d["ids"]))
+                return SliceSet(d["features"], d["masks"], d["low_res"], list(d["ids"]), path=path)
             except Exception as exc:  # a damaged cache file is recomputed
                 self.progress.log(f"{split}: cannot read {path} ({exc}); recomputing")
         S = int(self.spec.image_size)
@@ -245,7 +338,7 @@ class DecoderTrainer:
         if not keep:
             return None
         s = SliceSet(torch.stack([feats[i] for i in keep]), torch.stack([masks[i] for i in keep]),
-                     torch.stack([lows[i] for i in keep]), [ids[i] for i in keep])
+                     torch.stack([lows[i] for i in keep]), [ids[i] for i in keep], path=path)
         if self.rank == 0:
             ck.save_checkpoint({"features": s.features, "masks": s.masks, "low_res": s.low_res, "ids": s.ids}, path)
         return s
@@ -274,15 +367,51 @@ class DecoderTrainer:
             points = (c, torch.ones(c.shape[:2], dtype=torch.int64, device=self.device))
         return boxes_t, points
 
-    def _forward(self, feats: torch.Tensor, masks: torch.Tensor, jitter: bool) -> torch.Tensor:
-        boxes, points = self._prompts(masks, jitter)
+    def _decode(self, head: torch.nn.Module, feats: torch.Tensor, boxes: torch.Tensor, points) -> torch.Tensor:
+        coords, labels = points if points is not None else (None, None)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            low, _ = self.model.decode(feats.to(self.device), points=points, boxes=boxes, multimask_output=False)
+            low = head(feats.to(self.device), boxes, coords, labels)
         return low.float()
 
+    def _forward(self, feats: torch.Tensor, masks: torch.Tensor, jitter: bool) -> torch.Tensor:
+        boxes, points = self._prompts(masks, jitter)
+        return self._decode(distributed.unwrap(self.head), feats, boxes, points)
+
+    def _freeze_unused(self) -> List[str]:
+        """Freeze the trainable parameters that cannot reach the loss (DDP needs a gradient for each).
+
+        One autograd probe on the first training slice with the run's prompt structure (box,
+        ``points_per_slice`` points, no mask prompt); the trainer generator is left as it was.
+        """
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        state = self.generator.get_state()
+        boxes, points = self._prompts(self.train_set.masks[:1], jitter=True)
+        self.generator.set_state(state)
+        low = self._decode(self.head, self.train_set.features[:1], boxes, points)
+        loss = self.loss_fn(low, self.train_set.low_res[:1].to(self.device))
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        unused = [n for (n, _), g in zip(named, grads) if g is None]
+        for n, p in named:
+            if n in unused:
+                p.requires_grad_(False)
+        return unused
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (``flag`` when not distributed)."""
+        if not self.dist.enabled:
+            return bool(flag)
+        return distributed.mean_across_ranks(1.0 if flag else 0.0) > 0
+
     # ------------------------------------------------------------------ loops
-    def steps_per_epoch(self) -> int:
-        n_batches = math.ceil(len(self.train_set) / self.cfg.batch_size)
+    @property
+    def global_batch_size(self) -> int:
+        """Slices per batch over all ranks: ``batch_size`` per process times the world size."""
+        return self.cfg.batch_size * self.dist.world_size
+
+    def steps_per_epoch(self, batch: Optional[int] = None) -> int:
+        """Optimiser steps per epoch with batches of ``batch`` slices (default ``batch_size``; this
+        trainer's run passes its global batch; subclasses may call it without)."""
+        n_batches = math.ceil(len(self.train_set) / (batch or self.cfg.batch_size))
         return math.ceil(n_batches / self.cfg.grad_accum)
 
     def _order(self, epoch: int) -> torch.Tensor:
@@ -291,20 +420,29 @@ class DecoderTrainer:
 
     @torch.no_grad()
     def validate(self) -> Optional[float]:
+        """Mean 2D Dice over the val slices (each rank scores its share; sample-weighted mean)."""
         if self.val_set is None or len(self.val_set) == 0:
             return None
         self.model.eval()
-        dices = []
-        for i in range(0, len(self.val_set), self.cfg.batch_size):
-            sl = slice(i, i + self.cfg.batch_size)
-            low = self._forward(self.val_set.features[sl], self.val_set.masks[sl], jitter=False)
+        dices: List[float] = []
+        # the prompts of all val slices in order (the points come from the trainer generator, whose
+        # draws must not depend on the rank), then this rank's share
+        boxes, points = self._prompts(self.val_set.masks, jitter=False)
+        mine = list(distributed.shard(range(len(self.val_set)), self.dist))
+        head = distributed.unwrap(self.head)
+        for i in range(0, len(mine), self.cfg.batch_size):
+            sl = torch.as_tensor(mine[i:i + self.cfg.batch_size], dtype=torch.long)
+            on = sl.to(boxes.device)
+            pts = (points[0][on], points[1][on]) if points is not None else None
+            low = self._decode(head, self.val_set.features[sl], boxes[on], pts)
             pred = (low > 0).float().cpu()
             tgt = self.val_set.low_res[sl]
             inter = (pred * tgt).flatten(1).sum(1)
             denom = pred.flatten(1).sum(1) + tgt.flatten(1).sum(1)
             dices.extend(torch.where(denom > 0, 2 * inter / denom.clamp(min=1), torch.ones_like(denom)).tolist())
         self.model.train()
-        return float(np.mean(dices))
+        local = float(np.mean(dices)) if dices else 0.0
+        return distributed.mean_across_ranks(local, len(dices))
 
     def run(self, resume: bool = False, cancel: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
         cancel = cancel or (lambda: False)
@@ -322,7 +460,7 @@ class DecoderTrainer:
         if self.train_set is None or len(self.train_set) == 0:
             raise InputError(f"no training slice contains the target {cfg.target!r} in {cfg.cache} "
                              f"(labelled cases of the train split)")
-        total = self.steps_per_epoch() * cfg.epochs
+        total = self.steps_per_epoch(self.global_batch_size) * cfg.epochs
         if cfg.scheduler == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total))
         last = self.out / ck.LAST_NAME
@@ -333,15 +471,30 @@ class DecoderTrainer:
             self.restore(last)
             resumed = True
             self.progress.log(f"resumed from {last}: epoch {self.epoch}, step {self.step}")
+            if self.resumed_world_size != self.dist.world_size:
+                self.progress.log(f"warning: the checkpoint was written by a run of {self.resumed_world_size} "
+                                  f"process(es), this run has {self.dist.world_size}: the global batch "
+                                  f"(batch_size x processes) differs, so the resumed run will differ from an "
+                                  f"uninterrupted one")
+        if self.dist.enabled:
+            self.frozen_unused = self._freeze_unused()
+            if self.frozen_unused:
+                self.progress.log(f"DDP: {len(self.frozen_unused)} trainable tensors cannot reach the loss and stay "
+                                  f"frozen (e.g. {', '.join(self.frozen_unused[:3])})")
+            self.head = distributed.wrap_ddp(self.head, self.device)
+            self.progress.log(f"distributed: {self.dist.world_size} processes ({self.dist.backend}), "
+                              f"{cfg.batch_size} slices per process, global batch {self.global_batch_size}")
         self.progress.total_steps = total
         self.progress.mark_start(self.step)
         self.progress.emit("start", self.epoch, self.step, kind="decoder", base_model=self.spec.name,
                            output=str(self.out), device=str(self.device), train_slices=len(self.train_set),
                            val_slices=len(self.val_set) if self.val_set is not None else 0, epochs=cfg.epochs,
-                           resumed=resumed, target=cfg.target)
+                           resumed=resumed, target=cfg.target, world_size=self.dist.world_size,
+                           global_batch_size=self.global_batch_size)
         self.model.train()
         n = len(self.train_set)
-        bs, acc = cfg.batch_size, cfg.grad_accum
+        bs, acc = self.global_batch_size, cfg.grad_accum
+        world, distributed_run = self.dist.world_size, self.dist.enabled
         n_batches = math.ceil(n / bs)
         t_run, samples_run = time.monotonic(), 0
         while self.epoch < cfg.epochs:
@@ -352,17 +505,35 @@ class DecoderTrainer:
                 group = range(first, min(first + acc, n_batches))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_sum, count = 0.0, 0
+                global_count = 0
                 for b in group:
                     idx = order[b * bs:(b + 1) * bs]
-                    low = self._forward(self.train_set.features[idx], self.train_set.masks[idx], jitter=True)
-                    loss = self.loss_fn(low, self.train_set.low_res[idx].to(self.device))
-                    scaled = loss / len(group)
-                    if self.scaler is not None:
-                        self.scaler.scale(scaled).backward()
-                    else:
-                        scaled.backward()
-                    loss_sum += float(loss.detach()) * len(idx)
-                    count += len(idx)
+                    # the prompts of the whole (global) batch: every rank's generator draws the same
+                    boxes, points = self._prompts(self.train_set.masks[idx], jitter=True)
+                    weight = 1.0
+                    if distributed_run:
+                        rows = list(distributed.shard(range(len(idx)), self.dist))
+                        weight = len(rows) * world / len(idx)  # the DDP mean is then the whole batch's
+                        if not rows:  # no share in a short last batch: still join the all-reduce
+                            rows, weight = [0], 0.0
+                        sel = torch.as_tensor(rows, dtype=torch.long)
+                        idx, boxes = idx[sel], boxes[sel.to(boxes.device)]
+                        if points is not None:
+                            points = (points[0][sel.to(boxes.device)], points[1][sel.to(boxes.device)])
+                    last_micro = b == group[-1]
+                    sync = contextlib.nullcontext() if (last_micro or not distributed_run) else self.head.no_sync()
+                    with sync:
+                        low = self._decode(self.head, self.train_set.features[idx], boxes, points)
+                        loss = self.loss_fn(low, self.train_set.low_res[idx].to(self.device))
+                        scaled = loss / len(group) if weight == 1.0 else loss * (weight / len(group))
+                        if self.scaler is not None:
+                            self.scaler.scale(scaled).backward()
+                        else:
+                            scaled.backward()
+                    if weight > 0:
+                        loss_sum += float(loss.detach()) * len(idx)
+                        count += len(idx)
+                    global_count += len(order[b * bs:(b + 1) * bs])
                 if self.scaler is not None:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
@@ -372,13 +543,16 @@ class DecoderTrainer:
                     self.scheduler.step()
                 self.batch_in_epoch = group.stop
                 self.step += 1
+                if distributed_run:  # the global batch's mean loss, the same on every rank
+                    mean = distributed.mean_across_ranks(loss_sum / count if count else 0.0, count)
+                    loss_sum, count = mean * global_count, global_count
                 self._epoch_loss_sum += loss_sum
                 self._epoch_loss_n += count
                 samples_run += count
                 dt = time.monotonic() - t0
                 self.progress.emit("step", self.epoch, self.step, loss=loss_sum / count,
                                    lr=self.optimizer.param_groups[0]["lr"], samples_per_s=round(count / max(dt, 1e-9), 2))
-                if cancel():
+                if self._any_rank(cancel()):
                     return self._cancel()
             # end of epoch
             mean_loss = self._epoch_loss_sum / max(1, self._epoch_loss_n)
@@ -400,9 +574,10 @@ class DecoderTrainer:
             if is_best or (dice is None):
                 self.save("best")
             self.save("last")
-            if cancel() and self.epoch < cfg.epochs:
+            if self._any_rank(cancel()) and self.epoch < cfg.epochs:
                 return self._cancel(saved=True)
         model_path = self.export_model()
+        distributed.barrier()  # model.pth exists when any rank returns
         elapsed = time.monotonic() - t_run
         sps = samples_run / elapsed if elapsed > 0 else None
         self.progress.emit("done", self.epoch, self.step, best_dice=self.best_dice, model=str(model_path),
@@ -419,16 +594,17 @@ class DecoderTrainer:
         raise CancelledError(f"training cancelled; resume with --resume (checkpoint {path})")
 
     def export_model(self) -> Path:
-        """model.pth: the full model state (base + trained parts of best.pt, else last) + metadata."""
+        """model.pth: the full model state (base + trained parts of best.pt, else last) + metadata (rank 0)."""
+        path = self.out / ck.MODEL_NAME
+        if self.rank != 0:
+            return path
         src = self.out / ck.BEST_NAME
         if not src.exists():
             src = self.out / ck.LAST_NAME
         trained = ck.load_checkpoint(src)["model"]
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         state.update(trained)
-        path = self.out / ck.MODEL_NAME
-        if self.rank == 0:
-            meta = dict(self.metadata(), best_dice=self.best_dice, source=str(src), step=self.step)
-            ck.save_checkpoint({"model": state, "metadata": meta}, path)
-            self.progress.emit("checkpoint", self.epoch, self.step, path=str(path), which="model")
+        meta = dict(self.metadata(), best_dice=self.best_dice, source=str(src), step=self.step)
+        ck.save_checkpoint({"model": state, "metadata": meta}, path)
+        self.progress.emit("checkpoint", self.epoch, self.step, path=str(path), which="model")
         return path

@@ -70,6 +70,42 @@ def build_trainer(cfg, progress: ProgressWriter, rank: int = 0):
     return trainer_cls(cfg, progress=progress, rank=rank)
 
 
+def register_result(cfg, result, progress: ProgressWriter) -> Optional[str]:
+    """Register a finished run's ``model.pth`` in the user models folder (``user_models.py``).
+
+    Name: ``cfg.model_name``, else the run folder's name (made valid: other characters than
+    letters, digits, ``-_.`` become ``-``; a built-in model's name gets ``-trained``). A model of
+    that name registered from
+    this same file (a re-run or a resumed run) is replaced; one from another run is kept and this
+    model gets the first free ``NAME-2``, ``NAME-3``, ... . A failure to register is logged and
+    does not fail the (finished) training. Returns the name, or None.
+    """
+    from pathlib import Path
+
+    from .. import user_models as um
+
+    model = result.get("model") if isinstance(result, dict) else None
+    if not model or not Path(model).is_file():
+        return None
+    src = Path(model).expanduser().resolve()
+    wanted = cfg.model_name or um.name_from(Path(cfg.output).expanduser().resolve().name)
+    try:
+        name = um.validate_name(wanted)
+        existing = um.models_dir() / name / um.MODEL_FILE
+        replace = existing.is_file() and um._read_entry(existing.parent).source == str(src)
+        if not replace:
+            name = um.unique_name(name)
+        entry = um.register_trained_model(src, name=name, replace=replace)
+    except (SAMLiverSegError, OSError) as exc:
+        progress.log(f"warning: the model was not registered for use by name ({exc}); it is in {src} "
+                     f"(register it with `samliverseg models --register {src} --name NAME`)")
+        return None
+    note = f" ({wanted!r} was taken)" if name != wanted else ""
+    progress.log(f"registered the model as {name!r}{note} in {entry.folder}: use it with "
+                 f"`samliverseg segment --model {name} ...`")
+    return name
+
+
 def _is_oom(exc: BaseException) -> bool:
     oom = getattr(__import__("torch").cuda, "OutOfMemoryError", None)
     return (oom is not None and isinstance(exc, oom)) or "CUDA out of memory" in str(exc)
@@ -99,7 +135,9 @@ def run_train(args: argparse.Namespace) -> int:
         progress.set_log_path(Path(cfg.output).expanduser() / "train.log")
         distributed.setup(cfg.device)
         trainer = build_trainer(cfg, progress, rank)
-        trainer.run(resume=bool(getattr(args, "resume", False)), cancel=stop.is_set)
+        result = trainer.run(resume=bool(getattr(args, "resume", False)), cancel=stop.is_set)
+        if rank == 0:
+            register_result(cfg, result, progress)
         return EXIT_OK
     except CancelledError:
         return EXIT_CANCELLED  # the trainer has emitted `cancelled`
