@@ -70,7 +70,9 @@ def setup(device: str = "auto") -> tuple:
     if dev.type == "cuda":
         dev = torch.device("cuda", info.local_rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    # On GPUs, NCCL for the CUDA tensors (gradients) and gloo for the small CPU tensors the trainers
+    # all-reduce (metrics, the cancel vote).
+    backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return DistInfo(info.rank, info.world_size, info.local_rank, backend), dev
@@ -86,13 +88,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``DistributedDataParallel(module)`` when distributed, else the module itself."""
+def wrap_ddp(module: torch.nn.Module, device: torch.device, **ddp_kwargs: Any) -> torch.nn.Module:
+    """``DistributedDataParallel(module, **ddp_kwargs)`` when distributed, else the module itself
+    (``find_unused_parameters=True`` for a module some of whose parameters get no gradient)."""
     if not (dist.is_available() and dist.is_initialized()):
         return module
     from torch.nn.parallel import DistributedDataParallel
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
+    return DistributedDataParallel(module, device_ids=ids, **ddp_kwargs)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
