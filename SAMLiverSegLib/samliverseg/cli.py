@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .training.train import add_train_arguments
 
-    add_train_arguments(sub.add_parser("train", help="fine-tune a model on a prepared cache (trainer kind 'decoder'); "
+    add_train_arguments(sub.add_parser("train", help="train on a prepared cache (kinds: decoder, unet, adapter, student, semi); "
                                                      "progress as JSON lines on stdout"))
 
     models = sub.add_parser("models", help="list the built-in models (are their weights present?) and the trained "

@@ -7,9 +7,11 @@ Every progress line is a JSON object with at least::
 
 Events (``EVENTS``) and their extra fields:
 
-* ``start``: ``kind``, ``base_model``, ``output``, ``device``, ``train_slices``, ``val_slices``,
-  ``epochs``, ``resumed``;
-* ``step``: ``loss``, ``lr``, ``samples_per_s`` (one line per optimiser step);
+* ``start``: ``kind``, ``output``, ``device``, ``epochs``, ``resumed``, ``world_size`` and what the
+  trainer trains on (``base_model``, ``train_slices``/``val_slices`` for the slice trainers;
+  ``train_cases``/``val_cases``, ``two_stage``, ``patches_per_step`` for ``unet``);
+* ``step``: ``loss``, ``lr``, ``samples_per_s`` (one line per optimiser step; ``semi`` adds its
+  loss terms, ``lambda``/``beta`` and the confident-voxel fraction);
 * ``epoch``: ``losses`` (``{"train": mean loss of the epoch}``), ``lr``;
 * ``validation``: ``dice`` (mean 2D Dice on the val slices), ``best_dice``, ``is_best``;
 * ``checkpoint``: ``path``, ``which`` (``"last"`` | ``"best"`` | ``"model"``);
