@@ -12,7 +12,8 @@ Inputs
   ``{"image": ..., "label": ...}`` (an entry without ``"label"`` is an unlabelled case);
   ``"test"``: image paths (or ``{"image": ...}``), taken as unlabelled cases in the ``test``
   split; ``"unlabelled"``/``"unlabeled"``: image paths, unlabelled cases. Paths are relative to
-  the json's folder. An entry may carry a ``"patient"`` key (see patient ids below).
+  the json's folder. An entry may carry a ``"patient"`` key (see patient ids below) and a
+  ``"split"`` key, ``"train"``, ``"val"`` or ``"test"`` (see the explicit split below).
 * a folder of image/label pairs. Pairing rule, first that applies:
 
   1. sub-folders ``imagesTr/`` + ``labelsTr/`` (or ``images/`` + ``labels/``): an image and its
@@ -45,6 +46,18 @@ patient when there are two or more patients and ``val_fraction > 0``; at least o
 always). Every case of a val patient, labelled or not, is in ``val``; all other cases are in
 ``train``, except the dataset's own test cases (``"test"`` in dataset.json, ``imagesTs/``), which
 are in ``test``. So unlabelled cases go to ``train`` unless their patient is a val patient.
+
+Explicit split. A case's split can be fixed instead: by a ``"split"`` key on its dataset.json
+entry, or by ``--split-file JSON``, a JSON object mapping case ids to ``"train"``, ``"val"`` or
+``"test"`` (``{"liver_0": "train", "liver_7": "test"}``; the split file wins over the entry's
+key, which wins over the dataset's own test section). A split file naming a case id that is not
+in the input, or any value other than those three, is an :class:`InputError` (a typo must not
+silently put a case into training). The seeded patient split above then runs over the remaining
+cases only (``val_fraction`` of *their* labelled cases). An explicit split may put cases of one
+patient into different splits (a lesion-wise split of one patient's derived labels, say); this
+is allowed and logged, since it is the caller's decision. Each manifest entry records where its
+split came from in ``split_source``: ``"explicit"``, ``"dataset"`` (the dataset's test cases) or
+``"random"``. The split is no part of ``case_hash``: changing it reuses the converted ``.npz``.
 
 Conversion and the cache
 ------------------------
@@ -82,10 +95,11 @@ manifest.json (written atomically)
      "inputs": {"dataset": ".../dataset.json" | null, "unlabelled": "..." | null},
      "settings": {"window": "abdomen", "window_hu": [-160, 240], "spacing": null | [sx, sy, sz],
                   "labels": null | {"1": 1, "2": 2}, "val_fraction": 0.2, "seed": 0,
-                  "settings_hash": "..."},
+                  "split_file": null | "...", "explicit_splits": n, "settings_hash": "..."},
      "dataset_labels": {"0": "background", ...} | null,        # from an MSD dataset.json
      "cases": [{"id": "p1_0", "patient": "p1", "file": "cases/p1_0.npz", "image": "...",
                 "label": "..." | null, "labelled": true, "split": "train" | "val" | "test",
+                "split_source": "random" | "explicit" | "dataset",
                 "shape": [k, j, i], "spacing": [si, sj, sk], "original_shape": [k, j, i],
                 "original_spacing": [si, sj, sk], "label_values": [0, 1, 2],
                 "case_hash": "...", "reused": false}],
@@ -128,6 +142,7 @@ LABEL_SUFFIXES = ("_label", "_labels", "_seg", "_segmentation", "_mask")
 _PAIR_DIRS = (("imagesTr", "labelsTr"), ("images", "labels"))
 _SERIES_SUFFIX = re.compile(r"^(?P<base>.+?)[_-]\d+$")
 _NNUNET_CHANNEL = re.compile(r"_0000$")
+SPLITS = ("train", "val", "test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +157,7 @@ class CaseSource:
     label: Optional[Path]
     patient: str
     test: bool = False  # the dataset's own test case (MSD "test", imagesTs/)
+    split: Optional[str] = None  # an explicit split ("train" | "val" | "test"), else None
 
 
 @dataclass
@@ -227,7 +243,11 @@ def _discover_dataset_json(path: Path) -> _Found:
             label_path = (root / label).resolve() if isinstance(label, str) else None
             name = case_name(image)
             pid = str(entry["patient"]) if entry.get("patient") not in (None, "") else patient_id(name)
-            found.cases.append(CaseSource(name, image, label_path, pid, test=(key == "test")))
+            split = entry.get("split")
+            if split is not None and split not in SPLITS:
+                raise InputError(f"entry {n} of '{key}' in {path}: 'split' must be one of {', '.join(SPLITS)}, "
+                                 f"got {split!r}")
+            found.cases.append(CaseSource(name, image, label_path, pid, test=(key == "test"), split=split))
     return found
 
 
@@ -346,6 +366,38 @@ def split_patients(labelled_per_patient: Mapping[str, int], val_fraction: float 
     if not val:
         val.add(min(ids, key=lambda p: labelled_per_patient[p]))  # first smallest in shuffled order
     return val
+
+
+def load_split_file(path: Path) -> Dict[str, str]:
+    """``--split-file``: a JSON object ``{case id: "train" | "val" | "test"}``; InputError otherwise."""
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"--split-file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read --split-file {p}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not data:
+        raise InputError(f"--split-file {p} must be a JSON object mapping case ids to "
+                         f"{', '.join(SPLITS)} (e.g. {{\"liver_0\": \"train\"}})")
+    bad = {k: v for k, v in data.items() if v not in SPLITS}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise InputError(f"--split-file {p}: the split of {k!r} must be one of {', '.join(SPLITS)}, got {v!r}")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def apply_split_file(cases: Sequence[CaseSource], splits: Mapping[str, str], source: str = "--split-file") -> int:
+    """Set ``case.split`` from ``splits`` (case id -> split); every id must be a case. Returns the count."""
+    by_id = {c.id: c for c in cases}
+    unknown = sorted(k for k in splits if k not in by_id)
+    if unknown:
+        known = ", ".join(sorted(by_id)[:5]) + (", ..." if len(by_id) > 5 else "")
+        raise InputError(f"{source} names {len(unknown)} case id(s) that are not in the input: "
+                         f"{', '.join(unknown[:5])} (case ids are the image file names without their ending: {known})")
+    for k, v in splits.items():
+        by_id[k].split = v
+    return len(splits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,10 +587,13 @@ def _npz_shape(z: Any, key: str) -> List[int]:
 def prepare_dataset(output: Path, dataset: Optional[Path] = None, unlabelled: Optional[Path] = None,
                     window: str = "abdomen", spacing: Optional[Sequence[float]] = None,
                     val_fraction: float = 0.2, seed: int = 0, labels: Optional[str] = None,
-                    force: bool = False, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+                    force: bool = False, log: Optional[Callable[[str], None]] = None,
+                    split_file: Optional[Path] = None) -> Dict[str, Any]:
     """Convert the inputs into the cache at ``output``; returns the manifest (also written there).
 
-    Raises :class:`InputError` for unusable input (no images, no case that could be converted).
+    ``split_file``: a JSON file ``{case id: "train" | "val" | "test"}`` fixing those cases' split
+    (module docstring). Raises :class:`InputError` for unusable input (no images, no case that
+    could be converted, a bad split file).
     """
     log = log or (lambda msg: None)
     w = get_window(window)
@@ -555,6 +610,9 @@ def prepare_dataset(output: Path, dataset: Optional[Path] = None, unlabelled: Op
         for src, dst in mapping.items():
             lut[src] = dst
     found = discover(Path(dataset) if dataset is not None else None, Path(unlabelled) if unlabelled is not None else None)
+    if split_file is not None:
+        apply_split_file(found.cases, load_split_file(Path(split_file)), f"--split-file {split_file}")
+    explicit = {c.id: c.split for c in found.cases if c.split is not None}
     if not found.cases:
         reasons = "; ".join(f"{p.case}: {p.reason}" for p in found.problems[:3])
         raise InputError(f"no usable case in the input ({len(found.problems)} problem(s): {reasons})")
@@ -601,11 +659,24 @@ def prepare_dataset(output: Path, dataset: Optional[Path] = None, unlabelled: Op
 
     per_patient: Dict[str, int] = {}
     for e in entries:
-        if e["labelled"] and not e["test"]:
+        if e["labelled"] and not e["test"] and e["id"] not in explicit:
             per_patient[e["patient"]] = per_patient.get(e["patient"], 0) + 1
     val_patients = split_patients(per_patient, val_fraction, seed)
     for e in entries:
-        e["split"] = "test" if e.pop("test") else ("val" if e["patient"] in val_patients else "train")
+        test = e.pop("test")
+        if e["id"] in explicit:
+            e["split"], e["split_source"] = explicit[e["id"]], "explicit"
+        elif test:
+            e["split"], e["split_source"] = "test", "dataset"
+        else:
+            e["split"], e["split_source"] = ("val" if e["patient"] in val_patients else "train"), "random"
+    patient_splits: Dict[str, Set[str]] = {}
+    for e in entries:
+        patient_splits.setdefault(e["patient"], set()).add(e["split"])
+    for pid, sp in sorted(patient_splits.items()):
+        if len(sp) > 1 and any(e["patient"] == pid and e["split_source"] == "explicit" for e in entries):
+            log(f"note: patient {pid} has cases in {' and '.join(s for s in SPLITS if s in sp)} "
+                f"(explicit split): make sure no label of a test/val case is used in training")
 
     counts = {s: sum(e["split"] == s for e in entries) for s in ("train", "val", "test")}
     manifest = {
@@ -616,7 +687,10 @@ def prepare_dataset(output: Path, dataset: Optional[Path] = None, unlabelled: Op
                    "unlabelled": str(Path(unlabelled).expanduser().resolve()) if unlabelled is not None else None},
         "settings": {"window": w.spec(), "window_hu": [w.low, w.high], "spacing": list(spacing) if spacing else None,
                      "labels": {str(k): v for k, v in sorted(mapping.items())} if mapping else None,
-                     "val_fraction": val_fraction, "seed": seed, "settings_hash": s_hash},
+                     "val_fraction": val_fraction, "seed": seed,
+                     "split_file": str(Path(split_file).expanduser().resolve()) if split_file is not None else None,
+                     "explicit_splits": sum(e["split_source"] == "explicit" for e in entries),
+                     "settings_hash": s_hash},
         "dataset_labels": found.dataset_labels,
         "cases": entries,
         "problems": [p.as_dict() for p in problems],
@@ -670,6 +744,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="fraction of the labelled cases in the validation split, by patient (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    parser.add_argument("--split-file", default=None, metavar="JSON",
+                        help="a JSON object {case id: train|val|test} fixing those cases' split (the others are "
+                             "split by patient as usual); a dataset.json entry may also carry \"split\"")
     parser.add_argument("--labels", default=None, metavar="SRC:DST,...",
                         help="map label values, e.g. '1:1,2:2' (unlisted values become 0); default: keep them "
                              "(0 background, 1 liver, 2 tumour)")
@@ -684,7 +761,8 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     manifest = prepare_dataset(output=Path(args.output), dataset=args.dataset, unlabelled=args.unlabelled,
                                window=args.window, spacing=args.spacing, val_fraction=args.val_fraction,
-                               seed=args.seed, labels=args.labels, force=getattr(args, "force", False), log=log)
+                               seed=args.seed, labels=args.labels, force=getattr(args, "force", False), log=log,
+                               split_file=getattr(args, "split_file", None))
     print(summary_text(manifest))
     print(f"manifest: {Path(args.output).expanduser() / MANIFEST_NAME}")
     return 0
