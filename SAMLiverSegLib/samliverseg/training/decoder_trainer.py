@@ -451,6 +451,11 @@ class DecoderTrainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.progress.log(f"decoder fine-tuning of {self.spec.name} on {self.device} (target {cfg.target}); "
                           f"run folder {self.out}")
+        last = self.out / ck.LAST_NAME
+        if resume:  # refuse a wrong checkpoint before minutes of embedding precompute
+            if not last.exists():
+                raise ck.CheckpointError(f"--resume: no checkpoint {last} to resume from")
+            ck.load_for_resume(last, cfg.to_dict(), sorted(self.trainable_state()))
         try:
             self.train_set = self._build_set("train", cancel)
             self.val_set = self._build_set("val", cancel)
@@ -463,11 +468,8 @@ class DecoderTrainer:
         total = self.steps_per_epoch(self.global_batch_size) * cfg.epochs
         if cfg.scheduler == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total))
-        last = self.out / ck.LAST_NAME
         resumed = False
         if resume:
-            if not last.exists():
-                raise ck.CheckpointError(f"--resume: no checkpoint {last} to resume from")
             self.restore(last)
             resumed = True
             self.progress.log(f"resumed from {last}: epoch {self.epoch}, step {self.step}")

@@ -14,7 +14,7 @@ Exit codes:
 2     bad input: config (unknown key, bad value), cache, model name (``error`` event)
 3     checkpoint problem: unreadable/incompatible resume checkpoint, base weights
       missing, a checkpoint that cannot be written (full disk) (``error`` event)
-4     out of memory on the GPU (``error`` event suggests a smaller ``batch_size``)
+4     out of memory, GPU or CPU RAM (``error`` event suggests a smaller batch or patch)
 130   cancelled by SIGTERM/SIGINT (``cancelled`` event; state saved in ``last.pt``)
 1     an unexpected error (``error`` event with the exception's text)
 ====  ==========================================================================
@@ -106,9 +106,26 @@ def register_result(cfg, result, progress: ProgressWriter) -> Optional[str]:
     return name
 
 
-def _is_oom(exc: BaseException) -> bool:
+def _oom_kind(exc: BaseException) -> Optional[str]:
+    """'cuda' / 'cpu' when ``exc`` is an out-of-memory error of that device, else None.
+
+    torch's CPU allocator raises a RuntimeError ("DefaultCPUAllocator: can't allocate memory"),
+    not a MemoryError; CUDA raises torch.cuda.OutOfMemoryError (a RuntimeError)."""
     oom = getattr(__import__("torch").cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(exc, oom)) or "CUDA out of memory" in str(exc)
+    text = str(exc)
+    if (oom is not None and isinstance(exc, oom)) or "CUDA out of memory" in text:
+        return "cuda"
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text or "DefaultCPUAllocator" in text:
+        return "cpu"
+    return None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return _oom_kind(exc) is not None
+
+
+OOM_ADVICE = ("lower batch_size (unet: batch_cases, num_samples or patch_size; decoder/adapter: "
+              "max_slices_per_case), or use amp: true on a GPU")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -126,7 +143,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     old = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGBREAK: what a Windows process manager can send to a process group (CTRL_BREAK_EVENT)
+        for sig in (signal.SIGTERM, signal.SIGINT) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
             old[sig] = signal.signal(sig, _on_signal)
     try:
         from pathlib import Path
@@ -146,14 +164,11 @@ def run_train(args: argparse.Namespace) -> int:
         progress.log(f"error: {msg}")
         progress.emit("error", message=msg, exit_code=exc.exit_code)
         return exc.exit_code
-    except MemoryError:
-        msg = "out of memory (CPU RAM): lower batch_size or max_slices_per_case"
-        progress.log(f"error: {msg}")
-        progress.emit("error", message=msg, exit_code=EXIT_OOM)
-        return EXIT_OOM
     except Exception as exc:  # noqa: BLE001 - reported as an event, never a silent crash
-        if _is_oom(exc):
-            msg = "CUDA out of memory: lower batch_size (or max_slices_per_case), or use amp: true"
+        kind = _oom_kind(exc)
+        if kind is not None:
+            where = "CUDA out of memory" if kind == "cuda" else "out of memory (CPU RAM)"
+            msg = f"{where}: {OOM_ADVICE}; the last checkpoint (if any) is unchanged, continue with --resume"
             progress.log(f"error: {msg}")
             progress.emit("error", message=msg, exit_code=EXIT_OOM)
             return EXIT_OOM
