@@ -15,9 +15,13 @@ Submodules (import them explicitly; this package imports nothing heavy at Slicer
 * :mod:`.markups_prompts` - markups point lists / ROIs -> ``Prompts``.
 * :mod:`.segment_writer` - masks into segments through ``vtkSlicerSegmentEditorLogic``
   (editable area, overwrite mode, undo).
-* :mod:`.effect_logic` - the state machine of the "Segment Anything" effect, its background
-  tasks, and the display of prompts / preview as MRML nodes.
-* :mod:`.module_logic` - "Segment liver" / "Segment tumor" from markups; model status.
+* :mod:`.effect_logic` - the state machine of the "Segment Anything" effect (2D models with
+  propagation; SAM-Med3D clicks in any view), its background tasks, and the display of prompts,
+  preview and the uncertainty overlay as MRML nodes.
+* :mod:`.module_logic` - "Segment liver" / "Segment tumor" from markups; model status and
+  choices (trained models included); the training plot's table/plot nodes.
+* :mod:`.training_process` - the training panel: prepare/train subprocesses, stop/resume,
+  progress state.
 * :mod:`.constants` - the choices offered in the GUI (imports nothing).
 * :mod:`.process` - subprocess manager for batch jobs (reader thread, poll, kill the tree).
 * :mod:`.batch` - a folder of CT files -> a queue of ``samliverseg segment`` runs.
