@@ -25,7 +25,7 @@ from samliverseg.build_sam import ModelSpec, build_sam_vit, register_model, unre
 from samliverseg.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling.slicing_student import load_student, student_from_sam
 from samliverseg.phantom import make_phantom
-from samliverseg.student_inference import predict_probabilities
+from samliverseg.student_inference import predict_probabilities, segment_volume
 from samliverseg.training import checkpoint as ck
 from samliverseg.training import semi_math as sm
 from samliverseg.training.config import config_from_dict
@@ -55,18 +55,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def models_folder(tmp_path_factory):
-    """`samliverseg train` registers finished models: keep them out of the user's folder."""
-    old = os.environ.get("SAMLIVERSEG_MODELS")
-    os.environ["SAMLIVERSEG_MODELS"] = str(tmp_path_factory.mktemp("user_models"))
-    yield
-    if old is None:
-        os.environ.pop("SAMLIVERSEG_MODELS", None)
-    else:
-        os.environ["SAMLIVERSEG_MODELS"] = old
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -275,13 +263,14 @@ def test_end_to_end_losses_schedule_and_outputs(run, data):
     meta = model["metadata"]
     assert meta["kind"] == "semi" and meta["window"] == "abdomen" and meta["label_meaning"].startswith("label > 0")
     assert meta["slab_depth"] == 4 and meta["hidden"] == 8 and meta["best_dice"] == run["res"]["best_dice"]
-    # the model is a student: loadable and usable for prompt-free inference
+    # the model is a student: prompt-free inference with segment_volume (what `segment --model` runs)
     student, meta2 = load_student(out / "model.pth", kinds=("student", "semi"))
+    assert meta2["kind"] == "semi" and student.decoder_norm == meta2["decoder_norm"]
     p = make_phantom((10, 40, 40), (5.0, 5.0, 7.0), seed=9, n_tumors=1)
     prob = predict_probabilities(student, meta2, p.to_volume())
     assert prob.shape == (10, 40, 40) and 0.0 <= prob.min() and prob.max() <= 1.0
-    with pytest.raises(CheckpointError, match="semi"):
-        load_student(out / "model.pth", kinds=("student",))
+    mask = segment_volume(out / "model.pth", p.to_volume(), device="cpu")
+    assert mask.dtype == np.uint8 and mask.shape == (10, 40, 40) and np.array_equal(mask, (prob > 0.5).astype(np.uint8))
     # frozen phase-2 pseudo-labels and the uncertainty maps on the case grids
     assert len(list((out / "pseudo_labels").glob("*.pt"))) == 4
     for c in tr.unlabelled + tr.val:
@@ -399,6 +388,7 @@ sys.exit(main(sys.argv[1:]))
     return script
 
 
+@pytest.mark.slow
 def test_cli_sigterm_then_resume_through_the_progress_protocol(run, data, tmp_path, capsys):
     cfg = tmp_path / "semi.yaml"
     cfg.write_text(json.dumps(cfg_dict(data, tmp_path / "cli")))
@@ -427,6 +417,7 @@ def test_cli_sigterm_then_resume_through_the_progress_protocol(run, data, tmp_pa
     assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-6, rtol=0) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_identical_ema_and_pseudo_labels(data, tmp_path):
     """torchrun, 2 CPU ranks (gloo): every rank ends with the same θ and θ' and computes the same
     pseudo-labels (hashes written by each rank, ``semi.rank_hashes``)."""

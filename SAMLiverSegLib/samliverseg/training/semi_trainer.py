@@ -8,8 +8,8 @@ targets, and frozen SAM teachers (``teachers.py``: ``lite_medsam`` by default, o
 multi-augmentation prompt ensemble (Algorithm 2). The result is a student whose decoder holds the
 EMA weights with the best validation Dice; ``model.pth`` has the layout and metadata of a
 ``student`` model with ``kind: "semi"``: ``slicing_student.load_student(path, kinds=("student",
-"semi"))`` rebuilds it, and ``user_models`` sends kind ``semi`` to
-``student_inference.segment_volume`` (prompt-free inference, Algorithm 1).
+"semi"))`` rebuilds it, and ``student_inference.segment_volume`` (which ``user_models`` and
+``samliverseg segment --model`` use for kind ``semi``) runs it prompt-free (Algorithm 1).
 
 Data
 ----
