@@ -337,7 +337,7 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not self.ensureDependencies():
             return
-        from samliverseg.errors import SAMLiverSegError
+        from samliverseg.core.errors import SAMLiverSegError
         from SAMLiverSegLogic import volume_nodes
 
         try:
@@ -429,7 +429,7 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onBatchStart(self) -> None:
         if not self.ensureDependencies():
             return
-        from samliverseg.errors import SAMLiverSegError
+        from samliverseg.core.errors import SAMLiverSegError
         from SAMLiverSegLogic import batch
 
         p = self._parameterNode
@@ -480,7 +480,7 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTrainStart(self) -> None:
         if not self.ensureDependencies():
             return
-        from samliverseg.errors import SAMLiverSegError
+        from samliverseg.core.errors import SAMLiverSegError
         from SAMLiverSegLogic import training_process
 
         p = self._parameterNode
@@ -507,7 +507,7 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTrainResume(self) -> None:
         if not self.ensureDependencies():
             return
-        from samliverseg.errors import SAMLiverSegError
+        from samliverseg.core.errors import SAMLiverSegError
 
         request = self.logic.trainingRequest(self._parameterNode)
         job = self.trainingJob
@@ -688,7 +688,7 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
 
     def _phantomScene(self):
         import numpy as np
-        from samliverseg.phantom import make_phantom
+        from samliverseg.demo.phantom import make_phantom
         from SAMLiverSegLogic import volume_nodes
 
         ph = make_phantom((24, 96, 112), (3.0, 3.0, 5.0), seed=3, n_tumors=1, scale=0.75)
@@ -790,7 +790,7 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
     def test_SAMLiverSeg_TrainingPanel(self):
         """The training panel without training: the request built from the parameter node, its
         validation, and the loss / Dice plot nodes shown in a plot widget."""
-        from samliverseg.errors import InputError
+        from samliverseg.core.errors import InputError
         from SAMLiverSegLogic import module_logic, training_process
 
         logic = SAMLiverSegLogic()

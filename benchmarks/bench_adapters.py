@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samliverseg import sample_data
-from samliverseg.build_sam import build_lite_medsam, build_model, build_sam_vit_b
+from samliverseg.demo import sample_data
+from samliverseg.models.build_sam import build_lite_medsam, build_model, build_sam_vit_b
 from samliverseg.modeling.adapters import AdapterConfig, apply_adapters, count_parameters, load_adapted_model
-from samliverseg.predictor import SlicePredictor
+from samliverseg.interactive.predictor import SlicePredictor
 
 
 def parameter_table(cfg: AdapterConfig) -> list:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from samliverseg.engine import PromptEngine
-from samliverseg.evaluation import evaluate
-from samliverseg.maskutil import bbox_2d, interior_point, middle_slice
-from samliverseg.prompts import Prompts, SliceBox
-from samliverseg import sample_data
+from samliverseg.interactive.engine import PromptEngine
+from samliverseg.core.evaluation import evaluate
+from samliverseg.core.maskutil import bbox_2d, interior_point, middle_slice
+from samliverseg.core.prompts import Prompts, SliceBox
+from samliverseg.demo import sample_data
 
 
 def peak_rss_mb() -> float:

@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from samliverseg.build_sam3d import build_sam_med3d_tiny, build_sam_med3d_vit_b, count_parameters
-from samliverseg.devices import resolve_device
+from samliverseg.models.build_sam3d import build_sam_med3d_tiny, build_sam_med3d_vit_b, count_parameters
+from samliverseg.core.devices import resolve_device
 
 
 def peak_rss_mb() -> float:
@@ -73,8 +73,8 @@ def time_decoder(model, device, repeats: int) -> list:
 def bench_engine(model, device) -> None:
     import numpy as np
 
-    from samliverseg import sample_data
-    from samliverseg.engine3d import Sam3DEngine, Sam3DSettings
+    from samliverseg.demo import sample_data
+    from samliverseg.interactive.engine3d import Sam3DEngine, Sam3DSettings
 
     if sample_data.shared_data_dir() is None:
         print(f"engine: skipped ({sample_data.missing_reason()})")

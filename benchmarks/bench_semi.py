@@ -6,7 +6,7 @@
         [--skip-long] [--json out.json] [--work DIR --keep]   (see --help for the training options)
 
 It prints a table (it is no test). The truth is known because every volume is a synthetic phantom
-(``samliverseg.phantom``; target: the liver, label > 0). What it does:
+(``samliverseg.demo.phantom``; target: the liver, label > 0). What it does:
 
 * **Data.** ``--labelled`` k + ``--val`` labelled phantoms (seeds 0, 1, ...) and ``--unlabelled``
   phantoms (seeds 100, ...; their labels are never written) are converted with
@@ -71,7 +71,7 @@ sys.path.insert(0, str(ROOT / "SAMLiverSegLib"))
 
 
 def make_data(work: Path, args) -> Dict[str, Any]:
-    from samliverseg.phantom import make_phantom
+    from samliverseg.demo.phantom import make_phantom
     from samliverseg.training.prepare import prepare_dataset
 
     lab, unl, test = work / "labelled", work / "unlabelled", work / "test"
@@ -164,8 +164,8 @@ def test_dice(model_paths: List[str], tests, threads: int) -> List[List[float]]:
     import torch
 
     from samliverseg.modeling.slicing_student import load_student, slab_plan
-    from samliverseg.student_inference import model_window
-    from samliverseg.windowing import apply_window
+    from samliverseg.automatic.student import model_window
+    from samliverseg.core.windowing import apply_window
 
     torch.set_num_threads(threads)
     models = [load_student(p, kinds=("student", "semi")) for p in model_paths]

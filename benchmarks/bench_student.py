@@ -35,15 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samliverseg import sample_data
-from samliverseg.build_sam import find_model_checkpoint
-from samliverseg.evaluation import evaluate
+from samliverseg.demo import sample_data
+from samliverseg.models.build_sam import find_model_checkpoint
+from samliverseg.core.evaluation import evaluate
 from samliverseg.modeling.slicing_student import build_slicing_student, predict_volume, slab_plan
-from samliverseg.phantom import make_phantom
+from samliverseg.demo.phantom import make_phantom
 from samliverseg.training.prepare import prepare_dataset, split_patients
 from samliverseg.training.progress import read_events
-from samliverseg.volume import Volume
-from samliverseg.windowing import apply_window
+from samliverseg.io.volume import Volume
+from samliverseg.core.windowing import apply_window
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def finetune(args, work: Path) -> dict:
     vals = [e for e in events if e["event"] == "validation"]
     done = events[-1]
 
-    from samliverseg.student_inference import segment_volume
+    from samliverseg.automatic.student import segment_volume
     t0, c0 = time.perf_counter(), time.process_time()
     mask = segment_volume(run / "model.pth", vol, device=args.device)
     infer_s, infer_cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -29,7 +29,7 @@ It prints tables (it is no test). What it does:
   used and excluded, the time of the embedding precompute (from the trainer's log), training
   throughput (samples/s, from the ``done`` event), the trainer's peak RSS, the train loss of the
   first and last epoch, wall time.
-* **Evaluation** on the original CT with :class:`~samliverseg.engine.PromptEngine`, as
+* **Evaluation** on the original CT with :class:`~samliverseg.interactive.engine.PromptEngine`, as
   ``bench_engine.py`` does (its functions are reused): per lesion, the 3D Dice of one box on the
   lesion's middle slice (the lesion's bounding box there + ``--margin`` voxels) + propagation,
   and the mean 2D Dice of one box per slice on every slice of the lesion. Zero-shot
@@ -65,11 +65,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import box_prompt, equivalent_diameter_mm, peak_rss_mb, print_table, run_one  # noqa: E402
 
 from samliverseg import sample_data  # noqa: E402
-from samliverseg.build_sam import find_model_checkpoint, get_spec  # noqa: E402
-from samliverseg.engine import PromptEngine  # noqa: E402
-from samliverseg.evaluation import evaluate  # noqa: E402
-from samliverseg.maskutil import bbox_2d  # noqa: E402
-from samliverseg.prompts import Prompts, SliceBox  # noqa: E402
+from samliverseg.models.build_sam import find_model_checkpoint, get_spec  # noqa: E402
+from samliverseg.interactive.engine import PromptEngine  # noqa: E402
+from samliverseg.core.evaluation import evaluate  # noqa: E402
+from samliverseg.core.maskutil import bbox_2d  # noqa: E402
+from samliverseg.core.prompts import Prompts, SliceBox  # noqa: E402
 from samliverseg.training.prepare import prepare_dataset  # noqa: E402
 from samliverseg.training.progress import read_events  # noqa: E402
 

@@ -62,7 +62,7 @@ def dice(a, b) -> float:
 # ---------------------------------------------------------------------------------------------
 def prepare_phantoms(work: Path) -> Path:
     import SimpleITK as sitk
-    from samliverseg.phantom import make_phantom
+    from samliverseg.demo.phantom import make_phantom
     from samliverseg.training.prepare import prepare_dataset
     data = work / "phantom-pairs"
     data.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def prepare_phantoms(work: Path) -> Path:
 def prepare_ircadb(work: Path) -> Path:
     """Two cases (cranial / caudal half) of ircadb patient 1 in a 2 mm cache; the volume path for inference."""
     import SimpleITK as sitk
-    from samliverseg import sample_data
+    from samliverseg.demo import sample_data
     from samliverseg.training.prepare import prepare_dataset
     vol, masks = sample_data.load_ircadb()
     label = (masks["liver"] > 0).astype(np.uint8)
@@ -123,12 +123,12 @@ class _Events:
 
 def train_case(args) -> dict:
     import torch
-    from samliverseg.errors import CancelledError
+    from samliverseg.core.errors import CancelledError
     from samliverseg.training import checkpoint as ck
     from samliverseg.training.config import config_from_dict
     from samliverseg.training.progress import ProgressWriter
-    from samliverseg.training.unet_trainer import UNetTrainer, target_mask
-    from samliverseg.unet_inference import UNetModel, predict_mask
+    from samliverseg.training.unet import UNetTrainer, target_mask
+    from samliverseg.automatic.unet import UNetModel, predict_mask
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,8 +179,8 @@ def train_case(args) -> dict:
            "last_epoch_loss": epoch_losses[-1] if epoch_losses else None}
     if args.full_volume:
         import SimpleITK as sitk
-        from samliverseg.unet_inference import segment_volume
-        from samliverseg.volume import Volume
+        from samliverseg.automatic.unet import segment_volume
+        from samliverseg.io.volume import Volume
         model_pth = trainer.export_model()  # from last.pt (no best.pt: no validation during the run)
         vol = Volume.from_sitk(sitk.ReadImage(args.full_volume))
         liver = np.load(args.full_liver)["liver"]
@@ -224,7 +224,7 @@ def main() -> int:
         ap.error(f"unknown case(s) {bad}; choose from {CASES}")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_unet_"))
     work.mkdir(parents=True, exist_ok=True)
-    from samliverseg import sample_data
+    from samliverseg.demo import sample_data
     print(f"U-Net CPU benchmark: budget {args.budget_s:g} s of training per case; network channels {args.channels}, "
           f"{args.res_units} residual units, patch {args.patch}^3, 2 crops per case, Novograd lr 0.008; "
           f"{os.cpu_count()} CPUs (threads {args.threads or 'default'}); work folder {work}", flush=True)

@@ -9,7 +9,7 @@ against a real ``vtkMRMLScene``.
 Submodules (import them explicitly; this package imports nothing heavy at Slicer startup):
 
 * :mod:`.geometry` - IJK/RAS/LPS matrices of volume nodes (parent transforms included).
-* :mod:`.volume_nodes` - ``vtkMRMLScalarVolumeNode`` <-> ``samliverseg.volume.Volume``; masks
+* :mod:`.volume_nodes` - ``vtkMRMLScalarVolumeNode`` <-> ``samliverseg.io.volume.Volume``; masks
   <-> ``vtkOrientedImageData`` and segments on the volume grid.
 * :mod:`.slice_clicks` - slice-view clicks (XY) -> RAS -> IJK -> ``Prompts``.
 * :mod:`.markups_prompts` - markups point lists / ROIs -> ``Prompts``.

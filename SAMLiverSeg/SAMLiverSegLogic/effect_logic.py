@@ -24,7 +24,7 @@ import vtk
 
 import slicer
 
-from samliverseg.errors import CancelledError, InputError, PromptError, SAMLiverSegError
+from samliverseg.core.errors import CancelledError, InputError, PromptError, SAMLiverSegError
 
 from . import geometry, markups_prompts, segment_writer, slice_clicks, volume_nodes
 
@@ -53,7 +53,7 @@ class Outcome:
 def is_model_3d(name: Optional[str]) -> bool:
     """True for a native 3D model (SAM-Med3D); False when the library lacks them."""
     try:
-        from samliverseg.build_sam3d import is_model3d
+        from samliverseg.models.build_sam3d import is_model3d
     except ImportError:
         return False
     return bool(name) and is_model3d(name)
@@ -110,7 +110,7 @@ class SegmentAnythingSession:
     @staticmethod
     def _default_engine_factory(s: EngineSettings):
         if is_model_3d(s.model):
-            from samliverseg.engine3d import Sam3DEngine
+            from samliverseg.interactive.engine3d import Sam3DEngine
 
             return Sam3DEngine(model=s.model, checkpoint=s.checkpoint, device=s.device)
         from .module_logic import build_engine  # a built-in model, or a trained one (user_models)
@@ -370,7 +370,7 @@ class SegmentAnythingSession:
         ``segment_mask`` (the selected segment's voxels on the source volume's grid, [k, j, i]).
 
         Returns ``fn(progress, cancel) -> Outcome`` whose ``data`` is a
-        :class:`samliverseg.uncertainty.UncertaintyMap` (the prompt-ensemble variance), or an
+        :class:`samliverseg.interactive.uncertainty.UncertaintyMap` (the prompt-ensemble variance), or an
         :class:`Outcome` saying why there is nothing to analyse.
         """
         if self.volume is None:
@@ -388,7 +388,7 @@ class SegmentAnythingSession:
         return lambda progress=None, cancel=None: self._compute_uncertainty(mask, axis, progress, cancel)
 
     def _compute_uncertainty(self, mask, axis, progress, cancel) -> Outcome:
-        from samliverseg.uncertainty import ensemble_uncertainty
+        from samliverseg.interactive.uncertainty import ensemble_uncertainty
 
         t0 = time.perf_counter()
         try:

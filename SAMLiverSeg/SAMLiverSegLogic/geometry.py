@@ -17,7 +17,7 @@ import vtk
 
 import slicer
 
-from samliverseg.errors import InputError
+from samliverseg.core.errors import InputError
 
 #: RAS <-> LPS (its own inverse).
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])

@@ -1,6 +1,6 @@
-"""Markups nodes in the scene -> IJK :class:`samliverseg.prompts.Prompts` of a volume.
+"""Markups nodes in the scene -> IJK :class:`samliverseg.core.prompts.Prompts` of a volume.
 
-The conventions are those of the core library's ``samliverseg.markups`` (the CLI's
+The conventions are those of the core library's ``samliverseg.io.markups`` (the CLI's
 ``--prompts FILE.mrk.json``), so the module and the CLI read the same markups the same way:
 
 * A point list holds positive points, or negative ones when its name contains ``neg``,
@@ -14,7 +14,7 @@ The conventions are those of the core library's ``samliverseg.markups`` (the CLI
 
 Positions are read in world RAS (parent transforms applied) and mapped through the volume's
 world RASToIJK, so what is seen in the views is what is prompted. A point outside the volume, an
-empty ROI or an ROI outside the volume raises :class:`samliverseg.errors.PromptError`.
+empty ROI or an ROI outside the volume raises :class:`samliverseg.core.errors.PromptError`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import vtk
 
-from samliverseg.errors import PromptError
-from samliverseg.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
+from samliverseg.core.errors import PromptError
+from samliverseg.core.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
 
 from . import geometry
 from .slice_clicks import _fmt_ijk
@@ -102,7 +102,7 @@ def prompts_from_roi(roi_node, volume_node, flat_voxels: float = 1.0) -> Prompts
     sizes = (shape[2], shape[1], shape[0])
     if np.any(hi < -0.5) or np.any(lo > np.asarray(sizes) - 0.5):
         raise PromptError(f"the ROI ({_fmt_ijk(lo)} to {_fmt_ijk(hi)}) is outside the volume")
-    # rounded outward, as samliverseg.markups.roi_to_ijk_box does, but with a tolerance that
+    # rounded outward, as samliverseg.io.markups.roi_to_ijk_box does, but with a tolerance that
     # survives Slicer's float32 control-point storage (an ROI face placed on a voxel centre comes
     # back a few 1e-6 voxel off, which a 1e-6 tolerance would round out to the next voxel)
     lo_v = np.floor(lo + ROUND_TOLERANCE_VOXELS)

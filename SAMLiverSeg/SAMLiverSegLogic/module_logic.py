@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from samliverseg.errors import InputError, SAMLiverSegError
+from samliverseg.core.errors import InputError, SAMLiverSegError
 
 from . import markups_prompts, segment_writer, volume_nodes
 from .constants import DEVICE_CHOICES, MODEL_CHOICES, TARGETS, WINDOW_CHOICES  # noqa: F401
@@ -54,8 +54,8 @@ class ModelRow:
 def model_rows() -> Tuple[List[ModelRow], str]:
     """([ModelRow], cache folder) from the installed library (or a message if it is not there)."""
     try:
-        from samliverseg.build_sam import model_status
-        from samliverseg.weights import cache_dir
+        from samliverseg.models.build_sam import model_status
+        from samliverseg.models.weights import cache_dir
     except ImportError as exc:
         return [], f"(the SAMLiverSeg library is not installed: {exc})"
     rows = []
@@ -123,11 +123,11 @@ def segment_from_markups(scene, volume_node, segmentation_node, target: str, set
 
 def model_choices() -> List[str]:
     """Model names to offer for prompt-based segmentation: the built-in choices, then the user's
-    trained interactive models (``samliverseg.user_models``: kinds ``decoder``/``adapter``; automatic
+    trained interactive models (``samliverseg.models.user_models``: kinds ``decoder``/``adapter``; automatic
     and unreadable ones are left out; none when the registry cannot be read)."""
     names = list(MODEL_CHOICES)
     try:
-        from samliverseg import user_models
+        from samliverseg.models import user_models
 
         for m in user_models.list_user_models():
             if not m.error and not m.automatic and m.name not in names:
@@ -140,13 +140,13 @@ def model_choices() -> List[str]:
 def build_engine(model: str, checkpoint: Optional[str] = None, device: str = "auto", window: Optional[str] = None,
                  **kwargs):
     """A ``PromptEngine`` on a built-in model (``checkpoint``: its weights, or the cache's), or on a
-    trained model registered in ``samliverseg.user_models`` (its own weights; its training cache's
+    trained model registered in ``samliverseg.models.user_models`` (its own weights; its training cache's
     window unless ``window``). An automatic (prompt-free) trained model is an InputError."""
-    from samliverseg.build_sam import MODEL_REGISTRY
-    from samliverseg.engine import PromptEngine
+    from samliverseg.models.build_sam import MODEL_REGISTRY
+    from samliverseg.interactive.engine import PromptEngine
 
     if model not in MODEL_REGISTRY:
-        from samliverseg import user_models
+        from samliverseg.models import user_models
 
         if user_models.is_user_model(model):
             if checkpoint:

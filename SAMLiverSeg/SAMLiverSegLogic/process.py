@@ -37,7 +37,7 @@ CANCELLED = -1001
 
 def samliverseg_command(*args: str, python: Optional[str] = None) -> List[str]:
     """The command line of ``samliverseg ARGS`` run by ``python`` (default: this interpreter)."""
-    return [python or sys.executable, "-m", "samliverseg.cli", *[str(a) for a in args]]
+    return [python or sys.executable, "-m", "samliverseg.cli.commands", *[str(a) for a in args]]
 
 
 def parse_line(line: str) -> Dict:

@@ -28,7 +28,7 @@ import numpy as np
 
 import slicer
 
-from samliverseg.errors import InputError
+from samliverseg.core.errors import InputError
 
 from . import volume_nodes
 

@@ -7,7 +7,7 @@ parallel to the view's normal (so an axial view of an axial CT prompts across ``
 across ``j``, a sagittal view across ``i``; a rotated/oblique volume still gets its nearest axis),
 and the slice coordinate is snapped to the nearest voxel centre.
 
-Bad clicks are refused with a :class:`samliverseg.errors.PromptError` whose message is shown to
+Bad clicks are refused with a :class:`samliverseg.core.errors.PromptError` whose message is shown to
 the user: a click outside the volume, or on a slice that holds only air / padding.
 """
 
@@ -19,8 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from samliverseg.errors import PromptError
-from samliverseg.prompts import IJK_INDEX, Prompts, SliceBox, validate_prompts
+from samliverseg.core.errors import PromptError
+from samliverseg.core.prompts import IJK_INDEX, Prompts, SliceBox, validate_prompts
 
 from . import geometry
 

@@ -25,7 +25,7 @@ optimiser step, writes ``last.pt`` atomically and exits with 130; the whole proc
 killed by :meth:`poll` if it is still alive ``grace_s`` seconds later (``last.pt`` is then the
 one of the last finished epoch, or absent).
 
-On success the finished ``model.pth`` is usable by name (``samliverseg.user_models``: the Segment
+On success the finished ``model.pth`` is usable by name (``samliverseg.models.user_models``: the Segment
 Anything effect and ``samliverseg segment --model NAME``). ``samliverseg train`` registers it
 itself after its ``done`` event (``model_name``, or ``NAME-2``... when taken); the job finds that
 entry (the user model whose ``source`` is this ``model.pth``) and registers the model only when
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
-from samliverseg.errors import InputError
+from samliverseg.core.errors import InputError
 
 from .process import BackgroundProcess, samliverseg_command
 
@@ -148,7 +148,7 @@ class TrainingRequest:
 def write_config(request: TrainingRequest) -> Path:
     """Write the request's YAML config into the run folder, atomically."""
     import yaml
-    from samliverseg.atomic import atomic_path
+    from samliverseg.core.atomic import atomic_path
 
     path = request.config_path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -498,7 +498,7 @@ class TrainingJob:
 
 def registered_name(model_path: str) -> Optional[str]:
     """The name of the user model registered from ``model_path`` (the latest such entry), or None."""
-    from samliverseg import user_models
+    from samliverseg.models import user_models
 
     src = str(Path(model_path).expanduser().resolve())
     found = [m for m in user_models.list_user_models() if m.source == src and not m.error]
@@ -508,7 +508,7 @@ def registered_name(model_path: str) -> Optional[str]:
 def register_model(model_path: str, name: str) -> str:
     """The user-model name of a finished ``model.pth``: the entry ``samliverseg train`` registered,
     else a new registration under ``name`` (or ``name-2``... when taken)."""
-    from samliverseg import user_models
+    from samliverseg.models import user_models
 
     existing = registered_name(model_path)
     if existing:

@@ -1,4 +1,4 @@
-"""Volume nodes <-> numpy / ``samliverseg.volume.Volume``, masks <-> segments.
+"""Volume nodes <-> numpy / ``samliverseg.io.volume.Volume``, masks <-> segments.
 
 Arrays are always indexed ``[k, j, i]`` (what ``slicer.util.arrayFromVolume`` returns, and what
 SimpleITK returns), on the voxel grid of the source volume. Geometry goes through the node's
@@ -18,7 +18,7 @@ from vtk.util import numpy_support
 
 import slicer
 
-from samliverseg.errors import InputError
+from samliverseg.core.errors import InputError
 
 from . import geometry
 
@@ -147,16 +147,16 @@ def check_ct_intensities(array: np.ndarray, max_samples: int = 2_000_000) -> Int
     return IntensityCheck(False, lo, hi, msg, suggested)
 
 
-# -- samliverseg.volume.Volume ------------------------------------------------------------------
+# -- samliverseg.io.volume.Volume ------------------------------------------------------------------
 
 
 def volume_from_node(node, dtype=np.float32):
-    """A ``samliverseg.volume.Volume`` (HU float32, LPS geometry) from a scalar volume node.
+    """A ``samliverseg.io.volume.Volume`` (HU float32, LPS geometry) from a scalar volume node.
 
     The geometry is the node's own IJKToRAS (its parent transform is not applied: the mask goes
     back onto the same voxel grid, and the model only needs spacing and the voxel array).
     """
-    from samliverseg.volume import Volume
+    from samliverseg.io.volume import Volume
 
     check_source_volume(node)
     array = array_from_volume_node(node).astype(dtype, copy=False)

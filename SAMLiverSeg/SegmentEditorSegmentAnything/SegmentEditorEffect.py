@@ -217,7 +217,7 @@ unsure (the best places for the next click).</html>"""
 
     # -- life cycle ----------------------------------------------------------------------------
     def engineSettings(self):
-        from samliverseg.errors import SAMLiverSegError
+        from samliverseg.core.errors import SAMLiverSegError
         from SAMLiverSegLogic import effect_logic, module_logic
 
         try:

@@ -1,4 +1,4 @@
 import sys
-from .cli import main
+from samliverseg.cli.commands import main
 
 sys.exit(main())

@@ -19,31 +19,31 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from samliverseg.build_sam import (ModelSpec, build_lite_medsam, build_model, build_sam_vit, build_sam_vit_b,
+from samliverseg.models.build_sam import (ModelSpec, build_lite_medsam, build_model, build_sam_vit, build_sam_vit_b,
                                    find_model_checkpoint, register_model, unregister_model)
-from samliverseg.errors import CancelledError, CheckpointError, InputError
+from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling import MaskDecoder, PromptEncoder, SamModel, TinyViT, TwoWayTransformer
 from samliverseg.modeling.adapters import (AdaptedTwoWayTransformer, AdapterConfig, adapter_state, apply_adapters,
                                            count_parameters, embed_slab, is_adapter_key, load_adapted_model,
                                            save_adapted_model)
-from samliverseg.phantom import make_phantom
-from samliverseg.engine import PromptEngine
-from samliverseg.predictor import SlicePredictor
-from samliverseg.prompts import Prompts, SliceBox
+from samliverseg.demo.phantom import make_phantom
+from samliverseg.interactive.engine import PromptEngine
+from samliverseg.interactive.predictor import SlicePredictor
+from samliverseg.core.prompts import Prompts, SliceBox
 from samliverseg.training import checkpoint as ck
-from samliverseg.training.adapter_trainer import AdapterTrainer
+from samliverseg.training.adapter import AdapterTrainer
 from samliverseg.training.config import config_from_dict, load_config
 from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import ProgressWriter, read_events
 from samliverseg.training.train import main as train_main
-from samliverseg.windowing import get_window
+from samliverseg.core.windowing import get_window
 
 TINY = "tiny_adapter_sam"
 ROOT = Path(__file__).resolve().parents[1]
 HAS_LITE = find_model_checkpoint("lite_medsam") is not None
 
 TINY_SETUP = textwrap.dedent("""
-    from samliverseg.build_sam import ModelSpec, build_sam_vit, register_model, MODEL_REGISTRY
+    from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, MODEL_REGISTRY
     def _tiny():
         return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=2, prompt_embed_dim=32,
                              decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
@@ -441,7 +441,7 @@ def test_train_resume_equals_uninterrupted(cache, tmp_path, adapter, stop_at):
 
 
 def test_resume_from_another_kind_is_refused(cache, tmp_path):
-    from samliverseg.training.decoder_trainer import DecoderTrainer
+    from samliverseg.training.decoder import DecoderTrainer
 
     dec = config_from_dict(dict(cache=str(cache["cache"]), output=str(tmp_path / "r"), base_model=TINY,
                                 checkpoint=str(cache["weights"]), epochs=1, batch_size=2, max_slices_per_case=1,
@@ -464,7 +464,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     from samliverseg.training import distributed
-    from samliverseg.training.adapter_trainer import AdapterTrainer
+    from samliverseg.training.adapter import AdapterTrainer
     from samliverseg.training.config import load_config
     from samliverseg.training.progress import ProgressWriter
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from samliverseg.maskutil import bbox_2d, middle_slice
-from samliverseg.phantom import make_phantom
+from samliverseg.core.maskutil import bbox_2d, middle_slice
+from samliverseg.demo.phantom import make_phantom
 
 
 def run_cli(*args, timeout=600):
@@ -88,7 +88,7 @@ def test_models_lists_the_registry():
 
 
 def test_download_without_a_url_says_where_to_get_the_file(capsys):
-    from samliverseg.cli import main
+    from samliverseg.cli.commands import main
 
     assert main(["download", "medsam"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
@@ -152,9 +152,9 @@ def test_evaluate_grid_mismatch(case, tmp_path):
 
 @pytest.mark.shared_data
 def test_dicom_series_in_dicom_seg_out(tmp_path):
-    from samliverseg import sample_data
-    from samliverseg.export import read_dicom_seg
-    from samliverseg.volume import read_volume
+    from samliverseg.demo import sample_data
+    from samliverseg.io.export import read_dicom_seg
+    from samliverseg.io.volume import read_volume
 
     if sample_data.shared_data_dir() is None:
         pytest.skip(sample_data.missing_reason())

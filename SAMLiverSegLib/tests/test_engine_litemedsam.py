@@ -6,14 +6,14 @@ identity, flipped, oblique and anisotropic geometries."""
 import numpy as np
 import pytest
 
-from samliverseg.engine import PromptEngine
-from samliverseg.evaluation import evaluate
-from samliverseg.maskutil import bbox_2d, interior_point, middle_slice
-from samliverseg.markups import markups_to_prompts, point_list, roi_from_ijk, write_markups
-from samliverseg.phantom import make_phantom
-from samliverseg.prompts import Prompts, Roi3D, SliceBox
-from samliverseg.seeded_region import box_from_points
-from samliverseg.volume import Volume
+from samliverseg.interactive.engine import PromptEngine
+from samliverseg.core.evaluation import evaluate
+from samliverseg.core.maskutil import bbox_2d, interior_point, middle_slice
+from samliverseg.io.markups import markups_to_prompts, point_list, roi_from_ijk, write_markups
+from samliverseg.demo.phantom import make_phantom
+from samliverseg.core.prompts import Prompts, Roi3D, SliceBox
+from samliverseg.interactive.seeded_region import box_from_points
+from samliverseg.io.volume import Volume
 
 
 @pytest.fixture(scope="module")

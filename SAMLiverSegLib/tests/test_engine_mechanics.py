@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from samliverseg.build_sam import ModelSpec, build_sam_vit
-from samliverseg.engine import PromptEngine, pixel_spacing, point_to_xy, slice_of
-from samliverseg.errors import CancelledError, InputError, PromptError
-from samliverseg.predictor import EmbeddingCache, SliceEmbedding, SlicePredictor
-from samliverseg.prompts import Prompts, Roi3D, SliceBox
-from samliverseg.volume import Volume
+from samliverseg.models.build_sam import ModelSpec, build_sam_vit
+from samliverseg.interactive.engine import PromptEngine, pixel_spacing, point_to_xy, slice_of
+from samliverseg.core.errors import CancelledError, InputError, PromptError
+from samliverseg.interactive.predictor import EmbeddingCache, SliceEmbedding, SlicePredictor
+from samliverseg.core.prompts import Prompts, Roi3D, SliceBox
+from samliverseg.io.volume import Volume
 
 
 def tiny_sam(resize="longest_side", normalization="sam_pixel"):

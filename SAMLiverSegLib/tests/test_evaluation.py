@@ -9,8 +9,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from samliverseg.errors import InputError
-from samliverseg.evaluation import METRIC_KEYS, evaluate, evaluate_files, json_safe
+from samliverseg.core.errors import InputError
+from samliverseg.core.evaluation import METRIC_KEYS, evaluate, evaluate_files, json_safe
 
 ANISO = (1.5, 1.0, 2.5)  # (si, sj, sk) mm
 
@@ -150,7 +150,7 @@ def test_invalid_inputs():
 
 
 def test_on_the_phantom():
-    from samliverseg.phantom import make_phantom
+    from samliverseg.demo.phantom import make_phantom
 
     p = make_phantom((32, 80, 80), (3.0, 3.0, 4.0), seed=2)
     liver = p.labels > 0

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from samliverseg import export
-from samliverseg.errors import InputError
-from samliverseg.export import (
+from samliverseg.io import export
+from samliverseg.core.errors import InputError
+from samliverseg.io.export import (
     LIVER,
     LIVER_TUMOR,
     SegmentInfo,
@@ -21,7 +21,7 @@ from samliverseg.export import (
     write_labelmap,
     write_seg_nrrd,
 )
-from samliverseg.volume import Volume, read_volume
+from samliverseg.io.volume import Volume, read_volume
 
 from libtest_helpers import SHARED, needs_shared, rot
 
@@ -351,7 +351,7 @@ def test_dcmqi_dicom_seg_round_trip(tmp_path):
 
 @needs_shared
 def test_totalseg_dicom_seg_two_segments(tmp_path):
-    from samliverseg.sample_data import totalseg_dicom_dir
+    from samliverseg.demo.sample_data import totalseg_dicom_dir
 
     ct = read_volume(totalseg_dicom_dir())
     labels = np.zeros(ct.shape, np.uint8)
@@ -399,7 +399,7 @@ def test_read_dicom_seg_rejects_other_grids_and_files(tmp_path):
 @needs_shared
 def test_ircadb_dicom_seg_and_seg_nrrd(tmp_path, caplog, capsys):
     """The full 129-slice case: liver + tumours exported both ways and read back exactly."""
-    from samliverseg.sample_data import load_ircadb, tumor_union
+    from samliverseg.demo.sample_data import load_ircadb, tumor_union
 
     ct, masks = load_ircadb()
     labels = masks["liver"].copy()

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from samliverseg.errors import InputError
-from samliverseg.markups import (
+from samliverseg.core.errors import InputError
+from samliverseg.io.markups import (
     SCHEMA_URL,
     markups_to_prompts,
     point_list,
@@ -16,8 +16,8 @@ from samliverseg.markups import (
     roi_markup,
     write_markups,
 )
-from samliverseg.prompts import Prompts, Roi3D, validate_prompts
-from samliverseg.volume import Volume
+from samliverseg.core.prompts import Prompts, Roi3D, validate_prompts
+from samliverseg.io.volume import Volume
 
 
 def rot(axis, deg):

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samliverseg import weights
-from samliverseg.build_sam import (
+from samliverseg.models import weights
+from samliverseg.models.build_sam import (
     MODEL_REGISTRY,
     ModelSpec,
     build_lite_medsam,
@@ -364,7 +364,7 @@ def test_models_never_pull_in_timm_or_the_weights_package(lite):
 def test_registry_entries():
     names = set(MODEL_REGISTRY)
     assert {"lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam"} <= names
-    from samliverseg.windowing import get_window
+    from samliverseg.core.windowing import get_window
 
     for spec in MODEL_REGISTRY.values():
         assert isinstance(spec, ModelSpec) and spec.family == "sam2d"

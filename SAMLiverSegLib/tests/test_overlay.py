@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samliverseg.overlay import MASK_COLOR, REF_COLOR, render_overlay, save_overlay_png
+from samliverseg.io.overlay import MASK_COLOR, REF_COLOR, render_overlay, save_overlay_png
 
 GAP, TOP = 8, 22  # layout of render_overlay: gap between panels, title band above them
 
@@ -25,7 +25,7 @@ def _colour_xy(img, colour):
 
 
 def test_png_written_with_expected_size_and_colours(tmp_path):
-    from samliverseg.phantom import make_phantom
+    from samliverseg.demo.phantom import make_phantom
 
     p = make_phantom((24, 64, 64), (3.0, 3.0, 4.0), seed=1)
     out = save_overlay_png(p.hu, p.labels > 0, tmp_path / "sub" / "ov.png", p.spacing, ref=p.labels == 2)
@@ -101,8 +101,8 @@ def test_center_and_title(tmp_path):
 
 
 def test_to_lps_view_undoes_a_flipped_storage_order():
-    from samliverseg.overlay import to_lps_view
-    from samliverseg.volume import Volume
+    from samliverseg.io.overlay import to_lps_view
+    from samliverseg.io.volume import Volume
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(5, 6, 7)).astype(np.float32)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from samliverseg.phantom import HU_TABLES, ORGAN_CODES, make_phantom
+from samliverseg.demo.phantom import HU_TABLES, ORGAN_CODES, make_phantom
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_to_sitk_and_volume(ph):
     assert img.GetSpacing() == pytest.approx(ph.spacing)
     assert img.GetOrigin() == pytest.approx(ph.origin)
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(img), ph.labels)
-    pytest.importorskip("samliverseg.volume")
+    pytest.importorskip("samliverseg.io.volume")
     vol = ph.to_volume()
     assert vol.array.shape == ph.hu.shape
     assert tuple(vol.spacing) == pytest.approx(ph.spacing)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from samliverseg.maskutil import (bbox_2d, bbox_3d, dice, get_slice, interior_point, largest_slice,
+from samliverseg.core.maskutil import (bbox_2d, bbox_3d, dice, get_slice, interior_point, largest_slice,
                                   middle_slice, nonempty_slices, slice_box)
-from samliverseg.postprocess import (fill_holes, keep_components_touching, label_components,
+from samliverseg.core.postprocess import (fill_holes, keep_components_touching, label_components,
                                      largest_connected_component, remove_small_components)
 
 

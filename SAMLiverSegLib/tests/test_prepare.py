@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from samliverseg.errors import InputError
-from samliverseg.phantom import make_phantom
+from samliverseg.core.errors import InputError
+from samliverseg.demo.phantom import make_phantom
 from samliverseg.training.prepare import (add_prepare_arguments, load_manifest, patient_id, prepare_dataset,
                                           run_prepare, split_patients)
-from samliverseg.windowing import apply_window
+from samliverseg.core.windowing import apply_window
 
 SHAPE, SPACING = (12, 48, 48), (3.0, 3.0, 5.0)
 

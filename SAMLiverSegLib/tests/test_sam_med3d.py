@@ -17,18 +17,18 @@ import SimpleITK as sitk
 import torch
 
 from libtest_helpers import rot
-from samliverseg.build_sam import build_sam_vit
-from samliverseg.build_sam3d import (MODEL3D_REGISTRY, build_model3d, build_sam_med3d_tiny, build_sam_med3d_vit_b,
+from samliverseg.models.build_sam import build_sam_vit
+from samliverseg.models.build_sam3d import (MODEL3D_REGISTRY, build_model3d, build_sam_med3d_tiny, build_sam_med3d_vit_b,
                                      count_parameters, get_spec3d, is_model3d, load_state3d)
-from samliverseg.engine3d import (PatchBox, Sam3DEngine, Sam3DSettings, blend_patches, crop_patch, cube_index_to_grid_kji,
+from samliverseg.interactive.engine3d import (PatchBox, Sam3DEngine, Sam3DSettings, blend_patches, crop_patch, cube_index_to_grid_kji,
                                   cube_to_patch, gaussian_weight, grid_of, grid_to_input, grid_to_input_mask,
                                   input_ijk_to_grid_ijk,
                                   keep_clicked_components, layout_for, patch_around, patch_point_to_cube, patch_to_cube,
                                   resample_to_grid, resampled_grid, sliding_candidates, validate_clicks, zscore_patch)
-from samliverseg.errors import CheckpointError, InputError, PromptError, WeightsMissingError
+from samliverseg.core.errors import CheckpointError, InputError, PromptError, WeightsMissingError
 from samliverseg.modeling3d.image_encoder3d import Attention3D, Block3D, window_partition3d, window_unpartition3d
-from samliverseg.phantom import make_phantom
-from samliverseg.volume import Volume
+from samliverseg.demo.phantom import make_phantom
+from samliverseg.io.volume import Volume
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sam_med3d_keys.json"
 
@@ -417,8 +417,8 @@ def test_cli_segment_with_a_3d_model(tiny, tmp_path):
     env = dict(os.environ, SAMLIVERSEG_CACHE=str(tmp_path / "cache"))
     liver = np.argwhere(ph.labels == 1)
     k, j, i = liver[len(liver) // 2]
-    from samliverseg.markups import point_list, write_markups
-    from samliverseg.volume import read_volume
+    from samliverseg.io.markups import point_list, write_markups
+    from samliverseg.io.volume import read_volume
 
     clicks = write_markups(tmp_path / "clicks.mrk.json", point_list("clicks", read_volume(ct).ijk_to_lps([[i, j, k]])),
                            coordinate_system="RAS")  # the positive click as Slicer saves it
@@ -438,7 +438,7 @@ def test_cli_segment_with_a_3d_model(tiny, tmp_path):
 
 
 def test_cli_errors_for_3d_models(tmp_path, capsys):
-    from samliverseg.cli import main
+    from samliverseg.cli.commands import main
 
     ph, _ = _phantom_volume()
     ct = tmp_path / "ct.nii.gz"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from samliverseg.training import semi_math as sm
-from samliverseg.training.semi_transforms import (GeomTransform, View, all_transforms, make_pool, resize_mask)
+from samliverseg.training.semi import math as sm
+from samliverseg.training.semi.transforms import (GeomTransform, View, all_transforms, make_pool, resize_mask)
 
 # Four teacher answers over four voxels (rows: members; columns: voxels), worked by hand:
 #   voxel 0: 0, 0, 0, 0           -> mean 0,    Var 0
@@ -215,7 +215,7 @@ def test_resize_mask():
 
 def test_cached_view_embedding_equals_embedding_the_transformed_slab():
     """The cache's claim: E(T(x[z:z+D])) = flip_k(E_view[z:z+D]) for a per-slice encoder."""
-    from samliverseg.build_sam import ModelSpec, build_sam_vit
+    from samliverseg.models.build_sam import ModelSpec, build_sam_vit
     from samliverseg.modeling.slicing_student import student_from_sam
 
     torch.manual_seed(0)

@@ -14,22 +14,22 @@ import SimpleITK as sitk
 import torch
 
 from libtest_helpers import rot
-from samliverseg.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, get_spec,
+from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, get_spec,
                                    register_model, unregister_model)
-from samliverseg.errors import CancelledError, CheckpointError, InputError
+from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling.slicing_student import (SlicingStudent, build_slicing_student, load_student,
                                                   predict_volume, slab_plan, student_from_sam)
-from samliverseg.phantom import make_phantom
-from samliverseg.predictor import SlicePredictor
-from samliverseg.student_inference import predict_probabilities, resample_to_spacing, segment_volume, to_input_grid
+from samliverseg.demo.phantom import make_phantom
+from samliverseg.interactive.predictor import SlicePredictor
+from samliverseg.automatic.student import predict_probabilities, resample_to_spacing, segment_volume, to_input_grid
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
 from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import ProgressWriter, read_events
-from samliverseg.training.student_trainer import StudentTrainer
+from samliverseg.training.student import StudentTrainer
 from samliverseg.training.train import main as train_main
-from samliverseg.volume import Volume
-from samliverseg.windowing import apply_window
+from samliverseg.io.volume import Volume
+from samliverseg.core.windowing import apply_window
 
 TINY = "tiny_student_sam"
 
@@ -391,7 +391,7 @@ def test_other_kind_is_a_checkpoint_error(trained, tmp_path):
 # ----------------------------------------------------------------------------- DDP
 DDP_SCRIPT = f"""
 import sys
-from samliverseg.build_sam import ModelSpec, build_sam_vit, register_model
+from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model
 def _tiny():
     return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
                          decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)

@@ -1,7 +1,7 @@
 """Bad input to `samliverseg prepare` / `samliverseg train`, end to end through the CLI.
 
 What test_prepare.py and test_training_decoder.py already cover (function level) is not repeated:
-here the command line is run (``samliverseg.cli.main`` in-process, or ``python -m samliverseg``
+here the command line is run (``samliverseg.cli.commands.main`` in-process, or ``python -m samliverseg``
 in a subprocess) and its exit code, messages and files are checked. Also the explicit split of
 ``prepare`` (``"split"`` in dataset.json, ``--split-file``).
 
@@ -24,9 +24,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from samliverseg.build_sam import ModelSpec, build_sam_vit, register_model, unregister_model
-from samliverseg.cli import main as cli_main
-from samliverseg.phantom import make_phantom
+from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, unregister_model
+from samliverseg.cli.commands import main as cli_main
+from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.prepare import load_manifest
 from samliverseg.training.progress import read_events
@@ -37,14 +37,14 @@ SHAPE, SPACING = (12, 64, 64), (3.0, 3.0, 5.0)
 
 TINY_SETUP = textwrap.dedent(f"""
     import sys
-    from samliverseg.build_sam import ModelSpec, build_sam_vit, register_model
+    from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model
     def _tiny():
         return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
                              decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
     register_model(ModelSpec(name="{TINY}", description="tiny test SAM", builder=_tiny,
                              checkpoint_filename="{TINY}.pth", image_size=64, window="abdomen",
                              embedding_size=4), replace=True)
-    from samliverseg.cli import main
+    from samliverseg.cli.commands import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -214,9 +214,9 @@ def test_train_unknown_key_subprocess_exit_2(tmp_path):
 
 def test_train_unknown_key_in_unet_section(tmp_path, capsys):
     try:
-        import samliverseg.training.unet_trainer  # noqa: F401
+        import samliverseg.training.unet  # noqa: F401
     except ImportError:
-        pytest.skip("samliverseg.training.unet_trainer does not import yet")
+        pytest.skip("samliverseg.training.unet does not import yet")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("cache: c\noutput: o\nkind: unet\nunet:\n  bogus_option: 3\n")
     assert cli_main(["train", "--config", str(cfg)]) == 2

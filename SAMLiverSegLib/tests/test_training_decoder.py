@@ -16,13 +16,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from samliverseg.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, register_model,
+from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, register_model,
                                    unregister_model)
-from samliverseg.errors import CancelledError, CheckpointError, InputError
-from samliverseg.phantom import make_phantom
+from samliverseg.core.errors import CancelledError, CheckpointError, InputError
+from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import TrainConfig, config_from_dict, load_config
-from samliverseg.training.decoder_trainer import DecoderTrainer
+from samliverseg.training.decoder import DecoderTrainer
 from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import ProgressWriter, read_events
 from samliverseg.training.train import main as train_main
@@ -31,7 +31,7 @@ TINY = "tiny_test_sam"
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_SETUP = textwrap.dedent("""
-    from samliverseg.build_sam import ModelSpec, build_sam_vit, register_model, MODEL_REGISTRY
+    from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, MODEL_REGISTRY
     def _tiny():
         return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
                              decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)

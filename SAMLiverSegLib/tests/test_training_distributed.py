@@ -1,7 +1,7 @@
 """Decoder fine-tuning under DDP: a real ``torchrun`` run of 2 CPU processes (gloo backend).
 
 The tiny random-weight SAM of the test is registered by a small launcher script that each
-torchrun worker runs before ``samliverseg.cli.main(["train", ...])`` (a model registered in the
+torchrun worker runs before ``samliverseg.cli.commands.main(["train", ...])`` (a model registered in the
 pytest process is not visible to the workers). The cache has 3 training slices and 1 validation
 slice, so with ``batch_size: 1`` per process (global batch 2) every epoch ends with a short
 batch whose share on rank 1 is empty, and rank 1 scores no validation slice: the weighting of
@@ -26,11 +26,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from samliverseg.build_sam import ModelSpec, build_model, build_sam_vit, register_model, unregister_model
-from samliverseg.phantom import make_phantom
+from samliverseg.models.build_sam import ModelSpec, build_model, build_sam_vit, register_model, unregister_model
+from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
-from samliverseg.training.decoder_trainer import DecoderTrainer
+from samliverseg.training.decoder import DecoderTrainer
 from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import ProgressWriter, read_events
 
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAUNCHER = textwrap.dedent(f"""
     import sys
-    from samliverseg.build_sam import ModelSpec, build_sam_vit, register_model
+    from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model
 
     def _tiny():
         return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
@@ -47,7 +47,7 @@ LAUNCHER = textwrap.dedent(f"""
 
     register_model(ModelSpec(name="{TINY}", description="tiny test SAM", builder=_tiny,
                              checkpoint_filename="{TINY}.pth", image_size=64, window="abdomen", embedding_size=4))
-    from samliverseg.cli import main
+    from samliverseg.cli.commands import main
     sys.exit(main(["train"] + sys.argv[1:]))
 """)
 

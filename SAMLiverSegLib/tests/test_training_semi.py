@@ -21,18 +21,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from samliverseg.build_sam import ModelSpec, build_sam_vit, register_model, unregister_model
-from samliverseg.errors import CancelledError, CheckpointError, InputError
+from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, unregister_model
+from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling.slicing_student import load_student, student_from_sam
-from samliverseg.phantom import make_phantom
-from samliverseg.student_inference import predict_probabilities, segment_volume
+from samliverseg.demo.phantom import make_phantom
+from samliverseg.automatic.student import predict_probabilities, segment_volume
 from samliverseg.training import checkpoint as ck
-from samliverseg.training import semi_math as sm
+from samliverseg.training.semi import math as sm
 from samliverseg.training.config import config_from_dict
 from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import ProgressWriter, read_events
-from samliverseg.training.semi_trainer import SemiTrainer, state_hash
-from samliverseg.training.teachers import Sam2DTeacher, Sam3DTeacher, TeacherView
+from samliverseg.training.semi.trainer import SemiTrainer, state_hash
+from samliverseg.training.semi.teachers import Sam2DTeacher, Sam3DTeacher, TeacherView
 
 TINY = "tiny_semi_sam"
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def test_sam2d_teacher_prompts_and_valid_slices():
 
 
 def test_sam3d_teacher_runs_on_a_view(tmp_path):
-    from samliverseg.build_sam3d import build_model3d, build_sam_med3d_tiny
+    from samliverseg.models.build_sam3d import build_model3d, build_sam_med3d_tiny
 
     torch.manual_seed(0)
     path = tmp_path / "sam_med3d_tiny.pth"
@@ -288,8 +288,8 @@ def test_end_to_end_losses_schedule_and_outputs(run, data):
 def test_three_teachers_two_2d_and_sam_med3d(data, tmp_path, monkeypatch):
     """A second 2D SAM (its own embedding cache of the weak views) and a SAM-Med3D teacher beside the
     base model: 3 teachers x 2 prompts x N transforms answers per voxel."""
-    from samliverseg.build_sam3d import build_sam_med3d_tiny
-    from samliverseg.weights import checkpoint_env_var
+    from samliverseg.models.build_sam3d import build_sam_med3d_tiny
+    from samliverseg.models.weights import checkpoint_env_var
 
     other = TINY + "_b"
     register_model(_spec(name=other), replace=True)
@@ -376,7 +376,7 @@ def _script(tmp_path):
     script = tmp_path / "run_train.py"
     script.write_text(f"""
 import sys
-from samliverseg.build_sam import ModelSpec, build_sam_vit, register_model
+from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model
 def _tiny():
     return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
                          decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)

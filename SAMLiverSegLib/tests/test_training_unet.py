@@ -14,17 +14,17 @@ import SimpleITK as sitk
 import torch
 
 from libtest_helpers import rot
-from samliverseg.errors import CancelledError, CheckpointError, InputError
-from samliverseg.phantom import make_phantom
+from samliverseg.core.errors import CancelledError, CheckpointError, InputError
+from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
 from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import ProgressWriter, read_events
 from samliverseg.training.train import main as train_main
-from samliverseg.training.unet_trainer import UNetOptions, UNetTrainer, item_seed
-from samliverseg.unet_inference import (coarse_box_to_full, load_unet_model, margin_voxels, roi_slices,
+from samliverseg.training.unet import UNetOptions, UNetTrainer, item_seed
+from samliverseg.automatic.unet import (coarse_box_to_full, load_unet_model, margin_voxels, roi_slices,
                                         segment_volume)
-from samliverseg.volume import Volume
+from samliverseg.io.volume import Volume
 
 SHAPE, SPACING = (24, 64, 64), (2.5, 2.5, 4.0)
 
@@ -284,8 +284,8 @@ def test_torchrun_two_processes(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    from samliverseg.unet_inference import predict_mask
-    from samliverseg.training.unet_trainer import target_mask
+    from samliverseg.automatic.unet import predict_mask
+    from samliverseg.training.unet import target_mask
 
     cache = make_cache(tmp_path / "d", n=4, val_fraction=0.25, shape=(16, 48, 48))
     m = json.loads((cache / "manifest.json").read_text())

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from samliverseg.engine import PromptEngine
-from samliverseg.errors import InputError
-from samliverseg.maskutil import bbox_2d, middle_slice
-from samliverseg.phantom import make_phantom
-from samliverseg.predictor import SlicePredictor
-from samliverseg.prompts import Prompts, SliceBox
-from samliverseg.uncertainty import ensemble_uncertainty
+from samliverseg.interactive.engine import PromptEngine
+from samliverseg.core.errors import InputError
+from samliverseg.core.maskutil import bbox_2d, middle_slice
+from samliverseg.demo.phantom import make_phantom
+from samliverseg.interactive.predictor import SlicePredictor
+from samliverseg.core.prompts import Prompts, SliceBox
+from samliverseg.interactive.uncertainty import ensemble_uncertainty
 
 
 @pytest.fixture(scope="module")

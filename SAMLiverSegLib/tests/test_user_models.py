@@ -20,17 +20,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from samliverseg import cli, user_models as um
-from samliverseg.build_sam import ModelSpec, build_model, build_sam_vit, register_model, unregister_model
-from samliverseg.engine import PromptEngine
-from samliverseg.errors import CheckpointError, InputError
-from samliverseg.maskutil import bbox_2d, middle_slice
-from samliverseg.phantom import make_phantom
-from samliverseg.prompts import Prompts, SliceBox
+from samliverseg.cli import commands as cli
+from samliverseg.models import user_models as um
+from samliverseg.models.build_sam import ModelSpec, build_model, build_sam_vit, register_model, unregister_model
+from samliverseg.interactive.engine import PromptEngine
+from samliverseg.core.errors import CheckpointError, InputError
+from samliverseg.core.maskutil import bbox_2d, middle_slice
+from samliverseg.demo.phantom import make_phantom
+from samliverseg.core.prompts import Prompts, SliceBox
 from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import ProgressWriter
 from samliverseg.training.train import register_result
-from samliverseg.volume import read_volume
+from samliverseg.io.volume import read_volume
 
 TINY = "tiny_um_sam"
 NAME = "tiny-liver"
@@ -244,8 +245,8 @@ def test_register_names_replace_and_rerun(trained, models_env):
 # ------------------------------------------------------------------------------- automatic kinds
 def test_automatic_kind_needs_no_prompt(trained, models_env, tmp_path, capsys):
     """A real tiny unet trained with `samliverseg train` (kind unet), used by name without prompts."""
-    pytest.importorskip("samliverseg.training.unet_trainer", reason="the unet trainer is not installed")
-    pytest.importorskip("samliverseg.unet_inference", reason="the unet inference is not installed")
+    pytest.importorskip("samliverseg.training.unet", reason="the unet trainer is not installed")
+    pytest.importorskip("samliverseg.automatic.unet", reason="the unet inference is not installed")
     cfg = tmp_path / "unet.yaml"
     cfg.write_text(json.dumps(dict(kind="unet", cache=str(trained["root"] / "cache"), output=str(tmp_path / "unet-run"),
                                    epochs=1, batch_size=1, seed=0, device="cpu", model_name="tiny-unet",

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from samliverseg.errors import InputError
-from samliverseg.volume import LPS_TO_RAS, Volume, check_ct_range, read_volume
+from samliverseg.core.errors import InputError
+from samliverseg.io.volume import LPS_TO_RAS, Volume, check_ct_range, read_volume
 
 from libtest_helpers import SHARED, needs_shared, rot
 
@@ -112,7 +112,7 @@ def _check_series_order(v):
 
 @needs_shared
 def test_totalseg_dicom_series():
-    from samliverseg.sample_data import totalseg_dicom_dir
+    from samliverseg.demo.sample_data import totalseg_dicom_dir
 
     d = totalseg_dicom_dir()
     v = read_volume(d)
@@ -144,7 +144,7 @@ def test_dcmqi_three_slice_ct():
 
 @needs_shared
 def test_totalseg_nifti():
-    from samliverseg.sample_data import load_totalseg_example
+    from samliverseg.demo.sample_data import load_totalseg_example
 
     v, liver = load_totalseg_example()
     assert v.shape_ijk == (122, 101, 112)
@@ -156,7 +156,7 @@ def test_totalseg_nifti():
 
 @needs_shared
 def test_ircadb_load(capsys):
-    from samliverseg.sample_data import load_ircadb, tumor_union
+    from samliverseg.demo.sample_data import load_ircadb, tumor_union
 
     load_ircadb()  # warm the cache (first run unzips ~35 MB)
     t = time.perf_counter()

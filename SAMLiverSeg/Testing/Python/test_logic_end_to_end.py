@@ -27,7 +27,7 @@ import slicer
 from slicer_test_helpers import GEOMETRIES, centre_view_on, roi_in_volume_axes, slice_node_for
 
 pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("samliverseg.engine", "samliverseg.phantom", "samliverseg.cli")),
+    any(importlib.util.find_spec(m) is None for m in ("samliverseg.interactive.engine", "samliverseg.demo.phantom", "samliverseg.cli.commands")),
     reason="the core engine / phantom / CLI are not installed")
 
 from SAMLiverSegLogic import effect_logic, geometry, process, segment_writer, slice_clicks, volume_nodes  # noqa: E402
@@ -49,7 +49,7 @@ def dice(a, b):
 
 @functools.lru_cache(maxsize=None)
 def _phantom(shape):
-    from samliverseg.phantom import make_phantom
+    from samliverseg.demo.phantom import make_phantom
 
     # scale 0.6: an adult-like body fills the 240 mm field; the few slices are a slab through the liver
     return make_phantom(shape, (3.0, 3.0, 5.0), seed=2, n_tumors=1, noise_sd=10.0, scale=0.6)
@@ -122,7 +122,7 @@ def start_cli(root, case, name, propagate):
 
 @pytest.fixture(scope="module")
 def engine():
-    from samliverseg.engine import PromptEngine
+    from samliverseg.interactive.engine import PromptEngine
 
     return PromptEngine(model="lite_medsam", device="cpu")
 

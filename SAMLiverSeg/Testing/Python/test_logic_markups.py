@@ -9,8 +9,8 @@ import vtk
 import slicer
 from slicer_test_helpers import GEOMETRIES, add_ct, roi_in_volume_axes
 
-from samliverseg.errors import PromptError
-from samliverseg.prompts import Roi3D
+from samliverseg.core.errors import PromptError
+from samliverseg.core.prompts import Roi3D
 from SAMLiverSegLogic import geometry, markups_prompts, volume_nodes
 
 SHAPE = (24, 40, 48)
@@ -110,7 +110,7 @@ def save_roi(scene, roi, path):
 
 def test_roi_matches_the_core_library_reading_the_same_roi_from_a_file(scene, tmp_path, geometry_case):
     """The module (scene ROI) and the CLI (--prompts roi.mrk.json) give the same Roi3D."""
-    from samliverseg import markups as core_markups
+    from samliverseg.io import markups as core_markups
 
     name, m = geometry_case
     vol_node = add_ct(scene, m, SHAPE)
@@ -124,7 +124,7 @@ def test_roi_faces_on_voxel_centres_survive_float32_storage(scene, tmp_path, geo
     """Slicer stores control points as float32: a face placed on a voxel centre comes back ~4e-6
     voxel off. The module and the core library's reading of the saved file (both with a 1e-3
     voxel tolerance) keep exactly the voxels meant, not one more."""
-    from samliverseg import markups as core_markups
+    from samliverseg.io import markups as core_markups
 
     name, m = geometry_case
     vol_node = add_ct(scene, m, SHAPE)

@@ -98,7 +98,7 @@ def test_cancel_kills_the_whole_tree(tmp_path):
 
 def test_samliverseg_command_uses_this_interpreter():
     cmd = process.samliverseg_command("models")
-    assert cmd[:3] == [sys.executable, "-m", "samliverseg.cli"] and cmd[3] == "models"
+    assert cmd[:3] == [sys.executable, "-m", "samliverseg.cli.commands"] and cmd[3] == "models"
 
 
 def test_samliverseg_cli_runs_as_a_subprocess(tmp_path):
@@ -138,7 +138,7 @@ def test_plan_batch(tmp_path):
     assert all(j.status == "skipped" and "case" in j.message for j in jobs[1:])
     assert jobs[0].output == tmp_path / "out" / "case1.seg.nrrd"
     cmd = jobs[0].command("lite_medsam", "cpu", "liver", None, "tumor")
-    assert cmd[:4] == [sys.executable, "-m", "samliverseg.cli", "segment"]
+    assert cmd[:4] == [sys.executable, "-m", "samliverseg.cli.commands", "segment"]
     assert cmd[cmd.index("--label") + 1] == "2" and cmd[cmd.index("--segment-name") + 1] == "Liver tumor"
     assert cmd[cmd.index("--window") + 1] == "liver"
     everything = batch.plan_batch(inp, tmp_path / "out", default_prompts=inp / "case1.mrk.json", output_format="nii.gz")

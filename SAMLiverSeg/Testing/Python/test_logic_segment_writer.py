@@ -6,7 +6,7 @@ import pytest
 import slicer
 from slicer_test_helpers import GEOMETRIES, add_ct
 
-from samliverseg.errors import InputError
+from samliverseg.core.errors import InputError
 from SAMLiverSegLogic import segment_writer, volume_nodes
 
 SHAPE = (12, 16, 20)

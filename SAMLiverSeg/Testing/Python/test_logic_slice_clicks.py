@@ -6,7 +6,7 @@ import pytest
 import slicer
 from slicer_test_helpers import GEOMETRIES, add_ct, centre_view_on, slice_node_for
 
-from samliverseg.errors import PromptError
+from samliverseg.core.errors import PromptError
 from SAMLiverSegLogic import effect_logic, geometry, slice_clicks, volume_nodes
 
 SHAPE = (24, 40, 48)  # k, j, i

@@ -29,7 +29,7 @@ from SAMLiverSegLogic import module_logic, process, training_process as tp
 
 TINY = "tiny_panel_sam"
 TINY_BUILD = """
-from samliverseg.build_sam import build_sam_vit
+from samliverseg.models.build_sam import build_sam_vit
 
 
 def tiny_sam():
@@ -37,7 +37,7 @@ def tiny_sam():
                          decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
 """
 TINY_REGISTER = TINY_BUILD + f"""
-from samliverseg.build_sam import ModelSpec, register_model
+from samliverseg.models.build_sam import ModelSpec, register_model
 
 register_model(ModelSpec(name={TINY!r}, description="tiny test SAM", builder=tiny_sam,
                          checkpoint_filename="{TINY}.pth", image_size=64, window="abdomen",
@@ -49,7 +49,7 @@ register_model(ModelSpec(name={TINY!r}, description="tiny test SAM", builder=tin
 def dataset(tmp_path_factory):
     """Three small phantoms (image + label NIfTI pairs), the tiny SAM's weights, the subprocess env."""
     import torch
-    from samliverseg.phantom import make_phantom
+    from samliverseg.demo.phantom import make_phantom
 
     root = tmp_path_factory.mktemp("training")
     data = root / "labelled"
@@ -85,7 +85,7 @@ def tiny_request(dataset, run, **kw):
 # -- the request and its config -----------------------------------------------------------------
 
 def test_request_validation_names_what_to_change(tmp_path, dataset):
-    from samliverseg.errors import InputError
+    from samliverseg.core.errors import InputError
 
     ok = tiny_request(dataset, tmp_path / "run")
     ok.validate()
@@ -136,7 +136,7 @@ def test_config_is_accepted_by_the_trainer_config_loader(tmp_path, dataset):
     assert "--unlabelled" not in tiny_request(dataset, tmp_path / "r", unlabelled=str(unl)).prepare_args()  # semi only
     assert req.train_args(resume=True)[-1] == "--resume"
     cmd = process.samliverseg_command(*req.train_args())
-    assert cmd[:4] == [sys.executable, "-m", "samliverseg.cli", "train"]
+    assert cmd[:4] == [sys.executable, "-m", "samliverseg.cli.commands", "train"]
 
 
 def test_panel_choices_match_the_trainers():
@@ -216,10 +216,10 @@ def test_train_stop_resume_done_and_register(tmp_path, dataset, monkeypatch):
     """prepare -> train (progress read) -> stop (SIGTERM: exit 130, last.pt) -> resume -> done ->
     the model is registered once and usable by name in a prompt engine (what the effect builds)."""
     import torch
-    from samliverseg import user_models
-    from samliverseg.build_sam import ModelSpec, register_model, unregister_model
-    from samliverseg.phantom import make_phantom
-    from samliverseg.prompts import Prompts, SliceBox
+    from samliverseg.models import user_models
+    from samliverseg.models.build_sam import ModelSpec, register_model, unregister_model
+    from samliverseg.demo.phantom import make_phantom
+    from samliverseg.core.prompts import Prompts, SliceBox
 
     monkeypatch.setenv("SAMLIVERSEG_MODELS", str(dataset["models"]))  # Slicer and its subprocesses share it
 
@@ -368,7 +368,7 @@ def test_training_plot_nodes_in_a_real_scene(scene):
 
 
 def test_model_choices_and_engines_without_trained_models(tmp_path, monkeypatch):
-    from samliverseg.errors import InputError
+    from samliverseg.core.errors import InputError
     from SAMLiverSegLogic.constants import MODEL_CHOICES
 
     monkeypatch.setenv("SAMLIVERSEG_MODELS", str(tmp_path / "none"))

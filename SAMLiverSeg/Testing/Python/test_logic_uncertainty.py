@@ -15,7 +15,7 @@ SHAPE = (10, 64, 64)
 
 @pytest.fixture(scope="module")
 def cpu_engine():
-    from samliverseg.engine import PromptEngine
+    from samliverseg.interactive.engine import PromptEngine
 
     return PromptEngine(model="lite_medsam", device="cpu")
 

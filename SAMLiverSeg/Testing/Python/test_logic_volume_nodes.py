@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import slicer
 from slicer_test_helpers import GEOMETRIES, add_ct, blob_ct
 
-from samliverseg.errors import InputError
+from samliverseg.core.errors import InputError
 from SAMLiverSegLogic import geometry, volume_nodes
 
 
@@ -108,8 +108,8 @@ def test_slicer_reads_itk_file_with_the_same_physical_voxels(scene, tmp_path, na
         np.testing.assert_array_equal(node_arr, arr)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("samliverseg.volume") is None,
-                    reason="samliverseg.volume (core library) is not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("samliverseg.io.volume") is None,
+                    reason="samliverseg.io.volume (core library) is not written yet")
 def test_volume_from_node_and_back(scene, geometry_case):
     name, m = geometry_case
     node = add_ct(scene, m, (6, 8, 10))

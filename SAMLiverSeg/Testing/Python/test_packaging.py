@@ -222,8 +222,8 @@ def test_module_file_imports_nothing_heavy_at_startup():
 
 def test_versions_and_choices_agree_with_the_library():
     from samliverseg import __version__
-    from samliverseg.build_sam import MODEL_REGISTRY
-    from samliverseg.windowing import PRESETS
+    from samliverseg.models.build_sam import MODEL_REGISTRY
+    from samliverseg.core.windowing import PRESETS
     from SAMLiverSegLogic import MODULE_VERSION
     from SAMLiverSegLogic.constants import MODEL_CHOICES, WINDOW_CHOICES
 

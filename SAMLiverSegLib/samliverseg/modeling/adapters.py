@@ -98,11 +98,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, InputError, WeightsMissingError
-from .image_encoder import Block as ViTBlock
-from .image_encoder import relative_position_table, window_partition, window_unpartition
-from .tiny_vit import TinyViTBlock
-from .transformer import TwoWayTransformer
+from samliverseg.core.errors import CheckpointError, InputError, WeightsMissingError
+from samliverseg.modeling.image_encoder import Block as ViTBlock
+from samliverseg.modeling.image_encoder import relative_position_table, window_partition, window_unpartition
+from samliverseg.modeling.tiny_vit import TinyViTBlock
+from samliverseg.modeling.transformer import TwoWayTransformer
 
 ADAPTER_KIND = "adapter"
 ADAPTER_PREFIX = "adapter_"
@@ -465,7 +465,7 @@ def count_parameters(model: nn.Module) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- files
 def _sha256(path: Path) -> str:
-    from ..weights import sha256_of
+    from samliverseg.models.weights import sha256_of
     return sha256_of(path)
 
 
@@ -478,7 +478,7 @@ def save_adapted_model(model: nn.Module, path: Union[str, os.PathLike], *, base_
     ``state`` defaults to :func:`adapter_state` (model, trained_prefixes); ``metadata`` adds
     fields (window, target, ...); ``base_sha256`` is computed from ``base_checkpoint`` if absent.
     """
-    from ..training.checkpoint import save_checkpoint
+    from samliverseg.training.checkpoint import save_checkpoint
 
     cfg = getattr(model, "adapter_config", None)
     if cfg is None:
@@ -515,8 +515,8 @@ def read_model_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 def _base_checkpoint(spec, meta: Mapping[str, Any], explicit: Optional[Union[str, os.PathLike]], source: Path) -> Path:
     """The base weights to build on: an explicit path (only it), else the registry's lookup, then
     the recorded path; the first whose SHA-256 matches the recorded one."""
-    from ..build_sam import find_model_checkpoint
-    from ..weights import verify_file
+    from samliverseg.models.build_sam import find_model_checkpoint
+    from samliverseg.models.weights import verify_file
 
     candidates: List[Path] = []
     if explicit:  # only what the caller names
@@ -563,9 +563,9 @@ def load_adapted_model(path: Union[str, os.PathLike], device: Union[str, torch.d
     set to the training cache's window, ``model.adapter_metadata`` the file's metadata. A file of
     another kind, unknown keys, missing adapter keys or other shapes raise CheckpointError.
     """
-    from ..build_sam import build_model, get_spec
-    from ..devices import resolve_device
-    from ..windowing import get_window
+    from samliverseg.models.build_sam import build_model, get_spec
+    from samliverseg.core.devices import resolve_device
+    from samliverseg.core.windowing import get_window
 
     src = Path(path).expanduser()
     obj = read_model_file(src)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from samliverseg.modeling.common import LayerNorm2d, MLPBlock
 
 # Upper bound on the size (in elements) of one relative-position bias tensor built at once in a
 # global-attention block; heads are processed in groups to stay below it.

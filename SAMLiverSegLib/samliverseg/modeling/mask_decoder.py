@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from samliverseg.modeling.common import LayerNorm2d
 
 
 class MLP(nn.Module):

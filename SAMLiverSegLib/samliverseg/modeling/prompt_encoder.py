@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Type
 import torch
 from torch import nn
 
-from .common import LayerNorm2d
+from samliverseg.modeling.common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):

@@ -2,7 +2,7 @@
 
 Its state dict has exactly the keys of the segment-anything / LiteMedSAM checkpoints
 (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``); preprocessing (resize,
-normalisation) is described by the attached :class:`~samliverseg.build_sam.ModelSpec`
+normalisation) is described by the attached :class:`~samliverseg.models.build_sam.ModelSpec`
 (``model.spec``) and done by the caller.
 """
 
@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .mask_decoder import MaskDecoder
-from .prompt_encoder import PromptEncoder
+from samliverseg.modeling.mask_decoder import MaskDecoder
+from samliverseg.modeling.prompt_encoder import PromptEncoder
 
 
 class SamModel(nn.Module):

@@ -300,11 +300,11 @@ def student_from_sam(sam, slab_depth: int = 8, hidden: int = 64, decoder_norm: s
 def build_slicing_student(encoder="lite_medsam", checkpoint=None, slab_depth: int = 8, hidden: int = 64,
                           device="cpu", decoder_norm: str = "channel") -> SlicingStudent:
     """A student whose frozen encoder is the image encoder of a registered 2D model (name or
-    :class:`~samliverseg.build_sam.ModelSpec`; ``lite_medsam``: TinyViT, ``sam_vit_b``/``medsam``:
+    :class:`~samliverseg.models.build_sam.ModelSpec`; ``lite_medsam``: TinyViT, ``sam_vit_b``/``medsam``:
     ViT-B) loaded from its weights (``build_model``'s lookup; WeightsMissingError when absent);
     the decoder is freshly initialised (seed torch before calling for a reproducible start)."""
-    from ..build_sam import build_model
-    from ..devices import resolve_device
+    from samliverseg.models.build_sam import build_model
+    from samliverseg.core.devices import resolve_device
 
     dev = resolve_device(device)
     sam = build_model(encoder, checkpoint=checkpoint, device="cpu")
@@ -334,7 +334,7 @@ def read_model_file(path: Union[str, os.PathLike], kinds: Sequence[str] = (STUDE
     import pickle
     import zipfile
 
-    from ..errors import CheckpointError
+    from samliverseg.core.errors import CheckpointError
 
     p = Path(path).expanduser()
     try:
@@ -364,9 +364,9 @@ def load_student(path: Union[str, os.PathLike], device="cpu", kinds: Sequence[st
     The encoder architecture comes from the registry entry named by ``metadata["encoder"]``
     (its weights from the file itself); CheckpointError when the file is of another kind or its
     weights do not fit, InputError when that encoder is not registered here."""
-    from ..build_sam import get_spec
-    from ..devices import resolve_device
-    from ..errors import CheckpointError, InputError
+    from samliverseg.models.build_sam import get_spec
+    from samliverseg.core.devices import resolve_device
+    from samliverseg.core.errors import CheckpointError, InputError
 
     obj = read_model_file(path, kinds)
     meta = obj["metadata"]
@@ -430,7 +430,7 @@ def predict_volume(student: SlicingStudent, image: np.ndarray, slab_depth: Optio
     once (``batch_slices`` per encoder call) unless ``augment`` is given, in which case every
     slab is embedded as augmented. ``progress(done_slices, K)``; ``cancel()`` polled per slab
     (raises CancelledError)."""
-    from ..errors import CancelledError
+    from samliverseg.core.errors import CancelledError
 
     img = np.asarray(image)
     if img.ndim != 3:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import DropPath, LayerNorm2d, to_2tuple, trunc_normal_
+from samliverseg.modeling.common import DropPath, LayerNorm2d, to_2tuple, trunc_normal_
 
 
 class Conv2d_BN(nn.Sequential):  # noqa: N801 (the checkpoint's naming)

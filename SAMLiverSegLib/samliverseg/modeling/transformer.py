@@ -12,7 +12,7 @@ from typing import Tuple, Type
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import MLPBlock
+from samliverseg.modeling.common import MLPBlock
 
 
 class Attention(nn.Module):

@@ -1,9 +1,9 @@
 """SAM-Med3D-style 3D modules whose state dicts match the published SAM-Med3D checkpoints."""
 
-from .image_encoder3d import Attention3D, Block3D, ImageEncoderViT3D, LayerNorm3d, PatchEmbed3D
-from .mask_decoder3d import MaskDecoder3D
-from .prompt_encoder3d import PositionEmbeddingRandom3D, PromptEncoder3D
-from .sam3d import Sam3DModel
+from samliverseg.modeling3d.image_encoder3d import Attention3D, Block3D, ImageEncoderViT3D, LayerNorm3d, PatchEmbed3D
+from samliverseg.modeling3d.mask_decoder3d import MaskDecoder3D
+from samliverseg.modeling3d.prompt_encoder3d import PositionEmbeddingRandom3D, PromptEncoder3D
+from samliverseg.modeling3d.sam3d import Sam3DModel
 
 __all__ = [
     "Attention3D",

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling.common import MLPBlock
+from samliverseg.modeling.common import MLPBlock
 
 Size3 = Tuple[int, int, int]
 

@@ -22,9 +22,9 @@ from typing import Tuple, Type
 import torch
 from torch import nn
 
-from ..modeling.mask_decoder import MLP
-from ..modeling.transformer import TwoWayTransformer
-from .image_encoder3d import LayerNorm3d
+from samliverseg.modeling.mask_decoder import MLP
+from samliverseg.modeling.transformer import TwoWayTransformer
+from samliverseg.modeling3d.image_encoder3d import LayerNorm3d
 
 
 class MaskDecoder3D(nn.Module):

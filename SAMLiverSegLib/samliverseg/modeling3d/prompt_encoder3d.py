@@ -30,7 +30,7 @@ from typing import Optional, Tuple, Type
 import torch
 from torch import nn
 
-from .image_encoder3d import LayerNorm3d
+from samliverseg.modeling3d.image_encoder3d import LayerNorm3d
 
 Size3 = Tuple[int, int, int]
 

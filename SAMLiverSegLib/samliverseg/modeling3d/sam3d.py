@@ -4,7 +4,7 @@ Its state dict has exactly the keys of the published SAM-Med3D checkpoints
 (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``; the checkpoint files keep them
 under ``"model_state_dict"``). Preprocessing (resampling, patch cropping, z-score
 normalisation, axis order) is the caller's (``engine3d.py``); the attached
-:class:`~samliverseg.build_sam3d.Model3DSpec` (``model.spec``) describes it.
+:class:`~samliverseg.models.build_sam3d.Model3DSpec` (``model.spec``) describes it.
 
 Frames: the model works in its input cube: a tensor (B, 1, S, S, S) whose dims 2, 3, 4 are the
 cube's axes 0, 1, 2; point coordinates are voxel indices along those axes, in that order.
@@ -17,9 +17,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .image_encoder3d import ImageEncoderViT3D
-from .mask_decoder3d import MaskDecoder3D
-from .prompt_encoder3d import PromptEncoder3D
+from samliverseg.modeling3d.image_encoder3d import ImageEncoderViT3D
+from samliverseg.modeling3d.mask_decoder3d import MaskDecoder3D
+from samliverseg.modeling3d.prompt_encoder3d import PromptEncoder3D
 
 
 class Sam3DModel(nn.Module):

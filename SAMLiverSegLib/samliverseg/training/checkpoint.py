@@ -13,7 +13,7 @@ A checkpoint is a ``torch.save`` dict (loadable with ``weights_only=True``)::
 ``save_checkpoint`` writes to a temporary file in the target's folder, flushes and fsyncs it and
 renames it over the target (``os.replace``); on any failure (a full disk: ``ENOSPC``, a read-only
 folder) the temporary file is removed, the previous checkpoint is left as it was and a
-:class:`~samliverseg.errors.CheckpointError` says what happened. ``writer(obj, file)`` is the
+:class:`~samliverseg.core.errors.CheckpointError` says what happened. ``writer(obj, file)`` is the
 function that serialises into the open temporary file (``torch.save`` by default); it is a
 parameter so that a test can point it at ``/dev/full``.
 """
@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Callable, Dict, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from samliverseg.core.errors import CheckpointError
 
 FORMAT = "samliverseg-train-checkpoint"
 VERSION = 1

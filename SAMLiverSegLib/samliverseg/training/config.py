@@ -32,7 +32,7 @@ Kind-specific options live in a section named after the kind (``unet:``, ``adapt
     unet:
       patch_size: [128, 128, 128]
 
-Unknown keys are rejected (:class:`~samliverseg.errors.InputError` naming the key), as are
+Unknown keys are rejected (:class:`~samliverseg.core.errors.InputError` naming the key), as are
 values of the wrong type or out of range. Relative ``cache``/``output``/``checkpoint`` paths are
 resolved against the config file's folder.
 """
@@ -47,17 +47,17 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
 
-from ..errors import InputError
+from samliverseg.core.errors import InputError
 
 KINDS = ("decoder", "unet", "adapter", "student", "semi")
 
 #: kind -> "module:OptionsClass" validating the ``<kind>:`` section of the config (a dataclass
 #: whose fields have defaults). Imported lazily so that a config load imports one trainer only.
 SECTION_OPTIONS = {
-    "unet": "samliverseg.training.unet_trainer:UNetOptions",
-    "adapter": "samliverseg.training.adapter_trainer:AdapterOptions",
-    "student": "samliverseg.training.student_trainer:StudentOptions",
-    "semi": "samliverseg.training.semi_trainer:SemiOptions",
+    "unet": "samliverseg.training.unet:UNetOptions",
+    "adapter": "samliverseg.training.adapter:AdapterOptions",
+    "student": "samliverseg.training.student:StudentOptions",
+    "semi": "samliverseg.training.semi.trainer:SemiOptions",
 }
 TARGETS = {"liver": "label > 0 (liver including tumour)", "tumor": "label == 2 (tumour)"}
 SCHEDULERS = ("constant", "cosine")

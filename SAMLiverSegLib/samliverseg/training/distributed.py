@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..devices import resolve_device
+from samliverseg.core.devices import resolve_device
 
 T = TypeVar("T")
 

@@ -84,7 +84,7 @@ reconverts everything).
 Bad cases (an unreadable file, an image that is not CT-like by ``check_ct_range``, a label not on
 the image's grid, an empty label, a pairing problem) are skipped and recorded in the manifest's
 ``problems`` list with a one-line reason; the run succeeds when at least one case was converted
-or reused and raises :class:`~samliverseg.errors.InputError` otherwise, or when the input holds
+or reused and raises :class:`~samliverseg.core.errors.InputError` otherwise, or when the input holds
 no image at all.
 
 manifest.json (written atomically)
@@ -127,11 +127,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 import numpy as np
 import SimpleITK as sitk
 
-from ..atomic import atomic_path
-from ..errors import InputError, SAMLiverSegError
-from ..export import read_labelmap
-from ..volume import IMAGE_SUFFIXES, Volume, check_ct_range, geometry_mismatch, read_volume
-from ..windowing import Window, apply_window, get_window
+from samliverseg.core.atomic import atomic_path
+from samliverseg.core.errors import InputError, SAMLiverSegError
+from samliverseg.io.export import read_labelmap
+from samliverseg.io.volume import IMAGE_SUFFIXES, Volume, check_ct_range, geometry_mismatch, read_volume
+from samliverseg.core.windowing import Window, apply_window, get_window
 
 #: Bump when the content of the .npz files changes: old caches are then reconverted.
 CACHE_VERSION = 1

@@ -30,8 +30,8 @@ import threading
 import traceback
 from typing import List, Optional
 
-from ..errors import CancelledError, SAMLiverSegError
-from .progress import ProgressWriter
+from samliverseg.core.errors import CancelledError, SAMLiverSegError
+from samliverseg.training.progress import ProgressWriter
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -52,11 +52,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 #: CancelledError after emitting ``cancelled``. Under torchrun the process group is already set
 #: up (:mod:`.distributed`) when the trainer is built.
 TRAINERS = {
-    "decoder": "samliverseg.training.decoder_trainer:DecoderTrainer",
-    "unet": "samliverseg.training.unet_trainer:UNetTrainer",
-    "adapter": "samliverseg.training.adapter_trainer:AdapterTrainer",
-    "student": "samliverseg.training.student_trainer:StudentTrainer",
-    "semi": "samliverseg.training.semi_trainer:SemiTrainer",
+    "decoder": "samliverseg.training.decoder:DecoderTrainer",
+    "unet": "samliverseg.training.unet:UNetTrainer",
+    "adapter": "samliverseg.training.adapter:AdapterTrainer",
+    "student": "samliverseg.training.student:StudentTrainer",
+    "semi": "samliverseg.training.semi.trainer:SemiTrainer",
 }
 
 
@@ -82,7 +82,7 @@ def register_result(cfg, result, progress: ProgressWriter) -> Optional[str]:
     """
     from pathlib import Path
 
-    from .. import user_models as um
+    from samliverseg.models import user_models as um
 
     model = result.get("model") if isinstance(result, dict) else None
     if not model or not Path(model).is_file():
@@ -129,9 +129,9 @@ OOM_ADVICE = ("lower batch_size (unet: batch_cases, num_samples or patch_size; d
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from samliverseg.training.config import load_config
 
-    from . import distributed
+    from samliverseg.training import distributed
     rank = distributed.env_info().rank
     progress = ProgressWriter(rank=rank)
     stop = threading.Event()

@@ -1,0 +1,1 @@
+"""Layer 7, the ``samliverseg`` command line (``samliverseg.cli.commands:main``)."""

@@ -1,0 +1,670 @@
+"""Writing (and reading back) label maps on the exact grid of the input volume.
+
+* :func:`write_labelmap`: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``) or MetaImage
+  (``.mha``), uint8, with the volume's origin, spacing and direction. Two-file formats
+  (``.nhdr``, ``.mhd``) are refused: they cannot be written atomically.
+* :func:`write_seg_nrrd`: a 3D Slicer segmentation (``.seg.nrrd``): one uint8 labelmap layer on
+  the full input grid, plus Slicer's ``Segment<N>_*`` header fields (ID, name, colour, label
+  value, layer, extent, terminology tags), so Slicer opens it as named, coloured segments.
+  Written by a small NRRD writer here (gzip), with ``space: left-posterior-superior``;
+  ``space directions`` are the columns of ``direction · diag(spacing)``.
+* :func:`write_dicom_seg`: a DICOM Segmentation (BINARY, highdicom) referencing the source
+  series; needs ``volume.dicom_files`` (a volume read from a DICOM series).
+* :func:`read_labelmap`, :func:`read_dicom_seg`: read labels back onto a volume's grid, with a
+  clear :class:`~samliverseg.core.errors.InputError` when the grid differs.
+
+Every write goes through :func:`samliverseg.core.atomic.atomic_path`: on failure no file (and no
+temporary file) is left behind.
+
+Terminology follows 3D Slicer's conventions ("3D Slicer General Anatomy list"): Liver is
+category SCT 123037004 "Anatomical Structure", type SCT 10200004 "Liver"; a liver tumour is
+category SCT 49755003 "Morphologically Altered Structure", type SCT 108369006 "Neoplasm", with
+anatomic region SCT 10200004 "Liver". (Current DICOM editions name 49755003 "Morphologically
+Abnormal Structure" and list SCT 91723000 for "Anatomical Structure" in CID 7150; the codes
+above are the ones Slicer's terminology and dcmqi-exported Slicer segmentations use.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from samliverseg import __version__
+from samliverseg.core.atomic import atomic_path
+from samliverseg.core.errors import InputError
+from samliverseg.io.volume import Volume, geometry_mismatch
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
+LABELMAP_SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.7"
+
+SLICER_CATEGORY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+class Code(NamedTuple):
+    """A coded concept: (code value, coding scheme designator, code meaning)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def slicer(self) -> str:
+        return f"{self.scheme}^{self.value}^{self.meaning}"
+
+    @staticmethod
+    def from_slicer(text: str) -> Optional["Code"]:
+        parts = text.split("^")
+        if len(parts) != 3 or not parts[1]:
+            return None
+        return Code(parts[1], parts[0], parts[2])
+
+
+SCT_ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+SCT_MORPHOLOGICALLY_ALTERED_STRUCTURE = Code("49755003", "SCT", "Morphologically Altered Structure")
+SCT_LIVER = Code("10200004", "SCT", "Liver")
+SCT_NEOPLASM = Code("108369006", "SCT", "Neoplasm")
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """One segment: its value in the label map, name, display colour (RGB 0..1) and coded
+    terminology (DICOM code triplets)."""
+
+    label_value: int
+    name: str
+    color: Tuple[float, float, float]
+    category: Code
+    type: Code
+    type_modifier: Optional[Code] = None
+    anatomic_region: Optional[Code] = None
+    anatomic_region_modifier: Optional[Code] = None
+    segment_id: Optional[str] = None
+    algorithm_type: str = "SEMIAUTOMATIC"
+
+    @property
+    def slicer_id(self) -> str:
+        return self.segment_id or f"Segment_{self.label_value}"
+
+    def terminology_entry(self) -> str:
+        """Slicer's ``TerminologyEntry`` tag value:
+        ``context~category~type~typeModifier~anatomicContext~region~regionModifier``."""
+        empty = "^^"
+        return "~".join([
+            SLICER_CATEGORY_CONTEXT,
+            self.category.slicer(),
+            self.type.slicer(),
+            self.type_modifier.slicer() if self.type_modifier else empty,
+            SLICER_ANATOMIC_CONTEXT,
+            self.anatomic_region.slicer() if self.anatomic_region else empty,
+            self.anatomic_region_modifier.slicer() if self.anatomic_region_modifier else empty,
+        ])
+
+    def with_label(self, label_value: int, name: Optional[str] = None, segment_id: Optional[str] = None) -> "SegmentInfo":
+        """A copy with another label value (and optionally another name / segment ID); the
+        colour and terminology are kept. The segment ID follows the label value unless given."""
+        return dataclasses.replace(self, label_value=int(label_value), name=self.name if name is None else str(name),
+                                   segment_id=segment_id)
+
+    def rgb255(self) -> Tuple[int, int, int]:
+        return tuple(int(round(min(max(c, 0.0), 1.0) * 255)) for c in self.color)  # type: ignore[return-value]
+
+
+#: Liver: Slicer's colour for liver (221, 130, 101).
+LIVER = SegmentInfo(1, "Liver", (221 / 255, 130 / 255, 101 / 255), SCT_ANATOMICAL_STRUCTURE, SCT_LIVER)
+#: Liver tumour: light green, distinct from the liver's colour.
+LIVER_TUMOR = SegmentInfo(2, "Liver tumor", (144 / 255, 238 / 255, 144 / 255),
+                          SCT_MORPHOLOGICALLY_ALTERED_STRUCTURE, SCT_NEOPLASM, anatomic_region=SCT_LIVER)
+DEFAULT_SEGMENTS: Tuple[SegmentInfo, ...] = (LIVER, LIVER_TUMOR)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+def _as_labels(labels: np.ndarray, volume: Volume) -> np.ndarray:
+    """Labels as uint8 [k, j, i] on the volume's grid; InputError otherwise."""
+    a = np.asarray(labels)
+    if a.shape != volume.shape:
+        raise InputError(f"labels of shape {a.shape} (k, j, i) do not match the volume's {volume.shape}")
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or not np.array_equal(a, np.round(a)):
+            raise InputError("labels must be whole numbers (a label map), not probabilities")
+    elif not np.issubdtype(a.dtype, np.integer):
+        raise InputError(f"labels must be integers, got {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() > 255):
+        raise InputError(f"label values must lie in 0..255, got {a.min()}..{a.max()}")
+    return a.astype(np.uint8)
+
+
+def _check_segments(segments: Sequence[SegmentInfo], labels: np.ndarray) -> List[SegmentInfo]:
+    segs = list(segments)
+    if not segs:
+        raise InputError("no segment given")
+    values = [int(s.label_value) for s in segs]
+    if any(v < 1 or v > 255 for v in values):
+        raise InputError(f"segment label values must be 1..255, got {values}")
+    if len(set(values)) != len(values):
+        raise InputError(f"two segments share a label value: {values}")
+    ids = [s.slicer_id for s in segs]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"two segments share an ID: {ids}")
+    present = set(np.unique(labels).tolist()) - {0}
+    missing = sorted(present - set(values))
+    if missing:
+        raise InputError(f"label value(s) {missing} have no segment description; give a SegmentInfo for each")
+    return segs
+
+
+# ---------------------------------------------------------------------------------------------
+# plain label maps
+# ---------------------------------------------------------------------------------------------
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def write_labelmap(labels: np.ndarray, volume: Volume, path: PathLike) -> Path:
+    """Write uint8 labels [k, j, i] on the volume's exact grid (format from the extension)."""
+    target = Path(path)
+    name = target.name.lower()
+    if not any(name.endswith(s) for s in LABELMAP_SUFFIXES):
+        raise InputError(f"cannot write a label map to {target.name!r}: use one of {', '.join(LABELMAP_SUFFIXES)}")
+    image = volume.to_sitk(_as_labels(labels, volume))
+    with atomic_path(target) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as exc:
+            raise InputError(f"cannot write {target}: {_itk_message(exc)}") from None
+    return target
+
+
+def _itk_message(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
+def read_labelmap(path: PathLike, volume: Optional[Volume] = None, tol_mm: float = 1e-3) -> np.ndarray:
+    """Read a label image as uint8 [k, j, i].
+
+    With ``volume``, the label grid must be the volume's (within ``tol_mm``), or a sub-box of
+    it with the same spacing and direction (as Slicer writes cropped ``.seg.nrrd`` files), in
+    which case the labels are placed into a volume-sized array. Anything else is an
+    :class:`InputError` that says how the grids differ (resample the labels first).
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"label file {p} does not exist")
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read {p} as a label image: {_itk_message(exc)}") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{p.name} has {image.GetNumberOfComponentsPerPixel()} layers/components per voxel"
+                         " (overlapping segments?); a single label map is needed")
+    if image.GetDimension() != 3:
+        raise InputError(f"{p.name} is a {image.GetDimension()}D image; a 3D label map is needed")
+    arr = sitk.GetArrayFromImage(image)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or not np.array_equal(arr, np.round(arr)):
+            raise InputError(f"{p.name} holds non-integer values; a label map is needed")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise InputError(f"{p.name} holds values {arr.min()}..{arr.max()}; label values must lie in 0..255")
+    arr = arr.astype(np.uint8, copy=False)
+    if volume is None:
+        return arr
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    why = geometry_mismatch(volume, arr.shape, image.GetSpacing(), image.GetOrigin(), direction, tol_mm)
+    if why is None:
+        return arr
+    placed = _place_subgrid(arr, image, volume, tol_mm)
+    if placed is not None:
+        return placed
+    raise InputError(f"{p.name} is not on the volume's grid: {why}; resample it onto the CT first")
+
+
+def _place_subgrid(arr: np.ndarray, image: sitk.Image, volume: Volume, tol_mm: float) -> Optional[np.ndarray]:
+    sp = np.asarray(image.GetSpacing(), dtype=float)
+    d = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    if np.abs(sp - np.asarray(volume.spacing)).max() > tol_mm or np.abs(d - volume.direction).max() > 1e-5:
+        return None
+    offset = volume.lps_to_ijk(np.asarray(image.GetOrigin(), dtype=float))
+    off = np.round(offset)
+    if np.abs((offset - off) * np.asarray(volume.spacing)).max() > tol_mm:
+        return None
+    i0, j0, k0 = (int(v) for v in off)
+    nk, nj, ni = arr.shape
+    NK, NJ, NI = volume.shape
+    if i0 < 0 or j0 < 0 or k0 < 0 or i0 + ni > NI or j0 + nj > NJ or k0 + nk > NK:
+        return None
+    out = np.zeros(volume.shape, dtype=np.uint8)
+    out[k0:k0 + nk, j0:j0 + nj, i0:i0 + ni] = arr
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Slicer .seg.nrrd
+# ---------------------------------------------------------------------------------------------
+def _clean(text: str) -> str:
+    """Header values are one line; '|' and '~' separate tags and terminology fields."""
+    return re.sub(r"[\r\n|~]", " ", str(text)).strip()
+
+
+def _fmt(v: float) -> str:
+    return repr(float(v)) if v != 0 else "0"
+
+
+def _extent(mask: np.ndarray) -> str:
+    """``i0 i1 j0 j1 k0 k1`` of the voxels in ``mask``; ``0 -1 0 -1 0 -1`` when empty."""
+    if not mask.any():
+        return "0 -1 0 -1 0 -1"
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    js = np.flatnonzero(mask.any(axis=(0, 2)))
+    is_ = np.flatnonzero(mask.any(axis=(0, 1)))
+    return f"{is_[0]} {is_[-1]} {js[0]} {js[-1]} {ks[0]} {ks[-1]}"
+
+
+def seg_nrrd_header(labels: np.ndarray, volume: Volume, segments: Sequence[SegmentInfo]) -> str:
+    """The NRRD header (text, ending with the blank line) of a Slicer segmentation file."""
+    labels = _as_labels(labels, volume)
+    segs = _check_segments(segments, labels)
+    ni, nj, nk = volume.shape_ijk
+    cols = volume.direction @ np.diag(volume.spacing)
+    dirs = " ".join("(" + ",".join(_fmt(v) for v in cols[:, c]) + ")" for c in range(3))
+    lines = [
+        "NRRD0004",
+        "# Complete NRRD file format specification at:",
+        "# http://teem.sourceforge.net/nrrd/format.html",
+        "# Written by samliverseg " + __version__,
+        "type: unsigned char",
+        "dimension: 3",
+        "space: left-posterior-superior",
+        f"sizes: {ni} {nj} {nk}",
+        f"space directions: {dirs}",
+        "kinds: domain domain domain",
+        "encoding: gzip",
+        "space origin: (" + ",".join(_fmt(v) for v in volume.origin) + ")",
+    ]
+    for n, s in enumerate(segs):
+        r, g, b = (min(max(float(c), 0.0), 1.0) for c in s.color)
+        lines += [
+            f"Segment{n}_Color:={r:.6g} {g:.6g} {b:.6g}",
+            f"Segment{n}_ColorAutoGenerated:=0",
+            f"Segment{n}_Extent:={_extent(labels == s.label_value)}",
+            f"Segment{n}_ID:={_clean(s.slicer_id)}",
+            f"Segment{n}_LabelValue:={int(s.label_value)}",
+            f"Segment{n}_Layer:=0",
+            f"Segment{n}_Name:={_clean(s.name)}",
+            f"Segment{n}_NameAutoGenerated:=0",
+            f"Segment{n}_Tags:=Segmentation.Status:inprogress|TerminologyEntry:{s.terminology_entry()}|",
+        ]
+    lines += [
+        "Segmentation_ContainedRepresentationNames:=Binary labelmap|",
+        "Segmentation_MasterRepresentation:=Binary labelmap",
+        "Segmentation_ReferenceImageExtentOffset:=0 0 0",
+    ]
+    return "\n".join(lines) + "\n\n"
+
+
+def write_seg_nrrd(labels: np.ndarray, volume: Volume, path: PathLike,
+                   segments: Sequence[SegmentInfo] = DEFAULT_SEGMENTS, compression_level: int = 4) -> Path:
+    """Write a Slicer segmentation (``.seg.nrrd``) on the volume's full grid.
+
+    Every non-zero label value must have a :class:`SegmentInfo`; segments whose value does not
+    occur are written as empty segments (Slicer shows them, empty).
+    """
+    target = Path(path)
+    if not target.name.lower().endswith(".nrrd"):
+        raise InputError(f"a Slicer segmentation file must end in .seg.nrrd, got {target.name!r}")
+    labels = _as_labels(labels, volume)
+    header = seg_nrrd_header(labels, volume, segments).encode("utf-8")
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            # gzip stream of the raw voxels, i fastest (C order of array[k, j, i])
+            comp = zlib.compressobj(compression_level, zlib.DEFLATED, 31)
+            data = np.ascontiguousarray(labels)
+            step = 1 << 24
+            flat = data.reshape(-1)
+            for start in range(0, flat.size, step):
+                f.write(comp.compress(flat[start:start + step].tobytes()))
+            f.write(comp.flush())
+    return target
+
+
+def read_seg_nrrd_segments(path: PathLike) -> List[SegmentInfo]:
+    """The segments described in a ``.seg.nrrd`` header (label values, names, colours, codes)."""
+    p = Path(path)
+    header = _read_nrrd_header(p)
+    fields: Dict[int, Dict[str, str]] = {}
+    for key, value in header.items():
+        m = re.fullmatch(r"Segment(\d+)_(\w+)", key)
+        if m:
+            fields.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    out = []
+    for n in sorted(fields):
+        f = fields[n]
+        try:
+            color = tuple(float(v) for v in f.get("Color", "0.5 0.5 0.5").split())
+            label_value = int(f.get("LabelValue", n + 1))
+        except ValueError:
+            raise InputError(f"{p.name}: bad Segment{n} header fields") from None
+        codes = _parse_terminology(f.get("Tags", ""))
+        out.append(SegmentInfo(label_value, f.get("Name", f"Segment_{n}"), color,  # type: ignore[arg-type]
+                               codes.get("category") or Code("", "", ""), codes.get("type") or Code("", "", ""),
+                               codes.get("type_modifier"), codes.get("anatomic_region"),
+                               codes.get("anatomic_region_modifier"), segment_id=f.get("ID")))
+    return out
+
+
+def _parse_terminology(tags: str) -> Dict[str, Optional[Code]]:
+    for tag in tags.split("|"):
+        key, _, value = tag.partition(":")
+        if key == "TerminologyEntry":
+            parts = value.split("~")
+            if len(parts) >= 7:
+                return {"category": Code.from_slicer(parts[1]), "type": Code.from_slicer(parts[2]),
+                        "type_modifier": Code.from_slicer(parts[3]), "anatomic_region": Code.from_slicer(parts[5]),
+                        "anatomic_region_modifier": Code.from_slicer(parts[6])}
+    return {}
+
+
+def _read_nrrd_header(p: Path) -> Dict[str, str]:
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError as exc:
+        raise InputError(f"cannot read {p}: {exc}") from None
+    if not raw.startswith(b"NRRD"):
+        raise InputError(f"{p.name} is not a NRRD file")
+    end = raw.find(b"\n\n")
+    text = raw[: end if end >= 0 else len(raw)].decode("utf-8", errors="replace")
+    out: Dict[str, str] = {}
+    for line in text.splitlines()[1:]:
+        if line.startswith("#"):
+            continue
+        if ":=" in line:
+            k, _, v = line.partition(":=")
+        else:
+            k, _, v = line.partition(":")
+        out[k.strip()] = v.strip()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM SEG
+# ---------------------------------------------------------------------------------------------
+def _coded(code: Code):
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def _source_datasets(volume: Volume) -> list:
+    import pydicom
+
+    files = volume.dicom_files
+    if not files:
+        raise InputError("DICOM SEG needs a DICOM series as input")
+    if len(files) != volume.shape[0]:
+        raise InputError(f"the volume has {volume.shape[0]} slices but {len(files)} DICOM files;"
+                         " DICOM SEG needs the volume as read from its series")
+    datasets = []
+    for k, fname in enumerate(files):
+        try:
+            ds = pydicom.dcmread(fname, stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"cannot read the source DICOM file {fname}: {exc}") from None
+        ipp = ds.get("ImagePositionPatient")
+        if ipp is not None:
+            expected = volume.ijk_to_lps(np.array([0.0, 0.0, float(k)]))
+            if np.abs(np.asarray([float(v) for v in ipp]) - expected).max() > max(0.01, 0.05 * volume.spacing[2]):
+                raise InputError(f"source file {Path(fname).name} is not slice k={k} of the volume;"
+                                 " the volume's geometry no longer matches its DICOM series")
+        # Tidy attributes some scanners/anonymisers leave empty and highdicom would reject
+        # (in memory only): empty character set; SOP class/instance UIDs blanked in the data
+        # set but still in the file meta information.
+        if "SpecificCharacterSet" in ds and not str(ds.SpecificCharacterSet or "").strip():
+            del ds.SpecificCharacterSet
+        meta = getattr(ds, "file_meta", None)
+        for attr, meta_attr in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+            if not str(ds.get(attr, "") or "").strip():
+                value = str(meta.get(meta_attr, "") or "").strip() if meta is not None else ""
+                if not value:
+                    raise InputError(f"source file {Path(fname).name} has no {attr}; cannot reference it in a DICOM SEG")
+                setattr(ds, attr, value)
+        datasets.append(ds)
+    return datasets
+
+
+def write_dicom_seg(labels: np.ndarray, volume: Volume, path: PathLike,
+                    segments: Sequence[SegmentInfo] = DEFAULT_SEGMENTS, series_description: str = "SAMLiverSeg",
+                    series_number: int = 901, content_label: str = "SAMLIVERSEG") -> Path:
+    """Write a DICOM Segmentation (BINARY) of ``labels`` referencing the volume's series.
+
+    Segment numbers are 1..N in the order of ``segments``; frames are written only for slices
+    where a segment is present (highdicom's ``omit_empty_frames``), all of them when the labels
+    are empty. A source series without a FrameOfReferenceUID (some anonymised datasets) gets
+    one derived deterministically from its SeriesInstanceUID, with a warning.
+    """
+    import highdicom as hd
+    import pydicom
+
+    labels = _as_labels(labels, volume)
+    segs = _check_segments(segments, labels)
+    sources = _source_datasets(volume)
+    if not all(str(ds.get("FrameOfReferenceUID", "") or "").strip() for ds in sources):
+        series_uid = str(sources[0].get("SeriesInstanceUID", ""))
+        for_uid = pydicom.uid.generate_uid(entropy_srcs=["samliverseg-frame-of-reference", series_uid])
+        log.warning("the source series has no FrameOfReferenceUID; the SEG uses %s derived from the series UID",
+                    for_uid)
+        for ds in sources:
+            ds.FrameOfReferenceUID = for_uid
+    seg_numbers = np.zeros_like(labels)
+    for n, s in enumerate(segs, start=1):
+        seg_numbers[labels == s.label_value] = n
+    algorithm = hd.AlgorithmIdentificationSequence(name="SAMLiverSeg", version=__version__, family=_ai_family())
+    descriptions = []
+    for n, s in enumerate(segs, start=1):
+        try:
+            color = hd.color.CIELabColor.from_rgb(*s.rgb255())
+        except Exception:  # noqa: BLE001 - a colour highdicom cannot convert is not worth failing for
+            color = None
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=_clean(s.name)[:64],
+            segmented_property_category=_coded(s.category),
+            segmented_property_type=_coded(s.type),
+            algorithm_type=s.algorithm_type,
+            algorithm_identification=algorithm if s.algorithm_type != "MANUAL" else None,
+            tracking_uid=hd.UID(),
+            tracking_id=s.slicer_id,
+            anatomic_regions=[_coded(s.anatomic_region)] if s.anatomic_region else None,
+            display_color=color,
+        ))
+    try:
+        with warnings.catch_warnings():
+            # highdicom re-checks the source's patient name; a one-component name is common.
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+            seg = hd.seg.Segmentation(
+                source_images=sources,
+                pixel_array=seg_numbers,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=hd.UID(),
+                series_number=int(series_number),
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="SAMLiverSeg",
+                manufacturer_model_name="samliverseg",
+                software_versions=__version__,
+                device_serial_number="0",
+                content_label=content_label,
+                content_description=series_description[:64],
+                series_description=series_description[:64],
+                omit_empty_frames=bool(seg_numbers.any()),
+            )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"cannot build a DICOM SEG from this series: {exc}") from None
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        seg.save_as(str(tmp))
+    return target
+
+
+def _ai_family():
+    from pydicom.sr.codedict import codes
+
+    return codes.cid7162.ArtificialIntelligence
+
+
+def read_dicom_seg(path: PathLike, volume: Volume, segments: Optional[Sequence[SegmentInfo]] = None,
+                   with_segments: bool = False):
+    """Labels uint8 [k, j, i] on ``volume``'s grid from a DICOM Segmentation.
+
+    Each frame is placed on the slice whose position matches the frame's
+    ImagePositionPatient (so frame order and referenced instances do not matter); frames must
+    lie on the volume's slices (same orientation and pixel spacing, integral slice index),
+    otherwise :class:`InputError`. A voxel's value is its segment number, or, when
+    ``segments`` are given, the ``label_value`` of the segment whose name equals the DICOM
+    segment label. Where segments overlap, the higher segment number wins. BINARY, FRACTIONAL
+    (threshold at half the maximum) and LABELMAP segmentations are read.
+
+    With ``with_segments=True`` returns ``(labels, [(segment number, label, SegmentInfo)])``.
+    """
+    import pydicom
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"DICOM SEG file {p} does not exist")
+    try:
+        ds = pydicom.dcmread(str(p))
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{p.name} is not a readable DICOM file: {exc}") from None
+    sop = str(ds.get("SOPClassUID", ""))
+    if sop not in (SEG_SOP_CLASS_UID, LABELMAP_SEG_SOP_CLASS_UID):
+        raise InputError(f"{p.name} is not a DICOM Segmentation (SOP class {sop or 'missing'})")
+    nk, nj, ni = volume.shape
+    if int(ds.Rows) != nj or int(ds.Columns) != ni:
+        raise InputError(f"{p.name} frames are {ds.Columns}×{ds.Rows}, the volume's slices {ni}×{nj}")
+    try:
+        frames = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot decode the frames of {p.name}: {exc}") from None
+    nframes = int(ds.get("NumberOfFrames", 1))
+    frames = frames.reshape(nframes, nj, ni)
+    seg_type = str(ds.get("SegmentationType", "BINARY"))
+    if sop == LABELMAP_SEG_SOP_CLASS_UID or seg_type == "LABELMAP":
+        seg_type = "LABELMAP"
+    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None or len(per_frame) != nframes:
+        raise InputError(f"{p.name} lacks per-frame positions; cannot place its frames")
+
+    def attr(fg, seq, name):
+        for group in (fg, shared):
+            if group is not None and seq in group and name in group[seq][0]:
+                return group[seq][0][name].value
+        return None
+
+    # Descriptions: number -> (label, SegmentInfo)
+    desc: Dict[int, Tuple[str, SegmentInfo]] = {}
+    for item in ds.get("SegmentSequence", []):
+        num = int(item.SegmentNumber)
+        name = str(item.get("SegmentLabel", f"Segment {num}"))
+        cat = item.SegmentedPropertyCategoryCodeSequence[0] if "SegmentedPropertyCategoryCodeSequence" in item else None
+        typ = item.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in item else None
+        region = item.AnatomicRegionSequence[0] if "AnatomicRegionSequence" in item else None
+
+        def code(c):
+            return Code(str(c.CodeValue), str(c.CodingSchemeDesignator), str(c.CodeMeaning)) if c is not None else None
+
+        color = (0.5, 0.5, 0.5)
+        if "RecommendedDisplayCIELabValue" in item:
+            try:
+                from highdicom.color import CIELabColor
+
+                rgb = CIELabColor.from_dicom_value(list(item.RecommendedDisplayCIELabValue)).to_rgb()
+                color = tuple(round(float(c) / 255.0, 4) for c in rgb)
+            except Exception:  # noqa: BLE001 - a colour is not worth failing for
+                pass
+        desc[num] = (name, SegmentInfo(num, name, color, code(cat) or Code("", "", ""),
+                                       code(typ) or Code("", "", ""), anatomic_region=code(region)))
+    value_of: Dict[int, int] = {n: n for n in desc}
+    if segments is not None:
+        by_name = {s.name.lower(): int(s.label_value) for s in segments}
+        for n, (name, _) in desc.items():
+            if name.lower() not in by_name:
+                raise InputError(f"{p.name}: segment {n} {name!r} matches none of the given segments")
+            value_of[n] = by_name[name.lower()]
+    if any(v > 255 for v in value_of.values()):
+        raise InputError(f"{p.name} has more than 255 segments")
+
+    vol_dir = volume.direction
+    placements = []
+    for f in range(nframes):
+        fg = per_frame[f]
+        iop = attr(fg, "PlaneOrientationSequence", "ImageOrientationPatient")
+        ipp = attr(fg, "PlanePositionSequence", "ImagePositionPatient")
+        ps = attr(fg, "PixelMeasuresSequence", "PixelSpacing")
+        if ipp is None:
+            raise InputError(f"{p.name} frame {f + 1} has no ImagePositionPatient")
+        if iop is not None:
+            rc = np.array([float(v) for v in iop]).reshape(2, 3)
+            if np.abs(rc[0] - vol_dir[:, 0]).max() > 1e-3 or np.abs(rc[1] - vol_dir[:, 1]).max() > 1e-3:
+                raise InputError(f"{p.name}: frames are not parallel to the volume's slices (another orientation)")
+        if ps is not None:
+            ps_ij = (float(ps[1]), float(ps[0]))  # PixelSpacing = (row spacing = j, column spacing = i)
+            if abs(ps_ij[0] - volume.spacing[0]) > 1e-3 or abs(ps_ij[1] - volume.spacing[1]) > 1e-3:
+                raise InputError(f"{p.name}: pixel spacing {ps_ij} differs from the volume's {volume.spacing[:2]}")
+        ijk = volume.lps_to_ijk(np.array([float(v) for v in ipp]))
+        k = int(round(float(ijk[2])))
+        if abs(ijk[0]) > 0.01 or abs(ijk[1]) > 0.01 or abs(ijk[2] - k) > 0.01 or not 0 <= k < nk:
+            raise InputError(f"{p.name} frame {f + 1} at {tuple(np.round(ipp, 2))} is not on a slice of the volume")
+        if seg_type == "LABELMAP":
+            number = 0
+        else:
+            number = attr(fg, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
+            if number is None:
+                raise InputError(f"{p.name} frame {f + 1} has no segment number")
+            number = int(number)
+            if number not in value_of:
+                value_of[number] = number
+        placements.append((number, k, f))
+
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    maxfrac = float(ds.get("MaximumFractionalValue", 255) or 255)
+    for number, k, f in sorted(placements):
+        frame = frames[f]
+        if seg_type == "LABELMAP":
+            for n in np.unique(frame):
+                if n:
+                    labels[k][frame == n] = value_of.get(int(n), int(n))
+            continue
+        mask = frame >= maxfrac / 2.0 if seg_type == "FRACTIONAL" else frame > 0
+        labels[k][mask] = value_of[number]
+    if with_segments:
+        return labels, [(n, desc[n][0], desc[n][1]) for n in sorted(desc)]
+    return labels
+
+
+__all__ = [
+    "Code", "SegmentInfo", "LIVER", "LIVER_TUMOR", "DEFAULT_SEGMENTS", "write_labelmap", "read_labelmap",
+    "write_seg_nrrd", "seg_nrrd_header", "read_seg_nrrd_segments", "write_dicom_seg", "read_dicom_seg",
+    "LABELMAP_SUFFIXES",
+]

@@ -1,0 +1,1 @@
+"""Semi-SAM+ (trainer kind ``semi``): formulas, invertible views, teachers, the trainer."""
