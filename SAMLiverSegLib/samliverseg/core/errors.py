@@ -35,3 +35,36 @@ class CancelledError(SAMLiverSegError):
     """A long operation (embedding prefetch, propagation) was cancelled by the user."""
 
     exit_code = 130
+
+
+#: Exit code of an error nobody foresaw (``--debug`` shows its traceback), for every command.
+EXIT_UNEXPECTED = 70
+#: Exit code of an out-of-memory failure, for every command.
+EXIT_OUT_OF_MEMORY = 4
+
+
+def out_of_memory_kind(exc: BaseException):
+    """``"cuda"`` or ``"cpu"`` when ``exc`` is an out-of-memory failure of that device, else None.
+
+    The one out-of-memory detector of the project. CUDA raises ``torch.cuda.OutOfMemoryError``
+    (a RuntimeError); torch's CPU allocator raises a RuntimeError ("DefaultCPUAllocator: can't
+    allocate memory"), not a MemoryError; other code raises MemoryError. torch is looked up in
+    ``sys.modules`` only: an exception from torch implies torch is imported.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    cuda_oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch is not None else None
+    text = str(exc)
+    if (cuda_oom is not None and isinstance(exc, cuda_oom)) or "CUDA out of memory" in text:
+        return "cuda"
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text or "DefaultCPUAllocator" in text:
+        return "cpu"
+    if isinstance(exc, RuntimeError) and "out of memory" in text.lower():
+        return "cuda" if "cuda" in text.lower() or "mps" in text.lower() else "cpu"
+    return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc`` is an out-of-memory failure of any device (see :func:`out_of_memory_kind`)."""
+    return out_of_memory_kind(exc) is not None
