@@ -19,8 +19,6 @@ stores the full SHA-256 and size of each official file.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +28,9 @@ import torch
 
 from samliverseg.models import weights
 from samliverseg.core.devices import resolve_device
-from samliverseg.core.errors import CheckpointError, InputError, WeightsMissingError
+from samliverseg.io import torchfile
+from samliverseg.io.torchfile import describe_state_dict
+from samliverseg.core.errors import InputError, WeightsMissingError
 from samliverseg.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, SamModel, TinyViT, TwoWayTransformer
 
 SAM_PIXEL_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -333,102 +333,14 @@ def resolve_checkpoint(name: Union[str, ModelSpec], checkpoint: Optional[Union[s
     return path
 
 
-def _first_sentence(text: str, limit: int = 120) -> str:
-    text = text.replace("\x1b[1m", "").replace("\x1b[0m", "")
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    for stop in (". ", "; "):
-        if stop in text:
-            text = text.split(stop, 1)[0]
-    return text[:limit]
-
-
 def load_checkpoint_state(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     """Read a checkpoint (plain state dict, or wrapped under "model"/"state_dict") safely."""
-    p = Path(path)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsMissingError(f"checkpoint file {p} does not exist") from None
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "can still be loaded" in text or "Unsupported global" in text:
-            reason = "it holds pickled Python objects (a whole model?), which are not loaded for safety; " \
-                     "save model.state_dict() instead"
-        else:
-            reason = f"corrupt, truncated or not a PyTorch file: {_first_sentence(text)}"
-        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError,
-            IndexError, KeyError, UnicodeDecodeError, MemoryError) as exc:
-        raise CheckpointError(
-            f"{p} is not a readable PyTorch checkpoint (corrupt, truncated or not a PyTorch file: "
-            f"{_first_sentence(str(exc)) or type(exc).__name__})"
-        ) from None
-    state = obj
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), Mapping):
-                state = obj[key]
-                break
-    if not isinstance(state, Mapping) or not state or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise CheckpointError(f"{p} is a PyTorch file but holds no model state dict")
-    state = dict(state)
-    if all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def describe_state_dict(state: Mapping) -> str:
-    """A guess of what architecture a state dict belongs to (for error messages)."""
-    keys = list(state)
-    if any(k.startswith("image_encoder.layers.") for k in keys):
-        return "a LiteMedSAM/TinyViT checkpoint"
-    pos = state.get("image_encoder.pos_embed")
-    if pos is not None and getattr(pos, "ndim", 0) == 4:
-        depth = len({k.split(".")[2] for k in keys if k.startswith("image_encoder.blocks.")})
-        names = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
-        return f"a SAM {names.get(int(pos.shape[-1]), 'ViT')} checkpoint (embed {int(pos.shape[-1])}, {depth} blocks)"
-    if pos is not None and getattr(pos, "ndim", 0) == 5:
-        from samliverseg.models.build_sam3d import describe_state_dict3d  # a 3D model's file given to a 2D model
-        return describe_state_dict3d(state)
-    if any(k.startswith("image_encoder.trunk.") for k in keys):
-        return "a SAM 2 checkpoint"
-    if not any(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.")) for k in keys):
-        return "not a Segment-Anything-style checkpoint"
-    return "an unknown Segment-Anything-style checkpoint"
-
-
-def _examples(items: List[str], n: int = 3) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (", ..." if len(items) > n else "")
+    return torchfile.load_state_dict(path)
 
 
 def load_state_strict(model: SamModel, state: Mapping, spec: ModelSpec, source: Union[str, os.PathLike] = "checkpoint") -> None:
     """Load strictly; on any missing/unexpected key or shape mismatch raise a one-line CheckpointError."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys ({_examples(missing)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys ({_examples(unexpected)})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches (checkpoint vs model: {_examples(mismatched, 2)})")
-        raise CheckpointError(
-            f"{source} does not fit {spec.name} ({spec.architecture or 'its architecture'}): it looks like "
-            f"{describe_state_dict(state)}; {'; '.join(problems)}"
-        )
-    model.load_state_dict(state, strict=True)
+    torchfile.load_strict(model, state, spec.name, spec.architecture or "its architecture", source)
 
 
 def build_model(

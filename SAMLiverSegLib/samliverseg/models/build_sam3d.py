@@ -29,10 +29,7 @@ under ``weights_only=True``. Anything else pickled is refused.
 
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,9 +38,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from samliverseg.models import weights
-from samliverseg.models.build_sam import _first_sentence, describe_state_dict
+from samliverseg.io import torchfile
+from samliverseg.io.torchfile import describe_state_dict
+
+describe_state_dict3d = describe_state_dict  # one diagnosis for 2D and 3D files
 from samliverseg.core.devices import resolve_device
-from samliverseg.core.errors import CheckpointError, InputError, WeightsMissingError
+from samliverseg.core.errors import InputError, WeightsMissingError
 from samliverseg.modeling3d import ImageEncoderViT3D, MaskDecoder3D, PromptEncoder3D, Sam3DModel
 
 #: Where the published weights come from (they are never downloaded by this library).
@@ -225,121 +225,15 @@ def resolve_checkpoint3d(name: Union[str, Model3DSpec], checkpoint: Optional[Uni
     return path
 
 
-def _plain_record_globals() -> list:
-    """Classes that training checkpoints carry besides tensors and that only hold plain data."""
-    import numpy as np
-
-    allowed = [argparse.Namespace, np.dtype]
-    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
-        try:
-            module = __import__(module_name, fromlist=["scalar"])
-            allowed.append(getattr(module, "scalar"))
-        except (ImportError, AttributeError):
-            pass
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        allowed += [getattr(dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType")
-                    if hasattr(dtypes, n)]
-    return allowed
-
-
-def _global_name(obj) -> str:
-    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}"
-
-
-def _torch_load_safe(p: Path):
-    """torch.load with weights_only=True; retried with plain-record classes allowed (see module doc)."""
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as first:
-        try:
-            needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(p))
-        except Exception:  # not a zip checkpoint: report the first error
-            raise first from None
-        allowed = _plain_record_globals()
-        names = {_global_name(a) for a in allowed}
-        aliases = {n.replace("numpy._core", "numpy.core") for n in names} | {n.replace("numpy.core", "numpy._core") for n in names}
-        if not needed or not needed <= (names | aliases):
-            raise first from None
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(p, map_location="cpu", weights_only=True)
-
-
 def load_state3d(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     """Read a SAM-Med3D checkpoint safely -> its state dict (CheckpointError when unusable)."""
-    p = Path(path)
-    try:
-        obj = _torch_load_safe(p)
-    except FileNotFoundError:
-        raise WeightsMissingError(f"checkpoint file {p} does not exist") from None
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Unsupported global" in text or "can still be loaded" in text:
-            reason = "it holds pickled Python objects, which are not loaded for safety; save the model's state_dict() instead"
-        else:
-            reason = f"corrupt, truncated or not a PyTorch file: {_first_sentence(text)}"
-        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError,
-            IndexError, KeyError, UnicodeDecodeError, MemoryError) as exc:
-        raise CheckpointError(
-            f"{p} is not a readable PyTorch checkpoint (corrupt, truncated or not a PyTorch file: "
-            f"{_first_sentence(str(exc)) or type(exc).__name__})"
-        ) from None
-    state = obj
-    if isinstance(obj, Mapping):
-        for key in ("model_state_dict", "model", "state_dict"):
-            if isinstance(obj.get(key), Mapping):
-                state = obj[key]
-                break
-    if not isinstance(state, Mapping) or not state or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise CheckpointError(f"{p} is a PyTorch file but holds no model state dict")
-    state = dict(state)
-    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def describe_state_dict3d(state: Mapping) -> str:
-    """A guess of what a state dict is (for error messages); 2D ones are described by build_sam."""
-    pos = state.get("image_encoder.pos_embed")
-    if pos is not None and getattr(pos, "ndim", 0) == 5:
-        keys = [k for k in state if k.startswith("image_encoder.blocks.")]
-        depth = len({k.split(".")[2] for k in keys})
-        grid = int(pos.shape[1])
-        patch = state.get("image_encoder.patch_embed.proj.weight")
-        side = grid * int(patch.shape[-1]) if patch is not None and patch.ndim == 5 else None
-        emb = state.get("prompt_encoder.no_mask_embed.weight")
-        out = f", {int(emb.shape[-1])}-channel embedding" if emb is not None else ""
-        cube = f", {side}^3 input" if side else ""
-        return f"a SAM-Med3D-style checkpoint ({int(pos.shape[-1])} dims, {depth} blocks{cube}{out})"
-    return describe_state_dict(state)
-
-
-def _examples(items: List[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+    return torchfile.load_state_dict(path, plain_records=True)
 
 
 def load_state_strict3d(model: Sam3DModel, state: Mapping, spec: Model3DSpec,
                         source: Union[str, os.PathLike] = "checkpoint") -> None:
     """Load strictly; any missing/unexpected key or shape mismatch -> one-line CheckpointError."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys ({_examples(missing)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys ({_examples(unexpected)})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches (checkpoint vs model: {_examples(mismatched, 2)})")
-        raise CheckpointError(f"{source} does not fit {spec.name}, which expects {spec.architecture}: it looks like "
-                              f"{describe_state_dict3d(state)}; {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True)
+    torchfile.load_strict(model, state, spec.name, spec.architecture, source)
 
 
 def build_model3d(name: Union[str, Model3DSpec] = "sam_med3d_turbo",
