@@ -17,6 +17,9 @@
   result inside the ROI.
 * :meth:`PromptEngine.prefetch` computes embeddings ahead of time (a GUI runs it in a thread)
   with progress and cancel.
+* ``backend`` chooses what runs the encoder and decoder (``backends/``): ``torch`` (the default
+  here), ``onnxruntime``, ``openvino`` or ``auto`` (the fastest installed one that passes a
+  self-check); the report records it, its precision and the per-slice times.
 
 Slices are taken across ``slice_axis`` of the array [k, j, i]:
 ``'k'`` -> ``array[k]`` (rows j, cols i); ``'j'`` -> ``array[:, j, :]`` (rows k, cols i);
@@ -42,6 +45,7 @@ from samliverseg.core.errors import CancelledError, InputError, PromptError
 from samliverseg.core.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
 from samliverseg.core.maskutil import bbox_2d, interior_point
 from samliverseg.core.postprocess import fill_holes, keep_components_touching
+from samliverseg.interactive.backends import BACKENDS, PRECISIONS
 from samliverseg.interactive.predictor import EmbeddingCache, SlicePredictor
 from samliverseg.interactive.seeded_region import box_from_points, grow_region
 from samliverseg.io.volume import Volume
@@ -139,6 +143,8 @@ class PromptEngine:
         cache_mb: float = 768,
         settings: Optional[PropagationSettings] = None,
         precision: str = "fp32",
+        backend: str = "torch",
+        notify: Optional[Callable[[str], None]] = None,
     ):
         self.device = resolve_device(device)
         if isinstance(model, str):
@@ -150,9 +156,12 @@ class PromptEngine:
         self.model = model
         self.spec = model.spec
         self.window = window if isinstance(window, Window) else get_window(window or self.spec.window)
-        if precision not in SlicePredictor.PRECISIONS:
-            raise InputError(f"unknown precision {precision!r}: use fp32, bf16 or fp16")
-        self.predictor = SlicePredictor(model, self.device, precision)
+        if precision not in PRECISIONS:
+            raise InputError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
+        self.predictor = SlicePredictor(model, self.device, precision, backend=backend, notify=notify)
+        self.backend = self.predictor.backend
         self.cache = EmbeddingCache(int(cache_mb * 2**20))
         self.settings = settings or PropagationSettings()
         self.volume: Optional[Volume] = None
@@ -381,6 +390,9 @@ class PromptEngine:
         report = {
             "model": self.spec.name,
             "device": str(self.device),
+            "backend": self.backend.name,
+            "precision": self.backend.precision,
+            "backend_info": self.backend.describe(),
             "window": self.window.spec(),
             "prompts": prompts.describe(),
             "slice_axis": axis,
@@ -396,6 +408,8 @@ class PromptEngine:
                 "embed_ms_per_slice": round(1000 * float(np.mean(embeds)), 2) if embeds else None,
                 "decodes": len(decodes),
                 "decode_ms_per_prompt": round(1000 * float(np.mean(decodes)), 2) if decodes else None,
+                "embed_ms": [round(1000 * t, 1) for t in embeds],
+                "decode_ms": [round(1000 * t, 1) for t in decodes],
                 "propagation_s": round(t_post - t_prop, 3),
                 "postprocess_s": round(t_end - t_post, 3),
                 "total_s": round(t_end - t_start, 3),

@@ -8,6 +8,9 @@ model's normalisation is applied and the image is padded to the model's square i
 (x = column, y = row) are mapped into the model frame, and masks are mapped back.
 
 Embeddings are kept in an :class:`EmbeddingCache`, an LRU bounded in bytes.
+
+The encoder and the decoder run on a backend (``backends/``: torch, ONNX Runtime, OpenVINO); the
+prompt encoder and the pre/post-processing stay in torch.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Hashable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from samliverseg.interactive.backends import TORCH_PRECISIONS, Backend, check_slice, open_backend
 
 
 @dataclass
@@ -106,18 +111,18 @@ class EmbeddingCache:
 class SlicePredictor:
     """Runs a :class:`~samliverseg.modeling.sam.SamModel` on slices, as its spec says to feed it."""
 
-    #: Encoder precisions: full float32, or autocast to bfloat16 / float16 (the decoder and the
-    #: cached embeddings stay float32).
-    PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    #: Encoder precisions of the torch backend (``auto`` is resolved by the backend).
+    PRECISIONS = TORCH_PRECISIONS
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32"):
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32",
+                 backend: str = "torch", notify=None):
         self.model = model
         self.spec = model.spec
         self.device = torch.device(device)
-        if precision not in self.PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(self.PRECISIONS)}, got {precision!r}")
-        self.precision = precision
         self.image_size = int(self.spec.image_size)
+        check_input = None if backend == "torch" else self.preprocess(check_slice(self.image_size))[0]
+        self.backend: Backend = open_backend(model, self.device, backend, precision, check_input, notify)
+        self.precision = self.backend.precision
         # Inference from a GUI thread and a prefetch thread must not interleave on one model.
         self.lock = threading.RLock()
 
@@ -157,9 +162,8 @@ class SlicePredictor:
     @torch.no_grad()
     def embed(self, image: np.ndarray, pixel_spacing: Sequence[float] = (1.0, 1.0)) -> SliceEmbedding:
         x, (h, w) = self.preprocess(image, pixel_spacing)
-        dtype = self.PRECISIONS[self.precision]
-        with self.lock, torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            features = self.model.image_encoder(x.to(self.device)).float()
+        with self.lock:
+            features = self.backend.encode(x)
         return SliceEmbedding(features=features, original_hw=tuple(image.shape), input_hw=(h, w), image_size=self.image_size)
 
     # -- prompt side ----------------------------------------------------------------------
@@ -191,13 +195,7 @@ class SlicePredictor:
         with self.lock:
             pe = self.model.prompt_encoder
             sparse, dense = pe(points=points, boxes=boxes, masks=masks)
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=embedding.features,
-                image_pe=pe.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-            )
+            low_res, iou = self.backend.decode(embedding.features, pe.get_dense_pe(), sparse, dense, multimask_output)
         full = self.postprocess(low_res, embedding)
         return Prediction(masks=(full > 0.0).cpu().numpy(), scores=iou[0].float().cpu().numpy(), low_res_logits=low_res[0].detach())
 

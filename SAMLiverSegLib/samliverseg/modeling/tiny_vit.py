@@ -35,13 +35,32 @@ class Conv2d_BN(nn.Sequential):  # noqa: N801 (the checkpoint's naming)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not self.bn.track_running_stats or self.bn.running_var is None:
             return self.bn(self.c(x))
-        # Inference: fold the BatchNorm into the convolution (one pass over the activations
-        # instead of two; the parameters and the state dict stay as they are).
-        c, bn = self.c, self.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = c.weight * scale.reshape(-1, 1, 1, 1)
-        bias = bn.bias - bn.running_mean * scale
+        weight, bias = self.folded()
+        c = self.c
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
+    def folded(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The BatchNorm folded into the convolution: (weight, bias) of one equivalent conv.
+
+        Inference computes it once and keeps it until a parameter or running statistic changes
+        (in place, by a load or a move to another device: the tensors' versions and storage are
+        the key). While gradients flow into the parameters it is recomputed each call, so that
+        training in eval mode still reaches them. The state dict is unchanged (``c`` + ``bn``).
+        """
+        c, bn = self.c, self.bn
+        tensors = (c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + (bn.eps,)
+        cached = self.__dict__.get("_folded")
+        if not needs_grad and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        with torch.set_grad_enabled(needs_grad):
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            weight = c.weight * scale.reshape(-1, 1, 1, 1)
+            bias = bn.bias - bn.running_mean * scale
+        if not needs_grad:
+            self.__dict__["_folded"] = (key, weight, bias)
+        return weight, bias
 
 
 class PatchEmbed(nn.Module):
@@ -186,7 +205,8 @@ class Attention(nn.Module):
         x = self.norm(x)
         q, k, v = self.qkv(x).view(b, n, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # (heads, N, N)
+        # A 4D bias (1, heads, N, N): with a 3D mask PyTorch takes its slow unfused attention.
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)[None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dh))
 
