@@ -161,7 +161,6 @@ class PromptEngine:
         if backend not in BACKENDS:
             raise InputError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
         self.predictor = SlicePredictor(model, self.device, precision, backend=backend, notify=notify)
-        self.backend = self.predictor.backend
         self.cache = EmbeddingCache(int(cache_mb * 2**20))
         self.settings = settings or PropagationSettings()
         self.volume: Optional[Volume] = None
@@ -170,6 +169,12 @@ class PromptEngine:
         self._seed_hu_range: Optional[Tuple[float, float]] = None
         self.embed_times: List[float] = []
         self.decode_times: List[float] = []
+
+    @property
+    def backend(self):
+        """The backend running the encoder and decoder (opened at the first embedding: a fast one may
+        convert the model then, once per machine)."""
+        return self.predictor.backend
 
     # -- volume and embeddings --------------------------------------------------------------
     def set_volume(self, volume: Volume) -> None:

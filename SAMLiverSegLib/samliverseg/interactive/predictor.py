@@ -120,11 +120,27 @@ class SlicePredictor:
         self.spec = model.spec
         self.device = torch.device(device)
         self.image_size = int(self.spec.image_size)
-        check_input = None if backend == "torch" else self.preprocess(check_slice(self.image_size))[0]
-        self.backend: Backend = open_backend(model, self.device, backend, precision, check_input, notify)
-        self.precision = self.backend.precision
+        if precision not in self.PRECISIONS and precision != "auto":
+            raise ValueError(f"precision must be one of {sorted(self.PRECISIONS)} or auto, got {precision!r}")
+        self.requested = (backend, precision)
+        self._notify = notify
+        self._backend: Optional[Backend] = None
         # Inference from a GUI thread and a prefetch thread must not interleave on one model.
         self.lock = threading.RLock()
+
+    @property
+    def backend(self) -> Backend:
+        """What runs the encoder and decoder; opened (converted, on first use per machine) when first needed."""
+        with self.lock:
+            if self._backend is None:
+                backend, precision = self.requested
+                check = None if backend == "torch" else self.preprocess(check_slice(self.image_size))[0]
+                self._backend = open_backend(self.model, self.device, backend, precision, check, self._notify)
+            return self._backend
+
+    @property
+    def precision(self) -> str:
+        return self.backend.precision
 
     # -- image side -----------------------------------------------------------------------
     def input_size(self, rows: int, cols: int, pixel_spacing: Sequence[float] = (1.0, 1.0)) -> Tuple[int, int]:
