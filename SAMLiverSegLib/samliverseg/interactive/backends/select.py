@@ -119,23 +119,29 @@ def _self_check(runtime: exported.Runtime, part: str, precision: str, ref: _Refe
     return {"relative_l2": err, "tolerance": tol, "passed": bool(err <= tol)}
 
 
-_PART_NAMES = {"encoder": "image encoder", "decoder": "mask decoder"}
-
-
-def _load_part(name: str, module, version: str, model: torch.nn.Module, part: str, precision: str,
-               ref: _Reference, notify: Notify) -> Tuple[exported.Runtime, Optional[float]]:
+def entry_key(model: torch.nn.Module, part: str, name: str, version: str, precision: str,
+              input_size: int) -> Dict[str, object]:
+    """The cache key of a converted part: what must all match for an entry to be used."""
     sub = model.image_encoder if part == "encoder" else model.mask_decoder
-    key = {
+    return {
         "format": store.FORMAT,
         "part": part,
         "weights_sha256": exported.weights_sha256(sub),
         "backend": name,
         "backend_version": version,
         "precision": precision,
-        "input_size": int(ref.image.shape[-1]),
+        "input_size": int(input_size),
         "torch": torch.__version__,
         "samliverseg": __version__,
     }
+
+
+_PART_NAMES = {"encoder": "image encoder", "decoder": "mask decoder"}
+
+
+def _load_part(name: str, module, version: str, model: torch.nn.Module, part: str, precision: str,
+               ref: _Reference, notify: Notify) -> Tuple[exported.Runtime, Optional[float]]:
+    key = entry_key(model, part, name, version, precision, int(ref.image.shape[-1]))
     folder = store.entry_dir(key)
     why = store.check_entry(folder, key)
     conversion_s = None
@@ -266,4 +272,4 @@ def open_backend(model: torch.nn.Module, device="cpu", backend: str = "torch", p
 
 
 __all__ = ["BACKENDS", "DECODER_TOLERANCE", "PRECISIONS", "TOLERANCE", "TORCH_PRECISIONS", "Unavailable",
-           "check_slice", "has_adapters", "open_backend", "print_note", "rel_l2"]
+           "check_slice", "entry_key", "has_adapters", "open_backend", "print_note", "rel_l2"]
