@@ -78,6 +78,7 @@ class EngineSettings:
     device: str = "auto"
     window: Optional[str] = None  # None: the model's own window
     cache_mb: float = 768
+    backend: str = "auto"  # auto | torch | openvino | onnxruntime (samliverseg.interactive.backends)
 
 
 class SegmentAnythingSession:
@@ -115,7 +116,7 @@ class SegmentAnythingSession:
             return Sam3DEngine(model=s.model, checkpoint=s.checkpoint, device=s.device)
         from .module_logic import build_engine  # a built-in model, or a trained one (user_models)
 
-        return build_engine(s.model, s.checkpoint, s.device, s.window, cache_mb=s.cache_mb)
+        return build_engine(s.model, s.checkpoint, s.device, s.window, cache_mb=s.cache_mb, backend=s.backend)
 
     def _ensure_engine(self):
         if self.engine is None:

@@ -80,3 +80,15 @@ def test_plan_all_never_touches_torch(tmp_path):
 def test_this_environment_is_ready():
     ok, msg = dep.dependencies_ready()
     assert ok, msg
+
+
+def test_fast_backend_is_offered_with_its_download_size(tmp_path):
+    none = lambda dist: None  # noqa: E731
+    step = dep.plan_backend("auto", "cpu", installed=none, constraints_file=tmp_path / "c.txt")
+    assert step.action == "install" and step.name == "openvino" and "about 68 MB" in step.message
+    assert step.pip_args == ["openvino>=2024.0", "onnx>=1.15", "-c", str(tmp_path / "c.txt")]
+    step = dep.plan_backend("onnxruntime", "cpu", installed=lambda d: "1.23" if d == "onnx" else None)
+    assert step.pip_args == ["onnxruntime>=1.16"] and "about 28 MB" in step.message
+    assert dep.plan_backend("onnxruntime", "cpu", installed=lambda d: "1.0").action == "ok"
+    assert dep.plan_backend("auto", "cuda", installed=none).action == "ok"  # GPUs keep torch
+    assert dep.plan_backend("torch", "cpu", installed=none).action == "ok"
