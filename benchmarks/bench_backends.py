@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,9 @@ from samliverseg.interactive.engine import PromptEngine, pixel_spacing
 from samliverseg.interactive.predictor import SlicePredictor
 from samliverseg.models.build_sam import build_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import peak_rss_mb, print_table  # noqa: E402 (the benchmarks' shared table printer)
+
 DEFAULT_VARIANTS = "torch:fp32,torch:bf16,onnxruntime:fp32,openvino:fp32,openvino:bf16"
 
 
@@ -52,24 +54,6 @@ def dice_score(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def fmt_row(cells, widths):
-    return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-
-
-def print_table(title, header, rows):
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)] if rows else [len(h) for h in header]
-    print(f"\n{title}")
-    print(fmt_row(header, widths))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(fmt_row(r, widths))
-    sys.stdout.flush()
 
 
 def parse_variants(text: str):

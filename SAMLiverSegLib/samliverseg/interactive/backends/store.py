@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Dict, Mapping, Optional
@@ -105,9 +106,16 @@ def update_meta(folder: Path, **fields: object) -> None:
 
 
 def new_build_dir() -> Path:
-    """An empty temporary folder beside the entries, for building one."""
+    """An empty temporary folder beside the entries, for building one (builds a crash left behind
+    more than a day ago are removed)."""
     root = backends_dir()
     root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(".build-*"):
+        try:
+            if time.time() - old.stat().st_mtime > 86400:
+                remove(old)
+        except OSError:
+            pass
     path = root / f".build-{uuid.uuid4().hex}"
     path.mkdir()
     return path
