@@ -40,6 +40,7 @@ from samliverseg.core.maskutil import bbox_2d, middle_slice
 from samliverseg.core.prompts import Prompts, SliceBox
 from samliverseg.core.windowing import apply_window, get_window
 from samliverseg.demo import sample_data
+from samliverseg.interactive.backends import check_slice
 from samliverseg.interactive.engine import PromptEngine, pixel_spacing
 from samliverseg.interactive.predictor import SlicePredictor
 from samliverseg.models.build_sam import build_model
@@ -138,20 +139,26 @@ def per_slice(preds, jobs, reference):
     return stats
 
 
+def vm_hwm_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return peak_rss_mb()
+
+
 def memory_child(model_name: str, backend: str, precision: str, slices: int, cache: str) -> None:
-    """Subprocess: open one variant, embed and decode a few slices, print the peak RSS (JSON)."""
+    """Subprocess: open one variant, embed and decode a few 512x512 slices, print the peak RSS (JSON)."""
     os.environ["SAMLIVERSEG_CACHE"] = cache
     model = build_model(model_name)
-    rss_model = peak_rss_mb()
+    rss_model = vm_hwm_mb()
     pred = SlicePredictor(model, "cpu", precision, backend=backend, notify=lambda m: None)
     b = pred.backend
-    vol, masks = sample_data.load_ircadb(structures=("liver",))
-    k = middle_slice(masks["liver"], "k")
-    img = apply_window(vol.array[k], get_window(model.spec.window))
-    box = bbox_2d(masks["liver"][k])
+    img = check_slice(512)
     for _ in range(slices):
-        pred.predict(pred.embed(img, pixel_spacing(vol, "k")), box=box, multimask_output=False)
-    print(json.dumps({"backend": b.name, "precision": b.precision, "peak_rss_mb": peak_rss_mb(),
+        pred.predict(pred.embed(img, (0.7, 0.7)), box=(100, 120, 300, 330), multimask_output=False)
+    print(json.dumps({"backend": b.name, "precision": b.precision, "peak_rss_mb": vm_hwm_mb(),
                       "after_model_load_mb": rss_model}))
 
 
@@ -269,7 +276,7 @@ def main(argv=None) -> int:
 
     mem_rows = [] if args.no_memory else measure_memory(args.model, list(preds), cache)
     if mem_rows:
-        print_table("peak memory per variant (own process: model, backend, 3 slices)",
+        print_table("peak memory per variant (own process: model, backend, 3 synthetic 512x512 slices)",
                     ["variant", "peak RSS MB", "after model load MB"], mem_rows)
 
     e2e_rows, e2e_results = ([], {})
