@@ -51,11 +51,13 @@ def print_note(message: str) -> None:
 
 
 class Unavailable(Exception):
-    """Why a backend cannot be used here (one line). ``quiet``: not worth a note under ``auto``."""
+    """Why a backend cannot be used here (one line). ``quiet``: not worth a note under ``auto``;
+    ``missing``: its package is not installed."""
 
-    def __init__(self, message: str, quiet: bool = False):
+    def __init__(self, message: str, quiet: bool = False, missing: bool = False):
         super().__init__(message)
         self.quiet = quiet
+        self.missing = missing
 
 
 def check_slice(size: int = 256) -> np.ndarray:
@@ -196,7 +198,7 @@ def _open_exported(name: str, model: torch.nn.Module, device: torch.device, prec
     except ImportError as exc:
         pkgs = " ".join(exported.PACKAGES[name])
         raise Unavailable(f"{name} is not installed ({first_sentence(str(exc))}; pip install {pkgs})",
-                          quiet=True) from None
+                          quiet=True, missing=True) from None
     version = exported.backend_version(module)
     natively = exported.supported_precisions(name, module)
     if precision == "auto":
@@ -252,7 +254,7 @@ def open_backend(model: torch.nn.Module, device="cpu", backend: str = "torch", p
             try:
                 chosen = _open_exported(name, model, device, precision, check_input, notify)
             except Unavailable as exc:
-                if "not installed" in str(exc):
+                if exc.missing:
                     missing.append(name)
                 if backend != "auto":
                     note(f"{exc}; using torch")
