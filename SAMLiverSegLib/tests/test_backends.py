@@ -327,3 +327,33 @@ def test_cli_backend_and_report(case):
 def test_unknown_backend_is_a_usage_error(case):
     rc, out, err = run_segment(case, case["dir"] / "x.nii.gz", "--backend", "tensorrt")
     assert rc == 2 and "invalid choice" in err
+
+
+# -- the eager torch fixes in TinyViT ---------------------------------------------------------------
+
+def test_folded_batchnorm_follows_the_weights_and_keeps_gradients():
+    model, other = tiny_litemedsam(7), tiny_litemedsam(8)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model.image_encoder(x)
+        model.load_state_dict(other.state_dict())  # in place: the folded weights must follow
+        assert torch.allclose(model.image_encoder(x), other.image_encoder(x), atol=1e-6)
+        assert not torch.allclose(model.image_encoder(x), before, atol=1e-3)
+    conv_bn = model.image_encoder.patch_embed.seq[0]
+    unfolded = conv_bn.bn(conv_bn.c(x))  # eval mode: running statistics, as the fold
+    assert torch.allclose(conv_bn(x), unfolded, atol=1e-5)
+    conv_bn(x).sum().backward()  # eval mode with gradients (adapter training): they reach the weights
+    assert conv_bn.c.weight.grad is not None and conv_bn.bn.weight.grad is not None
+
+
+def test_attention_bias_as_4d_matches_the_plain_formula():
+    attn = tiny_litemedsam(9).image_encoder.layers[1].blocks[0].attn
+    with torch.no_grad():
+        attn.attention_biases.normal_()
+        x = torch.randn(3, 49, attn.norm.normalized_shape[0])
+        b, n, _ = x.shape
+        q, k, v = attn.qkv(attn.norm(x)).view(b, n, attn.num_heads, -1).split([attn.key_dim, attn.key_dim, attn.d], 3)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        logits = q @ k.transpose(-1, -2) * attn.scale + attn.attention_biases[:, attn.attention_bias_idxs]
+        want = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, attn.dh))
+        assert torch.allclose(attn(x), want, atol=1e-5)
