@@ -58,7 +58,8 @@ class Conv2d_BN(nn.Sequential):  # noqa: N801 (the checkpoint's naming)
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
             weight = c.weight * scale.reshape(-1, 1, 1, 1)
             bias = bn.bias - bn.running_mean * scale
-        if not needs_grad:
+        # Not kept from inference mode: its tensors could not take part in autograd later.
+        if not needs_grad and not torch.is_inference_mode_enabled():
             self.__dict__["_folded"] = (key, weight, bias)
         return weight, bias
 
