@@ -6,7 +6,7 @@ and of the Qt-free Slicer logic ``SAMLiverSegLogic``; nothing is imported.
 Layers of ``samliverseg``, bottom up (a module may import its own layer and those below):
 
 0 ``core``  1 ``io``  2 ``modeling``, ``modeling3d`` (pure ``nn.Module``s: themselves and ``core``
-only)  3 ``models``  4 ``interactive``, ``automatic``  5 ``training``  6 ``api``  7 ``cli``, ``demo``.
+only)  3 ``models``  4 ``interactive``, ``automatic``  5 ``training``  6 ``api``  7 ``cli``, ``demo``, ``service`` (the inference worker).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ LIB = REPO / "SAMLiverSegLib" / "samliverseg"
 LOGIC = REPO / "SAMLiverSeg" / "SAMLiverSegLogic"
 
 LAYERS = {"core": 0, "io": 1, "modeling": 2, "modeling3d": 2, "models": 3, "interactive": 4, "automatic": 4,
-          "training": 5, "api": 6, "cli": 7, "demo": 7}
+          "training": 5, "api": 6, "cli": 7, "demo": 7, "service": 7}
 #: Old import paths kept for one release (each one line: sys.modules alias to the new module).
 COMPAT = {"samliverseg.volume", "samliverseg.engine", "samliverseg.prompts", "samliverseg.uncertainty",
           "samliverseg.engine3d"}
