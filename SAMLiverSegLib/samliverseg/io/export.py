@@ -663,8 +663,51 @@ def read_dicom_seg(path: PathLike, volume: Volume, segments: Optional[Sequence[S
     return labels
 
 
+# ---------------------------------------------------------------------------------------------
+# output by file name (the CLI's -o)
+# ---------------------------------------------------------------------------------------------
+#: What :func:`write_segmentation` writes, by the end of the file name.
+OUTPUT_SUFFIXES = (".seg.nrrd", ".dcm") + LABELMAP_SUFFIXES
+
+
+def check_output_path(path: PathLike, volume: Optional[Volume] = None) -> None:
+    """Refuse, before any work, an output that :func:`write_segmentation` could not write:
+    an unknown extension, a DICOM SEG without a DICOM series, a folder that is not writable."""
+    low = str(path).lower()
+    if not low.endswith(OUTPUT_SUFFIXES):
+        raise InputError(f"unknown output format {str(path)!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
+    if low.endswith(".dcm") and volume is not None and not volume.dicom_files:
+        raise InputError("a DICOM SEG output (.dcm) needs a DICOM series as input")
+    parent = Path(path).resolve().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write to {parent}")
+
+
+def segments_for(label: int, name: Optional[str] = None) -> List[SegmentInfo]:
+    """The one segment of a single-object result: label 1 Liver, 2 Liver tumor (others: Liver's
+    terminology); a ``name`` containing "tum" takes the tumour's terminology."""
+    if name is None:
+        return [{1: LIVER, 2: LIVER_TUMOR}.get(int(label), LIVER).with_label(label)]
+    base = LIVER_TUMOR if "tum" in name.lower() else LIVER
+    return [base.with_label(label, name=name)]
+
+
+def write_segmentation(labels: np.ndarray, volume: Volume, path: PathLike,
+                       segments: Sequence[SegmentInfo] = DEFAULT_SEGMENTS) -> Path:
+    """Write labels [k, j, i] in the format the file name says: ``.seg.nrrd`` (Slicer
+    segmentation), ``.dcm`` (DICOM SEG) or a plain label map (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``)."""
+    low = str(path).lower()
+    if low.endswith(".seg.nrrd"):
+        return write_seg_nrrd(labels, volume, path, segments)
+    if low.endswith(".dcm"):
+        return write_dicom_seg(labels, volume, path, segments)
+    if low.endswith(LABELMAP_SUFFIXES):
+        return write_labelmap(labels, volume, path)
+    raise InputError(f"unknown output format {str(path)!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
+
+
 __all__ = [
     "Code", "SegmentInfo", "LIVER", "LIVER_TUMOR", "DEFAULT_SEGMENTS", "write_labelmap", "read_labelmap",
     "write_seg_nrrd", "seg_nrrd_header", "read_seg_nrrd_segments", "write_dicom_seg", "read_dicom_seg",
-    "LABELMAP_SUFFIXES",
+    "LABELMAP_SUFFIXES", "OUTPUT_SUFFIXES", "check_output_path", "segments_for", "write_segmentation",
 ]
