@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from samliverseg.io import export
 from samliverseg.core.errors import InputError
+from samliverseg.core.evaluation import dice
 from samliverseg.io.export import (
     LIVER,
     LIVER_TUMOR,
@@ -48,11 +49,6 @@ def assert_same_geometry(img, v, atol):
     np.testing.assert_allclose(img.GetSpacing(), v.spacing, atol=atol)
     np.testing.assert_allclose(img.GetOrigin(), v.origin, atol=atol)
     np.testing.assert_allclose(np.reshape(img.GetDirection(), (3, 3)), v.direction, atol=atol)
-
-
-def dice(a, b):
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,12 @@ Edge cases (by definition, MONAI is not called for them):
 
 * both masks empty: dice = iou = precision = recall = 1, hd95 = assd = 0, ``empty = "both"``;
 * exactly one empty: dice = iou = precision = recall = 0, hd95 = assd = ``inf``,
-  ``empty = "pred"`` or ``"ref"`` and a ``note``. :func:`json_safe` turns ``inf`` into ``None``
-  (JSON ``null``) so that the report stays valid JSON; keep the note with it.
+  ``empty = "pred"`` or ``"ref"`` and a ``note``. :func:`samliverseg.core.jsonutil.json_safe`
+  turns ``inf`` into ``None`` (JSON ``null``) so that the report stays valid JSON; keep the note
+  with it.
+
+:func:`dice` is the project's one Dice (MONAI's ``compute_dice``, the same edge cases), for
+callers that need only the overlap.
 
 Otherwise precision = TP / (TP + FP) and recall = TP / (TP + FN) are always defined (both masks
 are non-empty; precision is 0 when nothing predicted overlaps, as is recall).
@@ -33,7 +37,7 @@ import numpy as np
 
 from samliverseg.core.errors import InputError
 
-__all__ = ["evaluate", "evaluate_files", "json_safe", "METRIC_KEYS"]
+__all__ = ["dice", "evaluate", "evaluate_files", "METRIC_KEYS"]
 
 METRIC_KEYS = ("dice", "iou", "precision", "recall", "hd95_mm", "assd_mm",
                "volume_pred_ml", "volume_ref_ml", "voxels_pred", "voxels_ref")
@@ -45,6 +49,29 @@ def _to_tensor(mask: np.ndarray):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float64)[None, None])
+
+
+def _monai_dice(pred_t, ref_t) -> float:
+    """MONAI's Dice of two (1, 1, ...) tensors: the one Dice formula of the project."""
+    from monai.metrics import compute_dice
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(compute_dice(pred_t, ref_t, include_background=True)[0, 0])
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two masks of one shape (non-zero = foreground): 1.0 when both are empty, 0.0 when
+    exactly one is (as :func:`evaluate`), else MONAI's ``compute_dice``."""
+    p = np.asarray(pred) != 0
+    r = np.asarray(ref) != 0
+    if p.shape != r.shape:
+        raise InputError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+    n_pred, n_ref = int(p.sum()), int(r.sum())
+    if n_pred == 0 or n_ref == 0:
+        return 1.0 if n_pred == n_ref else 0.0
+    p, r = _crop_joint(p, r, margin=0)
+    return _monai_dice(_to_tensor(p), _to_tensor(r))
 
 
 def evaluate(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> Dict[str, object]:
@@ -85,14 +112,14 @@ def evaluate(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> Dic
         return _ordered(out)
 
     from monai.metrics import (compute_average_surface_distance, compute_confusion_matrix_metric,
-                               compute_dice, compute_hausdorff_distance, compute_iou, get_confusion_matrix)
+                               compute_hausdorff_distance, compute_iou, get_confusion_matrix)
 
     # crop both masks to their joint bounding box plus a margin: same metrics, far less work
     p, r = _crop_joint(p, r, margin=2)
     tp_, tr_ = _to_tensor(p), _to_tensor(r)
+    dice_value = _monai_dice(tp_, tr_)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dice = float(compute_dice(tp_, tr_, include_background=True)[0, 0])
         iou = float(compute_iou(tp_, tr_, include_background=True)[0, 0])
         cm = get_confusion_matrix(tp_, tr_, include_background=True)
         precision = float(compute_confusion_matrix_metric("precision", cm)[0, 0])
@@ -101,7 +128,7 @@ def evaluate(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> Dic
                                                 spacing=spacing_array_order)[0, 0])
         assd = float(compute_average_surface_distance(tp_, tr_, include_background=True, symmetric=True,
                                                       spacing=spacing_array_order)[0, 0])
-    out.update(dice=dice, iou=iou, precision=_nan_to(precision, 0.0), recall=_nan_to(recall, 0.0),
+    out.update(dice=dice_value, iou=iou, precision=_nan_to(precision, 0.0), recall=_nan_to(recall, 0.0),
                hd95_mm=hd95, assd_mm=assd, empty="none")
     return _ordered(out)
 
@@ -123,20 +150,6 @@ def _crop_joint(p: np.ndarray, r: np.ndarray, margin: int):
 def _ordered(d: Dict[str, object]) -> Dict[str, object]:
     keys = list(METRIC_KEYS) + [k for k in d if k not in METRIC_KEYS]
     return {k: d[k] for k in keys if k in d}
-
-
-def json_safe(metrics: Dict[str, object]) -> Dict[str, object]:
-    """A copy with non-finite floats as ``None`` and numpy scalars as Python numbers (for ``json.dumps``)."""
-    out: Dict[str, object] = {}
-    for k, v in metrics.items():
-        if isinstance(v, (np.integer,)):
-            v = int(v)
-        elif isinstance(v, (float, np.floating)):
-            v = float(v) if math.isfinite(float(v)) else None
-        elif isinstance(v, dict):
-            v = json_safe(v)
-        out[k] = v
-    return out
 
 
 # -- files ---------------------------------------------------------------------------------------
