@@ -189,7 +189,8 @@ def cmd_segment(args) -> int:
         return segment_3d(args)
     from samliverseg.interactive.engine import PromptEngine
     from samliverseg.core.prompts import validate_prompts
-    from samliverseg.io.export import check_output_path, segments_for, write_segmentation
+    from samliverseg.cli.output import write_result
+    from samliverseg.io.export import check_output_path
     from samliverseg.io.volume import read_volume
 
     t0 = time.perf_counter()
@@ -214,19 +215,11 @@ def cmd_segment(args) -> int:
         engine.settings.largest_component = False
     engine.set_volume(volume)
     result = engine.segment(prompts, propagate=not args.no_propagate)
-    labels = result.mask.astype("uint8") * int(args.label)
-    write_segmentation(labels, volume, args.output, segments_for(args.label, args.segment_name))
     report = dict(result.report)
-    report.update({"input": str(args.image), "output": str(args.output), "label": int(args.label),
-                   "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
-                   "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)})
     if trained is not None:
         report.update({"model": trained.name, "kind": trained.kind, "base_model": trained.metadata.get("base_model"),
                        "model_path": str(trained.path), "window": engine.window.spec()})
-    if args.report:
-        write_json(args.report, report)
-    print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, "
-          f"slices {report['slices_with_mask']} ({report['timings']['total_s']} s)")
+    write_result(args, volume, result.mask, report, t0, t_read)
     return EXIT_OK
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 
+from samliverseg.cli.output import write_result
 from samliverseg.core.errors import InputError
-from samliverseg.core.jsonutil import write_json
 
 
 def segment_3d(args) -> int:
     """Run ``segment`` with a 3D model (``args`` from the ``segment`` parser); returns the exit code."""
     from samliverseg.interactive.engine3d import Sam3DEngine, Sam3DSettings, validate_clicks
-    from samliverseg.io.export import check_output_path, segments_for, write_segmentation
+    from samliverseg.io.export import check_output_path
     from samliverseg.io.volume import read_volume
 
     if args.box_ijk or args.roi_ijk:
@@ -47,14 +47,5 @@ def segment_3d(args) -> int:
     settings = Sam3DSettings(keep_clicked_components=not args.no_postprocess)
     engine = Sam3DEngine(args.model, checkpoint=args.checkpoint, device=args.device, settings=settings)
     result = engine.segment(volume, points, labels)
-    labels_out = result.mask.astype("uint8") * int(args.label)
-    write_segmentation(labels_out, volume, args.output, segments_for(args.label, args.segment_name))
-    report = dict(result.report)
-    report.update({"input": str(args.image), "output": str(args.output), "label": int(args.label),
-                   "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
-                   "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)})
-    if args.report:
-        write_json(args.report, report)
-    print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, slices {report['slices_with_mask']}, "
-          f"{len(report['patches'])} patch(es) ({report['timings']['total_s']} s)")
+    write_result(args, volume, result.mask, result.report, t0, t_read, note=f", {len(result.report['patches'])} patch(es)")
     return 0
