@@ -36,6 +36,7 @@ from typing import Dict, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from samliverseg.core.errors import InputError
+from samliverseg.core.geometry import Grid
 
 __all__ = ["dice", "evaluate", "evaluate_files", "METRIC_KEYS"]
 
@@ -181,22 +182,6 @@ def _select(arr: np.ndarray, label: LabelSpec) -> np.ndarray:
     return arr == int(label)
 
 
-def _grid_differences(a, b, tol_mm: float = 1e-3, tol_dir: float = 1e-4) -> Sequence[str]:
-    diffs = []
-    if a.GetSize() != b.GetSize():
-        diffs.append(f"size {list(a.GetSize())} vs {list(b.GetSize())}")
-    sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
-    if not np.allclose(sa, sb, rtol=1e-4, atol=tol_mm):
-        diffs.append(f"spacing {np.round(sa, 4).tolist()} vs {np.round(sb, 4).tolist()} mm")
-    oa, ob = np.array(a.GetOrigin()), np.array(b.GetOrigin())
-    if not np.allclose(oa, ob, rtol=0, atol=max(tol_mm, 1e-3 * float(min(sa.min(), sb.min())))):
-        diffs.append(f"origin {np.round(oa, 3).tolist()} vs {np.round(ob, 3).tolist()} mm")
-    da, db = np.array(a.GetDirection()), np.array(b.GetDirection())
-    if not np.allclose(da, db, rtol=0, atol=tol_dir):
-        diffs.append(f"direction {np.round(da, 4).tolist()} vs {np.round(db, 4).tolist()}")
-    return diffs
-
-
 def evaluate_files(pred_path: Union[str, os.PathLike], ref_path: Union[str, os.PathLike],
                    label: LabelSpec = None, ref_label: LabelSpec = None) -> Dict[str, object]:
     """Read two label images (NIfTI, NRRD, MHA, ...) and :func:`evaluate` them.
@@ -204,18 +189,18 @@ def evaluate_files(pred_path: Union[str, os.PathLike], ref_path: Union[str, os.P
     ``label`` selects the prediction's foreground: ``N`` (or a list of values) means voxels equal
     to it, ``None`` (default) means all voxels ``> 0``. ``ref_label`` does the same for the
     reference, independently (default ``> 0``): to compare tumour with tumour in two LiTS-style
-    label maps pass ``label=2, ref_label=2``. The two images must share their grid (size,
-    spacing within 1e-4 relative / 1e-3 mm, origin within 1e-3 mm, direction within 1e-4), else
-    :class:`InputError` says what differs. The distances use the reference image's spacing.
+    label maps pass ``label=2, ref_label=2``. The two images must share their grid
+    (:meth:`samliverseg.core.geometry.Grid.mismatch`: size, spacing and origin within 1e-3 mm,
+    direction within 1e-3 mm at the far corner), else :class:`InputError` says what differs. The distances use the reference image's spacing.
     """
     import SimpleITK as sitk
 
     pred_img = _read(pred_path, "prediction")
     ref_img = _read(ref_path, "reference")
-    diffs = _grid_differences(pred_img, ref_img)
-    if diffs:
-        raise InputError("prediction and reference are on different grids: " + "; ".join(diffs)
-                         + " (resample the prediction onto the reference grid)")
+    why = Grid.of_sitk(ref_img).mismatch(Grid.of_sitk(pred_img), mine="the reference's")
+    if why:
+        raise InputError(f"prediction and reference are on different grids: the prediction's {why} "
+                         "(resample the prediction onto the reference grid)")
     pred = _select(sitk.GetArrayViewFromImage(pred_img), label)
     ref = _select(sitk.GetArrayViewFromImage(ref_img), ref_label)
     return evaluate(pred, ref, ref_img.GetSpacing())

@@ -165,8 +165,9 @@ class Grid:
         return Grid(tuple(int(n) for n in shape_ijk), self.spacing, tuple(float(v) for v in origin),  # type: ignore[arg-type]
                     self.direction)
 
-    def mismatch(self, other: "Grid", tol_mm: float = 1e-3) -> Optional[str]:
-        """None when ``other`` is this grid; else a short description of the first difference.
+    def mismatch(self, other: "Grid", tol_mm: float = 1e-3, mine: str = "the volume's") -> Optional[str]:
+        """None when ``other`` is this grid; else a short description of the first difference
+        (``mine`` names this grid in it: "spacing (...) differs from the volume's (...)").
 
         Positions are compared in mm: the origin within ``tol_mm``, the spacing within ``tol_mm``
         per voxel, and the direction columns so that the far corner moves less than ``tol_mm``
@@ -174,15 +175,14 @@ class Grid:
         decimal text (DICOM), hence a tolerance.
         """
         if tuple(other.shape_ijk) != tuple(self.shape_ijk):
-            return (f"size {'×'.join(map(str, other.shape_ijk))} differs from the volume's "
-                    f"{'×'.join(map(str, self.shape_ijk))}")
+            return f"size {'×'.join(map(str, other.shape_ijk))} differs from {mine} {'×'.join(map(str, self.shape_ijk))}"
         if np.abs(np.subtract(other.spacing, self.spacing)).max() > tol_mm:
-            return f"spacing {_fmt_mm(other.spacing, 4)} differs from the volume's {_fmt_mm(self.spacing, 4)}"
+            return f"spacing {_fmt_mm(other.spacing, 4)} differs from {mine} {_fmt_mm(self.spacing, 4)}"
         if np.abs(np.subtract(other.origin, self.origin)).max() > tol_mm:
-            return f"origin {_fmt_mm(other.origin, 3)} differs from the volume's {_fmt_mm(self.origin, 3)}"
+            return f"origin {_fmt_mm(other.origin, 3)} differs from {mine} {_fmt_mm(self.origin, 3)}"
         extent = max(float(np.max(np.asarray(self.shape_ijk) * np.asarray(self.spacing))), 1.0)
         if np.abs(other.direction_matrix - self.direction_matrix).max() > max(tol_mm / extent, 1e-5):
-            return "direction (orientation) differs from the volume's"
+            return f"direction (orientation) differs from {mine}"
         return None
 
     # -- SimpleITK and Slicer --------------------------------------------------------------------
