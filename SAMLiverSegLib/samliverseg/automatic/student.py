@@ -28,6 +28,7 @@ import os
 from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
+
 from samliverseg.core.devices import resolve_device
 from samliverseg.core.errors import InputError
 from samliverseg.core.geometry import resample
