@@ -15,6 +15,7 @@ import torch
 
 from libtest_helpers import rot
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
+from samliverseg.core.evaluation import dice
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
@@ -27,11 +28,6 @@ from samliverseg.automatic.unet import (coarse_box_to_full, load_unet_model, mar
 from samliverseg.io.volume import Volume
 
 SHAPE, SPACING = (24, 64, 64), (2.5, 2.5, 4.0)
-
-
-def dice(a, b):
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    return 2.0 * (a & b).sum() / max(1, a.sum() + b.sum())
 
 
 def phantom(seed, n_tumors=2):

@@ -25,13 +25,13 @@ Nothing here depends on a prompt. ``device``: ``"auto"`` (CUDA > MPS > CPU), ``"
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
-import SimpleITK as sitk
 
 from samliverseg.core.devices import resolve_device
 from samliverseg.core.errors import InputError
+from samliverseg.core.geometry import resample
 from samliverseg.modeling.slicing_student import STUDENT_KIND, THRESHOLD, load_student, predict_volume
 
 #: The model.pth kinds this module segments with: both are a SlicingStudent.
@@ -51,22 +51,6 @@ def model_window(metadata: dict):
     raise InputError("the model's metadata names no CT window (window / window_hu)")
 
 
-def resample_to_spacing(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
-    """``image`` on a grid of ``spacing`` (si, sj, sk) mm with the same origin and direction
-    (``round(size × spacing / new spacing)`` voxels per axis; linear; 0 outside)."""
-    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                         tuple(float(s) for s in spacing), image.GetDirection(), 0.0, sitk.sitkFloat32)
-
-
-def to_input_grid(prob: sitk.Image, volume: Volume) -> np.ndarray:
-    """Probabilities on another grid (same physical space) → float32 ``[k, j, i]`` on ``volume``'s
-    grid (linear; 0 outside)."""
-    ref = volume.to_sitk(np.zeros(volume.array.shape, dtype=np.float32))
-    out = sitk.Resample(prob, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out).astype(np.float32)
-
-
 def predict_probabilities(student, metadata: dict, volume: Volume, batch_slices: int = 4,
                           progress: Optional[Callable[[int, int], None]] = None,
                           cancel: Optional[Callable[[], bool]] = None) -> np.ndarray:
@@ -77,12 +61,11 @@ def predict_probabilities(student, metadata: dict, volume: Volume, batch_slices:
                                           atol=1e-6)
     if same:
         return predict_volume(student, grey, batch_slices=batch_slices, progress=progress, cancel=cancel)
-    img = resample_to_spacing(volume.to_sitk(grey), spacing)
-    prob = predict_volume(student, sitk.GetArrayFromImage(img).astype(np.float32), batch_slices=batch_slices,
-                          progress=progress, cancel=cancel)
-    p_img = sitk.GetImageFromArray(prob)
-    p_img.CopyInformation(img)
-    return to_input_grid(p_img, volume)
+    # to the model's spacing (same origin and direction, round(n s / t) voxels) and back: linear, 0 outside
+    img, grid = resample(grey, volume.grid, spacing, interpolator="linear", default_value=0.0, extent="round")
+    prob = predict_volume(student, img, batch_slices=batch_slices, progress=progress, cancel=cancel)
+    return resample(prob.astype(np.float32, copy=False), grid, volume.grid, interpolator="linear",
+                    default_value=0.0).array
 
 
 def segment_volume(model_path: Union[str, os.PathLike], volume: Volume, device="auto", batch_slices: int = 4,
@@ -102,5 +85,5 @@ def segment_volume_with_probabilities(model_path, volume: Volume, device="auto",
     return (prob > THRESHOLD).astype(np.uint8), prob, meta
 
 
-__all__ = ["STUDENT_KINDS", "model_window", "predict_probabilities", "resample_to_spacing", "segment_volume",
-           "segment_volume_with_probabilities", "to_input_grid"]
+__all__ = ["STUDENT_KINDS", "model_window", "predict_probabilities", "segment_volume",
+           "segment_volume_with_probabilities"]

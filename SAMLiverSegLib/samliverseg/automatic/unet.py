@@ -257,24 +257,16 @@ def load_unet_model(model_path: Union[str, Path], device: Union[str, torch.devic
 
 
 def _resample_to_spacing(volume: Volume, spacing_ijk: Sequence[float]):
-    """The HU volume resampled like ``samliverseg prepare --spacing`` (a SimpleITK image)."""
-    import SimpleITK as sitk
-    from samliverseg.training.prepare import _resample
-    return _resample(volume.to_sitk(volume.array.astype(np.float32, copy=False)), spacing_ijk, sitk.sitkLinear,
-                     float(np.min(volume.array)))
+    """The HU volume resampled like ``samliverseg prepare --spacing``: (float32 array, grid)."""
+    from samliverseg.core.geometry import resample
+    return resample(volume.array.astype(np.float32, copy=False), volume.grid, spacing_ijk, interpolator="linear",
+                    default_value=float(np.min(volume.array)), extent="round")
 
 
 def _to_input_grid(mask: np.ndarray, grid, volume: Volume) -> np.ndarray:
-    """Nearest-neighbour resampling of ``mask`` (on the SimpleITK image ``grid``'s geometry) onto ``volume``."""
-    import SimpleITK as sitk
-    src = sitk.GetImageFromArray(np.ascontiguousarray(mask.astype(np.uint8)))
-    src.CopyInformation(grid)
-    ref = sitk.Image([int(v) for v in volume.shape_ijk], sitk.sitkUInt8)
-    ref.SetSpacing(tuple(float(v) for v in volume.spacing))
-    ref.SetOrigin(tuple(float(v) for v in volume.origin))
-    ref.SetDirection(tuple(float(v) for v in np.asarray(volume.direction, dtype=float).ravel()))
-    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(out).astype(np.uint8, copy=False)
+    """Nearest-neighbour resampling of ``mask`` (on ``grid``, a core.geometry.Grid) onto ``volume``."""
+    from samliverseg.core.geometry import resample
+    return resample(mask.astype(np.uint8), grid, volume.grid, interpolator="nearest", default_value=0).array
 
 
 def segment_volume(model_path: Union[str, Path], volume: Volume, device: Union[str, torch.device] = "auto",
@@ -304,10 +296,8 @@ def segment_volume(model_path: Union[str, Path], volume: Volume, device: Union[s
         window = get_window((lo, hi))
     spacing = meta.get("spacing")
     if spacing:
-        grid = _resample_to_spacing(volume, spacing)
-        import SimpleITK as sitk
-        hu = sitk.GetArrayFromImage(grid)
-        grid_spacing = grid.GetSpacing()
+        hu, grid = _resample_to_spacing(volume, spacing)
+        grid_spacing = grid.spacing
     else:
         grid, hu, grid_spacing = None, volume.array, volume.spacing
     image01 = apply_window(hu, window).astype(np.float32) / np.float32(255.0)

@@ -8,15 +8,13 @@ order (i = column, j = row, k = slice; 0-based; inclusive). Errors on bad input 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
-from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from samliverseg import __version__
-from samliverseg.core.errors import InputError, SAMLiverSegError
+from samliverseg.core.errors import InputError, SAMLiverSegError, is_out_of_memory
+from samliverseg.core.jsonutil import write_json
 
 #: Exit codes (documented in the README).
 EXIT_OK, EXIT_INPUT, EXIT_CHECKPOINT, EXIT_OOM, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 4, 70, 130
@@ -133,60 +131,6 @@ def _prompts_from_args(args, volume):
     return prompts
 
 
-def _segments_for(label: int, name: Optional[str]):
-    from samliverseg.io import export
-
-    if name is None:
-        return [{1: export.LIVER, 2: export.LIVER_TUMOR}.get(label, export.LIVER).with_label(label)]
-    base = export.LIVER_TUMOR if "tum" in name.lower() else export.LIVER
-    return [base.with_label(label, name=name)]
-
-
-def write_output(labels, volume, path: str, segments) -> None:
-    """Write a label array [k, j, i] in the format the path's extension says."""
-    from samliverseg.io import export
-
-    low = path.lower()
-    if low.endswith(".seg.nrrd"):
-        export.write_seg_nrrd(labels, volume, path, segments)
-    elif low.endswith(".dcm"):
-        export.write_dicom_seg(labels, volume, path, segments)
-    elif low.endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
-        export.write_labelmap(labels, volume, path)
-    else:
-        raise InputError(f"unknown output format {path!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
-
-
-def _check_output_path(path: str, volume=None) -> None:
-    low = path.lower()
-    if not low.endswith((".seg.nrrd", ".dcm", ".nii.gz", ".nii", ".nrrd", ".mha")):
-        raise InputError(f"unknown output format {path!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
-    if low.endswith(".dcm") and volume is not None and not getattr(volume, "dicom_files", None):
-        raise InputError("a DICOM SEG output (.dcm) needs a DICOM series as input")
-    parent = Path(path).resolve().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write to {parent}")
-
-
-def _write_json(path: str, data: dict) -> None:
-    from samliverseg.core.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return None if not np.isfinite(o) else float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def _trained_model(args):
     """The registered trained model that ``--model`` names (None for a built-in model)."""
     from samliverseg.models.build_sam import MODEL_REGISTRY
@@ -210,6 +154,7 @@ def _segment_automatic(args, trained, volume, prompts, t0: float, t_read: float)
     if args.window:
         raise InputError(f"--window cannot be used with the automatic model {trained.name!r}: it windows the CT "
                          f"as its training cache did")
+    from samliverseg.io.export import segments_for, write_segmentation
     from samliverseg.models.user_models import load_user_model
 
     t1 = time.perf_counter()
@@ -218,7 +163,7 @@ def _segment_automatic(args, trained, volume, prompts, t0: float, t_read: float)
         raise SAMLiverSegError(f"model {trained.name!r} returned a mask of shape {mask.shape} for a volume of "
                                f"shape {volume.array.shape}")
     label = int(args.label)
-    write_output((mask > 0).astype("uint8") * label, volume, args.output, _segments_for(label, args.segment_name))
+    write_segmentation((mask > 0).astype("uint8") * label, volume, args.output, segments_for(label, args.segment_name))
     voxels = int((mask > 0).sum())
     ks = np.nonzero((mask > 0).any(axis=(1, 2)))[0]
     total = round(time.perf_counter() - t1, 3)
@@ -229,7 +174,7 @@ def _segment_automatic(args, trained, volume, prompts, t0: float, t_read: float)
               "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
               "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)}
     if args.report:
-        _write_json(args.report, report)
+        write_json(args.report, report)
     print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, "
           f"slices {report['slices_with_mask']} ({total} s)")
     return EXIT_OK
@@ -238,17 +183,19 @@ def _segment_automatic(args, trained, volume, prompts, t0: float, t_read: float)
 def cmd_segment(args) -> int:
     from samliverseg.models.build_sam3d import is_model3d
 
-    if is_model3d(args.model):  # SAM-Med3D: clicks -> one 3D mask (engine3d.py)
-        from samliverseg.interactive.engine3d import segment_cli
+    if is_model3d(args.model):  # SAM-Med3D: clicks -> one 3D mask (cli/segment3d.py)
+        from samliverseg.cli.segment3d import segment_3d
 
-        return segment_cli(args)
+        return segment_3d(args)
     from samliverseg.interactive.engine import PromptEngine
     from samliverseg.core.prompts import validate_prompts
+    from samliverseg.cli.output import write_result
+    from samliverseg.io.export import check_output_path
     from samliverseg.io.volume import read_volume
 
     t0 = time.perf_counter()
     volume = read_volume(args.image)
-    _check_output_path(args.output, volume)
+    check_output_path(args.output, volume)
     trained = _trained_model(args)  # a model trained with `samliverseg train` (user_models.py), else None
     if trained is not None and trained.automatic:
         return _segment_automatic(args, trained, volume, _prompts_from_args(args, volume), t0,
@@ -268,30 +215,22 @@ def cmd_segment(args) -> int:
         engine.settings.largest_component = False
     engine.set_volume(volume)
     result = engine.segment(prompts, propagate=not args.no_propagate)
-    labels = result.mask.astype("uint8") * int(args.label)
-    write_output(labels, volume, args.output, _segments_for(args.label, args.segment_name))
     report = dict(result.report)
-    report.update({"input": str(args.image), "output": str(args.output), "label": int(args.label),
-                   "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
-                   "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)})
     if trained is not None:
         report.update({"model": trained.name, "kind": trained.kind, "base_model": trained.metadata.get("base_model"),
                        "model_path": str(trained.path), "window": engine.window.spec()})
-    if args.report:
-        _write_json(args.report, report)
-    print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, "
-          f"slices {report['slices_with_mask']} ({report['timings']['total_s']} s)")
+    write_result(args, volume, result.mask, report, t0, t_read)
     return EXIT_OK
 
 
 # -- evaluate -----------------------------------------------------------------------------------
 
 def cmd_evaluate(args) -> int:
-    from samliverseg.core.evaluation import evaluate_files, json_safe
+    from samliverseg.core.evaluation import evaluate_files
 
     metrics = evaluate_files(args.pred, args.ref, label=args.label, ref_label=args.ref_label)
     if args.json:
-        _write_json(args.json, json_safe(metrics))
+        write_json(args.json, metrics)
     for key, value in metrics.items():
         if isinstance(value, float):
             print(f"{key:>16}: {value:.4f}")
@@ -385,13 +324,6 @@ COMMANDS = {"segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, 
             "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train}
 
 
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    oom_types = tuple(t for t in (getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t)
-    return isinstance(exc, oom_types) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -404,7 +336,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
     except Exception as exc:  # the last line of defence: one line, not a traceback
-        if _is_oom(exc):
+        if is_out_of_memory(exc):
             print("error: out of memory: use --device cpu, close other GPU programs, or a smaller model", file=sys.stderr)
             return EXIT_OOM
         if args.debug:
