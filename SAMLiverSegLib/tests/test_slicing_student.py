@@ -17,11 +17,11 @@ from libtest_helpers import rot
 from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, get_spec,
                                    register_model, unregister_model)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
-from samliverseg.modeling.slicing_student import (SlicingStudent, build_slicing_student, load_student,
-                                                  predict_volume, slab_plan, student_from_sam)
+from samliverseg.modeling.slicing_student import SlicingStudent, slab_plan, student_from_sam
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.interactive.predictor import SlicePredictor
-from samliverseg.automatic.student import predict_probabilities, resample_to_spacing, segment_volume, to_input_grid
+from samliverseg.automatic.student import (build_slicing_student, load_student, predict_probabilities, predict_volume,
+                                           resample_to_spacing, segment_volume, to_input_grid)
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
 from samliverseg.training.prepare import prepare_dataset
