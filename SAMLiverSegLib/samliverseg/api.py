@@ -93,7 +93,7 @@ def open_model(name: str, checkpoint: Optional[str] = None, device: Union[str, t
     the engine (``PromptEngine``: ``settings``, ...; ``Sam3DEngine``: ``settings``).
     Out of GPU memory while opening: opened on the CPU instead (:func:`call_with_cpu_fallback`).
     """
-    entry = find_model(name)
+    entry = find_model(name, usable=True)
     if entry.trained and checkpoint:
         raise InputError(f"--checkpoint goes with a built-in model; {name!r} is a trained model with its own weights")
     if entry.trained:

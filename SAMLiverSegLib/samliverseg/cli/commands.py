@@ -228,7 +228,7 @@ def cmd_segment(args) -> int:
     from samliverseg.models.registry import find_model
     from samliverseg.models.specs import SAM3D
 
-    entry = find_model(args.model)  # an unknown name: the error lists every model
+    entry = find_model(args.model, usable=True)  # an unknown name: the error lists every model
     if entry.family == SAM3D:  # SAM-Med3D: clicks -> one 3D mask (engine3d.py)
         from samliverseg.interactive.engine3d import segment_cli
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from samliverseg.core.errors import InputError
+from samliverseg.core.errors import CheckpointError, InputError
 from samliverseg.models import build_sam, build_sam3d, user_models
 from samliverseg.models.specs import SAM2D, SAM3D, ModelEntry, builtin_specs, is_builtin
 
@@ -47,16 +47,20 @@ def list_models(include_hidden: bool = False, trained: bool = True) -> List[Mode
     return rows
 
 
-def find_model(name: str) -> ModelEntry:
+def find_model(name: str, usable: bool = False) -> ModelEntry:
     """The entry of the model called ``name`` (built-in or trained). An unknown name: InputError
-    listing the built-in and the trained models."""
+    listing the built-in and the trained models. ``usable=True``: a trained model that cannot be
+    used (unreadable file, unknown kind) is a CheckpointError saying why."""
     if is_builtin(name):
         return builtin_entry(name)
     if not user_models.is_user_model(name):
         trained = [m.name for m in user_models.list_user_models()]
         raise InputError(f"unknown model {name!r}; built-in models: {', '.join(builtin_names())}; trained models: "
                          f"{', '.join(trained) if trained else f'none (folder {user_models.models_dir()})'}")
-    return user_models.model_entry(user_models.get_user_model(name))
+    entry = user_models.model_entry(user_models.get_user_model(name))
+    if usable and not entry.present:
+        raise CheckpointError(entry.info.get("error") or f"{entry.path}: {entry.description}")
+    return entry
 
 
 def download_model(name: str, progress: Optional[Callable[[int, Optional[int]], None]] = None) -> Path:
