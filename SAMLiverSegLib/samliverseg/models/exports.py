@@ -44,8 +44,8 @@ def read_model_file(path: PathLike, kinds: Optional[Sequence[str]] = None, mmap:
     if not isinstance(obj, Mapping) or not isinstance(obj.get("metadata"), Mapping) \
             or not isinstance(obj.get("model"), Mapping):
         want = f" of kind {' or '.join(repr(k) for k in kinds)}" if kinds else ""
-        raise CheckpointError(f"{p} is a PyTorch file but not a trained model export{want} "
-                              f"(expected {{'model': state_dict, 'metadata': {{...}}}}, as `samliverseg train` writes)")
+        raise CheckpointError(f"{p} is a PyTorch file but not a trained model export (expected a model{want}: "
+                              f"{{'model': state_dict, 'metadata': {{...}}}}, as `samliverseg train` writes)")
     obj = dict(obj)
     obj["metadata"] = dict(obj["metadata"])
     kind = infer_kind(obj["metadata"], p)
