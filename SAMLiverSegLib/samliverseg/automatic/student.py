@@ -38,6 +38,7 @@ from torch import Tensor
 from samliverseg.core.devices import resolve_device
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.core.windowing import apply_window, get_window
+from samliverseg.io import torchfile
 from samliverseg.io.volume import Volume
 from samliverseg.modeling.slicing_student import (STUDENT_KIND, THRESHOLD, AugmentFn, SlicingStudent, slab_plan,
                                                   student_from_sam)
@@ -88,16 +89,8 @@ def load_student(path: PathLike, device="cpu", kinds: Sequence[str] = STUDENT_KI
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: incomplete student metadata ({exc})") from None
     student.spec = spec
-    state = obj["model"]
-    expected = student.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"{path} does not fit a student with the {name} encoder: {len(missing)} missing, "
-                              f"{len(unexpected)} unexpected keys, {len(bad)} shape mismatches "
-                              f"(e.g. {', '.join((missing + unexpected + bad)[:3])})")
-    student.load_state_dict(state, strict=True)
+    torchfile.load_strict(student, obj["model"], f"a student with the {name} encoder",
+                          f"the {name} encoder's and the decoder's weights", path)
     return student.to(resolve_device(device)).eval(), meta
 
 

@@ -24,6 +24,7 @@ from samliverseg.core.atomic import atomic_path
 from samliverseg.core.devices import resolve_device
 from samliverseg.core.errors import CheckpointError, InputError, WeightsMissingError
 from samliverseg.core.windowing import get_window
+from samliverseg.io import torchfile
 from samliverseg.modeling.adapters import ADAPTER_KIND, AdapterConfig, adapter_state, apply_adapters, is_adapter_key
 from samliverseg.models.build_sam import build_model, find_model_checkpoint, get_spec
 from samliverseg.models.exports import read_model_file
@@ -120,22 +121,17 @@ def load_adapted_model(path: PathLike, device: Union[str, torch.device] = "cpu",
     ckpt = _base_checkpoint(spec, meta, base_checkpoint, src)
     model = build_model(spec, checkpoint=ckpt, device="cpu")
     apply_adapters(model, cfg)
-    state = obj["model"]
+    state = dict(obj["model"])
     prefixes = tuple(str(p) for p in meta.get("trained_prefixes") or ())
-    expected = {k: v for k, v in model.state_dict().items() if is_adapter_key(k) or (prefixes and k.startswith(prefixes))}
+    full = model.state_dict()
+    expected = [k for k in full if is_adapter_key(k) or (prefixes and k.startswith(prefixes))]
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]})")
-        raise CheckpointError(f"{src} does not fit {spec.name} with its adapter config: {'; '.join(parts)}")
-    model.load_state_dict(dict(state), strict=False)
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:  # the file must hold exactly the adapter (+ trained) keys
+        raise CheckpointError(f"{src} does not fit {spec.name} with its adapter config: {len(missing)} missing keys "
+                              f"({', '.join(missing[:3])}), {len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})")
+    torchfile.load_strict(model, {**full, **state}, f"{spec.name} with its adapter config", "the shapes of that config",
+                          src)
     window = meta.get("window")
     if isinstance(window, str):
         try:
