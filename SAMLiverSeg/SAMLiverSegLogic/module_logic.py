@@ -86,7 +86,7 @@ def segment_from_markups(scene, volume_node, segmentation_node, target: str, set
 
     if engine is None:
         _check_panel_model(settings.model)
-    first = str(engine.device) if engine is not None else str(settings.device)
+    first = str(getattr(engine, "device", None) or settings.device)
 
     def run(device: str):  # the given engine, else the model opened by name; on the CPU after a GPU OOM
         eng = engine if engine is not None and device == first else open_model(
