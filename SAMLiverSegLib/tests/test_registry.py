@@ -158,6 +158,16 @@ def test_unusable_trained_model_and_names_taken_by_any_family(zoo):
     assert find_model("sam_med3d_turbo").family == "sam3d"
 
 
+def test_download_answers_for_every_family(zoo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAMLIVERSEG_CACHE", str(tmp_path))  # an empty weights cache
+    capsys.readouterr()
+    assert cli.main(["download", "sam_med3d_turbo"]) == 3  # never downloaded: where to get it
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "sam_med3d_turbo.pth" in err and "huggingface.co" in err
+    assert cli.main(["download", "zoo-unet"]) == 2 and "trained model" in capsys.readouterr().err
+    assert cli.main(["download", "nope"]) == 2 and "sam_med3d" in capsys.readouterr().err
+
+
 def test_cpu_fallback_decision_with_a_real_cuda_oom():
     oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     assert cpu_fallback_note(oom, "cuda") == CPU_FALLBACK_NOTE
