@@ -192,14 +192,16 @@ def _segment_automatic(args, entry, volume, prompts, t0: float, t_read: float, n
     """An automatic (unet/student) trained model: the whole volume, no prompts (prompts are an error)."""
     import numpy as np
 
-    from samliverseg.api import open_model
+    from samliverseg.api import call_with_cpu_fallback, open_model
 
     if not prompts.is_empty():
         raise InputError(f"model {entry.name!r} ({entry.family}) is automatic: it segments the whole volume "
                          f"and takes no prompts; drop --box-ijk/--roi-ijk/--point-ijk/--negative-ijk/--prompts")
     t1 = time.perf_counter()
-    segmenter = open_model(args.model, args.checkpoint, args.device, args.window, precision=args.precision, notes=notes)
-    mask = np.asarray(segmenter.segment_volume(volume))
+    mask = call_with_cpu_fallback(lambda device: np.asarray(open_model(
+        args.model, args.checkpoint, device, args.window, precision=args.precision, notes=notes).segment_volume(volume)),
+        args.device, notes)  # a GPU out of memory: once more on the CPU
+    _print_notes(notes)
     if mask.shape != volume.array.shape:
         raise SAMLiverSegError(f"model {entry.name!r} returned a mask of shape {mask.shape} for a volume of "
                                f"shape {volume.array.shape}")
@@ -221,6 +223,11 @@ def _segment_automatic(args, entry, volume, prompts, t0: float, t_read: float, n
     return EXIT_OK
 
 
+def _print_notes(notes: List[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
 def cmd_segment(args) -> int:
     from samliverseg.api import call_with_cpu_fallback, open_model
     from samliverseg.core.prompts import validate_prompts
@@ -233,9 +240,6 @@ def cmd_segment(args) -> int:
         from samliverseg.interactive.engine3d import segment_cli
 
         return segment_cli(args)
-    if entry.trained and args.checkpoint:
-        raise InputError(f"--checkpoint goes with a built-in model; {args.model!r} is not one (a trained model "
-                         f"has its own weights)")
     t0 = time.perf_counter()
     volume = read_volume(args.image)
     _check_output_path(args.output, volume)
@@ -255,8 +259,7 @@ def cmd_segment(args) -> int:
         return engine, engine.segment(prompts, propagate=not args.no_propagate)
 
     engine, result = call_with_cpu_fallback(run, args.device, notes)  # a GPU out of memory: once more on the CPU
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+    _print_notes(notes)
     labels = result.mask.astype("uint8") * int(args.label)
     write_output(labels, volume, args.output, _segments_for(args.label, args.segment_name))
     report = dict(result.report)
