@@ -60,7 +60,7 @@ from samliverseg.models.adapters import load_adapted_model
 from samliverseg.models.build_sam import build_model, get_spec
 from samliverseg.models.exports import read_model_file
 from samliverseg.models.kinds import AUTOMATIC_KINDS, INTERACTIVE_KINDS, KIND_NAMES, KINDS
-from samliverseg.models.specs import ModelEntry, builtin_specs, is_builtin
+from samliverseg.models.specs import SAM2D, ModelEntry, builtin_specs, is_builtin
 from samliverseg.models.weights import cache_dir
 
 MODELS_ENV = "SAMLIVERSEG_MODELS"
@@ -365,7 +365,7 @@ def load_user_model(name_or_path: Union[str, PathLike, LoadedUserModel], device:
             spec = get_spec(str(base))
         except InputError:
             raise InputError(f"model {name!r} was fine-tuned from {base!r}, which is not a model of this installation "
-                             f"(built-in: {', '.join(s.name for s in builtin_specs('sam2d'))})") from None
+                             f"(built-in: {', '.join(s.name for s in builtin_specs(SAM2D))})") from None
         loaded.model = build_model(spec, checkpoint=path, device=device)
     elif kind == "adapter":
         loaded.model = load_adapted_model(path, device)
