@@ -24,8 +24,8 @@ from samliverseg.models.build_sam import (ModelSpec, build_lite_medsam, build_mo
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling import MaskDecoder, PromptEncoder, SamModel, TinyViT, TwoWayTransformer
 from samliverseg.modeling.adapters import (AdaptedTwoWayTransformer, AdapterConfig, adapter_state, apply_adapters,
-                                           count_parameters, embed_slab, is_adapter_key, load_adapted_model,
-                                           save_adapted_model)
+                                           count_parameters, embed_slab, is_adapter_key)
+from samliverseg.models.adapters import load_adapted_model, save_adapted_model
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.interactive.engine import PromptEngine
 from samliverseg.interactive.predictor import SlicePredictor

@@ -17,11 +17,11 @@ from libtest_helpers import rot
 from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, get_spec,
                                    register_model, unregister_model)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
-from samliverseg.modeling.slicing_student import (SlicingStudent, build_slicing_student, load_student,
-                                                  predict_volume, slab_plan, student_from_sam)
+from samliverseg.modeling.slicing_student import SlicingStudent, slab_plan, student_from_sam
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.interactive.predictor import SlicePredictor
-from samliverseg.automatic.student import predict_probabilities, segment_volume
+from samliverseg.automatic.student import (build_slicing_student, load_student, predict_probabilities, predict_volume,
+                                           segment_volume)
 from samliverseg.core.evaluation import dice
 from samliverseg.core.geometry import resample
 from samliverseg.training import checkpoint as ck

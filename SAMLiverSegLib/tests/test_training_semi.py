@@ -23,9 +23,9 @@ import torch
 
 from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, unregister_model
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
-from samliverseg.modeling.slicing_student import load_student, student_from_sam
+from samliverseg.modeling.slicing_student import student_from_sam
 from samliverseg.demo.phantom import make_phantom
-from samliverseg.automatic.student import predict_probabilities, segment_volume
+from samliverseg.automatic.student import load_student, predict_probabilities, segment_volume
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.semi import math as sm
 from samliverseg.training.config import config_from_dict

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from samliverseg import __version__
 from samliverseg.core.errors import InputError, SAMLiverSegError, is_out_of_memory
@@ -89,12 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(sub.add_parser("train", help="train on a prepared cache (kinds: decoder, unet, adapter, student, semi); "
                                                      "progress as JSON lines on stdout"))
 
-    models = sub.add_parser("models", help="list the built-in models (are their weights present?) and the trained "
-                                           "models usable by name")
+    models = sub.add_parser("models", help="list every model usable by name: the built-in ones (SAM family, "
+                                           "SAM-Med3D; are their weights present?) and the trained ones")
     models.add_argument("--register", default=None, metavar="MODEL.pth",
                         help="register a trained model.pth (from `samliverseg train`) for use by name")
     models.add_argument("--name", default=None, help="with --register: its name (default: the run folder's name)")
     models.add_argument("--replace", action="store_true", help="with --register: replace a model of that name")
+    models.add_argument("--json", action="store_true", help="print the list as JSON")
     dl = sub.add_parser("download", help="download a model's official weights into the cache (SHA-256 checked)")
     dl.add_argument("name", help="model name, e.g. sam_vit_b")
     return parser
@@ -131,99 +132,81 @@ def _prompts_from_args(args, volume):
     return prompts
 
 
-def _trained_model(args):
-    """The registered trained model that ``--model`` names (None for a built-in model)."""
-    from samliverseg.models.build_sam import MODEL_REGISTRY
-    from samliverseg.models.user_models import describe_user_model
-
-    if args.model in MODEL_REGISTRY:
-        return None
-    if args.checkpoint:
-        raise InputError(f"--checkpoint goes with a built-in model; {args.model!r} is not one (a trained model "
-                         f"has its own weights)")
-    return describe_user_model(args.model)  # metadata only; an unknown name: the error lists the models
+def _print_notes(notes: List[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
-def _segment_automatic(args, trained, volume, prompts, t0: float, t_read: float) -> int:
+def _segment_automatic(args, entry, volume, prompts, t0: float, t_read: float, notes: List[str]) -> int:
     """An automatic (unet/student) trained model: the whole volume, no prompts (prompts are an error)."""
     import numpy as np
 
-    if not prompts.is_empty():
-        raise InputError(f"model {trained.name!r} ({trained.kind}) is automatic: it segments the whole volume "
-                         f"and takes no prompts; drop --box-ijk/--roi-ijk/--point-ijk/--negative-ijk/--prompts")
-    if args.window:
-        raise InputError(f"--window cannot be used with the automatic model {trained.name!r}: it windows the CT "
-                         f"as its training cache did")
-    from samliverseg.io.export import segments_for, write_segmentation
-    from samliverseg.models.user_models import load_user_model
+    from samliverseg.api import call_with_cpu_fallback, open_model
+    from samliverseg.cli.output import write_result
 
+    if not prompts.is_empty():
+        raise InputError(f"model {entry.name!r} ({entry.family}) is automatic: it segments the whole volume "
+                         f"and takes no prompts; drop --box-ijk/--roi-ijk/--point-ijk/--negative-ijk/--prompts")
     t1 = time.perf_counter()
-    mask = np.asarray(load_user_model(trained, device=args.device).segment_volume(volume, device=args.device))
+    mask = call_with_cpu_fallback(lambda device: np.asarray(open_model(
+        args.model, args.checkpoint, device, args.window, precision=args.precision, notes=notes).segment_volume(volume)),
+        args.device, notes)  # a GPU out of memory: once more on the CPU
+    _print_notes(notes)
     if mask.shape != volume.array.shape:
-        raise SAMLiverSegError(f"model {trained.name!r} returned a mask of shape {mask.shape} for a volume of "
+        raise SAMLiverSegError(f"model {entry.name!r} returned a mask of shape {mask.shape} for a volume of "
                                f"shape {volume.array.shape}")
-    label = int(args.label)
-    write_segmentation((mask > 0).astype("uint8") * label, volume, args.output, segments_for(label, args.segment_name))
     voxels = int((mask > 0).sum())
     ks = np.nonzero((mask > 0).any(axis=(1, 2)))[0]
-    total = round(time.perf_counter() - t1, 3)
-    report = {"model": trained.name, "kind": trained.kind, "automatic": True, "voxels": voxels,
+    report = {"model": entry.name, "kind": entry.family, "automatic": True, "voxels": voxels,
               "volume_ml": round(voxels * float(np.prod(volume.spacing)) / 1000.0, 3),
-              "slices_with_mask": [int(ks[0]), int(ks[-1])] if ks.size else [], "timings": {"total_s": total},
-              "input": str(args.image), "output": str(args.output), "label": label,
-              "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
-              "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)}
-    if args.report:
-        write_json(args.report, report)
-    print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, "
-          f"slices {report['slices_with_mask']} ({total} s)")
+              "slices_with_mask": [int(ks[0]), int(ks[-1])] if ks.size else [],
+              "timings": {"total_s": round(time.perf_counter() - t1, 3)}, "notes": notes}
+    write_result(args, volume, mask, report, t0, t_read)
     return EXIT_OK
 
 
 def cmd_segment(args) -> int:
-    from samliverseg.models.build_sam3d import is_model3d
+    from samliverseg.api import call_with_cpu_fallback, open_model
+    from samliverseg.cli.output import write_result
+    from samliverseg.core.prompts import validate_prompts
+    from samliverseg.io.export import check_output_path
+    from samliverseg.io.volume import read_volume
+    from samliverseg.models.registry import find_model
+    from samliverseg.models.specs import SAM3D
 
-    if is_model3d(args.model):  # SAM-Med3D: clicks -> one 3D mask (cli/segment3d.py)
+    entry = find_model(args.model, usable=True)  # an unknown name: the error lists every model
+    if entry.family == SAM3D:  # SAM-Med3D: clicks -> one 3D mask (cli/segment3d.py)
         from samliverseg.cli.segment3d import segment_3d
 
         return segment_3d(args)
-    from samliverseg.interactive.engine import PromptEngine
-    from samliverseg.core.prompts import validate_prompts
-    from samliverseg.cli.output import write_result
-    from samliverseg.io.export import check_output_path
-    from samliverseg.io.volume import read_volume
-
     t0 = time.perf_counter()
     volume = read_volume(args.image)
     check_output_path(args.output, volume)
-    trained = _trained_model(args)  # a model trained with `samliverseg train` (user_models.py), else None
-    if trained is not None and trained.automatic:
-        return _segment_automatic(args, trained, volume, _prompts_from_args(args, volume), t0,
-                                  time.perf_counter() - t0)
+    notes: List[str] = []
+    if not entry.interactive:
+        return _segment_automatic(args, entry, volume, _prompts_from_args(args, volume), t0,
+                                  time.perf_counter() - t0, notes)
     prompts = validate_prompts(_prompts_from_args(args, volume), volume.array.shape)  # before loading a model
     t_read = time.perf_counter() - t0
-    if trained is not None:  # its trained weights and its training cache's window
-        from samliverseg.models.user_models import load_user_model
 
-        engine = load_user_model(trained, device=args.device).engine(device=args.device, window=args.window,
-                                                                     precision=args.precision)
-    else:
-        engine = PromptEngine(model=args.model, checkpoint=args.checkpoint, device=args.device, window=args.window,
-                              precision=args.precision)
-    if args.no_postprocess:
-        engine.settings.fill_holes = False
-        engine.settings.largest_component = False
-    engine.set_volume(volume)
-    result = engine.segment(prompts, propagate=not args.no_propagate)
+    def run(device: str):
+        engine = open_model(args.model, args.checkpoint, device, args.window, precision=args.precision, notes=notes)
+        if args.no_postprocess:
+            engine.settings.fill_holes = False
+            engine.settings.largest_component = False
+        engine.set_volume(volume)
+        return engine, engine.segment(prompts, propagate=not args.no_propagate)
+
+    engine, result = call_with_cpu_fallback(run, args.device, notes)  # a GPU out of memory: once more on the CPU
+    _print_notes(notes)
     report = dict(result.report)
-    if trained is not None:
-        report.update({"model": trained.name, "kind": trained.kind, "base_model": trained.metadata.get("base_model"),
-                       "model_path": str(trained.path), "window": engine.window.spec()})
+    report["notes"] = notes
+    if entry.trained:
+        report.update({"model": entry.name, "kind": entry.family, "base_model": entry.info.get("base_model"),
+                       "model_path": entry.path, "window": engine.window.spec()})
     write_result(args, volume, result.mask, report, t0, t_read)
     return EXIT_OK
 
-
-# -- evaluate -----------------------------------------------------------------------------------
 
 def cmd_evaluate(args) -> int:
     from samliverseg.core.evaluation import evaluate_files
@@ -241,25 +224,38 @@ def cmd_evaluate(args) -> int:
 
 # -- models -------------------------------------------------------------------------------------
 
-def _print_user_models() -> None:
-    from samliverseg.models.user_models import list_user_models, models_dir
+def _print_model(r) -> None:
+    """One model of ``samliverseg models`` (a ``models.specs.ModelEntry``)."""
+    from samliverseg.models.weights import format_size
 
-    entries = list_user_models()
-    print(f"\ntrained models ({models_dir()}): {len(entries) or 'none'}")
-    for m in entries:
-        if m.error:
-            print(f"\n{m.name}: unusable: {m.error}")
-            continue
-        dice = f"{m.best_dice:.4f}" if m.best_dice is not None else "n/a"
-        how = "automatic, no prompts" if m.automatic else "interactive, prompts"
-        print(f"\n{m.name}: {m.kind} ({how}); base model {m.base_model or 'n/a'}; target {m.target or 'n/a'}; "
-              f"best val Dice {dice}")
-        print(f"  path: {m.path}")
+    if r.trained:
+        if r.info.get("error"):
+            print(f"\n{r.name}: unusable: {r.info['error']}")
+            return
+        dice = f"{r.info['best_dice']:.4f}" if r.info.get("best_dice") is not None else "n/a"
+        how = "interactive, prompts" if r.interactive else "automatic, no prompts"
+        print(f"\n{r.name}: {r.family} ({how}); base model {r.info.get('base_model') or 'n/a'}; "
+              f"target {r.info.get('target') or 'n/a'}; best val Dice {dice}")
+        print(f"  path: {r.path}")
+        return
+    default = " (default)" if r.default else ""
+    print(f"\n{r.name}{default}: {r.description} [{r.family}]")
+    if r.present:
+        print(f"  weights: present at {r.path}")
+    else:
+        size = f", {format_size(r.size)}" if r.size else ""
+        print(f"  weights: missing ({r.filename}{size}): {r.where}")
+        if r.download_url:
+            print(f"  download: {r.download_url}")
+    if r.note and r.present:
+        print(f"  note: {r.note}")
 
 
 def cmd_models(args) -> int:
-    from samliverseg.models.build_sam import model_status
-    from samliverseg.models.weights import cache_dir, format_size
+    from samliverseg.core.jsonutil import dumps
+    from samliverseg.models.registry import list_models
+    from samliverseg.models.user_models import models_dir
+    from samliverseg.models.weights import cache_dir
 
     if args.register:
         from samliverseg.models.user_models import register_trained_model
@@ -269,21 +265,19 @@ def cmd_models(args) -> int:
         return EXIT_OK
     if args.name or args.replace:
         raise InputError("--name and --replace go with --register MODEL.pth")
+    rows = list_models()  # every model: the SAM family, SAM-Med3D, then the trained ones
+    if args.json:
+        print(dumps({"weights_cache": str(cache_dir()), "models_folder": str(models_dir()),
+                     "models": [r.to_dict() for r in rows]}))
+        return EXIT_OK
     print(f"weights cache: {cache_dir()}")
-    for r in model_status():
-        default = " (default)" if r.is_default else ""
-        print(f"\n{r.name}{default}: {r.description}")
-        if r.present:
-            print(f"  weights: present at {r.path}")
-        else:
-            size = f", {format_size(r.size)}" if r.size else ""
-            where = f"put {r.filename}{size} in {cache_dir()}, set {r.env_var}, or pass --checkpoint FILE"
-            print(f"  weights: missing: {where}")
-            if r.download_url:
-                print(f"  download: {r.download_url}")
-        if r.note and r.present:
-            print(f"  note: {r.note}")
-    _print_user_models()
+    builtin = [r for r in rows if not r.trained]
+    trained = [r for r in rows if r.trained]
+    for r in builtin:
+        _print_model(r)
+    print(f"\ntrained models ({models_dir()}): {len(trained) or 'none'}")
+    for r in trained:
+        _print_model(r)
     return EXIT_OK
 
 
@@ -300,7 +294,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from samliverseg.models.build_sam import download_model
+    from samliverseg.models.registry import download_model
 
     def progress(done: int, total: Optional[int]) -> None:
         if total:

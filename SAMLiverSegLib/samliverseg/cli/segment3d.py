@@ -7,6 +7,7 @@ that have no meaning here (boxes, ROIs, ``--window``, ``--precision``) are refus
 
 from __future__ import annotations
 
+import sys
 import time
 
 from samliverseg.cli.output import write_result
@@ -15,7 +16,8 @@ from samliverseg.core.errors import InputError
 
 def segment_3d(args) -> int:
     """Run ``segment`` with a 3D model (``args`` from the ``segment`` parser); returns the exit code."""
-    from samliverseg.interactive.engine3d import Sam3DEngine, Sam3DSettings, validate_clicks
+    from samliverseg.api import open_model
+    from samliverseg.interactive.engine3d import Sam3DSettings, validate_clicks
     from samliverseg.io.export import check_output_path
     from samliverseg.io.volume import read_volume
 
@@ -45,7 +47,10 @@ def segment_3d(args) -> int:
     validate_clicks(volume.array.shape, points, labels)  # before loading a model
     t_read = time.perf_counter() - t0
     settings = Sam3DSettings(keep_clicked_components=not args.no_postprocess)
-    engine = Sam3DEngine(args.model, checkpoint=args.checkpoint, device=args.device, settings=settings)
+    notes: list = []
+    engine = open_model(args.model, args.checkpoint, args.device, settings=settings, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     result = engine.segment(volume, points, labels)
     write_result(args, volume, result.mask, result.report, t0, t_read, note=f", {len(result.report['patches'])} patch(es)")
     return 0

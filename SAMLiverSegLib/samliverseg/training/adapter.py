@@ -71,7 +71,8 @@ from samliverseg.models.build_sam import build_model, find_model_checkpoint, get
 from samliverseg.core.devices import resolve_device
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling.adapters import (ADAPTER_KIND, AdapterConfig, adapter_state, apply_adapters, count_parameters,
-                                 is_adapter_key, save_adapted_model)
+                                 is_adapter_key)
+from samliverseg.models.adapters import save_adapted_model
 from samliverseg.interactive.predictor import SlicePredictor
 from samliverseg.models.weights import sha256_of
 from samliverseg.training import checkpoint as ck

@@ -81,8 +81,8 @@ import torch.nn.functional as F
 
 from samliverseg.models.build_sam import find_model_checkpoint, get_spec
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
-from samliverseg.modeling.slicing_student import (DECODER_NORMS, STUDENT_KIND, THRESHOLD, build_slicing_student, slab_plan,
-                                        student_metadata)
+from samliverseg.automatic.student import build_slicing_student
+from samliverseg.modeling.slicing_student import DECODER_NORMS, STUDENT_KIND, THRESHOLD, slab_plan, student_metadata
 from samliverseg.training import checkpoint as ck
 from samliverseg.training import distributed
 from samliverseg.training.config import TrainConfig

@@ -92,7 +92,7 @@ def register_result(cfg, result, progress: ProgressWriter) -> Optional[str]:
     try:
         name = um.validate_name(wanted)
         existing = um.models_dir() / name / um.MODEL_FILE
-        replace = existing.is_file() and um._read_entry(existing.parent).source == str(src)
+        replace = existing.is_file() and um.read_entry(existing.parent).source == str(src)
         if not replace:
             name = um.unique_name(name)
         entry = um.register_trained_model(src, name=name, replace=replace)
