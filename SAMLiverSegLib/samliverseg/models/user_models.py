@@ -129,7 +129,7 @@ def read_model_metadata(model_path: PathLike) -> Dict[str, Any]:
     """``{"kind": ..., "metadata": {...}}`` of an exported ``model.pth`` (CheckpointError when unreadable)."""
     import torch
 
-    from samliverseg.models.build_sam import _first_sentence
+    from samliverseg.io.torchfile import first_sentence as _first_sentence
 
     p = Path(model_path)
     if not p.is_file():
@@ -222,6 +222,10 @@ def _read_entry(folder: Path) -> UserModel:
     except CheckpointError as exc:
         entry.error = str(exc)
     return entry
+
+
+#: Public name of the folder reader (``samliverseg train`` checks what a name holds).
+read_entry = _read_entry
 
 
 def list_user_models() -> List[UserModel]:
