@@ -279,7 +279,6 @@ class Trainer:
         if kind != self.KIND:
             raise CheckpointError(f"cannot resume from {path}: it is a checkpoint of trainer kind {kind!r}, "
                                   f"expected kind {self.KIND!r}")
-        ck.check_resume(ckpt, path, self.cfg.to_dict(), sorted(self.trainable_state()))
         old = (ckpt.get("config") or {}).get(self.KIND) or {}
         defaults = type(self.opts)() if self.opts is not None else None
         for key in self.RESUME_OPTIONS:
@@ -287,6 +286,7 @@ class Trainer:
             if have != want:
                 raise CheckpointError(f"cannot resume from {path}: it was made with {self.KIND}.{key}={have!r}, "
                                       f"the config says {self.KIND}.{key}={want!r}")
+        ck.check_resume(ckpt, path, self.cfg.to_dict(), sorted(self.trainable_state()))
         return ckpt
 
     def restore(self, path: Path) -> None:
