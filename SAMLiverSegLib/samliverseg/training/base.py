@@ -100,6 +100,8 @@ class Trainer:
     RESUME_OPTIONS: Tuple[str, ...] = ()
     #: Names of the validation scores ``val_predictions`` yields; the first is the run's val Dice.
     VAL_SCORES: Tuple[str, ...] = ("dice",)
+    #: Step values averaged over an epoch (sample-weighted) for the ``epoch`` event and the history.
+    EPOCH_MEANS: Tuple[str, ...] = ("loss",)
 
     def __init__(self, config: TrainConfig, progress: Optional[ProgressWriter] = None, rank: int = 0):
         self.cfg = config
@@ -158,8 +160,8 @@ class Trainer:
         """Extra fields of the ``start`` event."""
         return {}
 
-    def begin_epoch(self, epoch: int) -> None:
-        """Called before the first (or resumed) step of every epoch."""
+    def begin_epoch(self, epoch: int, cancel: Callable[[], bool]) -> None:
+        """Called before the first (or resumed) step of every epoch (a CancelledError cancels the run)."""
 
     def train_step(self, group: range) -> Dict[str, float]:
         """One optimiser step over the micro-batches ``group`` of the current epoch; returns
@@ -383,7 +385,7 @@ class Trainer:
         while self.epoch < cfg.epochs:
             n_batches = self.batches_in_epoch(self.epoch)
             try:
-                self.begin_epoch(self.epoch)
+                self.begin_epoch(self.epoch, cancel)
             except CancelledError:
                 return self._cancel()
             while self.batch_in_epoch < n_batches:
@@ -394,8 +396,9 @@ class Trainer:
                 self.step += 1
                 samples = float(stats.pop("samples"))
                 samples_run += samples
-                for k, v in stats.items():
-                    if isinstance(v, (int, float)) and v is not None and math.isfinite(v) and k != "lr":
+                for k in self.EPOCH_MEANS:
+                    v = stats.get(k)
+                    if isinstance(v, (int, float)) and math.isfinite(v):
                         self._sums[k] = self._sums.get(k, 0.0) + float(v) * samples
                         self._sums[k + "#n"] = self._sums.get(k + "#n", 0.0) + samples
                 stats.setdefault("lr", self.optimizer.param_groups[0]["lr"])
@@ -404,8 +407,7 @@ class Trainer:
                                    **stats)
                 if self.stop_requested(cancel):
                     return self._cancel()
-            means = {k: self._sums[k] / self._sums[k + "#n"] for k in self._sums
-                     if not k.endswith("#n") and self._sums.get(k + "#n")}
+            means = {k: self._sums[k] / self._sums[k + "#n"] for k in self.EPOCH_MEANS if self._sums.get(k + "#n")}
             self.progress.emit("epoch", self.epoch, self.step, lr=self.optimizer.param_groups[0]["lr"],
                                **self.epoch_fields(means))
             scores = self.validate() if self.validate_now(self.epoch) else {n: None for n in self.VAL_SCORES}

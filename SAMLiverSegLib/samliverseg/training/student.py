@@ -133,6 +133,15 @@ class StudentOptions:
             raise InputError(f"config key 'student.embed_batch' must be at least 1, got {self.embed_batch}")
 
 
+def write_student_model(student: torch.nn.Module, path: Path, trained: Dict[str, torch.Tensor],
+                        meta: Dict[str, Any]) -> None:
+    """``model.pth`` of a student (kinds student and semi): the whole state dict (frozen encoder +
+    the ``trained`` decoder) + metadata with the parameter counts."""
+    state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    state.update(trained)
+    ck.save_checkpoint({"model": state, "metadata": dict(meta, parameters=student.parameter_counts())}, path)
+
+
 @dataclass
 class CaseData:
     """The cached training material of one case (CPU tensors)."""
@@ -191,11 +200,7 @@ class StudentTrainer(Trainer):
         return meta
 
     def write_model(self, path: Path, trained: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
-        """The whole student (frozen encoder + the trained decoder) + metadata."""
-        state = {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
-        state.update(trained)
-        meta = dict(meta, parameters=self.student.parameter_counts())
-        ck.save_checkpoint({"model": state, "metadata": meta}, path)
+        write_student_model(self.student, path, trained, meta)
 
     def describe(self) -> str:
         return (f"slicing-SAM3D student training ({self.spec.name} encoder, frozen; slab {self.opts.slab_depth}, "
@@ -400,4 +405,4 @@ class StudentTrainer(Trainer):
             yield {"dice": (self._predict_case(c), c.target.bool())}
 
 
-__all__ = ["CaseData", "StudentOptions", "StudentTrainer"]
+__all__ = ["CaseData", "StudentOptions", "StudentTrainer", "write_student_model"]

@@ -41,10 +41,17 @@ EXIT_CANCELLED = CancelledError.exit_code  # 130
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``train`` options; the parser's epilog lists the kinds and every config key (generated)."""
-    from samliverseg.training.config import describe_keys
+    """The ``train`` options; ``--help`` ends with the kinds and every config key with its default
+    (``config.describe_keys``, generated when the help is shown: it imports every trainer)."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = describe_keys()
+    plain_help = parser.format_help
+
+    def format_help() -> str:
+        from samliverseg.training.config import describe_keys
+        parser.epilog = describe_keys()
+        return plain_help()
+
+    parser.format_help = format_help  # type: ignore[method-assign]
     parser.add_argument("--config", help="the training config (YAML; the keys are listed below)")
     parser.add_argument("--resume", action="store_true", help="continue the run from OUTPUT/last.pt")
     parser.add_argument("--output", default=None, help="the run folder (overrides the config's `output`)")

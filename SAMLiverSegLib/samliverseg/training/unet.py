@@ -139,30 +139,30 @@ _IGNORED_COMMON = {"lr": 1e-4, "batch_size": 4, "scheduler": "constant"}
 class UNetOptions:
     """The ``unet:`` config section (see the module docstring)."""
 
-    patch_size: List[int] = field(default_factory=lambda: [128, 128, 128])
-    num_samples: int = 4
-    pos: float = 1.0
-    neg: float = 1.0
-    batch_cases: int = 1
-    channels: List[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
-    strides: List[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    num_res_units: int = 2
+    patch_size: List[int] = field(default_factory=lambda: [128, 128, 128])  # [k, j, i] voxels of a training patch / inference window
+    num_samples: int = 4  # RandCropByPosNegLabeld crops per case and step
+    pos: float = 1.0  # RandCropByPosNegLabeld: target : background crop centres
+    neg: float = 1.0  # (see pos)
+    batch_cases: int = 1  # cases per micro-batch (a micro-batch has batch_cases x num_samples patches)
+    channels: List[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # U-Net widths per level
+    strides: List[int] = field(default_factory=lambda: [2, 2, 2, 2])  # one fewer than channels
+    num_res_units: int = 2  # 0 = plain conv blocks, > 0 = residual units
     dropout: float = 0.1
-    act: str = "relu"
-    lr: float = 0.008
-    scheduler: str = "warm_restarts"
-    T_0: int = 5
+    act: str = "relu"  # activation
+    lr: float = 0.008  # Novograd learning rate
+    scheduler: str = "warm_restarts"  # warm_restarts | cosine | constant
+    T_0: int = 5  # CosineAnnealingWarmRestarts, in epochs
     T_mult: int = 3
-    eta_min: float = 0.0
-    val_interval: int = 1
-    sw_batch_size: int = 4
-    overlap: float = 0.25
-    largest_component: Optional[bool] = None
-    two_stage: bool = False
-    coarse_size: List[int] = field(default_factory=lambda: [128, 128, 128])
-    roi_margin_mm: float = 20.0
-    cache_rate: float = 1.0
-    num_workers: int = 0
+    eta_min: float = 0.0  # the schedule's lowest rate
+    val_interval: int = 1  # validate every N epochs (and after the last)
+    sw_batch_size: int = 4  # sliding-window inference: windows per forward pass
+    overlap: float = 0.25  # sliding-window overlap
+    largest_component: Optional[bool] = None  # keep the largest component (null: yes for liver, no for tumour)
+    two_stage: bool = False  # coarse ROI model + fine model
+    coarse_size: List[int] = field(default_factory=lambda: [128, 128, 128])  # [k, j, i] the coarse model's input (whole volume resized)
+    roi_margin_mm: float = 20.0  # margin around the liver box (training crops and inference ROI)
+    cache_rate: float = 1.0  # CacheDataset: fraction of the training cases cached in RAM
+    num_workers: int = 0  # DataLoader worker processes (and CacheDataset threads)
 
     def validate(self) -> None:
         def bad(key: str, why: str) -> None:
@@ -429,7 +429,7 @@ class UNetTrainer(Trainer):
         return {"base_model": MODEL_KIND, "train_cases": len(self.train_cases), "val_cases": len(self.val_cases),
                 "two_stage": o.two_stage, "patches_per_step": o.batch_cases * o.num_samples * self.cfg.grad_accum}
 
-    def begin_epoch(self, epoch: int) -> None:
+    def begin_epoch(self, epoch: int, cancel) -> None:
         keys = self._order(epoch)
         self._batches = iter(self._loader(keys[self.batch_in_epoch * self.opts.batch_cases:]))
 
