@@ -492,7 +492,7 @@ class SemiTrainer(Trainer):
             t = tgt[k0:k1]
             block.target = resize_mask(t.astype(np.float32), (self.L, self.L)).to(torch.uint8)
             block.target_full = t.astype(bool)
-            block.fg = [int(k) for k in np.nonzero(block.target.reshape(block.depth, -1).any(1))[0]]
+            block.fg = torch.nonzero(block.target.reshape(block.depth, -1).any(1)).flatten().tolist()  # (np.nonzero fails on an all-empty tensor)
         return block
 
     def _emb_root(self) -> Path:
