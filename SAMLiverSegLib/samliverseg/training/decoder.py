@@ -103,7 +103,8 @@ class SliceSet:
 
 def select_slices(cfg: TrainConfig, manifest: Dict[str, Any], split: str) -> List[Tuple[Dict[str, Any], List[int]]]:
     """The axial slices of ``split``'s labelled cases that contain the target: at most
-    ``max_slices_per_case`` per case, evenly spaced over the case's target slices."""
+    ``max_slices_per_case`` per case, evenly spaced over the case's target slices (the centre
+    slice of each of ``max_slices_per_case`` equal runs)."""
     out = []
     for case in manifest.get("cases", []):
         if case.get("split") != split or not case.get("labelled"):
@@ -111,9 +112,9 @@ def select_slices(cfg: TrainConfig, manifest: Dict[str, Any], split: str) -> Lis
         with np.load(Path(cfg.cache) / case["file"]) as z:
             label = z["label"]
         ks = [k for k in range(label.shape[0]) if target_mask(label[k], cfg.target).any()]
-        if len(ks) > cfg.max_slices_per_case:
-            pick = np.linspace(0, len(ks) - 1, cfg.max_slices_per_case).round().astype(int)
-            ks = [ks[i] for i in sorted(set(pick.tolist()))]
+        if len(ks) > cfg.max_slices_per_case:  # the centres of equal runs: never only the object's tip
+            m = cfg.max_slices_per_case
+            ks = [ks[int((i + 0.5) * len(ks) / m)] for i in range(m)]
         if ks:
             out.append((case, ks))
     return out
