@@ -120,3 +120,13 @@ def tiny_config_dict(kind: str, cache: Dict[str, Any], out: Path, **over: Any) -
 def tiny_config(kind: str, cache: Dict[str, Any], out: Path, **over: Any):
     from samliverseg.training.config import config_from_dict
     return config_from_dict(tiny_config_dict(kind, cache, out, **over))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one intra-op thread is much faster than oversubscription."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -35,11 +35,8 @@ ROOT = TESTS_DIR.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def test_every_kind_is_a_trainer_with_the_base_run_loop():

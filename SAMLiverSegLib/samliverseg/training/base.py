@@ -36,6 +36,8 @@ and fills in hooks; everything else is done here, once, the same way for every k
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import time
@@ -83,6 +85,11 @@ def item_dice(pred: Any, target: Any) -> float:
     p = torch.as_tensor(np.asarray(pred) if not torch.is_tensor(pred) else pred).bool().float()[None, None]
     t = torch.as_tensor(np.asarray(target) if not torch.is_tensor(target) else target).bool().float()[None, None]
     return float(compute_dice(p.cpu(), t.cpu(), include_background=True, ignore_empty=True).reshape(-1)[0])
+
+
+def content_hash(obj: Any, n: int = 16) -> str:
+    """A short SHA-256 of JSON-able ``obj`` (keys sorted; other objects by ``str``): cache file keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 def seed_everything(seed: int) -> None:
@@ -505,4 +512,4 @@ def no_target_error(cfg: TrainConfig) -> InputError:
                       f"(labelled cases of the train split)")
 
 
-__all__ = ["Trainer", "item_dice", "no_target_error", "peak_rss_mb", "register_result", "seed_everything", "target_mask"]
+__all__ = ["Trainer", "content_hash", "item_dice", "no_target_error", "peak_rss_mb", "register_result", "seed_everything", "target_mask"]

@@ -63,8 +63,6 @@ Distributed data parallel (``torchrun --nproc_per_node W samliverseg train --con
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +78,7 @@ from samliverseg.io import torchfile
 from samliverseg.models.build_sam import build_model, find_model_checkpoint, get_spec
 from samliverseg.training import checkpoint as ck
 from samliverseg.training import distributed
-from samliverseg.training.base import Trainer, no_target_error, target_mask
+from samliverseg.training.base import Trainer, content_hash, no_target_error, target_mask
 from samliverseg.training.config import TrainConfig
 from samliverseg.training.progress import ProgressWriter
 
@@ -240,7 +238,7 @@ class DecoderTrainer(Trainer):
         info = {"v": EMBED_FORMAT, "model": self.spec.name, "ckpt": str(ckpt), "size": st.st_size if st else None,
                 "mtime": st.st_mtime_ns if st else None, "target": self.cfg.target,
                 "cases": [(c["id"], c.get("case_hash"), ks) for c, ks in selection]}
-        return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return content_hash(info)
 
     def _build_set(self, split: str, cancel: Callable[[], bool]) -> Optional[SliceSet]:
         """The split's slice set; when distributed rank 0 makes (or loads) and saves it, the others load it."""

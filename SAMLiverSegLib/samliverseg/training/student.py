@@ -67,8 +67,6 @@ The common config keys ``box_jitter_px``, ``points_per_slice``, ``train_prompt_e
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -86,7 +84,7 @@ from samliverseg.modeling.slicing_student import (DECODER_NORMS, STUDENT_KIND, T
 from samliverseg.models.build_sam import find_model_checkpoint, get_spec
 from samliverseg.training import checkpoint as ck
 from samliverseg.training import distributed
-from samliverseg.training.base import Trainer, no_target_error
+from samliverseg.training.base import Trainer, content_hash, no_target_error
 from samliverseg.training.config import TrainConfig
 from samliverseg.training.progress import ProgressWriter
 
@@ -224,7 +222,7 @@ class StudentTrainer(Trainer):
                 "target": self.cfg.target, "flip": self.opts.inplane_flip, "margin": self.opts.slice_margin,
                 "dtype": self.opts.cache_dtype, "image_size": int(self.spec.image_size),
                 "normalization": self.spec.normalization}
-        return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return content_hash(info)
 
     def _embed_path(self, case: Dict[str, Any]) -> Path:
         return self.out / "embeddings" / f"{case['id']}_{self._embed_key(case)}.pt"

@@ -159,12 +159,13 @@ import torch.nn.functional as F
 
 from samliverseg.core.atomic import atomic_path
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
+from samliverseg.core.jsonutil import write_json
 from samliverseg.io import torchfile
 from samliverseg.modeling.slicing_student import THRESHOLD, slab_plan, student_from_sam, student_metadata
 from samliverseg.models.build_sam import build_model, find_model_checkpoint, get_spec
 from samliverseg.training import checkpoint as ck
 from samliverseg.training import distributed
-from samliverseg.training.base import Trainer, no_target_error
+from samliverseg.training.base import Trainer, content_hash, no_target_error
 from samliverseg.training.config import TrainConfig
 from samliverseg.training.progress import ProgressWriter
 from samliverseg.training.semi import math as sm
@@ -321,10 +322,6 @@ class Item:
     queue: List[Tuple[View, bool]] = field(default_factory=list)
 
 
-def _hash(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
 def state_hash(state: Dict[str, torch.Tensor]) -> str:
     """A SHA-256 over the tensors of a state dict (names sorted; exact bytes)."""
     h = hashlib.sha256()
@@ -378,7 +375,7 @@ class SemiTrainer(Trainer):
     def _encoder_key(self, name: str, checkpoint: Optional[Path]) -> str:
         st = checkpoint.stat() if checkpoint is not None and Path(checkpoint).exists() else None
         spec = get_spec(name)
-        return _hash({"v": EMBED_FORMAT, "model": name, "ckpt": str(checkpoint), "size": st.st_size if st else None,
+        return content_hash({"v": EMBED_FORMAT, "model": name, "ckpt": str(checkpoint), "size": st.st_size if st else None,
                       "mtime": st.st_mtime_ns if st else None, "image_size": int(spec.image_size),
                       "normalization": spec.normalization, "dtype": self.opts.cache_dtype}, 12)
 
@@ -480,7 +477,7 @@ class SemiTrainer(Trainer):
             k0, k1 = self._block(depth, self.cfg.max_slices_per_case, center)
         else:
             k0, k1 = self._block(depth, self.cfg.max_slices_per_case, depth / 2.0)
-        seed = int(_hash([int(self.cfg.seed), case["id"], "views"], 8), 16)
+        seed = int(content_hash([int(self.cfg.seed), case["id"], "views"], 8), 16)
         pool = make_pool(seed, self.opts.weak_views, self.opts.strong_views)
         if role == "val":
             pool = ViewPool(pool.weak[:1], [])
@@ -499,7 +496,7 @@ class SemiTrainer(Trainer):
         return Path(self.opts.embedding_cache).expanduser() if self.opts.embedding_cache else self.out / "embeddings"
 
     def _emb_path(self, c: CaseBlock, view: View, key: str) -> Path:
-        h = _hash({"case": c.case_id, "case_hash": c.case_hash, "k": [c.k0, c.k1], "view": view.as_dict(), "enc": key})
+        h = content_hash({"case": c.case_id, "case_hash": c.case_hash, "k": [c.k0, c.k1], "view": view.as_dict(), "enc": key})
         return self._emb_root() / key / f"{c.case_id}_{h}.npy"
 
     def _jobs(self) -> List[Tuple[CaseBlock, View, str]]:
@@ -963,8 +960,7 @@ class SemiTrainer(Trainer):
         info = {"rank": self.dist.rank, "world_size": self.dist.world_size, "step": self.step,
                 "ema": state_hash(self.ema_state()), "student": state_hash(self.student.trainable_state()),
                 "pseudo": pseudo}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(info), encoding="utf-8")
+        write_json(path, info)
         distributed.barrier()
 
 
