@@ -448,7 +448,8 @@ DDP_SCRIPT = textwrap.dedent("""
     from samliverseg.training import distributed
     from samliverseg.training.adapter import AdapterTrainer
     from samliverseg.training.config import load_config
-    
+    from samliverseg.training.progress import ProgressWriter
+
     def grads_of_one_step(cfg, rank):
         tr = AdapterTrainer(cfg, progress=ProgressWriter(rank=rank), rank=rank)
         g = torch.Generator().manual_seed(3)
