@@ -23,7 +23,6 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -141,8 +140,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_train(parser.parse_args(argv))
 
 
+__all__ = ["EXIT_UNEXPECTED", "add_train_arguments", "build_trainer", "main", "register_result", "run_train"]
+
+
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["EXIT_UNEXPECTED", "add_train_arguments", "build_trainer", "main", "register_result", "run_train"]
