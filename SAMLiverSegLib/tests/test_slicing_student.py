@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from libtest_helpers import rot
+from conftest import writer
 from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, get_spec,
                                    register_model, unregister_model)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
@@ -27,7 +28,7 @@ from samliverseg.core.geometry import resample
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
 from samliverseg.training.prepare import prepare_dataset
-from samliverseg.training.progress import ProgressWriter, read_events
+from samliverseg.training.progress import read_events
 from samliverseg.training.student import StudentTrainer
 from samliverseg.training.train import main as train_main
 from samliverseg.io.volume import Volume
@@ -85,25 +86,6 @@ def cfg_for(cache, weights, out, student=None, **kw):
              student=dict(dict(slab_depth=4, hidden=8, slabs_per_case=3, inplane_flip=True), **(student or {})))
     d.update(kw)
     return config_from_dict(d)
-
-
-class Lines:
-    def __init__(self):
-        self.buf = []
-
-    def write(self, s):
-        self.buf.append(s)
-
-    def flush(self):
-        pass
-
-    def events(self):
-        return read_events("".join(self.buf))
-
-
-def writer():
-    out = Lines()
-    return ProgressWriter(stream=out, err_stream=Lines()), out
 
 
 @pytest.fixture(scope="module")

@@ -84,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(windowed arrays + geometry, split by patient)")
     add_prepare_arguments(prep)
 
+    from samliverseg.models.kinds import KIND_NAMES
     from samliverseg.training.train import add_train_arguments
 
-    add_train_arguments(sub.add_parser("train", help="train on a prepared cache (kinds: decoder, unet, adapter, student, semi); "
-                                                     "progress as JSON lines on stdout"))
+    add_train_arguments(sub.add_parser("train", help=f"train on a prepared cache (kinds: {', '.join(KIND_NAMES)}; "
+                                                     "`train --help` lists every config key); progress as JSON "
+                                                     "lines on stdout"))
 
     models = sub.add_parser("models", help="list every model usable by name: the built-in ones (SAM family, "
                                            "SAM-Med3D; are their weights present?) and the trained ones")
