@@ -5,7 +5,8 @@ right there, so they work while a request computes; everything else goes on a qu
 main thread works through in order (the main thread is the only one that touches the engine).
 A ``prefetch`` runs in the background between requests: the main thread embeds one slice, then
 looks at the queue again, so a prompt waits at most for the slice being embedded. When stdin
-closes without ``shutdown`` (the client is gone) the worker stops and removes the session folder.
+closes, the queued requests are answered and the worker stops; when stdout breaks (the client
+is gone), everything is cancelled.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Server:
         self.current: Optional[Job] = None
         self.greeted = False
         self.stopping = False
-        self.client_gone = False
+        self.client_gone = False  # stdout broke
         self.exit_code = 0
 
     # -- output -----------------------------------------------------------------------------------
@@ -75,8 +76,10 @@ class Server:
             try:
                 self.stdout.write(data)
                 self.stdout.flush()
-            except (BrokenPipeError, ValueError, OSError):  # the client is gone
-                self.client_gone = True
+            except (BrokenPipeError, ValueError, OSError):  # the client is gone: stop working for it
+                if not self.client_gone:
+                    self.client_gone = True
+                    self.cancel(None)
 
     # -- reader thread ------------------------------------------------------------------------------
     def read_requests(self) -> None:
@@ -102,12 +105,9 @@ class Server:
                         self.cancel(None)
                     self.queue.append(Job(request, time.perf_counter()))
                     self.cond.notify()
-        with self.cond:  # stdin closed: the client is gone unless it said shutdown
-            if not self.stopping:
-                self.client_gone = True
-                self.cancel(None)
-                self.queue.append(Job({"id": None, "type": "shutdown"}, time.perf_counter()))
-                self.cond.notify()
+        with self.cond:  # stdin closed: the queued requests are answered, then the worker stops
+            self.queue.append(Job({"id": None, "type": "shutdown"}, time.perf_counter()))
+            self.cond.notify()
 
     def cancel(self, target: Optional[int]) -> List[int]:
         """Flag the job ``target`` (None: every job) as cancelled; returns the ids flagged."""
@@ -148,7 +148,7 @@ class Server:
                 else:
                     self.run(job)
         finally:
-            if self.own_session or self.client_gone:
+            if self.own_session:
                 shutil.rmtree(self.session_dir, ignore_errors=True)
         return self.exit_code
 
