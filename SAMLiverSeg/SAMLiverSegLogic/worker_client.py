@@ -117,6 +117,8 @@ class WorkerClient:
         self._hello_id: Optional[int] = None
         self._volume_fields: Optional[Dict[str, Any]] = None  # the last load_volume, replayed after a restart
         self._volume_file: Optional[str] = None
+        #: the pids the last stop had to kill (the worker did not stop within shutdown_timeout)
+        self.killed_pids: List[int] = []
 
     # -- process ------------------------------------------------------------------------------------
     def command(self) -> List[str]:
@@ -444,6 +446,7 @@ class WorkerClient:
     # -- shutdown -------------------------------------------------------------------------------------
     def _stop_process(self) -> None:
         proc, self.proc = self.proc, None
+        self.killed_pids = []
         if proc is None:
             return
         if proc.poll() is None:
@@ -456,7 +459,7 @@ class WorkerClient:
             try:
                 proc.wait(timeout=self.shutdown_timeout)
             except subprocess.TimeoutExpired:
-                kill_process_tree(proc.pid, timeout=1.0, force=True)
+                self.killed_pids = kill_process_tree(proc.pid, timeout=1.0, force=True)
                 proc.wait()
         for stream in (proc.stdin, proc.stdout):
             try:
