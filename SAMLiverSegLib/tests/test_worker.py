@@ -238,7 +238,6 @@ def test_worker_uncertainty_equals_the_in_process_ensemble(client, engine, ident
     assert res["uncertain_fraction"] == pytest.approx(ref.uncertain_fraction())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flipped", "oblique"])
 def test_worker_mask_equals_on_flipped_and_oblique_volumes(client, volumes, liver_box, identity_results, name):
     """Same voxels, another geometry, the prompt in that geometry's RAS: the same voxels come out."""

@@ -195,8 +195,10 @@ class EngineState:
             mm = read_array(req["array"], "array", copy=False)
             if mm.ndim != 3:
                 raise InputError(f"the volume must be 3D [k, j, i]; got shape {list(mm.shape)}")
-            volume = volume_from_ijk_to_ras(np.array(mm, dtype=np.float32), m)
-            del mm
+            # float32 voxels stay memory-mapped (read-only; the client keeps the file while the
+            # volume is in use); other types are converted to float32 HU once
+            array = mm if mm.dtype == np.float32 else np.asarray(mm, dtype=np.float32)
+            volume = volume_from_ijk_to_ras(array, m)
         engine = self.require_engine()
         engine.set_volume(volume)
         self.volume = volume
