@@ -184,10 +184,8 @@ def engine(volumes):
 
 @pytest.fixture(scope="module")
 def client():
-    c = WorkerClient(device="cpu")
-    c.start()
-    yield c
-    c.shutdown()
+    with WorkerClient(device="cpu") as c:
+        yield c
 
 
 def ras(volume: Volume, ijk):

@@ -50,10 +50,8 @@ def test_hello_of_another_version_and_exit_descriptions():
 
 @pytest.fixture(scope="module")
 def client():
-    c = WorkerClient(device="cpu")
-    c.start()
-    yield c
-    c.shutdown()
+    with WorkerClient(device="cpu") as c:
+        yield c
 
 
 @pytest.fixture

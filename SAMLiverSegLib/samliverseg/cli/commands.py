@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download a model's official weights into the cache (SHA-256 checked)")
     dl.add_argument("name", help="model name, e.g. sam_vit_b")
 
-    from samliverseg.service.server import WORKER_HELP, add_worker_arguments
+    from samliverseg.service.protocol import WORKER_HELP
+    from samliverseg.service.server import add_worker_arguments
 
     worker = sub.add_parser("worker", help="the persistent inference worker: JSON-lines requests on stdin, responses "
                                            "on stdout (for Slicer)", description=WORKER_HELP,

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from samliverseg.core.errors import InputError, PromptError
+from samliverseg.core.errors import InputError
 from samliverseg.core.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox
 from samliverseg.io.volume import LPS_TO_RAS, Volume
 from samliverseg.service.protocol import ORIENTATION_NORMALS, ProtocolError, read_array, write_array

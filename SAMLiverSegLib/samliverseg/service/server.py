@@ -25,7 +25,6 @@ from samliverseg import __version__
 from samliverseg.core.errors import CancelledError
 from samliverseg.service import protocol
 from samliverseg.service.handlers import EngineOptions, EngineState
-from samliverseg.service.protocol import WORKER_HELP  # noqa: F401  (the CLI's --help)
 
 
 @dataclass
