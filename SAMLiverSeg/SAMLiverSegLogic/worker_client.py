@@ -161,8 +161,12 @@ class WorkerClient:
             self.hello_result = None
             log_path = os.path.join(self.session_dir, f"worker-{self.starts}.log")
             with open(log_path, "wb") as log:
-                self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                             stderr=log, env=self.env, bufsize=0, close_fds=True)
+                try:
+                    self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                 stderr=log, env=self.env, bufsize=0, close_fds=True)
+                except OSError as exc:  # no such Python, not executable
+                    raise WorkerError(f"cannot start the inference worker with {self.python}: "
+                                      f"{protocol.one_line(str(exc), 200)}") from None
             self._log_path = log_path
             os.set_blocking(self.proc.stdout.fileno(), False)
             self._buf = b""

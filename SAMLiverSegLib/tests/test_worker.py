@@ -150,7 +150,8 @@ def test_ras_prompts_land_on_the_same_voxels_as_ijk_prompts(name):
     assert (roi.i0, roi.j0, roi.k0, roi.i1, roi.j1, roi.k1) == (2.0, 3.0, 4.0, 12.0, 13.0, 8.0)
     for bad, words in (({"frame": "lps"}, "frame"), ({"orientation": "oblique"}, "orientation"),
                        ({"slice_axis": "k"}, "frame 'ijk'"), ({"points": [[1, 2]]}, "[x, y, z]"),
-                       ({"points": [[1, 2, 3]], "labels": [2]}, "labels")):
+                       ({"points": [[1, 2, 3]], "labels": [2]}, "labels"), ({"points": [[1, 2, 3], [1, 2]]}, "[x, y, z]"),
+                       ({"frame": "ijk", "roi": [1, 2, 3, "a", 5, 6]}, "roi")):
         with pytest.raises(protocol.ProtocolError, match=words):
             prompts_from_request(bad, vol)
 
@@ -347,3 +348,13 @@ def test_a_broken_checkpoint_is_exit_code_3(tmp_path):
             c.request("load_volume", array=c.write_array("v", np.zeros((4, 8, 8), np.float32)),
                       ijk_to_ras=np.eye(4).tolist(), timeout=300)
         assert err.value.exit_code == 3 and "\n" not in str(err.value)
+
+
+def test_worker_help_describes_the_protocol_entry_point():
+    out = subprocess.run([sys.executable, "-m", "samliverseg", "worker", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    for words in (f"Protocol version {protocol.PROTOCOL_VERSION}", protocol.PROTOCOL_PAGE, "stdin: one JSON request",
+                  "stdout: one JSON message", '"type": "hello"', "--session-dir", "--model", "130 cancelled"):
+        assert words in text, words

@@ -136,6 +136,9 @@ def test_a_worker_that_cannot_start_says_why(tmp_path):
         assert "exited with code 1" in str(err.value) and "No module named samliverseg" in str(err.value)
     finally:
         c.shutdown()
+    with WorkerClient(python="/no/such/python") as c:
+        with pytest.raises(WorkerError, match="cannot start the inference worker with /no/such/python"):
+            c.start()
 
 
 def test_shutdown_kills_a_worker_that_does_not_stop_in_time(client, oblique_ct):

@@ -50,8 +50,18 @@ def open_engine(options: EngineOptions):
 
 # -- geometry -------------------------------------------------------------------------------------
 
+def _floats(value: Any) -> Optional[np.ndarray]:
+    """``value`` (nested lists of numbers) as a float array; None for anything else (ragged, text)."""
+    if not isinstance(value, list):
+        return None
+    try:
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        return None
+
+
 def matrix_4x4(value: Any, what: str = "ijk_to_ras") -> np.ndarray:
-    m = np.asarray(value, dtype=float) if isinstance(value, list) else None
+    m = _floats(value)
     if m is None or m.shape != (4, 4) or not np.isfinite(m).all():
         raise ProtocolError(f"{what} must be a 4x4 matrix (a list of 4 rows of 4 numbers)")
     if abs(np.linalg.det(m[:3, :3])) < 1e-12:
@@ -79,7 +89,7 @@ def slice_axis_for_normal(ijk_to_ras: np.ndarray, normal_ras: Sequence[float]) -
 
 
 def _points(value: Any, what: str) -> np.ndarray:
-    p = np.asarray(value, dtype=float) if isinstance(value, list) else None
+    p = _floats(value)
     if p is None or (p.size and (p.ndim != 2 or p.shape[1] != 3)) or not np.isfinite(p).all():
         raise ProtocolError(f"{what} must be a list of [x, y, z] points")
     return p.reshape(-1, 3)
@@ -112,8 +122,8 @@ def prompts_from_request(req: Dict[str, Any], volume: Volume) -> Prompts:
             raise ProtocolError(f"slice_axis must be 'i', 'j' or 'k', got {axis!r}")
         ijk, box_ijk = points, box
         if roi is not None:
-            r = np.asarray(roi, dtype=float) if len(roi) == 6 else None
-            if r is None or not np.isfinite(r).all():
+            r = _floats(roi)
+            if r is None or r.shape != (6,) or not np.isfinite(r).all():
                 raise ProtocolError("roi (frame ijk) must be [i0, j0, k0, i1, j1, k1]")
             roi = Roi3D(*(float(v) for v in r))
     else:
