@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print the list as JSON")
     dl = sub.add_parser("download", help="download a model's official weights into the cache (SHA-256 checked)")
     dl.add_argument("name", help="model name, e.g. sam_vit_b")
+
+    from samliverseg.service.protocol import WORKER_HELP
+    from samliverseg.service.server import add_worker_arguments
+
+    worker = sub.add_parser("worker", help="the persistent inference worker: JSON-lines requests on stdin, responses "
+                                           "on stdout (for Slicer)", description=WORKER_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(worker)
+    add_worker_arguments(worker)
     return parser
 
 
@@ -316,8 +325,14 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args) -> int:
+    from samliverseg.service.server import run_worker
+
+    return run_worker(args)
+
+
 COMMANDS = {"segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "models": cmd_models,
-            "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train}
+            "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train, "worker": cmd_worker}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
