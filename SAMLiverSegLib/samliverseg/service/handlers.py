@@ -37,15 +37,18 @@ class EngineOptions:
 
 
 def open_engine(options: EngineOptions):
-    """The prompt engine for ``options`` (to become ``samliverseg.api.open_model`` once it exists)."""
-    from samliverseg.models.build_sam3d import is_model3d
+    """The prompt engine for ``options``, opened like every other entry point (``api.open_model``):
+    a built-in 2D model or a trained decoder/adapter. 3D and automatic models take other requests."""
+    from samliverseg.api import open_model
+    from samliverseg.models.registry import find_model
+    from samliverseg.models.specs import SAM3D
 
-    if is_model3d(options.model):
-        raise InputError(f"{options.model!r} is a 3D model: the worker serves 2D prompt models (e.g. lite_medsam)")
-    from samliverseg.interactive.engine import PromptEngine
-
-    return PromptEngine(model=options.model, checkpoint=options.checkpoint, device=options.device,
-                        window=options.window, precision=options.precision, cache_mb=options.cache_mb)
+    entry = find_model(options.model, usable=True)
+    if not entry.interactive or entry.family == SAM3D:
+        raise InputError(f"{options.model!r} is not a 2D prompt model: the worker serves 2D prompt models "
+                         f"(e.g. lite_medsam, or a trained decoder/adapter)")
+    return open_model(options.model, options.checkpoint, options.device, options.window,
+                      precision=options.precision, cache_mb=options.cache_mb)
 
 
 # -- geometry -------------------------------------------------------------------------------------
