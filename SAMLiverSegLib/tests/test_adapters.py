@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import writer
+from libtest_helpers import writer
 from samliverseg.models.build_sam import (ModelSpec, build_lite_medsam, build_model, build_sam_vit, build_sam_vit_b,
                                    find_model_checkpoint, register_model, unregister_model)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError

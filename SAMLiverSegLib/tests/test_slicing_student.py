@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from libtest_helpers import rot
-from conftest import writer
+from libtest_helpers import writer
 from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, get_spec,
                                    register_model, unregister_model)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError

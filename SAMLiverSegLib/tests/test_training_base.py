@@ -1,7 +1,7 @@
 """The trainer base class (``training/base.py``): one rule for every trainer kind.
 
 Each property is one test parametrized over all kinds of ``models.kinds``, run for real on tiny
-configurations (``conftest.tiny_config``) and a phantom cache: the cancel vote, the device choice
+configurations (``libtest_helpers.tiny_config``) and a phantom cache: the cancel vote, the device choice
 and the barrier after saving in real 2-process gloo runs (``WORLD_SIZE=2``, as torchrun sets it);
 the empty-target rule of the validation; exact resume (interrupt, resume, compare bit for bit).
 Plus the generated ``train --help`` / ``--example-config`` and the exit code of an unexpected error.
@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TESTS_DIR, tiny_config, tiny_config_dict, writer
+from libtest_helpers import TESTS_DIR, tiny_config, tiny_config_dict, writer
 from samliverseg.core.errors import CancelledError
 from samliverseg.models.kinds import KIND_NAMES, KINDS, resolve
 from samliverseg.training import checkpoint as ck
@@ -54,8 +54,8 @@ DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[3])
     import torch
     torch.set_num_threads(1)
-    import conftest
-    conftest.register_tiny_sam()
+    import libtest_helpers
+    libtest_helpers.register_tiny_sam()
     from samliverseg.core.errors import CancelledError
     from samliverseg.training import checkpoint as ck
     from samliverseg.training import distributed

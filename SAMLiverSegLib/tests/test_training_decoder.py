@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import Lines, writer
+from libtest_helpers import Lines, writer
 from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, register_model,
                                    unregister_model)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError

@@ -21,7 +21,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import writer
+from libtest_helpers import writer
 from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, unregister_model
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling.slicing_student import student_from_sam

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from libtest_helpers import rot
-from conftest import writer
+from libtest_helpers import writer
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.core.evaluation import dice
 from samliverseg.demo.phantom import make_phantom
