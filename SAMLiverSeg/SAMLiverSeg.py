@@ -49,7 +49,7 @@ from SAMLiverSegLogic.constants import (
 
 #: Training panel choices (kept equal to SAMLiverSegLogic.training_process's by a test; that module
 #: imports the library, so it is not imported at startup).
-TRAINER_KIND_CHOICES = ["decoder", "unet", "adapter", "student", "semi"]
+TRAINER_KIND_CHOICES = ["decoder", "adapter", "unet", "student", "semi"]  # = samliverseg.models.kinds.KIND_NAMES (tested)
 TRAIN_DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -34,7 +34,8 @@ import torch
 
 from samliverseg.demo import sample_data
 from samliverseg.models.build_sam import build_lite_medsam, build_model, build_sam_vit_b
-from samliverseg.modeling.adapters import AdapterConfig, apply_adapters, count_parameters, load_adapted_model
+from samliverseg.modeling.adapters import AdapterConfig, apply_adapters, count_parameters
+from samliverseg.models.adapters import load_adapted_model
 from samliverseg.interactive.predictor import SlicePredictor
 
 

@@ -163,8 +163,8 @@ def test_dice(model_paths: List[str], tests, threads: int) -> List[List[float]]:
     logits resized to the slice grid, σ > 0.5), without embedding the volume once per model."""
     import torch
 
-    from samliverseg.modeling.slicing_student import load_student, slab_plan
-    from samliverseg.automatic.student import model_window
+    from samliverseg.modeling.slicing_student import slab_plan
+    from samliverseg.automatic.student import load_student, model_window
     from samliverseg.core.windowing import apply_window
 
     torch.set_num_threads(threads)

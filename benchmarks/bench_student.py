@@ -38,7 +38,8 @@ import torch
 from samliverseg.demo import sample_data
 from samliverseg.models.build_sam import find_model_checkpoint
 from samliverseg.core.evaluation import evaluate
-from samliverseg.modeling.slicing_student import build_slicing_student, predict_volume, slab_plan
+from samliverseg.automatic.student import build_slicing_student, predict_volume
+from samliverseg.modeling.slicing_student import slab_plan
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.training.prepare import prepare_dataset, split_patients
 from samliverseg.training.progress import read_events

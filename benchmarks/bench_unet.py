@@ -52,11 +52,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def dice(a, b) -> float:
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    return float(2.0 * (a & b).sum() / max(1, a.sum() + b.sum()))
-
-
 # ---------------------------------------------------------------------------------------------
 # data (parent process)
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +119,7 @@ class _Events:
 def train_case(args) -> dict:
     import torch
     from samliverseg.core.errors import CancelledError
+    from samliverseg.core.evaluation import dice
     from samliverseg.training import checkpoint as ck
     from samliverseg.training.config import config_from_dict
     from samliverseg.training.progress import ProgressWriter

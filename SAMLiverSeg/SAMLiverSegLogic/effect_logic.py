@@ -59,18 +59,6 @@ def is_model_3d(name: Optional[str]) -> bool:
     return bool(name) and is_model3d(name)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    try:
-        import torch
-
-        oom = getattr(torch.cuda, "OutOfMemoryError", None)
-        if oom is not None and isinstance(exc, oom):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
 @dataclass
 class EngineSettings:
     model: str = "lite_medsam"
@@ -110,13 +98,13 @@ class SegmentAnythingSession:
 
     @staticmethod
     def _default_engine_factory(s: EngineSettings):
+        """Any model by name (``samliverseg.api.open_model``); a 3D model z-scores its patches itself,
+        so the CT window is not passed to it."""
+        from samliverseg.api import open_model
+
         if is_model_3d(s.model):
-            from samliverseg.interactive.engine3d import Sam3DEngine
-
-            return Sam3DEngine(model=s.model, checkpoint=s.checkpoint, device=s.device)
-        from .module_logic import build_engine  # a built-in model, or a trained one (user_models)
-
-        return build_engine(s.model, s.checkpoint, s.device, s.window, cache_mb=s.cache_mb, backend=s.backend)
+            return open_model(s.model, s.checkpoint, s.device, None, cache_mb=s.cache_mb)
+        return open_model(s.model, s.checkpoint, s.device, s.window, cache_mb=s.cache_mb, backend=s.backend)
 
     def _ensure_engine(self):
         if self.engine is None:
@@ -125,30 +113,18 @@ class SegmentAnythingSession:
                 self.engine.set_volume(self.volume)
         return self.engine
 
-    def _fall_back_to_cpu(self) -> None:
-        self.notes.append("the GPU ran out of memory: switched to CPU (slower); close other GPU programs to use it again")
-        self.settings.device = "cpu"
-        self.engine = None
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
-        self._ensure_engine()
-
     def _run(self, fn):
-        """Run ``fn(engine)`` under the lock; on GPU out-of-memory retry once on CPU."""
+        """Run ``fn(engine)`` under the lock; on GPU out-of-memory once more on the CPU, for good
+        (``samliverseg.api.call_with_cpu_fallback``; the note goes to ``self.notes``)."""
+        from samliverseg.api import call_with_cpu_fallback
+
+        def attempt(device: str):
+            if device != self.settings.device:  # the fallback: rebuild the engine on the CPU
+                self.settings.device, self.engine = device, None
+            return fn(self._ensure_engine())
+
         with self.lock:
-            engine = self._ensure_engine()
-            try:
-                return fn(engine)
-            except Exception as exc:
-                if not is_out_of_memory(exc) or self.settings.device == "cpu":
-                    raise
-            self._fall_back_to_cpu()
-            return fn(self.engine)
+            return call_with_cpu_fallback(attempt, self.settings.device, self.notes)
 
     def configure(self, settings: EngineSettings) -> None:
         """New model / checkpoint / device / window: the engine is rebuilt on next use."""

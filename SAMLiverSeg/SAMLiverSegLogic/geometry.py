@@ -1,7 +1,8 @@
 """IJK / RAS / LPS geometry of MRML nodes, as numpy matrices.
 
 Slicer works in RAS, the core library (like ITK and DICOM) in LPS; the two differ by
-``diag(-1, -1, 1)``. The conversion happens here and nowhere else in this package.
+``diag(-1, -1, 1)``. The conversion is ``samliverseg.core.geometry.Grid``'s; in this package it
+is reached from here and nowhere else (:func:`volume_grid`).
 
 A node may sit under a parent transform. A slice view shows *world* RAS, so a click is
 mapped with the world matrices (``world_ijk_to_ras``); a linear parent transform is supported,
@@ -18,9 +19,9 @@ import vtk
 import slicer
 
 from samliverseg.core.errors import InputError
+from samliverseg.core.geometry import RAS_TO_LPS, Grid  # noqa: F401 - RAS_TO_LPS: for callers of this module
 
-#: RAS <-> LPS (its own inverse).
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+#: RAS <-> LPS (its own inverse) for homogeneous 4-vectors.
 RAS_TO_LPS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -77,29 +78,24 @@ def ijk_to_ras_point(volume_node, ijk: Sequence[float]) -> np.ndarray:
     return p[:3]
 
 
-def geometry_from_ijk_to_ras(m: np.ndarray) -> Tuple[Tuple[float, float, float], np.ndarray, np.ndarray]:
-    """IJKToRAS 4x4 -> (spacing (si, sj, sk), origin LPS (3,), direction LPS 3x3 with unit columns).
+def volume_grid(volume_node) -> Grid:
+    """The node's voxel grid (LPS, its own IJKToRAS: the parent transform is not applied)."""
+    dims = volume_node.GetImageData().GetDimensions()
+    return Grid.from_ijk_to_ras(ijk_to_ras(volume_node), dims)
 
-    The direction matrix follows ITK: its columns are the LPS directions of the i, j, k axes, so
-    that ``lps = origin + direction @ (spacing * ijk)``.
-    """
-    lin = np.asarray(m, dtype=float)[:3, :3]
-    spacing = np.linalg.norm(lin, axis=0)
-    if np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
-        raise InputError(f"the volume has an invalid voxel spacing {tuple(spacing)}")
-    direction_ras = lin / spacing
-    direction_lps = RAS_TO_LPS @ direction_ras
-    origin_lps = RAS_TO_LPS @ np.asarray(m, dtype=float)[:3, 3]
-    return (float(spacing[0]), float(spacing[1]), float(spacing[2])), origin_lps, direction_lps
+
+def geometry_from_ijk_to_ras(m: np.ndarray) -> Tuple[Tuple[float, float, float], np.ndarray, np.ndarray]:
+    """IJKToRAS 4x4 -> (spacing (si, sj, sk), origin LPS (3,), direction LPS 3x3 with unit columns),
+    as :meth:`Grid.from_ijk_to_ras` computes them (ITK's direction: columns = LPS directions of
+    i, j, k, so that ``lps = origin + direction @ (spacing * ijk)``)."""
+    g = Grid.from_ijk_to_ras(m, (1, 1, 1))  # the size plays no part in the geometry
+    return g.spacing, np.asarray(g.origin), g.direction_matrix
 
 
 def ijk_to_ras_from_geometry(spacing: Sequence[float], origin_lps: Sequence[float],
                              direction_lps: np.ndarray) -> np.ndarray:
     """The inverse of :func:`geometry_from_ijk_to_ras`: ITK geometry (LPS) -> IJKToRAS 4x4."""
-    m = np.eye(4)
-    m[:3, :3] = RAS_TO_LPS @ np.asarray(direction_lps, dtype=float) @ np.diag(np.asarray(spacing, dtype=float))
-    m[:3, 3] = RAS_TO_LPS @ np.asarray(origin_lps, dtype=float)
-    return m
+    return Grid((1, 1, 1), spacing, origin_lps, direction_lps).ijk_to_ras_matrix()
 
 
 def set_ijk_to_ras(volume_node, m: np.ndarray) -> None:

@@ -29,7 +29,7 @@ from samliverseg.core.errors import PromptError
 from samliverseg.core.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
 
 from . import geometry
-from .slice_clicks import _fmt_ijk
+from .slice_clicks import format_ijk
 
 
 def _shape_kji(volume_node) -> Tuple[int, int, int]:
@@ -101,7 +101,7 @@ def prompts_from_roi(roi_node, volume_node, flat_voxels: float = 1.0) -> Prompts
     shape = _shape_kji(volume_node)
     sizes = (shape[2], shape[1], shape[0])
     if np.any(hi < -0.5) or np.any(lo > np.asarray(sizes) - 0.5):
-        raise PromptError(f"the ROI ({_fmt_ijk(lo)} to {_fmt_ijk(hi)}) is outside the volume")
+        raise PromptError(f"the ROI ({format_ijk(lo)} to {format_ijk(hi)}) is outside the volume")
     # rounded outward, as samliverseg.io.markups.roi_to_ijk_box does, but with a tolerance that
     # survives Slicer's float32 control-point storage (an ROI face placed on a voxel centre comes
     # back a few 1e-6 voxel off, which a 1e-6 tolerance would round out to the next voxel)

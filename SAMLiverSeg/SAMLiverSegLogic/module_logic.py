@@ -3,9 +3,11 @@
 * "Segment liver" / "Segment tumor": markups (an ROI and/or point lists) -> prompts -> the prompt
   engine (propagated to 3D) -> a segment named "Liver" / "Liver tumor" in the chosen segmentation,
   written through the Segment Editor logic (one undo step).
-* Which models exist and whether their weights are present, and the weights cache folder.
+* Which models exist and whether their weights are present, and the weights cache folder (the one
+  registry, ``samliverseg.models.registry.list_models``).
 * The choices offered in the panel (models, devices, windows) and their validation; the model
-  names offered for segmentation (the built-in ones, then the user's trained models).
+  names offered for segmentation (the built-in 2D ones, then the user's trained interactive ones).
+  Models are opened by name with ``samliverseg.api.open_model`` (as the CLI and the effect do).
 * The training plot: train loss per optimiser step, mean train loss and validation Dice per
   epoch (``training_process.TrainingState``) as Slicer plot nodes: two ``vtkMRMLTableNode``
   (columns ``step``, ``train loss``; ``step``, ``epoch``, ``epoch loss``, ``val Dice``), three
@@ -52,17 +54,15 @@ class ModelRow:
 
 
 def model_rows() -> Tuple[List[ModelRow], str]:
-    """([ModelRow], cache folder) from the installed library (or a message if it is not there)."""
+    """([ModelRow], cache folder): every model of the installed library (built-in and trained, as
+    ``samliverseg models`` lists them), or a message if the library is not there."""
     try:
-        from samliverseg.models.build_sam import model_status
+        from samliverseg.models.registry import list_models
         from samliverseg.models.weights import cache_dir
     except ImportError as exc:
         return [], f"(the SAMLiverSeg library is not installed: {exc})"
-    rows = []
-    for r in model_status():
-        r = r if isinstance(r, dict) else vars(r)
-        where = r.get("path") or f"missing: put {r.get('filename')} in the cache folder or choose a checkpoint file"
-        rows.append(ModelRow(r["name"], bool(r["present"]), str(where), r.get("description", "")))
+    rows = [ModelRow(r.name, r.present, r.path if r.present else f"missing: {r.where}", r.description)
+            for r in list_models()]
     return rows, str(cache_dir())
 
 
@@ -81,25 +81,20 @@ def segment_from_markups(scene, volume_node, segmentation_node, target: str, set
     t0 = time.perf_counter()
     volume = volume_nodes.volume_from_node(volume_node)
     prompts = markups_prompts.prompts_from_markups(volume_node, roi_node, positive_node, negative_node)
-    notes = []
-
-    def build(device):
-        return build_engine(settings.model, settings.checkpoint, device, settings.window)
+    notes: List[str] = []
+    from samliverseg.api import call_with_cpu_fallback, open_model
 
     if engine is None:
-        engine = build(settings.device)
-    try:
-        engine.set_volume(volume)
-        result = engine.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
-    except Exception as exc:
-        from .effect_logic import is_out_of_memory
+        _check_panel_model(settings.model)
+    first = str(getattr(engine, "device", None) or settings.device)
 
-        if not is_out_of_memory(exc) or str(getattr(engine, "device", "cpu")) == "cpu":
-            raise
-        notes.append("the GPU ran out of memory: this segmentation ran on the CPU")
-        engine = build("cpu")
-        engine.set_volume(volume)
-        result = engine.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
+    def run(device: str):  # the given engine, else the model opened by name; on the CPU after a GPU OOM
+        eng = engine if engine is not None and device == first else open_model(
+            settings.model, settings.checkpoint, device, settings.window, notes=notes)
+        eng.set_volume(volume)
+        return eng.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
+
+    result = call_with_cpu_fallback(run, first, notes)
     name, color = TARGETS[target]
     segmentation = segmentation_node.GetSegmentation()
     if not segmentation.GetSegmentIdBySegmentName(name) and segmentation.GetNumberOfSegments() == 0:
@@ -121,42 +116,32 @@ def segment_from_markups(scene, volume_node, segmentation_node, target: str, set
     return report
 
 
+def _check_panel_model(name: str) -> None:
+    """The panel segments with 2D promptable models: a 3D or an automatic model is an InputError."""
+    from samliverseg.models.registry import find_model
+    from samliverseg.models.specs import SAM3D
+
+    entry = find_model(name)
+    if entry.family == SAM3D:
+        raise InputError(f"{name!r} is a 3D model: use it in the Segment Editor's Segment Anything effect")
+    if not entry.interactive:
+        raise InputError(f"{name!r} is an automatic {entry.family} model (no prompts): use it with "
+                         f"`samliverseg segment --model {name}` or the batch section")
+
+
 def model_choices() -> List[str]:
-    """Model names to offer for prompt-based segmentation: the built-in choices, then the user's
-    trained interactive models (``samliverseg.models.user_models``: kinds ``decoder``/``adapter``; automatic
-    and unreadable ones are left out; none when the registry cannot be read)."""
+    """Model names to offer for prompt-based segmentation (2D: the panel propagates slice by slice):
+    the panel's built-in choices, then the user's trained interactive models (kinds ``decoder``/
+    ``adapter``), from the one registry; unreadable trained models are left out, and only the
+    built-in choices are offered when the registry cannot be read."""
     names = list(MODEL_CHOICES)
     try:
-        from samliverseg.models import user_models
+        from samliverseg.models.registry import list_models
 
-        for m in user_models.list_user_models():
-            if not m.error and not m.automatic and m.name not in names:
-                names.append(m.name)
+        names += [r.name for r in list_models() if r.trained and r.interactive and r.present and r.name not in names]
     except (ImportError, OSError, SAMLiverSegError):
         pass
     return names
-
-
-def build_engine(model: str, checkpoint: Optional[str] = None, device: str = "auto", window: Optional[str] = None,
-                 **kwargs):
-    """A ``PromptEngine`` on a built-in model (``checkpoint``: its weights, or the cache's), or on a
-    trained model registered in ``samliverseg.models.user_models`` (its own weights; its training cache's
-    window unless ``window``). An automatic (prompt-free) trained model is an InputError."""
-    from samliverseg.models.build_sam import MODEL_REGISTRY
-    from samliverseg.interactive.engine import PromptEngine
-
-    if model not in MODEL_REGISTRY:
-        from samliverseg.models import user_models
-
-        if user_models.is_user_model(model):
-            if checkpoint:
-                raise InputError(f"{model!r} is a trained model with its own weights: leave the checkpoint empty")
-            described = user_models.describe_user_model(model)
-            if described.automatic:
-                raise InputError(f"{model!r} is an automatic {described.kind} model (no prompts): use it with "
-                                 f"`samliverseg segment --model {model}` or the batch section")
-            return user_models.load_user_model(described, device=device).engine(device=device, window=window, **kwargs)
-    return PromptEngine(model=model, checkpoint=checkpoint, device=device, window=window, **kwargs)
 
 
 # -- the training plot ---------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def _shape_ijk(shape_kji: Sequence[int]) -> Tuple[int, int, int]:
     return ni, nj, nk
 
 
-def _fmt_ijk(p: Sequence[float]) -> str:
+def format_ijk(p: Sequence[float]) -> str:
+    """An IJK point for messages: ``i=12.0, j=3.5, k=7.0``."""
     return f"i={p[0]:.1f}, j={p[1]:.1f}, k={p[2]:.1f}"
 
 
@@ -100,7 +101,7 @@ def map_click(slice_node, volume_node, xy: Sequence[float], shape_kji: Optional[
     if not all(-0.5 <= v <= n - 0.5 for v, n in zip(ijk, sizes)):
         raise PromptError(
             f"the click at RAS ({ras[0]:.1f}, {ras[1]:.1f}, {ras[2]:.1f}) is outside the volume "
-            f"({_fmt_ijk(ijk)}; valid i 0..{sizes[0] - 1}, j 0..{sizes[1] - 1}, k 0..{sizes[2] - 1})"
+            f"({format_ijk(ijk)}; valid i 0..{sizes[0] - 1}, j 0..{sizes[1] - 1}, k 0..{sizes[2] - 1})"
         )
     index = int(np.clip(np.round(ijk[c]), 0, sizes[c] - 1))
     snapped = [float(v) for v in ijk]

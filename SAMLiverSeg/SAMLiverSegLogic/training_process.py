@@ -43,11 +43,12 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 from samliverseg.core.errors import InputError
+from samliverseg.models.kinds import KIND_NAMES
 
 from .process import BackgroundProcess, samliverseg_command
 
-#: The trainer kinds of ``samliverseg train`` (``training/config.py`` KINDS), in panel order.
-TRAINER_KINDS = ("decoder", "unet", "adapter", "student", "semi")
+#: The trainer kinds of ``samliverseg train``, in panel order: the one table, ``samliverseg.models.kinds``.
+TRAINER_KINDS = KIND_NAMES
 TRAINER_DESCRIPTIONS = {
     "decoder": "fine-tune the mask decoder of a SAM-style model (MedSAM recipe; box prompts)",
     "unet": "train a 3D U-Net from scratch (automatic, no prompt)",

@@ -160,15 +160,13 @@ def volume_from_node(node, dtype=np.float32):
 
     check_source_volume(node)
     array = array_from_volume_node(node).astype(dtype, copy=False)
-    spacing, origin_lps, direction_lps = geometry.geometry_from_ijk_to_ras(geometry.ijk_to_ras(node))
-    return Volume(array=array, spacing=tuple(spacing), origin=tuple(float(v) for v in origin_lps),
-                  direction=np.asarray(direction_lps, dtype=float))
+    g = geometry.volume_grid(node)
+    return Volume(array=array, spacing=g.spacing, origin=g.origin, direction=g.direction_matrix)
 
 
 def add_volume_node_from_volume(scene, volume, name: str = "Volume"):
     """The inverse of :func:`volume_from_node`: a ``Volume`` (LPS) -> a scalar volume node (RAS)."""
-    m = geometry.ijk_to_ras_from_geometry(volume.spacing, volume.origin, np.asarray(volume.direction))
-    return add_volume_node(scene, np.asarray(volume.array), m, name)
+    return add_volume_node(scene, np.asarray(volume.array), volume.ijk_to_ras_matrix(), name)
 
 
 # -- masks <-> vtkOrientedImageData / segments ----------------------------------------------------

@@ -19,13 +19,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from libtest_helpers import writer
 from samliverseg.models.build_sam import (ModelSpec, build_lite_medsam, build_model, build_sam_vit, build_sam_vit_b,
                                    find_model_checkpoint, register_model, unregister_model)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling import MaskDecoder, PromptEncoder, SamModel, TinyViT, TwoWayTransformer
 from samliverseg.modeling.adapters import (AdaptedTwoWayTransformer, AdapterConfig, adapter_state, apply_adapters,
-                                           count_parameters, embed_slab, is_adapter_key, load_adapted_model,
-                                           save_adapted_model)
+                                           count_parameters, embed_slab, is_adapter_key)
+from samliverseg.models.adapters import load_adapted_model, save_adapted_model
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.interactive.engine import PromptEngine
 from samliverseg.interactive.predictor import SlicePredictor
@@ -34,7 +35,7 @@ from samliverseg.training import checkpoint as ck
 from samliverseg.training.adapter import AdapterTrainer
 from samliverseg.training.config import config_from_dict, load_config
 from samliverseg.training.prepare import prepare_dataset
-from samliverseg.training.progress import ProgressWriter, read_events
+from samliverseg.training.progress import read_events
 from samliverseg.training.train import main as train_main
 from samliverseg.core.windowing import get_window
 
@@ -359,25 +360,6 @@ def tiny_cfg(cache, out, adapter=None, **kw):
              max_slices_per_case=3, seed=7, device="cpu", scheduler="cosine", adapter=adapter or {})
     d.update(kw)
     return config_from_dict(d)
-
-
-class Lines:
-    def __init__(self):
-        self.buf = []
-
-    def write(self, s):
-        self.buf.append(s)
-
-    def flush(self):
-        pass
-
-    def events(self):
-        return read_events("".join(self.buf))
-
-
-def writer():
-    out = Lines()
-    return ProgressWriter(stream=out, err_stream=Lines()), out
 
 
 def test_options_validation(cache, tmp_path):

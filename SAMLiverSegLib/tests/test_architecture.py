@@ -6,7 +6,7 @@ and of the Qt-free Slicer logic ``SAMLiverSegLogic``; nothing is imported.
 Layers of ``samliverseg``, bottom up (a module may import its own layer and those below):
 
 0 ``core``  1 ``io``  2 ``modeling``, ``modeling3d`` (pure ``nn.Module``s: themselves and ``core``
-only)  3 ``models``  4 ``interactive``, ``automatic``  5 ``training``  6 ``api``  7 ``cli``, ``demo``.
+only)  3 ``models``  4 ``interactive``, ``automatic``  5 ``training``  6 ``api``  7 ``cli``, ``demo``, ``service`` (the inference worker).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ LIB = REPO / "SAMLiverSegLib" / "samliverseg"
 LOGIC = REPO / "SAMLiverSeg" / "SAMLiverSegLogic"
 
 LAYERS = {"core": 0, "io": 1, "modeling": 2, "modeling3d": 2, "models": 3, "interactive": 4, "automatic": 4,
-          "training": 5, "api": 6, "cli": 7, "demo": 7}
+          "training": 5, "api": 6, "cli": 7, "demo": 7, "service": 7}
 #: Old import paths kept for one release (each one line: sys.modules alias to the new module).
 COMPAT = {"samliverseg.volume", "samliverseg.engine", "samliverseg.prompts", "samliverseg.uncertainty",
           "samliverseg.engine3d"}
@@ -210,3 +210,26 @@ def test_modeling_is_pure(folder):
             if mod.startswith("samliverseg") and not mod.startswith(("samliverseg.core", "samliverseg.modeling")):
                 bad.append(f"{name}:{line} imports {mod}")
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("old", sorted(COMPAT))
+def test_old_import_paths_still_work(old):
+    """README's library API of the previous release: each old path is the new module itself."""
+    import importlib
+
+    module = importlib.import_module(old)
+    assert module.__name__.startswith("samliverseg.") and module.__name__ != old
+    assert importlib.import_module(old) is importlib.import_module(module.__name__)
+
+
+def test_readme_api_through_old_paths():
+    from samliverseg.engine import PromptEngine
+    from samliverseg.engine3d import Sam3DEngine
+    from samliverseg.interactive.engine import PromptEngine as new_engine
+    from samliverseg.prompts import Prompts, SliceBox
+    from samliverseg.uncertainty import ensemble_uncertainty
+    from samliverseg.volume import read_volume
+
+    assert PromptEngine is new_engine and callable(read_volume) and callable(ensemble_uncertainty)
+    assert Sam3DEngine.__module__ == "samliverseg.interactive.engine3d"
+    assert SliceBox.axial(0, 0, 1, 1, 0) is not None and Prompts is not None

@@ -10,7 +10,8 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from samliverseg.core.errors import InputError
-from samliverseg.core.evaluation import METRIC_KEYS, evaluate, evaluate_files, json_safe
+from samliverseg.core.evaluation import METRIC_KEYS, dice, evaluate, evaluate_files
+from samliverseg.core.jsonutil import json_safe
 
 ANISO = (1.5, 1.0, 2.5)  # (si, sj, sk) mm
 
@@ -226,3 +227,21 @@ def test_evaluate_files_size_mismatch_missing_and_vector(tmp_path):
     # a tiny origin difference (float noise in a header) is tolerated
     a = _write(tmp_path / "a.nii.gz", np.ones((4, 5, 6), np.uint8), origin=(0.0, 0.0, 1e-5))
     assert evaluate_files(a, rp)["dice"] == pytest.approx(1)
+
+
+def test_dice_is_the_metrics_dice_and_handles_empty_masks():
+    a = np.zeros((4, 5), bool)
+    b = np.zeros((4, 5), bool)
+    assert dice(a, b) == 1.0
+    a[0, :] = True
+    assert dice(a, b) == 0.0 and dice(b, a) == 0.0
+    b[0, :2] = True
+    b[3, 4] = True
+    assert dice(a, b) == pytest.approx(2 * 2 / 8)
+    rng = np.random.default_rng(0)
+    p, r = rng.random((6, 7, 8)) > 0.6, rng.random((6, 7, 8)) > 0.5
+    assert dice(p, r) == pytest.approx(2 * (p & r).sum() / (p.sum() + r.sum()))
+    assert dice(p, r) == evaluate(p, r, ANISO)["dice"]
+    assert dice(p.astype(np.uint8) * 2, r) == dice(p, r)  # non-zero is foreground
+    with pytest.raises(InputError):
+        dice(p, r[:, :, :7])

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from samliverseg.io import export
 from samliverseg.core.errors import InputError
+from samliverseg.core.evaluation import dice
 from samliverseg.io.export import (
     LIVER,
     LIVER_TUMOR,
@@ -48,11 +49,6 @@ def assert_same_geometry(img, v, atol):
     np.testing.assert_allclose(img.GetSpacing(), v.spacing, atol=atol)
     np.testing.assert_allclose(img.GetOrigin(), v.origin, atol=atol)
     np.testing.assert_allclose(np.reshape(img.GetDirection(), (3, 3)), v.direction, atol=atol)
-
-
-def dice(a, b):
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +370,13 @@ def test_totalseg_dicom_seg_two_segments(tmp_path):
     # an empty result still makes a valid SEG
     empty = write_dicom_seg(np.zeros_like(labels), ct, tmp_path / "empty.dcm")
     assert read_dicom_seg(empty, ct).sum() == 0
+    # frames on a few far-apart slices (the empty ones in between are not stored) land on their slices
+    sparse = np.zeros_like(labels)
+    sparse[3, 10:20, 10:30] = 1
+    sparse[9, 40:50, 5:8] = 1
+    sparse[9, 60:62, 60:63] = 2
+    sparse[0, 0, 0] = 2
+    np.testing.assert_array_equal(read_dicom_seg(write_dicom_seg(sparse, ct, tmp_path / "sparse.dcm"), ct), sparse)
 
 
 @needs_shared
@@ -388,6 +391,12 @@ def test_read_dicom_seg_rejects_other_grids_and_files(tmp_path):
     small = Volume(ct.array[:, :256, :256], spacing=ct.spacing, origin=ct.origin)
     with pytest.raises(InputError, match="frames are 512×512"):
         read_dicom_seg(d / "liver.dcm", small)
+    flipped = Volume(ct.array, spacing=ct.spacing, origin=ct.origin, direction=ct.direction @ np.diag([-1.0, 1, 1]))
+    with pytest.raises(InputError, match="not parallel"):
+        read_dicom_seg(d / "liver.dcm", flipped)
+    wider = Volume(ct.array, spacing=np.multiply(ct.spacing, (1.1, 1, 1)), origin=ct.origin, direction=ct.direction)
+    with pytest.raises(InputError, match="pixel spacing"):
+        read_dicom_seg(d / "liver.dcm", wider)
     # a volume whose grid no longer matches its files cannot be exported to DICOM SEG
     moved = Volume(ct.array, spacing=ct.spacing, origin=np.add(ct.origin, (0, 0, 5.0)), direction=ct.direction,
                    dicom_files=ct.dicom_files)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from samliverseg.core.maskutil import (bbox_2d, bbox_3d, dice, get_slice, interior_point, largest_slice,
-                                  middle_slice, nonempty_slices, slice_box)
+from samliverseg.core.maskutil import (bbox_2d, bbox_3d, get_slice, interior_point, largest_slice, middle_slice,
+                                       nonempty_slices, slice_box)
 from samliverseg.core.postprocess import (fill_holes, keep_components_touching, label_components,
                                      largest_connected_component, remove_small_components)
 
@@ -156,12 +156,3 @@ def test_slice_box_on_each_axis():
     b = slice_box(m, "i", index=15, margin=100)  # clipped to the volume
     assert b.corner_a == (15.0, 0.0, 0.0) and b.corner_b == (15.0, 19.0, 9.0)
     assert slice_box(m, "k", index=0) is None
-
-
-def test_dice_helper():
-    a = np.zeros((4, 4), bool)
-    b = np.zeros((4, 4), bool)
-    assert dice(a, b) == 1.0
-    a[0, :] = True
-    b[0, :2] = True
-    assert dice(a, b) == pytest.approx(2 * 2 / 6)

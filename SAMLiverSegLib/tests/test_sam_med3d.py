@@ -20,11 +20,11 @@ from libtest_helpers import rot
 from samliverseg.models.build_sam import build_sam_vit
 from samliverseg.models.build_sam3d import (MODEL3D_REGISTRY, build_model3d, build_sam_med3d_tiny, build_sam_med3d_vit_b,
                                      count_parameters, get_spec3d, is_model3d, load_state3d)
+from samliverseg.core.geometry import resample
 from samliverseg.interactive.engine3d import (PatchBox, Sam3DEngine, Sam3DSettings, blend_patches, crop_patch, cube_index_to_grid_kji,
-                                  cube_to_patch, gaussian_weight, grid_of, grid_to_input, grid_to_input_mask,
-                                  input_ijk_to_grid_ijk,
+                                  cube_to_patch, gaussian_weight, grid_to_input_mask, input_ijk_to_grid_ijk,
                                   keep_clicked_components, layout_for, patch_around, patch_point_to_cube, patch_to_cube,
-                                  resample_to_grid, resampled_grid, sliding_candidates, validate_clicks, zscore_patch)
+                                  sliding_candidates, validate_clicks, zscore_patch)
 from samliverseg.core.errors import CheckpointError, InputError, PromptError, WeightsMissingError
 from samliverseg.modeling3d.image_encoder3d import Attention3D, Block3D, window_partition3d, window_unpartition3d
 from samliverseg.demo.phantom import make_phantom
@@ -209,8 +209,8 @@ def _oblique_volume(shape_kji=(30, 40, 50), spacing=(0.8, 1.1, 2.5)):
 
 def test_working_grid_keeps_origin_and_direction_and_covers_the_volume():
     vol = _oblique_volume()
-    g_in = grid_of(vol)
-    work = resampled_grid(g_in, 1.5)
+    g_in = vol.grid
+    work = g_in.resampled((1.5, 1.5, 1.5), extent="cover")
     assert work.origin == g_in.origin and np.allclose(work.direction_matrix, vol.direction)
     assert work.shape_kji == (50, 29, 27)  # floor((n - 1/2) s / 1.5) + 1
     pts = np.array([[0, 0, 0], [49, 39, 29], [12.3, 7.5, 20.2]])
@@ -220,7 +220,7 @@ def test_working_grid_keeps_origin_and_direction_and_covers_the_volume():
     kk, jj, ii = np.meshgrid(*[np.arange(n) for n in vol.array.shape], indexing="ij")
     lps = vol.ijk_to_lps(np.stack([ii, jj, kk], -1).reshape(-1, 3))
     ramp = Volume(lps[:, 0].reshape(vol.array.shape).astype(np.float32), vol.spacing, vol.origin, vol.direction)
-    arr = resample_to_grid(ramp, work)
+    arr = resample(ramp.array, ramp.grid, work).array
     k2, j2, i2 = (np.array(v) for v in ([10, 40], [5, 20], [3, 17]))
     expect = work.ijk_to_lps(np.stack([i2, j2, k2], -1))[:, 0]
     assert np.allclose(arr[k2, j2, i2], expect, atol=1e-3)
@@ -271,8 +271,8 @@ def test_a_synthetic_model_output_lands_where_it_belongs_on_an_oblique_flipped_v
     after cube -> patch -> working grid -> input grid, match that ellipsoid drawn on the input
     grid directly; a wrong axis flip must not."""
     vol = _oblique_volume((40, 60, 70), (0.9, 1.2, 2.0))
-    g_in = grid_of(vol)
-    work = resampled_grid(g_in, 1.5)
+    g_in = vol.grid
+    work = g_in.resampled((1.5, 1.5, 1.5), extent="cover")
     click = np.array([30.0, 25.0, 20.0])
     centre = vol.ijk_to_lps(click) + np.array([8.0, -5.0, 6.0])
     radii = np.array([14.0, 9.0, 11.0])
@@ -291,7 +291,7 @@ def test_a_synthetic_model_output_lands_where_it_belongs_on_an_oblique_flipped_v
         g = np.array([cube_index_to_grid_kji(v, box, layout_for(vol.direction, "ras")) for v in t])
         cube = _ellipsoid(work.ijk_to_lps(g[:, ::-1]), centre, radii).reshape((size,) * 3).astype(np.float32)
         prob_g = blend_patches(work.shape_kji, [(box, cube_to_patch(cube, lay))], gaussian_weight(size))
-        mask = grid_to_input(prob_g, work, g_in) > 0.5
+        mask = resample(prob_g, work, g_in, default_value=0.0).array > 0.5
         scores[name] = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
         assert np.array_equal(grid_to_input_mask(prob_g, work, g_in, 0.5), mask)  # the engine's shortcut
     assert scores["right"] > 0.9 and scores["wrong"] < 0.5, scores

@@ -14,18 +14,21 @@ import SimpleITK as sitk
 import torch
 
 from libtest_helpers import rot
+from libtest_helpers import writer
 from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, get_spec,
                                    register_model, unregister_model)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
-from samliverseg.modeling.slicing_student import (SlicingStudent, build_slicing_student, load_student,
-                                                  predict_volume, slab_plan, student_from_sam)
+from samliverseg.modeling.slicing_student import SlicingStudent, slab_plan, student_from_sam
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.interactive.predictor import SlicePredictor
-from samliverseg.automatic.student import predict_probabilities, resample_to_spacing, segment_volume, to_input_grid
+from samliverseg.automatic.student import (build_slicing_student, load_student, predict_probabilities, predict_volume,
+                                           segment_volume)
+from samliverseg.core.evaluation import dice
+from samliverseg.core.geometry import resample
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
 from samliverseg.training.prepare import prepare_dataset
-from samliverseg.training.progress import ProgressWriter, read_events
+from samliverseg.training.progress import read_events
 from samliverseg.training.student import StudentTrainer
 from samliverseg.training.train import main as train_main
 from samliverseg.io.volume import Volume
@@ -83,25 +86,6 @@ def cfg_for(cache, weights, out, student=None, **kw):
              student=dict(dict(slab_depth=4, hidden=8, slabs_per_case=3, inplane_flip=True), **(student or {})))
     d.update(kw)
     return config_from_dict(d)
-
-
-class Lines:
-    def __init__(self):
-        self.buf = []
-
-    def write(self, s):
-        self.buf.append(s)
-
-    def flush(self):
-        pass
-
-    def events(self):
-        return read_events("".join(self.buf))
-
-
-def writer():
-    out = Lines()
-    return ProgressWriter(stream=out, err_stream=Lines()), out
 
 
 @pytest.fixture(scope="module")
@@ -362,12 +346,11 @@ def test_resampling_model_maps_back_to_the_input_grid(trained, tmp_path):
     assert segment_volume(path, vol, device="cpu").shape == vol.array.shape
     # the two grid changes used there are inverse to each other on an oblique, flipped grid
     liver = (labels > 0).astype(np.float32)
-    fine = resample_to_spacing(vol.to_sitk(liver), meta["spacing"])
-    assert fine.GetDirection() == vol.to_sitk().GetDirection() and fine.GetSize()[0] > vol.array.shape[2]
-    back = to_input_grid(fine, vol) > 0.5
-    ref = liver > 0.5
-    dice = 2 * (back & ref).sum() / (back.sum() + ref.sum())
-    assert dice > 0.97, dice
+    fine, grid = resample(liver, vol.grid, meta["spacing"])
+    assert grid.direction == vol.grid.direction and grid.shape_ijk[0] > vol.array.shape[2]
+    back = resample(fine, grid, vol.grid).array > 0.5
+    d = dice(back, liver > 0.5)
+    assert d > 0.97, d
 
 
 def test_other_kind_is_a_checkpoint_error(trained, tmp_path):

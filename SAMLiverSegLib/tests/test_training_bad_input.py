@@ -8,7 +8,7 @@ in a subprocess) and its exit code, messages and files are checked. Also the exp
 No mocks: real phantom files, a tiny random-weight SAM registered for these tests, real
 checkpoints; the full disk is a real 1-page-free tmpfs mounted in a private user+mount namespace
 (``unshare -rm``; the test is skipped where that is not allowed). A real CUDA out-of-memory
-error cannot be produced on a CPU-only machine; only its classification (``_is_oom``) is tested.
+error cannot be produced on a CPU-only machine; only its classification (``core.errors.is_out_of_memory``) is tested.
 """
 
 import hashlib
@@ -315,9 +315,10 @@ def test_full_disk_while_checkpointing_exit_3_previous_kept(data, tmp_path, caps
 
 # ------------------------------------------------------------------------------- out of memory
 def test_oom_classification():
-    """Only the classification: a real CUDA OOM cannot be produced without a GPU, and reaching the
-    message branch of run_train would need a trainer that raises on purpose (a mock)."""
-    from samliverseg.training.train import _is_oom
+    """Only the classification (``train`` uses the project's one detector): a real CUDA OOM cannot
+    be produced without a GPU, and reaching the message branch of run_train would need a trainer
+    that raises on purpose (a mock)."""
+    from samliverseg.core.errors import is_out_of_memory as _is_oom
 
     assert _is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0)"))
     assert _is_oom(RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB"))  # older torch
@@ -326,7 +327,7 @@ def test_oom_classification():
 
 
 def test_cpu_allocator_oom_is_classified_as_oom():
-    from samliverseg.training.train import _is_oom
+    from samliverseg.core.errors import is_out_of_memory as _is_oom
 
     try:
         torch.empty(2**62, dtype=torch.uint8)  # a real allocation failure of torch's CPU allocator

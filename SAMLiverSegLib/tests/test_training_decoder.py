@@ -16,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from libtest_helpers import Lines, writer
 from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, register_model,
                                    unregister_model)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
@@ -80,25 +81,6 @@ def tiny_cfg(cache, out, **kw):
              seed=7, device="cpu", scheduler="cosine")
     d.update(kw)
     return config_from_dict(d)
-
-
-class Lines:
-    def __init__(self):
-        self.buf = []
-
-    def write(self, s):
-        self.buf.append(s)
-
-    def flush(self):
-        pass
-
-    def events(self):
-        return read_events("".join(self.buf))
-
-
-def writer():
-    out, err = Lines(), Lines()
-    return ProgressWriter(stream=out, err_stream=err), out
 
 
 # ------------------------------------------------------------------------------- progress

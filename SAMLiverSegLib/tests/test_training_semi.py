@@ -21,16 +21,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from libtest_helpers import writer
 from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, unregister_model
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
-from samliverseg.modeling.slicing_student import load_student, student_from_sam
+from samliverseg.modeling.slicing_student import student_from_sam
 from samliverseg.demo.phantom import make_phantom
-from samliverseg.automatic.student import predict_probabilities, segment_volume
+from samliverseg.automatic.student import load_student, predict_probabilities, segment_volume
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.semi import math as sm
 from samliverseg.training.config import config_from_dict
 from samliverseg.training.prepare import prepare_dataset
-from samliverseg.training.progress import ProgressWriter, read_events
+from samliverseg.training.progress import read_events
 from samliverseg.training.semi.trainer import SemiTrainer, state_hash
 from samliverseg.training.semi.teachers import Sam2DTeacher, Sam3DTeacher, TeacherView
 
@@ -49,12 +50,8 @@ def _spec(box_only=False, name=TINY):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is much faster than oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,25 +99,6 @@ def cfg_dict(data, out, semi=None, **kw):
 
 def cfg_for(data, out, semi=None, **kw):
     return config_from_dict(cfg_dict(data, out, semi, **kw))
-
-
-class Lines:
-    def __init__(self):
-        self.buf = []
-
-    def write(self, s):
-        self.buf.append(s)
-
-    def flush(self):
-        pass
-
-    def events(self):
-        return read_events("".join(self.buf))
-
-
-def writer():
-    out = Lines()
-    return ProgressWriter(stream=out, err_stream=Lines()), out
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,14 @@ import SimpleITK as sitk
 import torch
 
 from libtest_helpers import rot
+from libtest_helpers import writer
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
+from samliverseg.core.evaluation import dice
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
 from samliverseg.training.prepare import prepare_dataset
-from samliverseg.training.progress import ProgressWriter, read_events
+from samliverseg.training.progress import read_events
 from samliverseg.training.train import main as train_main
 from samliverseg.training.unet import UNetOptions, UNetTrainer, item_seed
 from samliverseg.automatic.unet import (coarse_box_to_full, load_unet_model, margin_voxels, roi_slices,
@@ -27,11 +29,6 @@ from samliverseg.automatic.unet import (coarse_box_to_full, load_unet_model, mar
 from samliverseg.io.volume import Volume
 
 SHAPE, SPACING = (24, 64, 64), (2.5, 2.5, 4.0)
-
-
-def dice(a, b):
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    return 2.0 * (a & b).sum() / max(1, a.sum() + b.sum())
 
 
 def phantom(seed, n_tumors=2):
@@ -64,25 +61,6 @@ def ucfg(cache, out, epochs=2, common=None, **unet):
     d = dict(cache=str(cache), output=str(out), kind="unet", epochs=epochs, seed=3, device="cpu", unet=u)
     d.update(common or {})
     return config_from_dict(d)
-
-
-class Lines:
-    def __init__(self):
-        self.buf = []
-
-    def write(self, s):
-        self.buf.append(s)
-
-    def flush(self):
-        pass
-
-    def events(self):
-        return read_events("".join(self.buf))
-
-
-def writer():
-    out = Lines()
-    return ProgressWriter(stream=out, err_stream=Lines()), out
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from samliverseg.api import open_model
+from samliverseg.automatic.unet import UNetSegmenter
 from samliverseg.cli import commands as cli
 from samliverseg.models import user_models as um
 from samliverseg.models.build_sam import ModelSpec, build_model, build_sam_vit, register_model, unregister_model
@@ -113,8 +115,9 @@ def test_load_user_model_gives_the_trained_weights_and_window(trained):
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
     base = build_model(TINY, checkpoint=trained["weights"]).state_dict()
     assert any(not torch.equal(state[k], base[k]) for k in state if k.startswith("mask_decoder."))
-    engine = loaded.engine(device="cpu")
-    assert engine.window.spec() == "liver" and engine.spec.name == TINY  # not the base model's abdomen
+    engine = open_model(NAME, device="cpu")  # the engine opened by name: the training cache's window
+    assert isinstance(engine, PromptEngine) and engine.window.spec() == "liver" and engine.spec.name == TINY
+    assert open_model(NAME, device="cpu", window="wide").window.spec() == "wide"  # unless asked otherwise
     # by path too
     assert um.load_user_model(trained["run"] / "model.pth").kind == "decoder"
 
@@ -263,5 +266,11 @@ def test_automatic_kind_needs_no_prompt(trained, models_env, tmp_path, capsys):
     rc = cli.main(["segment", str(trained["ct"]), "-o", str(tmp_path / "z.nii.gz"), "--model", "tiny-unet",
                    "--box-ijk", "10", "10", "30", "30", "5"])
     assert rc == 2 and "takes no prompts" in capsys.readouterr().err and not (tmp_path / "z.nii.gz").exists()
-    assert um.load_user_model("tiny-unet").segment_volume(read_volume(trained["ct"]), device="cpu").shape == arr.shape
+    segmenter = open_model("tiny-unet", device="cpu")  # loaded once, any number of volumes
+    assert isinstance(segmenter, UNetSegmenter)
+    assert np.array_equal(segmenter.segment_volume(read_volume(trained["ct"])), arr)
+    with pytest.raises(InputError, match="automatic"):
+        um.load_user_model("tiny-unet")  # the models layer builds interactive models only
+    with pytest.raises(InputError, match="--window does not apply"):
+        open_model("tiny-unet", device="cpu", window="liver")
     shutil.rmtree(models_env / "tiny-unet")

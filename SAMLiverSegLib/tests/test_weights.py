@@ -22,7 +22,6 @@ from samliverseg.models.build_sam import (
     build_model,
     build_sam_vit,
     download_model,
-    model_status,
     register_model,
     resolve_checkpoint,
     unregister_model,
@@ -313,17 +312,22 @@ def test_download_verifies_then_renames_atomically(cache, local_server):
 # ----------------------------------------------------------------------------- status
 
 def test_model_status_rows(cache, tmp_path, monkeypatch):
-    rows = {r.name: r for r in model_status()}
+    from samliverseg.models.registry import list_models
+
+    rows = {r.name: r for r in list_models(trained=False)}
     assert {"lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam"} <= set(rows)
     b = rows["sam_vit_b"]
     assert (b.present, b.path, b.filename, b.size) == (False, None, "sam_vit_b_01ec64.pth", 375_042_383)
-    assert str(cache) in b.note
+    assert str(cache) in b.where and "samliverseg download sam_vit_b" in b.where and b.env_var in b.where
     if LITE is not None:
         assert rows["lite_medsam"].present and rows["lite_medsam"].path == str(LITE)
-        assert rows["lite_medsam"].is_default
+        assert rows["lite_medsam"].default and rows["lite_medsam"].where == ""
     fake = tmp_path / "medsam.pth"
     fake.write_bytes(b"x")
     monkeypatch.setenv(MODEL_REGISTRY["medsam"].env_var, str(fake))
-    row = {r.name: r for r in model_status()}["medsam"]
+    row = {r.name: r for r in list_models(trained=False)}["medsam"]
     assert row.present and row.path == str(fake)
     assert row.to_dict()["filename"] == "medsam_vit_b.pth"
+    monkeypatch.setenv(MODEL_REGISTRY["medsam"].env_var, str(tmp_path / "gone.pth"))  # a typo in the variable
+    row = {r.name: r for r in list_models(trained=False)}["medsam"]
+    assert not row.present and "gone.pth" in row.note

@@ -173,6 +173,37 @@ def test_module_logic_bad_prompts_leave_the_segmentation_alone(scene):
         module_logic.segment_from_markups(scene, vol, seg, "spleen", effect_logic.EngineSettings())
 
 
+def test_models_are_opened_by_name_through_the_api(scene, tmp_path):
+    """The effect opens any model by name (here a SAM-Med3D one, without the 2D window); the panel
+    lists every model and refuses the ones it cannot prompt slice by slice."""
+    import torch
+
+    from samliverseg.core.errors import InputError
+    from samliverseg.interactive.engine3d import Sam3DEngine
+    from samliverseg.models.build_sam3d import build_sam_med3d_tiny
+    from SAMLiverSegLogic import module_logic
+
+    weights = tmp_path / "tiny3d.pth"
+    torch.save(build_sam_med3d_tiny().state_dict(), weights)
+    session = effect_logic.SegmentAnythingSession(effect_logic.EngineSettings(
+        model="sam_med3d_tiny", checkpoint=str(weights), device="cpu", window="liver"))
+    assert session.is_3d_model() and isinstance(session._ensure_engine(), Sam3DEngine)
+    rows, cache = module_logic.model_rows()
+    assert {"lite_medsam", "medsam", "sam_med3d", "sam_med3d_turbo"} <= {r.name for r in rows} and cache
+    turbo = next(r for r in rows if r.name == "sam_med3d_turbo")
+    assert turbo.present or "sam_med3d_turbo.pth" in turbo.where
+    vol = add_ct(scene, GEOMETRIES["identity"], SHAPE)
+    seg = volume_nodes.add_segmentation_node(scene, vol)
+    pts = slicer.vtkMRMLMarkupsFiducialNode()
+    scene.AddNode(pts)
+    pts.AddControlPoint(*geometry.ijk_to_ras_point(vol, (24, 20, 6)))
+    with pytest.raises(InputError, match="3D model"):
+        module_logic.segment_from_markups(scene, vol, seg, "liver",
+                                          effect_logic.EngineSettings(model="sam_med3d_turbo", device="cpu"),
+                                          positive_node=pts)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 0
+
+
 def test_window_choices():
     from samliverseg.core.errors import InputError
     from SAMLiverSegLogic import module_logic

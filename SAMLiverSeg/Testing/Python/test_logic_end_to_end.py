@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(
     reason="the core engine / phantom / CLI are not installed")
 
 from SAMLiverSegLogic import effect_logic, geometry, process, segment_writer, slice_clicks, volume_nodes  # noqa: E402
+from samliverseg.core.evaluation import dice  # noqa: E402
 
 SHAPE_2D = (12, 72, 80)  # k, j, i: small enough for CPU, large enough for an organ
 SHAPE_3D = (10, 72, 80)  # fewer slices: 3D propagation embeds every slice of the liver, twice
@@ -39,12 +40,6 @@ SPACING = {"identity": (1.0, 1.0, 1.0), "flipped": (0.8, 0.8, 2.0), "oblique": (
 #: (geometry, propagate to 3D); the 3D case is the costly one (about a minute on 2 idle cores)
 CASES = [(name, False) for name in GEOMETRIES] + [pytest.param("flipped", True, marks=pytest.mark.slow)]
 CASE_IDS = [f"{name}-2d" for name in GEOMETRIES] + ["flipped-3d"]
-
-
-def dice(a, b):
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else 2.0 * np.logical_and(a, b).sum() / s
 
 
 @functools.lru_cache(maxsize=None)

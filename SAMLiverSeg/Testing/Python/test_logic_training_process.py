@@ -25,6 +25,7 @@ import yaml
 
 from slicer_test_helpers import MODULE_DIR
 
+from samliverseg.api import open_model
 from SAMLiverSegLogic import module_logic, process, training_process as tp
 
 TINY = "tiny_panel_sam"
@@ -140,10 +141,9 @@ def test_config_is_accepted_by_the_trainer_config_loader(tmp_path, dataset):
 
 
 def test_panel_choices_match_the_trainers():
-    from samliverseg.training.config import KINDS
-    from samliverseg.training.train import TRAINERS
+    from samliverseg.models.kinds import KIND_NAMES
 
-    assert tuple(tp.TRAINER_KINDS) == tuple(KINDS) and set(TRAINERS) == set(tp.TRAINER_KINDS)
+    assert tuple(tp.TRAINER_KINDS) == KIND_NAMES
     tree = ast.parse((MODULE_DIR / "SAMLiverSeg.py").read_text())
     lists = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
              for t in n.targets if isinstance(t, ast.Name) and t.id.startswith("TRAIN")}
@@ -272,8 +272,8 @@ def test_train_stop_resume_done_and_register(tmp_path, dataset, monkeypatch):
     register_model(ModelSpec(name=TINY, description="tiny test SAM", builder=dataset["tiny_sam"],
                              checkpoint_filename=f"{TINY}.pth", image_size=64, window="abdomen", embedding_size=4),
                    replace=True)
-    try:  # the engine the Segment Anything effect builds for the selected model name
-        engine = module_logic.build_engine("panel-test-model", None, "cpu", None)
+    try:  # the engine the Segment Anything effect opens for the selected model name
+        engine = open_model("panel-test-model", None, "cpu", None)
         ph = make_phantom((12, 48, 48), (4.0, 4.0, 5.0), seed=5, n_tumors=0)
         engine.set_volume(ph.to_volume())
         k = 6
@@ -374,4 +374,4 @@ def test_model_choices_and_engines_without_trained_models(tmp_path, monkeypatch)
     monkeypatch.setenv("SAMLIVERSEG_MODELS", str(tmp_path / "none"))
     assert module_logic.model_choices() == MODEL_CHOICES
     with pytest.raises(InputError, match="unknown model"):
-        module_logic.build_engine("no-such-model", None, "cpu", None)
+        open_model("no-such-model", None, "cpu", None)

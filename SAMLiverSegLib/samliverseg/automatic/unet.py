@@ -48,8 +48,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from samliverseg.core.devices import resolve_device
 from samliverseg.core.errors import CheckpointError, InputError
+from samliverseg.core.windowing import apply_window, get_window
 from samliverseg.io.volume import Volume
+from samliverseg.models.exports import read_model_file
 
 MODEL_KIND = "unet"
 #: The network options stored in ``metadata["network"]`` (and compared on resume).
@@ -219,27 +222,12 @@ _REQUIRED_META = ("network", "patch_size", "window")
 
 def read_unet_checkpoint(model_path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """``(state_dict, metadata)`` of a unet ``model.pth``; CheckpointError when it is not one."""
-    import pickle
-    import zipfile
-    p = Path(model_path).expanduser()
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"model file {p} does not exist") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            AttributeError, TypeError, IndexError, KeyError, UnicodeDecodeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"{p} is not a readable model file (corrupt or truncated: {first})") from None
-    meta = obj.get("metadata") if isinstance(obj, dict) else None
-    if not isinstance(meta, dict) or not isinstance(obj.get("model"), dict):
-        raise CheckpointError(f"{p} is not a samliverseg model.pth (no 'model' and 'metadata'); expected a "
-                              f"model of kind '{MODEL_KIND}' made by `samliverseg train` with kind: unet")
-    if meta.get("kind") != MODEL_KIND:
-        raise CheckpointError(f"{p} is a model of kind {meta.get('kind')!r}, expected kind '{MODEL_KIND}' "
-                              f"(a U-Net trained with `samliverseg train`, kind: unet)")
+    obj = read_model_file(model_path, kinds=(MODEL_KIND,))
+    meta = obj["metadata"]
     missing = [k for k in _REQUIRED_META if k not in meta]
     if missing:
-        raise CheckpointError(f"{p}: the unet metadata lacks {', '.join(missing)} (damaged or foreign model file)")
+        raise CheckpointError(f"{Path(model_path).expanduser()}: the unet metadata lacks {', '.join(missing)} "
+                              f"(damaged or foreign model file)")
     return obj["model"], meta
 
 
@@ -257,61 +245,75 @@ def load_unet_model(model_path: Union[str, Path], device: Union[str, torch.devic
 
 
 def _resample_to_spacing(volume: Volume, spacing_ijk: Sequence[float]):
-    """The HU volume resampled like ``samliverseg prepare --spacing`` (a SimpleITK image)."""
-    import SimpleITK as sitk
-    from samliverseg.training.prepare import _resample
-    return _resample(volume.to_sitk(volume.array.astype(np.float32, copy=False)), spacing_ijk, sitk.sitkLinear,
-                     float(np.min(volume.array)))
+    """The HU volume resampled like ``samliverseg prepare --spacing``: (float32 array, grid)."""
+    from samliverseg.core.geometry import resample
+    return resample(volume.array.astype(np.float32, copy=False), volume.grid, spacing_ijk, interpolator="linear",
+                    default_value=float(np.min(volume.array)), extent="round")
 
 
 def _to_input_grid(mask: np.ndarray, grid, volume: Volume) -> np.ndarray:
-    """Nearest-neighbour resampling of ``mask`` (on the SimpleITK image ``grid``'s geometry) onto ``volume``."""
-    import SimpleITK as sitk
-    src = sitk.GetImageFromArray(np.ascontiguousarray(mask.astype(np.uint8)))
-    src.CopyInformation(grid)
-    ref = sitk.Image([int(v) for v in volume.shape_ijk], sitk.sitkUInt8)
-    ref.SetSpacing(tuple(float(v) for v in volume.spacing))
-    ref.SetOrigin(tuple(float(v) for v in volume.origin))
-    ref.SetDirection(tuple(float(v) for v in np.asarray(volume.direction, dtype=float).ravel()))
-    out = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(out).astype(np.uint8, copy=False)
+    """Nearest-neighbour resampling of ``mask`` (on ``grid``, a core.geometry.Grid) onto ``volume``."""
+    from samliverseg.core.geometry import resample
+    return resample(mask.astype(np.uint8), grid, volume.grid, interpolator="nearest", default_value=0).array
+
+
+class UNetSegmenter:
+    """A unet ``model.pth`` loaded once (network on its device, metadata, window), for any number
+    of volumes: ``UNetSegmenter.load(path, device).segment_volume(volume)``."""
+
+    def __init__(self, net: UNetModel, metadata: Dict[str, Any], path: str = "",
+                 largest_component: Optional[bool] = None) -> None:
+        self.net, self.metadata, self.path, self.largest_component = net.eval(), metadata, path, largest_component
+        try:
+            self.window = get_window(metadata["window"])
+        except InputError:
+            lo, hi = metadata.get("window_hu") or (None, None)
+            if lo is None:
+                raise CheckpointError(f"{path}: unknown window {metadata['window']!r} in the metadata") from None
+            self.window = get_window((lo, hi))
+
+    @classmethod
+    def load(cls, model_path: Union[str, Path], device: Union[str, torch.device] = "auto",
+             largest_component: Optional[bool] = None) -> "UNetSegmenter":
+        net, meta = load_unet_model(model_path, resolve_device(device))
+        return cls(net, meta, str(model_path), largest_component)
+
+    kind = MODEL_KIND
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device) -> "UNetSegmenter":
+        self.net.to(resolve_device(device))
+        return self
+
+    def segment_volume(self, volume: Volume) -> np.ndarray:
+        """uint8 0/1 mask ``[k, j, i]`` of ``volume`` on its grid (steps 1-5 of the module docstring)."""
+        if not isinstance(volume, Volume):
+            raise InputError(f"segment_volume needs a Volume, got {type(volume).__name__}")
+        spacing = self.metadata.get("spacing")
+        if spacing:
+            hu, grid = _resample_to_spacing(volume, spacing)
+            grid_spacing = grid.spacing
+        else:
+            grid, hu, grid_spacing = None, volume.array, volume.spacing
+        image01 = apply_window(hu, self.window).astype(np.float32) / np.float32(255.0)
+        mask = predict_mask(self.net, image01, grid_spacing, self.metadata, device=self.device,
+                            largest_component=self.largest_component)
+        if grid is not None:
+            mask = _to_input_grid(mask, grid, volume)
+        return mask
 
 
 def segment_volume(model_path: Union[str, Path], volume: Volume, device: Union[str, torch.device] = "auto",
-                   largest_component: Optional[bool] = None, model: Optional[Tuple[UNetModel, Dict[str, Any]]] = None
-                   ) -> np.ndarray:
-    """Segment ``volume`` with the unet ``model.pth``: uint8 0/1 mask ``[k, j, i]`` on the input grid.
+                   largest_component: Optional[bool] = None) -> np.ndarray:
+    """Segment ``volume`` with the unet ``model.pth``: uint8 0/1 mask ``[k, j, i]`` on the input grid
+    (loads the file; use :class:`UNetSegmenter` to segment several volumes).
 
     ``device``: auto (CUDA > MPS > CPU), cpu, cuda, ... ``largest_component``: keep only the
     largest connected component (default: the model's setting: on for liver, off for tumour).
-    ``model``: an already loaded ``(UNetModel, metadata)`` (``load_unet_model``) to skip reading
-    the file again. Raises CheckpointError for a file that is not a unet model, InputError for a
-    volume that is not a 3D image.
+    Raises CheckpointError for a file that is not a unet model, InputError for a volume that is
+    not a 3D image.
     """
-    from samliverseg.core.devices import resolve_device
-    from samliverseg.core.windowing import apply_window, get_window
-    if not isinstance(volume, Volume):
-        raise InputError(f"segment_volume needs a Volume, got {type(volume).__name__}")
-    dev = resolve_device(device)
-    net, meta = model if model is not None else load_unet_model(model_path, dev)
-    net = net.to(dev).eval()
-    try:
-        window = get_window(meta["window"])
-    except InputError:
-        lo, hi = meta.get("window_hu") or (None, None)
-        if lo is None:
-            raise CheckpointError(f"{model_path}: unknown window {meta['window']!r} in the metadata") from None
-        window = get_window((lo, hi))
-    spacing = meta.get("spacing")
-    if spacing:
-        grid = _resample_to_spacing(volume, spacing)
-        import SimpleITK as sitk
-        hu = sitk.GetArrayFromImage(grid)
-        grid_spacing = grid.GetSpacing()
-    else:
-        grid, hu, grid_spacing = None, volume.array, volume.spacing
-    image01 = apply_window(hu, window).astype(np.float32) / np.float32(255.0)
-    mask = predict_mask(net, image01, grid_spacing, meta, device=dev, largest_component=largest_component)
-    if grid is not None:
-        mask = _to_input_grid(mask, grid, volume)
-    return mask
+    return UNetSegmenter.load(model_path, device, largest_component).segment_volume(volume)

@@ -8,15 +8,13 @@ order (i = column, j = row, k = slice; 0-based; inclusive). Errors on bad input 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 from samliverseg import __version__
-from samliverseg.core.errors import InputError, SAMLiverSegError
+from samliverseg.core.errors import InputError, SAMLiverSegError, is_out_of_memory
+from samliverseg.core.jsonutil import write_json
 
 #: Exit codes (documented in the README).
 EXIT_OK, EXIT_INPUT, EXIT_CHECKPOINT, EXIT_OOM, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 4, 70, 130
@@ -47,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output: .nii.gz/.nii/.nrrd/.mha labelmap, .seg.nrrd Slicer segmentation, or .dcm DICOM SEG")
     _add_model_args(seg)
     seg.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
-                     help="what runs the 2D model: auto (default: the fastest installed CPU backend that passes a "
+                     help="what runs a 2D model: auto (default: the fastest installed CPU backend that passes a "
                           "self-check, else torch), torch, openvino or onnxruntime (CPU; converted once per machine)")
     seg.add_argument("--box-ijk", nargs=5, type=float, metavar=("I0", "J0", "I1", "J1", "K"),
                      help="a box on axial slice K (propagated to 3D unless --no-propagate)")
@@ -90,19 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(windowed arrays + geometry, split by patient)")
     add_prepare_arguments(prep)
 
+    from samliverseg.models.kinds import KIND_NAMES
     from samliverseg.training.train import add_train_arguments
 
-    add_train_arguments(sub.add_parser("train", help="train on a prepared cache (kinds: decoder, unet, adapter, student, semi); "
-                                                     "progress as JSON lines on stdout"))
+    add_train_arguments(sub.add_parser("train", help=f"train on a prepared cache (kinds: {', '.join(KIND_NAMES)}; "
+                                                     "`train --help` lists every config key); progress as JSON "
+                                                     "lines on stdout"))
 
-    models = sub.add_parser("models", help="list the built-in models (are their weights present?) and the trained "
-                                           "models usable by name")
+    models = sub.add_parser("models", help="list every model usable by name: the built-in ones (SAM family, "
+                                           "SAM-Med3D; are their weights present?) and the trained ones")
     models.add_argument("--register", default=None, metavar="MODEL.pth",
                         help="register a trained model.pth (from `samliverseg train`) for use by name")
     models.add_argument("--name", default=None, help="with --register: its name (default: the run folder's name)")
     models.add_argument("--replace", action="store_true", help="with --register: replace a model of that name")
+    models.add_argument("--json", action="store_true", help="print the list as JSON")
     dl = sub.add_parser("download", help="download a model's official weights into the cache (SHA-256 checked)")
     dl.add_argument("name", help="model name, e.g. sam_vit_b")
+
+    from samliverseg.service.protocol import WORKER_HELP
+    from samliverseg.service.server import add_worker_arguments
+
+    worker = sub.add_parser("worker", help="the persistent inference worker: JSON-lines requests on stdin, responses "
+                                           "on stdout (for Slicer)", description=WORKER_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(worker)
+    add_worker_arguments(worker)
     return parser
 
 
@@ -137,165 +147,89 @@ def _prompts_from_args(args, volume):
     return prompts
 
 
-def _segments_for(label: int, name: Optional[str]):
-    from samliverseg.io import export
-
-    if name is None:
-        return [{1: export.LIVER, 2: export.LIVER_TUMOR}.get(label, export.LIVER).with_label(label)]
-    base = export.LIVER_TUMOR if "tum" in name.lower() else export.LIVER
-    return [base.with_label(label, name=name)]
+def _print_notes(notes: List[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
-def write_output(labels, volume, path: str, segments) -> None:
-    """Write a label array [k, j, i] in the format the path's extension says."""
-    from samliverseg.io import export
-
-    low = path.lower()
-    if low.endswith(".seg.nrrd"):
-        export.write_seg_nrrd(labels, volume, path, segments)
-    elif low.endswith(".dcm"):
-        export.write_dicom_seg(labels, volume, path, segments)
-    elif low.endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
-        export.write_labelmap(labels, volume, path)
-    else:
-        raise InputError(f"unknown output format {path!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
-
-
-def _check_output_path(path: str, volume=None) -> None:
-    low = path.lower()
-    if not low.endswith((".seg.nrrd", ".dcm", ".nii.gz", ".nii", ".nrrd", ".mha")):
-        raise InputError(f"unknown output format {path!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
-    if low.endswith(".dcm") and volume is not None and not getattr(volume, "dicom_files", None):
-        raise InputError("a DICOM SEG output (.dcm) needs a DICOM series as input")
-    parent = Path(path).resolve().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write to {parent}")
-
-
-def _write_json(path: str, data: dict) -> None:
-    from samliverseg.core.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return None if not np.isfinite(o) else float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
-def _trained_model(args):
-    """The registered trained model that ``--model`` names (None for a built-in model)."""
-    from samliverseg.models.build_sam import MODEL_REGISTRY
-    from samliverseg.models.user_models import describe_user_model
-
-    if args.model in MODEL_REGISTRY:
-        return None
-    if args.checkpoint:
-        raise InputError(f"--checkpoint goes with a built-in model; {args.model!r} is not one (a trained model "
-                         f"has its own weights)")
-    return describe_user_model(args.model)  # metadata only; an unknown name: the error lists the models
-
-
-def _segment_automatic(args, trained, volume, prompts, t0: float, t_read: float) -> int:
+def _segment_automatic(args, entry, volume, prompts, t0: float, t_read: float, notes: List[str]) -> int:
     """An automatic (unet/student) trained model: the whole volume, no prompts (prompts are an error)."""
     import numpy as np
 
-    if not prompts.is_empty():
-        raise InputError(f"model {trained.name!r} ({trained.kind}) is automatic: it segments the whole volume "
-                         f"and takes no prompts; drop --box-ijk/--roi-ijk/--point-ijk/--negative-ijk/--prompts")
-    if args.window:
-        raise InputError(f"--window cannot be used with the automatic model {trained.name!r}: it windows the CT "
-                         f"as its training cache did")
-    from samliverseg.models.user_models import load_user_model
+    from samliverseg.api import call_with_cpu_fallback, open_model
+    from samliverseg.cli.output import write_result
 
+    if not prompts.is_empty():
+        raise InputError(f"model {entry.name!r} ({entry.family}) is automatic: it segments the whole volume "
+                         f"and takes no prompts; drop --box-ijk/--roi-ijk/--point-ijk/--negative-ijk/--prompts")
     t1 = time.perf_counter()
-    mask = np.asarray(load_user_model(trained, device=args.device).segment_volume(volume, device=args.device))
+    mask = call_with_cpu_fallback(lambda device: np.asarray(open_model(
+        args.model, args.checkpoint, device, args.window, precision=args.precision, notes=notes).segment_volume(volume)),
+        args.device, notes)  # a GPU out of memory: once more on the CPU
+    _print_notes(notes)
     if mask.shape != volume.array.shape:
-        raise SAMLiverSegError(f"model {trained.name!r} returned a mask of shape {mask.shape} for a volume of "
+        raise SAMLiverSegError(f"model {entry.name!r} returned a mask of shape {mask.shape} for a volume of "
                                f"shape {volume.array.shape}")
-    label = int(args.label)
-    write_output((mask > 0).astype("uint8") * label, volume, args.output, _segments_for(label, args.segment_name))
     voxels = int((mask > 0).sum())
     ks = np.nonzero((mask > 0).any(axis=(1, 2)))[0]
-    total = round(time.perf_counter() - t1, 3)
-    report = {"model": trained.name, "kind": trained.kind, "automatic": True, "voxels": voxels,
+    report = {"model": entry.name, "kind": entry.family, "automatic": True, "voxels": voxels,
               "volume_ml": round(voxels * float(np.prod(volume.spacing)) / 1000.0, 3),
-              "slices_with_mask": [int(ks[0]), int(ks[-1])] if ks.size else [], "timings": {"total_s": total},
-              "input": str(args.image), "output": str(args.output), "label": label,
-              "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
-              "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)}
-    if args.report:
-        _write_json(args.report, report)
-    print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, "
-          f"slices {report['slices_with_mask']} ({total} s)")
+              "slices_with_mask": [int(ks[0]), int(ks[-1])] if ks.size else [],
+              "timings": {"total_s": round(time.perf_counter() - t1, 3)}, "notes": notes}
+    write_result(args, volume, mask, report, t0, t_read)
     return EXIT_OK
 
 
 def cmd_segment(args) -> int:
-    from samliverseg.models.build_sam3d import is_model3d
-
-    if is_model3d(args.model):  # SAM-Med3D: clicks -> one 3D mask (engine3d.py)
-        from samliverseg.interactive.engine3d import segment_cli
-
-        return segment_cli(args)
-    from samliverseg.interactive.engine import PromptEngine
+    from samliverseg.api import call_with_cpu_fallback, open_model
+    from samliverseg.cli.output import write_result
     from samliverseg.core.prompts import validate_prompts
+    from samliverseg.io.export import check_output_path
     from samliverseg.io.volume import read_volume
+    from samliverseg.models.registry import find_model
+    from samliverseg.models.specs import SAM3D
 
+    entry = find_model(args.model, usable=True)  # an unknown name: the error lists every model
+    if entry.family == SAM3D:  # SAM-Med3D: clicks -> one 3D mask (cli/segment3d.py)
+        from samliverseg.cli.segment3d import segment_3d
+
+        return segment_3d(args)
     t0 = time.perf_counter()
     volume = read_volume(args.image)
-    _check_output_path(args.output, volume)
-    trained = _trained_model(args)  # a model trained with `samliverseg train` (user_models.py), else None
-    if trained is not None and trained.automatic:
-        return _segment_automatic(args, trained, volume, _prompts_from_args(args, volume), t0,
-                                  time.perf_counter() - t0)
+    check_output_path(args.output, volume)
+    notes: List[str] = []
+    if not entry.interactive:
+        return _segment_automatic(args, entry, volume, _prompts_from_args(args, volume), t0,
+                                  time.perf_counter() - t0, notes)
     prompts = validate_prompts(_prompts_from_args(args, volume), volume.array.shape)  # before loading a model
     t_read = time.perf_counter() - t0
-    if trained is not None:  # its trained weights and its training cache's window
-        from samliverseg.models.user_models import load_user_model
 
-        engine = load_user_model(trained, device=args.device).engine(device=args.device, window=args.window,
-                                                                     precision=args.precision, backend=args.backend)
-    else:
-        engine = PromptEngine(model=args.model, checkpoint=args.checkpoint, device=args.device, window=args.window,
-                              precision=args.precision, backend=args.backend)
-    if args.no_postprocess:
-        engine.settings.fill_holes = False
-        engine.settings.largest_component = False
-    engine.set_volume(volume)
-    result = engine.segment(prompts, propagate=not args.no_propagate)
-    labels = result.mask.astype("uint8") * int(args.label)
-    write_output(labels, volume, args.output, _segments_for(args.label, args.segment_name))
+    def run(device: str):
+        engine = open_model(args.model, args.checkpoint, device, args.window, precision=args.precision, notes=notes,
+                            backend=args.backend)
+        if args.no_postprocess:
+            engine.settings.fill_holes = False
+            engine.settings.largest_component = False
+        engine.set_volume(volume)
+        return engine, engine.segment(prompts, propagate=not args.no_propagate)
+
+    engine, result = call_with_cpu_fallback(run, args.device, notes)  # a GPU out of memory: once more on the CPU
+    _print_notes(notes)
     report = dict(result.report)
-    report.update({"input": str(args.image), "output": str(args.output), "label": int(args.label),
-                   "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
-                   "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)})
-    if trained is not None:
-        report.update({"model": trained.name, "kind": trained.kind, "base_model": trained.metadata.get("base_model"),
-                       "model_path": str(trained.path), "window": engine.window.spec()})
-    if args.report:
-        _write_json(args.report, report)
-    print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, "
-          f"slices {report['slices_with_mask']} ({report['timings']['total_s']} s)")
+    report["notes"] = notes
+    if entry.trained:
+        report.update({"model": entry.name, "kind": entry.family, "base_model": entry.info.get("base_model"),
+                       "model_path": entry.path, "window": engine.window.spec()})
+    write_result(args, volume, result.mask, report, t0, t_read)
     return EXIT_OK
 
 
-# -- evaluate -----------------------------------------------------------------------------------
-
 def cmd_evaluate(args) -> int:
-    from samliverseg.core.evaluation import evaluate_files, json_safe
+    from samliverseg.core.evaluation import evaluate_files
 
     metrics = evaluate_files(args.pred, args.ref, label=args.label, ref_label=args.ref_label)
     if args.json:
-        _write_json(args.json, json_safe(metrics))
+        write_json(args.json, metrics)
     for key, value in metrics.items():
         if isinstance(value, float):
             print(f"{key:>16}: {value:.4f}")
@@ -306,25 +240,38 @@ def cmd_evaluate(args) -> int:
 
 # -- models -------------------------------------------------------------------------------------
 
-def _print_user_models() -> None:
-    from samliverseg.models.user_models import list_user_models, models_dir
+def _print_model(r) -> None:
+    """One model of ``samliverseg models`` (a ``models.specs.ModelEntry``)."""
+    from samliverseg.models.weights import format_size
 
-    entries = list_user_models()
-    print(f"\ntrained models ({models_dir()}): {len(entries) or 'none'}")
-    for m in entries:
-        if m.error:
-            print(f"\n{m.name}: unusable: {m.error}")
-            continue
-        dice = f"{m.best_dice:.4f}" if m.best_dice is not None else "n/a"
-        how = "automatic, no prompts" if m.automatic else "interactive, prompts"
-        print(f"\n{m.name}: {m.kind} ({how}); base model {m.base_model or 'n/a'}; target {m.target or 'n/a'}; "
-              f"best val Dice {dice}")
-        print(f"  path: {m.path}")
+    if r.trained:
+        if r.info.get("error"):
+            print(f"\n{r.name}: unusable: {r.info['error']}")
+            return
+        dice = f"{r.info['best_dice']:.4f}" if r.info.get("best_dice") is not None else "n/a"
+        how = "interactive, prompts" if r.interactive else "automatic, no prompts"
+        print(f"\n{r.name}: {r.family} ({how}); base model {r.info.get('base_model') or 'n/a'}; "
+              f"target {r.info.get('target') or 'n/a'}; best val Dice {dice}")
+        print(f"  path: {r.path}")
+        return
+    default = " (default)" if r.default else ""
+    print(f"\n{r.name}{default}: {r.description} [{r.family}]")
+    if r.present:
+        print(f"  weights: present at {r.path}")
+    else:
+        size = f", {format_size(r.size)}" if r.size else ""
+        print(f"  weights: missing ({r.filename}{size}): {r.where}")
+        if r.download_url:
+            print(f"  download: {r.download_url}")
+    if r.note and r.present:
+        print(f"  note: {r.note}")
 
 
 def cmd_models(args) -> int:
-    from samliverseg.models.build_sam import model_status
-    from samliverseg.models.weights import cache_dir, format_size
+    from samliverseg.core.jsonutil import dumps
+    from samliverseg.models.registry import list_models
+    from samliverseg.models.user_models import models_dir
+    from samliverseg.models.weights import cache_dir
 
     if args.register:
         from samliverseg.models.user_models import register_trained_model
@@ -334,21 +281,19 @@ def cmd_models(args) -> int:
         return EXIT_OK
     if args.name or args.replace:
         raise InputError("--name and --replace go with --register MODEL.pth")
+    rows = list_models()  # every model: the SAM family, SAM-Med3D, then the trained ones
+    if args.json:
+        print(dumps({"weights_cache": str(cache_dir()), "models_folder": str(models_dir()),
+                     "models": [r.to_dict() for r in rows]}))
+        return EXIT_OK
     print(f"weights cache: {cache_dir()}")
-    for r in model_status():
-        default = " (default)" if r.is_default else ""
-        print(f"\n{r.name}{default}: {r.description}")
-        if r.present:
-            print(f"  weights: present at {r.path}")
-        else:
-            size = f", {format_size(r.size)}" if r.size else ""
-            where = f"put {r.filename}{size} in {cache_dir()}, set {r.env_var}, or pass --checkpoint FILE"
-            print(f"  weights: missing: {where}")
-            if r.download_url:
-                print(f"  download: {r.download_url}")
-        if r.note and r.present:
-            print(f"  note: {r.note}")
-    _print_user_models()
+    builtin = [r for r in rows if not r.trained]
+    trained = [r for r in rows if r.trained]
+    for r in builtin:
+        _print_model(r)
+    print(f"\ntrained models ({models_dir()}): {len(trained) or 'none'}")
+    for r in trained:
+        _print_model(r)
     return EXIT_OK
 
 
@@ -365,7 +310,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from samliverseg.models.build_sam import download_model
+    from samliverseg.models.registry import download_model
 
     def progress(done: int, total: Optional[int]) -> None:
         if total:
@@ -385,15 +330,14 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args) -> int:
+    from samliverseg.service.server import run_worker
+
+    return run_worker(args)
+
+
 COMMANDS = {"segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "models": cmd_models,
-            "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train}
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    oom_types = tuple(t for t in (getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t)
-    return isinstance(exc, oom_types) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+            "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train, "worker": cmd_worker}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -408,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
     except Exception as exc:  # the last line of defence: one line, not a traceback
-        if _is_oom(exc):
+        if is_out_of_memory(exc):
             print("error: out of memory: use --device cpu, close other GPU programs, or a smaller model", file=sys.stderr)
             return EXIT_OOM
         if args.debug:

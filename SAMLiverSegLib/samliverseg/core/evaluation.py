@@ -15,8 +15,12 @@ Edge cases (by definition, MONAI is not called for them):
 
 * both masks empty: dice = iou = precision = recall = 1, hd95 = assd = 0, ``empty = "both"``;
 * exactly one empty: dice = iou = precision = recall = 0, hd95 = assd = ``inf``,
-  ``empty = "pred"`` or ``"ref"`` and a ``note``. :func:`json_safe` turns ``inf`` into ``None``
-  (JSON ``null``) so that the report stays valid JSON; keep the note with it.
+  ``empty = "pred"`` or ``"ref"`` and a ``note``. :func:`samliverseg.core.jsonutil.json_safe`
+  turns ``inf`` into ``None`` (JSON ``null``) so that the report stays valid JSON; keep the note
+  with it.
+
+:func:`dice` is the project's one Dice (MONAI's ``compute_dice``, the same edge cases), for
+callers that need only the overlap.
 
 Otherwise precision = TP / (TP + FP) and recall = TP / (TP + FN) are always defined (both masks
 are non-empty; precision is 0 when nothing predicted overlaps, as is recall).
@@ -32,8 +36,9 @@ from typing import Dict, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from samliverseg.core.errors import InputError
+from samliverseg.core.geometry import Grid
 
-__all__ = ["evaluate", "evaluate_files", "json_safe", "METRIC_KEYS"]
+__all__ = ["dice", "evaluate", "evaluate_files", "METRIC_KEYS"]
 
 METRIC_KEYS = ("dice", "iou", "precision", "recall", "hd95_mm", "assd_mm",
                "volume_pred_ml", "volume_ref_ml", "voxels_pred", "voxels_ref")
@@ -45,6 +50,29 @@ def _to_tensor(mask: np.ndarray):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float64)[None, None])
+
+
+def _monai_dice(pred_t, ref_t) -> float:
+    """MONAI's Dice of two (1, 1, ...) tensors: the one Dice formula of the project."""
+    from monai.metrics import compute_dice
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(compute_dice(pred_t, ref_t, include_background=True)[0, 0])
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two masks of one shape (non-zero = foreground): 1.0 when both are empty, 0.0 when
+    exactly one is (as :func:`evaluate`), else MONAI's ``compute_dice``."""
+    p = np.asarray(pred) != 0
+    r = np.asarray(ref) != 0
+    if p.shape != r.shape:
+        raise InputError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+    n_pred, n_ref = int(p.sum()), int(r.sum())
+    if n_pred == 0 or n_ref == 0:
+        return 1.0 if n_pred == n_ref else 0.0
+    p, r = _crop_joint(p, r, margin=0)
+    return _monai_dice(_to_tensor(p), _to_tensor(r))
 
 
 def evaluate(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> Dict[str, object]:
@@ -85,14 +113,14 @@ def evaluate(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> Dic
         return _ordered(out)
 
     from monai.metrics import (compute_average_surface_distance, compute_confusion_matrix_metric,
-                               compute_dice, compute_hausdorff_distance, compute_iou, get_confusion_matrix)
+                               compute_hausdorff_distance, compute_iou, get_confusion_matrix)
 
     # crop both masks to their joint bounding box plus a margin: same metrics, far less work
     p, r = _crop_joint(p, r, margin=2)
     tp_, tr_ = _to_tensor(p), _to_tensor(r)
+    dice_value = _monai_dice(tp_, tr_)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dice = float(compute_dice(tp_, tr_, include_background=True)[0, 0])
         iou = float(compute_iou(tp_, tr_, include_background=True)[0, 0])
         cm = get_confusion_matrix(tp_, tr_, include_background=True)
         precision = float(compute_confusion_matrix_metric("precision", cm)[0, 0])
@@ -101,7 +129,7 @@ def evaluate(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> Dic
                                                 spacing=spacing_array_order)[0, 0])
         assd = float(compute_average_surface_distance(tp_, tr_, include_background=True, symmetric=True,
                                                       spacing=spacing_array_order)[0, 0])
-    out.update(dice=dice, iou=iou, precision=_nan_to(precision, 0.0), recall=_nan_to(recall, 0.0),
+    out.update(dice=dice_value, iou=iou, precision=_nan_to(precision, 0.0), recall=_nan_to(recall, 0.0),
                hd95_mm=hd95, assd_mm=assd, empty="none")
     return _ordered(out)
 
@@ -123,20 +151,6 @@ def _crop_joint(p: np.ndarray, r: np.ndarray, margin: int):
 def _ordered(d: Dict[str, object]) -> Dict[str, object]:
     keys = list(METRIC_KEYS) + [k for k in d if k not in METRIC_KEYS]
     return {k: d[k] for k in keys if k in d}
-
-
-def json_safe(metrics: Dict[str, object]) -> Dict[str, object]:
-    """A copy with non-finite floats as ``None`` and numpy scalars as Python numbers (for ``json.dumps``)."""
-    out: Dict[str, object] = {}
-    for k, v in metrics.items():
-        if isinstance(v, (np.integer,)):
-            v = int(v)
-        elif isinstance(v, (float, np.floating)):
-            v = float(v) if math.isfinite(float(v)) else None
-        elif isinstance(v, dict):
-            v = json_safe(v)
-        out[k] = v
-    return out
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -168,22 +182,6 @@ def _select(arr: np.ndarray, label: LabelSpec) -> np.ndarray:
     return arr == int(label)
 
 
-def _grid_differences(a, b, tol_mm: float = 1e-3, tol_dir: float = 1e-4) -> Sequence[str]:
-    diffs = []
-    if a.GetSize() != b.GetSize():
-        diffs.append(f"size {list(a.GetSize())} vs {list(b.GetSize())}")
-    sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
-    if not np.allclose(sa, sb, rtol=1e-4, atol=tol_mm):
-        diffs.append(f"spacing {np.round(sa, 4).tolist()} vs {np.round(sb, 4).tolist()} mm")
-    oa, ob = np.array(a.GetOrigin()), np.array(b.GetOrigin())
-    if not np.allclose(oa, ob, rtol=0, atol=max(tol_mm, 1e-3 * float(min(sa.min(), sb.min())))):
-        diffs.append(f"origin {np.round(oa, 3).tolist()} vs {np.round(ob, 3).tolist()} mm")
-    da, db = np.array(a.GetDirection()), np.array(b.GetDirection())
-    if not np.allclose(da, db, rtol=0, atol=tol_dir):
-        diffs.append(f"direction {np.round(da, 4).tolist()} vs {np.round(db, 4).tolist()}")
-    return diffs
-
-
 def evaluate_files(pred_path: Union[str, os.PathLike], ref_path: Union[str, os.PathLike],
                    label: LabelSpec = None, ref_label: LabelSpec = None) -> Dict[str, object]:
     """Read two label images (NIfTI, NRRD, MHA, ...) and :func:`evaluate` them.
@@ -191,18 +189,18 @@ def evaluate_files(pred_path: Union[str, os.PathLike], ref_path: Union[str, os.P
     ``label`` selects the prediction's foreground: ``N`` (or a list of values) means voxels equal
     to it, ``None`` (default) means all voxels ``> 0``. ``ref_label`` does the same for the
     reference, independently (default ``> 0``): to compare tumour with tumour in two LiTS-style
-    label maps pass ``label=2, ref_label=2``. The two images must share their grid (size,
-    spacing within 1e-4 relative / 1e-3 mm, origin within 1e-3 mm, direction within 1e-4), else
-    :class:`InputError` says what differs. The distances use the reference image's spacing.
+    label maps pass ``label=2, ref_label=2``. The two images must share their grid
+    (:meth:`samliverseg.core.geometry.Grid.mismatch`: size, spacing and origin within 1e-3 mm,
+    direction within 1e-3 mm at the far corner), else :class:`InputError` says what differs. The distances use the reference image's spacing.
     """
     import SimpleITK as sitk
 
     pred_img = _read(pred_path, "prediction")
     ref_img = _read(ref_path, "reference")
-    diffs = _grid_differences(pred_img, ref_img)
-    if diffs:
-        raise InputError("prediction and reference are on different grids: " + "; ".join(diffs)
-                         + " (resample the prediction onto the reference grid)")
+    why = Grid.of_sitk(ref_img).mismatch(Grid.of_sitk(pred_img), mine="the reference's")
+    if why:
+        raise InputError(f"prediction and reference are on different grids: the prediction's {why} "
+                         "(resample the prediction onto the reference grid)")
     pred = _select(sitk.GetArrayViewFromImage(pred_img), label)
     ref = _select(sitk.GetArrayViewFromImage(ref_img), ref_label)
     return evaluate(pred, ref, ref_img.GetSpacing())

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 __all__ = [
     "axis_index", "get_slice", "bbox_2d", "bbox_3d", "slice_areas", "nonempty_slices",
-    "largest_slice", "middle_slice", "interior_point", "slice_box", "dice",
+    "largest_slice", "middle_slice", "interior_point", "slice_box",
 ]
 
 Axis = Union[int, str]
@@ -151,10 +151,3 @@ def slice_box(mask3d: np.ndarray, axis: Axis = "k", index: Optional[int] = None,
     hi[in_plane[0]], hi[in_plane[1]] = float(c1), float(r1)
     lo[ijk_axis] = hi[ijk_axis] = float(index)
     return SliceBox(tuple(lo), tuple(hi))  # type: ignore[arg-type]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Plain Dice of two masks (1.0 when both are empty). For reported metrics use :mod:`samliverseg.core.evaluation`."""
-    a, b = np.asarray(a) != 0, np.asarray(b) != 0
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total

@@ -55,7 +55,8 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 def run_demo(args) -> Dict:
     """Run the demo for the parsed CLI ``args``; returns the report (also written to disk)."""
     from samliverseg.interactive.engine import PromptEngine
-    from samliverseg.core.evaluation import evaluate, json_safe
+    from samliverseg.core.evaluation import evaluate
+    from samliverseg.core.jsonutil import json_safe
     from samliverseg.io.export import LIVER, LIVER_TUMOR, read_labelmap, write_labelmap, write_seg_nrrd
     from samliverseg.io.overlay import save_overlay_png, to_lps_view
     from samliverseg.core.prompts import SliceBox

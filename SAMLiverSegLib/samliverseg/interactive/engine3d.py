@@ -8,8 +8,9 @@ Frames and grids
 * Clicks are IJK voxel indices of the input volume (i column, j row, k slice; fractional
   allowed; a point must lie inside the volume, ``-0.5 <= i <= I - 0.5`` etc., else
   :class:`PromptError`). ``labels``: 1 positive (on the object), 0 negative.
-* **Working grid G** (:func:`resampled_grid`): the volume resampled to ``t`` = 1.5 mm isotropic
-  (SimpleITK, linear) with the *same origin and direction* as the input, so that a point maps by
+* **Working grid G** (``Grid.resampled((t, t, t), extent="cover")``): the volume resampled to
+  ``t`` = 1.5 mm isotropic (:func:`samliverseg.core.geometry.resample`, linear, the volume's
+  minimum outside) with the *same origin and direction* as the input, so that a point maps by
   a per-axis scaling: ``g_ijk = ijk * spacing_ijk / t`` and ``lps = origin + D @ (t * g_ijk)``
   for both grids. G has ``floor((n - 1/2) s / t) + 1`` voxels along an axis of n voxels of
   spacing s, so it covers the input's extent. Any direction (oblique, flipped) is kept as is.
@@ -64,7 +65,6 @@ are kept (all of them when no positive click is inside the mask).
 from __future__ import annotations
 
 import copy
-import math
 import threading
 import time
 import zlib
@@ -73,7 +73,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
@@ -83,7 +82,8 @@ from samliverseg.core.devices import resolve_device
 from samliverseg.core.errors import CancelledError, InputError, PromptError
 from samliverseg.modeling3d import Sam3DModel
 from samliverseg.core.postprocess import label_components
-from samliverseg.io.volume import LPS_TO_RAS, Volume
+from samliverseg.core.geometry import LPS_TO_RAS, Grid, resample
+from samliverseg.io.volume import Volume
 
 Int3 = Tuple[int, int, int]
 Float3 = Tuple[float, float, float]
@@ -91,78 +91,14 @@ Float3 = Tuple[float, float, float]
 # ============================================================================ geometry (pure)
 
 
-@dataclass(frozen=True)
-class Grid:
-    """A regular grid: numpy shape (K, J, I), spacing (si, sj, sk) mm, LPS origin, direction
-    (3x3, columns = LPS directions of i, j, k)."""
-
-    shape_kji: Int3
-    spacing: Float3
-    origin: Float3
-    direction: Tuple[Float3, Float3, Float3]
-
-    @property
-    def direction_matrix(self) -> np.ndarray:
-        return np.asarray(self.direction, dtype=float)
-
-    def ijk_to_lps(self, ijk: Any) -> np.ndarray:
-        p = np.atleast_2d(np.asarray(ijk, dtype=float))
-        out = p @ (self.direction_matrix @ np.diag(self.spacing)).T + np.asarray(self.origin)
-        return out[0] if np.ndim(ijk) == 1 else out
-
-    def reference_image(self) -> sitk.Image:
-        k, j, i = self.shape_kji
-        ref = sitk.Image([int(i), int(j), int(k)], sitk.sitkFloat32)
-        ref.SetSpacing([float(s) for s in self.spacing])
-        ref.SetOrigin([float(o) for o in self.origin])
-        ref.SetDirection([float(v) for v in self.direction_matrix.ravel()])
-        return ref
-
-
-def grid_of(volume: Volume) -> Grid:
-    d = np.asarray(volume.direction, dtype=float)
-    return Grid(tuple(int(s) for s in volume.array.shape), tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
-                tuple(float(o) for o in volume.origin), tuple(tuple(float(v) for v in row) for row in d))  # type: ignore[arg-type]
-
-
-def resampled_grid(grid: Grid, target_mm: float) -> Grid:
-    """The isotropic working grid: same origin and direction, spacing ``target_mm``, covering the
-    input's extent (``floor((n - 1/2) s / t) + 1`` voxels per axis)."""
-    t = float(target_mm)
-    if not t > 0:
-        raise InputError(f"target spacing must be positive, got {target_mm}")
-    n_ijk = grid.shape_kji[::-1]
-    sizes = [max(1, int(math.floor((n - 0.5) * s / t + 1e-6)) + 1) for n, s in zip(n_ijk, grid.spacing)]
-    return Grid((sizes[2], sizes[1], sizes[0]), (t, t, t), grid.origin, grid.direction)
-
-
 def input_ijk_to_grid_ijk(ijk: Any, input_grid: Grid, work_grid: Grid) -> np.ndarray:
     """IJK of the input grid -> continuous IJK of the working grid (same origin and direction)."""
     return np.asarray(ijk, dtype=float) * np.asarray(input_grid.spacing) / np.asarray(work_grid.spacing)
 
 
-def resample_to_grid(volume: Volume, grid: Grid, default_value: Optional[float] = None) -> np.ndarray:
-    """The volume's HU on ``grid`` (linear interpolation) -> float32 [k, j, i]."""
-    img = volume.to_sitk()
-    if img.GetPixelID() != sitk.sitkFloat32:
-        img = sitk.Cast(img, sitk.sitkFloat32)
-    default = float(np.min(volume.array)) if default_value is None else float(default_value)
-    out = sitk.Resample(img, grid.reference_image(), sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out).astype(np.float32, copy=False)
-
-
-def grid_to_input(values: np.ndarray, work_grid: Grid, input_grid: Grid) -> np.ndarray:
-    """Values on the working grid (e.g. probabilities) -> the input grid, linear, 0 outside."""
-    img = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))
-    img.SetSpacing([float(s) for s in work_grid.spacing])
-    img.SetOrigin([float(o) for o in work_grid.origin])
-    img.SetDirection([float(v) for v in work_grid.direction_matrix.ravel()])
-    out = sitk.Resample(img, input_grid.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out)
-
-
 def grid_to_input_mask(prob: np.ndarray, work_grid: Grid, input_grid: Grid, threshold: float = 0.5) -> np.ndarray:
-    """``grid_to_input(prob) > threshold`` as uint8 [k, j, i], computed only over the input voxels
+    """``prob`` resampled linearly (0 outside) onto the input grid, ``> threshold``, as uint8 [k, j, i],
+    computed only over the input voxels
     that can exceed the threshold: those within one working voxel of a working voxel above it
     (linear interpolation cannot exceed its neighbours)."""
     out = np.zeros(input_grid.shape_kji, dtype=np.uint8)
@@ -178,11 +114,8 @@ def grid_to_input_mask(prob: np.ndarray, work_grid: Grid, input_grid: Grid, thre
     x_lo = np.clip(np.floor(lo * ratio - 1e-6).astype(int), 0, n_in - 1)
     x_hi = np.clip(np.ceil(hi * ratio + 1e-6).astype(int), 0, n_in - 1)
     size = x_hi - x_lo + 1
-    d = input_grid.direction_matrix
-    sub = Grid((int(size[2]), int(size[1]), int(size[0])), input_grid.spacing,
-               tuple(float(v) for v in np.asarray(input_grid.origin) + d @ (np.asarray(input_grid.spacing) * x_lo)),  # type: ignore[arg-type]
-               input_grid.direction)
-    part = grid_to_input(prob, work_grid, sub) > threshold
+    sub = input_grid.sub_grid(x_lo, size)
+    part = resample(np.asarray(prob, dtype=np.float32), work_grid, sub, interpolator="linear", default_value=0.0).array > threshold
     out[x_lo[2]:x_hi[2] + 1, x_lo[1]:x_hi[1] + 1, x_lo[0]:x_hi[0] + 1] = part
     return out
 
@@ -578,9 +511,11 @@ class Sam3DEngine:
         with self._lock:
             if self._prepared is not None and self._prepared.key == key:
                 return self._prepared
-            input_grid = grid_of(volume)
-            work = resampled_grid(input_grid, self.target_spacing)
-            arr = resample_to_grid(volume, work)
+            input_grid = volume.grid
+            t = self.target_spacing
+            work = input_grid.resampled((t, t, t), extent="cover")
+            arr = resample(volume.array.astype(np.float32, copy=False), input_grid, work, interpolator="linear",
+                           default_value=float(np.min(volume.array))).array
             self._prepared = _Prepared(key, input_grid, work, arr)
             self._embeddings.clear()
             return self._prepared
@@ -814,61 +749,10 @@ def keep_clicked_components(mask: np.ndarray, positive_ijk: Sequence[Float3]) ->
     return np.isin(lab, sorted(keep)).astype(np.uint8)
 
 
-def segment_cli(args) -> int:
-    """``samliverseg segment IMAGE -o OUT --model sam_med3d[_turbo] --point-ijk I J K [--negative-ijk ...]``.
-
-    Clicks come from ``--point-ijk`` / ``--negative-ijk`` and the points of ``--prompts`` markups
-    files (positive points first: the first one opens the first patch). Options of the 2D
-    engine that have no meaning here (boxes, ROIs, ``--window``, ``--precision``) are refused.
-    """
-    from samliverseg.cli import commands as cli
-    from samliverseg.io.volume import read_volume
-
-    if args.box_ijk or args.roi_ijk:
-        raise InputError(f"{args.model} is a 3D model that takes clicks only (--point-ijk, --negative-ijk), "
-                         "not --box-ijk or --roi-ijk")
-    if args.window:
-        raise InputError(f"--window does not apply to {args.model}: it z-scores the HU of each patch itself")
-    if args.precision != "fp32":
-        raise InputError(f"--precision {args.precision} is not supported by {args.model}; leave it at fp32")
-    t0 = time.perf_counter()
-    volume = read_volume(args.image)
-    cli._check_output_path(args.output, volume)
-    positive = [tuple(p) for p in args.point_ijk]
-    negative = [tuple(p) for p in args.negative_ijk]
-    if args.prompts:
-        from samliverseg.io.markups import markups_to_prompts
-
-        for path in args.prompts:
-            extra = markups_to_prompts(path, volume)
-            if extra.roi is not None or extra.box is not None:
-                raise InputError(f"{path}: {args.model} takes points only, not an ROI")
-            positive += list(extra.positive)
-            negative += list(extra.negative)
-    points = positive + negative
-    labels = [1] * len(positive) + [0] * len(negative)
-    validate_clicks(volume.array.shape, points, labels)  # before loading a model
-    t_read = time.perf_counter() - t0
-    settings = Sam3DSettings(keep_clicked_components=not args.no_postprocess)
-    engine = Sam3DEngine(args.model, checkpoint=args.checkpoint, device=args.device, settings=settings)
-    result = engine.segment(volume, points, labels)
-    labels_out = result.mask.astype("uint8") * int(args.label)
-    cli.write_output(labels_out, volume, args.output, cli._segments_for(args.label, args.segment_name))
-    report = dict(result.report)
-    report.update({"input": str(args.image), "output": str(args.output), "label": int(args.label),
-                   "volume_shape_kji": list(volume.array.shape), "spacing_ijk_mm": list(map(float, volume.spacing)),
-                   "read_s": round(t_read, 3), "wall_s": round(time.perf_counter() - t0, 3)})
-    if args.report:
-        cli._write_json(args.report, report)
-    print(f"wrote {args.output}: {report['voxels']} voxels, {report['volume_ml']} ml, slices {report['slices_with_mask']}, "
-          f"{len(report['patches'])} patch(es) ({report['timings']['total_s']} s)")
-    return cli.EXIT_OK
-
-
 __all__ = [
-    "CubeLayout", "Grid", "PatchBox", "PatchState", "Sam3DEngine", "Sam3DResult", "Sam3DSettings", "Sam3DState",
-    "blend_patches", "crop_patch", "cube_index_to_grid_kji", "cube_to_patch", "gaussian_weight", "grid_of",
-    "grid_to_input", "grid_to_input_mask", "input_ijk_to_grid_ijk", "keep_clicked_components", "layout_for",
-    "patch_around", "patch_point_to_cube", "patch_to_cube", "resample_to_grid", "resampled_grid", "segment_cli",
-    "sliding_candidates", "validate_clicks", "volume_key", "zscore_patch",
+    "CubeLayout", "PatchBox", "PatchState", "Sam3DEngine", "Sam3DResult", "Sam3DSettings", "Sam3DState",
+    "blend_patches", "crop_patch", "cube_index_to_grid_kji", "cube_to_patch", "gaussian_weight",
+    "grid_to_input_mask", "input_ijk_to_grid_ijk", "keep_clicked_components", "layout_for",
+    "patch_around", "patch_point_to_cube", "patch_to_cube", "sliding_candidates", "validate_clicks", "volume_key",
+    "zscore_patch",
 ]

@@ -537,134 +537,145 @@ def read_dicom_seg(path: PathLike, volume: Volume, segments: Optional[Sequence[S
                    with_segments: bool = False):
     """Labels uint8 [k, j, i] on ``volume``'s grid from a DICOM Segmentation.
 
-    Each frame is placed on the slice whose position matches the frame's
-    ImagePositionPatient (so frame order and referenced instances do not matter); frames must
-    lie on the volume's slices (same orientation and pixel spacing, integral slice index),
-    otherwise :class:`InputError`. A voxel's value is its segment number, or, when
-    ``segments`` are given, the ``label_value`` of the segment whose name equals the DICOM
-    segment label. Where segments overlap, the higher segment number wins. BINARY, FRACTIONAL
-    (threshold at half the maximum) and LABELMAP segmentations are read.
+    Read with highdicom (``segread(path).get_volume()``: the frames sorted into a regular
+    volume, whatever their order); that volume must lie on the volume's slices (same
+    orientation and pixel spacing, frames on whole slice indices), otherwise
+    :class:`InputError`. A voxel's value is its segment number, or, when ``segments`` are
+    given, the ``label_value`` of the segment whose name equals the DICOM segment label. Where
+    segments overlap, the higher segment number wins. BINARY, FRACTIONAL (fractions >= 0.5) and
+    LABELMAP segmentations are read.
 
     With ``with_segments=True`` returns ``(labels, [(segment number, label, SegmentInfo)])``.
     """
-    import pydicom
+    import highdicom as hd
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(f"DICOM SEG file {p} does not exist")
     try:
-        ds = pydicom.dcmread(str(p))
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{p.name} is not a readable DICOM file: {exc}") from None
-    sop = str(ds.get("SOPClassUID", ""))
-    if sop not in (SEG_SOP_CLASS_UID, LABELMAP_SEG_SOP_CLASS_UID):
-        raise InputError(f"{p.name} is not a DICOM Segmentation (SOP class {sop or 'missing'})")
+        seg = hd.seg.segread(str(p))
+    except Exception as exc:  # noqa: BLE001 - pydicom/highdicom raise many kinds
+        raise InputError(f"{p.name} is not a DICOM Segmentation ({_first_line(exc)})") from None
     nk, nj, ni = volume.shape
-    if int(ds.Rows) != nj or int(ds.Columns) != ni:
-        raise InputError(f"{p.name} frames are {ds.Columns}×{ds.Rows}, the volume's slices {ni}×{nj}")
-    try:
-        frames = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot decode the frames of {p.name}: {exc}") from None
-    nframes = int(ds.get("NumberOfFrames", 1))
-    frames = frames.reshape(nframes, nj, ni)
-    seg_type = str(ds.get("SegmentationType", "BINARY"))
-    if sop == LABELMAP_SEG_SOP_CLASS_UID or seg_type == "LABELMAP":
-        seg_type = "LABELMAP"
-    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame is None or len(per_frame) != nframes:
-        raise InputError(f"{p.name} lacks per-frame positions; cannot place its frames")
-
-    def attr(fg, seq, name):
-        for group in (fg, shared):
-            if group is not None and seq in group and name in group[seq][0]:
-                return group[seq][0][name].value
-        return None
-
-    # Descriptions: number -> (label, SegmentInfo)
-    desc: Dict[int, Tuple[str, SegmentInfo]] = {}
-    for item in ds.get("SegmentSequence", []):
-        num = int(item.SegmentNumber)
-        name = str(item.get("SegmentLabel", f"Segment {num}"))
-        cat = item.SegmentedPropertyCategoryCodeSequence[0] if "SegmentedPropertyCategoryCodeSequence" in item else None
-        typ = item.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in item else None
-        region = item.AnatomicRegionSequence[0] if "AnatomicRegionSequence" in item else None
-
-        def code(c):
-            return Code(str(c.CodeValue), str(c.CodingSchemeDesignator), str(c.CodeMeaning)) if c is not None else None
-
-        color = (0.5, 0.5, 0.5)
-        if "RecommendedDisplayCIELabValue" in item:
-            try:
-                from highdicom.color import CIELabColor
-
-                rgb = CIELabColor.from_dicom_value(list(item.RecommendedDisplayCIELabValue)).to_rgb()
-                color = tuple(round(float(c) / 255.0, 4) for c in rgb)
-            except Exception:  # noqa: BLE001 - a colour is not worth failing for
-                pass
-        desc[num] = (name, SegmentInfo(num, name, color, code(cat) or Code("", "", ""),
-                                       code(typ) or Code("", "", ""), anatomic_region=code(region)))
+    if int(seg.Rows) != nj or int(seg.Columns) != ni:
+        raise InputError(f"{p.name} frames are {seg.Columns}×{seg.Rows}, the volume's slices {ni}×{nj}")
+    desc = {n: _segment_info(seg.get_segment_description(n)) for n in sorted(seg.segment_numbers)}
     value_of: Dict[int, int] = {n: n for n in desc}
     if segments is not None:
         by_name = {s.name.lower(): int(s.label_value) for s in segments}
-        for n, (name, _) in desc.items():
-            if name.lower() not in by_name:
-                raise InputError(f"{p.name}: segment {n} {name!r} matches none of the given segments")
-            value_of[n] = by_name[name.lower()]
+        for n, info in desc.items():
+            if info.name.lower() not in by_name:
+                raise InputError(f"{p.name}: segment {n} {info.name!r} matches none of the given segments")
+            value_of[n] = by_name[info.name.lower()]
     if any(v > 255 for v in value_of.values()):
         raise InputError(f"{p.name} has more than 255 segments")
-
-    vol_dir = volume.direction
-    placements = []
-    for f in range(nframes):
-        fg = per_frame[f]
-        iop = attr(fg, "PlaneOrientationSequence", "ImageOrientationPatient")
-        ipp = attr(fg, "PlanePositionSequence", "ImagePositionPatient")
-        ps = attr(fg, "PixelMeasuresSequence", "PixelSpacing")
-        if ipp is None:
-            raise InputError(f"{p.name} frame {f + 1} has no ImagePositionPatient")
-        if iop is not None:
-            rc = np.array([float(v) for v in iop]).reshape(2, 3)
-            if np.abs(rc[0] - vol_dir[:, 0]).max() > 1e-3 or np.abs(rc[1] - vol_dir[:, 1]).max() > 1e-3:
-                raise InputError(f"{p.name}: frames are not parallel to the volume's slices (another orientation)")
-        if ps is not None:
-            ps_ij = (float(ps[1]), float(ps[0]))  # PixelSpacing = (row spacing = j, column spacing = i)
-            if abs(ps_ij[0] - volume.spacing[0]) > 1e-3 or abs(ps_ij[1] - volume.spacing[1]) > 1e-3:
-                raise InputError(f"{p.name}: pixel spacing {ps_ij} differs from the volume's {volume.spacing[:2]}")
-        ijk = volume.lps_to_ijk(np.array([float(v) for v in ipp]))
-        k = int(round(float(ijk[2])))
-        if abs(ijk[0]) > 0.01 or abs(ijk[1]) > 0.01 or abs(ijk[2] - k) > 0.01 or not 0 <= k < nk:
-            raise InputError(f"{p.name} frame {f + 1} at {tuple(np.round(ipp, 2))} is not on a slice of the volume")
-        if seg_type == "LABELMAP":
-            number = 0
-        else:
-            number = attr(fg, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
-            if number is None:
-                raise InputError(f"{p.name} frame {f + 1} has no segment number")
-            number = int(number)
-            if number not in value_of:
-                value_of[number] = number
-        placements.append((number, k, f))
-
+    numbers = sorted(desc)
     labels = np.zeros(volume.shape, dtype=np.uint8)
-    maxfrac = float(ds.get("MaximumFractionalValue", 255) or 255)
-    for number, k, f in sorted(placements):
-        frame = frames[f]
-        if seg_type == "LABELMAP":
-            for n in np.unique(frame):
-                if n:
-                    labels[k][frame == n] = value_of.get(int(n), int(n))
-            continue
-        mask = frame >= maxfrac / 2.0 if seg_type == "FRACTIONAL" else frame > 0
-        labels[k][mask] = value_of[number]
+    if numbers:
+        try:
+            seg_volume = seg.get_volume(combine_segments=False, segment_numbers=numbers)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"{p.name}: its frames do not form a regular volume ({_first_line(exc)})") from None
+        ks = _seg_slices_on(volume, seg_volume.affine, seg_volume.spatial_shape[0], p.name)
+        for c, n in enumerate(numbers):  # ascending: a higher segment number wins where they overlap
+            mask = seg_volume.array[..., c] >= 0.5  # binary 0/1; fractional rescaled to 0..1
+            labels[ks] = np.where(mask, np.uint8(value_of[n]), labels[ks])
     if with_segments:
-        return labels, [(n, desc[n][0], desc[n][1]) for n in sorted(desc)]
+        return labels, [(n, desc[n].name, desc[n]) for n in numbers]
     return labels
+
+
+def _first_line(exc: BaseException) -> str:
+    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
+
+
+def _seg_slices_on(volume: Volume, affine: np.ndarray, n_slices: int, name: str) -> np.ndarray:
+    """The volume's slice index k of each slice of a highdicom volume (``affine``: (slice, row,
+    column) -> LPS); InputError unless its rows and columns are the volume's j and i and its
+    slices lie on whole slices of the volume."""
+    m = volume.grid.lps_to_ijk_matrix() @ np.asarray(affine, dtype=float)  # (slice, row, column, 1) -> (i, j, k, 1)
+    col, row, step = m[:3, 2], m[:3, 1], m[:3, 0]
+    unit = [v / max(np.linalg.norm(v * volume.spacing), 1e-12) for v in (col, row)]
+    if np.abs(unit[0] * volume.spacing - (1, 0, 0)).max() > 1e-3 or np.abs(unit[1] * volume.spacing - (0, 1, 0)).max() > 1e-3:
+        raise InputError(f"{name}: frames are not parallel to the volume's slices (another orientation)")
+    if abs(col[0] - 1.0) > 1e-3 or abs(row[1] - 1.0) > 1e-3:
+        mm = (float(col[0] * volume.spacing[0]), float(row[1] * volume.spacing[1]))
+        raise InputError(f"{name}: pixel spacing {tuple(round(v, 4) for v in mm)} differs from the volume's "
+                         f"{volume.spacing[:2]}")
+    ks = m[2, 3] + step[2] * np.arange(n_slices)
+    off = np.abs(m[:2, 3]).max()
+    if off > 0.01 or np.abs(step[:2]).max() > 0.01 or np.abs(ks - np.round(ks)).max() > 0.01 \
+            or np.round(ks).min() < 0 or np.round(ks).max() >= volume.shape[0]:
+        first = np.round(m[:3, 3], 2).tolist()
+        raise InputError(f"{name} frames are not on a slice of the volume (first frame at i, j, k = {first})")
+    return np.round(ks).astype(int)
+
+
+def _segment_info(d) -> SegmentInfo:
+    """A highdicom SegmentDescription as a SegmentInfo (label value = segment number)."""
+    def code(c):
+        return Code(str(c.value), str(c.scheme_designator), str(c.meaning)) if c is not None else Code("", "", "")
+
+    color: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+    lab = d.get("RecommendedDisplayCIELabValue")
+    if lab is not None:
+        try:
+            from highdicom.color import CIELabColor
+
+            rgb = CIELabColor.from_dicom_value(list(lab)).to_rgb()
+            color = tuple(round(float(c) / 255.0, 4) for c in rgb)  # type: ignore[assignment]
+        except Exception:  # noqa: BLE001 - a colour is not worth failing for
+            pass
+    regions = d.anatomic_regions
+    return SegmentInfo(int(d.segment_number), str(d.segment_label), color, code(d.segmented_property_category),
+                       code(d.segmented_property_type), anatomic_region=code(regions[0]) if regions else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# output by file name (the CLI's -o)
+# ---------------------------------------------------------------------------------------------
+#: What :func:`write_segmentation` writes, by the end of the file name.
+OUTPUT_SUFFIXES = (".seg.nrrd", ".dcm") + LABELMAP_SUFFIXES
+
+
+def check_output_path(path: PathLike, volume: Optional[Volume] = None) -> None:
+    """Refuse, before any work, an output that :func:`write_segmentation` could not write:
+    an unknown extension, a DICOM SEG without a DICOM series, a folder that is not writable."""
+    low = str(path).lower()
+    if not low.endswith(OUTPUT_SUFFIXES):
+        raise InputError(f"unknown output format {str(path)!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
+    if low.endswith(".dcm") and volume is not None and not volume.dicom_files:
+        raise InputError("a DICOM SEG output (.dcm) needs a DICOM series as input")
+    parent = Path(path).resolve().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write to {parent}")
+
+
+def segments_for(label: int, name: Optional[str] = None) -> List[SegmentInfo]:
+    """The one segment of a single-object result: label 1 Liver, 2 Liver tumor (others: Liver's
+    terminology); a ``name`` containing "tum" takes the tumour's terminology."""
+    if name is None:
+        return [{1: LIVER, 2: LIVER_TUMOR}.get(int(label), LIVER).with_label(label)]
+    base = LIVER_TUMOR if "tum" in name.lower() else LIVER
+    return [base.with_label(label, name=name)]
+
+
+def write_segmentation(labels: np.ndarray, volume: Volume, path: PathLike,
+                       segments: Sequence[SegmentInfo] = DEFAULT_SEGMENTS) -> Path:
+    """Write labels [k, j, i] in the format the file name says: ``.seg.nrrd`` (Slicer
+    segmentation), ``.dcm`` (DICOM SEG) or a plain label map (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``)."""
+    low = str(path).lower()
+    if low.endswith(".seg.nrrd"):
+        return write_seg_nrrd(labels, volume, path, segments)
+    if low.endswith(".dcm"):
+        return write_dicom_seg(labels, volume, path, segments)
+    if low.endswith(LABELMAP_SUFFIXES):
+        return write_labelmap(labels, volume, path)
+    raise InputError(f"unknown output format {str(path)!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
 
 
 __all__ = [
     "Code", "SegmentInfo", "LIVER", "LIVER_TUMOR", "DEFAULT_SEGMENTS", "write_labelmap", "read_labelmap",
     "write_seg_nrrd", "seg_nrrd_header", "read_seg_nrrd_segments", "write_dicom_seg", "read_dicom_seg",
-    "LABELMAP_SUFFIXES",
+    "LABELMAP_SUFFIXES", "OUTPUT_SUFFIXES", "check_output_path", "segments_for", "write_segmentation",
 ]

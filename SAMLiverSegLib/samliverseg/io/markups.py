@@ -42,7 +42,8 @@ import numpy as np
 from samliverseg.core.atomic import atomic_path
 from samliverseg.core.errors import InputError
 from samliverseg.core.prompts import Prompts, Roi3D
-from samliverseg.io.volume import LPS_TO_RAS, Volume
+from samliverseg.core.geometry import LPS_TO_RAS
+from samliverseg.io.volume import Volume
 
 PathLike = Union[str, os.PathLike]
 

@@ -29,11 +29,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from samliverseg.core.errors import InputError
+from samliverseg.core.geometry import LPS_TO_RAS, Grid  # noqa: F401 - LPS_TO_RAS: the old import place
 
 PathLike = Union[str, os.PathLike]
-
-#: LPS <-> RAS: flip the first two axes (the matrix is its own inverse).
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 #: File endings read with SimpleITK's ImageFileReader.
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -70,13 +68,8 @@ class Volume:
         self.array = np.asarray(self.array)
         if self.array.ndim != 3:
             raise InputError(f"a volume array must be 3D [k, j, i], got shape {self.array.shape}")
-        self.spacing = tuple(float(v) for v in np.asarray(self.spacing, dtype=float).reshape(3))  # type: ignore[assignment]
-        self.origin = tuple(float(v) for v in np.asarray(self.origin, dtype=float).reshape(3))  # type: ignore[assignment]
-        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
-        if any(s <= 0 or not np.isfinite(s) for s in self.spacing):
-            raise InputError(f"voxel spacing must be positive, got {self.spacing}")
-        if abs(np.linalg.det(self.direction)) < 1e-6:
-            raise InputError("the direction matrix is singular")
+        g = Grid(self.array.shape[::-1], self.spacing, self.origin, self.direction)  # validates
+        self.spacing, self.origin, self.direction = g.spacing, g.origin, g.direction_matrix
         if self.source_path is not None:
             self.source_path = str(self.source_path)
         if self.dicom_files is not None:
@@ -94,49 +87,40 @@ class Volume:
         """numpy shape ``(K, J, I)``."""
         return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
 
-    # -- geometry ----------------------------------------------------------------------------
+    # -- geometry: all of it is the grid's (core.geometry.Grid) --------------------------------
+    @property
+    def grid(self) -> Grid:
+        """The volume's voxel grid (shape, spacing, LPS origin, direction)."""
+        return Grid(self.shape_ijk, self.spacing, self.origin, self.direction)
+
     def ijk_to_lps_matrix(self) -> np.ndarray:
         """4×4 homogeneous matrix mapping (i, j, k, 1) to (L, P, S, 1)."""
-        m = np.eye(4)
-        m[:3, :3] = self.direction @ np.diag(self.spacing)
-        m[:3, 3] = self.origin
-        return m
+        return self.grid.ijk_to_lps_matrix()
 
     def lps_to_ijk_matrix(self) -> np.ndarray:
-        return np.linalg.inv(self.ijk_to_lps_matrix())
+        return self.grid.lps_to_ijk_matrix()
 
     def ijk_to_ras_matrix(self) -> np.ndarray:
         """4×4 IJK→RAS matrix (Slicer's ``IJKToRASMatrix``)."""
-        m = self.ijk_to_lps_matrix()
-        m[:3, :] = LPS_TO_RAS @ m[:3, :]
-        return m
+        return self.grid.ijk_to_ras_matrix()
 
     def ijk_to_lps(self, points: Any) -> np.ndarray:
         """Map IJK points (N×3 or a single 3-vector, fractional allowed) to LPS mm."""
-        p, single = _as_points(points)
-        out = p @ (self.direction @ np.diag(self.spacing)).T + np.asarray(self.origin)
-        return out[0] if single else out
+        return self.grid.ijk_to_lps(points)
 
     def lps_to_ijk(self, points: Any) -> np.ndarray:
         """Map LPS points (N×3 or a 3-vector) to continuous IJK (not rounded)."""
-        p, single = _as_points(points)
-        a = self.direction @ np.diag(self.spacing)
-        out = np.linalg.solve(a, (p - np.asarray(self.origin)).T).T
-        return out[0] if single else out
+        return self.grid.lps_to_ijk(points)
 
     def ijk_to_ras(self, points: Any) -> np.ndarray:
-        p, single = _as_points(points)
-        out = self.ijk_to_lps(p) @ LPS_TO_RAS.T
-        return out[0] if single else out
+        return self.grid.ijk_to_ras(points)
 
     def ras_to_ijk(self, points: Any) -> np.ndarray:
-        p, single = _as_points(points)
-        out = self.lps_to_ijk(p @ LPS_TO_RAS.T)
-        return out[0] if single else out
+        return self.grid.ras_to_ijk(points)
 
     def same_grid(self, other: "Volume", tol_mm: float = 1e-3) -> bool:
         """True when ``other`` has the same shape and (within ``tol_mm``) the same geometry."""
-        return geometry_mismatch(self, other.shape, other.spacing, other.origin, other.direction, tol_mm) is None
+        return self.grid.mismatch(other.grid, tol_mm) is None
 
     # -- conversion --------------------------------------------------------------------------
     @classmethod
@@ -149,8 +133,8 @@ class Volume:
         if array.dtype != np.float32:
             array = array.astype(np.float32)
         _check_values(array, name)
-        return cls(array=array, spacing=image.GetSpacing(), origin=image.GetOrigin(),
-                   direction=np.asarray(image.GetDirection(), dtype=float).reshape(3, 3),
+        g = Grid.of_sitk(image)
+        return cls(array=array, spacing=g.spacing, origin=g.origin, direction=g.direction_matrix,
                    source_path=str(source_path) if source_path is not None else None, **kwargs)
 
     def to_sitk(self, array: Optional[np.ndarray] = None) -> sitk.Image:
@@ -158,16 +142,7 @@ class Volume:
 
         Used to write masks on the exact input grid; ``array`` must have shape ``(K, J, I)``.
         """
-        arr = self.array if array is None else np.asarray(array)
-        if arr.shape != self.array.shape:
-            raise InputError(f"array shape {arr.shape} (k, j, i) does not match the volume {self.array.shape}")
-        if arr.dtype == bool:
-            arr = arr.astype(np.uint8)
-        image = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=False)
-        image.SetSpacing(self.spacing)
-        image.SetOrigin(self.origin)
-        image.SetDirection(tuple(float(v) for v in self.direction.ravel()))
-        return image
+        return self.grid.to_sitk(self.array if array is None else array)
 
     def with_array(self, array: np.ndarray, **changes: Any) -> "Volume":
         """A copy with another array of the same shape (e.g. a preprocessed one)."""
@@ -189,44 +164,11 @@ class Volume:
         }
 
 
-def _as_points(points: Any) -> Tuple[np.ndarray, bool]:
-    p = np.asarray(points, dtype=float)
-    if p.ndim == 1:
-        if p.shape != (3,):
-            raise ValueError(f"a point needs 3 coordinates, got {p.shape}")
-        return p[None, :], True
-    if p.ndim != 2 or p.shape[1] != 3:
-        raise ValueError(f"points must be N×3, got {p.shape}")
-    return p, False
-
-
-def _fmt_mm(values: Sequence[float], digits: int) -> str:
-    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
-
-
 def geometry_mismatch(volume: Volume, shape_kji: Sequence[int], spacing: Sequence[float],
                       origin: Sequence[float], direction: Any, tol_mm: float = 1e-3) -> Optional[str]:
-    """None when the given grid equals the volume's; else a short description of the difference.
-
-    Positions are compared in mm: the origin within ``tol_mm``, the spacing within ``tol_mm``
-    per voxel, and the direction columns so that the far corner moves less than ``tol_mm``
-    (with a floor of 1e-5). Files round-trip their geometry through float32 (NIfTI) or decimal
-    text (DICOM), hence a tolerance.
-    """
-    if tuple(int(s) for s in shape_kji) != volume.shape:
-        ni, nj, nk = (int(s) for s in reversed(tuple(shape_kji)))
-        return f"size {ni}×{nj}×{nk} differs from the volume's {'×'.join(map(str, volume.shape_ijk))}"
-    sp = np.asarray(spacing, dtype=float)
-    if np.abs(sp - np.asarray(volume.spacing)).max() > tol_mm:
-        return f"spacing {_fmt_mm(sp, 4)} differs from the volume's {_fmt_mm(volume.spacing, 4)}"
-    org = np.asarray(origin, dtype=float)
-    if np.abs(org - np.asarray(volume.origin)).max() > tol_mm:
-        return f"origin {_fmt_mm(org, 3)} differs from the volume's {_fmt_mm(volume.origin, 3)}"
-    d = np.asarray(direction, dtype=float).reshape(3, 3)
-    extent = max(float(np.max(np.asarray(volume.shape_ijk) * np.asarray(volume.spacing))), 1.0)
-    if np.abs(d - volume.direction).max() > max(tol_mm / extent, 1e-5):
-        return "direction (orientation) differs from the volume's"
-    return None
+    """None when the given grid equals the volume's; else a short description of the difference
+    (:meth:`samliverseg.core.geometry.Grid.mismatch`)."""
+    return volume.grid.mismatch(Grid(tuple(shape_kji)[::-1], spacing, origin, direction), tol_mm)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,26 +79,23 @@ Saved adapter models (``model.pth`` of trainer kind ``adapter``)
 ``{"model": {adapter keys (+ trained base parts, e.g. mask_decoder.*)}, "metadata": {"kind":
 "adapter", "base_model": <registry name>, "base_checkpoint": <path>, "base_checkpoint_sha256":
 <hex>, "adapter": <AdapterConfig dict>, "trained_prefixes": [...], "window": ..., ...}}``.
-:func:`load_adapted_model` builds the base by name, checks the base weights' SHA-256, inserts the
-adapters and loads the adapter weights strictly.
+Writing and reading those files is not done here (this module holds only modules and pure
+functions on them): ``samliverseg.models.adapters`` has ``save_adapted_model`` and
+``load_adapted_model`` (builds the base by name, checks the base weights' SHA-256, inserts the
+adapters and loads the adapter weights strictly).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-import pickle
-import zipfile
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samliverseg.core.errors import CheckpointError, InputError, WeightsMissingError
+from samliverseg.core.errors import InputError
 from samliverseg.modeling.image_encoder import Block as ViTBlock
 from samliverseg.modeling.image_encoder import relative_position_table, window_partition, window_unpartition
 from samliverseg.modeling.tiny_vit import TinyViTBlock
@@ -463,159 +460,9 @@ def count_parameters(model: nn.Module) -> Dict[str, Any]:
             "fraction": all_ad / all_base if all_base else 0.0}
 
 
-# ---------------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    from samliverseg.models.weights import sha256_of
-    return sha256_of(path)
-
-
-def save_adapted_model(model: nn.Module, path: Union[str, os.PathLike], *, base_model: str,
-                       base_checkpoint: Optional[Union[str, os.PathLike]],
-                       trained_prefixes: Sequence[str] = (), state: Optional[Mapping[str, torch.Tensor]] = None,
-                       metadata: Optional[Mapping[str, Any]] = None, base_sha256: Optional[str] = None) -> Path:
-    """Write an adapter ``model.pth`` atomically: adapter (+ trained base parts) state + metadata.
-
-    ``state`` defaults to :func:`adapter_state` (model, trained_prefixes); ``metadata`` adds
-    fields (window, target, ...); ``base_sha256`` is computed from ``base_checkpoint`` if absent.
-    """
-    from samliverseg.training.checkpoint import save_checkpoint
-
-    cfg = getattr(model, "adapter_config", None)
-    if cfg is None:
-        raise ValueError("the model has no adapters (apply_adapters first)")
-    st = dict(state) if state is not None else adapter_state(model, trained_prefixes)
-    ckpt = Path(base_checkpoint).expanduser().resolve() if base_checkpoint else None
-    if base_sha256 is None and ckpt is not None and ckpt.is_file():
-        base_sha256 = _sha256(ckpt)
-    meta = dict(metadata or {})
-    meta.update({"kind": ADAPTER_KIND, "base_model": str(base_model),
-                 "base_checkpoint": str(ckpt) if ckpt is not None else None,
-                 "base_checkpoint_sha256": base_sha256, "adapter": dict(cfg),
-                 "trained_prefixes": list(trained_prefixes), "adapter_keys": sorted(k for k in st if is_adapter_key(k))})
-    return save_checkpoint({"model": st, "metadata": meta}, path)
-
-
-def read_model_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """torch.load(weights_only) of a model.pth with the errors turned into CheckpointError."""
-    p = Path(path).expanduser()
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"model file {p} does not exist") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            AttributeError, TypeError, IndexError, KeyError, UnicodeDecodeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"{p} is not a readable model file (corrupt, truncated or not PyTorch: {first})") from None
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("model"), Mapping) \
-            or not isinstance(obj.get("metadata"), Mapping):
-        raise CheckpointError(f"{p} is not a samliverseg model file (expected {{'model': ..., 'metadata': ...}})")
-    return dict(obj)
-
-
-def _base_checkpoint(spec, meta: Mapping[str, Any], explicit: Optional[Union[str, os.PathLike]], source: Path) -> Path:
-    """The base weights to build on: an explicit path (only it), else the registry's lookup, then
-    the recorded path; the first whose SHA-256 matches the recorded one."""
-    from samliverseg.models.build_sam import find_model_checkpoint
-    from samliverseg.models.weights import verify_file
-
-    candidates: List[Path] = []
-    if explicit:  # only what the caller names
-        candidates.append(Path(explicit).expanduser())
-    else:
-        try:
-            found = find_model_checkpoint(spec)
-        except WeightsMissingError:
-            found = None
-        if found is not None:
-            candidates.append(Path(found))
-        if meta.get("base_checkpoint"):
-            candidates.append(Path(str(meta["base_checkpoint"])))
-    existing: List[Path] = []
-    for c in candidates:
-        if c.is_file() and all(c.resolve() != e.resolve() for e in existing):
-            existing.append(c)
-    if not existing:
-        raise WeightsMissingError(
-            f"the base weights of the adapter model {source} are missing: it adapts {spec.name!r}"
-            + (f", trained on {meta['base_checkpoint']}" if meta.get("base_checkpoint") else "")
-            + f"; put that checkpoint where `samliverseg models` looks for {spec.name} or set {spec.env_var}")
-    want = meta.get("base_checkpoint_sha256")
-    if not want:
-        return existing[0]
-    for c in existing:
-        try:
-            verify_file(c, sha256=str(want), use_cache=True)
-            return c
-        except CheckpointError:
-            continue
-    raise CheckpointError(
-        f"the adapter model {source} was trained on {spec.name} weights with SHA-256 {str(want)[:16]}..., but "
-        f"{', '.join(str(c) for c in existing)} {'has' if len(existing) == 1 else 'have'} other contents; "
-        f"adapters only fit the weights they were trained on")
-
-
-def load_adapted_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                       base_checkpoint: Optional[Union[str, os.PathLike]] = None) -> nn.Module:
-    """Build an adapter ``model.pth``'s base model, insert its adapters and load them strictly.
-
-    Returns a SamModel (eval mode, on ``device``; ``"auto"`` allowed) that works in
-    ``PromptEngine`` / ``SlicePredictor``; ``model.spec`` is the base's spec with its ``window``
-    set to the training cache's window, ``model.adapter_metadata`` the file's metadata. A file of
-    another kind, unknown keys, missing adapter keys or other shapes raise CheckpointError.
-    """
-    from samliverseg.models.build_sam import build_model, get_spec
-    from samliverseg.core.devices import resolve_device
-    from samliverseg.core.windowing import get_window
-
-    src = Path(path).expanduser()
-    obj = read_model_file(src)
-    meta = dict(obj["metadata"])
-    kind = meta.get("kind")
-    if kind != ADAPTER_KIND:
-        raise CheckpointError(f"{src} holds a model of kind {kind!r}, not an adapter model "
-                              f"(expected metadata kind {ADAPTER_KIND!r})")
-    try:
-        cfg = AdapterConfig.from_any(meta.get("adapter") or {})
-        spec = get_spec(str(meta.get("base_model")))
-    except InputError as exc:
-        raise CheckpointError(f"{src}: {exc}") from None
-    ckpt = _base_checkpoint(spec, meta, base_checkpoint, src)
-    model = build_model(spec, checkpoint=ckpt, device="cpu")
-    apply_adapters(model, cfg)
-    state = obj["model"]
-    prefixes = tuple(str(p) for p in meta.get("trained_prefixes") or ())
-    expected = {k: v for k, v in model.state_dict().items() if is_adapter_key(k) or (prefixes and k.startswith(prefixes))}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]})")
-        raise CheckpointError(f"{src} does not fit {spec.name} with its adapter config: {'; '.join(parts)}")
-    result = model.load_state_dict(dict(state), strict=False)
-    assert not result.unexpected_keys
-    window = meta.get("window")
-    if isinstance(window, str):
-        try:
-            get_window(window)
-            spec = dataclasses.replace(spec, window=window)
-        except InputError:
-            pass
-    model.spec = spec
-    model.adapter_metadata = meta
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to(resolve_device(device)).eval()
-
-
 __all__ = [
     "ADAPTER_KIND", "AdaptedTinyViTBlock", "AdaptedTwoWayTransformer", "AdaptedViTBlock", "AdapterConfig",
     "BottleneckAdapter", "HyperPromptAdapter", "adapter_parameters", "adapter_state", "apply_adapters",
-    "count_parameters", "embed_slab", "is_adapter_key", "load_adapted_model", "read_model_file",
-    "save_adapted_model", "set_slab_depth", "tiny_depth_attention", "vit_depth_attention",
+    "count_parameters", "embed_slab", "is_adapter_key", "set_slab_depth", "tiny_depth_attention",
+    "vit_depth_attention",
 ]

@@ -49,7 +49,7 @@ SAM's low-res masks); :meth:`decode` resizes it in-plane to ``out_hw`` (bilinear
 logits) when asked. The depth axis is never resampled, so slice ``d`` of the output belongs to
 slice ``d`` of the input. The coarse mask is ``σ(logits) > 0.5`` (digest: ``M_coarse``).
 
-Algorithm 1 (:func:`predict_volume`)
+Algorithm 1 (``automatic.student.predict_volume``)
 ------------------------------------
 ``for z = 0, D_s, 2 D_s, …``: take the slab ``[z, z + D_s)``, (optionally) augment it,
 predict, write the probabilities of the slab back at ``z``. The last slab of a volume whose
@@ -65,16 +65,17 @@ Only ``decoder.*`` is trained (:meth:`SlicingStudent.trainable_state`); the enco
 have ``requires_grad = False`` and the encoder stays in eval mode even after ``.train()``.
 A finished model (``model.pth``, kind ``"student"``) holds the whole state dict
 (``encoder.*`` + ``decoder.*``, so that it does not depend on where the base weights were) and
-the metadata needed to rebuild it (:func:`student_metadata`, :func:`load_student`).
+the metadata needed to rebuild it (:func:`student_metadata`).
+
+This module holds the modules and pure functions only: building a student from a registered
+model's weights (``build_slicing_student``), reading a ``model.pth`` (``load_student``) and
+Algorithm 1 (``predict_volume``) are in ``samliverseg.automatic.student``.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -297,22 +298,6 @@ def student_from_sam(sam, slab_depth: int = 8, hidden: int = 64, decoder_norm: s
     return student
 
 
-def build_slicing_student(encoder="lite_medsam", checkpoint=None, slab_depth: int = 8, hidden: int = 64,
-                          device="cpu", decoder_norm: str = "channel") -> SlicingStudent:
-    """A student whose frozen encoder is the image encoder of a registered 2D model (name or
-    :class:`~samliverseg.models.build_sam.ModelSpec`; ``lite_medsam``: TinyViT, ``sam_vit_b``/``medsam``:
-    ViT-B) loaded from its weights (``build_model``'s lookup; WeightsMissingError when absent);
-    the decoder is freshly initialised (seed torch before calling for a reproducible start)."""
-    from samliverseg.models.build_sam import build_model
-    from samliverseg.core.devices import resolve_device
-
-    dev = resolve_device(device)
-    sam = build_model(encoder, checkpoint=checkpoint, device="cpu")
-    student = student_from_sam(sam, slab_depth=slab_depth, hidden=hidden, decoder_norm=decoder_norm)
-    del sam
-    return student.to(dev).train(False)
-
-
 def student_metadata(student: SlicingStudent) -> Dict[str, Any]:
     """The architecture part of a student's model.pth metadata (what :func:`load_student` needs)."""
     spec = student.spec
@@ -326,75 +311,6 @@ def student_metadata(student: SlicingStudent) -> Dict[str, Any]:
             "slab_depth": student.slab_depth, "hidden": student.hidden, "decoder_norm": student.decoder_norm,
             "resize": "square",
             "threshold": THRESHOLD}
-
-
-def read_model_file(path: Union[str, os.PathLike], kinds: Sequence[str] = (STUDENT_KIND,)) -> Dict[str, Any]:
-    """Read a finished ``model.pth`` (weights_only) and check that its metadata kind is one of
-    ``kinds``; CheckpointError naming the expected kind otherwise."""
-    import pickle
-    import zipfile
-
-    from samliverseg.core.errors import CheckpointError
-
-    p = Path(path).expanduser()
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"model file {p} does not exist") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError,
-            TypeError, IndexError, KeyError, UnicodeDecodeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"{p} is not a readable model file (corrupt, truncated or not a PyTorch file: {first})") \
-            from None
-    want = " or ".join(repr(k) for k in kinds)
-    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict) or not isinstance(obj.get("model"), dict):
-        raise CheckpointError(f"{p} is not a samliverseg model file (no metadata); expected a model of kind {want} "
-                              f"(the model.pth written by `samliverseg train` with kind {kinds[0]})")
-    kind = obj["metadata"].get("kind")
-    if kind not in kinds:
-        raise CheckpointError(f"{p} is a model of kind {kind!r}, expected kind {want}: use it with its own "
-                              f"segmenter, or give the model.pth of a {kinds[0]} training run")
-    return obj
-
-
-def load_student(path: Union[str, os.PathLike], device="cpu", kinds: Sequence[str] = (STUDENT_KIND,)
-                 ) -> Tuple[SlicingStudent, Dict[str, Any]]:
-    """A finished student from its ``model.pth`` (eval mode) and the file's metadata.
-
-    The encoder architecture comes from the registry entry named by ``metadata["encoder"]``
-    (its weights from the file itself); CheckpointError when the file is of another kind or its
-    weights do not fit, InputError when that encoder is not registered here."""
-    from samliverseg.models.build_sam import get_spec
-    from samliverseg.core.devices import resolve_device
-    from samliverseg.core.errors import CheckpointError, InputError
-
-    obj = read_model_file(path, kinds)
-    meta = obj["metadata"]
-    name = meta.get("encoder") or meta.get("base_model")
-    try:
-        spec = get_spec(name)
-    except InputError as exc:
-        raise InputError(f"{path} needs the encoder {name!r}, which is not registered here ({exc})") from None
-    try:
-        encoder = spec.builder().image_encoder
-        student = SlicingStudent(encoder, int(meta["embed_dim"]), int(meta["image_size"]), meta.get("pixel_mean"),
-                                 meta.get("pixel_std"), slab_depth=int(meta["slab_depth"]), hidden=int(meta["hidden"]),
-                                 normalization=str(meta.get("normalization", spec.normalization)),
-                                 decoder_norm=str(meta.get("decoder_norm", "channel")))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: incomplete student metadata ({exc})") from None
-    student.spec = spec
-    state = obj["model"]
-    expected = student.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"{path} does not fit a student with the {name} encoder: {len(missing)} missing, "
-                              f"{len(unexpected)} unexpected keys, {len(bad)} shape mismatches "
-                              f"(e.g. {', '.join((missing + unexpected + bad)[:3])})")
-    student.load_state_dict(state, strict=True)
-    return student.to(resolve_device(device)).eval(), meta
 
 
 # --------------------------------------------------------------------------- Algorithm 1
@@ -414,73 +330,5 @@ def slab_plan(depth: int, slab_depth: int) -> List[Tuple[int, int, int]]:
     return plan
 
 
-@torch.no_grad()
-def predict_volume(student: SlicingStudent, image: np.ndarray, slab_depth: Optional[int] = None,
-                   batch_slices: int = 4, augment: Optional[AugmentFn] = None,
-                   progress: Optional[Callable[[int, int], None]] = None,
-                   cancel: Optional[Callable[[], bool]] = None) -> np.ndarray:
-    """Algorithm 1: ``image`` ``(K, J, I)`` in window units → probabilities ``σ(logits)``
-    ``(K, J, I)`` float32 (coarse mask: ``> 0.5``).
-
-    Slab split (:func:`slab_plan`) → ``augment`` (optional) → predict → write back. ``augment``
-    gets the slab ``(1, 1, D, J, I)`` (window units, on the model's device) and returns either
-    the augmented slab of the same shape (an intensity augmentation: the prediction is written
-    back as is) or ``(augmented slab, inverse)`` where ``inverse`` maps the logits
-    ``(1, 1, D, J, I)`` back into the slab's frame (a geometric one). Each slice is embedded
-    once (``batch_slices`` per encoder call) unless ``augment`` is given, in which case every
-    slab is embedded as augmented. ``progress(done_slices, K)``; ``cancel()`` polled per slab
-    (raises CancelledError)."""
-    from samliverseg.core.errors import CancelledError
-
-    img = np.asarray(image)
-    if img.ndim != 3:
-        raise ValueError(f"expected a volume (K, J, I), got shape {img.shape}")
-    d_s = int(slab_depth or student.slab_depth)
-    k_total = int(img.shape[0])
-    dev = student.device
-    was_training = student.training
-    student.eval()
-    vol = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
-    if k_total < d_s:  # pad at the end by repeating the last slice; dropped below
-        vol = torch.cat([vol, vol[-1:].expand(d_s - k_total, *vol.shape[1:])], 0)
-    out = np.zeros(img.shape, dtype=np.float32)
-    embedded: Dict[int, Tensor] = {}
-    hw = tuple(img.shape[1:])
-    try:
-        plan = slab_plan(k_total, d_s)
-        for n, (start, w0, w1) in enumerate(plan):
-            if cancel is not None and cancel():
-                raise CancelledError("cancelled during the student's slab inference")
-            blk = vol[start:start + d_s]
-            if augment is None:
-                need = [k for k in range(start, start + d_s) if k not in embedded]
-                for a in range(0, len(need), max(1, batch_slices)):
-                    ks = need[a:a + max(1, batch_slices)]
-                    for k, e in zip(ks, student.embed(vol[ks])):
-                        embedded[k] = e
-                emb = torch.stack([embedded[k] for k in range(start, start + d_s)], 1)[None]  # (1, C, D, h, w)
-                logits = student.decode(emb, out_hw=hw)
-                keep_from = plan[n + 1][0] if n + 1 < len(plan) else k_total + d_s
-                for k in [k for k in embedded if k < keep_from]:  # not in the next slab: never needed again
-                    del embedded[k]
-            else:
-                res = augment(blk[None, None].to(dev))
-                aug, inverse = res if isinstance(res, tuple) else (res, None)
-                emb = student.embed(aug[0, 0], batch=batch_slices)
-                logits = student.decode(emb.permute(1, 0, 2, 3)[None], out_hw=tuple(aug.shape[-2:]))
-                if inverse is not None:
-                    logits = inverse(logits)
-                if tuple(logits.shape[-3:]) != (d_s,) + hw:
-                    raise ValueError(f"augment: the (inverted) logits have shape {tuple(logits.shape)}, expected "
-                                     f"(1, 1, {d_s}, {hw[0]}, {hw[1]}); return (slab, inverse) for geometric changes")
-            prob = torch.sigmoid(logits[0, 0].float()).cpu().numpy()
-            out[w0:w1] = prob[w0 - start:w1 - start]
-            if progress is not None:
-                progress(w1, k_total)
-    finally:
-        student.train(was_training)
-    return out
-
-
-__all__ = ["DECODER_NORMS", "STUDENT_KIND", "THRESHOLD", "ChannelNorm3d", "SlabDecoder", "SlicingStudent", "build_slicing_student", "load_student",
-           "predict_volume", "read_model_file", "slab_plan", "student_from_sam", "student_metadata"]
+__all__ = ["DECODER_NORMS", "STUDENT_KIND", "THRESHOLD", "AugmentFn", "ChannelNorm3d", "SlabDecoder", "SlicingStudent",
+           "slab_plan", "student_from_sam", "student_metadata"]

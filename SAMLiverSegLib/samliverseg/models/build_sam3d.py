@@ -1,4 +1,6 @@
-"""The registry of 3D (SAM-Med3D) models: configurations, checkpoints, strict loading.
+"""The 3D (SAM-Med3D) models: configurations, checkpoints, strict loading. Their specs live in
+the one store of built-in models (``specs.py``, family ``"sam3d"``); ``MODEL3D_REGISTRY`` is the
+live view of this family, and ``registry.list_models()`` lists them with every other model.
 
 ``build_model3d(name)`` finds the checkpoint (explicit path > ``$SAMLIVERSEG_<NAME>_CHECKPOINT``
 > ``cache_dir()/<filename>``, as for the 2D models in ``build_sam.py``), reads it with
@@ -31,13 +33,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 from samliverseg.models import weights
+from samliverseg.models.specs import SAM3D, FamilyView, ModelEntry, register_spec, unregister_spec
 from samliverseg.io import torchfile
 from samliverseg.io.torchfile import describe_state_dict
 
@@ -77,7 +80,7 @@ class Model3DSpec:
     target_spacing_mm: float = 1.5
     layout: str = "ras"
     clip_hu: Optional[Tuple[float, float]] = (-1000.0, 1000.0)
-    family: str = "sam3d"
+    family: str = SAM3D
     test_only: bool = False
 
     def __post_init__(self) -> None:
@@ -142,20 +145,22 @@ def build_sam_med3d_tiny() -> Sam3DModel:
 
 # --------------------------------------------------------------------------- registry
 
-MODEL3D_REGISTRY: Dict[str, Model3DSpec] = {}
+#: The registered 3D models (a live, read-only view of the one store, ``specs.py``).
+MODEL3D_REGISTRY = FamilyView(SAM3D)
 
 SAM_MED3D_ARCH = "SAM-Med3D ViT-B (768 dims, 12 blocks, 128^3 input, 384-channel 8^3 embedding)"
 
 
 def register_model3d(spec: Model3DSpec, replace: bool = False) -> Model3DSpec:
-    if spec.name in MODEL3D_REGISTRY and not replace:
-        raise ValueError(f"3D model {spec.name!r} is already registered")
-    MODEL3D_REGISTRY[spec.name] = spec
-    return spec
+    """Add a 3D model to the one registry."""
+    if not isinstance(spec, Model3DSpec):
+        raise TypeError(f"register_model3d takes a Model3DSpec, got {type(spec).__name__}")
+    return register_spec(spec, replace=replace)
 
 
 def unregister_model3d(name: str) -> None:
-    MODEL3D_REGISTRY.pop(name, None)
+    if name in MODEL3D_REGISTRY:
+        unregister_spec(name)
 
 
 register_model3d(Model3DSpec(
@@ -201,11 +206,14 @@ def get_spec3d(name: Union[str, Model3DSpec]) -> Model3DSpec:
 
 # --------------------------------------------------------------------------- checkpoints
 
+def _how_to_get3d(spec: Model3DSpec) -> str:
+    return (f"they are not downloaded automatically; get {spec.checkpoint_filename} ({spec.source_hint}) and put it "
+            f"in {weights.cache_dir()} as {spec.checkpoint_filename}, set {spec.env_var} to its path, "
+            f"or pass --checkpoint FILE")
+
+
 def missing_message3d(spec: Model3DSpec) -> str:
-    folder = weights.cache_dir()
-    return (f"the weights of {spec.name} ({spec.architecture}) are missing: they are not downloaded automatically; "
-            f"get {spec.checkpoint_filename} ({spec.source_hint}) and put it in {folder} as "
-            f"{spec.checkpoint_filename}, set {spec.env_var} to its path, or pass --checkpoint FILE")
+    return f"the weights of {spec.name} ({spec.architecture}) are missing: {_how_to_get3d(spec)}"
 
 
 def find_checkpoint3d(name: Union[str, Model3DSpec], checkpoint: Optional[Union[str, os.PathLike]] = None) -> Optional[Path]:
@@ -254,39 +262,30 @@ def count_parameters(model: torch.nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-@dataclass(frozen=True)
-class Model3DStatus:
-    name: str
-    description: str
-    present: bool
-    path: Optional[str]
-    filename: str
-    env_var: str
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def download_model3d(name: Union[str, Model3DSpec]) -> Path:
+    """The weights of a 3D model where they are found; they are never downloaded (WeightsMissingError
+    saying where to get them)."""
+    return resolve_checkpoint3d(name)
 
 
-def model3d_status() -> List[Model3DStatus]:
-    """Which 3D models have their weights where build_model3d would look (no loading)."""
-    rows = []
-    for spec in MODEL3D_REGISTRY.values():
-        note = ""
-        try:
-            path = find_checkpoint3d(spec)
-        except WeightsMissingError as exc:
-            path, note = None, str(exc)
-        if path is None and not note:
-            note = missing_message3d(spec)
-        rows.append(Model3DStatus(spec.name, spec.description, path is not None,
-                                  str(path) if path is not None else None, spec.checkpoint_filename, spec.env_var, note))
-    return rows
+def model_entry(spec: Model3DSpec) -> ModelEntry:
+    """The ``samliverseg models`` row of a 3D model: are its weights where build_model3d looks (no loading)?"""
+    note = ""
+    try:
+        path = find_checkpoint3d(spec)
+    except WeightsMissingError as exc:
+        path, note = None, str(exc)
+    return ModelEntry(
+        name=spec.name, family=spec.family, interactive=True, description=spec.description,
+        present=path is not None, path=str(path) if path is not None else None,
+        where="" if path is not None else _how_to_get3d(spec), filename=spec.checkpoint_filename,
+        size=spec.checkpoint_size, env_var=spec.env_var, hidden=spec.test_only, note=note)
 
 
 __all__ = [
-    "LAYOUTS", "MODEL3D_REGISTRY", "Model3DSpec", "Model3DStatus", "SAM_MED3D_ARCH", "build_model3d", "build_sam3d",
-    "build_sam_med3d_tiny", "build_sam_med3d_vit_b", "count_parameters", "describe_state_dict3d", "find_checkpoint3d",
-    "get_spec3d", "is_model3d", "load_state3d", "load_state_strict3d", "missing_message3d", "model3d_status",
+    "LAYOUTS", "MODEL3D_REGISTRY", "Model3DSpec", "SAM_MED3D_ARCH", "build_model3d", "build_sam3d",
+    "build_sam_med3d_tiny", "build_sam_med3d_vit_b", "count_parameters", "describe_state_dict3d", "download_model3d",
+    "find_checkpoint3d", "get_spec3d", "is_model3d", "load_state3d", "load_state_strict3d", "missing_message3d",
+    "model_entry",
     "register_model3d", "resolve_checkpoint3d", "unregister_model3d",
 ]

@@ -65,3 +65,13 @@ def resolve(dotted: str) -> Any:
     """The object a ``module:attribute`` name points at (imported on demand)."""
     module, _, attr = dotted.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+#: Automatic kinds -> ``module:Class`` whose ``Class.load(model_path, device)`` reads a ``model.pth``
+#: once into an object with ``segment_volume(volume) -> uint8 mask [k, j, i]`` for any number of
+#: volumes (``samliverseg.api.open_model`` opens automatic models with it).
+SEGMENTERS: Dict[str, str] = {
+    "unet": "samliverseg.automatic.unet:UNetSegmenter",
+    "student": "samliverseg.automatic.student:StudentSegmenter",
+    "semi": "samliverseg.automatic.student:StudentSegmenter",
+}

@@ -16,22 +16,24 @@ read from ``model.pth`` itself (memory-mapped, so listing does not read the weig
 whose ``model.pth`` cannot be read is still listed, with its error.
 
 Names: letters, digits, ``-``, ``_`` and ``.``, starting with a letter or digit, at most 100
-characters, and not the name of a built-in model (``build_sam.MODEL_REGISTRY``), so that
-``--model NAME`` is never ambiguous.
+characters, and not the name of a built-in model of any family (``specs.is_builtin``: the SAM
+family and SAM-Med3D), so that ``--model NAME`` is never ambiguous.
 
 Registration (:func:`register_trained_model`) copies ``model.pth`` and writes ``model.json`` in
 a hidden temporary folder beside the target, then renames the folder into place (one
 ``os.rename``): a reader sees the whole model or nothing. ``replace=True`` moves the old folder
 aside first and deletes it after the rename.
 
-Kinds (``metadata["kind"]``, written by each trainer) and what :func:`load_user_model` gives:
+Kinds (``metadata["kind"]``, written by each trainer; the table is ``models.kinds``) and what
+:func:`load_user_model` gives for the interactive ones:
 
 * ``decoder`` (MedSAM-style decoder fine-tune): the base SAM (``metadata["base_model"]``) with
   the full state of ``model.pth`` loaded strictly (``build_model(base_model, checkpoint=...)``);
-  an interactive (promptable) model for :class:`~samliverseg.interactive.engine.PromptEngine`;
-* ``adapter``: ``samliverseg.modeling.adapters.load_adapted_model(path, device)``; interactive;
-* ``unet``, ``student``, ``semi`` (:data:`AUTOMATIC_KINDS`): automatic models, no prompts;
-  ``segment_volume(model_path, volume, device) -> uint8 mask [k, j, i]`` on the input grid.
+* ``adapter``: ``models.adapters.load_adapted_model(path, device)``.
+
+Automatic kinds (``unet``, ``student``, ``semi``) are loaded by ``automatic/`` (a layer above);
+``samliverseg.api.open_model(name)`` opens any model, trained or built-in, as the object that
+segments with it.
 
 The window of an interactive model is the one its training cache was made with
 (``metadata["window"]``, else ``metadata["window_hu"]``): the engine must window the CT as the
@@ -41,9 +43,7 @@ training images were.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
-import math
 import os
 import re
 import shutil
@@ -51,26 +51,21 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from samliverseg.core.errors import CheckpointError, InputError
+from samliverseg.core.jsonutil import json_safe
+from samliverseg.models import build_sam3d  # noqa: F401  (registers the 3D family: their names are taken)
+from samliverseg.models.adapters import load_adapted_model
+from samliverseg.models.build_sam import build_model, get_spec
+from samliverseg.models.exports import read_model_file
+from samliverseg.models.kinds import AUTOMATIC_KINDS, INTERACTIVE_KINDS, KIND_NAMES, KINDS
+from samliverseg.models.specs import SAM2D, ModelEntry, builtin_specs, is_builtin
+from samliverseg.models.weights import cache_dir
 
 MODELS_ENV = "SAMLIVERSEG_MODELS"
 MODEL_FILE = "model.pth"
 INFO_FILE = "model.json"
-
-#: Automatic (prompt-free) kinds -> the ``module:function`` that segments a whole volume.
-AUTOMATIC_KINDS: Dict[str, str] = {
-    "unet": "samliverseg.automatic.unet:segment_volume",
-    "student": "samliverseg.automatic.student:segment_volume",
-    "semi": "samliverseg.automatic.student:segment_volume",  # a Semi-SAM+ student (semi_trainer.py)
-}
-#: Interactive (promptable) kinds -> what builds the model (documentation; see load_user_model).
-INTERACTIVE_KINDS: Dict[str, str] = {
-    "decoder": "samliverseg.models.build_sam:build_model",
-    "adapter": "samliverseg.modeling.adapters:load_adapted_model",
-}
-KINDS = tuple(INTERACTIVE_KINDS) + tuple(AUTOMATIC_KINDS)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -82,8 +77,6 @@ def models_dir() -> Path:
     env = os.environ.get(MODELS_ENV, "").strip()
     if env:
         return Path(env).expanduser()
-    from samliverseg.models.weights import cache_dir
-
     return cache_dir() / "models"
 
 
@@ -92,65 +85,18 @@ def validate_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise InputError(f"invalid model name {name!r}: use letters, digits, '-', '_' and '.' (starting with a "
                          f"letter or digit, at most 100 characters)")
-    from samliverseg.models.build_sam import MODEL_REGISTRY
-
-    if name in MODEL_REGISTRY:
+    if is_builtin(name):
         raise InputError(f"{name!r} is the name of a built-in model; choose another name for the trained model")
     return name
 
 
 # ------------------------------------------------------------------------------- metadata
-def _json_safe(value: Any) -> Any:
-    """Metadata as plain JSON (tensors/arrays -> lists, NaN/inf -> null, paths -> str)."""
-    if hasattr(value, "tolist") and callable(value.tolist):
-        value = value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def _infer_kind(meta: Mapping[str, Any], path: Path) -> str:
-    kind = meta.get("kind")
-    if kind is None and meta.get("base_model"):
-        kind = "decoder"  # decoder exports written before "kind" was added to the metadata
-    if not isinstance(kind, str) or not kind:
-        raise CheckpointError(f"{path} has no model kind in its metadata; it is not a model exported by "
-                              f"`samliverseg train`")
-    return kind
-
-
 def read_model_metadata(model_path: PathLike) -> Dict[str, Any]:
-    """``{"kind": ..., "metadata": {...}}`` of an exported ``model.pth`` (CheckpointError when unreadable)."""
-    import torch
-
-    from samliverseg.models.build_sam import _first_sentence
-
-    p = Path(model_path)
-    if not p.is_file():
-        raise CheckpointError(f"model file {p} does not exist")
-    try:
-        try:  # memory-mapped: the weights are not read
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(p, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as exc:  # noqa: BLE001 - any failure to read is a checkpoint problem
-        reason = _first_sentence(str(exc)) or type(exc).__name__
-        raise CheckpointError(f"{p} is not a readable model file (corrupt, truncated or not a PyTorch file: "
-                              f"{reason}); train it again or register another file") from None
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("metadata"), Mapping) \
-            or not isinstance(obj.get("model"), Mapping):
-        raise CheckpointError(f"{p} is a PyTorch file but not a trained model export "
-                              f"(expected {{'model': state_dict, 'metadata': {{...}}}})")
-    meta = _json_safe(dict(obj["metadata"]))
-    return {"kind": _infer_kind(meta, p), "metadata": meta}
+    """``{"kind": ..., "metadata": {...}}`` of an exported ``model.pth``, read memory-mapped (the
+    weights are not read); CheckpointError when unreadable."""
+    obj = read_model_file(model_path, mmap=True)
+    meta = json_safe(obj["metadata"])
+    return {"kind": meta["kind"], "metadata": meta}
 
 
 # ------------------------------------------------------------------------------- listing
@@ -198,7 +144,10 @@ def _stamp(path: Path) -> tuple:
     return int(st.st_size), int(st.st_mtime_ns)
 
 
-def _read_entry(folder: Path) -> UserModel:
+def read_entry(folder: PathLike) -> UserModel:
+    """The listing entry of one model folder (``NAME/model.pth``): from ``model.json`` while it is
+    fresh, else from ``model.pth``; an unreadable model gives an entry with ``error`` set."""
+    folder = Path(folder)
     entry = UserModel(name=folder.name, folder=folder)
     model = folder / MODEL_FILE
     info_path = folder / INFO_FILE
@@ -233,7 +182,7 @@ def list_user_models() -> List[UserModel]:
     for folder in sorted(root.iterdir(), key=lambda p: p.name.lower()):
         if folder.name.startswith(".") or not folder.is_dir() or not (folder / MODEL_FILE).exists():
             continue
-        out.append(_read_entry(folder))
+        out.append(read_entry(folder))
     return out
 
 
@@ -248,16 +197,14 @@ def user_model_path(name: str) -> Path:
         raise InputError(f"unknown trained model {name!r}; trained models: {_available()}")
     path = models_dir() / name / MODEL_FILE
     if not path.is_file():
-        from samliverseg.models.build_sam import MODEL_REGISTRY
-
-        raise InputError(f"unknown model {name!r}; built-in models: {', '.join(MODEL_REGISTRY)}; "
-                         f"trained models: {_available()}")
+        builtin = ", ".join(s.name for s in builtin_specs() if not getattr(s, "test_only", False))
+        raise InputError(f"unknown model {name!r}; built-in models: {builtin}; trained models: {_available()}")
     return path
 
 
 def get_user_model(name: str) -> UserModel:
     """The listing entry of a registered model (InputError when unknown)."""
-    return _read_entry(user_model_path(name).parent)
+    return read_entry(user_model_path(name).parent)
 
 
 def is_user_model(name: str) -> bool:
@@ -310,7 +257,7 @@ def register_trained_model(model_path: PathLike, name: Optional[str] = None, rep
                               f"nothing was changed") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return _read_entry(dest)
+    return read_entry(dest)
 
 
 def _umask() -> int:
@@ -322,9 +269,7 @@ def _umask() -> int:
 def name_from(text: str) -> str:
     """A valid model name made from free text (a run folder's name): other characters -> ``-``."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-._")[:100] or "model"
-    from samliverseg.models.build_sam import MODEL_REGISTRY
-
-    return f"{name}-trained" if name in MODEL_REGISTRY else name
+    return f"{name}-trained" if is_builtin(name) else name
 
 
 def unique_name(name: str) -> str:
@@ -338,22 +283,37 @@ def unique_name(name: str) -> str:
     return validate_name(f"{name}-{i}")
 
 
+# ------------------------------------------------------------------------------- listing rows
+def model_entry(m: UserModel) -> ModelEntry:
+    """The ``samliverseg models`` row of a trained model."""
+    kind = KINDS.get(m.kind) if m.kind else None
+    if m.error:
+        description = f"unusable: {m.error}"
+    elif kind is None:
+        description = f"a model of kind {m.kind!r}, which this version of samliverseg does not know"
+    else:
+        description = kind.summary
+    return ModelEntry(
+        name=m.name, family=m.kind or "unknown", interactive=m.kind in INTERACTIVE_KINDS, description=description,
+        present=m.error is None and kind is not None, path=str(m.path), trained=True,
+        where="" if m.error is None else "train it again or register another file (samliverseg models --register)",
+        info={"kind": m.kind, "automatic": m.automatic, "base_model": m.base_model, "target": m.target,
+              "best_dice": m.best_dice, "source": m.source, "registered": m.registered, "error": m.error,
+              "metadata": m.metadata})
+
+
 # ------------------------------------------------------------------------------- loading
 @dataclass
 class LoadedUserModel:
-    """A trained model ready to use.
-
-    Interactive kinds (``decoder``, ``adapter``): ``model`` is a SamModel-like module with
-    ``.spec``, for :class:`~samliverseg.interactive.engine.PromptEngine` (use :meth:`engine`). Automatic kinds
-    (``unet``, ``student``): ``segment_volume(volume, device)`` runs the kind's inference.
-    """
+    """A trained model: what its file says (:func:`describe_user_model`) and, once loaded by
+    :func:`load_user_model` (interactive kinds), ``model``: a SamModel-like module with ``.spec``
+    for :class:`~samliverseg.interactive.engine.PromptEngine`."""
 
     name: str
     path: Path
     kind: str
     metadata: Dict[str, Any]
     model: Any = None
-    _segment: Optional[Callable[..., Any]] = field(default=None, repr=False)
 
     @property
     def automatic(self) -> bool:
@@ -369,30 +329,6 @@ class LoadedUserModel:
         if isinstance(hu, (list, tuple)) and len(hu) == 2:
             return f"{float(hu[0]):g},{float(hu[1]):g}"
         return None
-
-    def engine(self, device: str = "auto", window: Optional[str] = None, **kwargs: Any):
-        """A PromptEngine on this model, windowing as the training cache did (unless ``window``)."""
-        if self.automatic:
-            raise InputError(f"model {self.name!r} ({self.kind}) is automatic: it takes no prompts; "
-                             f"use segment_volume()")
-        from samliverseg.interactive.engine import PromptEngine
-
-        return PromptEngine(model=self.model, device=device, window=window or self.window, **kwargs)
-
-    def segment_volume(self, volume, device: str = "auto"):
-        """Automatic kinds: the uint8 0/1 mask [k, j, i] of ``volume`` on its grid."""
-        if not self.automatic:
-            raise InputError(f"model {self.name!r} ({self.kind}) needs prompts; use engine()")
-        return self._segment(self.path, volume, device=device)
-
-
-def _import_target(target: str, kind: str, name: str) -> Callable[..., Any]:
-    module, _, attr = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InputError(f"model {name!r} is a {kind!r} model, but this installation cannot run it "
-                         f"({target} is not available: {exc})") from None
 
 
 def describe_user_model(name_or_path: Union[str, PathLike]) -> LoadedUserModel:
@@ -414,36 +350,33 @@ def describe_user_model(name_or_path: Union[str, PathLike]) -> LoadedUserModel:
 
 
 def load_user_model(name_or_path: Union[str, PathLike, LoadedUserModel], device: str = "cpu") -> LoadedUserModel:
-    """Load a registered model by name, or an exported ``model.pth`` by path; dispatch on its kind.
-
-    ``decoder``: the base model with the full state loaded strictly; ``adapter``:
-    ``load_adapted_model``; automatic kinds: their ``segment_volume`` (imported here, so that a
-    missing module is reported now). Also accepts what :func:`describe_user_model` returned.
-    """
+    """Load an interactive trained model (registered name, ``model.pth`` path, or what
+    :func:`describe_user_model` returned): ``decoder``: the base model with the full state loaded
+    strictly; ``adapter``: ``models.adapters.load_adapted_model``. An automatic kind is an
+    InputError (``api.open_model`` opens those); an unknown kind a CheckpointError."""
     loaded = name_or_path if isinstance(name_or_path, LoadedUserModel) else describe_user_model(name_or_path)
     name, path, kind, meta = loaded.name, loaded.path, loaded.kind, loaded.metadata
     if kind in AUTOMATIC_KINDS:
-        loaded._segment = _import_target(AUTOMATIC_KINDS[kind], kind, name)
-    elif kind == "decoder":
-        from samliverseg.models.build_sam import MODEL_REGISTRY, build_model
-
+        raise InputError(f"model {name!r} ({kind}) is automatic: it takes no prompts; open it with "
+                         f"samliverseg.api.open_model({name!r})")
+    if kind == "decoder":
         base = meta.get("base_model")
-        if base not in MODEL_REGISTRY:
-            raise InputError(f"model {name!r} was fine-tuned from {base!r}, which is not a model of this "
-                             f"installation (built-in: {', '.join(MODEL_REGISTRY)})")
-        loaded.model = build_model(base, checkpoint=path, device=device)
+        try:
+            spec = get_spec(str(base))
+        except InputError:
+            raise InputError(f"model {name!r} was fine-tuned from {base!r}, which is not a model of this installation "
+                             f"(built-in: {', '.join(s.name for s in builtin_specs(SAM2D))})") from None
+        loaded.model = build_model(spec, checkpoint=path, device=device)
     elif kind == "adapter":
-        load = _import_target(INTERACTIVE_KINDS["adapter"], kind, name)
-        loaded.model = load(path, device)
+        loaded.model = load_adapted_model(path, device)
     else:
         raise CheckpointError(f"{path} is a model of kind {kind!r}, which this version of samliverseg does not "
-                              f"know (known kinds: {', '.join(KINDS)})")
+                              f"know (known kinds: {', '.join(KIND_NAMES)})")
     return loaded
 
 
 __all__ = [
-    "AUTOMATIC_KINDS", "INTERACTIVE_KINDS", "KINDS", "LoadedUserModel", "MODELS_ENV", "UserModel",
-    "describe_user_model", "get_user_model", "is_user_model", "list_user_models", "load_user_model", "models_dir",
-    "name_from", "read_model_metadata",
-    "register_trained_model", "unique_name", "user_model_path", "validate_name",
+    "LoadedUserModel", "MODELS_ENV", "UserModel", "describe_user_model", "get_user_model", "is_user_model",
+    "list_user_models", "load_user_model", "model_entry", "models_dir", "name_from", "read_entry",
+    "read_model_metadata", "register_trained_model", "unique_name", "user_model_path", "validate_name",
 ]

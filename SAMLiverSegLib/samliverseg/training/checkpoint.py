@@ -23,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Mapping, Optional, Union
 
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 
 from samliverseg.core.errors import CheckpointError
+from samliverseg.io import torchfile
 
 FORMAT = "samliverseg-train-checkpoint"
 VERSION = 1
@@ -91,16 +90,10 @@ def save_checkpoint(obj: Mapping[str, Any], path: Union[str, os.PathLike],
 
 
 def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Read a training checkpoint (weights_only); CheckpointError when missing/corrupt/foreign."""
+    """Read a training checkpoint (weights_only, :mod:`samliverseg.io.torchfile`); CheckpointError
+    when missing/corrupt/foreign."""
     p = Path(path)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {p} does not exist") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            AttributeError, TypeError, IndexError, KeyError, UnicodeDecodeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointError(f"{p} is not a readable training checkpoint (corrupt or truncated: {first})") from None
+    obj = torchfile.load(p, what="training checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a samliverseg training checkpoint")
     if int(obj.get("version", 0)) > VERSION:
@@ -108,14 +101,13 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return obj
 
 
-def load_for_resume(path: Union[str, os.PathLike], expected_config: Mapping[str, Any],
-                    expected_trainable_keys: Optional[Any] = None) -> Dict[str, Any]:
-    """Load ``path`` and check that it belongs to a run of ``expected_config``.
+def check_resume(ckpt: Mapping[str, Any], path: Union[str, os.PathLike], expected_config: Mapping[str, Any],
+                 expected_trainable_keys: Optional[Any] = None) -> None:
+    """Check that the loaded ``ckpt`` belongs to a run of ``expected_config``.
 
     Raises CheckpointError naming the first difference: trainer kind, base model, target,
     trained parts, or the set of trainable parameter names.
     """
-    ckpt = load_checkpoint(path)
     cfg = ckpt.get("config") or {}
     for key in RESUME_KEYS:
         if key in expected_config and cfg.get(key) != expected_config.get(key):
@@ -127,6 +119,13 @@ def load_for_resume(path: Union[str, os.PathLike], expected_config: Mapping[str,
             diff = sorted(have ^ want)
             raise CheckpointError(f"cannot resume from {path}: its trainable parameters differ from this model's "
                                   f"({len(diff)} differ, e.g. {', '.join(diff[:3])})")
+
+
+def load_for_resume(path: Union[str, os.PathLike], expected_config: Mapping[str, Any],
+                    expected_trainable_keys: Optional[Any] = None) -> Dict[str, Any]:
+    """:func:`load_checkpoint` + :func:`check_resume`."""
+    ckpt = load_checkpoint(path)
+    check_resume(ckpt, path, expected_config, expected_trainable_keys)
     return ckpt
 
 

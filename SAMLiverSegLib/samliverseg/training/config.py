@@ -26,7 +26,7 @@ Example (every key optional except ``cache`` and ``output``)::
 
 Kind-specific options live in a section named after the kind (``unet:``, ``adapter:``,
 ``student:``, ``semi:``), a mapping validated against that trainer's options dataclass
-(``SECTION_OPTIONS``: e.g. ``UNetOptions`` in ``unet_trainer.py``) with the same rules::
+(``models.kinds``: ``Kind.options``, e.g. ``UNetOptions`` in ``training/unet.py``) with the same rules::
 
     kind: unet
     unet:
@@ -35,6 +35,10 @@ Kind-specific options live in a section named after the kind (``unet:``, ``adapt
 Unknown keys are rejected (:class:`~samliverseg.core.errors.InputError` naming the key), as are
 values of the wrong type or out of range. Relative ``cache``/``output``/``checkpoint`` paths are
 resolved against the config file's folder.
+
+``describe_keys()`` (the text of ``samliverseg train --help``) and ``example_config(kind)``
+(``samliverseg train --example-config KIND``) are generated from these dataclasses and from
+``models.kinds``, so they cannot drift from what the loader accepts.
 """
 
 from __future__ import annotations
@@ -42,49 +46,42 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-import importlib
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import yaml
 
 from samliverseg.core.errors import InputError
+from samliverseg.models.kinds import KIND_NAMES, KINDS, resolve
 
-KINDS = ("decoder", "unet", "adapter", "student", "semi")
-
-#: kind -> "module:OptionsClass" validating the ``<kind>:`` section of the config (a dataclass
-#: whose fields have defaults). Imported lazily so that a config load imports one trainer only.
-SECTION_OPTIONS = {
-    "unet": "samliverseg.training.unet:UNetOptions",
-    "adapter": "samliverseg.training.adapter:AdapterOptions",
-    "student": "samliverseg.training.student:StudentOptions",
-    "semi": "samliverseg.training.semi.trainer:SemiOptions",
-}
+#: The kinds with a config section of their own (validated by ``Kind.options``, imported lazily
+#: so that a config load imports one trainer only).
+SECTION_KINDS = tuple(k for k in KIND_NAMES if KINDS[k].options)
 TARGETS = {"liver": "label > 0 (liver including tumour)", "tumor": "label == 2 (tumour)"}
 SCHEDULERS = ("constant", "cosine")
 
 
 @dataclass
 class TrainConfig:
-    cache: str = ""
-    output: str = ""
-    kind: str = "decoder"
-    base_model: str = "lite_medsam"
-    checkpoint: Optional[str] = None
-    target: str = "liver"
+    cache: str = ""  # the folder written by `samliverseg prepare` (required)
+    output: str = ""  # the run folder: checkpoints, embeddings, train.log, model.pth (required)
+    kind: str = "decoder"  # the trainer kind (listed above)
+    base_model: str = "lite_medsam"  # a registered SAM-family model (`samliverseg models`); not unet
+    checkpoint: Optional[str] = None  # base weights (default: the registry's lookup); unet: a unet model.pth to start from
+    target: str = "liver"  # liver: label > 0 (liver incl. tumour); tumor: label == 2
     epochs: int = 10
-    batch_size: int = 4
-    lr: float = 1e-4
+    batch_size: int = 4  # samples per process and micro-batch (unet: see unet.batch_cases)
+    lr: float = 1e-4  # Adam learning rate (unet: unet.lr; semi: the base of the poly schedule)
     weight_decay: float = 0.0
-    scheduler: str = "constant"
-    train_prompt_encoder: bool = False
-    box_jitter_px: int = 5
-    points_per_slice: int = 0
-    grad_accum: int = 1
+    scheduler: str = "constant"  # constant | cosine (over all optimiser steps); not unet/semi
+    train_prompt_encoder: bool = False  # decoder/adapter: also train the prompt encoder
+    box_jitter_px: int = 5  # decoder/adapter: max random shift of each box side (model-input pixels)
+    points_per_slice: int = 0  # decoder/adapter: positive points sampled from the label, added to the box
+    grad_accum: int = 1  # micro-batches per optimiser step
     seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    max_slices_per_case: int = 16
-    model_name: Optional[str] = None
+    device: str = "auto"  # auto (CUDA > MPS > CPU) | cpu | cuda | cuda:1 | mps
+    amp: bool = False  # mixed precision, CUDA only
+    max_slices_per_case: int = 16  # decoder/adapter: slices per case; semi: the block of slices per case
+    model_name: Optional[str] = None  # name under which the finished model is registered (default: the run folder's)
     unet: Dict[str, Any] = field(default_factory=dict)
     adapter: Dict[str, Any] = field(default_factory=dict)
     student: Dict[str, Any] = field(default_factory=dict)
@@ -155,12 +152,11 @@ def _check(name: str, value: Any, t: Any = None) -> Any:
 
 
 def _options_class(kind: str) -> type:
-    target = SECTION_OPTIONS.get(kind)
+    target = KINDS[kind].options if kind in KINDS else None
     if target is None:
         raise InputError(f"trainer kind {kind!r} has no options section")
-    module, _, cls = target.partition(":")
     try:
-        return getattr(importlib.import_module(module), cls)
+        return resolve(target)
     except (ImportError, AttributeError):
         raise InputError(f"trainer kind {kind!r} is not available in this installation") from None
 
@@ -194,7 +190,7 @@ def config_from_dict(data: Mapping[str, Any], base_dir: Optional[Path] = None) -
         if not getattr(cfg, key):
             raise InputError(f"config key {key!r} is required")
     if cfg.kind not in KINDS:
-        raise InputError(f"config key 'kind' must be one of {', '.join(KINDS)}, got {cfg.kind!r}")
+        raise InputError(f"config key 'kind' must be one of {', '.join(KIND_NAMES)}, got {cfg.kind!r}")
     if cfg.target not in TARGETS:
         raise InputError(f"config key 'target' must be one of {', '.join(TARGETS)}, got {cfg.target!r}")
     if cfg.scheduler not in SCHEDULERS:
@@ -213,7 +209,7 @@ def config_from_dict(data: Mapping[str, Any], base_dir: Optional[Path] = None) -
             raise InputError(f"config key 'device' must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}") from None
     if not cfg.lr > 0:
         raise InputError(f"config key 'lr' must be positive, got {cfg.lr}")
-    for kind in SECTION_OPTIONS:  # a section is validated when present or when it is the run's kind
+    for kind in SECTION_KINDS:  # a section is validated when present or when it is the run's kind
         if getattr(cfg, kind) or kind == cfg.kind:
             cfg.options(kind)
     if base_dir is not None:
@@ -237,3 +233,106 @@ def load_config(path: Union[str, Path], overrides: Optional[Mapping[str, Any]] =
     if isinstance(data, dict) and overrides:
         data.update({k: v for k, v in overrides.items() if v is not None})
     return config_from_dict(data, base_dir=p.resolve().parent)
+
+
+# ---------------------------------------------------------------------------- generated help
+#: Common keys a kind does not use (left out of its example config; the trainers say why).
+UNUSED_KEYS = {
+    "unet": ("base_model", "lr", "batch_size", "scheduler", "train_prompt_encoder", "box_jitter_px",
+             "points_per_slice", "max_slices_per_case"),
+    "student": ("train_prompt_encoder", "box_jitter_px", "points_per_slice", "max_slices_per_case"),
+    "semi": ("scheduler", "train_prompt_encoder", "box_jitter_px", "points_per_slice"),
+}
+_REQUIRED = {"cache": "/path/to/cache", "output": "runs/{kind}1"}
+
+
+def _field_comments(cls: type) -> Dict[str, str]:
+    """``name -> comment`` from the ``name: type = default  # comment`` lines of a dataclass (and
+    its bases): the one place a key is described is beside its definition."""
+    import inspect
+    import re
+    out: Dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        for line in lines:
+            m = re.match(r"\s+(\w+)\s*:[^=#]*=.*?#\s*(.+)$", line)
+            if m:
+                out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _defaults(cls: type) -> List[tuple]:
+    """``(name, type text, default)`` of a dataclass's fields (sections left out)."""
+    rows = []
+    for f in fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        if isinstance(default, dict):
+            continue
+        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        rows.append((f.name, str(t).replace("typing.", ""), default))
+    return rows
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return text[:-4].strip() if text.endswith("\n...") else text.replace("\n...", "")
+
+
+def describe_keys() -> str:
+    """The text of ``samliverseg train --help``: the kinds and every config key with its default."""
+    lines = ["trainer kinds (config key `kind`):"]
+    for name in KIND_NAMES:
+        lines.append(f"  {name:<9} {KINDS[name].summary}")
+    lines += ["", "common config keys (key: type = default  # meaning):"]
+    notes = _field_comments(TrainConfig)
+    for name, t, default in _defaults(TrainConfig):
+        note = f"  # {notes[name]}" if name in notes else ""
+        lines.append(f"  {name}: {t} = {_yaml_value(default)}{note}")
+    for kind in SECTION_KINDS:
+        try:
+            cls = _options_class(kind)
+        except InputError:
+            lines += ["", f"section `{kind}:` (not available in this installation)"]
+            continue
+        notes = _field_comments(cls)
+        lines += ["", f"section `{kind}:` (kind {kind} only):"]
+        for name, t, default in _defaults(cls):
+            note = f"  # {notes[name]}" if name in notes else ""
+            lines.append(f"  {kind}.{name}: {t} = {_yaml_value(default)}{note}")
+    lines += ["", "Unknown keys are rejected by name. `--example-config KIND` prints a commented config."]
+    return "\n".join(lines)
+
+
+def example_config(kind: str) -> str:
+    """A commented YAML config of ``kind`` with every key it uses at its default; it runs as is
+    once ``cache`` (and ``output``) name real folders."""
+    if kind not in KINDS:
+        raise InputError(f"unknown trainer kind {kind!r}; known: {', '.join(KIND_NAMES)}")
+    out = [f"# samliverseg train --config THIS.yaml: trainer kind {kind!r}",
+           f"# {KINDS[kind].summary}", "# every key is optional except cache and output; shown at its default", ""]
+    notes = _field_comments(TrainConfig)
+    unused = set(UNUSED_KEYS.get(kind, ()))
+    for name, _, default in _defaults(TrainConfig):
+        if name in unused:
+            continue
+        value = kind if name == "kind" else _REQUIRED[name].format(kind=kind) if name in _REQUIRED else default
+        note = f"  # {notes[name]}" if name in notes else ""
+        out.append(f"{name}: {_yaml_value(value)}{note}")
+    if KINDS[kind].options:
+        cls = _options_class(kind)
+        notes = _field_comments(cls)
+        out.append(f"{kind}:")
+        for name, _, default in _defaults(cls):
+            note = f"  # {notes[name]}" if name in notes else ""
+            out.append(f"  {name}: {_yaml_value(default)}{note}")
+    return "\n".join(out) + "\n"

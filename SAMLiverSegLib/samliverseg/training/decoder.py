@@ -63,26 +63,23 @@ Distributed data parallel (``torchrun --nproc_per_node W samliverseg train --con
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samliverseg.models.build_sam import build_model, find_model_checkpoint, get_spec
-from samliverseg.core.devices import resolve_device
-from samliverseg.core.errors import CancelledError, InputError, SAMLiverSegError
+from samliverseg.core.errors import CancelledError, CheckpointError, SAMLiverSegError
 from samliverseg.interactive.predictor import SlicePredictor
+from samliverseg.io import torchfile
+from samliverseg.models.build_sam import build_model, find_model_checkpoint, get_spec
 from samliverseg.training import checkpoint as ck
 from samliverseg.training import distributed
+from samliverseg.training.base import Trainer, content_hash, no_target_error, target_mask
 from samliverseg.training.config import TrainConfig
-from samliverseg.training.prepare import load_manifest
 from samliverseg.training.progress import ProgressWriter
 
 EMBED_FORMAT = 1
@@ -102,18 +99,50 @@ class SliceSet:
         return int(self.features.shape[0])
 
 
-def peak_rss_mb() -> Optional[float]:
-    """Peak resident memory of this process in MiB (None where it cannot be read)."""
-    try:
-        import resource  # Unix
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    except ImportError:
-        try:
-            import psutil  # Windows: peak working set
-            info = psutil.Process().memory_info()
-            return getattr(info, "peak_wset", info.rss) / 2**20
-        except Exception:  # noqa: BLE001
-            return None
+def select_slices(cfg: TrainConfig, manifest: Dict[str, Any], split: str) -> List[Tuple[Dict[str, Any], List[int]]]:
+    """The axial slices of ``split``'s labelled cases that contain the target: at most
+    ``max_slices_per_case`` per case, evenly spaced over the case's target slices (the centre
+    slice of each of ``max_slices_per_case`` equal runs)."""
+    out = []
+    for case in manifest.get("cases", []):
+        if case.get("split") != split or not case.get("labelled"):
+            continue
+        with np.load(Path(cfg.cache) / case["file"]) as z:
+            label = z["label"]
+        ks = [k for k in range(label.shape[0]) if target_mask(label[k], cfg.target).any()]
+        if len(ks) > cfg.max_slices_per_case:  # the centres of equal runs: never only the object's tip
+            m = cfg.max_slices_per_case
+            ks = [ks[int((i + 0.5) * len(ks) / m)] for i in range(m)]
+        if ks:
+            out.append((case, ks))
+    return out
+
+
+def draw_prompts(masks: torch.Tensor, image_size: int, cfg: TrainConfig, generator: torch.Generator,
+                 device: torch.device, jitter: bool):
+    """Boxes (B, 4) xyxy and optional points ((B, P, 2), (B, P)) in the model-input frame: the
+    masks' boxes, each side moved by a random integer in ``[-box_jitter_px, box_jitter_px]`` when
+    ``jitter``, + ``points_per_slice`` positive points drawn from the mask (``generator``)."""
+    S = int(image_size)
+    boxes, pts = [], []
+    for m in masks:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        box = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
+        if jitter and cfg.box_jitter_px > 0:
+            j = cfg.box_jitter_px
+            box = (box + torch.randint(-j, j + 1, (4,), generator=generator).float()).clamp(0, S - 1)
+            box = torch.stack([torch.minimum(box[0], box[2]), torch.minimum(box[1], box[3]),
+                               torch.maximum(box[0], box[2]), torch.maximum(box[1], box[3])])
+        boxes.append(box)
+        if cfg.points_per_slice > 0:
+            sel = torch.randint(0, xs.numel(), (cfg.points_per_slice,), generator=generator)
+            pts.append(torch.stack([xs[sel], ys[sel]], dim=1).float())  # the encoder adds 0.5
+    boxes_t = torch.stack(boxes).to(device)
+    points = None
+    if pts:
+        c = torch.stack(pts).to(device)
+        points = (c, torch.ones(c.shape[:2], dtype=torch.int64, device=device))
+    return boxes_t, points
 
 
 class PromptedDecoder(torch.nn.Module):
@@ -138,134 +167,78 @@ class PromptedDecoder(torch.nn.Module):
         return low
 
 
-class DecoderTrainer:
+class DecoderTrainer(Trainer):
+    """MedSAM-style decoder fine-tuning (module docstring); the run loop is :class:`.base.Trainer`'s."""
+
+    KIND = "decoder"
+
     def __init__(self, config: TrainConfig, progress: Optional[ProgressWriter] = None, rank: int = 0):
-        self.cfg = config
-        self.rank = rank
-        self.out = Path(config.output).expanduser()
-        self.progress = progress or ProgressWriter(rank=rank)
-        if self.progress.log_path is None:
-            self.progress.set_log_path(self.out / "train.log")
-        self.dist = distributed.current()
-        if self.dist.enabled:
-            self.rank = self.dist.rank
-        self.device = resolve_device(config.device)
-        if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", self.dist.local_rank % max(1, torch.cuda.device_count()))
-        self.amp = bool(config.amp and self.device.type == "cuda")
+        super().__init__(config, progress, rank)
         self.spec = get_spec(config.base_model)
-        self.manifest = load_manifest(Path(config.cache))
         self.model = build_model(self.spec, checkpoint=config.checkpoint, device=self.device)
         self.base_checkpoint = find_model_checkpoint(self.spec, config.checkpoint)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.trainable_prefixes = ("mask_decoder.",) + (("prompt_encoder.",) if config.train_prompt_encoder else ())
-        for name, p in self.model.named_parameters():
-            if name.startswith(self.trainable_prefixes):
-                p.requires_grad_(True)
-        self.params = [p for n, p in self.model.named_parameters() if p.requires_grad]
-        self.head: torch.nn.Module = PromptedDecoder(self.model)  # DDP-wrapped in run() when distributed
+        self.trainable_prefixes = self.configure_trainable()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.head: torch.nn.Module = PromptedDecoder(self.model)  # DDP-wrapped in on_start() when distributed
         self.frozen_unused: List[str] = []
-        self.resumed_world_size = self.dist.world_size
         self.predictor = SlicePredictor(self.model, self.device)
-        self.generator = torch.Generator().manual_seed(int(config.seed))
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed % 2**32)
-        import random
-        random.seed(config.seed)
         from monai.losses import DiceCELoss
         self.loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.step = 0
-        self.best_dice: Optional[float] = None
-        self.history: List[Dict[str, Any]] = []
-        self._epoch_loss_sum = 0.0
-        self._epoch_loss_n = 0
-        self.scheduler = None
-        self.train_set: Optional[SliceSet] = None
-        self.val_set: Optional[SliceSet] = None
+        self.train_set: Any = None
+        self.val_set: Any = None
+
+    def configure_trainable(self) -> Tuple[str, ...]:
+        """Freeze the model except what this kind trains; returns the trained key prefixes."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        prefixes = ("mask_decoder.",) + (("prompt_encoder.",) if self.cfg.train_prompt_encoder else ())
+        for name, p in self.model.named_parameters():
+            if name.startswith(prefixes):
+                p.requires_grad_(True)
+        return prefixes
 
     # ------------------------------------------------------------------ state
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
                 if k.startswith(self.trainable_prefixes)}
 
-    def metadata(self) -> Dict[str, Any]:
-        s = self.manifest.get("settings", {})
-        return {"kind": "decoder", "base_model": self.spec.name, "architecture": self.spec.architecture,
-                "image_size": int(self.spec.image_size), "window": s.get("window"), "window_hu": s.get("window_hu"),
-                "spacing": s.get("spacing"), "target": self.cfg.target, "label_meaning": self.cfg.label_meaning,
-                "trained": list(self.trainable_prefixes), "cache": str(self.cfg.cache),
-                "cache_settings_hash": s.get("settings_hash")}
-
-    def checkpoint_dict(self) -> Dict[str, Any]:
-        return {"format": ck.FORMAT, "version": ck.VERSION, "kind": "decoder", "model": self.trainable_state(),
-                "trainable_keys": sorted(self.trainable_state()), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-                "best_dice": self.best_dice, "epoch_loss": [self._epoch_loss_sum, self._epoch_loss_n],
-                "rng": ck.rng_state(self.generator), "config": self.cfg.to_dict(), "metadata": self.metadata(),
-                "history": self.history, "world_size": self.dist.world_size}
-
-    def save(self, which: str) -> Path:
-        path = self.out / (ck.LAST_NAME if which == "last" else ck.BEST_NAME)
-        if self.rank == 0:
-            ck.save_checkpoint(self.checkpoint_dict(), path)
-            self.progress.emit("checkpoint", self.epoch, self.step, path=str(path), which=which)
-        return path
-
-    def restore(self, path: Path) -> None:
-        ckpt = ck.load_for_resume(path, self.cfg.to_dict(), sorted(self.trainable_state()))
-        missing = self.model.load_state_dict(ckpt["model"], strict=False)
+    def load_trainable_state(self, state: Dict[str, torch.Tensor], ckpt: Dict[str, Any], path: Path) -> None:
+        missing = self.model.load_state_dict(state, strict=False)
         if missing.unexpected_keys:
-            raise ck.CheckpointError(f"cannot resume from {path}: unexpected keys {missing.unexpected_keys[:3]}")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt.get("scheduler") is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler is not None and ckpt.get("scaler") is not None:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.batch_in_epoch, self.step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["step"])
-        self.best_dice = ckpt.get("best_dice")
-        self._epoch_loss_sum, self._epoch_loss_n = ckpt.get("epoch_loss", [0.0, 0])
-        self.history = list(ckpt.get("history") or [])
-        ck.set_rng_state(ckpt["rng"], self.generator)
-        self.resumed_world_size = int(ckpt.get("world_size") or 1)
-        old = ckpt.get("config") or {}
-        for k, v in self.cfg.to_dict().items():
-            if k not in ck.RESUME_KEYS and k not in ("epochs", "output", "device") and old.get(k) != v:
-                self.progress.log(f"warning: {k} changed since the checkpoint ({old.get(k)!r} -> {v!r}); "
-                                  f"the resumed run will differ from an uninterrupted one")
+            raise CheckpointError(f"cannot resume from {path}: unexpected keys {missing.unexpected_keys[:3]}")
+
+    def metadata(self) -> Dict[str, Any]:
+        meta = super().metadata()
+        meta.update({"base_model": self.spec.name, "architecture": self.spec.architecture,
+                     "image_size": int(self.spec.image_size), "trained": list(self.trainable_prefixes)})
+        return meta
+
+    def write_model(self, path: Path, trained: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+        """The full model state (base + the trained parts), loadable with ``build_model(base_model,
+        checkpoint=path)``."""
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        state.update(trained)
+        ck.save_checkpoint({"model": state, "metadata": meta}, path)
+
+    def describe(self) -> str:
+        return (f"decoder fine-tuning of {self.spec.name} on {self.device} (target {self.cfg.target}); "
+                f"run folder {self.out}")
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def eval_mode(self) -> None:
+        self.model.eval()
 
     # ------------------------------------------------------------------ data
-    def _target(self, label: np.ndarray) -> np.ndarray:
-        return label > 0 if self.cfg.target == "liver" else label == 2
-
-    def _select_slices(self, split: str) -> List[Tuple[Dict[str, Any], List[int]]]:
-        out = []
-        for case in self.manifest.get("cases", []):
-            if case.get("split") != split or not case.get("labelled"):
-                continue
-            with np.load(Path(self.cfg.cache) / case["file"]) as z:
-                label = z["label"]
-            ks = [k for k in range(label.shape[0]) if self._target(label[k]).any()]
-            if len(ks) > self.cfg.max_slices_per_case:
-                pick = np.linspace(0, len(ks) - 1, self.cfg.max_slices_per_case).round().astype(int)
-                ks = [ks[i] for i in sorted(set(pick.tolist()))]
-            if ks:
-                out.append((case, ks))
-        return out
-
     def _embed_key(self, selection) -> str:
         ckpt = self.base_checkpoint
         st = ckpt.stat() if ckpt is not None and ckpt.exists() else None
         info = {"v": EMBED_FORMAT, "model": self.spec.name, "ckpt": str(ckpt), "size": st.st_size if st else None,
                 "mtime": st.st_mtime_ns if st else None, "target": self.cfg.target,
                 "cases": [(c["id"], c.get("case_hash"), ks) for c, ks in selection]}
-        return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return content_hash(info)
 
     def _build_set(self, split: str, cancel: Callable[[], bool]) -> Optional[SliceSet]:
         """The split's slice set; when distributed rank 0 makes (or loads) and saves it, the others load it."""
@@ -293,18 +266,18 @@ class DecoderTrainer:
             return s
         if info is None:
             return None
-        d = torch.load(info, map_location="cpu", weights_only=True)
+        d = torchfile.load(info, what="embeddings file")
         return SliceSet(d["features"], d["masks"], d["low_res"], list(d["ids"]), path=Path(info))
 
     def _build_set_local(self, split: str, cancel: Callable[[], bool]) -> Optional[SliceSet]:
-        selection = self._select_slices(split)
+        selection = select_slices(self.cfg, self.manifest, split)
         if not selection:
             return None
         key = self._embed_key(selection)
         path = self.out / "embeddings" / f"{key}_{split}.pt"
         if path.exists():
             try:
-                d = torch.load(path, map_location="cpu", weights_only=True)
+                d = torchfile.load(path, what="embeddings file")
                 self.progress.log(f"{split}: {len(d['ids'])} slice embeddings loaded from {path}")
                 return SliceSet(d["features"], d["masks"], d["low_res"], list(d["ids"]), path=path)
             except Exception as exc:  # a damaged cache file is recomputed
@@ -323,7 +296,7 @@ class DecoderTrainer:
                     raise CancelledError("cancelled while precomputing the image embeddings")
                 emb = self.predictor.embed(image[k], pix)
                 h, w = emb.input_hw
-                m = torch.from_numpy(self._target(label[k]).astype(np.float32))[None, None]
+                m = torch.from_numpy(self.target(label[k]).astype(np.float32))[None, None]
                 m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
                 m = F.pad(m, (0, S - w, 0, S - h))
                 L = int(emb.features.shape[-1]) * 4
@@ -344,28 +317,7 @@ class DecoderTrainer:
         return s
 
     def _prompts(self, masks: torch.Tensor, jitter: bool):
-        """Boxes (B, 4) xyxy and optional points ((B, P, 2), (B, P)) in the model-input frame."""
-        S = int(self.spec.image_size)
-        boxes, pts = [], []
-        for m in masks:
-            ys, xs = torch.nonzero(m, as_tuple=True)
-            box = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()
-            if jitter and self.cfg.box_jitter_px > 0:
-                j = self.cfg.box_jitter_px
-                box = box + torch.randint(-j, j + 1, (4,), generator=self.generator).float()
-                box = torch.stack([box[0].clamp(0, S - 1), box[1].clamp(0, S - 1), box[2].clamp(0, S - 1), box[3].clamp(0, S - 1)])
-                box = torch.stack([torch.minimum(box[0], box[2]), torch.minimum(box[1], box[3]),
-                                   torch.maximum(box[0], box[2]), torch.maximum(box[1], box[3])])
-            boxes.append(box)
-            if self.cfg.points_per_slice > 0:
-                sel = torch.randint(0, xs.numel(), (self.cfg.points_per_slice,), generator=self.generator)
-                pts.append(torch.stack([xs[sel], ys[sel]], dim=1).float())  # the encoder adds 0.5
-        boxes_t = torch.stack(boxes).to(self.device)
-        points = None
-        if pts:
-            c = torch.stack(pts).to(self.device)
-            points = (c, torch.ones(c.shape[:2], dtype=torch.int64, device=self.device))
-        return boxes_t, points
+        return draw_prompts(masks, self.spec.image_size, self.cfg, self.generator, self.device, jitter)
 
     def _decode(self, head: torch.nn.Module, feats: torch.Tensor, boxes: torch.Tensor, points) -> torch.Tensor:
         coords, labels = points if points is not None else (None, None)
@@ -396,217 +348,85 @@ class DecoderTrainer:
                 p.requires_grad_(False)
         return unused
 
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank (``flag`` when not distributed)."""
-        if not self.dist.enabled:
-            return bool(flag)
-        return distributed.mean_across_ranks(1.0 if flag else 0.0) > 0
-
-    # ------------------------------------------------------------------ loops
-    @property
-    def global_batch_size(self) -> int:
-        """Slices per batch over all ranks: ``batch_size`` per process times the world size."""
-        return self.cfg.batch_size * self.dist.world_size
-
-    def steps_per_epoch(self, batch: Optional[int] = None) -> int:
-        """Optimiser steps per epoch with batches of ``batch`` slices (default ``batch_size``; this
-        trainer's run passes its global batch; subclasses may call it without)."""
-        n_batches = math.ceil(len(self.train_set) / (batch or self.cfg.batch_size))
-        return math.ceil(n_batches / self.cfg.grad_accum)
-
     def _order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(self.cfg.seed) * 100003 + epoch)
         return torch.randperm(len(self.train_set), generator=g)
 
-    @torch.no_grad()
-    def validate(self) -> Optional[float]:
-        """Mean 2D Dice over the val slices (each rank scores its share; sample-weighted mean)."""
-        if self.val_set is None or len(self.val_set) == 0:
-            return None
-        self.model.eval()
-        dices: List[float] = []
+    # ------------------------------------------------------------------ hooks of the run loop
+    def prepare_data(self, cancel: Callable[[], bool]) -> None:
+        self.train_set = self._build_set("train", cancel)
+        self.val_set = self._build_set("val", cancel)
+        if self.train_set is None or len(self.train_set) == 0:
+            raise no_target_error(self.cfg)
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        return -(-len(self.train_set) // self.global_batch_size)
+
+    def on_start(self) -> None:
+        if not self.dist.enabled:
+            return
+        self.frozen_unused = self._freeze_unused()
+        if self.frozen_unused:
+            self.progress.log(f"DDP: {len(self.frozen_unused)} trainable tensors cannot reach the loss and stay "
+                              f"frozen (e.g. {', '.join(self.frozen_unused[:3])})")
+        self.head = distributed.wrap_ddp(self.head, self.device)
+
+    def start_fields(self) -> Dict[str, Any]:
+        return {"base_model": self.spec.name, "train_slices": len(self.train_set),
+                "val_slices": len(self.val_set) if self.val_set is not None else 0,
+                "global_batch_size": self.global_batch_size}
+
+    def train_step(self, group: range) -> Dict[str, float]:
+        bs, world, distributed_run = self.global_batch_size, self.dist.world_size, self.dist.enabled
+        order = self._order(self.epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, count, global_count = 0.0, 0, 0
+        for b in group:
+            idx = order[b * bs:(b + 1) * bs]
+            global_count += len(idx)
+            # the prompts of the whole (global) batch: every rank's generator draws the same
+            boxes, points = self._prompts(self.train_set.masks[idx], jitter=True)
+            weight = 1.0
+            if distributed_run:
+                rows = list(distributed.shard(range(len(idx)), self.dist))
+                weight = len(rows) * world / len(idx)  # the DDP mean is then the whole batch's
+                if not rows:  # no share in a short last batch: still join the all-reduce
+                    rows, weight = [0], 0.0
+                sel = torch.as_tensor(rows, dtype=torch.long)
+                idx, boxes = idx[sel], boxes[sel.to(boxes.device)]
+                if points is not None:
+                    points = (points[0][sel.to(boxes.device)], points[1][sel.to(boxes.device)])
+            sync = contextlib.nullcontext() if (b == group[-1] or not distributed_run) else self.head.no_sync()
+            with sync:
+                low = self._decode(self.head, self.train_set.features[idx], boxes, points)
+                loss = self.loss_fn(low, self.train_set.low_res[idx].to(self.device))
+                self.backward(loss / len(group) if weight == 1.0 else loss * (weight / len(group)))
+            if weight > 0:
+                loss_sum += float(loss.detach()) * len(idx)
+                count += len(idx)
+        self.optimizer_step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        mean = distributed.mean_across_ranks(loss_sum / count if count else 0.0, count)
+        return {"loss": mean, "samples": global_count}
+
+    def num_val_items(self) -> int:
+        return 0 if self.val_set is None else len(self.val_set)
+
+    def val_predictions(self, mine: List[int]) -> Iterable[Dict[str, Tuple[Any, Any]]]:
+        """The thresholded low-res logits of each val slice of ``mine`` against its low-res target."""
         # the prompts of all val slices in order (the points come from the trainer generator, whose
         # draws must not depend on the rank), then this rank's share
         boxes, points = self._prompts(self.val_set.masks, jitter=False)
-        mine = list(distributed.shard(range(len(self.val_set)), self.dist))
         head = distributed.unwrap(self.head)
         for i in range(0, len(mine), self.cfg.batch_size):
             sl = torch.as_tensor(mine[i:i + self.cfg.batch_size], dtype=torch.long)
             on = sl.to(boxes.device)
             pts = (points[0][on], points[1][on]) if points is not None else None
             low = self._decode(head, self.val_set.features[sl], boxes[on], pts)
-            pred = (low > 0).float().cpu()
-            tgt = self.val_set.low_res[sl]
-            inter = (pred * tgt).flatten(1).sum(1)
-            denom = pred.flatten(1).sum(1) + tgt.flatten(1).sum(1)
-            dices.extend(torch.where(denom > 0, 2 * inter / denom.clamp(min=1), torch.ones_like(denom)).tolist())
-        self.model.train()
-        local = float(np.mean(dices)) if dices else 0.0
-        return distributed.mean_across_ranks(local, len(dices))
+            pred = (low > 0).cpu()
+            for n in range(len(sl)):
+                yield {"dice": (pred[n], self.val_set.low_res[sl[n]] > 0.5)}
 
-    def run(self, resume: bool = False, cancel: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
-        cancel = cancel or (lambda: False)
-        cfg = self.cfg
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self.progress.log(f"decoder fine-tuning of {self.spec.name} on {self.device} (target {cfg.target}); "
-                          f"run folder {self.out}")
-        last = self.out / ck.LAST_NAME
-        if resume:  # refuse a wrong checkpoint before minutes of embedding precompute
-            if not last.exists():
-                raise ck.CheckpointError(f"--resume: no checkpoint {last} to resume from")
-            ck.load_for_resume(last, cfg.to_dict(), sorted(self.trainable_state()))
-        try:
-            self.train_set = self._build_set("train", cancel)
-            self.val_set = self._build_set("val", cancel)
-        except CancelledError:
-            self.progress.emit("cancelled", self.epoch, self.step, checkpoint=None, exit_code=CancelledError.exit_code)
-            raise
-        if self.train_set is None or len(self.train_set) == 0:
-            raise InputError(f"no training slice contains the target {cfg.target!r} in {cfg.cache} "
-                             f"(labelled cases of the train split)")
-        total = self.steps_per_epoch(self.global_batch_size) * cfg.epochs
-        if cfg.scheduler == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total))
-        resumed = False
-        if resume:
-            self.restore(last)
-            resumed = True
-            self.progress.log(f"resumed from {last}: epoch {self.epoch}, step {self.step}")
-            if self.resumed_world_size != self.dist.world_size:
-                self.progress.log(f"warning: the checkpoint was written by a run of {self.resumed_world_size} "
-                                  f"process(es), this run has {self.dist.world_size}: the global batch "
-                                  f"(batch_size x processes) differs, so the resumed run will differ from an "
-                                  f"uninterrupted one")
-        if self.dist.enabled:
-            self.frozen_unused = self._freeze_unused()
-            if self.frozen_unused:
-                self.progress.log(f"DDP: {len(self.frozen_unused)} trainable tensors cannot reach the loss and stay "
-                                  f"frozen (e.g. {', '.join(self.frozen_unused[:3])})")
-            self.head = distributed.wrap_ddp(self.head, self.device)
-            self.progress.log(f"distributed: {self.dist.world_size} processes ({self.dist.backend}), "
-                              f"{cfg.batch_size} slices per process, global batch {self.global_batch_size}")
-        self.progress.total_steps = total
-        self.progress.mark_start(self.step)
-        self.progress.emit("start", self.epoch, self.step, kind="decoder", base_model=self.spec.name,
-                           output=str(self.out), device=str(self.device), train_slices=len(self.train_set),
-                           val_slices=len(self.val_set) if self.val_set is not None else 0, epochs=cfg.epochs,
-                           resumed=resumed, target=cfg.target, world_size=self.dist.world_size,
-                           global_batch_size=self.global_batch_size)
-        self.model.train()
-        n = len(self.train_set)
-        bs, acc = self.global_batch_size, cfg.grad_accum
-        world, distributed_run = self.dist.world_size, self.dist.enabled
-        n_batches = math.ceil(n / bs)
-        t_run, samples_run = time.monotonic(), 0
-        while self.epoch < cfg.epochs:
-            order = self._order(self.epoch)
-            while self.batch_in_epoch < n_batches:
-                t0 = time.monotonic()
-                first = self.batch_in_epoch
-                group = range(first, min(first + acc, n_batches))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss_sum, count = 0.0, 0
-                global_count = 0
-                for b in group:
-                    idx = order[b * bs:(b + 1) * bs]
-                    # the prompts of the whole (global) batch: every rank's generator draws the same
-                    boxes, points = self._prompts(self.train_set.masks[idx], jitter=True)
-                    weight = 1.0
-                    if distributed_run:
-                        rows = list(distributed.shard(range(len(idx)), self.dist))
-                        weight = len(rows) * world / len(idx)  # the DDP mean is then the whole batch's
-                        if not rows:  # no share in a short last batch: still join the all-reduce
-                            rows, weight = [0], 0.0
-                        sel = torch.as_tensor(rows, dtype=torch.long)
-                        idx, boxes = idx[sel], boxes[sel.to(boxes.device)]
-                        if points is not None:
-                            points = (points[0][sel.to(boxes.device)], points[1][sel.to(boxes.device)])
-                    last_micro = b == group[-1]
-                    sync = contextlib.nullcontext() if (last_micro or not distributed_run) else self.head.no_sync()
-                    with sync:
-                        low = self._decode(self.head, self.train_set.features[idx], boxes, points)
-                        loss = self.loss_fn(low, self.train_set.low_res[idx].to(self.device))
-                        scaled = loss / len(group) if weight == 1.0 else loss * (weight / len(group))
-                        if self.scaler is not None:
-                            self.scaler.scale(scaled).backward()
-                        else:
-                            scaled.backward()
-                    if weight > 0:
-                        loss_sum += float(loss.detach()) * len(idx)
-                        count += len(idx)
-                    global_count += len(order[b * bs:(b + 1) * bs])
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                if self.scheduler is not None:
-                    self.scheduler.step()
-                self.batch_in_epoch = group.stop
-                self.step += 1
-                if distributed_run:  # the global batch's mean loss, the same on every rank
-                    mean = distributed.mean_across_ranks(loss_sum / count if count else 0.0, count)
-                    loss_sum, count = mean * global_count, global_count
-                self._epoch_loss_sum += loss_sum
-                self._epoch_loss_n += count
-                samples_run += count
-                dt = time.monotonic() - t0
-                self.progress.emit("step", self.epoch, self.step, loss=loss_sum / count,
-                                   lr=self.optimizer.param_groups[0]["lr"], samples_per_s=round(count / max(dt, 1e-9), 2))
-                if self._any_rank(cancel()):
-                    return self._cancel()
-            # end of epoch
-            mean_loss = self._epoch_loss_sum / max(1, self._epoch_loss_n)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.progress.emit("epoch", self.epoch, self.step, losses={"train": mean_loss}, lr=lr)
-            dice = self.validate()
-            record = {"epoch": self.epoch, "step": self.step, "train_loss": mean_loss, "val_dice": dice}
-            self.history.append(record)
-            is_best = dice is not None and (self.best_dice is None or dice > self.best_dice)
-            if dice is not None:
-                if is_best:
-                    self.best_dice = dice
-                self.progress.emit("validation", self.epoch, self.step, dice=dice, best_dice=self.best_dice, is_best=is_best)
-            self.progress.log(f"epoch {self.epoch + 1}/{cfg.epochs}: train loss {mean_loss:.4f}"
-                              + (f", val Dice {dice:.4f}" if dice is not None else ""))
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self._epoch_loss_sum, self._epoch_loss_n = 0.0, 0
-            if is_best or (dice is None):
-                self.save("best")
-            self.save("last")
-            if self._any_rank(cancel()) and self.epoch < cfg.epochs:
-                return self._cancel(saved=True)
-        model_path = self.export_model()
-        distributed.barrier()  # model.pth exists when any rank returns
-        elapsed = time.monotonic() - t_run
-        sps = samples_run / elapsed if elapsed > 0 else None
-        self.progress.emit("done", self.epoch, self.step, best_dice=self.best_dice, model=str(model_path),
-                           last=str(self.out / ck.LAST_NAME), best=str(self.out / ck.BEST_NAME),
-                           samples_per_s=sps, peak_rss_mb=peak_rss_mb())
-        return {"status": "done", "model": model_path, "best_dice": self.best_dice, "samples_per_s": sps,
-                "history": self.history, "step": self.step}
 
-    def _cancel(self, saved: bool = False) -> Dict[str, Any]:
-        path = self.out / ck.LAST_NAME if saved else self.save("last")
-        self.progress.log(f"cancelled at epoch {self.epoch}, step {self.step}; state saved in {path} "
-                          f"(continue with --resume)")
-        self.progress.emit("cancelled", self.epoch, self.step, checkpoint=str(path), exit_code=CancelledError.exit_code)
-        raise CancelledError(f"training cancelled; resume with --resume (checkpoint {path})")
-
-    def export_model(self) -> Path:
-        """model.pth: the full model state (base + trained parts of best.pt, else last) + metadata (rank 0)."""
-        path = self.out / ck.MODEL_NAME
-        if self.rank != 0:
-            return path
-        src = self.out / ck.BEST_NAME
-        if not src.exists():
-            src = self.out / ck.LAST_NAME
-        trained = ck.load_checkpoint(src)["model"]
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        state.update(trained)
-        meta = dict(self.metadata(), best_dice=self.best_dice, source=str(src), step=self.step)
-        ck.save_checkpoint({"model": state, "metadata": meta}, path)
-        self.progress.emit("checkpoint", self.epoch, self.step, path=str(path), which="model")
-        return path
+__all__ = ["DecoderTrainer", "PromptedDecoder", "SliceSet", "draw_prompts", "select_slices"]

@@ -61,14 +61,23 @@ def current() -> DistInfo:
     return DistInfo()
 
 
+def rank_device(device: str = "auto", info: Optional[DistInfo] = None) -> torch.device:
+    """THE device choice of a rank: ``resolve_device(device)``; under DDP on CUDA rank r uses
+    ``cuda:LOCAL_RANK`` (modulo the visible devices), whatever index ``device`` names."""
+    info = info or env_info()
+    dev = resolve_device(device)
+    if info.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", info.local_rank % max(1, torch.cuda.device_count()))
+    return dev
+
+
 def setup(device: str = "auto") -> tuple:
     """Join the process group when launched by torchrun; return ``(DistInfo, torch.device)``."""
     info = env_info()
-    dev = resolve_device(device)
+    dev = rank_device(device, info)
     if not info.enabled:
         return info, dev
     if dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(dev)
     # On GPUs, NCCL for the CUDA tensors (gradients) and gloo for the small CPU tensors the trainers
     # all-reduce (metrics, the cancel vote).
@@ -115,6 +124,21 @@ def mean_across_ranks(value: float, weight: float = 1.0) -> float:
     t = torch.tensor([float(value) * float(weight), float(weight)], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
+def sum_across_ranks(values: Sequence[float]) -> list:
+    """Element-wise sums of ``values`` over the ranks (``values`` itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """THE cancel vote: True on every rank when ``flag`` is true on any rank (a collective: every
+    rank calls it at the same point; ``flag`` itself when not distributed)."""
+    return sum_across_ranks([1.0 if flag else 0.0])[0] > 0
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

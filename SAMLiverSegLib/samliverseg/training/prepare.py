@@ -128,6 +128,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samliverseg.core.atomic import atomic_path
+from samliverseg.core.geometry import resample
 from samliverseg.core.errors import InputError, SAMLiverSegError
 from samliverseg.io.export import read_labelmap
 from samliverseg.io.volume import IMAGE_SUFFIXES, Volume, check_ct_range, geometry_mismatch, read_volume
@@ -446,12 +447,6 @@ def _case_hash(settings: str, case: CaseSource) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _resample(image: sitk.Image, spacing: Sequence[float], interpolator: int, default: float) -> sitk.Image:
-    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(),
-                         tuple(float(s) for s in spacing), image.GetDirection(), float(default), image.GetPixelID())
-
-
 class _Skip(Exception):
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)
@@ -511,15 +506,14 @@ def _convert(case: CaseSource, target: Path, window: Window, spacing: Optional[S
     hu = vol.array
     out_spacing, out_origin, out_direction = vol.spacing, vol.origin, vol.direction
     if spacing is not None:
-        img = _resample(vol.to_sitk(), spacing, sitk.sitkLinear, float(hu.min()))
-        hu = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
+        # same origin and direction, round(n s / t) voxels per axis (automatic.unet resamples alike)
+        hu, grid = resample(hu, vol.grid, spacing, interpolator="linear", default_value=float(hu.min()), extent="round")
+        hu = hu.astype(np.float32, copy=False)
         if label is not None:
-            lab = _resample(vol.to_sitk(label.astype(np.uint8)), spacing, sitk.sitkNearestNeighbor, 0)
-            label = sitk.GetArrayFromImage(lab).astype(np.uint8, copy=False)
+            label = resample(label.astype(np.uint8), vol.grid, grid, interpolator="nearest", default_value=0).array
             if not label.any():
                 raise _Skip("empty_label", f"the label is empty after resampling to {tuple(spacing)} mm")
-        out_spacing, out_origin = img.GetSpacing(), img.GetOrigin()
-        out_direction = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
+        out_spacing, out_origin, out_direction = grid.spacing, grid.origin, grid.direction_matrix
     arrays: Dict[str, Any] = {
         "image": np.ascontiguousarray(apply_window(hu, window)),
         "spacing": np.asarray(out_spacing, dtype=np.float64),

@@ -28,28 +28,14 @@ are silent. Logs (``log()``) go to stderr and to ``log_path`` (appended) when gi
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, TextIO, Union
 
+from samliverseg.core.jsonutil import dumps
+
 EVENTS = ("start", "step", "epoch", "validation", "checkpoint", "done", "error", "cancelled")
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf -> null, numpy/torch scalars -> python."""
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 class ProgressWriter:
@@ -93,9 +79,9 @@ class ProgressWriter:
             return None
         record = {"event": event, "time": round(time.time(), 3), "epoch": self.epoch, "step": self.step,
                   "total_steps": self.total_steps, "eta_s": 0.0 if event == "done" else self.eta_s()}
-        record.update(_clean(fields))
+        record.update(fields)
         try:
-            self.stream.write(json.dumps(record) + "\n")
+            self.stream.write(dumps(record, indent=None) + "\n")  # NaN/inf -> null, numpy/torch -> python
             self.stream.flush()
         except (OSError, ValueError):  # the reader went away (e.g. Slicer quit): keep training/saving
             pass

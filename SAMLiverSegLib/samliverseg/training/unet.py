@@ -82,8 +82,8 @@ autocast + GradScaler) on CUDA when ``amp: true``.
 Validation (every ``val_interval`` epochs and after the last): the inference pipeline of
 :func:`~samliverseg.automatic.unet.predict_mask` on each val case's cache grid (coarse ROI in
 two-stage mode, ``sliding_window_inference`` with ``patch_size`` windows, sigmoid > 0.5, largest
-component for the liver); MONAI ``DiceMetric`` per case against the target, averaged over the
-cases (a case with an empty target and prediction counts as NaN and is left out). ``best.pt``
+component for the liver); the Dice per case against the target (the base class's one rule: a
+case whose target is empty is skipped), averaged over the cases. ``best.pt``
 keeps the best mean val Dice (every epoch when there is no val case), ``last.pt`` the latest
 state, and ``model.pth`` (from ``best.pt``) the network with its metadata (see
 ``unet_inference``), which ``segment_volume`` loads.
@@ -110,24 +110,22 @@ all training cases (the order is reshuffled across ranks each epoch).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.automatic.unet import (ACTIVATIONS, MODEL_KIND, UNetModel, kaiming_init, predict_mask,
-                              read_unet_checkpoint, roi_slices)
-from samliverseg.training import checkpoint as ck
+                                        read_unet_checkpoint, roi_slices)
+from samliverseg.core.errors import CheckpointError, InputError
 from samliverseg.training import distributed
+from samliverseg.training.base import Trainer, target_mask
 from samliverseg.training.config import TrainConfig
-from samliverseg.training.prepare import load_manifest
 from samliverseg.training.progress import ProgressWriter
 
 SCHEDULES = ("warm_restarts", "cosine", "constant")
@@ -141,30 +139,30 @@ _IGNORED_COMMON = {"lr": 1e-4, "batch_size": 4, "scheduler": "constant"}
 class UNetOptions:
     """The ``unet:`` config section (see the module docstring)."""
 
-    patch_size: List[int] = field(default_factory=lambda: [128, 128, 128])
-    num_samples: int = 4
-    pos: float = 1.0
-    neg: float = 1.0
-    batch_cases: int = 1
-    channels: List[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
-    strides: List[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    num_res_units: int = 2
+    patch_size: List[int] = field(default_factory=lambda: [128, 128, 128])  # [k, j, i] voxels of a training patch / inference window
+    num_samples: int = 4  # RandCropByPosNegLabeld crops per case and step
+    pos: float = 1.0  # RandCropByPosNegLabeld: target : background crop centres
+    neg: float = 1.0  # (see pos)
+    batch_cases: int = 1  # cases per micro-batch (a micro-batch has batch_cases x num_samples patches)
+    channels: List[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # U-Net widths per level
+    strides: List[int] = field(default_factory=lambda: [2, 2, 2, 2])  # one fewer than channels
+    num_res_units: int = 2  # 0 = plain conv blocks, > 0 = residual units
     dropout: float = 0.1
-    act: str = "relu"
-    lr: float = 0.008
-    scheduler: str = "warm_restarts"
-    T_0: int = 5
+    act: str = "relu"  # activation
+    lr: float = 0.008  # Novograd learning rate
+    scheduler: str = "warm_restarts"  # warm_restarts | cosine | constant
+    T_0: int = 5  # CosineAnnealingWarmRestarts, in epochs
     T_mult: int = 3
-    eta_min: float = 0.0
-    val_interval: int = 1
-    sw_batch_size: int = 4
-    overlap: float = 0.25
-    largest_component: Optional[bool] = None
-    two_stage: bool = False
-    coarse_size: List[int] = field(default_factory=lambda: [128, 128, 128])
-    roi_margin_mm: float = 20.0
-    cache_rate: float = 1.0
-    num_workers: int = 0
+    eta_min: float = 0.0  # the schedule's lowest rate
+    val_interval: int = 1  # validate every N epochs (and after the last)
+    sw_batch_size: int = 4  # sliding-window inference: windows per forward pass
+    overlap: float = 0.25  # sliding-window overlap
+    largest_component: Optional[bool] = None  # keep the largest component (null: yes for liver, no for tumour)
+    two_stage: bool = False  # coarse ROI model + fine model
+    coarse_size: List[int] = field(default_factory=lambda: [128, 128, 128])  # [k, j, i] the coarse model's input (whole volume resized)
+    roi_margin_mm: float = 20.0  # margin around the liver box (training crops and inference ROI)
+    cache_rate: float = 1.0  # CacheDataset: fraction of the training cases cached in RAM
+    num_workers: int = 0  # DataLoader worker processes (and CacheDataset threads)
 
     def validate(self) -> None:
         def bad(key: str, why: str) -> None:
@@ -210,20 +208,6 @@ class UNetOptions:
                 "act": self.act.lower(), "kernel_size": 3}
 
 
-def peak_rss_mb() -> Optional[float]:
-    """Peak resident memory of this process in MiB (None where it cannot be read)."""
-    try:
-        import resource  # Unix: ru_maxrss in KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    except ImportError:
-        return None
-
-
-def target_mask(label: np.ndarray, target: str) -> np.ndarray:
-    """uint8 0/1: ``label > 0`` (liver incl. tumour) or ``label == 2`` (tumour)."""
-    return (label > 0 if target == "liver" else label == 2).astype(np.uint8)
-
-
 # ---------------------------------------------------------------------------------------------
 # MONAI data pipeline
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +220,7 @@ def load_case(item: Dict[str, Any], target: str, roi_margin_mm: Optional[float] 
     with np.load(item["path"]) as z:
         image, label = z["image"], z["label"]
         spacing = [float(s) for s in z["spacing"]]
-    tgt = target_mask(label, target)
+    tgt = target_mask(label, target).astype(np.uint8)
     if roi_margin_mm is not None:
         roi = roi_slices(label > 0, spacing, roi_margin_mm)
         if roi is not None:
@@ -280,23 +264,14 @@ def collate_cases(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------
-class UNetTrainer:
+class UNetTrainer(Trainer):
+    """The U-Net trainer (module docstring); the run loop is :class:`.base.Trainer`'s."""
+
+    KIND = MODEL_KIND
+    RESUME_OPTIONS = ARCH_OPTIONS
+
     def __init__(self, config: TrainConfig, progress: Optional[ProgressWriter] = None, rank: int = 0):
-        self.cfg = config
-        self.opts: UNetOptions = config.options("unet")
-        self.out = Path(config.output).expanduser()
-        self.progress = progress or ProgressWriter(rank=rank)
-        if self.progress.log_path is None:
-            self.progress.set_log_path(self.out / "train.log")
-        self.info, self.device = distributed.setup(config.device)
-        self.rank = self.info.rank if self.info.enabled else int(rank)
-        self.amp = bool(config.amp and self.device.type == "cuda")
-        self.manifest = load_manifest(Path(config.cache))
-        self.settings = self.manifest.get("settings", {})
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed % 2**32)
-        import random
-        random.seed(config.seed)
+        super().__init__(config, progress, rank)
         self.model = UNetModel(self.opts.network(), two_stage=self.opts.two_stage)
         kaiming_init(self.model)
         self.init_from = None
@@ -308,18 +283,10 @@ class UNetTrainer:
         from monai.optimizers import Novograd
         self.loss_fn = DiceLoss(sigmoid=True, batch=True)
         self.optimizer = Novograd(self.model.parameters(), lr=self.opts.lr, weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
-        self.scheduler = None
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.step = 0
-        self.best_dice: Optional[float] = None
-        self.history: List[Dict[str, Any]] = []
-        self._epoch_loss_sum = 0.0
-        self._epoch_loss_n = 0
         self.train_cases: List[Dict[str, Any]] = []
         self.val_cases: List[Dict[str, Any]] = []
         self.dataset: Optional[SeededCases] = None
+        self._batches: Any = None
 
     # ------------------------------------------------------------------ state
     def _load_initial_weights(self, path: Path) -> None:
@@ -338,6 +305,15 @@ class UNetTrainer:
     def model_state(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
+    trainable_state = model_state
+
+    def load_trainable_state(self, state: Dict[str, torch.Tensor], ckpt: Dict[str, Any], path: Path) -> None:
+        try:
+            self.model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or ["?"])[0][:200]
+            raise CheckpointError(f"cannot resume from {path}: its weights do not fit this network ({first})") from None
+
     def inference_settings(self) -> Dict[str, Any]:
         o = self.opts
         lcc = (self.cfg.target == "liver") if o.largest_component is None else bool(o.largest_component)
@@ -346,69 +322,20 @@ class UNetTrainer:
                 "overlap": float(o.overlap), "largest_component": lcc}
 
     def metadata(self) -> Dict[str, Any]:
-        s = self.settings
-        return {"kind": MODEL_KIND, "base_model": MODEL_KIND, "architecture": "monai_unet",
-                "network": self.opts.network(), "two_stage": bool(self.opts.two_stage), **self.inference_settings(),
-                "window": s.get("window"), "window_hu": s.get("window_hu"), "spacing": s.get("spacing"),
-                "target": self.cfg.target, "label_meaning": self.cfg.label_meaning, "cache": str(self.cfg.cache),
-                "cache_settings_hash": s.get("settings_hash"), "init_from": self.init_from}
+        meta = super().metadata()
+        meta.update({"base_model": MODEL_KIND, "architecture": "monai_unet", "network": self.opts.network(),
+                     "two_stage": bool(self.opts.two_stage), **self.inference_settings(), "init_from": self.init_from})
+        return meta
 
-    def checkpoint_dict(self) -> Dict[str, Any]:
-        state = self.model_state()
-        return {"format": ck.FORMAT, "version": ck.VERSION, "kind": MODEL_KIND, "model": state,
-                "trainable_keys": sorted(state), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-                "best_dice": self.best_dice, "epoch_loss": [self._epoch_loss_sum, self._epoch_loss_n],
-                "rng": ck.rng_state(), "config": self.cfg.to_dict(), "unet_options": dataclasses.asdict(self.opts),
-                "metadata": self.metadata(), "history": self.history, "world_size": self.info.world_size}
+    def describe(self) -> str:
+        return (f"U-Net training ({'two-stage' if self.opts.two_stage else 'one-stage'}, target {self.cfg.target}) "
+                f"on {self.device}; run folder {self.out}")
 
-    def save(self, which: str) -> Path:
-        path = self.out / (ck.LAST_NAME if which == "last" else ck.BEST_NAME)
-        if self.rank == 0:
-            ck.save_checkpoint(self.checkpoint_dict(), path)
-            self.progress.emit("checkpoint", self.epoch, self.step, path=str(path), which=which)
-        distributed.barrier()
-        return path
+    def train_mode(self) -> None:
+        self.model.train()
 
-    def restore(self, path: Path) -> None:
-        ckpt = ck.load_for_resume(path, self.cfg.to_dict())
-        old = ckpt.get("unet_options") or {}
-        now = dataclasses.asdict(self.opts)
-        for key in ARCH_OPTIONS:
-            if key in old and old[key] != now[key]:
-                raise CheckpointError(f"cannot resume from {path}: it was made with unet.{key}={old[key]!r}, "
-                                      f"the config says unet.{key}={now[key]!r}")
-        ck.load_for_resume(path, self.cfg.to_dict(), sorted(self.model.state_dict()))  # the parameter names
-        try:
-            self.model.load_state_dict(ckpt["model"], strict=True)
-        except RuntimeError as exc:
-            first = (str(exc).strip().splitlines() or ["?"])[0][:200]
-            raise CheckpointError(f"cannot resume from {path}: its weights do not fit this network ({first})") from None
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt.get("scheduler") is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler is not None and ckpt.get("scaler") is not None:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.batch_in_epoch, self.step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["step"])
-        self.best_dice = ckpt.get("best_dice")
-        self._epoch_loss_sum, self._epoch_loss_n = ckpt.get("epoch_loss", [0.0, 0])
-        self.history = list(ckpt.get("history") or [])
-        ck.set_rng_state(ckpt["rng"])
-        if int(ckpt.get("world_size") or 1) != self.info.world_size:
-            self.progress.log(f"warning: the checkpoint was written by a run of {ckpt.get('world_size') or 1} "
-                              f"process(es), this run has {self.info.world_size}: the data order per process "
-                              f"differs, so the resumed run will differ from an uninterrupted one")
-        for key, value in now.items():
-            if key not in ARCH_OPTIONS and key in old and old[key] != value:
-                self.progress.log(f"warning: unet.{key} changed since the checkpoint ({old[key]!r} -> {value!r}); "
-                                  f"the resumed run will differ from an uninterrupted one")
-        oldcfg = ckpt.get("config") or {}
-        for k, v in self.cfg.to_dict().items():
-            if k not in ck.RESUME_KEYS and k not in ("epochs", "output", "device", "unet") and oldcfg.get(k) != v:
-                self.progress.log(f"warning: {k} changed since the checkpoint ({oldcfg.get(k)!r} -> {v!r}); "
-                                  f"the resumed run will differ from an uninterrupted one")
+    def eval_mode(self) -> None:
+        self.model.eval()
 
     # ------------------------------------------------------------------ data
     def _cases(self, split: str) -> List[Dict[str, Any]]:
@@ -423,7 +350,11 @@ class UNetTrainer:
         with np.load(case["path"]) as z:
             return bool(target_mask(z["label"], self.cfg.target).any())
 
-    def _build_data(self) -> None:
+    def prepare_data(self, cancel) -> None:
+        for key, default in _IGNORED_COMMON.items():
+            if getattr(self.cfg, key) != default:
+                self.progress.log(f"warning: the common key {key!r} is not used by the unet trainer "
+                                  f"(see unet.lr, unet.batch_cases/num_samples, unet.scheduler)")
         from monai.data import CacheDataset
         from monai.transforms import (CastToTyped, Compose, Lambda, RandCropByPosNegLabeld, Resized,
                                       ScaleIntensityRanged, SpatialPadd)
@@ -467,17 +398,11 @@ class UNetTrainer:
         n = len(self.train_cases)
         g = torch.Generator().manual_seed(int(self.cfg.seed) * 100003 + epoch)
         perm = torch.randperm(n, generator=g).tolist()
-        world = self.info.world_size if self.info.enabled else 1
+        world = self.dist.world_size
         n_eff = math.ceil(n / world) * world
         perm = perm + perm[: n_eff - n]
         keys = [(epoch, p, c) for p, c in enumerate(perm)]
-        return list(distributed.shard(keys, self.info)) if self.info.enabled else keys
-
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self._order(0)) / self.opts.batch_cases)
-
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.batches_per_epoch() / self.cfg.grad_accum)
+        return list(distributed.shard(keys, self.dist))
 
     def _loader(self, keys: Sequence[Tuple[int, int, int]]):
         o = self.opts
@@ -486,151 +411,66 @@ class UNetTrainer:
                                            generator=torch.Generator().manual_seed(0),
                                            persistent_workers=False)
 
-    # ------------------------------------------------------------------ loops
-    def _lr_update(self, epoch_float: float) -> None:
-        if self.opts.scheduler == "warm_restarts":
-            self.scheduler.step(epoch_float)
-        elif self.opts.scheduler == "cosine":
-            self.scheduler.step()
+    # ------------------------------------------------------------------ hooks of the run loop
+    def batches_in_epoch(self, epoch: int) -> int:
+        return math.ceil(len(self._order(0)) / self.opts.batch_cases)
 
-    @torch.no_grad()
-    def validate(self) -> Optional[float]:
-        """Mean Dice of the inference pipeline over the val cases (None without a val case)."""
-        from monai.metrics import DiceMetric
-        if not self.val_cases:
-            return None
-        mine = list(distributed.shard(self.val_cases, self.info)) if self.info.enabled else self.val_cases
-        metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
-        self.model.eval()
-        values = []
+    def make_scheduler(self, total: int) -> Any:
+        o = self.opts
+        if o.scheduler == "warm_restarts":
+            return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=o.T_0, T_mult=o.T_mult,
+                                                                        eta_min=o.eta_min)
+        if o.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total), eta_min=o.eta_min)
+        return None
+
+    def start_fields(self) -> Dict[str, Any]:
+        o = self.opts
+        return {"base_model": MODEL_KIND, "train_cases": len(self.train_cases), "val_cases": len(self.val_cases),
+                "two_stage": o.two_stage, "patches_per_step": o.batch_cases * o.num_samples * self.cfg.grad_accum}
+
+    def begin_epoch(self, epoch: int, cancel) -> None:
+        keys = self._order(epoch)
+        self._batches = iter(self._loader(keys[self.batch_in_epoch * self.opts.batch_cases:]))
+
+    def train_step(self, group: range) -> Dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, count = 0.0, 0
+        for n_in_group, _ in enumerate(group):
+            batch = next(self._batches)
+            loss = self._micro_step(batch, len(group), last_in_group=(n_in_group == len(group) - 1))
+            n = int(batch["image"].shape[0])
+            loss_sum += loss * n
+            count += n
+        self.optimizer_step()
+        if self.scheduler is not None:  # the fractional epoch after this step
+            n_batches = self.batches_in_epoch(self.epoch)
+            if self.opts.scheduler == "warm_restarts":
+                self.scheduler.step(self.epoch + group.stop / n_batches)
+            else:
+                self.scheduler.step()
+        total = distributed.sum_across_ranks([loss_sum, count])
+        return {"loss": total[0] / max(1.0, total[1]), "samples": total[1]}
+
+    def validate_now(self, epoch: int) -> bool:
+        return (epoch + 1) % self.opts.val_interval == 0 or epoch + 1 == self.cfg.epochs
+
+    def num_val_items(self) -> int:
+        return len(self.val_cases)
+
+    def val_predictions(self, mine: List[int]) -> Iterable[Dict[str, Tuple[Any, Any]]]:
+        """The inference pipeline (``predict_mask``) on each val case of ``mine``, on its cache grid."""
         settings = self.inference_settings()
-        for case in mine:
-            with np.load(case["path"]) as z:
+        for i in mine:
+            with np.load(self.val_cases[i]["path"]) as z:
                 image, label = z["image"], z["label"]
                 spacing = [float(s) for s in z["spacing"]]
             image01 = torch.from_numpy(image.astype(np.float32) / np.float32(255.0))
             pred = predict_mask(self.model, image01, spacing, settings, device=self.device, amp=self.amp)
-            tgt = target_mask(label, self.cfg.target)
-            d = metric(torch.from_numpy(pred)[None, None].float(), torch.from_numpy(tgt)[None, None].float())
-            values.append(float(d.reshape(-1)[0]))
-        self.model.train()
-        finite = [v for v in values if math.isfinite(v)]
-        local = float(np.mean(finite)) if finite else 0.0
-        mean = distributed.mean_across_ranks(local, float(len(finite)))
-        return mean if math.isfinite(mean) and (finite or self.info.enabled) else None
+            yield {"dice": (pred, target_mask(label, self.cfg.target))}
 
-    def run(self, resume: bool = False, cancel: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
-        cancel = cancel or (lambda: False)
-        cfg, o = self.cfg, self.opts
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-        for key, default in _IGNORED_COMMON.items():
-            if getattr(cfg, key) != default:
-                self.progress.log(f"warning: the common key {key!r} is not used by the unet trainer "
-                                  f"(see unet.lr, unet.batch_cases/num_samples, unet.scheduler)")
-        self.progress.log(f"U-Net training ({'two-stage' if o.two_stage else 'one-stage'}, target {cfg.target}) on "
-                          f"{self.device}; run folder {self.out}")
-        self._build_data()
-        if self._any_rank(cancel()):
-            self.progress.emit("cancelled", self.epoch, self.step, checkpoint=None, exit_code=CancelledError.exit_code)
-            raise CancelledError("cancelled while caching the training cases")
-        n_batches = self.batches_per_epoch()
-        total = self.steps_per_epoch() * cfg.epochs
-        if o.scheduler == "warm_restarts":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-                self.optimizer, T_0=o.T_0, T_mult=o.T_mult, eta_min=o.eta_min)
-        elif o.scheduler == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, total),
-                                                                        eta_min=o.eta_min)
-        last = self.out / ck.LAST_NAME
-        resumed = False
-        if resume:
-            if not last.exists():
-                raise CheckpointError(f"--resume: no checkpoint {last} to resume from")
-            self.restore(last)
-            resumed = True
-            self.progress.log(f"resumed from {last}: epoch {self.epoch}, step {self.step}")
-        self.progress.total_steps = total
-        self.progress.mark_start(self.step)
-        self.progress.emit("start", self.epoch, self.step, kind=MODEL_KIND, base_model=MODEL_KIND, output=str(self.out),
-                           device=str(self.device), train_cases=len(self.train_cases), val_cases=len(self.val_cases),
-                           epochs=cfg.epochs, resumed=resumed, target=cfg.target, two_stage=o.two_stage,
-                           patches_per_step=o.batch_cases * o.num_samples * cfg.grad_accum,
-                           world_size=self.info.world_size)
-        self.model.train()
-        acc = cfg.grad_accum
-        t_run, samples_run = time.monotonic(), 0
-        while self.epoch < cfg.epochs:
-            keys = self._order(self.epoch)
-            start = self.batch_in_epoch * o.batch_cases
-            batches = iter(self._loader(keys[start:]))
-            while self.batch_in_epoch < n_batches:
-                t0 = time.monotonic()
-                group = range(self.batch_in_epoch, min(self.batch_in_epoch + acc, n_batches))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss_sum, count = 0.0, 0
-                for n_in_group, _ in enumerate(group):
-                    batch = next(batches)
-                    loss = self._micro_step(batch, len(group), last_in_group=(n_in_group == len(group) - 1))
-                    n = int(batch["image"].shape[0])
-                    loss_sum += loss * n
-                    count += n
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.batch_in_epoch = group.stop
-                self.step += 1
-                if self.scheduler is not None:
-                    self._lr_update(self.epoch + self.batch_in_epoch / n_batches)
-                self._epoch_loss_sum += loss_sum
-                self._epoch_loss_n += count
-                samples_run += count
-                dt = time.monotonic() - t0
-                self.progress.emit("step", self.epoch, self.step, loss=loss_sum / max(1, count),
-                                   lr=self.optimizer.param_groups[0]["lr"],
-                                   samples_per_s=round(count / max(dt, 1e-9), 2))
-                if self._any_rank(cancel()):
-                    return self._cancel()
-            # end of epoch
-            mean_loss = self._epoch_loss_sum / max(1, self._epoch_loss_n)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.progress.emit("epoch", self.epoch, self.step, losses={"train": mean_loss}, lr=lr)
-            validate_now = (self.epoch + 1) % o.val_interval == 0 or self.epoch + 1 == cfg.epochs
-            dice = self.validate() if validate_now else None
-            record = {"epoch": self.epoch, "step": self.step, "train_loss": mean_loss, "val_dice": dice}
-            self.history.append(record)
-            is_best = dice is not None and (self.best_dice is None or dice > self.best_dice)
-            if dice is not None:
-                if is_best:
-                    self.best_dice = dice
-                self.progress.emit("validation", self.epoch, self.step, dice=dice, best_dice=self.best_dice,
-                                   is_best=is_best, cases=len(self.val_cases))
-            self.progress.log(f"epoch {self.epoch + 1}/{cfg.epochs}: train loss {mean_loss:.4f}"
-                              + (f", val Dice {dice:.4f}" if dice is not None else ""))
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self._epoch_loss_sum, self._epoch_loss_n = 0.0, 0
-            if is_best or not self.val_cases:
-                self.save("best")
-            self.save("last")
-            if self._any_rank(cancel()) and self.epoch < cfg.epochs:
-                return self._cancel(saved=True)
-        model_path = self.export_model()
-        elapsed = time.monotonic() - t_run
-        sps = samples_run / elapsed if elapsed > 0 and samples_run else None
-        self.progress.emit("done", self.epoch, self.step, best_dice=self.best_dice, model=str(model_path),
-                           last=str(self.out / ck.LAST_NAME), best=str(self.out / ck.BEST_NAME),
-                           samples_per_s=sps, peak_rss_mb=peak_rss_mb())
-        return {"status": "done", "model": model_path, "best_dice": self.best_dice, "samples_per_s": sps,
-                "history": self.history, "step": self.step}
-
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is true on any rank (``flag`` itself when not distributed)."""
-        if not self.info.enabled:
-            return bool(flag)
-        return distributed.mean_across_ranks(1.0 if flag else 0.0) > 0
+    def validation_fields(self) -> Dict[str, Any]:
+        return {"cases": len(self.val_cases)}
 
     def _micro_step(self, batch: Dict[str, torch.Tensor], n_group: int, last_in_group: bool) -> float:
         """Forward + backward of one micro-batch (loss scaled by 1 / micro-batches per step)."""
@@ -646,29 +486,8 @@ class UNetTrainer:
             if coarse is not None:
                 loss = loss + self.loss_fn(coarse.float(), batch["coarse_label"].to(self.device))
             scaled = loss / n_group
-            if self.scaler is not None:
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            self.backward(scaled)
         return float(loss.detach())
 
-    def _cancel(self, saved: bool = False) -> Dict[str, Any]:
-        path = self.out / ck.LAST_NAME if saved else self.save("last")
-        self.progress.log(f"cancelled at epoch {self.epoch}, step {self.step}; state saved in {path} "
-                          f"(continue with --resume)")
-        self.progress.emit("cancelled", self.epoch, self.step, checkpoint=str(path), exit_code=CancelledError.exit_code)
-        raise CancelledError(f"training cancelled; resume with --resume (checkpoint {path})")
 
-    def export_model(self) -> Path:
-        """model.pth: the network of best.pt (else last.pt) + metadata (see ``unet_inference``)."""
-        path = self.out / ck.MODEL_NAME
-        if self.rank == 0:
-            src = self.out / ck.BEST_NAME
-            if not src.exists():
-                src = self.out / ck.LAST_NAME
-            state = ck.load_checkpoint(src)["model"]
-            meta = dict(self.metadata(), best_dice=self.best_dice, source=str(src), step=self.step)
-            ck.save_checkpoint({"model": state, "metadata": meta}, path)
-            self.progress.emit("checkpoint", self.epoch, self.step, path=str(path), which="model")
-        distributed.barrier()
-        return path
+__all__ = ["UNetOptions", "UNetTrainer", "item_seed", "load_case", "target_mask"]

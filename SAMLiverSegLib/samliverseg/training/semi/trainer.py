@@ -104,8 +104,9 @@ EMA teacher, validation, outputs
 ``m_t = min(m, 1 − 1/t)`` for the t-th step (``semi.ema_momentum`` m = 0.99; the warm start of the
 mean-teacher reference code, ``semi.ema_warm_start``, see ``semi_math``: without it a run of a few
 hundred steps exports an EMA that is still mostly the random initial decoder). After each epoch
-both the EMA and the student are scored on the validation cases (Algorithm 1 over the cached identity embeddings, logits resized to the case grid, 3D Dice of
-``σ > 0.5`` against the target); the ``validation`` event's ``dice`` is the EMA's. ``best.pt``
+both the EMA and the student are scored on the validation cases (Algorithm 1 over the cached
+identity embeddings, logits resized to the case grid, 3D Dice of ``σ > 0.5`` against the target;
+a case whose target is empty is skipped: the base class's one rule); the ``validation`` event's ``dice`` is the EMA's. ``best.pt``
 keeps the state with the best EMA Dice, ``last.pt`` the latest; in both ``"model"`` holds the EMA
 decoder (θ') and ``"student"`` θ. ``model.pth`` = the whole student state dict (frozen encoder +
 the EMA decoder of ``best.pt``) with ``student_metadata`` and ``kind: "semi"``.
@@ -132,8 +133,8 @@ apply the same EMA update, so θ' is identical on every rank without any broadca
 test checks the hashes, ``semi.rank_hashes``). Each rank takes ``batch_size`` labelled and
 ``batch_size`` unlabelled items of every global micro-batch; embeddings, frozen pseudo-labels and
 validation cases are shared out by rank and written to the run folder (which every rank must
-see); checkpoints and progress come from rank 0; a cancel on rank 0 stops every rank after the
-same step.
+see); checkpoints and progress come from rank 0; a cancel on any rank stops every rank after the
+same step (the base class's vote).
 
 Progress: ``step`` events carry ``loss`` (total), ``sup``, ``con``, ``rs_con``, ``lambda``,
 ``beta``, ``conf_fraction`` (confident voxels / voxels of the unlabelled slabs), ``u_th`` (the
@@ -150,26 +151,28 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from samliverseg.core.atomic import atomic_path
-from samliverseg.models.build_sam import build_model, find_model_checkpoint, get_spec
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
+from samliverseg.core.jsonutil import write_json
+from samliverseg.io import torchfile
 from samliverseg.modeling.slicing_student import THRESHOLD, slab_plan, student_from_sam, student_metadata
+from samliverseg.models.build_sam import build_model, find_model_checkpoint, get_spec
 from samliverseg.training import checkpoint as ck
 from samliverseg.training import distributed
-from samliverseg.training.semi import math as sm
+from samliverseg.training.base import Trainer, content_hash, no_target_error
 from samliverseg.training.config import TrainConfig
-from samliverseg.training.decoder import peak_rss_mb
-from samliverseg.training.prepare import load_manifest
 from samliverseg.training.progress import ProgressWriter
+from samliverseg.training.semi import math as sm
+from samliverseg.training.semi.teachers import (BOX_MODES, Sam2DTeacher, Teacher, TeacherView, build_3d_teacher,
+                                                is_3d_teacher, teacher_names)
 from samliverseg.training.semi.transforms import GeomTransform, View, ViewPool, make_pool, resize_mask
-from samliverseg.training.semi.teachers import (BOX_MODES, Sam2DTeacher, Teacher, TeacherView, build_3d_teacher, is_3d_teacher,
-                       teacher_names)
+from samliverseg.training.student import write_student_model
 
 SEMI_KIND = "semi"
 EMBED_FORMAT = 1
@@ -319,10 +322,6 @@ class Item:
     queue: List[Tuple[View, bool]] = field(default_factory=list)
 
 
-def _hash(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
 def state_hash(state: Dict[str, torch.Tensor]) -> str:
     """A SHA-256 over the tensors of a state dict (names sorted; exact bytes)."""
     h = hashlib.sha256()
@@ -332,30 +331,20 @@ def state_hash(state: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-class SemiTrainer:
+class SemiTrainer(Trainer):
+    """Semi-SAM+ (module docstring); the run loop is :class:`.base.Trainer`'s. Checkpoints hold the
+    EMA decoder θ' as ``"model"`` (what is exported) and the student θ as ``"student"``."""
+
+    KIND = SEMI_KIND
+    RESUME_OPTIONS = RESUME_OPTIONS
+    VAL_SCORES = ("dice", "student_dice")
+    EPOCH_MEANS = LOSS_KEYS
+
     def __init__(self, config: TrainConfig, progress: Optional[ProgressWriter] = None, rank: int = 0):
-        self.cfg = config
-        self.opts: SemiOptions = config.options(SEMI_KIND)
+        super().__init__(config, progress, rank)
         self.phases = self.opts.phase_epochs(config.epochs)
-        self.dist = distributed.current()
-        self.rank = rank if not self.dist.enabled else self.dist.rank
-        self.out = Path(config.output).expanduser()
-        self.progress = progress or ProgressWriter(rank=self.rank)
-        if self.progress.log_path is None:
-            self.progress.set_log_path(self.out / "train.log")
-        from samliverseg.core.devices import resolve_device
-        self.device = resolve_device(config.device)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank % max(1, torch.cuda.device_count()))
-        self.amp = bool(config.amp and self.device.type == "cuda")
         self.spec = get_spec(config.base_model)
-        self.manifest = load_manifest(Path(config.cache))
-        settings = self.manifest.get("settings", {})
-        self.window_hu = tuple(float(v) for v in (settings.get("window_hu") or (-160.0, 240.0)))
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed % 2**32)
-        import random
-        random.seed(config.seed)
+        self.window_hu = tuple(float(v) for v in (self.settings.get("window_hu") or (-160.0, 240.0)))
         # the base SAM: the student's frozen encoder and (when named) the 2D teacher share it
         self.sam = build_model(self.spec, checkpoint=config.checkpoint, device=self.device)
         for p in self.sam.parameters():
@@ -375,13 +364,6 @@ class SemiTrainer:
         self.loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")
         self.optimizer = torch.optim.Adam(self.student.decoder.parameters(), lr=self.opts.warmup_lr,
                                           weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
-        self.epoch = 0
-        self.batch_in_epoch = 0  # micro-batches done in the current epoch
-        self.step = 0
-        self.best_dice: Optional[float] = None
-        self.history: List[Dict[str, Any]] = []
-        self._sums: Dict[str, float] = {}
         self.labelled: List[CaseBlock] = []
         self.unlabelled: List[CaseBlock] = []
         self.val: List[CaseBlock] = []
@@ -393,7 +375,7 @@ class SemiTrainer:
     def _encoder_key(self, name: str, checkpoint: Optional[Path]) -> str:
         st = checkpoint.stat() if checkpoint is not None and Path(checkpoint).exists() else None
         spec = get_spec(name)
-        return _hash({"v": EMBED_FORMAT, "model": name, "ckpt": str(checkpoint), "size": st.st_size if st else None,
+        return content_hash({"v": EMBED_FORMAT, "model": name, "ckpt": str(checkpoint), "size": st.st_size if st else None,
                       "mtime": st.st_mtime_ns if st else None, "image_size": int(spec.image_size),
                       "normalization": spec.normalization, "dtype": self.opts.cache_dtype}, 12)
 
@@ -421,20 +403,33 @@ class SemiTrainer:
 
     # ------------------------------------------------------------------ state
     def trainable_state(self) -> Dict[str, torch.Tensor]:
-        return self.student.trainable_state()
+        """θ' (the EMA decoder, what is exported) with the student's key names (``decoder.*``)."""
+        return self.ema_state()
 
     def ema_state(self) -> Dict[str, torch.Tensor]:
         """θ' with the student's key names (``decoder.*``), detached CPU copies."""
         return {f"decoder.{k}": v.detach().cpu().clone() for k, v in self.ema.items()}
 
+    def extra_state(self) -> Dict[str, Any]:
+        return {"student": self.student.trainable_state()}
+
+    def load_trainable_state(self, state: Dict[str, torch.Tensor], ckpt: Dict[str, Any], path: Path) -> None:
+        try:
+            self.student.load_trainable_state(ckpt["student"])
+            ema = {k[len("decoder."):]: v for k, v in state.items()}
+            if set(ema) != set(self.ema):
+                raise RuntimeError("the EMA state has other keys")
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"cannot resume from {path}: its decoder does not fit ({str(exc).splitlines()[0]})") \
+                from None
+        for k, v in ema.items():
+            self.ema[k].copy_(v.to(self.ema[k].device, self.ema[k].dtype))
+
     def metadata(self) -> Dict[str, Any]:
-        s = self.manifest.get("settings", {})
         meta = student_metadata(self.student)
+        meta.update(super().metadata())
         w, n, f = self.phases
-        meta.update({"kind": SEMI_KIND, "window": s.get("window"), "window_hu": s.get("window_hu"),
-                     "spacing": s.get("spacing"), "target": self.cfg.target, "label_meaning": self.cfg.label_meaning,
-                     "trained": ["decoder."], "weights": "EMA teacher (mean teacher) of the student decoder",
-                     "cache": str(self.cfg.cache), "cache_settings_hash": s.get("settings_hash"),
+        meta.update({"trained": ["decoder."], "weights": "EMA teacher (mean teacher) of the student decoder",
                      "model_name": self.cfg.model_name or self.out.name,
                      "teachers": [t.describe() for t in self.teachers],
                      "phases": {"warmup": w, "semi": n, "finetune": f},
@@ -443,61 +438,22 @@ class SemiTrainer:
                          "beta_max", "rampup_epochs", "rampdown_epochs", "rampup")}})
         return meta
 
-    def checkpoint_dict(self) -> Dict[str, Any]:
-        ema = self.ema_state()
-        return {"format": ck.FORMAT, "version": ck.VERSION, "kind": SEMI_KIND, "model": ema,
-                "student": self.trainable_state(), "trainable_keys": sorted(ema),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
-                "best_dice": self.best_dice, "sums": dict(self._sums), "rng": ck.rng_state(),
-                "config": self.cfg.to_dict(), "metadata": self.metadata(), "history": self.history}
+    def write_model(self, path: Path, trained: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
+        write_student_model(self.student, path, trained, meta)
 
-    def save(self, which: str) -> Path:
-        path = self.out / (ck.LAST_NAME if which == "last" else ck.BEST_NAME)
-        if self.rank == 0:
-            ck.save_checkpoint(self.checkpoint_dict(), path)
-            self.progress.emit("checkpoint", self.epoch, self.step, path=str(path), which=which)
-        distributed.barrier()
-        return path
+    def describe(self) -> str:
+        w, n, f = self.phases
+        return (f"Semi-SAM+ training: student {self.spec.name} encoder (frozen) + 3D decoder (slab "
+                f"{self.opts.slab_depth}); teachers {', '.join(t.describe() for t in self.teachers)}; phases "
+                f"warm-up {w} / semi {n} / fine-tune {f} epochs on {self.device}; run folder {self.out}")
 
-    def restore(self, path: Path) -> None:
-        ckpt = ck.load_for_resume(path, self.cfg.to_dict(), sorted(self.trainable_state()))
-        old_opts = (ckpt.get("config") or {}).get(SEMI_KIND) or {}
-        for key in RESUME_OPTIONS:
-            want = getattr(self.opts, key)
-            have = old_opts.get(key, getattr(SemiOptions(), key))
-            if have != want:
-                raise CheckpointError(f"cannot resume from {path}: it was made with semi.{key}={have!r}, "
-                                      f"the config says semi.{key}={want!r}")
-        try:
-            self.student.load_trainable_state(ckpt["student"])
-            ema = {k[len("decoder."):]: v for k, v in ckpt["model"].items()}
-            if set(ema) != set(self.ema):
-                raise RuntimeError("the EMA state has other keys")
-        except (RuntimeError, KeyError) as exc:
-            raise CheckpointError(f"cannot resume from {path}: its decoder does not fit ({str(exc).splitlines()[0]})") \
-                from None
-        for k, v in ema.items():
-            self.ema[k].copy_(v.to(self.ema[k].device, self.ema[k].dtype))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scaler is not None and ckpt.get("scaler") is not None:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.batch_in_epoch, self.step = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["step"])
-        self.best_dice = ckpt.get("best_dice")
-        self._sums = dict(ckpt.get("sums") or {})
-        self.history = list(ckpt.get("history") or [])
-        ck.set_rng_state(ckpt["rng"])
-        old = ckpt.get("config") or {}
-        for k, v in self.cfg.to_dict().items():
-            if k not in ck.RESUME_KEYS and k not in ("epochs", "output", "device", SEMI_KIND) and old.get(k) != v:
-                self.progress.log(f"warning: {k} changed since the checkpoint ({old.get(k)!r} -> {v!r}); "
-                                  f"the resumed run will differ from an uninterrupted one")
+    def train_mode(self) -> None:
+        self.student.train()
+
+    def eval_mode(self) -> None:
+        self.student.eval()
 
     # ------------------------------------------------------------------ data
-    def _target(self, label: np.ndarray) -> np.ndarray:
-        return label > 0 if self.cfg.target == "liver" else label == 2
-
     def _block(self, depth: int, cap: Optional[int], center: float) -> Tuple[int, int]:
         n = depth if cap is None else min(depth, int(cap))
         k0 = int(round(center - n / 2.0))
@@ -512,7 +468,7 @@ class SemiTrainer:
             origin = tuple(float(v) for v in z["origin"]) if "origin" in z.files else (0.0, 0.0, 0.0)
             direction = np.asarray(z["direction"], dtype=float).reshape(3, 3) if "direction" in z.files else np.eye(3)
         depth = int(image.shape[0])
-        tgt = self._target(label) if label is not None else None
+        tgt = self.target(label) if label is not None else None
         if role == "val":
             k0, k1 = 0, depth
         elif tgt is not None:
@@ -521,7 +477,7 @@ class SemiTrainer:
             k0, k1 = self._block(depth, self.cfg.max_slices_per_case, center)
         else:
             k0, k1 = self._block(depth, self.cfg.max_slices_per_case, depth / 2.0)
-        seed = int(_hash([int(self.cfg.seed), case["id"], "views"], 8), 16)
+        seed = int(content_hash([int(self.cfg.seed), case["id"], "views"], 8), 16)
         pool = make_pool(seed, self.opts.weak_views, self.opts.strong_views)
         if role == "val":
             pool = ViewPool(pool.weak[:1], [])
@@ -533,14 +489,14 @@ class SemiTrainer:
             t = tgt[k0:k1]
             block.target = resize_mask(t.astype(np.float32), (self.L, self.L)).to(torch.uint8)
             block.target_full = t.astype(bool)
-            block.fg = [int(k) for k in np.nonzero(block.target.reshape(block.depth, -1).any(1))[0]]
+            block.fg = torch.nonzero(block.target.reshape(block.depth, -1).any(1)).flatten().tolist()  # (np.nonzero fails on an all-empty tensor)
         return block
 
     def _emb_root(self) -> Path:
         return Path(self.opts.embedding_cache).expanduser() if self.opts.embedding_cache else self.out / "embeddings"
 
     def _emb_path(self, c: CaseBlock, view: View, key: str) -> Path:
-        h = _hash({"case": c.case_id, "case_hash": c.case_hash, "k": [c.k0, c.k1], "view": view.as_dict(), "enc": key})
+        h = content_hash({"case": c.case_id, "case_hash": c.case_hash, "k": [c.k0, c.k1], "view": view.as_dict(), "enc": key})
         return self._emb_root() / key / f"{c.case_id}_{h}.npy"
 
     def _jobs(self) -> List[Tuple[CaseBlock, View, str]]:
@@ -611,42 +567,33 @@ class SemiTrainer:
         if not self.labelled:
             raise InputError(f"no labelled case in the train split of {self.cfg.cache}")
         if not any(c.fg for c in self.labelled):
-            raise InputError(f"no training slice contains the target {self.cfg.target!r} in {self.cfg.cache} "
-                             f"(labelled cases of the train split)")
+            raise no_target_error(self.cfg)
         if not self.unlabelled:
             self.progress.log("warning: the cache has no unlabelled train case: every phase trains on the labelled "
                               "cases only (supervised)")
         self._prepare_embeddings(cancel)
 
     # ------------------------------------------------------------------ plan
-    @property
-    def global_batch(self) -> int:
-        return self.cfg.batch_size * self.dist.world_size
-
     def phase_of(self, epoch: int) -> int:
         w, n, _ = self.phases
         return 0 if epoch < w else (1 if epoch < w + n else 2)
 
     def micro_per_epoch(self, phase: int) -> int:
         n = len(self.labelled) if (phase == 0 or not self.unlabelled) else max(len(self.labelled), len(self.unlabelled))
-        return max(1, math.ceil(n / self.global_batch))
+        return max(1, math.ceil(n / self.global_batch_size))
 
-    def steps_in_epoch(self, phase: int) -> int:
-        return math.ceil(self.micro_per_epoch(phase) / self.cfg.grad_accum)
+    def batches_in_epoch(self, epoch: int) -> int:
+        return self.micro_per_epoch(self.phase_of(epoch))
 
     def steps_before(self, epoch: int) -> int:
-        return sum(self.steps_in_epoch(self.phase_of(e)) for e in range(epoch))
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_before(self.cfg.epochs)
+        return sum(self.steps_in_epoch(e) for e in range(epoch))
 
     def lr_at(self, step: int) -> float:
         """The lr of optimiser step ``step`` (0-based): constant warm-up lr, then poly."""
         s0 = self.steps_before(self.phases[0])
         if step < s0:
             return float(self.opts.warmup_lr)
-        return sm.poly_lr(self.cfg.lr, step - s0, self.total_steps - s0, self.opts.poly_power)
+        return sm.poly_lr(self.cfg.lr, step - s0, self.total_steps() - s0, self.opts.poly_power)
 
     def ramp_time(self, epoch: int, micro: int) -> float:
         """t in epochs since the start of phase 1 (fractional), 0 before it."""
@@ -677,7 +624,7 @@ class SemiTrainer:
 
     def _positions(self, micro: int) -> List[int]:
         """Global positions of this rank's ``batch_size`` items in micro-batch ``micro``."""
-        g, w, r = self.global_batch, self.dist.world_size, self.dist.rank
+        g, w, r = self.global_batch_size, self.dist.world_size, self.dist.rank
         return [micro * g + r + w * b for b in range(self.cfg.batch_size)]
 
     # ------------------------------------------------------------------ items
@@ -801,7 +748,7 @@ class SemiTrainer:
             path = self._pseudo_path(c)
             if path.exists():
                 try:
-                    d = torch.load(path, map_location="cpu", weights_only=True)
+                    d = torchfile.load(path, what="pseudo-label file")
                     if int(d.get("format", 0)) == PSEUDO_FORMAT and int(d.get("step", -1)) == tag:
                         continue
                 except Exception:  # noqa: BLE001 - recomputed
@@ -816,7 +763,7 @@ class SemiTrainer:
                                 "var": res["var"].half(), "u_th": float(res["u_th"])}, path)
         distributed.barrier()
         for c in self.unlabelled:
-            d = torch.load(self._pseudo_path(c), map_location="cpu", weights_only=True)
+            d = torchfile.load(self._pseudo_path(c), what="pseudo-label file")
             self.frozen[c.case_id] = {"pseudo": d["pseudo"].float(), "conf": d["conf"].float()}
         conf = sum(float(v["conf"].sum()) for v in self.frozen.values())
         tot = sum(v["conf"].numel() for v in self.frozen.values())
@@ -877,195 +824,93 @@ class SemiTrainer:
                 if u_ths:
                     stats["u_th"] = float(np.mean(u_ths))
             total = l_sup + lam * l_con + beta * l_rs
-            if self.scaler is not None:
-                self.scaler.scale(total * scale).backward()
-            else:
-                (total * scale).backward()
+            self.backward(total * scale)
         stats.update({"loss": float(total.detach()), "sup": float(l_sup.detach()), "con": float(l_con.detach()),
                       "rs_con": float(l_rs.detach()), "samples": float(len(lab) + len(unl))})
         return stats
 
     # ------------------------------------------------------------------ validation
-    def _dice_case(self, c: CaseBlock, ema: bool) -> float:
+    def _val_mask(self, c: CaseBlock, ema: bool) -> np.ndarray:
+        """Algorithm 1 over the case's identity embeddings, logits resized to the case grid, > 0.5."""
         prob = self._coarse_block(c, ema=ema)  # (Dk, L, L)
         h, w = c.image.shape[-2:]
         logit = torch.logit(prob.clamp(1e-6, 1 - 1e-6))[:, None]
-        full = F.interpolate(logit, size=(h, w), mode="bilinear", align_corners=False)[:, 0] > 0
-        pred = full.numpy()
-        tgt = c.target_full
-        denom = int(pred.sum()) + int(tgt.sum())
-        return 1.0 if denom == 0 else 2.0 * int((pred & tgt).sum()) / denom
+        return (F.interpolate(logit, size=(h, w), mode="bilinear", align_corners=False)[:, 0] > 0).numpy()
 
-    def validate(self) -> Tuple[Optional[float], Optional[float]]:
-        if not self.val:
-            return None, None
-        self.student.eval()
-        mine = distributed.shard(list(range(len(self.val))), self.dist)
-        ema_d = [self._dice_case(self.val[i], True) for i in mine]
-        st_d = [self._dice_case(self.val[i], False) for i in mine]
-        self.student.train()
-        n = float(len(mine))
-        return (distributed.mean_across_ranks(float(np.mean(ema_d)) if ema_d else 0.0, n),
-                distributed.mean_across_ranks(float(np.mean(st_d)) if st_d else 0.0, n))
+    def num_val_items(self) -> int:
+        return len(self.val)
 
-    # ------------------------------------------------------------------ loop
-    def _should_stop(self, cancel: Callable[[], bool]) -> bool:
-        flag = bool(cancel())
-        return bool(distributed.broadcast_object(flag)) if self.dist.enabled else flag
+    def val_predictions(self, mine: List[int]) -> Iterable[Dict[str, Tuple[Any, Any]]]:
+        for i in mine:
+            c = self.val[i]
+            yield {"dice": (self._val_mask(c, True), c.target_full),
+                   "student_dice": (self._val_mask(c, False), c.target_full)}
+
+    def validation_fields(self) -> Dict[str, Any]:
+        return {"phase": self.phase_of(self.epoch)}
+
+    # ------------------------------------------------------------------ hooks of the run loop
+    def prepare_data(self, cancel: Callable[[], bool]) -> None:
+        self._build_data(cancel)
+
+    def make_scheduler(self, total: int) -> Any:
+        return None  # the phases fix the rate (lr_at)
+
+    def on_start(self) -> None:
+        if self.step == 0 and self.rank == 0 and (self.out / "pseudo_labels").is_dir():
+            import shutil  # a fresh run: frozen pseudo-labels of an earlier run in this folder are stale
+            shutil.rmtree(self.out / "pseudo_labels", ignore_errors=True)
+        distributed.barrier()
+
+    def start_fields(self) -> Dict[str, Any]:
+        w, n, f = self.phases
+        return {"base_model": self.spec.name, "train_slices": sum(c.depth for c in self.labelled + self.unlabelled),
+                "val_slices": sum(c.depth for c in self.val), "labelled_cases": len(self.labelled),
+                "unlabelled_cases": len(self.unlabelled), "val_cases": len(self.val),
+                "teachers": [t.name for t in self.teachers], "phases": {"warmup": w, "semi": n, "finetune": f},
+                "slab_depth": self.opts.slab_depth, **self.student.parameter_counts()}
+
+    def begin_epoch(self, epoch: int, cancel: Callable[[], bool]) -> None:
+        if self.phase_of(epoch) == 2 and self.unlabelled and not self.frozen:
+            self._freeze_pseudo_labels(cancel)
+
+    def train_step(self, group: range) -> Dict[str, Any]:
+        phase = self.phase_of(self.epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_at(self.step)
+        for pg in self.optimizer.param_groups:
+            pg["lr"] = lr
+        parts = [self._micro(self.epoch, m, 1.0 / len(group), sync=(m == group.stop - 1)) for m in group]
+        self.optimizer_step()
+        m = sm.ema_momentum(self.opts.ema_momentum, self.step, self.opts.ema_warm_start)
+        sm.ema_update_(self.ema.values(), self.student.decoder.state_dict().values(), m)
+        stats: Dict[str, Any] = self._reduce({k: float(np.mean([p[k] for p in parts])) for k in parts[0]
+                                               if k != "samples"})
+        stats.update(phase=phase, lr=lr, samples=sum(p["samples"] for p in parts) * self.dist.world_size)
+        return stats
+
+    def epoch_fields(self, means: Dict[str, float]) -> Dict[str, Any]:
+        return {"phase": self.phase_of(self.epoch),
+                "losses": {"train": means.get("loss"), "sup": means.get("sup"), "con": means.get("con"),
+                           "rs_con": means.get("rs_con")},
+                **{k: means.get(k) for k in ("lambda", "beta", "conf_fraction", "u_th")}}
 
     def _reduce(self, stats: Dict[str, float]) -> Dict[str, Optional[float]]:
         """Means over the ranks (keys absent on a rank count as missing there)."""
         keys = list(LOSS_KEYS)
-        vals = torch.tensor([[stats.get(k, 0.0), 1.0 if k in stats else 0.0] for k in keys], dtype=torch.float64)
-        if self.dist.enabled:
-            torch.distributed.all_reduce(vals)
-        return {k: (float(vals[i, 0] / vals[i, 1]) if vals[i, 1] > 0 else None) for i, k in enumerate(keys)}
+        vals = distributed.sum_across_ranks([v for k in keys for v in (stats.get(k, 0.0), 1.0 if k in stats else 0.0)])
+        return {k: (vals[2 * i] / vals[2 * i + 1] if vals[2 * i + 1] > 0 else None) for i, k in enumerate(keys)}
 
-    def run(self, resume: bool = False, cancel: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
-        cancel = cancel or (lambda: False)
-        cfg = self.cfg
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-        distributed.barrier()
-        w, n, f = self.phases
-        self.progress.log(f"Semi-SAM+ training: student {self.spec.name} encoder (frozen) + 3D decoder (slab "
-                          f"{self.opts.slab_depth}); teachers {', '.join(t.describe() for t in self.teachers)}; phases "
-                          f"warm-up {w} / semi {n} / fine-tune {f} epochs on {self.device}; run folder {self.out}")
-        try:
-            self._build_data(cancel)
-        except CancelledError:
-            self.progress.emit("cancelled", self.epoch, self.step, checkpoint=None, exit_code=CancelledError.exit_code)
-            raise
-        total = self.total_steps
-        last = self.out / ck.LAST_NAME
-        resumed = False
-        if not resume and self.rank == 0 and (self.out / "pseudo_labels").is_dir():
-            import shutil  # a fresh run: frozen pseudo-labels of an earlier run in this folder are stale
-            shutil.rmtree(self.out / "pseudo_labels", ignore_errors=True)
-        distributed.barrier()
-        if resume:
-            if not last.exists():
-                raise CheckpointError(f"--resume: no checkpoint {last} to resume from")
-            self.restore(last)
-            resumed = True
-            self.progress.log(f"resumed from {last}: epoch {self.epoch}, step {self.step}")
-        self.progress.total_steps = total
-        self.progress.mark_start(self.step)
-        self.progress.emit("start", self.epoch, self.step, kind=SEMI_KIND, base_model=self.spec.name,
-                           output=str(self.out), device=str(self.device),
-                           train_slices=sum(c.depth for c in self.labelled + self.unlabelled),
-                           val_slices=sum(c.depth for c in self.val), labelled_cases=len(self.labelled),
-                           unlabelled_cases=len(self.unlabelled), val_cases=len(self.val),
-                           teachers=[t.name for t in self.teachers], phases={"warmup": w, "semi": n, "finetune": f},
-                           slab_depth=self.opts.slab_depth, epochs=cfg.epochs, resumed=resumed, target=cfg.target,
-                           world_size=self.dist.world_size, **self.student.parameter_counts())
-        self.student.train()
-        acc = cfg.grad_accum
-        t_run, samples_run = time.monotonic(), 0.0
-        while self.epoch < cfg.epochs:
-            phase = self.phase_of(self.epoch)
-            if phase == 2 and self.unlabelled and not self.frozen:
-                try:
-                    self._freeze_pseudo_labels(cancel)
-                except CancelledError:
-                    return self._cancel()
-            n_micro = self.micro_per_epoch(phase)
-            while self.batch_in_epoch < n_micro:
-                t0 = time.monotonic()
-                group = range(self.batch_in_epoch, min(self.batch_in_epoch + acc, n_micro))
-                self.optimizer.zero_grad(set_to_none=True)
-                lr = self.lr_at(self.step)
-                for pg in self.optimizer.param_groups:
-                    pg["lr"] = lr
-                parts = [self._micro(self.epoch, m, 1.0 / len(group), sync=(m == group.stop - 1)) for m in group]
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                m = sm.ema_momentum(self.opts.ema_momentum, self.step, self.opts.ema_warm_start)
-                sm.ema_update_(self.ema.values(), self.student.decoder.state_dict().values(), m)
-                self.batch_in_epoch = group.stop
-                self.step += 1
-                local = {k: float(np.mean([p[k] for p in parts])) for k in parts[0] if k != "samples"}
-                stats = self._reduce(local)
-                count = sum(p["samples"] for p in parts) * self.dist.world_size
-                samples_run += count
-                for k, v in stats.items():
-                    if v is not None:
-                        self._sums[k] = self._sums.get(k, 0.0) + v
-                        self._sums[k + "#n"] = self._sums.get(k + "#n", 0.0) + 1.0
-                dt = time.monotonic() - t0
-                self.progress.emit("step", self.epoch, self.step, phase=phase, lr=lr,
-                                   samples_per_s=round(count / max(dt, 1e-9), 3), **stats)
-                if self._should_stop(cancel):
-                    return self._cancel()
-            means = {k: self._sums[k] / self._sums[k + "#n"] for k in LOSS_KEYS if self._sums.get(k + "#n")}
-            self.progress.emit("epoch", self.epoch, self.step, phase=phase,
-                               losses={"train": means.get("loss"), "sup": means.get("sup"), "con": means.get("con"),
-                                       "rs_con": means.get("rs_con")},
-                               lr=self.optimizer.param_groups[0]["lr"], **{k: means.get(k) for k in
-                                                                          ("lambda", "beta", "conf_fraction", "u_th")})
-            dice, student_dice = self.validate()
-            self.history.append({"epoch": self.epoch, "step": self.step, "phase": phase, "val_dice": dice,
-                                 "student_dice": student_dice, **means})
-            is_best = dice is not None and (self.best_dice is None or dice > self.best_dice)
-            if dice is not None:
-                if is_best:
-                    self.best_dice = dice
-                self.progress.emit("validation", self.epoch, self.step, dice=dice, student_dice=student_dice,
-                                   best_dice=self.best_dice, is_best=is_best, phase=phase)
-            self.progress.log(f"epoch {self.epoch + 1}/{cfg.epochs} (phase {phase}): loss {means.get('loss', 0):.4f} "
-                              f"(sup {means.get('sup', 0):.4f}, con {means.get('con', 0):.4f}, "
-                              f"rs-con {means.get('rs_con', 0):.4f})"
-                              + (f", val Dice EMA {dice:.4f} / student {student_dice:.4f}" if dice is not None else ""))
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self._sums = {}
-            if is_best or dice is None:
-                self.save("best")
-            self.save("last")
-            if self._should_stop(cancel) and self.epoch < cfg.epochs:
-                return self._cancel(saved=True)
-        model_path = self.export_model()
+    def after_export(self) -> None:
         if self.opts.save_uncertainty:
             self.save_uncertainty()
         if self.opts.rank_hashes:
             self._write_rank_hashes()
-        elapsed = time.monotonic() - t_run
-        sps = samples_run / elapsed if elapsed > 0 else None
-        self.progress.emit("done", self.epoch, self.step, best_dice=self.best_dice, model=str(model_path),
-                           last=str(self.out / ck.LAST_NAME), best=str(self.out / ck.BEST_NAME),
-                           samples_per_s=sps, peak_rss_mb=peak_rss_mb(),
-                           timing={k: round(v, 2) for k, v in self.timing.items()})
-        return {"status": "done", "model": model_path, "best_dice": self.best_dice, "samples_per_s": sps,
-                "history": self.history, "step": self.step, "timing": dict(self.timing)}
 
-    def _cancel(self, saved: bool = False) -> Dict[str, Any]:
-        path = self.out / ck.LAST_NAME if saved else self.save("last")
-        self.progress.log(f"cancelled at epoch {self.epoch}, step {self.step}; state saved in {path} "
-                          f"(continue with --resume)")
-        self.progress.emit("cancelled", self.epoch, self.step, checkpoint=str(path), exit_code=CancelledError.exit_code)
-        raise CancelledError(f"training cancelled; resume with --resume (checkpoint {path})")
+    def done_fields(self) -> Dict[str, Any]:
+        return {"timing": {k: round(v, 2) for k, v in self.timing.items()}}
 
     # ------------------------------------------------------------------ outputs
-    def export_model(self) -> Path:
-        """model.pth: the whole student (frozen encoder + the EMA decoder of best.pt, else last.pt)."""
-        src = self.out / ck.BEST_NAME
-        if not src.exists():
-            src = self.out / ck.LAST_NAME
-        trained = ck.load_checkpoint(src)["model"]
-        state = {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
-        state.update(trained)
-        path = self.out / ck.MODEL_NAME
-        if self.rank == 0:
-            meta = dict(self.metadata(), best_dice=self.best_dice, source=str(src), step=self.step,
-                        parameters=self.student.parameter_counts())
-            ck.save_checkpoint({"model": state, "metadata": meta}, path)
-            self.progress.emit("checkpoint", self.epoch, self.step, path=str(path), which="model")
-        distributed.barrier()
-        return path
-
     def save_uncertainty(self) -> List[Path]:
         """Variance / confidence / pseudo-label maps of the final model (module docstring)."""
         import SimpleITK as sitk
@@ -1113,10 +958,9 @@ class SemiTrainer:
             res = self._block_ensemble(c, "rank-hash")
             pseudo[c.case_id] = state_hash({"conf": res["conf"], "pseudo": res["pseudo"], "var": res["var"]})
         info = {"rank": self.dist.rank, "world_size": self.dist.world_size, "step": self.step,
-                "ema": state_hash(self.ema_state()), "student": state_hash(self.trainable_state()),
+                "ema": state_hash(self.ema_state()), "student": state_hash(self.student.trainable_state()),
                 "pseudo": pseudo}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(info), encoding="utf-8")
+        write_json(path, info)
         distributed.barrier()
 
 

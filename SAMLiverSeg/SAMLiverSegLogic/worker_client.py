@@ -1,0 +1,490 @@
+"""A Qt-free client of the persistent inference worker (``samliverseg worker``).
+
+Slicer's process never runs model code: the worker (a separate Python, ``PythonSlicer`` or any
+Python that has ``samliverseg``) holds the model, the volume and the embedding cache. This client
+starts it, says ``hello`` (a worker of another protocol version is refused with a clear
+message), sends requests and reads the answers. The protocol is ``SAMLiverSegLib/WORKER_PROTOCOL.md``;
+its constants, framing and array files come from ``samliverseg.service.protocol``, which is pure
+(json and numpy: importing this module imports neither torch nor any model code).
+
+Two ways to wait:
+
+* a GUI never blocks: it watches :meth:`WorkerClient.fileno` (the worker's stdout pipe) with a
+  ``QSocketNotifier`` (or QProcess-like signals) and calls :meth:`WorkerClient.poll`, which returns
+  at once with whatever messages are complete (progress events and final responses). After a
+  restart the pipe is a new one: :attr:`WorkerClient.starts` counts the starts, so a GUI that
+  sees it change makes a new notifier.
+* scripts and tests call :meth:`WorkerClient.wait` (or :meth:`WorkerClient.request`), which
+  blocks in ``select`` on that pipe until the answer arrives or the timeout passes.
+
+A worker that dies (killed, crashed, out of memory) is noticed on the pipe: every request in
+flight gets a one-line error response (exit code 70), and the next :meth:`WorkerClient.send`
+starts a new worker, says hello again and reloads the last volume before the new request, all
+pipelined (nothing waits). A request sent with a ``timeout`` that passes gets an error response
+and a ``cancel`` is sent for it. :meth:`WorkerClient.shutdown` asks the worker to stop and
+kills its process tree if it does not within ``shutdown_timeout``.
+
+Arrays (the volume, masks) travel as ``.npy`` files in a session folder this client owns (in
+``/dev/shm`` when present); :meth:`WorkerClient.read_array` reads a result into memory and removes
+its file. POSIX only for now: the non-blocking pipe needs ``os.set_blocking`` and ``select`` on
+pipes, which Windows lacks (there the GUI side would use QProcess).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from samliverseg.service import protocol
+
+from .process import kill_process_tree
+
+#: The exit code of a response the client makes up itself (the worker died, a timeout passed).
+EXIT_WORKER_LOST = protocol.EXIT_UNEXPECTED
+
+
+class WorkerError(Exception):
+    """A request that failed; ``str()`` is the one-line message for the user."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_WORKER_LOST, request_id: Optional[int] = None):
+        super().__init__(message)
+        self.exit_code = int(exit_code)
+        self.request_id = request_id
+
+
+class WorkerTimeout(WorkerError):
+    """:meth:`WorkerClient.wait` ran out of time (the request itself goes on unless cancelled)."""
+
+
+def check_hello(result: Dict[str, Any], expected: int = protocol.PROTOCOL_VERSION) -> None:
+    """Refuse a worker that answered ``hello`` with another protocol version (WorkerError, exit 2)."""
+    theirs = result.get("protocol")
+    if theirs != expected:
+        raise WorkerError(f"the inference worker speaks protocol {theirs} (samliverseg {result.get('version', '?')}), "
+                          f"this SAMLiverSeg module speaks {expected}: install the library that comes with the module",
+                          protocol.EXIT_INPUT)
+
+
+def describe_exit(returncode: Optional[int], log_tail: str = "") -> str:
+    """Why a worker ended, in words (for the one-line error of the requests it left behind)."""
+    if returncode is None:
+        return "the inference worker stopped answering"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        if -returncode == getattr(signal, "SIGKILL", 9):
+            return f"the inference worker was killed ({name}, perhaps out of memory)"
+        return f"the inference worker was killed ({name})"
+    text = f"the inference worker exited with code {returncode}"
+    return f"{text}: {log_tail}" if log_tail else text
+
+
+class WorkerClient:
+    """One worker process and the requests in flight (see the module docstring)."""
+
+    def __init__(self, python: Optional[str] = None, model: str = "lite_medsam", checkpoint: Optional[str] = None,
+                 device: str = "auto", window: Optional[str] = None, precision: str = "fp32",
+                 cache_mb: Optional[float] = None, env: Optional[Dict[str, str]] = None,
+                 protocol_version: int = protocol.PROTOCOL_VERSION, shutdown_timeout: float = 5.0):
+        self.python = python or sys.executable
+        self.model, self.checkpoint, self.device, self.window = model, checkpoint, device, window
+        self.precision, self.cache_mb = precision, cache_mb
+        self.env = env
+        self.protocol_version = int(protocol_version)
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.proc: Optional[subprocess.Popen] = None
+        self.session_dir: Optional[str] = None
+        self.starts = 0
+        self.hello_result: Optional[Dict[str, Any]] = None
+        #: why the last worker ended, one line (None while none has ended)
+        self.last_exit: Optional[str] = None
+        self._refused: Optional[str] = None  # a version mismatch: never restart
+        self._buf = b""
+        self._next_id = 1
+        self._pending: Dict[int, Dict[str, Any]] = {}  # id -> {"type", "deadline", "internal"}
+        self._abandoned: set = set()  # ids answered by a timeout: their late answer is dropped
+        self._inbox: List[Dict[str, Any]] = []
+        self._hello_id: Optional[int] = None
+        self._volume_fields: Optional[Dict[str, Any]] = None  # the last load_volume, replayed after a restart
+        self._volume_file: Optional[str] = None
+        #: the pids the last stop had to kill (the worker did not stop within shutdown_timeout)
+        self.killed_pids: List[int] = []
+
+    # -- process ------------------------------------------------------------------------------------
+    def command(self) -> List[str]:
+        cmd = [self.python, "-m", "samliverseg", "worker", "--model", self.model, "--device", self.device,
+               "--precision", self.precision, "--session-dir", str(self.session_dir)]
+        if self.checkpoint:
+            cmd += ["--checkpoint", str(self.checkpoint)]
+        if self.window:
+            cmd += ["--window", str(self.window)]
+        if self.cache_mb is not None:
+            cmd += ["--cache-mb", str(self.cache_mb)]
+        return cmd
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc is not None else None
+
+    def fileno(self) -> Optional[int]:
+        """The worker's stdout pipe (readable when messages arrive), for a QSocketNotifier."""
+        return self.proc.stdout.fileno() if self.proc is not None else None
+
+    def start(self, wait: bool = True, timeout: float = 300.0) -> Optional[Dict[str, Any]]:
+        """Start the worker (if it is not running) and say hello; ``wait``: block for the answer.
+
+        Returns the hello result when waiting. Raises :class:`WorkerError` for a worker of
+        another protocol version, or one that could not start (its last log line says why).
+        """
+        if self._refused:
+            raise WorkerError(self._refused, protocol.EXIT_INPUT)
+        if not self.is_running():
+            if self.proc is not None:
+                self._read()  # what the last one said before it ended
+                self._reap()
+            if self.session_dir is None or not os.path.isdir(self.session_dir):
+                self.session_dir = protocol.make_session_dir("samliverseg-client-")
+            self.starts += 1
+            self.hello_result = None
+            log_path = os.path.join(self.session_dir, f"worker-{self.starts}.log")
+            with open(log_path, "wb") as log:
+                try:
+                    self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                 stderr=log, env=self.env, bufsize=0, close_fds=True)
+                except OSError as exc:  # no such Python, not executable
+                    raise WorkerError(f"cannot start the inference worker with {self.python}: "
+                                      f"{protocol.one_line(str(exc), 200)}") from None
+            self._log_path = log_path
+            os.set_blocking(self.proc.stdout.fileno(), False)
+            self._buf = b""
+            self._hello_id = self._write("hello", {"protocol": self.protocol_version}, internal=True)
+            if self._volume_fields is not None:
+                self._write("load_volume", self._volume_fields, internal=True)
+        if wait:
+            return self.wait_ready(timeout)
+        return None
+
+    def wait_ready(self, timeout: float = 300.0) -> Dict[str, Any]:
+        """Block until the worker answered hello; its result (WorkerError if it refused or died)."""
+        deadline = time.monotonic() + timeout
+        while self.hello_result is None:
+            if self._refused:
+                raise WorkerError(self._refused, protocol.EXIT_INPUT)
+            if self.proc is None:
+                raise WorkerError(f"{self.last_exit or 'the inference worker is not running'}", EXIT_WORKER_LOST)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerTimeout(f"the inference worker did not answer hello within {timeout:g} s")
+            self._read(min(remaining, 1.0))
+        return self.hello_result
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self._log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+            return protocol.one_line(lines[-1], 300) if lines else ""
+        except (OSError, AttributeError):
+            return ""
+
+    def _reap(self) -> None:
+        """The worker ended: fail what it left unanswered, close its pipes."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            rc = proc.wait(timeout=self.shutdown_timeout)
+        except subprocess.TimeoutExpired:  # it closed stdout but lives on: end it
+            kill_process_tree(proc.pid, timeout=1.0, force=True)
+            rc = proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        why = describe_exit(rc, self._log_tail())
+        self.last_exit = why
+        for rid, info in sorted(self._pending.items()):
+            if not info["internal"] and rid not in self._abandoned:
+                self._inbox.append(protocol.error_response(
+                    rid, message=f"{why} during request {rid} ({info['type']}); the next request restarts it",
+                    exit_code=EXIT_WORKER_LOST))
+        self._pending.clear()
+        self._abandoned.clear()
+
+    # -- messages -------------------------------------------------------------------------------------
+    def _write(self, rtype: str, fields: Dict[str, Any], internal: bool = False,
+               timeout: Optional[float] = None) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        self._pending[rid] = {"type": rtype, "internal": internal,
+                              "deadline": time.monotonic() + timeout if timeout else None, "timeout": timeout}
+        data = protocol.encode(dict(fields, id=rid, type=rtype))
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+        return rid
+
+    def _read(self, timeout: float = 0.0) -> None:
+        """Take in whatever the worker wrote; wait up to ``timeout`` s for the first bytes."""
+        if self.proc is None:
+            return
+        fd = self.proc.stdout.fileno()
+        if timeout > 0:
+            select.select([fd], [], [], timeout)
+        while self.proc is not None:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:  # end of file: the worker is gone
+                self._handle_lines(self._buf + b"\n")
+                self._buf = b""
+                self._reap()
+                return
+            self._handle_lines(self._buf + chunk)
+
+    def _handle_lines(self, data: bytes) -> None:
+        *lines, self._buf = data.split(b"\n")
+        for line in lines:
+            if line.strip():
+                try:
+                    self._handle(protocol.decode(line))
+                except protocol.ProtocolError:  # not ours (never expected: stdout is the protocol's alone)
+                    continue
+
+    def _handle(self, message: Dict[str, Any]) -> None:
+        rid = message.get("id")
+        info = self._pending.get(rid)
+        if rid in self._abandoned:
+            if protocol.is_final(message):
+                self._abandoned.discard(rid)
+                self._pending.pop(rid, None)
+            return
+        if info is None or not protocol.is_final(message):
+            if info is None or not info["internal"]:
+                self._inbox.append(message)
+            return
+        del self._pending[rid]
+        if not info["internal"]:
+            self._inbox.append(message)
+            return
+        if rid == self._hello_id:
+            try:
+                if not message["ok"]:
+                    raise WorkerError(message["error"], message.get("exit_code", protocol.EXIT_INPUT))
+                check_hello(message["result"], self.protocol_version)
+                self.hello_result = message["result"]
+            except WorkerError as exc:
+                self._refuse(str(exc))
+
+    def _refuse(self, why: str) -> None:
+        """A worker of another protocol version: fail every request with ``why``; no restarts."""
+        self._refused = why
+        for rid, info in sorted(self._pending.items()):
+            if not info["internal"]:
+                self._inbox.append(protocol.error_response(rid, message=why, exit_code=protocol.EXIT_INPUT))
+        self._pending.clear()
+        self._stop_process()
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for rid, info in list(self._pending.items()):
+            if info["deadline"] is not None and now > info["deadline"] and rid not in self._abandoned:
+                self._abandoned.add(rid)
+                self._inbox.append(protocol.error_response(
+                    rid, message=f"request {rid} ({info['type']}) got no answer within {info['timeout']:g} s "
+                                 f"and was cancelled", exit_code=EXIT_WORKER_LOST))
+                self.cancel(rid)
+
+    # -- the API ---------------------------------------------------------------------------------------
+    def send(self, rtype: str, timeout: Optional[float] = None, **fields: Any) -> int:
+        """Send a request; returns its id at once. Starts (or restarts) the worker when needed.
+
+        ``timeout`` (s): if no final answer came by then, :meth:`poll`/:meth:`wait` return an
+        error response for it and it is cancelled.
+        """
+        if rtype == "load_volume":
+            self._volume_fields = None  # sent below; a restart must not replay the old volume first
+        if not self.is_running():
+            self.start(wait=False)
+        try:
+            rid = self._write(rtype, fields, timeout=timeout)
+        except (BrokenPipeError, OSError):  # it died just now: once more, on a new worker
+            self._read()
+            self.start(wait=False)
+            rid = self._write(rtype, fields, timeout=timeout)
+        if rtype == "load_volume":
+            self._volume_fields = dict(fields)
+        return rid
+
+    def poll(self) -> List[Dict[str, Any]]:
+        """The messages that arrived since the last call (never blocks): progress events and final
+        responses (``"ok"`` present), including the ones the client makes up for a dead worker or a
+        passed timeout."""
+        self._read()
+        if self.proc is not None and self.proc.poll() is not None:
+            self._read(0.05)  # it ended: take its last words and the end of file
+        self._check_deadlines()
+        out, self._inbox = self._inbox, []
+        return out
+
+    def wait(self, rid: int, timeout: Optional[float] = None,
+             on_event: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """Block until the final response of request ``rid`` (events of it go to ``on_event``).
+
+        Messages of other requests stay for :meth:`poll`. :class:`WorkerTimeout` after ``timeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for n, msg in enumerate(self._inbox):
+                if msg.get("id") == rid:
+                    del self._inbox[n]
+                    if protocol.is_final(msg):
+                        return msg
+                    if on_event is not None:
+                        on_event(msg)
+                    break
+            else:
+                if rid not in self._pending:
+                    raise WorkerError(f"request {rid} is not waiting for an answer (already taken by poll?)")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise WorkerTimeout(f"request {rid} ({self._pending[rid]['type']}) got no answer within "
+                                        f"{timeout:g} s", EXIT_WORKER_LOST, rid)
+                if self.proc is not None and self.proc.poll() is not None:
+                    self._read(0.05)
+                else:
+                    self._read(0.5 if remaining is None else min(remaining, 0.5))
+                self._check_deadlines()
+
+    def request(self, rtype: str, timeout: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
+        """Send and wait; the result, or :class:`WorkerError` with the worker's one-line message."""
+        rid = self.send(rtype, **fields)
+        resp = self.wait(rid, timeout)
+        if not resp["ok"]:
+            raise WorkerError(resp["error"], resp.get("exit_code", EXIT_WORKER_LOST), rid)
+        return resp["result"]
+
+    def cancel(self, target: Optional[int] = None) -> Optional[int]:
+        """Ask the worker to cancel request ``target`` (None: everything); never starts a worker."""
+        if not self.is_running():
+            return None
+        fields = {} if target is None else {"target": int(target)}
+        try:
+            return self._write("cancel", fields, internal=True)
+        except (BrokenPipeError, OSError):
+            return None
+
+    def pending(self) -> List[int]:
+        """The ids of the requests still waiting for their final answer."""
+        return sorted(r for r, info in self._pending.items() if not info["internal"] and r not in self._abandoned)
+
+    # -- arrays ---------------------------------------------------------------------------------------
+    def write_array(self, name: str, array: np.ndarray) -> Dict[str, Any]:
+        """Put an array in the session folder for a request; its reference."""
+        if self.session_dir is None or not os.path.isdir(self.session_dir):
+            self.session_dir = protocol.make_session_dir("samliverseg-client-")
+        return protocol.write_array(self.session_dir, f"c-{name}", array)
+
+    def read_array(self, ref: Dict[str, Any], remove: bool = True) -> np.ndarray:
+        """A result array, read into memory; its file is removed (``remove``)."""
+        arr = protocol.read_array(ref, "result")
+        if remove:
+            try:
+                os.remove(ref["npy"])
+            except OSError:
+                pass
+        return arr
+
+    def load_volume(self, array: Optional[np.ndarray] = None, ijk_to_ras: Optional[np.ndarray] = None,
+                    path: Optional[str] = None, timeout: Optional[float] = None) -> int:
+        """Send ``load_volume`` for an array [k, j, i] with its IJKToRAS 4x4, or a file; the request id.
+
+        The array's file stays until another volume replaces it (a restarted worker reloads it).
+        """
+        if (array is None) == (path is None):
+            raise ValueError("give either array (with ijk_to_ras) or path")
+        old = self._volume_file
+        if path is not None:
+            rid = self.send("load_volume", timeout=timeout, path=str(path))
+            self._volume_file = None
+        else:
+            if ijk_to_ras is None:
+                raise ValueError("an array needs its ijk_to_ras matrix")
+            ref = self.write_array("volume", array)
+            rid = self.send("load_volume", timeout=timeout, array=ref,
+                            ijk_to_ras=np.asarray(ijk_to_ras, dtype=float).tolist())
+            self._volume_file = ref["npy"]
+        if old:
+            try:
+                os.remove(old)
+            except OSError:
+                pass
+        return rid
+
+    def load_volume_node(self, volume_node, timeout: Optional[float] = None) -> int:
+        """``load_volume`` for a scalar volume node: its voxels and its world IJKToRAS (parent
+        transforms included, so prompts in the slice views' RAS land on the right voxels)."""
+        from . import geometry, volume_nodes
+
+        volume_nodes.check_source_volume(volume_node)
+        return self.load_volume(volume_nodes.array_from_volume_node(volume_node),
+                                geometry.world_ijk_to_ras(volume_node), timeout=timeout)
+
+    # -- shutdown -------------------------------------------------------------------------------------
+    def _stop_process(self) -> None:
+        proc, self.proc = self.proc, None
+        self.killed_pids = []
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                proc.stdin.write(protocol.encode({"id": 0, "type": "shutdown"}))
+                proc.stdin.flush()
+                proc.stdin.close()
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+            try:
+                proc.wait(timeout=self.shutdown_timeout)
+            except subprocess.TimeoutExpired:
+                self.killed_pids = kill_process_tree(proc.pid, timeout=1.0, force=True)
+                proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+
+    def shutdown(self) -> None:
+        """Stop the worker (``shutdown``; its process tree is killed after ``shutdown_timeout``)
+        and remove the session folder. Requests in flight are dropped."""
+        self._stop_process()
+        self._pending.clear()
+        self._abandoned.clear()
+        self._inbox.clear()
+        self._volume_fields = self._volume_file = None
+        if self.session_dir is not None:
+            shutil.rmtree(self.session_dir, ignore_errors=True)
+            self.session_dir = None
+
+    def __enter__(self) -> "WorkerClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

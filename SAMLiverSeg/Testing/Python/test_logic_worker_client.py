@@ -1,0 +1,159 @@
+"""The Qt-free worker client against a real ``samliverseg worker`` (real LiteMedSAM), with volume
+nodes and slice views of a real MRML scene (slicer-core).
+
+What the effect will rely on: the client imports no torch and no model code; a drag in a slice
+view, sent in RAS, gives the worker the mask the in-process click path gives; ``poll()`` returns at
+once and the pipe ``fileno()`` wakes a notifier; ``cancel`` and request timeouts answer; a worker
+that cannot start says why in one line; ``shutdown`` kills a worker that does not stop in time.
+"""
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from slicer_test_helpers import GEOMETRIES, MODULE_DIR, add_ct, centre_view_on, slice_node_for
+
+from samliverseg.interactive.engine import PromptEngine
+from SAMLiverSegLogic import geometry, slice_clicks, volume_nodes
+from SAMLiverSegLogic.worker_client import WorkerClient, WorkerError, check_hello, describe_exit
+
+SHAPE = (24, 40, 48)  # k, j, i
+
+
+def test_the_client_imports_neither_torch_nor_model_code():
+    code = ("import sys; import SAMLiverSegLogic.worker_client; "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith(("
+            "'samliverseg.interactive', 'samliverseg.models', 'samliverseg.modeling', 'samliverseg.service.server'))]; "
+            "print(bad)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_hello_of_another_version_and_exit_descriptions():
+    check_hello({"protocol": 1, "version": "0.1.0"}, expected=1)
+    with pytest.raises(WorkerError) as err:
+        check_hello({"protocol": 0, "version": "0.0.9"}, expected=1)
+    assert err.value.exit_code == 2 and "speaks protocol 0 (samliverseg 0.0.9)" in str(err.value)
+    assert describe_exit(-signal.SIGKILL) == "the inference worker was killed (SIGKILL, perhaps out of memory)"
+    assert describe_exit(-signal.SIGSEGV) == "the inference worker was killed (SIGSEGV)"
+    assert describe_exit(1, "ModuleNotFoundError: No module named 'samliverseg'") == \
+        "the inference worker exited with code 1: ModuleNotFoundError: No module named 'samliverseg'"
+
+
+@pytest.fixture(scope="module")
+def client():
+    with WorkerClient(device="cpu") as c:
+        yield c
+
+
+@pytest.fixture
+def oblique_ct(scene):
+    vol = add_ct(scene, GEOMETRIES["oblique"], SHAPE)
+    view = slice_node_for(scene, "Axial", vol)  # rotated to the volume plane, as Slicer shows a volume
+    centre_view_on(view, geometry.ijk_to_ras_point(vol, (19, 18, 12)))
+    return vol, view
+
+
+def test_a_drag_in_a_slice_view_gives_the_in_process_mask(client, oblique_ct):
+    vol, view = oblique_ct
+    rid = client.load_volume_node(vol)
+    loaded = client.wait(rid, timeout=600)
+    assert loaded["ok"], loaded
+    np.testing.assert_allclose(loaded["result"]["ijk_to_ras"], geometry.world_ijk_to_ras(vol), atol=1e-9)
+    corners_ijk = [(11, 10, 12), (29, 27, 12)]  # around the bright organ of blob_ct
+    xy = [slice_clicks.ras_to_xy(view, geometry.ijk_to_ras_point(vol, c))[:2] for c in corners_ijk]
+    # the worker: what the effect will send, the drag's corners in RAS and the view's normal
+    res = client.request("prompt", box=[slice_clicks.xy_to_ras(view, p).tolist() for p in xy],
+                         normal=slice_clicks.view_normal(view).tolist(), timeout=600)
+    mask = client.read_array(res["mask"])
+    assert not os.path.exists(res["mask"]["npy"])  # read into memory, its file removed
+    # in process: the click path of the effect
+    volume = volume_nodes.volume_from_node(vol)
+    builder = slice_clicks.PromptBuilder(volume.shape, volume.array)
+    a = slice_clicks.map_click(view, vol, xy[0], volume.shape)
+    builder.set_box(a, slice_clicks.map_click(view, vol, xy[1], volume.shape, slice_axis=a.slice_axis))
+    engine = PromptEngine("lite_medsam", device="cpu")
+    engine.set_volume(volume)
+    ref = engine.segment_slice(builder.prompts_on_slice())
+    assert (res["slice_axis"], res["slice_index"]) == (ref.slice_axis, ref.slice_index) == ("k", 12)
+    assert mask.sum() > 20
+    np.testing.assert_array_equal(mask, ref.mask)
+
+
+def test_poll_returns_at_once_the_pipe_wakes_a_notifier_and_cancel_answers(client, oblique_ct):
+    vol, _ = oblique_ct
+    client.wait(client.load_volume_node(vol), timeout=600)
+    rid = client.send("prefetch", range=[0, SHAPE[0] - 1], around=12)
+    first = client.poll()  # the worker is busy embedding: nothing final for it yet, and poll did not wait
+    assert not [m for m in first if m.get("id") == rid and "ok" in m] and rid in client.pending()
+    got = []
+    while not got:  # what a QSocketNotifier on fileno() does: wake when the pipe is readable
+        readable, _, _ = select.select([client.fileno()], [], [], 120)
+        assert readable, "the worker sent nothing for 120 s"
+        got += [m for m in client.poll() if m.get("id") == rid]
+    assert got[0]["event"] == "progress" and got[0]["total"] == SHAPE[0]
+    client.cancel(rid)
+    resp = client.wait(rid, timeout=600)
+    assert resp["ok"] is False and resp["exit_code"] == 130 and "prefetch cancelled" in resp["error"]
+
+
+def test_a_request_timeout_answers_and_cancels_it(client, oblique_ct):
+    vol, _ = oblique_ct
+    client.wait(client.load_volume_node(vol), timeout=600)
+    rid = client.send("prefetch", range=[0, SHAPE[0] - 1], timeout=0.05)
+    final = []
+    while not final:
+        select.select([client.fileno()], [], [], 0.1)
+        final = [m for m in client.poll() if m.get("id") == rid and "ok" in m]
+    assert final[0]["ok"] is False and final[0]["exit_code"] == 70
+    assert final[0]["error"] == f"request {rid} (prefetch) got no answer within 0.05 s and was cancelled"
+    for _ in range(600):  # the worker stops it after the slice it is on
+        if not client.request("status", timeout=600)["prefetch"]:
+            break
+        select.select([], [], [], 0.2)
+    else:
+        raise AssertionError("the timed-out prefetch was not cancelled in the worker")
+    assert not [m for m in client.poll() if m.get("id") == rid]  # its late answer is dropped
+
+
+def test_a_worker_that_cannot_start_says_why(tmp_path):
+    python = "/usr/bin/python3"
+    if not os.path.exists(python) or subprocess.run([python, "-c", "import samliverseg"],
+                                                    capture_output=True, env={}).returncode == 0:
+        pytest.skip("needs a Python without samliverseg")
+    c = WorkerClient(python=python, env={"PATH": os.environ.get("PATH", "")})
+    try:
+        with pytest.raises(WorkerError) as err:
+            c.start(timeout=120)
+        assert "exited with code 1" in str(err.value) and "No module named samliverseg" in str(err.value)
+    finally:
+        c.shutdown()
+    with WorkerClient(python="/no/such/python") as c:
+        with pytest.raises(WorkerError, match="cannot start the inference worker with /no/such/python"):
+            c.start()
+
+
+def test_shutdown_kills_a_worker_that_does_not_stop_in_time(client, oblique_ct):
+    """Last in the file: it ends the module's worker."""
+    vol, _ = oblique_ct
+    client.wait(client.load_volume_node(vol), timeout=600)
+    rid = client.send("prefetch", range=[0, SHAPE[0] - 1])
+    got = []
+    while not got:  # embedding the second slice now
+        select.select([client.fileno()], [], [], 1.0)
+        got = [m for m in client.poll() if m.get("id") == rid]
+    assert got[0]["event"] == "progress", got
+    proc, session = client.proc, client.session_dir
+    client.shutdown_timeout = 0.05  # less than one embedding: the worker cannot finish its slice in time
+    client.shutdown()
+    assert client.killed_pids == [proc.pid]
+    assert proc.poll() is not None and not psutil.pid_exists(proc.pid)
+    assert not Path(session).exists() and client.proc is None

@@ -1,0 +1,296 @@
+"""The engine side of the worker: the model, the volume, prompts from requests, and the work itself.
+
+Everything here runs on the worker's main thread (the one thread that touches the engine);
+``server.py`` owns the loop, the reader thread, cancel and the framing.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from samliverseg.core.errors import InputError
+from samliverseg.core.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox
+from samliverseg.io.volume import LPS_TO_RAS, Volume
+from samliverseg.service.protocol import ORIENTATION_NORMALS, ProtocolError, read_array, write_array
+
+ProgressFn = Callable[[int, int], None]
+
+#: IJK coordinates computed from RAS are rounded to this many decimals (1e-6 voxel), so that a
+#: prompt given in RAS lands exactly where the same prompt given in IJK does.
+IJK_DECIMALS = 6
+
+
+@dataclass
+class EngineOptions:
+    """How the worker builds its engine: the CLI's model options."""
+
+    model: str = "lite_medsam"
+    checkpoint: Optional[str] = None
+    device: str = "auto"
+    window: Optional[str] = None
+    precision: str = "fp32"
+    cache_mb: float = 768.0
+
+
+def open_engine(options: EngineOptions):
+    """The prompt engine for ``options``, opened like every other entry point (``api.open_model``):
+    a built-in 2D model or a trained decoder/adapter. 3D and automatic models take other requests."""
+    from samliverseg.api import open_model
+    from samliverseg.models.registry import find_model
+    from samliverseg.models.specs import SAM3D
+
+    entry = find_model(options.model, usable=True)
+    if not entry.interactive or entry.family == SAM3D:
+        raise InputError(f"{options.model!r} is not a 2D prompt model: the worker serves 2D prompt models "
+                         f"(e.g. lite_medsam, or a trained decoder/adapter)")
+    return open_model(options.model, options.checkpoint, options.device, options.window,
+                      precision=options.precision, cache_mb=options.cache_mb)
+
+
+# -- geometry -------------------------------------------------------------------------------------
+
+def _floats(value: Any) -> Optional[np.ndarray]:
+    """``value`` (nested lists of numbers) as a float array; None for anything else (ragged, text)."""
+    if not isinstance(value, list):
+        return None
+    try:
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        return None
+
+
+def matrix_4x4(value: Any, what: str = "ijk_to_ras") -> np.ndarray:
+    m = _floats(value)
+    if m is None or m.shape != (4, 4) or not np.isfinite(m).all():
+        raise ProtocolError(f"{what} must be a 4x4 matrix (a list of 4 rows of 4 numbers)")
+    if abs(np.linalg.det(m[:3, :3])) < 1e-12:
+        raise InputError(f"{what} is singular")
+    return m
+
+
+def volume_from_ijk_to_ras(array: np.ndarray, ijk_to_ras: np.ndarray) -> Volume:
+    """A :class:`Volume` (HU float32, LPS geometry) from an array [k, j, i] and Slicer's IJKToRAS."""
+    lin = ijk_to_ras[:3, :3]
+    spacing = np.linalg.norm(lin, axis=0)
+    direction_lps = LPS_TO_RAS @ (lin / spacing)
+    origin_lps = LPS_TO_RAS @ ijk_to_ras[:3, 3]
+    return Volume(array=array, spacing=tuple(spacing), origin=tuple(origin_lps), direction=direction_lps)
+
+
+def slice_axis_for_normal(ijk_to_ras: np.ndarray, normal_ras: Sequence[float]) -> str:
+    """The IJK axis ('i', 'j' or 'k') most parallel to a RAS direction (a slice view's normal)."""
+    lin = np.asarray(ijk_to_ras, dtype=float)[:3, :3]
+    axes = lin / np.linalg.norm(lin, axis=0)
+    n = np.asarray(normal_ras, dtype=float)
+    if n.shape != (3,) or not np.isfinite(n).all() or np.linalg.norm(n) == 0:
+        raise ProtocolError("normal must be a non-zero RAS vector [x, y, z]")
+    return "ijk"[int(np.argmax(np.abs(axes.T @ (n / np.linalg.norm(n)))))]
+
+
+def _points(value: Any, what: str) -> np.ndarray:
+    p = _floats(value)
+    if p is None or (p.size and (p.ndim != 2 or p.shape[1] != 3)) or not np.isfinite(p).all():
+        raise ProtocolError(f"{what} must be a list of [x, y, z] points")
+    return p.reshape(-1, 3)
+
+
+def prompts_from_request(req: Dict[str, Any], volume: Volume) -> Prompts:
+    """The IJK :class:`Prompts` of a ``prompt``/``propagate`` request (see WORKER_PROTOCOL.md).
+
+    ``frame`` "ras" (default): points, box corners and ROI corners are world RAS; the slice axis
+    is the volume's IJK axis nearest the view normal (``orientation`` axial/coronal/sagittal, or
+    ``normal``); each point is moved onto its nearest slice along that axis, the second box corner
+    onto the first's slice. ``frame`` "ijk": coordinates are IJK and ``slice_axis`` says the axis.
+    """
+    frame = req.get("frame", "ras")
+    if frame not in ("ras", "ijk"):
+        raise ProtocolError(f"frame must be 'ras' or 'ijk', got {frame!r}")
+    points = _points(req.get("points", []), "points")
+    labels = req.get("labels", [1] * len(points))
+    if not isinstance(labels, list) or len(labels) != len(points) or any(v not in (0, 1) for v in labels):
+        raise ProtocolError("labels must be a list of 1 (positive) / 0 (negative), one per point")
+    box = _points(req["box"], "box") if "box" in req else None
+    if box is not None and box.shape != (2, 3):
+        raise ProtocolError("box must be two opposite corners [[x, y, z], [x, y, z]]")
+    roi = req.get("roi")
+    if frame == "ijk":
+        if "orientation" in req or "normal" in req:
+            raise ProtocolError("frame 'ijk' takes slice_axis, not orientation or normal")
+        axis = req.get("slice_axis", "k")
+        if axis not in IJK_INDEX:
+            raise ProtocolError(f"slice_axis must be 'i', 'j' or 'k', got {axis!r}")
+        ijk, box_ijk = points, box
+        if roi is not None:
+            r = _floats(roi)
+            if r is None or r.shape != (6,) or not np.isfinite(r).all():
+                raise ProtocolError("roi (frame ijk) must be [i0, j0, k0, i1, j1, k1]")
+            roi = Roi3D(*(float(v) for v in r))
+    else:
+        if "slice_axis" in req:
+            raise ProtocolError("frame 'ras' takes orientation or normal, not slice_axis (use frame 'ijk')")
+        m = volume.ijk_to_ras_matrix()
+        if "normal" in req:
+            normal = req["normal"]
+        else:
+            name = req.get("orientation", "axial")
+            if name not in ORIENTATION_NORMALS:
+                raise ProtocolError(f"orientation must be one of {', '.join(ORIENTATION_NORMALS)}, got {name!r}")
+            normal = ORIENTATION_NORMALS[name]
+        axis = slice_axis_for_normal(m, normal)
+        c = IJK_INDEX[axis]
+        ijk = np.round(volume.ras_to_ijk(points), IJK_DECIMALS) if len(points) else points
+        if len(ijk):
+            ijk[:, c] = np.round(ijk[:, c])
+        box_ijk = None
+        if box is not None:
+            box_ijk = np.round(volume.ras_to_ijk(box), IJK_DECIMALS)
+            box_ijk[:, c] = round(float(box_ijk[0, c]))
+        if roi is not None:
+            corners = _points(roi, "roi")
+            if corners.shape != (2, 3):
+                raise ProtocolError("roi (frame ras) must be two opposite corners [[x, y, z], [x, y, z]]")
+            r = np.round(volume.ras_to_ijk(corners), IJK_DECIMALS)
+            roi = Roi3D(*r.min(axis=0), *r.max(axis=0))
+    prompts = Prompts(slice_axis=axis, roi=roi)
+    for p, label in zip(ijk, labels):
+        (prompts.positive if label == 1 else prompts.negative).append(tuple(float(v) for v in p))
+    if box_ijk is not None:
+        prompts.box = SliceBox(tuple(float(v) for v in box_ijk[0]), tuple(float(v) for v in box_ijk[1]))
+    return prompts
+
+
+# -- the engine state -------------------------------------------------------------------------------
+
+class EngineState:
+    """The model (built on first need), the volume, and the work each request does."""
+
+    def __init__(self, options: EngineOptions, session_dir: str):
+        self.options = options
+        self.session_dir = session_dir
+        self.engine = None
+        self.volume: Optional[Volume] = None
+
+    def require_engine(self):
+        if self.engine is None:
+            self.engine = open_engine(self.options)
+        return self.engine
+
+    def require_volume(self) -> Volume:
+        if self.volume is None:
+            raise InputError("no volume: send load_volume first")
+        return self.volume
+
+    def describe_volume(self) -> Optional[Dict[str, Any]]:
+        v = self.volume
+        if v is None:
+            return None
+        return {"shape_kji": list(v.shape), "spacing": list(v.spacing), "ijk_to_ras": v.ijk_to_ras_matrix(),
+                "source": v.source_path}
+
+    # -- requests ---------------------------------------------------------------------------------
+    def load_volume(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        if ("path" in req) == ("array" in req):
+            raise ProtocolError("load_volume takes either path or array (with ijk_to_ras)")
+        if "path" in req:
+            if "ijk_to_ras" in req:
+                raise ProtocolError("load_volume: a file brings its own geometry; drop ijk_to_ras")
+            from samliverseg.io.volume import read_volume
+
+            volume = read_volume(req["path"])
+        else:
+            if "ijk_to_ras" not in req:
+                raise ProtocolError("load_volume: an array needs its ijk_to_ras matrix")
+            m = matrix_4x4(req["ijk_to_ras"])
+            mm = read_array(req["array"], "array", copy=False)
+            if mm.ndim != 3:
+                raise InputError(f"the volume must be 3D [k, j, i]; got shape {list(mm.shape)}")
+            # float32 voxels stay memory-mapped (read-only; the client keeps the file while the
+            # volume is in use); other types are converted to float32 HU once
+            array = mm if mm.dtype == np.float32 else np.asarray(mm, dtype=np.float32)
+            volume = volume_from_ijk_to_ras(array, m)
+        engine = self.require_engine()
+        engine.set_volume(volume)
+        self.volume = volume
+        out = self.describe_volume()
+        out.update({"model": engine.spec.name, "device": str(engine.device), "window": engine.window.spec()})
+        return out
+
+    def prompt(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        volume = self.require_volume()
+        prompts = prompts_from_request(req, volume)
+        res = self.engine.segment_slice(prompts)
+        return {"mask": write_array(self.session_dir, "w-mask2d", res.mask), "slice_axis": res.slice_axis,
+                "slice_index": int(res.slice_index), "score": float(res.score), "prompts": prompts.describe(),
+                "ijk_to_ras": volume.ijk_to_ras_matrix()}
+
+    def propagate(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:
+        volume = self.require_volume()
+        prompts = prompts_from_request(req, volume)
+        res = self.engine.segment(prompts, propagate=True, progress=progress, cancel=cancel)
+        return {"mask": write_array(self.session_dir, "w-mask3d", res.mask), "report": res.report,
+                "ijk_to_ras": volume.ijk_to_ras_matrix()}
+
+    def uncertainty(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:
+        from samliverseg.interactive.uncertainty import ensemble_uncertainty
+
+        volume = self.require_volume()
+        mask = read_array(req["mask"], "mask")
+        axis = req.get("slice_axis", "k")
+        if axis not in IJK_INDEX:
+            raise ProtocolError(f"slice_axis must be 'i', 'j' or 'k', got {axis!r}")
+        u = ensemble_uncertainty(self.engine, mask, slice_axis=axis, members=req.get("members", 6),
+                                 seed=req.get("seed", 0), progress=progress, cancel=cancel)
+        return {"variance": write_array(self.session_dir, "w-variance", u.variance), "members": u.members,
+                "slice_axis": u.slice_axis, "slices": u.slices, "uncertain_fraction": u.uncertain_fraction(),
+                "ijk_to_ras": volume.ijk_to_ras_matrix()}
+
+    def prefetch_plan(self, req: Dict[str, Any]) -> Tuple[str, List[int]]:
+        """The slices a ``prefetch`` request asks for, nearest ``around`` first, not yet cached."""
+        volume = self.require_volume()
+        axis = req.get("slice_axis", "k")
+        if axis not in IJK_INDEX:
+            raise ProtocolError(f"slice_axis must be 'i', 'j' or 'k', got {axis!r}")
+        n = volume.shape[{"k": 0, "j": 1, "i": 2}[axis]]
+        if ("slices" in req) == ("range" in req):
+            raise ProtocolError("prefetch takes either slices or range")
+        if "range" in req:
+            r = req["range"]
+            if len(r) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in r):
+                raise ProtocolError("range must be [first, last] slice indices (inclusive)")
+            wanted = list(range(max(0, min(r)), min(n - 1, max(r)) + 1))
+        else:
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in req["slices"]):
+                raise ProtocolError("slices must be a list of slice indices")
+            wanted = [s for s in dict.fromkeys(req["slices"]) if 0 <= s < n]
+        if "around" in req:
+            c = float(req["around"])
+            wanted.sort(key=lambda s: (abs(s - c), s))
+        return axis, [s for s in wanted if not self.engine.is_cached(axis, s)]
+
+    def embed(self, axis: str, index: int) -> None:
+        if not self.engine.is_cached(axis, index):
+            self.engine.embedding(axis, index)
+
+    def forget_embeddings(self) -> None:
+        """After an out-of-memory failure: drop the cached embeddings (and CUDA's cached blocks)."""
+        if self.engine is not None:
+            self.engine.cache.clear()
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def status(self) -> Dict[str, Any]:
+        e = self.engine
+        out: Dict[str, Any] = {"model": self.options.model, "model_loaded": e is not None,
+                               "volume": self.describe_volume()}
+        if e is not None:
+            out.update({"device": str(e.device), "window": e.window.spec(), "slices_embedded": len(e.embed_times),
+                        "cache_hits": e.cache.hits, "cache_misses": e.cache.misses})
+            if e.embed_times:
+                out["embed_ms_mean"] = round(1000 * float(np.mean(e.embed_times)), 1)
+        return out

@@ -1,0 +1,360 @@
+"""The inference worker (``samliverseg worker``) and its protocol (WORKER_PROTOCOL.md).
+
+Units of the protocol (framing, request checks, array files, error categories, RAS prompts), then
+a real worker subprocess with the real LiteMedSAM weights on a small phantom: its masks equal the
+in-process engine's and the CLI's for the same prompt on identity, flipped and oblique volumes; a
+``kill -9`` in the middle of a request gives a clear error and the next request restarts it with
+the same mask; a client of another protocol version is refused; bad requests get one-line errors
+with the CLI's exit codes. The client is the Slicer module's own (``SAMLiverSegLogic.worker_client``,
+Qt-free and torch-free).
+"""
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from libtest_helpers import rot
+from samliverseg.core.errors import CancelledError, CheckpointError, InputError, PromptError
+from samliverseg.core.maskutil import bbox_2d, middle_slice
+from samliverseg.core.prompts import Prompts, Roi3D, SliceBox
+from samliverseg.demo.phantom import make_phantom
+from samliverseg.interactive.engine import PromptEngine
+from samliverseg.interactive.uncertainty import ensemble_uncertainty
+from samliverseg.io.volume import Volume
+from samliverseg.service import protocol
+from samliverseg.service.handlers import prompts_from_request, slice_axis_for_normal, volume_from_ijk_to_ras
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "SAMLiverSeg"))
+
+from SAMLiverSegLogic.worker_client import WorkerClient, WorkerError  # noqa: E402
+
+SPACING = (2.5, 2.5, 4.0)
+
+
+def ijk_to_ras(direction_ras, origin_ras, spacing=SPACING):
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(direction_ras, float) @ np.diag(spacing)
+    m[:3, 3] = origin_ras
+    return m
+
+
+#: The same voxels under three geometries: RAS-aligned; LPS-aligned with k reversed; rotated.
+GEOMETRIES = {
+    "identity": ijk_to_ras(np.eye(3), (0.0, 0.0, 0.0)),
+    "flipped": ijk_to_ras(np.diag([-1.0, -1.0, -1.0]), (120.5, 95.25, -40.0)),
+    "oblique": ijk_to_ras(rot("x", 12) @ rot("z", 25), (-30.0, 12.0, 7.5)),
+}
+
+
+# -- protocol units ----------------------------------------------------------------------------------
+
+def test_framing_is_one_json_object_per_line():
+    line = protocol.encode({"id": 3, "x": np.float32(1.5), "a": np.arange(3), "nan": float("nan")})
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert protocol.decode(line) == {"id": 3, "x": 1.5, "a": [0, 1, 2], "nan": None}
+    for bad in (b"{not json\n", b"[1, 2]\n", b"\xff\xfe\n"):
+        with pytest.raises(protocol.ProtocolError) as err:
+            protocol.decode(bad)
+        assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    assert protocol.is_final({"id": 1, "ok": True}) and not protocol.is_final({"id": 1, "event": "progress"})
+
+
+@pytest.mark.parametrize("request_, words", [
+    ({"type": "status"}, "integer \"id\""),
+    ({"id": "7", "type": "status"}, "integer \"id\""),
+    ({"id": 1, "type": "segment"}, "unknown request type 'segment'"),
+    ({"id": 1, "type": "hello"}, "missing field 'protocol'"),
+    ({"id": 1, "type": "prompt", "pionts": []}, "unknown field 'pionts'"),
+    ({"id": 1, "type": "prompt", "points": "1,2,3"}, "field 'points' must be a list"),
+    ({"id": 1, "type": "prefetch", "around": True}, "field 'around' must be a int or float"),
+    ({"id": 1, "type": "uncertainty"}, "missing field 'mask'"),
+])
+def test_bad_requests_are_refused_in_one_line(request_, words):
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.check_request(request_)
+    assert words in str(err.value) and err.value.exit_code == 2
+
+
+def test_every_documented_request_type_is_checked():
+    assert set(protocol.REQUEST_FIELDS) == set(protocol.REQUEST_TYPES)
+    page = (REPO / protocol.PROTOCOL_PAGE).read_text()
+    assert f"Protocol version {protocol.PROTOCOL_VERSION}" in page
+    for rtype in protocol.REQUEST_TYPES:
+        assert f"### `{rtype}`" in page, rtype
+        for field in protocol.REQUEST_FIELDS[rtype]:
+            assert f"`{field}`" in page, (rtype, field)
+
+
+def test_array_files_round_trip_and_are_checked(tmp_path):
+    mask = np.zeros((3, 4, 5), bool)
+    mask[1, 2, 3] = True
+    ref = protocol.write_array(str(tmp_path), "m", mask)
+    assert ref["dtype"] == "|u1" and ref["shape"] == [3, 4, 5]
+    np.testing.assert_array_equal(protocol.read_array(ref), mask.astype(np.uint8))
+    hu = np.linspace(-1000, 400, 60, dtype=np.float32).reshape(3, 4, 5)
+    np.testing.assert_array_equal(protocol.read_array(protocol.write_array(str(tmp_path), "v", hu)), hu)
+    assert not list(tmp_path.glob("*.part"))
+    wrong = dict(ref, shape=[3, 4, 6])
+    with pytest.raises(protocol.ProtocolError, match="the reference says"):
+        protocol.read_array(wrong)
+    pickled = tmp_path / "p.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(protocol.ProtocolError, match="cannot read"):
+        protocol.read_array({"npy": str(pickled), "shape": [1], "dtype": "|O"})
+    with pytest.raises(protocol.ProtocolError, match="not found"):
+        protocol.read_array(dict(ref, npy=str(tmp_path / "gone.npy")))
+    with pytest.raises(protocol.ProtocolError, match="not a .npy"):
+        protocol.read_array(dict(ref, npy=str(tmp_path / "x.pkl")))
+
+
+@pytest.mark.parametrize("exc, code", [
+    (InputError("no such file"), 2), (PromptError("outside"), 2), (CheckpointError("corrupt"), 3),
+    (MemoryError(), 4), (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), 4),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory"), 4), (CancelledError("stop"), 130),
+    (ValueError("bad\nthing"), 70),
+])
+def test_errors_fall_in_the_cli_exit_code_categories(exc, code):
+    resp = protocol.error_response(5, exc)
+    assert resp["id"] == 5 and resp["ok"] is False and resp["exit_code"] == code
+    assert "\n" not in resp["error"] and resp["error"]
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_ras_prompts_land_on_the_same_voxels_as_ijk_prompts(name):
+    m = GEOMETRIES[name]
+    vol = volume_from_ijk_to_ras(np.zeros((20, 30, 40), np.float32), m)
+    np.testing.assert_allclose(vol.ijk_to_ras_matrix(), m, atol=1e-9)
+    # the volume's axes: an axial view cuts across k, a coronal one across j, a sagittal one across i
+    assert [slice_axis_for_normal(m, protocol.ORIENTATION_NORMALS[o]) for o in ("axial", "coronal", "sagittal")] \
+        == ["k", "j", "i"]
+    to_ras = lambda pts: (m @ np.c_[np.asarray(pts, float), np.ones(len(pts))].T).T[:, :3].tolist()  # noqa: E731
+    pos, neg = [12.0, 7.0, 9.0], [20.25, 11.5, 9.0]
+    off_slice = [14.0, 8.0, 9.3]  # a click 0.3 voxel off the slice snaps onto it
+    req = {"points": to_ras([pos, neg, off_slice]), "labels": [1, 0, 1],
+           "box": to_ras([[5.0, 4.0, 9.0], [30.0, 22.0, 9.4]]), "orientation": "axial"}
+    p = prompts_from_request(req, vol)
+    assert p.slice_axis == "k" and p.slice_indices() == [9]
+    assert p.positive == [tuple(pos), (14.0, 8.0, 9.0)] and p.negative == [tuple(neg)]
+    assert p.box.corner_a == (5.0, 4.0, 9.0) and p.box.corner_b == (30.0, 22.0, 9.0)
+    q = prompts_from_request({"frame": "ijk", "points": [pos], "slice_axis": "j"}, vol)
+    assert q.positive == [tuple(pos)] and q.slice_axis == "j"
+    roi = prompts_from_request({"roi": to_ras([[2.0, 3.0, 4.0], [12.0, 13.0, 8.0]]), "box": req["box"]}, vol).roi
+    assert (roi.i0, roi.j0, roi.k0, roi.i1, roi.j1, roi.k1) == (2.0, 3.0, 4.0, 12.0, 13.0, 8.0)
+    for bad, words in (({"frame": "lps"}, "frame"), ({"orientation": "oblique"}, "orientation"),
+                       ({"slice_axis": "k"}, "frame 'ijk'"), ({"points": [[1, 2]]}, "[x, y, z]"),
+                       ({"points": [[1, 2, 3]], "labels": [2]}, "labels"), ({"points": [[1, 2, 3], [1, 2]]}, "[x, y, z]"),
+                       ({"frame": "ijk", "roi": [1, 2, 3, "a", 5, 6]}, "roi")):
+        with pytest.raises(protocol.ProtocolError, match=words):
+            prompts_from_request(bad, vol)
+
+
+# -- a real worker -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom((64, 128, 128), SPACING, seed=1, n_tumors=1)
+
+
+@pytest.fixture(scope="module")
+def volumes(phantom):
+    """The phantom's voxels under each geometry (identity: the phantom itself, RAS-aligned)."""
+    return {name: volume_from_ijk_to_ras(phantom.hu, m) for name, m in GEOMETRIES.items()}
+
+
+@pytest.fixture(scope="module")
+def liver_box(phantom):
+    k = middle_slice(phantom.liver_mask)
+    i0, j0, i1, j1 = bbox_2d(phantom.liver_mask[k])
+    return [[i0 - 3.0, j0 - 3.0, float(k)], [i1 + 3.0, j1 + 3.0, float(k)]]
+
+
+@pytest.fixture(scope="module")
+def engine(volumes):
+    eng = PromptEngine("lite_medsam", device="cpu")
+    eng.set_volume(volumes["identity"])
+    return eng
+
+
+@pytest.fixture(scope="module")
+def client():
+    with WorkerClient(device="cpu") as c:
+        yield c
+
+
+def ras(volume: Volume, ijk):
+    return volume.ijk_to_ras(np.asarray(ijk, float)).tolist()
+
+
+@pytest.fixture(scope="module")
+def identity_results(client, engine, volumes, liver_box, phantom):
+    """One 2D prompt and one propagation (2 slices) through the worker, and the same in process."""
+    vol = volumes["identity"]
+    client.request("load_volume", array=client.write_array("vol", phantom.hu), ijk_to_ras=vol.ijk_to_ras_matrix())
+    k = int(liver_box[0][2])
+    events = []
+    r2 = client.request("prompt", box=ras(vol, liver_box), orientation="axial")
+    roi_ras = ras(vol, [[0, 0, k], [127, 127, k + 1]])
+    rid = client.send("propagate", box=ras(vol, liver_box), roi=roi_ras)
+    r3 = client.wait(rid, on_event=events.append)
+    assert r3["ok"], r3
+    box = SliceBox(tuple(liver_box[0]), tuple(liver_box[1]))
+    return {"k": k, "prompt": r2, "mask2d": client.read_array(r2["mask"]),
+            "propagate": r3["result"], "mask3d": client.read_array(r3["result"]["mask"]), "events": events,
+            "ref2d": engine.segment_slice(Prompts(box=box)),
+            "ref3d": engine.segment(Prompts(box=box, roi=Roi3D(0, 0, k, 127, 127, k + 1)))}
+
+
+def test_worker_masks_equal_the_in_process_engine(identity_results):
+    r = identity_results
+    assert r["prompt"]["slice_axis"] == "k" and r["prompt"]["slice_index"] == r["k"]
+    assert r["mask2d"].dtype == np.uint8 and r["mask2d"].sum() > 200
+    np.testing.assert_array_equal(r["mask2d"], r["ref2d"].mask)
+    assert r["prompt"]["score"] == pytest.approx(r["ref2d"].score, abs=1e-6)
+    assert r["mask3d"].shape == (64, 128, 128)
+    assert sorted(np.flatnonzero(r["mask3d"].any(axis=(1, 2)))) == [r["k"], r["k"] + 1]
+    np.testing.assert_array_equal(r["mask3d"], r["ref3d"].mask)
+    assert r["propagate"]["report"]["voxels"] == r["ref3d"].report["voxels"]
+    progress = [e for e in r["events"] if e.get("event") == "progress"]
+    assert progress and progress[-1]["done"] == progress[-1]["total"]
+
+
+def test_worker_uncertainty_equals_the_in_process_ensemble(client, engine, identity_results):
+    mask = np.zeros_like(identity_results["mask3d"])  # one slice: its neighbours' embeddings are cached
+    mask[identity_results["k"] + 1] = identity_results["mask3d"][identity_results["k"] + 1]
+    res = client.request("uncertainty", mask=client.write_array("mask", mask), members=4)
+    variance = client.read_array(res["variance"])
+    ref = ensemble_uncertainty(engine, mask, members=4)
+    np.testing.assert_array_equal(variance, ref.variance)
+    assert res["slices"] == ref.slices and res["members"] == ref.members
+    assert res["uncertain_fraction"] == pytest.approx(ref.uncertain_fraction())
+
+
+@pytest.mark.parametrize("name", ["flipped", "oblique"])
+def test_worker_mask_equals_on_flipped_and_oblique_volumes(client, volumes, liver_box, identity_results, name):
+    """Same voxels, another geometry, the prompt in that geometry's RAS: the same voxels come out."""
+    vol = volumes[name]
+    client.request("load_volume", array=client.write_array("vol", vol.array), ijk_to_ras=vol.ijk_to_ras_matrix())
+    res = client.request("prompt", box=ras(vol, liver_box), orientation="axial")
+    assert (res["slice_axis"], res["slice_index"]) == ("k", identity_results["k"])
+    np.testing.assert_allclose(res["ijk_to_ras"], GEOMETRIES[name], atol=1e-9)
+    np.testing.assert_array_equal(client.read_array(res["mask"]), identity_results["mask2d"])
+
+
+@pytest.mark.slow
+def test_worker_mask_equals_the_cli(tmp_path, client, volumes, liver_box, identity_results):
+    import SimpleITK as sitk
+
+    image = tmp_path / "ct.nrrd"
+    sitk.WriteImage(volumes["identity"].to_sitk(), str(image))
+    (i0, j0, k), (i1, j1, _) = liver_box
+    out = tmp_path / "liver.nii.gz"
+    cmd = [sys.executable, "-m", "samliverseg", "segment", str(image), "-o", str(out), "--device", "cpu",
+           "--box-ijk", str(i0), str(j0), str(i1), str(j1), str(k),
+           "--roi-ijk", "0", "0", str(k), "127", "127", str(k + 1)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    cli_mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    np.testing.assert_array_equal(cli_mask, identity_results["mask3d"])
+
+
+def test_kill_9_mid_request_gives_a_clear_error_and_the_next_request_restarts(client, volumes, liver_box,
+                                                                              identity_results):
+    vol = volumes["identity"]
+    client.request("load_volume", array=client.write_array("vol", vol.array), ijk_to_ras=vol.ijk_to_ras_matrix())
+    first_pid = client.pid
+    rid = client.send("prefetch", range=[0, 63], around=identity_results["k"])
+    events = []
+    while not events:  # the first slice is embedded
+        select.select([client.fileno()], [], [], 0.5)
+        events += [m for m in client.poll() if m.get("id") == rid]
+    busy = client.request("status")  # answered by the reader thread while the main thread computes
+    assert busy["busy"] is None or busy["busy"]["id"] == rid
+    assert [p["id"] for p in busy["prefetch"]] == [rid]
+    os.kill(first_pid, signal.SIGKILL)
+    resp = client.wait(rid, timeout=60)
+    assert resp["ok"] is False and resp["exit_code"] == 70
+    assert "killed (SIGKILL" in resp["error"] and "the next request restarts it" in resp["error"]
+    assert "\n" not in resp["error"]
+    res = client.request("prompt", box=ras(vol, liver_box), orientation="axial", timeout=600)
+    assert client.pid != first_pid and client.starts == 2
+    np.testing.assert_array_equal(client.read_array(res["mask"]), identity_results["mask2d"])
+
+
+def test_bad_requests_to_a_real_worker_get_one_line_errors(client, volumes):
+    vol = volumes["identity"]
+    cases = [
+        (dict(rtype="prompt", frame="ijk", points=[[500.0, 10.0, 3.0]]), 2, "outside the volume"),
+        (dict(rtype="prompt", frame="ijk", box=[[10.0, 10.0, 3.0], [10.5, 40.0, 3.0]]), 2, "empty"),
+        (dict(rtype="load_volume", path="/no/such/ct.nii.gz"), 2, "/no/such/ct.nii.gz"),
+        (dict(rtype="load_volume", array={"npy": "/no/such.npy", "shape": [2, 2, 2], "dtype": "<f4"},
+              ijk_to_ras=np.eye(4).tolist()), 2, "not found"),
+        (dict(rtype="load_volume", array=client.write_array("v", vol.array)), 2, "ijk_to_ras"),
+        (dict(rtype="uncertainty", mask=client.write_array("m", np.ones((2, 2, 2), np.uint8))), 2, "shape"),
+        (dict(rtype="prefetch", range=[1, 2, 3]), 2, "range"),
+        (dict(rtype="frobnicate"), 2, "unknown request type"),
+    ]
+    for fields, code, words in cases:
+        resp = client.wait(client.send(fields.pop("rtype"), **fields), timeout=300)
+        assert resp["ok"] is False and resp["exit_code"] == code, (fields, resp)
+        assert words in resp["error"] and "\n" not in resp["error"], (fields, resp)
+
+
+def raw_worker(*args):
+    return subprocess.Popen([sys.executable, "-m", "samliverseg", "worker", "--device", "cpu", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_the_worker_refuses_another_protocol_version_and_speaks_only_after_hello():
+    proc = raw_worker()
+    proc.stdin.write(b"this is not json\n")
+    proc.stdin.write(protocol.encode({"id": 1, "type": "status"}))
+    proc.stdin.write(protocol.encode({"id": 2, "type": "prompt", "points": [[0, 0, 0]]}))
+    proc.stdin.write(protocol.encode({"id": 3, "type": "hello", "protocol": protocol.PROTOCOL_VERSION + 1}))
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=300)
+    msgs = [json.loads(line) for line in out.decode().splitlines()]
+    assert msgs[0]["id"] is None and msgs[0]["exit_code"] == 2 and "not a JSON line" in msgs[0]["error"]
+    assert msgs[1]["id"] == 1 and msgs[1]["ok"] and msgs[1]["result"]["model_loaded"] is False
+    assert msgs[2] == {"id": 2, "ok": False, "error": f"the first request must be hello (protocol "
+                                                      f"{protocol.PROTOCOL_VERSION})", "exit_code": 2}
+    assert msgs[3]["id"] == 3 and msgs[3]["exit_code"] == 2 and "protocol version mismatch" in msgs[3]["error"]
+    assert proc.returncode == 2 and len(msgs) == 4
+
+
+def test_a_client_of_another_version_is_refused_with_a_clear_message():
+    c = WorkerClient(device="cpu", protocol_version=protocol.PROTOCOL_VERSION + 1)
+    try:
+        with pytest.raises(WorkerError) as err:
+            c.start()
+        assert "protocol version mismatch" in str(err.value) and err.value.exit_code == 2
+        with pytest.raises(WorkerError, match="protocol version mismatch"):
+            c.send("status")  # never restarted
+    finally:
+        c.shutdown()
+
+
+def test_a_broken_checkpoint_is_exit_code_3(tmp_path):
+    bad = tmp_path / "lite_medsam.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with WorkerClient(device="cpu", checkpoint=str(bad)) as c:
+        with pytest.raises(WorkerError) as err:
+            c.request("load_volume", array=c.write_array("v", np.zeros((4, 8, 8), np.float32)),
+                      ijk_to_ras=np.eye(4).tolist(), timeout=300)
+        assert err.value.exit_code == 3 and "\n" not in str(err.value)
+
+
+def test_worker_help_describes_the_protocol_entry_point():
+    out = subprocess.run([sys.executable, "-m", "samliverseg", "worker", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    for words in (f"Protocol version {protocol.PROTOCOL_VERSION}", protocol.PROTOCOL_PAGE, "stdin: one JSON request",
+                  "stdout: one JSON message", '"type": "hello"', "--session-dir", "--model", "130 cancelled"):
+        assert words in text, words
