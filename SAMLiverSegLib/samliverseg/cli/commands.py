@@ -28,6 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
                    help="image encoder precision: fp32 (default), bf16 (faster on recent CPUs and GPUs), fp16 (GPU), "
                         "auto (bf16 where the backend runs it natively, else fp32)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
+                   help="what runs a 2D model: auto (default: the fastest installed CPU backend that passes a "
+                        "self-check, else torch), torch, openvino or onnxruntime (CPU; converted once per machine)")
     p.add_argument("--window", default=None,
                    help="CT window: wide (-500..1000), liver (-300..300), abdomen (W400/L40) or LOW,HIGH in HU; "
                         "default: the model's own")
@@ -44,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", required=True,
                      help="output: .nii.gz/.nii/.nrrd/.mha labelmap, .seg.nrrd Slicer segmentation, or .dcm DICOM SEG")
     _add_model_args(seg)
-    seg.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
-                     help="what runs a 2D model: auto (default: the fastest installed CPU backend that passes a "
-                          "self-check, else torch), torch, openvino or onnxruntime (CPU; converted once per machine)")
     seg.add_argument("--box-ijk", nargs=5, type=float, metavar=("I0", "J0", "I1", "J1", "K"),
                      help="a box on axial slice K (propagated to 3D unless --no-propagate)")
     seg.add_argument("--roi-ijk", nargs=6, type=float, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),

@@ -34,6 +34,7 @@ class EngineOptions:
     window: Optional[str] = None
     precision: str = "fp32"
     cache_mb: float = 768.0
+    backend: str = "torch"  # torch | auto | openvino | onnxruntime (interactive.backends)
 
 
 def open_engine(options: EngineOptions):
@@ -48,7 +49,7 @@ def open_engine(options: EngineOptions):
         raise InputError(f"{options.model!r} is not a 2D prompt model: the worker serves 2D prompt models "
                          f"(e.g. lite_medsam, or a trained decoder/adapter)")
     return open_model(options.model, options.checkpoint, options.device, options.window,
-                      precision=options.precision, cache_mb=options.cache_mb)
+                      precision=options.precision, cache_mb=options.cache_mb, backend=options.backend)
 
 
 # -- geometry -------------------------------------------------------------------------------------

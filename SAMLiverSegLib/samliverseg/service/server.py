@@ -279,7 +279,7 @@ def run_worker(args) -> int:
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     options = EngineOptions(model=args.model, checkpoint=args.checkpoint, device=args.device, window=args.window,
-                            precision=args.precision, cache_mb=args.cache_mb)
+                            precision=args.precision, cache_mb=args.cache_mb, backend=args.backend)
     server = Server(options, sys.stdin.buffer, proto_out, session_dir=args.session_dir)
     print(f"samliverseg worker {__version__} (protocol {protocol.PROTOCOL_VERSION}), pid {os.getpid()}, "
           f"session folder {server.session_dir}", file=sys.stderr, flush=True)
