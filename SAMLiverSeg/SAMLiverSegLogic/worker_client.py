@@ -94,11 +94,12 @@ class WorkerClient:
 
     def __init__(self, python: Optional[str] = None, model: str = "lite_medsam", checkpoint: Optional[str] = None,
                  device: str = "auto", window: Optional[str] = None, precision: str = "fp32",
-                 cache_mb: Optional[float] = None, env: Optional[Dict[str, str]] = None,
+                 cache_mb: Optional[float] = None, env: Optional[Dict[str, str]] = None, backend: str = "auto",
                  protocol_version: int = protocol.PROTOCOL_VERSION, shutdown_timeout: float = 5.0):
         self.python = python or sys.executable
         self.model, self.checkpoint, self.device, self.window = model, checkpoint, device, window
         self.precision, self.cache_mb = precision, cache_mb
+        self.backend = backend  # auto | torch | openvino | onnxruntime (samliverseg.interactive.backends)
         self.env = env
         self.protocol_version = int(protocol_version)
         self.shutdown_timeout = float(shutdown_timeout)
@@ -123,7 +124,7 @@ class WorkerClient:
     # -- process ------------------------------------------------------------------------------------
     def command(self) -> List[str]:
         cmd = [self.python, "-m", "samliverseg", "worker", "--model", self.model, "--device", self.device,
-               "--precision", self.precision, "--session-dir", str(self.session_dir)]
+               "--precision", self.precision, "--backend", self.backend, "--session-dir", str(self.session_dir)]
         if self.checkpoint:
             cmd += ["--checkpoint", str(self.checkpoint)]
         if self.window:

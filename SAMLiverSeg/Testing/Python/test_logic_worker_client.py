@@ -50,7 +50,8 @@ def test_hello_of_another_version_and_exit_descriptions():
 
 @pytest.fixture(scope="module")
 def client():
-    with WorkerClient(device="cpu") as c:
+    # torch: the last test needs a worker busy embedding for longer than its shutdown timeout
+    with WorkerClient(device="cpu", backend="torch") as c:
         yield c
 
 
