@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from samliverseg.core.evaluation import dice
 from samliverseg.core.maskutil import bbox_2d, middle_slice
 from samliverseg.core.prompts import Prompts, SliceBox
 from samliverseg.core.windowing import apply_window, get_window
@@ -49,12 +50,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import peak_rss_mb, print_table  # noqa: E402 (the benchmarks' shared table printer)
 
 DEFAULT_VARIANTS = "torch:fp32,torch:bf16,onnxruntime:fp32,openvino:fp32,openvino:bf16"
-
-
-def dice_score(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def parse_variants(text: str):
@@ -135,7 +130,7 @@ def per_slice(preds, jobs, reference):
         ref_f, ref_m = out[reference]
         for v, (f, m) in out.items():
             stats[v]["rel"].append(float((f - ref_f).norm() / ref_f.norm()))
-            stats[v]["dice"].append(dice_score(m, ref_m))
+            stats[v]["dice"].append(dice(m, ref_m))
     return stats
 
 
@@ -196,14 +191,14 @@ def end_to_end(model_name, e2e, case_name, margin):
             res = engine.segment(prompts)
             write_labelmap(res.mask, vol, str(Path(tmp) / "liver.nii.gz"))
             total = time.perf_counter() - t0
-            d = dice_score(res.mask > 0, liver > 0)
+            d = dice(res.mask > 0, liver > 0)
             if first is None:
                 first = res.mask > 0
             t = res.report["timings"]
             results[label(v)] = {"total_s": total, "dice": d, "report": res.report}
             rows.append([f"{v[0]} {v[1]}", f"{res.report['backend']} {res.report['precision']}", f"{total:.1f}",
                          t["slices_embedded"], t["embed_ms_per_slice"], t["decode_ms_per_prompt"],
-                         f"{d:.4f}", f"{dice_score(res.mask > 0, first):.4f}"])
+                         f"{d:.4f}", f"{dice(res.mask > 0, first):.4f}"])
     return rows, results
 
 
