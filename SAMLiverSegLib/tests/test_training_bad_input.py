@@ -14,6 +14,7 @@ error cannot be produced on a CPU-only machine; only its classification (``core.
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, unregister_model
+from libtest_helpers import registered, save_tiny_sam, tiny_sam_command, tiny_sam_spec
 from samliverseg.cli.commands import main as cli_main
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
@@ -34,25 +35,6 @@ from samliverseg.training.progress import read_events
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny_badinput_sam"
 SHAPE, SPACING = (12, 64, 64), (3.0, 3.0, 5.0)
-
-TINY_SETUP = textwrap.dedent(f"""
-    import sys
-    from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model
-    def _tiny():
-        return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                             decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-    register_model(ModelSpec(name="{TINY}", description="tiny test SAM", builder=_tiny,
-                             checkpoint_filename="{TINY}.pth", image_size=64, window="abdomen",
-                             embedding_size=4), replace=True)
-    from samliverseg.cli.commands import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
-def _tiny():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def user_models_folder(tmp_path_factory):
@@ -69,10 +51,8 @@ def user_models_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_model():
-    register_model(ModelSpec(name=TINY, description="tiny test SAM", builder=_tiny, checkpoint_filename=f"{TINY}.pth",
-                             image_size=64, window="abdomen", embedding_size=4), replace=True)
-    yield TINY
-    unregister_model(TINY)
+    with registered(tiny_sam_spec(TINY)) as name:
+        yield name
 
 
 def write_pair(folder, name, seed, label_image=None):
@@ -100,9 +80,7 @@ def data(tmp_path_factory):
         write_pair(root / "pairs", f"p{i}", i)
     cache = root / "cache"
     assert cli_main(["prepare", str(root / "pairs"), "-o", str(cache), "--val-fraction", "0.5"]) == 0
-    torch.manual_seed(0)
-    weights = root / f"{TINY}.pth"
-    torch.save(_tiny().state_dict(), weights)
+    weights = save_tiny_sam(root / f"{TINY}.pth", seed=0)
     return {"root": root, "cache": cache, "weights": weights}
 
 
@@ -281,7 +259,7 @@ def test_full_disk_while_checkpointing_exit_3_previous_kept(data, tmp_path, caps
     after = tmp_path / "after"
     after.mkdir()
     cfg = config(data, full / "run", tmp_path / "c3.yaml", epochs=3)
-    (tmp_path / "tiny_main.py").write_text(TINY_SETUP)
+    train = shlex.join(tiny_sam_command("cli", TINY, "train", "--config", cfg, "--resume"))
     script = f"""
         set -u
         mount -t tmpfs -o size=32m tmpfs '{full}' || exit 90
@@ -290,7 +268,7 @@ def test_full_disk_while_checkpointing_exit_3_previous_kept(data, tmp_path, caps
         dd if=/dev/zero of='{full}/filler2' bs=4k 2>/dev/null
         dd if=/dev/zero of='{full}/filler3' bs=1 2>/dev/null
         df -k '{full}' | tail -1 > '{after}/df.txt'
-        '{sys.executable}' '{tmp_path / "tiny_main.py"}' train --config '{cfg}' --resume \\
+        {train} \\
             > '{after}/stdout.txt' 2> '{after}/stderr.txt'
         echo $? > '{after}/rc.txt'
         ls -a '{full}/run' > '{after}/listing.txt'
