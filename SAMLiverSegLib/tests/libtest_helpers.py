@@ -56,13 +56,13 @@ def build_tiny_sam(**over: Any):
 
 
 def tiny_sam_spec(name: str = TINY, arch: Optional[Dict[str, Any]] = None, **over: Any):
-    """A ``ModelSpec`` of :func:`build_tiny_sam` (with ``arch``) named ``name``; ``over``: other spec fields."""
+    """A ``ModelSpec`` of :func:`build_tiny_sam` (with ``arch``) named ``name``; ``over``: other spec fields
+    (``builder`` too, e.g. ``lambda: model`` for a spec attached to an existing model)."""
     from samliverseg.models.build_sam import ModelSpec
-    arch = dict(arch or {})
-    fields: Dict[str, Any] = dict(description="tiny test SAM", checkpoint_filename=f"{name}.pth", image_size=64,
-                                  window="abdomen", embedding_size=4)
+    fields: Dict[str, Any] = dict(description="tiny test SAM", builder=functools.partial(build_tiny_sam, **(arch or {})),
+                                  checkpoint_filename=f"{name}.pth", image_size=64, window="abdomen", embedding_size=4)
     fields.update(over)
-    return ModelSpec(name=name, builder=functools.partial(build_tiny_sam, **arch), **fields)
+    return ModelSpec(name=name, **fields)
 
 
 @contextlib.contextmanager
