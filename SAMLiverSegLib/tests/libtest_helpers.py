@@ -91,14 +91,27 @@ def save_tiny_sam(path: Path, seed: int, **arch: Any) -> Path:
     return path
 
 
+def tiny_sam_json(name: str, arch: Optional[Dict[str, Any]] = None, **spec: Any) -> str:
+    """The tiny SAM ``name`` (``arch``, ``spec`` as in :func:`tiny_sam_spec`) as JSON, for a subprocess."""
+    import json
+    return json.dumps(dict(spec, name=name, arch=dict(arch or {})))
+
+
 def tiny_sam_command(entry: str, name: str, *args: Any, arch: Optional[Dict[str, Any]] = None, **spec: Any):
     """``[python, scripts/run_with_tiny_sam.py, ...]``: a process that registers the tiny SAM ``name``
     (``arch``, ``spec`` as in :func:`tiny_sam_spec`) then runs ``entry`` ("train": ``samliverseg.training.train``,
     "cli": ``samliverseg`` command line) with ``args``."""
-    import json
     import sys
-    spec = dict(spec, name=name, arch=dict(arch or {}))
-    return [sys.executable, str(SCRIPTS / "run_with_tiny_sam.py"), entry, json.dumps(spec)] + [str(a) for a in args]
+    return ([sys.executable, str(SCRIPTS / "run_with_tiny_sam.py"), entry, tiny_sam_json(name, arch, **spec)]
+            + [str(a) for a in args])
+
+
+def tiny_sam_env(env: Dict[str, str], name: str, arch: Optional[Dict[str, Any]] = None, **spec: Any) -> Dict[str, str]:
+    """``env`` for a Python process that registers the tiny SAM ``name`` as it starts (whatever it runs):
+    ``scripts/tiny_sam_site`` (a ``sitecustomize``) first on ``PYTHONPATH``, the spec in
+    ``$SAMLIVERSEG_TEST_TINY_SAM``."""
+    path = os.pathsep.join([str(SCRIPTS / "tiny_sam_site"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return dict(env, PYTHONPATH=path, SAMLIVERSEG_TEST_TINY_SAM=tiny_sam_json(name, arch, **spec))
 
 
 def write_phantom_pairs(folder: Path, n_cases: int, shape, spacing, seed0: int = 0, n_tumors: Any = 1,

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from libtest_helpers import SCRIPTS, build_tiny_sam, make_phantom_cache, registered, save_tiny_sam, tiny_sam_spec, writer
+from libtest_helpers import (SCRIPTS, build_tiny_sam, make_phantom_cache, registered, save_tiny_sam, tiny_sam_json,
+                             tiny_sam_spec, writer)
 from samliverseg.models.build_sam import build_lite_medsam, build_model, build_sam_vit_b, find_model_checkpoint
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling import MaskDecoder, PromptEncoder, SamModel, TinyViT, TwoWayTransformer
@@ -421,7 +422,7 @@ def test_two_ranks_average_gradients_like_one_process(cache, tmp_path):
     script = SCRIPTS / "adapter_ddp_step.py"
     env = dict(os.environ, PYTHONPATH=str(ROOT), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-    spec = json.dumps({"name": TINY, "arch": ARCH})
+    spec = tiny_sam_json(TINY, ARCH)
     procs = [subprocess.Popen([sys.executable, str(script), str(cfg), str(tmp_path), spec],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]

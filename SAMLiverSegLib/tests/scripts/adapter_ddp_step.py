@@ -3,7 +3,7 @@ saves the gradients of one optimiser step (``grads{rank}.pt``), then runs the co
 trained state (``final{rank}.pt``). The test imports :func:`grads_of_one_step` to get the same step
 in its own process.
 
-usage: adapter_ddp_step.py CONFIG OUT_DIR SPEC_JSON   (SPEC_JSON: the tiny SAM, as ``run_with_tiny_sam.py`` takes)
+usage: adapter_ddp_step.py CONFIG OUT_DIR SPEC_JSON   (SPEC_JSON: ``libtest_helpers.tiny_sam_json``)
 """
 
 import json

@@ -2,7 +2,7 @@
 command line in this process (the subprocess and torchrun tests; see ``libtest_helpers.tiny_sam_command``).
 
 usage: run_with_tiny_sam.py train|cli SPEC_JSON [ARGS...]
-SPEC_JSON: ``{"name": ..., "arch": {...}, other ModelSpec fields}`` as ``libtest_helpers.tiny_sam_spec`` takes.
+SPEC_JSON: ``libtest_helpers.tiny_sam_json`` (name, arch, other ModelSpec fields, as ``tiny_sam_spec`` takes).
 """
 
 import json
