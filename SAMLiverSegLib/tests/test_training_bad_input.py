@@ -14,18 +14,16 @@ error cannot be produced on a CPU-only machine; only its classification (``core.
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
 import torch
 
-from libtest_helpers import registered, save_tiny_sam, tiny_sam_command, tiny_sam_spec
+from libtest_helpers import SCRIPTS, registered, save_tiny_sam, tiny_sam_command, tiny_sam_spec
 from samliverseg.cli.commands import main as cli_main
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
@@ -259,23 +257,9 @@ def test_full_disk_while_checkpointing_exit_3_previous_kept(data, tmp_path, caps
     after = tmp_path / "after"
     after.mkdir()
     cfg = config(data, full / "run", tmp_path / "c3.yaml", epochs=3)
-    train = shlex.join(tiny_sam_command("cli", TINY, "train", "--config", cfg, "--resume"))
-    script = f"""
-        set -u
-        mount -t tmpfs -o size=32m tmpfs '{full}' || exit 90
-        cp -a '{run}' '{full}/run' || exit 91
-        dd if=/dev/zero of='{full}/filler' bs=64k 2>/dev/null
-        dd if=/dev/zero of='{full}/filler2' bs=4k 2>/dev/null
-        dd if=/dev/zero of='{full}/filler3' bs=1 2>/dev/null
-        df -k '{full}' | tail -1 > '{after}/df.txt'
-        {train} \\
-            > '{after}/stdout.txt' 2> '{after}/stderr.txt'
-        echo $? > '{after}/rc.txt'
-        ls -a '{full}/run' > '{after}/listing.txt'
-        for f in {' '.join(names)}; do cp '{full}/run/'$f '{after}/'$f; done
-    """
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                       env=env(), timeout=240)
+    train = tiny_sam_command("cli", TINY, "train", "--config", cfg, "--resume")
+    r = subprocess.run(["unshare", "-rm", "sh", str(SCRIPTS / "resume_on_full_disk.sh"), str(full), str(run), str(after),
+                        " ".join(names)] + train, capture_output=True, text=True, env=env(), timeout=240)
     assert r.returncode == 0, r.stderr
     assert (after / "df.txt").read_text().split()[3] == "0"  # really no space left
     rc = int((after / "rc.txt").read_text())
