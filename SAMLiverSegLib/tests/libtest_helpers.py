@@ -76,6 +76,18 @@ def registered(spec) -> Iterator[str]:
         unregister_model(spec.name)
 
 
+def tiny_sam_fixture(name: str, arch: Optional[Dict[str, Any]] = None, **spec: Any):
+    """A module-scoped autouse fixture that registers the tiny SAM ``name`` (``arch``, ``spec`` as in
+    :func:`tiny_sam_spec`) for the module's tests and yields its name: ``tiny_model = tiny_sam_fixture(TINY)``."""
+
+    @pytest.fixture(scope="module", autouse=True)
+    def tiny_model():
+        with registered(tiny_sam_spec(name, arch, **spec)) as registered_name:
+            yield registered_name
+
+    return tiny_model
+
+
 def register_tiny_sam() -> str:
     """Register the session's tiny SAM (:data:`TINY`, as the ``tiny_sam`` fixture does) in this process."""
     from samliverseg.models.build_sam import register_model
@@ -112,6 +124,25 @@ def tiny_sam_env(env: Dict[str, str], name: str, arch: Optional[Dict[str, Any]] 
     ``$SAMLIVERSEG_TEST_TINY_SAM``."""
     path = os.pathsep.join([str(SCRIPTS / "tiny_sam_site"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return dict(env, PYTHONPATH=path, SAMLIVERSEG_TEST_TINY_SAM=tiny_sam_json(name, arch, **spec))
+
+
+def sigterm_after_first_step(cmd, env: Dict[str, str], timeout: float):
+    """Start ``cmd`` (a trainer printing progress lines), send it SIGTERM after its first ``step`` line and
+    wait for it; returns the process, every progress event it printed and its stderr."""
+    import json
+    import signal
+    import subprocess
+
+    from samliverseg.training.progress import read_events
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    events = []
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if events[-1]["event"] == "step":
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=timeout)
+    return proc, events + read_events(rest), err
 
 
 def write_phantom_pairs(folder: Path, n_cases: int, shape, spacing, seed0: int = 0, n_tumors: Any = 1,

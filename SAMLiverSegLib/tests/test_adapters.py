@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from libtest_helpers import (SCRIPTS, build_tiny_sam, make_phantom_cache, registered, save_tiny_sam, tiny_sam_json,
-                             tiny_sam_spec, writer)
+from libtest_helpers import (SCRIPTS, build_tiny_sam, make_phantom_cache, save_tiny_sam, tiny_sam_fixture,
+                             tiny_sam_json, writer)
 from samliverseg.models.build_sam import build_lite_medsam, build_model, build_sam_vit_b, find_model_checkpoint
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling import MaskDecoder, PromptEncoder, SamModel, TinyViT, TwoWayTransformer
@@ -229,10 +229,7 @@ def test_lite_medsam_zero_init_and_frozen_gradients():
 
 
 # ------------------------------------------------------------------------------- save / load
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    with registered(tiny_sam_spec(TINY, arch=ARCH)) as name:
-        yield name
+tiny_model = tiny_sam_fixture(TINY, arch=ARCH)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from libtest_helpers import make_phantom_cache, registered, rot, save_tiny_sam, tiny_sam_command, tiny_sam_spec, writer
+from libtest_helpers import (make_phantom_cache, rot, save_tiny_sam, tiny_sam_command, tiny_sam_fixture,
+                             writer)
 from samliverseg.models.build_sam import ModelSpec, build_model, find_model_checkpoint, get_spec
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling.slicing_student import SlicingStudent, slab_plan, student_from_sam
@@ -36,11 +37,7 @@ TINY = "tiny_student_sam"
 SPEC = dict(normalization="minmax01")  # the tiny SAM's spec fields here (besides the common ones)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    """The tiny SAM (64 px in, 32x4x4 embedding), registered for this module only."""
-    with registered(tiny_sam_spec(TINY, **SPEC)) as name:
-        yield name
+tiny_model = tiny_sam_fixture(TINY, **SPEC)
 
 
 @pytest.fixture(scope="module")

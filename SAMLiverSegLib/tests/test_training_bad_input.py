@@ -23,7 +23,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from libtest_helpers import SCRIPTS, registered, save_tiny_sam, tiny_sam_command, tiny_sam_spec
+from libtest_helpers import SCRIPTS, save_tiny_sam, tiny_sam_command, tiny_sam_fixture
 from samliverseg.cli.commands import main as cli_main
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
@@ -47,10 +47,7 @@ def user_models_folder(tmp_path_factory):
         os.environ["SAMLIVERSEG_MODELS"] = old
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    with registered(tiny_sam_spec(TINY)) as name:
-        yield name
+tiny_model = tiny_sam_fixture(TINY)
 
 
 def write_pair(folder, name, seed, label_image=None):

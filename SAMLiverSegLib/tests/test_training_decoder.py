@@ -6,15 +6,14 @@ phantom cases; one short real run with lite_medsam when its weights are installe
 
 import json
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from libtest_helpers import (Lines, make_phantom_cache, registered, save_tiny_sam, tiny_sam_command, tiny_sam_spec,
-                             writer)
+from libtest_helpers import (Lines, make_phantom_cache, save_tiny_sam, sigterm_after_first_step,
+                             tiny_sam_command, tiny_sam_fixture, writer)
 from samliverseg.models.build_sam import build_model, find_model_checkpoint
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.training import checkpoint as ck
@@ -27,11 +26,7 @@ TINY = "tiny_test_sam"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    """Register the tiny SAM for this module only (other tests list the registry)."""
-    with registered(tiny_sam_spec(TINY)) as name:
-        yield name
+tiny_model = tiny_sam_fixture(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -216,15 +211,7 @@ def _cli(cache, tmp_path, epochs):
 def test_subprocess_sigterm_then_resume(cache, tmp_path):
     cfg, cmd = _cli(cache, tmp_path, epochs=40)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    events = []
-    for line in proc.stdout:
-        events.append(json.loads(line))
-        if events[-1]["event"] == "step":
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, err = proc.communicate(timeout=60)
-    events += read_events(rest)
+    proc, events, err = sigterm_after_first_step(cmd, env, timeout=60)
     assert proc.returncode == 130, err
     assert events[-1]["event"] == "cancelled" and events[-1]["step"] < events[-1]["total_steps"]
     run = tmp_path / "run"

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from libtest_helpers import make_phantom_cache, registered, save_tiny_sam, tiny_sam_command, tiny_sam_spec
+from libtest_helpers import make_phantom_cache, save_tiny_sam, tiny_sam_command, tiny_sam_fixture
 from samliverseg.models.build_sam import build_model
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
@@ -34,10 +34,7 @@ from samliverseg.training.progress import ProgressWriter, read_events
 TINY = "tiny_ddp_sam"
 ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    with registered(tiny_sam_spec(TINY)) as name:
-        yield name
+tiny_model = tiny_sam_fixture(TINY)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ adaptation.
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +20,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from libtest_helpers import (build_tiny_sam, make_phantom_cache, registered, save_tiny_sam, tiny_sam_command, tiny_sam_spec,
-                             writer)
+from libtest_helpers import (build_tiny_sam, make_phantom_cache, registered, save_tiny_sam, sigterm_after_first_step,
+                             tiny_sam_command, tiny_sam_fixture, tiny_sam_spec, writer)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling.slicing_student import student_from_sam
 from samliverseg.demo.phantom import make_phantom
@@ -46,10 +45,7 @@ def _one_thread(one_thread):
     yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    with registered(tiny_sam_spec(TINY, **SPEC)) as name:
-        yield name
+tiny_model = tiny_sam_fixture(TINY, **SPEC)
 
 
 @pytest.fixture(scope="module")
@@ -331,15 +327,7 @@ def test_cli_sigterm_then_resume_through_the_progress_protocol(run, data, tmp_pa
     cfg.write_text(json.dumps(cfg_dict(data, tmp_path / "cli")))
     cmd = tiny_sam_command("train", TINY, "--config", cfg, **SPEC)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    events = []
-    for line in proc.stdout:
-        events.append(json.loads(line))
-        if events[-1]["event"] == "step":
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, err = proc.communicate(timeout=120)
-    events += read_events(rest)
+    proc, events, err = sigterm_after_first_step(cmd, env, timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert events[-1]["event"] == "cancelled" and events[-1]["step"] < 14
     saved = ck.load_checkpoint(tmp_path / "cli" / "last.pt")

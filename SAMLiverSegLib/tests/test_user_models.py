@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from libtest_helpers import make_phantom_cache, registered, save_tiny_sam, tiny_sam_spec
+from libtest_helpers import make_phantom_cache, save_tiny_sam, tiny_sam_fixture
 from samliverseg.api import open_model
 from samliverseg.automatic.unet import UNetSegmenter
 from samliverseg.cli import commands as cli
@@ -38,10 +38,7 @@ TINY = "tiny_um_sam"
 NAME = "tiny-liver"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    with registered(tiny_sam_spec(TINY)) as name:
-        yield name
+tiny_model = tiny_sam_fixture(TINY)
 
 
 @pytest.fixture(scope="module")
