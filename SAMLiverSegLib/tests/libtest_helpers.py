@@ -162,19 +162,19 @@ def write_phantom_pairs(folder: Path, n_cases: int, shape, spacing, seed0: int =
     return folder
 
 
-def make_phantom_cache(root: Path, n_cases: int, shape, spacing, seed0: int = 0, n_tumors: Any = 1,
+def make_phantom_cache(root: Path, n_cases: int, shape, phantom_spacing, seed0: int = 0, n_tumors: Any = 1,
                        n_unlabelled: int = 0, unlabelled_seed0: int = 20, folder: str = "pairs",
                        split: Optional[Dict[str, str]] = None, **prepare: Any) -> Dict[str, Any]:
-    """A prepared training cache at ``root/cache`` of ``n_cases`` labelled phantoms in ``root/folder``
-    (+ ``n_unlabelled`` ones in ``root/unlabelled``, 1 tumour each); ``split``: case -> train/val written
-    as ``root/split.json``; ``prepare``: other ``prepare_dataset`` arguments (seed, val_fraction, window...).
-    Returns the manifest."""
+    """A prepared training cache at ``root/cache`` of ``n_cases`` labelled phantoms (``shape``, ``phantom_spacing``,
+    seeds ``seed0``...) in ``root/folder`` (+ ``n_unlabelled`` ones in ``root/unlabelled``, 1 tumour each);
+    ``split``: case -> train/val written as ``root/split.json``; ``prepare``: other ``prepare_dataset``
+    arguments (seed, val_fraction, window, spacing...). Returns the manifest."""
     import json
 
     from samliverseg.training.prepare import prepare_dataset
-    lab = write_phantom_pairs(root / folder, n_cases, shape, spacing, seed0, n_tumors)
+    lab = write_phantom_pairs(root / folder, n_cases, shape, phantom_spacing, seed0, n_tumors)
     if n_unlabelled:
-        prepare["unlabelled"] = write_phantom_pairs(root / "unlabelled", n_unlabelled, shape, spacing,
+        prepare["unlabelled"] = write_phantom_pairs(root / "unlabelled", n_unlabelled, shape, phantom_spacing,
                                                     unlabelled_seed0, labels=False, prefix="u")
     if split is not None:
         prepare["split_file"] = root / "split.json"
