@@ -118,6 +118,17 @@ def tiny_sam_command(entry: str, name: str, *args: Any, arch: Optional[Dict[str,
             + [str(a) for a in args])
 
 
+def torchrun_tiny_sam(entry: str, name: str, *args: Any, env: Dict[str, str], timeout: float, cwd=None,
+                      arch: Optional[Dict[str, Any]] = None, **spec: Any):
+    """A real ``torchrun --standalone --nproc_per_node 2`` (CPU, gloo) of :func:`tiny_sam_command`'s process,
+    run to the end: the ``subprocess.CompletedProcess`` (text output)."""
+    import subprocess
+    import sys
+    cmd = tiny_sam_command(entry, name, *args, arch=arch, **spec)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *cmd[1:]], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+
+
 def tiny_sam_env(env: Dict[str, str], name: str, arch: Optional[Dict[str, Any]] = None, **spec: Any) -> Dict[str, str]:
     """``env`` for a Python process that registers the tiny SAM ``name`` as it starts (whatever it runs):
     ``scripts/tiny_sam_site`` (a ``sitecustomize``) first on ``PYTHONPATH``, the spec in

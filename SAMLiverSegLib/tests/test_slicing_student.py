@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from libtest_helpers import (make_phantom_cache, rot, save_tiny_sam, tiny_sam_command, tiny_sam_fixture,
+from libtest_helpers import (make_phantom_cache, rot, save_tiny_sam, tiny_sam_fixture, torchrun_tiny_sam,
                              writer)
 from samliverseg.models.build_sam import ModelSpec, build_model, find_model_checkpoint, get_spec
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
@@ -357,15 +357,10 @@ def test_ddp_two_ranks_equal_gradient_accumulation(cache, weights, tmp_path):
     is the same in exact arithmetic but not bit for bit: the float32 rounding of a batch-2
     convolution differs, and Adam's first steps, lr x sign(g), magnify it where g is ~0.)"""
     import os
-    import subprocess
-    import sys
     cfg = cfg_for(cache, weights, tmp_path / "ddp", batch_size=1).to_dict()
     (tmp_path / "ddp.yaml").write_text(json.dumps(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    train = tiny_sam_command("train", TINY, "--config", tmp_path / "ddp.yaml", **SPEC)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *train[1:]],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun_tiny_sam("train", TINY, "--config", tmp_path / "ddp.yaml", env=env, timeout=300, **SPEC)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = read_events(proc.stdout)
     assert ev[0]["event"] == "start" and ev[0]["world_size"] == 2 and ev[-1]["event"] == "done"

@@ -17,14 +17,12 @@ zero gradient, Adam-amplified rounding noise) differ by up to ~7e-5 and are not 
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from libtest_helpers import make_phantom_cache, save_tiny_sam, tiny_sam_command, tiny_sam_fixture
+from libtest_helpers import make_phantom_cache, save_tiny_sam, tiny_sam_fixture, torchrun_tiny_sam
 from samliverseg.models.build_sam import build_model
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
@@ -66,9 +64,7 @@ def ddp_run(cache):
     cfg = root / "ddp.yaml"
     cfg.write_text(json.dumps(_cfg_dict(cache, root / "ddp-run", batch_size=1)))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SAMLIVERSEG_MODELS=str(root / "models"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *tiny_sam_command("cli", TINY, "train", "--config", cfg)[1:]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=str(root))
+    proc = torchrun_tiny_sam("cli", TINY, "train", "--config", cfg, env=env, timeout=300, cwd=str(root))
     return {"proc": proc, "run": root / "ddp-run", "models": root / "models"}
 
 

@@ -11,8 +11,6 @@ adaptation.
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from libtest_helpers import (build_tiny_sam, make_phantom_cache, registered, save_tiny_sam, sigterm_after_first_step,
-                             tiny_sam_command, tiny_sam_fixture, tiny_sam_spec, writer)
+                             tiny_sam_command, tiny_sam_fixture, tiny_sam_spec, torchrun_tiny_sam, writer)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling.slicing_student import student_from_sam
 from samliverseg.demo.phantom import make_phantom
@@ -349,9 +347,7 @@ def test_ddp_two_ranks_identical_ema_and_pseudo_labels(data, tmp_path):
     cfg = cfg_dict(data, tmp_path / "ddp", semi={"rank_hashes": True, "save_uncertainty": False})
     (tmp_path / "ddp.yaml").write_text(json.dumps(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *tiny_sam_command("train", TINY, "--config", tmp_path / "ddp.yaml", **SPEC)[1:]],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun_tiny_sam("train", TINY, "--config", tmp_path / "ddp.yaml", env=env, timeout=300, **SPEC)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = read_events(proc.stdout)
     assert ev[0]["event"] == "start" and ev[0]["world_size"] == 2 and ev[-1]["event"] == "done"
