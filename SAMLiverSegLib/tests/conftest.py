@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from libtest_helpers import TINY, make_phantom_cache, registered, save_tiny_sam, tiny_sam_spec
+from libtest_helpers import TINY, TINY_SPEC, make_phantom_cache, registered, save_tiny_sam, tiny_sam_spec
 
 
 @pytest.fixture(scope="session")
 def tiny_sam():
-    with registered(tiny_sam_spec(TINY, normalization="minmax01")) as name:
+    with registered(tiny_sam_spec(TINY, **TINY_SPEC)) as name:
         yield name
 
 

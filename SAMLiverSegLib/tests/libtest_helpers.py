@@ -88,11 +88,23 @@ def tiny_sam_fixture(name: str, arch: Optional[Dict[str, Any]] = None, **spec: A
     return tiny_model
 
 
+#: The session's tiny SAM (the ``tiny_sam`` fixture, :func:`register_tiny_sam`): :data:`TINY` with these spec fields.
+TINY_SPEC: Dict[str, Any] = dict(normalization="minmax01")
+
+
 def register_tiny_sam() -> str:
     """Register the session's tiny SAM (:data:`TINY`, as the ``tiny_sam`` fixture does) in this process."""
     from samliverseg.models.build_sam import register_model
-    register_model(tiny_sam_spec(TINY, normalization="minmax01"), replace=True)
+    register_model(tiny_sam_spec(TINY, **TINY_SPEC), replace=True)
     return TINY
+
+
+def register_tiny_sam_json(text: str) -> str:
+    """Register the tiny SAM that :func:`tiny_sam_json` wrote (in a subprocess); returns its name."""
+    import json
+
+    from samliverseg.models.build_sam import register_model
+    return register_model(tiny_sam_spec(**json.loads(text)), replace=True).name
 
 
 def save_tiny_sam(path: Path, seed: int, **arch: Any) -> Path:

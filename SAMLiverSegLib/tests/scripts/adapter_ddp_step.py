@@ -6,7 +6,6 @@ in its own process.
 usage: adapter_ddp_step.py CONFIG OUT_DIR SPEC_JSON   (SPEC_JSON: ``libtest_helpers.tiny_sam_json``)
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -35,8 +34,7 @@ def grads_of_one_step(cfg, rank):
 
 if __name__ == "__main__":
     cfg_path, out = sys.argv[1], Path(sys.argv[2])
-    from samliverseg.models.build_sam import register_model
-    register_model(libtest_helpers.tiny_sam_spec(**json.loads(sys.argv[3])), replace=True)
+    libtest_helpers.register_tiny_sam_json(sys.argv[3])
     info, _ = distributed.setup("cpu")
     cfg = load_config(cfg_path)
     torch.save(grads_of_one_step(cfg, info.rank), out / f"grads{info.rank}.pt")

@@ -5,7 +5,6 @@ usage: run_with_tiny_sam.py train|cli SPEC_JSON [ARGS...]
 SPEC_JSON: ``libtest_helpers.tiny_sam_json`` (name, arch, other ModelSpec fields, as ``tiny_sam_spec`` takes).
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,9 +14,8 @@ import libtest_helpers  # noqa: E402
 
 
 def main(argv):
-    entry, spec = argv[0], json.loads(argv[1])
-    from samliverseg.models.build_sam import register_model
-    register_model(libtest_helpers.tiny_sam_spec(**spec), replace=True)
+    entry = argv[0]
+    libtest_helpers.register_tiny_sam_json(argv[1])
     if entry == "train":
         from samliverseg.training.train import main as run
     elif entry == "cli":

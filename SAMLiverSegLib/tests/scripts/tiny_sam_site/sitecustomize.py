@@ -3,7 +3,6 @@ write (the real ``samliverseg`` CLI started by the Slicer training panel's logic
 ``PYTHONPATH`` and the spec in ``$SAMLIVERSEG_TEST_TINY_SAM`` (see ``libtest_helpers.tiny_sam_env``).
 Does nothing where that variable is unset."""
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -12,6 +11,5 @@ _SPEC = os.environ.get("SAMLIVERSEG_TEST_TINY_SAM")
 if _SPEC:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import libtest_helpers
-    from samliverseg.models.build_sam import register_model
 
-    register_model(libtest_helpers.tiny_sam_spec(**json.loads(_SPEC)), replace=True)
+    libtest_helpers.register_tiny_sam_json(_SPEC)
