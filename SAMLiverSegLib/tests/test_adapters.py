@@ -9,19 +9,18 @@ import copy
 import json
 import os
 import socket
+import runpy
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-from libtest_helpers import writer
-from samliverseg.models.build_sam import (ModelSpec, build_lite_medsam, build_model, build_sam_vit, build_sam_vit_b,
-                                   find_model_checkpoint, register_model, unregister_model)
+from libtest_helpers import (SCRIPTS, build_tiny_sam, make_phantom_cache, save_tiny_sam, tiny_sam_fixture,
+                             tiny_sam_json, writer)
+from samliverseg.models.build_sam import build_lite_medsam, build_model, build_sam_vit_b, find_model_checkpoint
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling import MaskDecoder, PromptEncoder, SamModel, TinyViT, TwoWayTransformer
 from samliverseg.modeling.adapters import (AdaptedTwoWayTransformer, AdapterConfig, adapter_state, apply_adapters,
@@ -34,7 +33,6 @@ from samliverseg.core.prompts import Prompts, SliceBox
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.adapter import AdapterTrainer
 from samliverseg.training.config import config_from_dict, load_config
-from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import read_events
 from samliverseg.training.train import main as train_main
 from samliverseg.core.windowing import get_window
@@ -43,37 +41,19 @@ TINY = "tiny_adapter_sam"
 ROOT = Path(__file__).resolve().parents[1]
 HAS_LITE = find_model_checkpoint("lite_medsam") is not None
 
-TINY_SETUP = textwrap.dedent("""
-    from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, MODEL_REGISTRY
-    def _tiny():
-        return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=2, prompt_embed_dim=32,
-                             decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-    if "tiny_adapter_sam" not in MODEL_REGISTRY:
-        register_model(ModelSpec(name="tiny_adapter_sam", description="tiny test SAM", builder=_tiny,
-                                 checkpoint_filename="tiny_adapter_sam.pth", image_size=64, window="abdomen",
-                                 embedding_size=4))
-""")
-
-
-def _tiny():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=2, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
+ARCH = {"window_size": 2}  # the tiny SAM's windows here: 2x2 tokens
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def _one_thread(one_thread):
     """One torch thread: on a shared 2-core machine, spinning worker threads make the tiny
     models' tiny matmuls 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(before)
 
 
 def tiny_vit_sam(image_size=128):
     """A small SAM ViT: 8x8 token grid, block 0 windowed (window 4), block 1 global."""
-    return build_sam_vit(32, 2, 2, (1,), image_size=image_size, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
+    return build_tiny_sam(image_size=image_size)
 
 
 def tiny_tinyvit_sam():
@@ -249,31 +229,16 @@ def test_lite_medsam_zero_init_and_frozen_gradients():
 
 
 # ------------------------------------------------------------------------------- save / load
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    register_model(ModelSpec(name=TINY, description="tiny test SAM", builder=_tiny,
-                             checkpoint_filename=f"{TINY}.pth", image_size=64, window="abdomen", embedding_size=4),
-                   replace=True)
-    yield TINY
-    unregister_model(TINY)
+tiny_model = tiny_sam_fixture(TINY, arch=ARCH)
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("adata")
-    data = root / "pairs"
-    data.mkdir()
-    for i in range(3):
-        p = make_phantom((12, 64, 64), (3.0, 3.0, 5.0), seed=i, n_tumors=1)
-        sitk.WriteImage(p.to_sitk("hu"), str(data / f"p{i}.nii.gz"))
-        sitk.WriteImage(p.to_sitk("labels"), str(data / f"p{i}_label.nii.gz"))
-    out = root / "cache"
-    m = prepare_dataset(out, data, val_fraction=0.34, seed=0)
+    m = make_phantom_cache(root, 3, (12, 64, 64), (3.0, 3.0, 5.0), val_fraction=0.34, seed=0)
     assert m["summary"]["train"] >= 1 and m["summary"]["val"] >= 1
-    torch.manual_seed(123)
-    weights = root / f"{TINY}.pth"
-    torch.save(_tiny().state_dict(), weights)
-    return {"cache": out, "weights": weights, "root": root}
+    weights = save_tiny_sam(root / f"{TINY}.pth", seed=123, **ARCH)
+    return {"cache": root / "cache", "weights": weights, "root": root}
 
 
 def test_save_load_round_trip_and_predictor(cache, tmp_path):
@@ -441,38 +406,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-DDP_SCRIPT = textwrap.dedent("""
-    import sys
-    from pathlib import Path
-    import torch
-    from samliverseg.training import distributed
-    from samliverseg.training.adapter import AdapterTrainer
-    from samliverseg.training.config import load_config
-    from samliverseg.training.progress import ProgressWriter
-
-    def grads_of_one_step(cfg, rank):
-        tr = AdapterTrainer(cfg, progress=ProgressWriter(rank=rank), rank=rank)
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():  # the same non-zero adapters everywhere, so every gradient is non-trivial
-            for p in tr.params:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        tr.train_set = tr._build_set("train", lambda: False)
-        loss_sum, count = tr.accumulate_gradients([[0, 1, 2], [3]])  # uneven shards on 2 ranks
-        return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)  # (the unused IoU head)
-                for n, p in tr.model.named_parameters() if p.requires_grad}
-
-    if __name__ == "__main__":
-        cfg_path, out = sys.argv[1], Path(sys.argv[2])
-        info, _ = distributed.setup("cpu")
-        cfg = load_config(cfg_path)
-        torch.save(grads_of_one_step(cfg, info.rank), out / f"grads{info.rank}.pt")
-        tr = AdapterTrainer(cfg, progress=ProgressWriter(rank=info.rank), rank=info.rank)
-        tr.run()
-        torch.save(tr.trainable_state(), out / f"final{info.rank}.pt")
-        distributed.cleanup()
-""")
-
-
 def test_two_ranks_average_gradients_like_one_process(cache, tmp_path):
     """Two gloo ranks, each running its share of every micro-batch (with the prompts drawn for the
     whole batch), get the single-process gradient after the all-reduce, stay in sync through a
@@ -483,11 +416,11 @@ def test_two_ranks_average_gradients_like_one_process(cache, tmp_path):
                                    box_jitter_px=3, points_per_slice=1, seed=7, device="cpu", epochs=1,
                                    max_slices_per_case=2,
                                    adapter={"train_decoder": True})))
-    script = tmp_path / "ddp_script.py"
-    script.write_text(TINY_SETUP + DDP_SCRIPT)
+    script = SCRIPTS / "adapter_ddp_step.py"
     env = dict(os.environ, PYTHONPATH=str(ROOT), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(cfg), str(tmp_path)],
+    spec = tiny_sam_json(TINY, ARCH)
+    procs = [subprocess.Popen([sys.executable, str(script), str(cfg), str(tmp_path), spec],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -497,9 +430,7 @@ def test_two_ranks_average_gradients_like_one_process(cache, tmp_path):
     assert ev[-1]["step"] == 1 and ev[0]["train_slices"] == 4  # one global batch of 2 x 2
     assert outs[1][0] == ""  # rank 1 is silent
     # the same step in this (single) process
-    namespace = {}
-    exec(DDP_SCRIPT.split('if __name__')[0], namespace)
-    single = namespace["grads_of_one_step"](load_config(cfg), 0)
+    single = runpy.run_path(str(script))["grads_of_one_step"](load_config(cfg), 0)
     for r in range(2):
         ddp = torch.load(tmp_path / f"grads{r}.pt", weights_only=True)
         assert ddp.keys() == single.keys()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from samliverseg.models.build_sam import ModelSpec, build_sam_vit
+from libtest_helpers import build_tiny_sam, tiny_sam_spec
 from samliverseg.interactive.engine import PromptEngine, pixel_spacing, point_to_xy, slice_of
 from samliverseg.core.errors import CancelledError, InputError, PromptError
 from samliverseg.interactive.predictor import EmbeddingCache, SliceEmbedding, SlicePredictor
@@ -18,11 +18,10 @@ from samliverseg.io.volume import Volume
 
 def tiny_sam(resize="longest_side", normalization="sam_pixel"):
     torch.manual_seed(0)
-    model = build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                          decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-    model.spec = ModelSpec(name="tiny_test", description="tiny random SAM", builder=lambda: model,
-                           checkpoint_filename="none.pth", image_size=64, resize=resize,
-                           normalization=normalization, embedding_size=4)
+    model = build_tiny_sam()
+    model.spec = tiny_sam_spec("tiny_test", description="tiny random SAM", builder=lambda: model,
+                               checkpoint_filename="none.pth", window="wide", resize=resize,
+                               normalization=normalization)
     return model
 
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from libtest_helpers import build_tiny_sam
 from samliverseg.models import weights
 from samliverseg.models.build_sam import (
     MODEL_REGISTRY,
     ModelSpec,
     build_lite_medsam,
     build_model,
-    build_sam_vit,
     build_sam_vit_b,
     build_sam_vit_h,
     build_sam_vit_l,
@@ -151,8 +151,7 @@ def shapes_of(state) -> Shapes:
 
 def tiny_sam() -> SamModel:
     """A few-hundred-kB SAM: 64 px input, 4x4 grid, windows of 3 (so the grid is padded to 6)."""
-    return build_sam_vit(32, 3, 2, (1,), image_size=64, patch_size=16, window_size=3, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, iou_head_hidden_dim=32)
+    return build_tiny_sam(encoder_depth=3, window_size=3, decoder_num_heads=8)
 
 
 # ----------------------------------------------------------------------------- layouts

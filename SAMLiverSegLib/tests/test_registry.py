@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from libtest_helpers import build_tiny_sam, save_tiny_sam, tiny_sam_spec
 from samliverseg.api import CPU_FALLBACK_NOTE, call_with_cpu_fallback, cpu_fallback_note, open_model
 from samliverseg.automatic.student import StudentSegmenter
 from samliverseg.automatic.unet import MODEL_KIND as UNET_KIND
@@ -27,18 +28,13 @@ from samliverseg.modeling.adapters import AdapterConfig, apply_adapters
 from samliverseg.modeling.slicing_student import student_from_sam, student_metadata
 from samliverseg.models import user_models as um
 from samliverseg.models.adapters import save_adapted_model
-from samliverseg.models.build_sam import ModelSpec, build_model, build_sam_vit, register_model, unregister_model
+from samliverseg.models.build_sam import ModelSpec, build_model, register_model, unregister_model
 from samliverseg.models.build_sam3d import build_sam_med3d_tiny
 from samliverseg.models.registry import find_model, list_models
 
 TINY = "tiny_registry_sam"
 #: Every model README names.
 README_MODELS = ("lite_medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam", "sam_med3d", "sam_med3d_turbo")
-
-
-def _tiny_sam():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +44,8 @@ def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     mp = pytest.MonkeyPatch()
     mp.setenv(um.MODELS_ENV, str(root / "models"))
-    register_model(ModelSpec(name=TINY, description="tiny test SAM", builder=_tiny_sam,
-                             checkpoint_filename=f"{TINY}.pth", image_size=64, window="abdomen", embedding_size=4),
-                   replace=True)
-    torch.manual_seed(0)
-    weights = root / f"{TINY}.pth"
-    torch.save(_tiny_sam().state_dict(), weights)
+    register_model(tiny_sam_spec(TINY), replace=True)
+    weights = save_tiny_sam(root / f"{TINY}.pth", seed=0)
     weights3d = root / "sam_med3d_tiny.pth"
     torch.save(build_sam_med3d_tiny().state_dict(), weights3d)
 
@@ -153,7 +145,7 @@ def test_unusable_trained_model_and_names_taken_by_any_family(zoo):
         with pytest.raises(InputError, match="built-in model"):
             um.validate_name(taken)
     with pytest.raises(ValueError, match="already registered"):
-        register_model(ModelSpec(name="sam_med3d_turbo", description="a clash", builder=_tiny_sam,
+        register_model(ModelSpec(name="sam_med3d_turbo", description="a clash", builder=build_tiny_sam,
                                  checkpoint_filename="x.pth"))
     assert find_model("sam_med3d_turbo").family == "sam3d"
 

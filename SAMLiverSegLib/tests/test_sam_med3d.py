@@ -16,8 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from libtest_helpers import rot
-from samliverseg.models.build_sam import build_sam_vit
+from libtest_helpers import build_tiny_sam, rot
 from samliverseg.models.build_sam3d import (MODEL3D_REGISTRY, build_model3d, build_sam_med3d_tiny, build_sam_med3d_vit_b,
                                      count_parameters, get_spec3d, is_model3d, load_state3d)
 from samliverseg.core.geometry import resample
@@ -101,7 +100,7 @@ def test_published_format_and_bare_state_dicts_load_strictly_with_weights_only(t
 
 
 def test_other_architectures_and_bad_files_give_checkpoint_errors_naming_the_expected_one(tiny, tmp_path):
-    sam2d = build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32)
+    sam2d = build_tiny_sam(decoder_mlp_dim=2048, decoder_num_heads=8, iou_head_hidden_dim=256)  # SAM's decoder sizes
     with pytest.raises(CheckpointError) as e:
         build_model3d("sam_med3d", checkpoint=_save(sam2d.state_dict(), tmp_path / "sam2d.pth"))
     msg = str(e.value)

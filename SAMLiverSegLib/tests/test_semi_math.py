@@ -215,14 +215,13 @@ def test_resize_mask():
 
 def test_cached_view_embedding_equals_embedding_the_transformed_slab():
     """The cache's claim: E(T(x[z:z+D])) = flip_k(E_view[z:z+D]) for a per-slice encoder."""
-    from samliverseg.models.build_sam import ModelSpec, build_sam_vit
+    from libtest_helpers import build_tiny_sam, tiny_sam_spec
     from samliverseg.modeling.slicing_student import student_from_sam
 
     torch.manual_seed(0)
-    sam = build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32, decoder_mlp_dim=64,
-                        decoder_num_heads=2, iou_head_hidden_dim=32)
-    sam.spec = ModelSpec(name="tiny_eq", description="t", builder=lambda: sam, checkpoint_filename="x.pth",
-                         image_size=64, embedding_size=4, normalization="minmax01")
+    sam = build_tiny_sam()
+    sam.spec = tiny_sam_spec("tiny_eq", description="t", builder=lambda: sam, checkpoint_filename="x.pth",
+                             window="wide", normalization="minmax01")
     student = student_from_sam(sam, slab_depth=3, hidden=8).eval()
     vol = (np.random.RandomState(1).rand(6, 20, 20) * 255).astype(np.uint8)
     view = make_pool(3, 4, 0).weak[2]

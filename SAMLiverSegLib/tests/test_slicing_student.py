@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-from libtest_helpers import rot
-from libtest_helpers import writer
-from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, get_spec,
-                                   register_model, unregister_model)
+from libtest_helpers import (make_phantom_cache, rot, save_tiny_sam, tiny_sam_fixture, torchrun_tiny_sam,
+                             writer)
+from samliverseg.models.build_sam import ModelSpec, build_model, find_model_checkpoint, get_spec
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling.slicing_student import SlicingStudent, slab_plan, student_from_sam
 from samliverseg.demo.phantom import make_phantom
@@ -27,7 +25,6 @@ from samliverseg.core.evaluation import dice
 from samliverseg.core.geometry import resample
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
-from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import read_events
 from samliverseg.training.student import StudentTrainer
 from samliverseg.training.train import main as train_main
@@ -37,27 +34,15 @@ from samliverseg.core.windowing import apply_window
 TINY = "tiny_student_sam"
 
 
-def _tiny():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
+SPEC = dict(normalization="minmax01")  # the tiny SAM's spec fields here (besides the common ones)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    """The tiny SAM (64 px in, 32x4x4 embedding), registered for this module only."""
-    register_model(ModelSpec(name=TINY, description="tiny test SAM", builder=_tiny, checkpoint_filename=f"{TINY}.pth",
-                             image_size=64, window="abdomen", embedding_size=4, normalization="minmax01"),
-                   replace=True)
-    yield TINY
-    unregister_model(TINY)
+tiny_model = tiny_sam_fixture(TINY, **SPEC)
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(123)
-    path = tmp_path_factory.mktemp("w") / f"{TINY}.pth"
-    torch.save(_tiny().state_dict(), path)
-    return path
+    return save_tiny_sam(tmp_path_factory.mktemp("w") / f"{TINY}.pth", seed=123)
 
 
 def tiny_student(weights, slab_depth=4, hidden=8, seed=0):
@@ -68,16 +53,9 @@ def tiny_student(weights, slab_depth=4, hidden=8, seed=0):
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    data = root / "pairs"
-    data.mkdir()
-    for i in range(3):
-        p = make_phantom((10, 48, 48), (4.0, 4.0, 6.0), seed=i, n_tumors=1)
-        sitk.WriteImage(p.to_sitk("hu"), str(data / f"p{i}.nii.gz"))
-        sitk.WriteImage(p.to_sitk("labels"), str(data / f"p{i}_label.nii.gz"))
-    out = root / "cache"
-    m = prepare_dataset(out, data, val_fraction=0.34, seed=0)
+    m = make_phantom_cache(root, 3, (10, 48, 48), (4.0, 4.0, 6.0), val_fraction=0.34, seed=0)
     assert m["summary"]["train"] == 2 and m["summary"]["val"] == 1
-    return out
+    return root / "cache"
 
 
 def cfg_for(cache, weights, out, student=None, **kw):
@@ -372,19 +350,6 @@ def test_other_kind_is_a_checkpoint_error(trained, tmp_path):
 
 
 # ----------------------------------------------------------------------------- DDP
-DDP_SCRIPT = f"""
-import sys
-from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model
-def _tiny():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-register_model(ModelSpec(name="{TINY}", description="tiny", builder=_tiny, checkpoint_filename="{TINY}.pth",
-                         image_size=64, window="abdomen", embedding_size=4, normalization="minmax01"), replace=True)
-from samliverseg.training.train import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_ddp_two_ranks_equal_gradient_accumulation(cache, weights, tmp_path):
     """torchrun, 2 CPU ranks (gloo) with batch 1 each == one process with batch 1 and grad_accum 2:
     the same slabs in the same order (the epoch plan is drawn per global batch), and DDP's
@@ -392,16 +357,10 @@ def test_ddp_two_ranks_equal_gradient_accumulation(cache, weights, tmp_path):
     is the same in exact arithmetic but not bit for bit: the float32 rounding of a batch-2
     convolution differs, and Adam's first steps, lr x sign(g), magnify it where g is ~0.)"""
     import os
-    import subprocess
-    import sys
-    script = tmp_path / "run_train.py"
-    script.write_text(DDP_SCRIPT)
     cfg = cfg_for(cache, weights, tmp_path / "ddp", batch_size=1).to_dict()
     (tmp_path / "ddp.yaml").write_text(json.dumps(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), "--config", str(tmp_path / "ddp.yaml")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun_tiny_sam("train", TINY, "--config", tmp_path / "ddp.yaml", env=env, timeout=300, **SPEC)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = read_events(proc.stdout)
     assert ev[0]["event"] == "start" and ev[0]["world_size"] == 2 and ev[-1]["event"] == "done"

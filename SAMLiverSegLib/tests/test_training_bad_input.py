@@ -17,14 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
 import torch
 
-from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, unregister_model
+from libtest_helpers import SCRIPTS, save_tiny_sam, tiny_sam_command, tiny_sam_fixture
 from samliverseg.cli.commands import main as cli_main
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
@@ -34,25 +33,6 @@ from samliverseg.training.progress import read_events
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tiny_badinput_sam"
 SHAPE, SPACING = (12, 64, 64), (3.0, 3.0, 5.0)
-
-TINY_SETUP = textwrap.dedent(f"""
-    import sys
-    from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model
-    def _tiny():
-        return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                             decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-    register_model(ModelSpec(name="{TINY}", description="tiny test SAM", builder=_tiny,
-                             checkpoint_filename="{TINY}.pth", image_size=64, window="abdomen",
-                             embedding_size=4), replace=True)
-    from samliverseg.cli.commands import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
-def _tiny():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def user_models_folder(tmp_path_factory):
@@ -67,12 +47,7 @@ def user_models_folder(tmp_path_factory):
         os.environ["SAMLIVERSEG_MODELS"] = old
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    register_model(ModelSpec(name=TINY, description="tiny test SAM", builder=_tiny, checkpoint_filename=f"{TINY}.pth",
-                             image_size=64, window="abdomen", embedding_size=4), replace=True)
-    yield TINY
-    unregister_model(TINY)
+tiny_model = tiny_sam_fixture(TINY)
 
 
 def write_pair(folder, name, seed, label_image=None):
@@ -100,9 +75,7 @@ def data(tmp_path_factory):
         write_pair(root / "pairs", f"p{i}", i)
     cache = root / "cache"
     assert cli_main(["prepare", str(root / "pairs"), "-o", str(cache), "--val-fraction", "0.5"]) == 0
-    torch.manual_seed(0)
-    weights = root / f"{TINY}.pth"
-    torch.save(_tiny().state_dict(), weights)
+    weights = save_tiny_sam(root / f"{TINY}.pth", seed=0)
     return {"root": root, "cache": cache, "weights": weights}
 
 
@@ -281,23 +254,9 @@ def test_full_disk_while_checkpointing_exit_3_previous_kept(data, tmp_path, caps
     after = tmp_path / "after"
     after.mkdir()
     cfg = config(data, full / "run", tmp_path / "c3.yaml", epochs=3)
-    (tmp_path / "tiny_main.py").write_text(TINY_SETUP)
-    script = f"""
-        set -u
-        mount -t tmpfs -o size=32m tmpfs '{full}' || exit 90
-        cp -a '{run}' '{full}/run' || exit 91
-        dd if=/dev/zero of='{full}/filler' bs=64k 2>/dev/null
-        dd if=/dev/zero of='{full}/filler2' bs=4k 2>/dev/null
-        dd if=/dev/zero of='{full}/filler3' bs=1 2>/dev/null
-        df -k '{full}' | tail -1 > '{after}/df.txt'
-        '{sys.executable}' '{tmp_path / "tiny_main.py"}' train --config '{cfg}' --resume \\
-            > '{after}/stdout.txt' 2> '{after}/stderr.txt'
-        echo $? > '{after}/rc.txt'
-        ls -a '{full}/run' > '{after}/listing.txt'
-        for f in {' '.join(names)}; do cp '{full}/run/'$f '{after}/'$f; done
-    """
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                       env=env(), timeout=240)
+    train = tiny_sam_command("cli", TINY, "train", "--config", cfg, "--resume")
+    r = subprocess.run(["unshare", "-rm", "sh", str(SCRIPTS / "resume_on_full_disk.sh"), str(full), str(run), str(after),
+                        " ".join(names)] + train, capture_output=True, text=True, env=env(), timeout=240)
     assert r.returncode == 0, r.stderr
     assert (after / "df.txt").read_text().split()[3] == "0"  # really no space left
     rc = int((after / "rc.txt").read_text())

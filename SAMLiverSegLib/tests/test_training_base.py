@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from libtest_helpers import TESTS_DIR, tiny_config, tiny_config_dict, writer
+from libtest_helpers import SCRIPTS, TESTS_DIR, tiny_config, tiny_config_dict, writer
 from samliverseg.core.errors import CancelledError
 from samliverseg.models.kinds import KIND_NAMES, KINDS, resolve
 from samliverseg.training import checkpoint as ck
@@ -48,39 +47,6 @@ def test_every_kind_is_a_trainer_with_the_base_run_loop():
 
 
 # ------------------------------------------------------------------------------- 2 processes
-DDP_SCRIPT = textwrap.dedent("""
-    import json, sys
-    from pathlib import Path
-    sys.path.insert(0, sys.argv[3])
-    import torch
-    torch.set_num_threads(1)
-    import libtest_helpers
-    libtest_helpers.register_tiny_sam()
-    from samliverseg.core.errors import CancelledError
-    from samliverseg.training import checkpoint as ck
-    from samliverseg.training import distributed
-    from samliverseg.training.config import config_from_dict
-    from samliverseg.training.progress import ProgressWriter
-    from samliverseg.training.train import build_trainer
-
-    info, _ = distributed.setup("cpu")
-    cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
-    tr = build_trainer(cfg, ProgressWriter(rank=info.rank), info.rank)
-    report = {"rank": info.rank, "device": str(tr.device),
-              "rule": str(distributed.rank_device(cfg.device, distributed.current()))}
-    try:  # only rank 1 is asked to stop, after its first step
-        tr.run(cancel=lambda: info.rank == 1 and tr.step >= 1)
-        report["outcome"] = "done"
-    except CancelledError:
-        report["outcome"] = "cancelled"
-    report["step"] = tr.step
-    last = Path(cfg.output) / "last.pt"  # rank 0 writes it; the barrier after saving makes it visible
-    report["last_step"] = ck.load_checkpoint(last)["step"] if last.exists() else None
-    Path(sys.argv[2], f"rank{info.rank}.json").write_text(json.dumps(report))
-    distributed.cleanup()
-""")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,11 +60,9 @@ def two_ranks(request, phantom_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"ddp_{kind}")
     cfg = tmp / "cfg.json"
     cfg.write_text(json.dumps(tiny_config_dict(kind, phantom_cache, tmp / "run", epochs=3)))
-    script = tmp / "script.py"
-    script.write_text(DDP_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()))
-    procs = [subprocess.Popen([sys.executable, str(script), str(cfg), str(tmp), str(TESTS_DIR)],
+    procs = [subprocess.Popen([sys.executable, str(SCRIPTS / "ddp_rank_one_cancels.py"), str(cfg), str(tmp)],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=400) for p in procs]

@@ -6,73 +6,36 @@ phantom cases; one short real run with lite_medsam when its weights are installe
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-import SimpleITK as sitk
 import torch
 
-from libtest_helpers import Lines, writer
-from samliverseg.models.build_sam import (ModelSpec, build_model, build_sam_vit, find_model_checkpoint, register_model,
-                                   unregister_model)
+from libtest_helpers import (Lines, make_phantom_cache, save_tiny_sam, sigterm_after_first_step,
+                             tiny_sam_command, tiny_sam_fixture, writer)
+from samliverseg.models.build_sam import build_model, find_model_checkpoint
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
-from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import TrainConfig, config_from_dict, load_config
 from samliverseg.training.decoder import DecoderTrainer
-from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import ProgressWriter, read_events
 from samliverseg.training.train import main as train_main
 
 TINY = "tiny_test_sam"
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_SETUP = textwrap.dedent("""
-    from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, MODEL_REGISTRY
-    def _tiny():
-        return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                             decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-    if "tiny_test_sam" not in MODEL_REGISTRY:
-        register_model(ModelSpec(name="tiny_test_sam", description="tiny test SAM", builder=_tiny,
-                                 checkpoint_filename="tiny_test_sam.pth", image_size=64, window="abdomen",
-                                 embedding_size=4))
-""")
 
-
-def _tiny():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    """Register the tiny SAM for this module only (other tests list the registry)."""
-    register_model(ModelSpec(name=TINY, description="tiny test SAM", builder=_tiny, checkpoint_filename=f"{TINY}.pth",
-                             image_size=64, window="abdomen", embedding_size=4), replace=True)
-    yield TINY
-    unregister_model(TINY)
+tiny_model = tiny_sam_fixture(TINY)
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    data = root / "pairs"
-    data.mkdir()
-    for i in range(3):
-        p = make_phantom((12, 64, 64), (3.0, 3.0, 5.0), seed=i, n_tumors=1)
-        sitk.WriteImage(p.to_sitk("hu"), str(data / f"p{i}.nii.gz"))
-        sitk.WriteImage(p.to_sitk("labels"), str(data / f"p{i}_label.nii.gz"))
-    out = root / "cache"
-    m = prepare_dataset(out, data, val_fraction=0.34, seed=0)
+    m = make_phantom_cache(root, 3, (12, 64, 64), (3.0, 3.0, 5.0), val_fraction=0.34, seed=0)
     assert m["summary"]["train"] >= 1 and m["summary"]["val"] >= 1
-    torch.manual_seed(123)
-    weights = root / "tiny_test_sam.pth"
-    torch.save(_tiny().state_dict(), weights)
-    return {"cache": out, "weights": weights}
+    weights = save_tiny_sam(root / "tiny_test_sam.pth", seed=123)
+    return {"cache": root / "cache", "weights": weights}
 
 
 def tiny_cfg(cache, out, **kw):
@@ -242,22 +205,13 @@ def _cli(cache, tmp_path, epochs):
     cfg.write_text(json.dumps(dict(cache=str(cache["cache"]), output="run", base_model=TINY,
                                    checkpoint=str(cache["weights"]), epochs=epochs, batch_size=1,
                                    max_slices_per_case=3, seed=1, device="cpu")))
-    code = TINY_SETUP + "\nimport sys\nfrom samliverseg.training.train import main\nsys.exit(main(sys.argv[1:]))\n"
-    return cfg, [sys.executable, "-c", code, "--config", str(cfg)]
+    return cfg, tiny_sam_command("train", TINY, "--config", cfg)
 
 
 def test_subprocess_sigterm_then_resume(cache, tmp_path):
     cfg, cmd = _cli(cache, tmp_path, epochs=40)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    events = []
-    for line in proc.stdout:
-        events.append(json.loads(line))
-        if events[-1]["event"] == "step":
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, err = proc.communicate(timeout=60)
-    events += read_events(rest)
+    proc, events, err = sigterm_after_first_step(cmd, env, timeout=60)
     assert proc.returncode == 130, err
     assert events[-1]["event"] == "cancelled" and events[-1]["step"] < events[-1]["total_steps"]
     run = tmp_path / "run"

@@ -1,6 +1,6 @@
 """Decoder fine-tuning under DDP: a real ``torchrun`` run of 2 CPU processes (gloo backend).
 
-The tiny random-weight SAM of the test is registered by a small launcher script that each
+The tiny random-weight SAM of the test is registered by ``scripts/run_with_tiny_sam.py``, which each
 torchrun worker runs before ``samliverseg.cli.commands.main(["train", ...])`` (a model registered in the
 pytest process is not visible to the workers). The cache has 3 training slices and 1 validation
 slice, so with ``batch_size: 1`` per process (global batch 2) every epoch ends with a short
@@ -17,68 +17,30 @@ zero gradient, Adam-amplified rounding noise) differ by up to ~7e-5 and are not 
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-import SimpleITK as sitk
 import torch
 
-from samliverseg.models.build_sam import ModelSpec, build_model, build_sam_vit, register_model, unregister_model
-from samliverseg.demo.phantom import make_phantom
+from libtest_helpers import make_phantom_cache, save_tiny_sam, tiny_sam_fixture, torchrun_tiny_sam
+from samliverseg.models.build_sam import build_model
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
 from samliverseg.training.decoder import DecoderTrainer
-from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import ProgressWriter, read_events
 
 TINY = "tiny_ddp_sam"
 ROOT = Path(__file__).resolve().parents[1]
 
-LAUNCHER = textwrap.dedent(f"""
-    import sys
-    from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model
-
-    def _tiny():
-        return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                             decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-
-    register_model(ModelSpec(name="{TINY}", description="tiny test SAM", builder=_tiny,
-                             checkpoint_filename="{TINY}.pth", image_size=64, window="abdomen", embedding_size=4))
-    from samliverseg.cli.commands import main
-    sys.exit(main(["train"] + sys.argv[1:]))
-""")
-
-
-def _tiny():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    register_model(ModelSpec(name=TINY, description="tiny test SAM", builder=_tiny, checkpoint_filename=f"{TINY}.pth",
-                             image_size=64, window="abdomen", embedding_size=4), replace=True)
-    yield TINY
-    unregister_model(TINY)
+tiny_model = tiny_sam_fixture(TINY)
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    data = root / "pairs"
-    data.mkdir()
-    for i in range(4):
-        p = make_phantom((10, 64, 64), (3.0, 3.0, 5.0), seed=10 + i, n_tumors=1)
-        sitk.WriteImage(p.to_sitk("hu"), str(data / f"p{i}.nii.gz"))
-        sitk.WriteImage(p.to_sitk("labels"), str(data / f"p{i}_label.nii.gz"))
-    m = prepare_dataset(root / "cache", data, val_fraction=0.25, seed=0)
+    m = make_phantom_cache(root, 4, (10, 64, 64), (3.0, 3.0, 5.0), seed0=10, val_fraction=0.25, seed=0)
     assert m["summary"]["train"] == 3 and m["summary"]["val"] == 1
-    torch.manual_seed(5)
-    weights = root / f"{TINY}.pth"
-    torch.save(_tiny().state_dict(), weights)
+    weights = save_tiny_sam(root / f"{TINY}.pth", seed=5)
     return {"cache": root / "cache", "weights": weights, "root": root}
 
 
@@ -99,14 +61,10 @@ def _single(cache, out, batch_size):
 def ddp_run(cache):
     """One real 2-process torchrun of `samliverseg train` (rank 0 registers the model)."""
     root = cache["root"]
-    launcher = root / "launch_train.py"
-    launcher.write_text(LAUNCHER)
     cfg = root / "ddp.yaml"
     cfg.write_text(json.dumps(_cfg_dict(cache, root / "ddp-run", batch_size=1)))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SAMLIVERSEG_MODELS=str(root / "models"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(launcher), "--config", str(cfg)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=str(root))
+    proc = torchrun_tiny_sam("cli", TINY, "train", "--config", cfg, env=env, timeout=300, cwd=str(root))
     return {"proc": proc, "run": root / "ddp-run", "models": root / "models"}
 
 

@@ -11,9 +11,6 @@ adaptation.
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +18,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from libtest_helpers import writer
-from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model, unregister_model
+from libtest_helpers import (build_tiny_sam, make_phantom_cache, registered, save_tiny_sam, sigterm_after_first_step,
+                             tiny_sam_command, tiny_sam_fixture, tiny_sam_spec, torchrun_tiny_sam, writer)
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling.slicing_student import student_from_sam
 from samliverseg.demo.phantom import make_phantom
@@ -30,7 +27,6 @@ from samliverseg.automatic.student import load_student, predict_probabilities, s
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.semi import math as sm
 from samliverseg.training.config import config_from_dict
-from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import read_events
 from samliverseg.training.semi.trainer import SemiTrainer, state_hash
 from samliverseg.training.semi.teachers import Sam2DTeacher, Sam3DTeacher, TeacherView
@@ -39,14 +35,7 @@ TINY = "tiny_semi_sam"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tiny():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-
-
-def _spec(box_only=False, name=TINY):
-    return ModelSpec(name=name, description="tiny test SAM", builder=_tiny, checkpoint_filename=f"{name}.pth",
-                     image_size=64, window="abdomen", embedding_size=4, normalization="minmax01", box_only=box_only)
+SPEC = dict(normalization="minmax01")  # the tiny SAM's spec fields here (besides the common ones)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,34 +43,19 @@ def _one_thread(one_thread):
     yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    register_model(_spec(), replace=True)
-    yield TINY
-    unregister_model(TINY)
+tiny_model = tiny_sam_fixture(TINY, **SPEC)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("semi")
-    lab, unl = root / "labelled", root / "unlabelled"
-    lab.mkdir()
-    unl.mkdir()
-    for i in range(3):
-        p = make_phantom((10, 40, 40), (5.0, 5.0, 7.0), seed=i, n_tumors=1)
-        sitk.WriteImage(p.to_sitk("hu"), str(lab / f"p{i}.nii.gz"))
-        sitk.WriteImage(p.to_sitk("labels"), str(lab / f"p{i}_label.nii.gz"))
-    for i in range(4):
-        p = make_phantom((10, 40, 40), (5.0, 5.0, 7.0), seed=20 + i, n_tumors=1)
-        sitk.WriteImage(p.to_sitk("hu"), str(unl / f"u{i}.nii.gz"))
-    m = prepare_dataset(root / "cache", lab, unlabelled=unl, val_fraction=0.34, seed=0)
+    m = make_phantom_cache(root, 3, (10, 40, 40), (5.0, 5.0, 7.0), folder="labelled", n_unlabelled=4,
+                           val_fraction=0.34, seed=0)
     cases = m["cases"]
     assert sum(c["split"] == "train" and c["labelled"] for c in cases) == 2
     assert sum(c["split"] == "train" and not c["labelled"] for c in cases) == 4
     assert sum(c["split"] == "val" for c in cases) == 1
-    torch.manual_seed(123)
-    weights = root / f"{TINY}.pth"
-    torch.save(_tiny().state_dict(), weights)
+    weights = save_tiny_sam(root / f"{TINY}.pth", seed=123)
     return {"cache": root / "cache", "weights": weights, "root": root}
 
 
@@ -114,8 +88,8 @@ def run(data, tmp_path_factory):
 # ------------------------------------------------------------------------------------ teachers
 def test_sam2d_teacher_prompts_and_valid_slices():
     torch.manual_seed(0)
-    sam = _tiny().eval()
-    sam.spec = _spec()
+    sam = build_tiny_sam().eval()
+    sam.spec = tiny_sam_spec(TINY, **SPEC)
     student = student_from_sam(sam, slab_depth=3, hidden=8).eval()
     vol = torch.rand(5, 24, 24) * 255
     emb = student.embed(vol)  # the shared embedding: (5, 32, 4, 4)
@@ -138,7 +112,7 @@ def test_sam2d_teacher_prompts_and_valid_slices():
     again = teacher.predict(TeacherView(emb), coarse, torch.Generator().manual_seed(3))
     assert torch.equal(again.point_prob, ans.point_prob)  # same generator -> same points
     # a box-only model gets the coarse mask's box with both prompts
-    sam.spec = _spec(box_only=True)
+    sam.spec = tiny_sam_spec(TINY, box_only=True, **SPEC)
     boxed = Sam2DTeacher(sam, box="auto")
     assert boxed.use_box
     b = boxed.predict(TeacherView(emb), coarse, torch.Generator().manual_seed(3))
@@ -270,11 +244,8 @@ def test_three_teachers_two_2d_and_sam_med3d(data, tmp_path, monkeypatch):
     from samliverseg.models.weights import checkpoint_env_var
 
     other = TINY + "_b"
-    register_model(_spec(name=other), replace=True)
-    try:
-        torch.manual_seed(7)
-        w2 = tmp_path / f"{other}.pth"
-        torch.save(_tiny().state_dict(), w2)
+    with registered(tiny_sam_spec(other, **SPEC)):
+        w2 = save_tiny_sam(tmp_path / f"{other}.pth", seed=7)
         monkeypatch.setenv(checkpoint_env_var(other), str(w2))
         w3 = tmp_path / "sam_med3d_tiny.pth"
         torch.save(build_sam_med3d_tiny().state_dict(), w3)
@@ -302,8 +273,6 @@ def test_three_teachers_two_2d_and_sam_med3d(data, tmp_path, monkeypatch):
         queue = [tr._pick(c.pool.weak, g) for _ in range(2)]
         res = tr._ensemble(c, torch.arange(4), coarse[:4], queue, g)
         assert res["mean"].shape == (4, 16, 16) and float(res["var"].max()) <= 0.25
-    finally:
-        unregister_model(other)
 
 
 def test_gradient_accumulation_step_count(data, tmp_path):
@@ -350,37 +319,13 @@ def test_cancel_then_resume_reaches_the_same_weights(run, data, tmp_path, stop_a
         SemiTrainer(cfg_for(data, out, semi={"hidden": 12}), progress=writer()[0]).run(resume=True)
 
 
-def _script(tmp_path):
-    script = tmp_path / "run_train.py"
-    script.write_text(f"""
-import sys
-from samliverseg.models.build_sam import ModelSpec, build_sam_vit, register_model
-def _tiny():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-register_model(ModelSpec(name="{TINY}", description="tiny", builder=_tiny, checkpoint_filename="{TINY}.pth",
-                         image_size=64, window="abdomen", embedding_size=4, normalization="minmax01"), replace=True)
-from samliverseg.training.train import main
-sys.exit(main(sys.argv[1:]))
-""")
-    return script
-
-
 @pytest.mark.slow
 def test_cli_sigterm_then_resume_through_the_progress_protocol(run, data, tmp_path, capsys):
     cfg = tmp_path / "semi.yaml"
     cfg.write_text(json.dumps(cfg_dict(data, tmp_path / "cli")))
-    cmd = [sys.executable, str(_script(tmp_path)), "--config", str(cfg)]
+    cmd = tiny_sam_command("train", TINY, "--config", cfg, **SPEC)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    events = []
-    for line in proc.stdout:
-        events.append(json.loads(line))
-        if events[-1]["event"] == "step":
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest, err = proc.communicate(timeout=120)
-    events += read_events(rest)
+    proc, events, err = sigterm_after_first_step(cmd, env, timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert events[-1]["event"] == "cancelled" and events[-1]["step"] < 14
     saved = ck.load_checkpoint(tmp_path / "cli" / "last.pt")
@@ -402,9 +347,7 @@ def test_ddp_two_ranks_identical_ema_and_pseudo_labels(data, tmp_path):
     cfg = cfg_dict(data, tmp_path / "ddp", semi={"rank_hashes": True, "save_uncertainty": False})
     (tmp_path / "ddp.yaml").write_text(json.dumps(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(_script(tmp_path)), "--config", str(tmp_path / "ddp.yaml")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun_tiny_sam("train", TINY, "--config", tmp_path / "ddp.yaml", env=env, timeout=300, **SPEC)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ev = read_events(proc.stdout)
     assert ev[0]["event"] == "start" and ev[0]["world_size"] == 2 and ev[-1]["event"] == "done"

@@ -10,17 +10,15 @@ import os
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-from libtest_helpers import rot
+from libtest_helpers import make_phantom_cache, rot
 from libtest_helpers import writer
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.core.evaluation import dice
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
 from samliverseg.training.config import config_from_dict
-from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import read_events
 from samliverseg.training.train import main as train_main
 from samliverseg.training.unet import UNetOptions, UNetTrainer, item_seed
@@ -36,13 +34,8 @@ def phantom(seed, n_tumors=2):
 
 
 def make_cache(root, n=3, n_tumors=2, val_fraction=0.34, shape=SHAPE):
-    data = root / "pairs"
-    data.mkdir(parents=True)
-    for i in range(n):
-        p = make_phantom(shape, SPACING, seed=i, n_tumors=n_tumors)
-        sitk.WriteImage(p.to_sitk("hu"), str(data / f"p{i}.nii.gz"))
-        sitk.WriteImage(p.to_sitk("labels"), str(data / f"p{i}_label.nii.gz"))
-    prepare_dataset(root / "cache", data, window="liver", spacing=(3.0, 3.0, 4.0), val_fraction=val_fraction, seed=0)
+    make_phantom_cache(root, n, shape, SPACING, n_tumors=n_tumors, window="liver", spacing=(3.0, 3.0, 4.0),
+                       val_fraction=val_fraction, seed=0)
     return root / "cache"
 
 

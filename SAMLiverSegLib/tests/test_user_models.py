@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,17 +19,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from libtest_helpers import make_phantom_cache, save_tiny_sam, tiny_sam_fixture
 from samliverseg.api import open_model
 from samliverseg.automatic.unet import UNetSegmenter
 from samliverseg.cli import commands as cli
 from samliverseg.models import user_models as um
-from samliverseg.models.build_sam import ModelSpec, build_model, build_sam_vit, register_model, unregister_model
+from samliverseg.models.build_sam import build_model
 from samliverseg.interactive.engine import PromptEngine
 from samliverseg.core.errors import CheckpointError, InputError
 from samliverseg.core.maskutil import bbox_2d, middle_slice
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.core.prompts import Prompts, SliceBox
-from samliverseg.training.prepare import prepare_dataset
 from samliverseg.training.progress import ProgressWriter
 from samliverseg.training.train import register_result
 from samliverseg.io.volume import read_volume
@@ -39,17 +38,7 @@ TINY = "tiny_um_sam"
 NAME = "tiny-liver"
 
 
-def _tiny():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tiny_model():
-    register_model(ModelSpec(name=TINY, description="tiny test SAM", builder=_tiny, checkpoint_filename=f"{TINY}.pth",
-                             image_size=64, window="abdomen", embedding_size=4), replace=True)
-    yield TINY
-    unregister_model(TINY)
+tiny_model = tiny_sam_fixture(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +54,8 @@ def models_env(tmp_path_factory):
 def trained(models_env, tmp_path_factory):
     """`samliverseg train` of a tiny decoder (1 epoch), registered on done as NAME."""
     root = tmp_path_factory.mktemp("um")
-    data = root / "pairs"
-    data.mkdir()
-    for i in range(3):
-        p = make_phantom((10, 64, 64), (3.0, 3.0, 5.0), seed=20 + i, n_tumors=1)
-        sitk.WriteImage(p.to_sitk("hu"), str(data / f"p{i}.nii.gz"))
-        sitk.WriteImage(p.to_sitk("labels"), str(data / f"p{i}_label.nii.gz"))
-    prepare_dataset(root / "cache", data, val_fraction=0.34, seed=0, window="liver")
-    torch.manual_seed(9)
-    weights = root / f"{TINY}.pth"
-    torch.save(_tiny().state_dict(), weights)
+    make_phantom_cache(root, 3, (10, 64, 64), (3.0, 3.0, 5.0), seed0=20, val_fraction=0.34, seed=0, window="liver")
+    weights = save_tiny_sam(root / f"{TINY}.pth", seed=9)
     cfg = root / "train.yaml"
     cfg.write_text(json.dumps(dict(cache=str(root / "cache"), output=str(root / "run-a"), base_model=TINY,
                                    checkpoint=str(weights), epochs=1, batch_size=2, lr=5e-3, max_slices_per_case=2,

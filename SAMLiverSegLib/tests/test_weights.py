@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from libtest_helpers import build_tiny_sam, tiny_sam_spec
 from samliverseg.models import weights
 from samliverseg.models.build_sam import (
     MODEL_REGISTRY,
     ModelSpec,
     build_model,
-    build_sam_vit,
     download_model,
     register_model,
     resolve_checkpoint,
@@ -44,21 +44,19 @@ def cache(tmp_path, monkeypatch):
     return folder
 
 
-def _tiny_builder():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=3, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, iou_head_hidden_dim=32)
+ARCH = dict(window_size=3, decoder_num_heads=8)  # the tiny SAM here: windows of 3, SAM's 8 decoder heads
 
 
 def _tiny_spec(**overrides) -> ModelSpec:
-    fields = dict(name="tiny_test_sam", description="tiny SAM for tests", builder=_tiny_builder,
-                  checkpoint_filename="tiny_test_sam.pth", image_size=64, architecture="tiny SAM ViT")
+    fields = dict(description="tiny SAM for tests", checkpoint_filename="tiny_test_sam.pth", window="wide",
+                  embedding_size=64, architecture="tiny SAM ViT")  # window, embedding_size: the ModelSpec defaults
     fields.update(overrides)
-    return ModelSpec(**fields)
+    return tiny_sam_spec(fields.pop("name", "tiny_test_sam"), arch=ARCH, **fields)
 
 
 def _save_tiny(path: Path, wrap=None) -> dict:
     torch.manual_seed(3)
-    state = _tiny_builder().state_dict()
+    state = build_tiny_sam(**ARCH).state_dict()
     torch.save({wrap: state} if wrap else state, path)
     return state
 
@@ -224,8 +222,7 @@ def test_lite_medsam_weights_given_to_sam_vit_b(cache):
 
 def test_shape_mismatch_is_reported(cache, tmp_path):
     path = tmp_path / "wide.pth"
-    torch.save(build_sam_vit(48, 2, 2, (1,), image_size=64, window_size=3, prompt_embed_dim=32,
-                             decoder_mlp_dim=64, iou_head_hidden_dim=32).state_dict(), path)
+    torch.save(build_tiny_sam(encoder_embed_dim=48, **ARCH).state_dict(), path)
     with pytest.raises(CheckpointError, match="shape mismatches"):
         build_model(_tiny_spec(), checkpoint=path)
 

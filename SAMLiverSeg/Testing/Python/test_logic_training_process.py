@@ -1,11 +1,11 @@
 """The training panel's Qt-free logic: real ``samliverseg prepare`` / ``samliverseg train``
 subprocesses on a tiny dataset, stopped, resumed and finished; the plot nodes in a real scene.
 
-The subprocess trains the decoder of a tiny random-weight SAM (``build_sam_vit`` with 32-wide
-embeddings at 64 x 64 input, as in the library's decoder tests). A model registered in this test
-process is invisible to the subprocess, so the test registers it in the subprocess as Python
-starts (a ``sitecustomize`` module on the subprocess's ``PYTHONPATH``); the train command itself is
-the real CLI, unchanged.
+The subprocess trains the decoder of a tiny random-weight SAM (``libtest_helpers.build_tiny_sam``,
+the library tests' one). A model registered in this test process is invisible to the subprocess,
+so the test registers it in the subprocess as Python starts (``libtest_helpers.tiny_sam_env``: a
+``sitecustomize`` module on the subprocess's ``PYTHONPATH``); the train command itself is the real
+CLI, unchanged.
 """
 
 from __future__ import annotations
@@ -20,58 +20,26 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import SimpleITK as sitk
 import yaml
 
-from slicer_test_helpers import MODULE_DIR
+from slicer_test_helpers import MODULE_DIR, REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "SAMLiverSegLib" / "tests"))
+import libtest_helpers  # noqa: E402  (the library tests' tiny SAM and phantoms)
 
 from samliverseg.api import open_model
 from SAMLiverSegLogic import module_logic, process, training_process as tp
 
 TINY = "tiny_panel_sam"
-TINY_BUILD = """
-from samliverseg.models.build_sam import build_sam_vit
-
-
-def tiny_sam():
-    return build_sam_vit(32, 2, 2, (1,), image_size=64, window_size=4, prompt_embed_dim=32,
-                         decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32)
-"""
-TINY_REGISTER = TINY_BUILD + f"""
-from samliverseg.models.build_sam import ModelSpec, register_model
-
-register_model(ModelSpec(name={TINY!r}, description="tiny test SAM", builder=tiny_sam,
-                         checkpoint_filename="{TINY}.pth", image_size=64, window="abdomen",
-                         embedding_size=4), replace=True)
-"""
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Three small phantoms (image + label NIfTI pairs), the tiny SAM's weights, the subprocess env."""
-    import torch
-    from samliverseg.demo.phantom import make_phantom
-
     root = tmp_path_factory.mktemp("training")
-    data = root / "labelled"
-    data.mkdir()
-    for i in range(3):
-        ph = make_phantom((12, 48, 48), (4.0, 4.0, 5.0), seed=i, n_tumors=1)
-        sitk.WriteImage(ph.to_sitk("hu"), str(data / f"p{i}.nii.gz"))
-        sitk.WriteImage(ph.to_sitk("labels"), str(data / f"p{i}_label.nii.gz"))
-    site = root / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent(TINY_REGISTER))
-    namespace = {}
-    exec(textwrap.dedent(TINY_BUILD), namespace)
-    torch.manual_seed(0)
-    weights = root / f"{TINY}.pth"
-    torch.save(namespace["tiny_sam"]().state_dict(), weights)
+    data = libtest_helpers.write_phantom_pairs(root / "labelled", 3, (12, 48, 48), (4.0, 4.0, 5.0))
+    weights = libtest_helpers.save_tiny_sam(root / f"{TINY}.pth", seed=0)
     models = root / "user-models"  # the trained-models folder of this test, not the user's
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               SAMLIVERSEG_MODELS=str(models), OMP_NUM_THREADS="1")
-    return {"root": root, "labelled": data, "weights": weights, "env": env, "models": models,
-            "tiny_sam": namespace["tiny_sam"]}
+    env = libtest_helpers.tiny_sam_env(dict(os.environ, SAMLIVERSEG_MODELS=str(models), OMP_NUM_THREADS="1"), TINY)
+    return {"root": root, "labelled": data, "weights": weights, "env": env, "models": models}
 
 
 def tiny_request(dataset, run, **kw):
@@ -217,7 +185,7 @@ def test_train_stop_resume_done_and_register(tmp_path, dataset, monkeypatch):
     the model is registered once and usable by name in a prompt engine (what the effect builds)."""
     import torch
     from samliverseg.models import user_models
-    from samliverseg.models.build_sam import ModelSpec, register_model, unregister_model
+    from samliverseg.models.build_sam import register_model, unregister_model
     from samliverseg.demo.phantom import make_phantom
     from samliverseg.core.prompts import Prompts, SliceBox
 
@@ -269,9 +237,7 @@ def test_train_stop_resume_done_and_register(tmp_path, dataset, monkeypatch):
     entries = user_models.list_user_models()
     assert [(m.name, m.kind, m.source) for m in entries] == [("panel-test-model", "decoder", str(run / "model.pth"))]
     assert "panel-test-model" in module_logic.model_choices()
-    register_model(ModelSpec(name=TINY, description="tiny test SAM", builder=dataset["tiny_sam"],
-                             checkpoint_filename=f"{TINY}.pth", image_size=64, window="abdomen", embedding_size=4),
-                   replace=True)
+    register_model(libtest_helpers.tiny_sam_spec(TINY), replace=True)
     try:  # the engine the Segment Anything effect opens for the selected model name
         engine = open_model("panel-test-model", None, "cpu", None)
         ph = make_phantom((12, 48, 48), (4.0, 4.0, 5.0), seed=5, n_tumors=0)
