@@ -39,6 +39,7 @@ from slicer import (
 # Light imports only (no torch, no samliverseg): this file is imported at Slicer startup.
 from SAMLiverSegLogic import MODULE_VERSION
 from SAMLiverSegLogic.constants import (
+    BACKEND_CHOICES,
     DEVICE_CHOICES,
     EFFECT_NAME,
     MODEL_CHOICES,
@@ -112,6 +113,7 @@ class SAMLiverSegParameterNode:
     model: Annotated[str, Choice(MODEL_CHOICES)] = "lite_medsam"
     checkpoint: str = ""
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
+    backend: Annotated[str, Choice(BACKEND_CHOICES)] = "auto"
     window: Annotated[str, Choice(WINDOW_CHOICES)] = "model"
     customWindow: str = "-200,300"
     propagate: bool = True
@@ -314,8 +316,24 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from SAMLiverSegLogic import effect_logic, module_logic
 
         p = self._parameterNode
+        self.ensureBackend(p.backend, p.device)
         return effect_logic.EngineSettings(model=p.model, checkpoint=p.checkpoint or None, device=p.device,
-                                           window=module_logic.window_spec(p.window, p.customWindow))
+                                           window=module_logic.window_spec(p.window, p.customWindow),
+                                           backend=p.backend)
+
+    def ensureBackend(self, backend: str, device: str) -> None:
+        """First use of a fast CPU backend: offer to install its package (saying its download size).
+        Declined or failed, the engine uses torch; asked once per session and backend."""
+        from SAMLiverSegLogic import dependencies
+
+        asked = getattr(self, "_backendsAsked", set())
+        if backend in asked:
+            return
+        asked.add(backend)
+        self._backendsAsked = asked
+        notes = dependencies.ensure_backend(backend, device, confirm=slicer.util.confirmOkCancelDisplay)
+        for note in notes:
+            logging.info(note)
 
     def confirmIntensityRange(self, volumeNode) -> bool:
         """Non-CT intensities: offer the custom window (the scene is left alone if refused)."""

@@ -5,6 +5,8 @@ MODEL_CHOICES = ["lite_medsam", "medsam", "sam_vit_b", "sam_vit_l", "sam_vit_h"]
 #: Native 3D models: offered in the effect only (a click prompts the whole volume; user-supplied weights).
 MODEL_3D_CHOICES = ["sam_med3d_turbo", "sam_med3d"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
+#: What runs a 2D model (samliverseg.interactive.backends.BACKENDS; checked by a test).
+BACKEND_CHOICES = ["auto", "torch", "openvino", "onnxruntime"]
 #: "model" = the window the model was trained with; "custom" = the LOW,HIGH field.
 WINDOW_CHOICES = ["model", "wide", "liver", "abdomen", "custom"]
 #: Batch: what to segment, and the output format.

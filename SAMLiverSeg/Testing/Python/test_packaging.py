@@ -232,6 +232,15 @@ def test_versions_and_choices_agree_with_the_library():
     assert set(WINDOW_CHOICES) - {"model", "custom"} <= set(PRESETS)
 
 
+def test_backend_choices_are_the_library_backends():
+    from samliverseg.interactive.backends import BACKENDS
+    from SAMLiverSegLogic.constants import BACKEND_CHOICES
+    from SAMLiverSegLogic.effect_logic import EngineSettings
+
+    assert list(BACKEND_CHOICES) == list(BACKENDS)
+    assert EngineSettings().backend in BACKEND_CHOICES
+
+
 def test_effect_registration_points_at_the_effect_file():
     src = MODULE_PY.read_text()
     assert '"SegmentEditorSegmentAnything", "SegmentEditorEffect.py"' in src
