@@ -256,3 +256,39 @@ def tiny_config_dict(kind: str, cache: Dict[str, Any], out: Path, **over: Any) -
 def tiny_config(kind: str, cache: Dict[str, Any], out: Path, **over: Any):
     from samliverseg.training.config import config_from_dict
     return config_from_dict(tiny_config_dict(kind, cache, out, **over))
+
+
+def run_on_small_disk(cmd, disk: Path, size_kb: int, env: Optional[Dict[str, str]] = None,
+                      timeout: float = 600, seed: Optional[Path] = None):
+    """Run ``cmd`` with a real, small disk: a fresh tmpfs of ``size_kb`` KiB mounted at ``disk``.
+
+    The command runs in its own user and mount namespace (``unshare -r -m``), so no privilege
+    is needed and nothing outside changes. Before the command, the files of ``seed`` (a folder)
+    are copied onto the small disk (e.g. an existing good result that must survive); after it,
+    everything on the small disk is copied to ``disk.parent / (disk.name + ".after")``, which is
+    returned with the completed process. Skips the test where user namespaces are not allowed.
+    """
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not available: no small disk can be mounted")
+    disk = Path(disk)
+    after = disk.parent / (disk.name + ".after")
+    disk.mkdir(parents=True, exist_ok=True)
+    after.mkdir(parents=True, exist_ok=True)
+    probe = subprocess.run(["unshare", "-r", "-m", "sh", "-c",
+                            f"mount -t tmpfs -o size=64k tmpfs {shlex.quote(str(disk))}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {probe.stderr.strip()[:200]}")
+    q = shlex.quote
+    script = "rc=125; " + " && ".join([
+        f"mount -t tmpfs -o size={int(size_kb)}k tmpfs {q(str(disk))}",
+        *([f"cp -a {q(str(seed))}/. {q(str(disk))}/"] if seed is not None else []),
+        f"{{ {' '.join(q(str(c)) for c in cmd)}; rc=$?; }}",
+    ]) + f"; cp -a {q(str(disk))}/. {q(str(after))}/; exit $rc"
+    done = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    return done, after
