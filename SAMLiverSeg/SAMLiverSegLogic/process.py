@@ -1,32 +1,39 @@
 """A Qt-free manager for one background process (batch segmentation, training, ...).
 
-The pattern of SlicerMONAIAuto3DSeg, without Qt: the process writes lines on stdout; a reader
-thread puts them on a queue; the GUI polls (:meth:`BackgroundProcess.poll`) from a ``QTimer``,
-so Slicer never blocks. :meth:`BackgroundProcess.cancel` terminates the whole process tree
-(children first, with psutil), waits, then kills what is left.
+The pattern of SlicerMONAIAuto3DSeg, without Qt and **without threads**: Python threads barely
+run inside Slicer (its main thread holds the GIL while Qt idles), so the child's stdout/stderr
+pipes are read non-blocking by :meth:`BackgroundProcess.poll`, which the GUI calls from a
+``QTimer`` (or from a ``QSocketNotifier`` on :meth:`BackgroundProcess.read_fds`, POSIX). Each
+``poll()`` reads what the pipes hold now and returns at once; the pipes are drained on every
+call, so a chatty child never blocks on a full pipe for longer than one timer period.
+
+Non-blocking reads: on POSIX ``os.set_blocking(fd, False)`` and ``os.read`` until EAGAIN; on
+Windows (where ``os.set_blocking`` on pipes needs Python 3.12) ``_winapi.PeekNamedPipe`` says how
+many bytes wait, and only those are read. The POSIX path is what the tests run; the Windows path
+is written from the documented API and untested here. ``QSocketNotifier`` on the fds is POSIX only.
 
 Lines that are JSON objects are parsed (``samliverseg`` progress events); other lines arrive as
 ``{"event": "log", "text": line}``. By default stderr is merged into stdout; with
-``separate_stderr=True`` it is read by a second thread and its lines always arrive as
+``separate_stderr=True`` it is read from its own pipe and its lines always arrive as
 ``{"event": "log", "text": line, "stream": "stderr"}`` (never parsed as JSON: the training
 protocol keeps progress on stdout and human logs on stderr).
 
 Stopping: :meth:`BackgroundProcess.cancel` terminates the tree and waits (blocking, up to
 ``kill_timeout``); :meth:`BackgroundProcess.terminate` only asks the main process to stop
-(SIGTERM; CTRL_BREAK_EVENT on Windows, where the process has its own process group) and returns
-at once, so that a GUI can let a trainer finish its step and kill the tree later if it must
-(``kill_process_tree(pid, force=True)``).
+(SIGTERM; CTRL_BREAK_EVENT on Windows) and returns at once. A signal to a process started
+through a launcher (Slicer's ``PythonSlicer`` is a CTK launcher that does not forward signals)
+reaches the launcher only: a trainer is stopped through its control file instead
+(``training_process``), with :func:`kill_process_tree` as the last resort.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -61,8 +68,9 @@ def _default_launcher(args: Sequence[str], env: Optional[Dict[str, str]] = None,
         kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0) | getattr(
             subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
     stderr = subprocess.PIPE if separate_stderr else subprocess.STDOUT
+    # binary pipes, unbuffered on our side: BackgroundProcess reads the file descriptors directly
     return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
-                            env=env, cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+                            env=env, cwd=cwd, bufsize=0, **kwargs)
 
 
 def kill_process_tree(pid: int, timeout: float = 5.0, force: bool = False) -> List[int]:
@@ -95,9 +103,78 @@ def kill_process_tree(pid: int, timeout: float = 5.0, force: bool = False) -> Li
     return [p.pid for p in alive]
 
 
+class PipeReader:
+    """Reads one pipe without blocking and without a thread; splits it into text lines.
+
+    Works on the file descriptor (a text-mode ``Popen`` stream works too: its Python buffer is
+    bypassed, and nothing else may read from it)."""
+
+    def __init__(self, stream, name: str):
+        self.name = name
+        self.fd = stream.fileno()
+        self.stream = stream
+        self.eof = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+        self._handle = None
+        if os.name == "nt":  # pragma: no cover - Windows
+            import msvcrt
+
+            self._handle = msvcrt.get_osfhandle(self.fd)
+        else:
+            os.set_blocking(self.fd, False)
+
+    def _read_available(self) -> bytes:
+        chunks = []
+        while not self.eof:
+            if self._handle is not None:  # pragma: no cover - Windows
+                import _winapi
+
+                try:
+                    avail = _winapi.PeekNamedPipe(self._handle, 0)[0]
+                except (BrokenPipeError, OSError):
+                    self.eof = True
+                    break
+                if avail <= 0:
+                    break
+                data = os.read(self.fd, avail)
+            else:
+                try:
+                    data = os.read(self.fd, 65536)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.eof = True
+                    break
+            if not data:
+                self.eof = True
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def read_lines(self, final: bool = False) -> List[str]:
+        """The complete lines that arrived since the last call; at EOF or when ``final`` (the
+        process has ended), the unterminated rest too."""
+        final = final or self.eof
+        text = self._partial + self._decoder.decode(self._read_available(), final=final)
+        lines = text.split("\n")
+        self._partial = lines.pop()
+        if final and self._partial:
+            lines.append(self._partial)
+            self._partial = ""
+        return [ln.rstrip("\r") for ln in lines]
+
+    def close(self) -> None:
+        self.eof = True
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+
+
 @dataclass
 class BackgroundProcess:
-    """One subprocess whose stdout lines are read in a thread and polled by the caller."""
+    """One subprocess whose stdout (and stderr) lines :meth:`poll` reads without blocking."""
 
     args: Sequence[str]
     env: Optional[Dict[str, str]] = None
@@ -105,7 +182,7 @@ class BackgroundProcess:
     launcher: Callable = _default_launcher
     kill_timeout: float = 5.0
     #: read stderr apart (its lines are logs, never JSON events); the launcher is then called
-    #: with ``separate_stderr=True`` and must return a Popen whose ``stderr`` is a text pipe
+    #: with ``separate_stderr=True`` and must return a Popen whose ``stderr`` is a pipe
     separate_stderr: bool = False
 
     proc: Optional[subprocess.Popen] = field(default=None, init=False)
@@ -115,10 +192,7 @@ class BackgroundProcess:
     cancelled: bool = field(default=False, init=False)
     lines: List[str] = field(default_factory=list, init=False)
     started_at: float = field(default=0.0, init=False)
-    _queue: "queue.Queue" = field(default_factory=queue.Queue, init=False)
-    _thread: Optional[threading.Thread] = field(default=None, init=False)
-    _reader_done: threading.Event = field(default_factory=threading.Event, init=False)
-    _err_done: threading.Event = field(default_factory=threading.Event, init=False)
+    _readers: List[PipeReader] = field(default_factory=list, init=False)
 
     def start(self) -> "BackgroundProcess":
         if self.proc is not None:
@@ -132,78 +206,76 @@ class BackgroundProcess:
             self.proc = self.launcher(list(self.args), env=env, cwd=self.cwd, separate_stderr=True)
         else:
             self.proc = self.launcher(list(self.args), env=env, cwd=self.cwd)
-        self._thread = threading.Thread(target=self._read, args=(self.proc.stdout, "stdout", self._reader_done),
-                                        name="samliverseg-process-reader", daemon=True)
-        self._thread.start()
+        self._readers = [PipeReader(self.proc.stdout, "stdout")]
         if self.separate_stderr and self.proc.stderr is not None:
-            threading.Thread(target=self._read, args=(self.proc.stderr, "stderr", self._err_done),
-                             name="samliverseg-process-stderr", daemon=True).start()
-        else:
-            self._err_done.set()
+            self._readers.append(PipeReader(self.proc.stderr, "stderr"))
         return self
-
-    def _read(self, stream, name: str, done: threading.Event) -> None:
-        try:
-            for line in iter(stream.readline, ""):
-                self._queue.put((name, line))
-        except (ValueError, OSError):  # stream closed under us on cancel
-            pass
-        finally:
-            done.set()
 
     @property
     def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc is not None else None
 
+    def read_fds(self) -> List[int]:
+        """The pipe file descriptors still open (for a ``QSocketNotifier``, POSIX only)."""
+        return [r.fd for r in self._readers if not r.eof]
+
     def is_running(self) -> bool:
         return self.proc is not None and self.returncode is None and self.proc.poll() is None
 
-    def _drain(self) -> List[Dict]:
+    def _read(self, final: bool = False) -> List[Dict]:
         events = []
-        while True:
-            try:
-                name, line = self._queue.get_nowait()
-            except queue.Empty:
-                return events
-            self.lines.append(line.rstrip("\r\n"))
-            if name == "stderr":
-                events.append({"event": "log", "text": line.rstrip("\r\n"), "stream": "stderr"})
-            else:
-                events.append(parse_line(line))
+        for reader in self._readers:
+            for line in reader.read_lines(final):
+                self.lines.append(line)
+                if reader.name == "stderr":
+                    events.append({"event": "log", "text": line, "stream": "stderr"})
+                else:
+                    events.append(parse_line(line))
+        return events
 
     def poll(self) -> List[Dict]:
-        """New events since the last call (never blocks); sets :attr:`returncode` when done."""
-        events = self._drain()
-        if self.proc is not None and self.returncode is None:
-            rc = self.proc.poll()
-            if rc is not None and self._reader_done.wait(timeout=0.5) and self._err_done.wait(timeout=0.5):
-                events += self._drain()  # what the readers queued after our first pass
-                self.exit_code = rc
-                self.returncode = CANCELLED if self.cancelled else rc
-                events.append({"event": "finished", "returncode": self.returncode})
+        """New events since the last call; never blocks. Sets :attr:`returncode` when done.
+
+        Once the process has exited, what it wrote is already in the pipes: one more read
+        takes it all, without waiting for an EOF that a leftover grandchild holding the pipe
+        would delay forever."""
+        if self.proc is None or self.returncode is not None:
+            return []
+        rc = self.proc.poll()
+        events = self._read()
+        if rc is not None:
+            events += self._read(final=True)
+            for reader in self._readers:
+                reader.close()
+            self.exit_code = rc
+            self.returncode = CANCELLED if self.cancelled else rc
+            events.append({"event": "finished", "returncode": self.returncode})
         return events
 
     def finished(self) -> bool:
         return self.returncode is not None
 
-    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
-        """Block until the process ends (for scripts and tests; a GUI polls instead)."""
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.01) -> Optional[int]:
+        """Poll until the process ends (scripts and tests; a GUI polls from a timer instead).
+        Returns the return code, or None on timeout. Events polled here are only in :attr:`lines`."""
         if self.proc is None:
             return None
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        self._reader_done.wait(timeout=5)
-        self._err_done.wait(timeout=5)
-        self.poll()
+        t0 = time.monotonic()
+        while not self.finished():
+            self.poll()
+            if self.finished():
+                break
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                return None
+            time.sleep(interval)
         return self.returncode
 
     def terminate(self) -> bool:
         """Ask the main process to stop (SIGTERM; CTRL_BREAK_EVENT on Windows); never blocks.
 
-        Its children are not signalled (a trainer stops its own workers; data-loader workers
-        killed under it would turn a clean stop into a crash). Returns False if it has ended.
+        Its children are not signalled, and a launcher that does not forward signals
+        (PythonSlicer) keeps them from its child: see the module docstring. Returns False if it
+        has ended.
         """
         if self.proc is None or self.returncode is not None or self.proc.poll() is not None:
             return False
@@ -223,7 +295,5 @@ class BackgroundProcess:
             self.proc.wait(timeout=self.kill_timeout)
         except subprocess.TimeoutExpired:
             pass
-        self._reader_done.wait(timeout=2)
-        self._err_done.wait(timeout=2)
         self.poll()
         return killed

@@ -193,3 +193,60 @@ def test_batch_runner_cancel(tmp_path):
     runner.cancel()
     assert runner.done() and [j.status for j in runner.jobs] == ["cancelled"] * 3
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_reads_without_threads_and_poll_returns_at_once(tmp_path):
+    """A chatty child (far more than a pipe buffer, multi-byte characters cut across reads, a
+    last line without newline) and a grandchild that keeps the pipe open after the child exits:
+    every line arrives, no thread is started, and no poll() waits for anything."""
+    import threading
+
+    child = script(tmp_path, """
+        import subprocess, sys, time
+        out = sys.stdout.buffer
+        line = ("é" * 99 + "\\n").encode("utf-8")  # 199 bytes
+        for n in range(2000):  # about 400 kB: the pipe fills up unless the parent reads it
+            out.write(b"%04d " % n + line[:100])
+            out.flush()
+            out.write(line[100:])
+        gc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # inherits stdout
+        out.write(b'{"event": "grandchild", "pid": %d}\\n' % gc.pid)
+        out.write("last line, no newline ✓".encode("utf-8"))
+        out.flush()
+    """)
+    before = set(threading.enumerate())
+    proc = process.BackgroundProcess([sys.executable, str(child)]).start()
+    assert proc.read_fds() == [proc.proc.stdout.fileno()]
+    events, durations = [], []
+    t0 = time.monotonic()
+    while not proc.finished():
+        t = time.perf_counter()
+        events += proc.poll()
+        durations.append(time.perf_counter() - t)
+        assert set(threading.enumerate()) == before  # no reader threads
+        assert time.monotonic() - t0 < 60, "the child did not finish"
+        time.sleep(0.005)
+    logs = [e["text"] for e in events if e["event"] == "log"]
+    assert len(logs) == 2001 and logs[0] == "0000 " + "é" * 99 and logs[1999] == "1999 " + "é" * 99
+    assert logs[-1] == "last line, no newline ✓"
+    gc = next(e["pid"] for e in events if e["event"] == "grandchild")
+    assert psutil.pid_exists(gc)  # it still holds the pipe: finishing did not wait for its EOF
+    psutil.Process(gc).kill()
+    assert events[-1] == {"event": "finished", "returncode": 0} and proc.read_fds() == []
+    durations.sort()
+    print(f"\npoll() over {len(durations)} calls: median {1e3 * durations[len(durations) // 2]:.2f} ms, "
+          f"max {1e3 * durations[-1]:.2f} ms (noisy shared machine)")
+    assert durations[-1] < 0.25  # a generous bound: the old reader-thread poll blocked 0.5 s per call
+
+
+def test_logic_modules_start_no_threads():
+    """The Qt-free process managers never use threads (they barely run in Slicer's process)."""
+    import ast
+
+    from slicer_test_helpers import MODULE_DIR
+
+    for name in ("process", "training_process", "batch", "dependencies"):
+        tree = ast.parse((MODULE_DIR / "SAMLiverSegLogic" / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not imported & {"threading", "concurrent", "_thread", "queue"}, name
