@@ -73,33 +73,53 @@ def _default_launcher(args: Sequence[str], env: Optional[Dict[str, str]] = None,
                             env=env, cwd=cwd, bufsize=0, **kwargs)
 
 
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(procs, timeout: float) -> list:
+    """Wait until ``procs`` have exited; return those still alive. Never reaps (``waitpid``) a
+    process: a child of this process is reaped by its ``Popen``, which then gets its real exit
+    status (reaped here, ``Popen`` would report 0 for a killed process)."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if _alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+        alive = [p for p in alive if _alive(p)]
+    return alive
+
+
 def kill_process_tree(pid: int, timeout: float = 5.0, force: bool = False) -> List[int]:
     """Terminate ``pid`` and all its descendants; kill whatever is alive after ``timeout`` s.
 
     Returns the pids that had to be killed (did not exit on terminate). ``force``: kill at once
-    (no terminate first; every process of the tree is returned).
+    (no terminate first; every process of the tree is returned). The descendants are listed
+    before anything is signalled, so that none escapes by being re-parented.
     """
     import psutil
 
     try:
         parent = psutil.Process(pid)
+        procs = parent.children(recursive=True) + [parent]
     except psutil.NoSuchProcess:
         return []
-    procs = parent.children(recursive=True) + [parent]
     for p in procs:
         try:
             p.kill() if force else p.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=0 if force else timeout)
-    if force:
-        alive = procs
+    alive = procs if force else _wait_gone(procs, timeout)
     for p in alive:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=timeout)
+    _wait_gone(alive, timeout)
     return [p.pid for p in alive]
 
 

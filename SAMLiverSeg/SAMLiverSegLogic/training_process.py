@@ -20,10 +20,18 @@ stderr the human log. The GUI polls :meth:`TrainingJob.poll` from a timer; every
 path), ``cancelled`` (exit 130 after a graceful stop, or killed) or ``error`` (the ``error``
 event's message and the exit code: 2 bad input, 3 checkpoint, 4 out of memory, 1 unexpected).
 
-Stop (:meth:`TrainingJob.stop`) never blocks: SIGTERM to the trainer, which finishes the current
-optimiser step, writes ``last.pt`` atomically and exits with 130; the whole process tree is
-killed by :meth:`poll` if it is still alive ``grace_s`` seconds later (``last.pt`` is then the
-one of the last finished epoch, or absent).
+Stop (:meth:`TrainingJob.stop`) never blocks and sends no signal: the subprocess runs under
+Slicer's ``PythonSlicer``, a launcher that does not forward signals (a SIGTERM would stop the
+launcher and orphan the trainer). It writes the control file ``RUN/STOP`` that the trainer
+watches after every optimiser step and while it prepares its data; the trainer then finishes the
+current step, writes ``last.pt`` atomically, emits ``cancelled``, removes the file and exits with
+130 (a trainer removes a ``STOP`` it finds when it opens the run folder, taking it for a
+left-over: :meth:`poll` writes it again until the trainer reports ``cancelled``). If the run is
+still alive ``grace_s`` seconds later, :meth:`poll` kills the whole process
+tree by PID, children first (``process.kill_process_tree``; ``last.pt`` is then the one of the
+last finished epoch, or absent). Stopping ``prepare`` kills its tree at once (converted cases are
+written atomically; a rerun reuses them). A ``STOP`` left by a killed run is removed before the
+next start or resume.
 
 On success the finished ``model.pth`` is usable by name (``samliverseg.models.user_models``: the Segment
 Anything effect and ``samliverseg segment --model NAME``). ``samliverseg train`` registers it
@@ -61,6 +69,8 @@ TRAIN_TARGETS = ("liver", "tumor")
 EXIT_CANCELLED = 130
 
 CACHE_DIR = "cache"
+#: the control file the trainer watches (``samliverseg.training``: ``OUTPUT/STOP`` stops it as SIGTERM does)
+STOP_NAME = "STOP"
 CONFIG_NAME = "train.yaml"
 LAST_NAME = "last.pt"
 MODEL_NAME = "model.pth"
@@ -96,6 +106,10 @@ class TrainingRequest:
     @property
     def config_path(self) -> Path:
         return self.run / CONFIG_NAME
+
+    @property
+    def stop_path(self) -> Path:
+        return self.run / STOP_NAME
 
     def validate(self, for_resume: bool = False) -> None:
         """Raise :class:`InputError` (one line saying what to change) on a bad choice."""
@@ -157,6 +171,23 @@ def write_config(request: TrainingRequest) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
     return path
+
+
+def write_stop_file(path) -> None:
+    """Create the trainer's control file ``RUN/STOP`` (atomically: the trainer never sees half of it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("stop requested by the SAMLiverSeg training panel\n", encoding="utf-8")
+    os.replace(str(tmp), str(path))
+
+
+def remove_stop_file(path) -> None:
+    try:
+        Path(path).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:  # read-only folder: the trainer reports it when it starts
+        pass
 
 
 def previous_run(run_folder) -> Dict[str, bool]:
@@ -303,18 +334,34 @@ class TrainingJob:
         self._launch("train", self.request.train_args(resume=True))
 
     def stop(self, grace_s: float = 60.0) -> None:
-        """Ask the run to stop; never blocks. The process tree is killed by :meth:`poll` when it
-        is still alive ``grace_s`` seconds later. Stopping ``prepare`` stops it at once."""
+        """Ask the run to stop; never blocks, sends no signal. ``train``: write ``RUN/STOP`` (the
+        trainer saves ``last.pt`` and exits); :meth:`poll` kills the process tree if it is still
+        alive ``grace_s`` seconds later. ``prepare``: its process tree is killed now."""
         if self.process is None or not self.running() or self.stop_requested:
             return
         self.stop_requested = True
         self.state.phase = "stopping"
-        self._log(f"stop requested: the trainer finishes its step and saves {LAST_NAME} "
-                  f"(killed after {grace_s:g} s otherwise)")
         if self.stage == "prepare":
-            grace_s = min(grace_s, 2.0)  # nothing to save: converted cases are written atomically
-        self.process.terminate()
+            self._log("stop requested: preparing stops now (the cases converted so far are kept)")
+            self.kill_deadline = time.monotonic()
+            self._kill_tree()
+            return
+        try:
+            write_stop_file(self.request.stop_path)
+            self._log(f"stop requested: the trainer finishes its step and saves {LAST_NAME} "
+                      f"(killed after {grace_s:g} s otherwise)")
+        except OSError as exc:  # cannot write into the run folder: the kill is all that is left
+            self._log(f"cannot write {self.request.stop_path} ({exc}): killing the run")
+            grace_s = 0.0
         self.kill_deadline = time.monotonic() + float(grace_s)
+
+    def _kill_tree(self) -> None:
+        from .process import kill_process_tree
+
+        if self.killed or self.process is None or self.process.returncode is not None:
+            return
+        self.killed = True
+        kill_process_tree(self.process.pid, timeout=0.0, force=True)  # SIGKILL; Popen reaps it later
 
     def poll(self) -> List[Dict[str, Any]]:
         """Read what the subprocess wrote since the last call (never blocks) and update the state."""
@@ -324,13 +371,17 @@ class TrainingJob:
         events = proc.poll()
         for ev in events:
             self._handle(ev)
+        if (self.stop_requested and self.stage == "train" and proc.returncode is None and not self.killed
+                and self._terminal_event is None and not self.request.stop_path.exists()):
+            # a trainer that opens its run folder after Stop removes the STOP it takes for a left-over
+            try:
+                write_stop_file(self.request.stop_path)
+            except OSError:
+                pass
         if (proc.returncode is None and self.kill_deadline is not None
                 and time.monotonic() > self.kill_deadline and not self.killed):
-            from .process import kill_process_tree
-
-            self.killed = True
             self._log("the run did not stop in time: killing its processes")
-            kill_process_tree(proc.pid, timeout=1.0, force=True)
+            self._kill_tree()
         return events
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> str:
@@ -356,6 +407,8 @@ class TrainingJob:
         self._terminal_event = None
 
     def _launch(self, stage: str, args: List[str]) -> None:
+        if stage == "train":
+            remove_stop_file(self.request.stop_path)  # left by a run that was killed: it would stop this one
         cmd = samliverseg_command(*args, python=self.python)
         kwargs: Dict[str, Any] = {"env": self.env, "separate_stderr": True}
         if self.launcher is not None:
@@ -477,6 +530,8 @@ class TrainingJob:
             self._finish("error", msg or self._last_error_line() or f"training failed (exit code {rc})", rc)
 
     def _finish(self, status: str, message: str, rc: Optional[int]) -> None:
+        if self.stop_requested:
+            remove_stop_file(self.request.stop_path)  # the trainer removes it; a killed one cannot
         st = self.state
         st.status, st.message, st.exit_code, st.phase = status, message, rc, "finished"
         if status != "running":
