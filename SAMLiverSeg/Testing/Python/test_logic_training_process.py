@@ -183,6 +183,22 @@ def test_prepare_failure_is_an_error_with_the_message(tmp_path, dataset):
     assert "Traceback" not in "\n".join(job.log)
 
 
+def all_gone(pids, timeout=10.0):
+    """True once every pid has exited (a SIGKILLed process takes a moment to go)."""
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    t0 = time.monotonic()
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def wait_for(job, condition, timeout=120.0):
     t0 = time.monotonic()
     while not condition():
@@ -313,8 +329,7 @@ def test_stop_kills_the_tree_when_the_trainer_does_not_stop(tmp_path, dataset):
     assert job.wait(timeout=30) == "cancelled" and job.killed
     assert not (run / "STOP").exists()
     assert "killed" in job.state.message and "Resume" in job.state.message
-    for pid in (child, grandchild):
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert all_gone([child, grandchild])
 
 
 LAUNCHER = """
@@ -360,8 +375,7 @@ def test_stop_reaches_a_real_trainer_behind_a_launcher(tmp_path, dataset):
     st = job.state
     assert st.status == "cancelled", st.message
     assert not (run / "STOP").exists()
-    for pid in tree:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert all_gone(tree)
     if STOP_WATCHED:
         assert not job.killed and st.exit_code == 130 and (run / "last.pt").is_file(), "\n".join(job.log)
         assert "state saved" in st.message and job.can_resume()

@@ -80,7 +80,8 @@ CATALOG_SCHEMA_V101 = {
         "$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
         "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int,
     },
-    "enums": {"scm_type": ["git", "local"], "tier": [1, 3, 5]},
+    "enums": {"scm_type": ["git", "local"]},
+    "ranges": {"tier": (1, 5)},
 }
 
 
@@ -95,11 +96,48 @@ def test_extensions_index_catalog_entry():
         assert isinstance(value, schema["properties"][key]), key
         if key in schema["enums"]:
             assert value in schema["enums"][key], key
+        if key in schema["ranges"]:
+            assert schema["ranges"][key][0] <= value <= schema["ranges"][key][1], key
     assert all(isinstance(d, str) for d in entry.get("build_dependencies", []))
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
     cmake = (REPO_ROOT / "CMakeLists.txt").read_text()
     assert re.search(r'set\(EXTENSION_CATEGORY\s+"' + entry["category"] + '"', cmake)
+
+
+def test_catalog_entry_is_formatted_as_the_index_lint_wants():
+    """ExtensionsIndex's pre-commit: prettier (2-space indent, every array wrapped one item per
+    line: prettier-plugin-multiline-arrays with multilineArraysWrapThreshold 0), a final newline,
+    no tabs, no trailing whitespace."""
+    text = (REPO_ROOT / "SAMLiverSeg.json").read_text(encoding="utf-8")
+    assert text == json.dumps(json.loads(text), indent=2, ensure_ascii=False) + "\n"
+    assert "\t" not in text and all(ln == ln.rstrip() for ln in text.splitlines())
+
+
+RAW_URL = re.compile(r"https://raw\.githubusercontent\.com/SAMLiverSeg/SlicerSAMLiverSeg/main/(\S+)")
+
+
+def test_catalog_urls_point_at_files_in_the_repository():
+    cmake = (REPO_ROOT / "CMakeLists.txt").read_text()
+    for var in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        urls = re.search(rf'set\({var}\s+"([^"]+)"', cmake).group(1).split()
+        assert urls, var
+        for url in urls:
+            m = RAW_URL.fullmatch(url)
+            assert m, f"{var}: {url} is not a raw URL of this repository's main branch"
+            path = REPO_ROOT / m.group(1)
+            assert path.is_file(), f"{var}: {m.group(1)} is not in the repository"
+            width, height = png_size(path)
+            assert path.stat().st_size < 1024 * 1024 and width >= 128 and height >= 128
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE\s+"([^"#]+)', cmake).group(1)
+    entry = json.loads((REPO_ROOT / "SAMLiverSeg.json").read_text())
+    assert entry["scm_url"].rstrip("/").removesuffix(".git") == homepage.rstrip("/")
+
+
+def test_license_file_is_the_declared_license():
+    text = (REPO_ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
+    assert 'license = { text = "Apache-2.0" }' in (REPO_ROOT / "SAMLiverSegLib" / "pyproject.toml").read_text()
 
 
 def png_size(path):
