@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
 # Sets up .venv if needed, then runs the whole test suite (core library + Slicer Qt-free logic).
+#
+# Then, when the first run passed and no arguments narrowed it, the Slicer logic tests
+# (SAMLiverSeg/Testing/Python, without the slow ones) run a second time against an older
+# slicer-core, whose APIs differ (e.g. 5.11's slicer.util.pip_install takes one argument):
+# SAMLIVERSEG_SLICER_CORE_2 (default 5.11.0.6; empty: skip) is installed with its exact vtk into
+# $venv/slicer-core-VERSION (pip --target, --no-deps) and put first on PYTHONPATH.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -8,4 +14,25 @@ venv="${SAMLIVERSEG_VENV:-$root/.venv}"
 # Tests never download anything; keep any cache they make inside the build tree.
 export SAMLIVERSEG_CACHE="${SAMLIVERSEG_CACHE:-$root/.cache/samliverseg}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-exec "$venv/bin/python" -m pytest "$@"
+"$venv/bin/python" -m pytest "$@"
+
+second="${SAMLIVERSEG_SLICER_CORE_2-5.11.0.6}"
+narrowed=0
+for a in "$@"; do case "$a" in -*) ;; *) narrowed=1 ;; esac; done
+if [ -z "$second" ] || [ "$narrowed" = 1 ]; then exit 0; fi
+target="$venv/slicer-core-$second"
+if [ ! -f "$target/.complete" ]; then
+  echo "run_tests: installing slicer-core $second (with its vtk) into $target" >&2
+  rm -rf "$target"
+  pip_t=("$venv/bin/python" -m pip install --no-deps --disable-pip-version-check -q --target "$target")
+  "${pip_t[@]}" "slicer-core==$second"
+  # its compiled modules link against one exact vtk (Requires-Dist: vtk==X): install that one beside it
+  vtk_pin="$(sed -n 's/^Requires-Dist: \(vtk==[^ ;]*\).*/\1/p' "$target"/slicer_core-*.dist-info/METADATA | head -1)"
+  if [ -n "$vtk_pin" ]; then "${pip_t[@]}" "$vtk_pin"; fi
+  touch "$target/.complete"
+fi
+echo "run_tests: Slicer logic tests against slicer-core $second" >&2
+start=$(date +%s)
+PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m pytest "$@" -m "not slow" \
+    SAMLiverSeg/Testing/Python --deselect SAMLiverSeg/Testing/Python/test_python39.py
+echo "run_tests: slicer-core $second run took $(( $(date +%s) - start )) s" >&2
