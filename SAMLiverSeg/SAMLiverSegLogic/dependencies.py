@@ -384,10 +384,8 @@ def build_library_wheel(library_dir, wheel_dir, python: Optional[str] = None, bu
            "-w", str(out), str(source)]
     if not build_isolation:
         cmd.insert(4, "--no-build-isolation")
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # the build must not see this process's module paths
     try:
-        done = subprocess.run(cmd, cwd=str(wheel_dir), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        done = subprocess.run(cmd, cwd=str(wheel_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise DependencyError(f"building the SAMLiverSeg library wheel failed ({exc})") from exc
