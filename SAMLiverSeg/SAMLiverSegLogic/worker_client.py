@@ -24,6 +24,21 @@ pipelined (nothing waits). A request sent with a ``timeout`` that passes gets an
 and a ``cancel`` is sent for it. :meth:`WorkerClient.shutdown` asks the worker to stop and
 kills its process tree if it does not within ``shutdown_timeout``.
 
+One worker for the whole module: :func:`shared_client` is the accessor the Segment Editor effect,
+the module panel's "Segment liver/tumor" and the uncertainty overlay all use. It returns the one
+client while the settings (python, model, checkpoint, device, backend, precision, window, env,
+cache_mb) stay the same; when they change it shuts the old worker down and makes a new client,
+which starts its worker on its first request. :func:`shutdown_shared_client` stops it (module or
+effect cleanup, application exit; it is also registered with ``atexit``).
+
+How a GUI uses it without ever blocking (WORKER_PROTOCOL.md, "How the GUI uses the client"):
+``rid = client.send(...)`` (starts the worker if needed, never waits for it); then
+:meth:`WorkerClient.watch` says which pipe to watch (a new ``QSocketNotifier`` when it changed);
+when the pipe is readable, :meth:`WorkerClient.poll` returns the complete messages at once;
+:meth:`WorkerClient.next_timeout` says when to poll anyway for a request timeout
+(``QTimer.singleShot``). :meth:`WorkerClient.cancel` returns at once; the cancelled request
+ends with its own exit-code-130 response.
+
 Arrays (the volume, masks) travel as ``.npy`` files in a session folder this client owns (in
 ``/dev/shm`` when present); :meth:`WorkerClient.read_array` reads a result into memory and removes
 its file. POSIX only for now: the non-blocking pipe needs ``os.set_blocking`` and ``select`` on
@@ -39,7 +54,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -340,10 +355,37 @@ class WorkerClient:
         passed timeout."""
         self._read()
         if self.proc is not None and self.proc.poll() is not None:
-            self._read(0.05)  # it ended: take its last words and the end of file
+            self._read()  # it ended: everything it wrote is in the pipe already
+            if self.proc is not None:  # no end of file yet (a child of it holds the pipe): it ended all the same
+                self._handle_lines(self._buf + b"\n")
+                self._buf = b""
+                self._reap()
         self._check_deadlines()
         out, self._inbox = self._inbox, []
         return out
+
+    def watch(self) -> Optional[Tuple[int, int]]:
+        """What a GUI watches: ``(starts, fileno)`` of the running worker's stdout pipe, or None.
+
+        When the value differs from the one the GUI's ``QSocketNotifier`` was made for, the GUI
+        drops that notifier and, unless None, makes one on the new ``fileno`` (after a restart the
+        pipe is a new one, possibly with the same number).
+        """
+        if self.proc is None:
+            return None
+        return self.starts, self.proc.stdout.fileno()
+
+    def next_timeout(self) -> Optional[float]:
+        """Seconds until the earliest request ``timeout`` passes (0 if one has), None if none is set.
+
+        A silent worker wakes no notifier: a GUI that sends requests with a timeout polls once
+        more after this many seconds (``QTimer.singleShot``).
+        """
+        deadlines = [info["deadline"] for rid, info in self._pending.items()
+                     if info["deadline"] is not None and rid not in self._abandoned]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
 
     def wait(self, rid: int, timeout: Optional[float] = None,
              on_event: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
@@ -489,3 +531,70 @@ class WorkerClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+# -- the one shared worker of the module ------------------------------------------------------------
+
+#: The settings that make a worker; another value of any of them means another worker.
+SHARED_SETTINGS = ("python", "model", "checkpoint", "device", "backend", "precision", "window", "env", "cache_mb")
+
+_shared: Optional[WorkerClient] = None
+_shared_key: Optional[Tuple[Any, ...]] = None
+_atexit_registered = False
+
+
+def _settings_key(settings: Dict[str, Any]) -> Tuple[Any, ...]:
+    """The settings as a comparable key (defaults filled in, the environment as sorted pairs)."""
+    unknown = sorted(set(settings) - set(SHARED_SETTINGS))
+    if unknown:
+        raise TypeError(f"shared_client() got unknown settings {unknown}; known: {', '.join(SHARED_SETTINGS)}")
+    defaults = {"python": sys.executable, "model": "lite_medsam", "checkpoint": None, "device": "auto",
+                "backend": "auto", "precision": "fp32", "window": None, "env": None, "cache_mb": None}
+    values = dict(defaults, **{k: v for k, v in settings.items() if v is not None})
+    values["python"] = values["python"] or sys.executable
+    values["checkpoint"] = str(values["checkpoint"]) if values["checkpoint"] else None
+    values["window"] = str(values["window"]) if values["window"] else None
+    env = values["env"]
+    values["env"] = None if env is None else tuple(sorted((str(k), str(v)) for k, v in dict(env).items()))
+    values["cache_mb"] = None if values["cache_mb"] is None else float(values["cache_mb"])
+    return tuple(values[name] for name in SHARED_SETTINGS)
+
+
+def shared_client(**settings: Any) -> WorkerClient:
+    """The module's one worker client for these settings (keyword arguments of :class:`WorkerClient`
+    named in :data:`SHARED_SETTINGS`; None means the default).
+
+    Same settings as the last call: the same client (its worker, model, volume and embeddings
+    stay). Other settings: the old worker is shut down (which may take up to its
+    ``shutdown_timeout`` when it is busy) and a new client is made; it starts its worker on its
+    first request. Never starts a worker itself.
+    """
+    global _shared, _shared_key, _atexit_registered
+    key = _settings_key(settings)
+    if _shared is not None and key == _shared_key:
+        return _shared
+    shutdown_shared_client()
+    kwargs = dict(zip(SHARED_SETTINGS, key))
+    if kwargs["env"] is not None:
+        kwargs["env"] = dict(kwargs["env"])
+    _shared, _shared_key = WorkerClient(**kwargs), key
+    if not _atexit_registered:
+        import atexit
+
+        atexit.register(shutdown_shared_client)
+        _atexit_registered = True
+    return _shared
+
+
+def current_shared_client() -> Optional[WorkerClient]:
+    """The shared client if one was made (and not shut down), without making one."""
+    return _shared
+
+
+def shutdown_shared_client() -> None:
+    """Shut the shared worker down (its process tree, its session folder); the next
+    :func:`shared_client` makes a new one. Safe to call any time, also when there is none."""
+    global _shared, _shared_key
+    client, _shared, _shared_key = _shared, None, None
+    if client is not None:
+        client.shutdown()

@@ -21,7 +21,8 @@ from slicer_test_helpers import GEOMETRIES, MODULE_DIR, add_ct, centre_view_on, 
 
 from samliverseg.interactive.engine import PromptEngine
 from SAMLiverSegLogic import geometry, slice_clicks, volume_nodes
-from SAMLiverSegLogic.worker_client import WorkerClient, WorkerError, check_hello, describe_exit
+from SAMLiverSegLogic.worker_client import (WorkerClient, WorkerError, check_hello, current_shared_client,
+                                            describe_exit, shared_client, shutdown_shared_client)
 
 SHAPE = (24, 40, 48)  # k, j, i
 
@@ -46,6 +47,29 @@ def test_hello_of_another_version_and_exit_descriptions():
     assert describe_exit(-signal.SIGSEGV) == "the inference worker was killed (SIGSEGV)"
     assert describe_exit(1, "ModuleNotFoundError: No module named 'samliverseg'") == \
         "the inference worker exited with code 1: ModuleNotFoundError: No module named 'samliverseg'"
+
+
+def test_shared_client_is_one_worker_per_settings():
+    """The effect, the module panel and the uncertainty overlay share one worker while the settings stay."""
+    shutdown_shared_client()
+    a = shared_client(device="cpu", backend="torch")
+    try:
+        assert shared_client(device="cpu", backend="torch", checkpoint=None, python=sys.executable) is a
+        assert a.proc is None and a.watch() is None  # made, not started
+        assert a.request("status", timeout=300)["model_loaded"] is False
+        proc = a.proc
+        assert a.watch() == (1, a.fileno()) and a.next_timeout() is None
+        assert shared_client(device="cpu", backend="torch") is a and a.pid == proc.pid
+        b = shared_client(device="cpu", backend="torch", window="abdomen")  # another setting: another worker
+        assert b is not a and current_shared_client() is b and b.proc is None
+        assert a.proc is None and proc.poll() is not None and a.session_dir is None
+        with pytest.raises(TypeError, match="unknown settings"):
+            shared_client(devise="cpu")
+        assert current_shared_client() is b
+    finally:
+        shutdown_shared_client()
+    assert current_shared_client() is None
+    shutdown_shared_client()  # twice is fine
 
 
 @pytest.fixture(scope="module")
