@@ -1,0 +1,261 @@
+"""The module panel's "Segment liver/tumor" through the inference worker (issue 11, item 1 and 11):
+markups -> a request in RAS -> a real ``samliverseg worker`` (real LiteMedSAM) -> the segment in a
+real slicer-core scene, driven as the GUI drives it (wait on the worker's pipe, then ``poll()``,
+never ``wait()``), compared with the in-process path on the same node; cancel, a killed worker, bad
+markups, and the module's one segment editor node.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import select
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import slicer
+from slicer_test_helpers import GEOMETRIES, add_ct, roi_in_volume_axes
+
+from samliverseg.core.errors import InputError, PromptError
+from samliverseg.core.prompts import validate_prompts
+from samliverseg.io.volume import Volume
+from samliverseg.service.handlers import prompts_from_request, volume_from_ijk_to_ras
+from SAMLiverSegLogic import effect_logic, geometry, markups_prompts, module_logic, segment_writer, volume_nodes
+from SAMLiverSegLogic.worker_client import WorkerClient
+
+SHAPE = (10, 72, 80)  # k, j, i
+
+
+@functools.lru_cache(maxsize=None)
+def _phantom():
+    from samliverseg.demo.phantom import make_phantom
+
+    return make_phantom(SHAPE, (3.0, 3.0, 5.0), seed=2, n_tumors=1, noise_sd=10.0, scale=0.6)
+
+
+def phantom_node(scene, name="oblique"):
+    ph = _phantom()
+    m = GEOMETRIES[name].copy()
+    m[:3, :3] = m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0) * np.array([1.2, 1.2, 3.0])
+    node = volume_nodes.add_volume_node(scene, ph.hu.astype(np.int16), m, "PhantomCT")
+    liver = ph.liver_mask
+    ks = np.flatnonzero(liver.any(axis=(1, 2)))
+    k = int(ks[len(ks) // 2])
+    jj, ii = np.nonzero(liver[k])
+    box = (int(ii.min()) - 2, int(jj.min()) - 2, int(ii.max()) + 2, int(jj.max()) + 2, k)
+    return node, box
+
+
+def points_node(scene, volume_node, ijk_points, name="P"):
+    node = slicer.vtkMRMLMarkupsFiducialNode()
+    node.SetName(name)
+    scene.AddNode(node)
+    for p in ijk_points:
+        node.AddControlPoint(*geometry.ijk_to_ras_point(volume_node, p))
+    return node
+
+
+def drive(run, timeout=600.0):
+    """What the GUI does, without Qt: sleep until the worker's pipe is readable (a QSocketNotifier),
+    then ``poll()`` (never blocks) and hand the messages to the run; re-read ``fileno()`` every
+    time (a restarted worker has a new pipe)."""
+    run.start()
+    deadline = time.monotonic() + timeout
+    polls = 0
+    while not run.finished:
+        assert time.monotonic() < deadline, f"no answer in {timeout} s ({run.status}, {run.progress})"
+        fd = run.client.fileno()
+        if fd is not None:
+            select.select([fd], [], [], 0.5)
+        t0 = time.perf_counter()
+        others = run.handle(run.client.poll())
+        assert time.perf_counter() - t0 < 5.0 or run.finished  # poll+handle never wait on the worker
+        assert others == []
+        polls += 1
+    return polls
+
+
+@pytest.fixture(scope="module")
+def client():
+    with WorkerClient(device="cpu", backend="torch") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from samliverseg.interactive.engine import PromptEngine
+
+    return PromptEngine(model="lite_medsam", device="cpu", backend="torch")
+
+
+# -- the request: markups in RAS that the worker maps back to the same voxels ------------------------
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_request_fields_give_the_worker_the_same_ijk_prompts(scene, name):
+    vol = add_ct(scene, GEOMETRIES[name], (12, 40, 48))
+    worker_volume = volume_from_ijk_to_ras(np.zeros((12, 40, 48), np.float32), geometry.world_ijk_to_ras(vol))
+    shape = (12, 40, 48)
+    pts = points_node(scene, vol, [(20.3, 14.0, 5.0), (30.0, 22.5, 5.0)])
+    neg = points_node(scene, vol, [(11.0, 30.0, 5.0)], name="neg")
+    roi3d = roi_in_volume_axes(scene, vol, np.array([8.0, 6.0, 3.0]), np.array([36.0, 30.0, 8.0]))
+    flat = roi_in_volume_axes(scene, vol, np.array([8.0, 6.0, 4.0]), np.array([36.0, 30.0, 4.0]))
+    for roi, p, n in ((None, pts, neg), (roi3d, None, None), (flat, None, None), (roi3d, pts, None)):
+        want = markups_prompts.prompts_from_markups(vol, roi, p, n)
+        fields = module_logic.worker_prompt_fields(vol, roi, p, n)
+        assert fields["frame"] == "ras" and "slice_axis" not in fields
+        got = validate_prompts(prompts_from_request(dict(fields), worker_volume), shape)
+        assert got.slice_axis == want.slice_axis
+        np.testing.assert_allclose(np.array(got.positive).reshape(-1, 3), np.array(want.positive).reshape(-1, 3),
+                                   atol=1e-5)
+        np.testing.assert_allclose(np.array(got.negative).reshape(-1, 3), np.array(want.negative).reshape(-1, 3),
+                                   atol=1e-5)
+        assert (got.box is None) == (want.box is None) and (got.roi is None) == (want.roi is None)
+        if want.box is not None:
+            np.testing.assert_allclose([got.box.corner_a, got.box.corner_b], [want.box.corner_a, want.box.corner_b],
+                                       atol=1e-5)
+        if want.roi is not None:
+            r, w = got.roi, want.roi
+            np.testing.assert_allclose([r.i0, r.j0, r.k0, r.i1, r.j1, r.k1], [w.i0, w.j0, w.k0, w.i1, w.j1, w.k1],
+                                       atol=1e-5)
+
+
+def test_bad_markups_fail_before_anything_is_sent(scene):
+    vol = add_ct(scene, GEOMETRIES["flipped"], (12, 40, 48))
+    seg = volume_nodes.add_segmentation_node(scene, vol)
+    outside = points_node(scene, vol, [(24, 20, 40)])  # k=40: outside (12 slices)
+    idle = WorkerClient(python="/no/such/python")  # never started: nothing may be sent
+    with pytest.raises(PromptError, match="outside the volume"):
+        module_logic.PanelRun(scene, idle, vol, seg, "liver", positive_node=outside)
+    with pytest.raises(InputError, match="unknown target"):
+        module_logic.PanelRun(scene, idle, vol, seg, "spleen", positive_node=outside)
+    roi3d = roi_in_volume_axes(scene, vol, np.array([8.0, 6.0, 3.0]), np.array([36.0, 30.0, 8.0]))
+    with pytest.raises(InputError, match="turn propagation on"):
+        module_logic.PanelRun(scene, idle, vol, seg, "liver", roi_node=roi3d, propagate=False)
+    label = volume_nodes.add_volume_node(scene, np.zeros((12, 40, 48), np.uint8), GEOMETRIES["identity"], "L",
+                                         label=True)
+    with pytest.raises(InputError, match="labelmap"):
+        module_logic.PanelRun(scene, idle, label, seg, "liver", positive_node=outside)
+    assert idle.proc is None and seg.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_a_worker_that_cannot_start_fails_the_run_in_one_line(scene):
+    vol, box = phantom_node(scene)
+    pts = points_node(scene, vol, [((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[4])])
+    n_nodes = scene.GetNumberOfNodes()
+    with WorkerClient(python="/no/such/python") as broken:
+        run = module_logic.PanelRun(scene, broken, vol, None, "liver", positive_node=pts).start()
+    assert run.status == "failed" and "cannot start the inference worker" in run.message and "\n" not in run.message
+    assert scene.GetNumberOfNodes() == n_nodes
+
+
+# -- through the real worker -------------------------------------------------------------------------
+
+def test_segment_liver_through_the_worker_equals_the_in_process_path(scene, client, engine):
+    """A flat ROI (a box) without propagation and a 3D ROI with propagation on an oblique volume:
+    the worker's segment equals the one the in-process engine writes for the same markups."""
+    vol, (i0, j0, i1, j1, k) = phantom_node(scene, "oblique")
+    flat = roi_in_volume_axes(scene, vol, np.array([i0, j0, k], float), np.array([i1, j1, k], float))
+    roi3d = roi_in_volume_axes(scene, vol, np.array([i0, j0, k - 1], float), np.array([i1, j1, k + 1], float))
+    for roi, propagate in ((flat, False), (roi3d, True)):
+        run = module_logic.PanelRun(scene, client, vol, None, "liver", roi_node=roi, propagate=propagate)
+        drive(run)
+        assert run.status == "done", run.message
+        assert run.segmentation_node is not None and run.segmentation_node.GetScene() is scene
+        got = volume_nodes.segment_mask(run.segmentation_node, run.segment_id, vol)
+        assert run.report["voxels"] == int(got.sum()) > 50 and run.message.startswith("Liver: ")
+        ref_seg = volume_nodes.add_segmentation_node(scene, vol, "reference")
+        rep = module_logic.segment_from_markups(scene, vol, ref_seg, "liver", effect_logic.EngineSettings(device="cpu"),
+                                                roi_node=roi, engine=engine, propagate=propagate)
+        want = volume_nodes.segment_mask(ref_seg, rep["segment_id"], vol)
+        np.testing.assert_array_equal(got, want)
+        if not propagate:
+            assert got[k].sum() == got.sum()  # one slice
+        else:
+            assert got[[k - 1, k, k + 1]].sum() == got.sum() and got[k - 1].any() and got[k + 1].any()
+
+
+def test_tumor_keeps_the_liver_and_the_editor_node_is_reused(scene, client):
+    vol, (i0, j0, i1, j1, k) = phantom_node(scene, "identity")
+    flat = roi_in_volume_axes(scene, vol, np.array([i0, j0, k], float), np.array([i1, j1, k], float))
+    seg = volume_nodes.add_segmentation_node(scene, vol, "Result")
+    editors = scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode")
+    liver = module_logic.PanelRun(scene, client, vol, seg, "liver", roi_node=flat, propagate=False)
+    drive(liver)
+    assert liver.status == "done", liver.message
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") == editors + 1
+    node = segment_writer.module_editor_node(scene)
+    liver_mask = volume_nodes.segment_mask(seg, liver.segment_id, vol)
+    # the tumour: a box inside the liver, written without taking voxels from the liver
+    ci, cj = (i0 + i1) // 2, (j0 + j1) // 2
+    small = roi_in_volume_axes(scene, vol, np.array([ci - 6, cj - 6, k], float), np.array([ci + 6, cj + 6, k], float))
+    for _ in range(2):  # two clicks: still one editor node, the same one
+        tumor = module_logic.PanelRun(scene, client, vol, seg, "tumor", roi_node=small, propagate=False)
+        drive(tumor)
+        assert tumor.status == "done", tumor.message
+        assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") == editors + 1
+        assert segment_writer.module_editor_node(scene) is node and tumor.editor.node is node
+    names = [seg.GetSegmentation().GetNthSegment(n).GetName() for n in range(seg.GetSegmentation().GetNumberOfSegments())]
+    assert names == ["Liver", "Liver tumor"]
+    np.testing.assert_array_equal(volume_nodes.segment_mask(seg, liver.segment_id, vol), liver_mask)
+    # one undo step per write: undo gives back the first tumour (the same), then nothing more of it
+    tumor.editor.target.undo()
+    assert volume_nodes.segment_mask(seg, tumor.segment_id, vol).sum() > 0
+    # a closed scene keeps no stale node: the next run makes one again
+    scene.Clear(0)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") <= 1
+
+
+def test_cancel_and_a_killed_worker_leave_the_scene_alone_and_the_next_run_works(scene, client):
+    vol, (i0, j0, i1, j1, k) = phantom_node(scene, "flipped")
+    roi3d = roi_in_volume_axes(scene, vol, np.array([i0, j0, 0], float), np.array([i1, j1, SHAPE[0] - 1], float))
+    seg = volume_nodes.add_segmentation_node(scene, vol, "Result")
+    n_nodes = scene.GetNumberOfNodes()
+
+    run = module_logic.PanelRun(scene, client, vol, seg, "liver", roi_node=roi3d).start()
+    run.cancel()
+    deadline = time.monotonic() + 300
+    while not run.finished and time.monotonic() < deadline:
+        select.select([client.fileno()], [], [], 0.5)
+        run.handle(client.poll())
+    assert run.status == "cancelled" and run.exit_code == 130, (run.status, run.message)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 0 and scene.GetNumberOfNodes() == n_nodes
+
+    run = module_logic.PanelRun(scene, client, vol, seg, "liver", roi_node=roi3d).start()
+    while run.progress[0] == 0 and not run.finished:  # it is propagating
+        select.select([client.fileno()], [], [], 0.5)
+        run.handle(client.poll())
+    os.kill(client.pid, signal.SIGKILL)
+    while not run.finished:
+        fd = client.fileno()
+        if fd is not None:
+            select.select([fd], [], [], 0.5)
+        run.handle(client.poll())
+    assert run.status == "failed" and "killed (SIGKILL" in run.message and "\n" not in run.message
+    assert seg.GetSegmentation().GetNumberOfSegments() == 0 and scene.GetNumberOfNodes() == n_nodes
+
+    flat = roi_in_volume_axes(scene, vol, np.array([i0, j0, k], float), np.array([i1, j1, k], float))
+    again = module_logic.PanelRun(scene, client, vol, seg, "liver", roi_node=flat, propagate=False)
+    drive(again)  # the next request restarts the worker
+    assert again.status == "done", again.message
+    assert volume_nodes.segment_mask(seg, again.segment_id, vol).sum() > 50
+
+
+def test_run_until_done_is_the_same_loop_for_scripts(scene, client):
+    vol, (i0, j0, i1, j1, k) = phantom_node(scene, "anisotropic")
+    pts = points_node(scene, vol, [((i0 + i1) / 2, (j0 + j1) / 2, k)])
+    run = module_logic.run_until_done(
+        module_logic.PanelRun(scene, client, vol, None, "liver", positive_node=pts, propagate=False), timeout=600)
+    assert run.status == "done", run.message
+    assert volume_nodes.segment_mask(run.segmentation_node, run.segment_id, vol)[k].sum() > 0
+
+
+def test_volume_from_ijk_to_ras_is_the_worker_view(scene):
+    """The worker sees the node's voxels on the node's world IJKToRAS (sanity of the test above)."""
+    vol = add_ct(scene, GEOMETRIES["oblique"], (12, 40, 48))
+    v = volume_from_ijk_to_ras(volume_nodes.array_from_volume_node(vol).astype(np.float32),
+                               geometry.world_ijk_to_ras(vol))
+    assert isinstance(v, Volume)
+    np.testing.assert_allclose(v.ijk_to_ras_matrix(), geometry.world_ijk_to_ras(vol), atol=1e-9)
