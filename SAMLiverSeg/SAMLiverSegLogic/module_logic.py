@@ -123,6 +123,15 @@ def model_choices(rows: Optional[List[ModelRow]] = None) -> List[str]:
 
 # -- "Segment liver/tumor" through the worker ------------------------------------------------------
 
+def worker_settings(model: str, checkpoint: Optional[str], device: str, backend: str, window: Optional[str],
+                    python: Optional[str] = None) -> Dict[str, Any]:
+    """The ``worker_client.shared_client(**settings)`` of the panel's choices (``window`` as
+    :func:`window_spec` gives it). The effect passes the same keys, so the two share one worker
+    while their choices agree."""
+    return {"python": python, "model": model, "checkpoint": checkpoint or None, "device": device,
+            "backend": backend, "window": window or None}
+
+
 def worker_prompt_fields(volume_node, roi_node=None, positive_node=None, negative_node=None) -> Dict[str, Any]:
     """The prompt fields of a ``prompt``/``propagate`` request (WORKER_PROTOCOL.md) for markups, in
     world RAS (``frame`` "ras"), for a worker that holds ``volume_node`` as sent by
@@ -160,7 +169,7 @@ def apply_mask(scene, volume_node, segmentation_node, target: str, mask: np.ndar
     """Write ``mask`` ([k, j, i] on the volume grid) as the target's segment ("Liver" / "Liver
     tumor", made if missing) of ``segmentation_node`` (a new segmentation node when None), one
     undo step, through the module's one segment editor node (liver: overwrites other segments;
-    tumour: overwrites none). Returns (segmentation node, segment id, editor). On an error nothing
+    tumour: overwrites none); pass the ``editor`` of the last call to keep one undo history. Returns (segmentation node, segment id, editor). On an error nothing
     the user made changes: a segment or segmentation made here is removed again."""
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}: liver or tumor")
@@ -175,6 +184,8 @@ def apply_mask(scene, volume_node, segmentation_node, target: str, mask: np.ndar
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     existed = bool(segmentation.GetSegmentIdBySegmentName(name))
     segment_id = volume_nodes.add_segment(segmentation_node, name, color)
+    if editor is not None and editor.node.GetScene() is not scene:
+        editor = None  # the scene was closed: its node is gone
     try:
         if editor is None:
             editor = segment_writer.create_editor(scene, segmentation_node, volume_node,
