@@ -919,22 +919,6 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
         slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
         return volumeNode, liver, box
 
-    def _roiInVolumeAxes(self, volumeNode, loIjk, hiIjk):
-        """An ROI whose box is the IJK box lo..hi of the volume (in world RAS)."""
-        import numpy as np
-        from SAMLiverSegLogic import geometry
-
-        m = geometry.world_ijk_to_ras(volumeNode)
-        spacing = np.linalg.norm(m[:3, :3], axis=0)
-        objectToNode = np.eye(4)
-        objectToNode[:3, :3] = m[:3, :3] / spacing
-        centre = (np.asarray(loIjk, float) + np.asarray(hiIjk, float)) / 2
-        objectToNode[:3, 3] = (m @ np.array([*centre, 1.0]))[:3]
-        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "LiverBox")
-        roi.SetAndObserveObjectToNodeMatrix(geometry.vtk_matrix_from_array(objectToNode))
-        roi.SetSize(*((np.asarray(hiIjk, float) - np.asarray(loIjk, float)) * spacing))
-        return roi
-
     def _redSliceOn(self, volumeNode, ijk):
         from SAMLiverSegLogic import geometry
 
@@ -956,7 +940,10 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Load a CT phantom and place an ROI around the liver (3 slices)")
         volumeNode, liver, box = self._phantomScene()
         i0, j0, i1, j1, k = box
-        roi = self._roiInVolumeAxes(volumeNode, (i0, j0, k - 1), (i1, j1, k + 1))
+        from SAMLiverSegLogic import module_logic
+
+        roi = module_logic.roi_node_for_ijk_box(slicer.mrmlScene, volumeNode, (i0, j0, k - 1), (i1, j1, k + 1),
+                                                "LiverBox")
         slicer.util.selectModule("SAMLiverSeg")
         widget = slicer.modules.samliverseg.widgetRepresentation().self()
         p = widget._parameterNode

@@ -164,6 +164,21 @@ def worker_prompt_fields(volume_node, roi_node=None, positive_node=None, negativ
     return fields
 
 
+def roi_node_for_ijk_box(scene, volume_node, lo_ijk, hi_ijk, name: str = "ROI"):
+    """A markups ROI node whose box is exactly the IJK box ``lo..hi`` of ``volume_node`` (voxel
+    centres; rotated with an oblique volume), placed in world RAS: what a user draws around an organ."""
+    m = geometry.world_ijk_to_ras(volume_node)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    object_to_node = np.eye(4)
+    object_to_node[:3, :3] = m[:3, :3] / spacing
+    centre = (np.asarray(lo_ijk, float) + np.asarray(hi_ijk, float)) / 2
+    object_to_node[:3, 3] = (m @ np.array([*centre, 1.0]))[:3]
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    roi.SetAndObserveObjectToNodeMatrix(geometry.vtk_matrix_from_array(object_to_node))
+    roi.SetSize(*((np.asarray(hi_ijk, float) - np.asarray(lo_ijk, float)) * spacing))
+    return roi
+
+
 def apply_mask(scene, volume_node, segmentation_node, target: str, mask: np.ndarray,
                editor: Optional[segment_writer.Editor] = None) -> Tuple[object, str, segment_writer.Editor]:
     """Write ``mask`` ([k, j, i] on the volume grid) as the target's segment ("Liver" / "Liver
