@@ -40,8 +40,8 @@ PROTOCOL_PAGE = "SAMLiverSegLib/WORKER_PROTOCOL.md"
 EXIT_INPUT, EXIT_CHECKPOINT, EXIT_CANCELLED = 2, 3, CancelledError.exit_code
 
 #: Request types, in the order the page documents them.
-REQUEST_TYPES = ("hello", "load_volume", "prompt", "propagate", "uncertainty", "prefetch", "cancel", "status",
-                 "shutdown")
+REQUEST_TYPES = ("hello", "load_volume", "prompt", "propagate", "prompt3d", "uncertainty", "prefetch", "cancel",
+                 "status", "shutdown")
 
 #: Slice orientations of a slice view -> the RAS normal of its plane.
 ORIENTATION_NORMALS = {"axial": (0.0, 0.0, 1.0), "coronal": (0.0, 1.0, 0.0), "sagittal": (1.0, 0.0, 0.0)}
@@ -234,6 +234,7 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[tuple, bool]]] = {
     "shutdown": {},
 }
 REQUEST_FIELDS["propagate"] = dict(REQUEST_FIELDS["prompt"])
+REQUEST_FIELDS["prompt3d"] = {"frame": ((str,), False), "points": ((list,), True), "labels": ((list,), False)}
 
 
 def check_request(message: Dict[str, Any]) -> Dict[str, Any]:
