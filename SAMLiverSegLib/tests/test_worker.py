@@ -156,6 +156,17 @@ def test_ras_prompts_land_on_the_same_voxels_as_ijk_prompts(name):
             prompts_from_request(bad, vol)
 
 
+def test_prompt_fields_give_the_worker_exactly_the_in_process_prompts():
+    vol = volume_from_ijk_to_ras(np.zeros((20, 30, 40), np.float32), GEOMETRIES["oblique"])
+    cases = [Prompts(positive=[(12.25, 7.5, 9.4), (3.0, 4.0, 11.0)], negative=[(20.0, 11.5, 9.0)], slice_axis="j"),
+             Prompts(box=SliceBox((5.0, 4.0, 9.0), (30.0, 22.0, 9.0)), roi=Roi3D(2, 3, 4, 35, 25, 15)),
+             Prompts(roi=Roi3D(1.0, 2.0, 3.0, 10.0, 12.0, 14.0), negative=[(5.0, 5.0, 5.0)])]
+    for p in cases:
+        fields = protocol.prompt_fields(p)
+        assert protocol.check_request(dict(fields, id=1, type="propagate", propagate=False))
+        assert prompts_from_request(json.loads(json.dumps(fields)), vol) == p
+
+
 # -- a real worker -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

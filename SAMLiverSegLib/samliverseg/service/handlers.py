@@ -284,7 +284,7 @@ class EngineState:
     def propagate(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:
         volume = self.require_2d("propagate")
         prompts = prompts_from_request(req, volume)
-        res = self.engine.segment(prompts, propagate=True, progress=progress, cancel=cancel)
+        res = self.engine.segment(prompts, propagate=req.get("propagate", True), progress=progress, cancel=cancel)
         return {"mask": write_array(self.session_dir, "w-mask3d", res.mask), "report": res.report,
                 "ijk_to_ras": volume.ijk_to_ras_matrix()}
 
