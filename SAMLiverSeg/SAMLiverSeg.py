@@ -483,11 +483,11 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureDependencies():
             return
         from samliverseg.core.errors import SAMLiverSegError
-        from SAMLiverSegLogic import module_logic, volume_nodes, worker_client
+        from SAMLiverSegLogic import markups_prompts, module_logic, volume_nodes, worker_client
 
         try:
             volume_nodes.check_source_volume(p.inputVolume)
-            module_logic.worker_prompt_fields(p.inputVolume, p.roi, p.points)  # bad prompts: a message now
+            markups_prompts.prompts_from_markups(p.inputVolume, p.roi, p.points)  # bad prompts: a message now
             if not self.confirmIntensityRange(p.inputVolume):
                 return
             settings = self.workerSettings()  # after the range check: the window may now be the custom one
@@ -512,7 +512,7 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showSegmentProgress(self, run) -> None:
         dialog = slicer.util.createProgressDialog(
-            labelText=_("Segmenting ({what})...").format(what=run.request_type), maximum=0)
+            labelText=_("Segmenting..."), maximum=0)
         dialog.setCancelButtonText(_("Cancel"))
         dialog.connect("canceled()", self.onSegmentCancel)
         self.segmentProgress = dialog

@@ -1,8 +1,9 @@
 """What the SAMLiverSeg module panel does, without Qt.
 
-* "Segment liver" / "Segment tumor": markups (an ROI and/or point lists) -> a ``propagate`` (or,
-  without propagation, ``prompt``) request in world RAS to the inference worker
-  (``worker_client``; no model code runs in Slicer's process) -> a segment named "Liver" /
+* "Segment liver" / "Segment tumor": markups (an ROI and/or point lists, read as IJK prompts by
+  ``markups_prompts``) -> one ``propagate`` request (``propagate`` false: the prompted slices only)
+  to the inference worker, its fields from ``worker_client.prompt_fields`` (from which the worker
+  rebuilds exactly those prompts; no model code runs in Slicer's process) -> a segment named "Liver" /
   "Liver tumor" in the chosen segmentation, written through the module's one segment editor node
   (one undo step). :class:`PanelRun` never blocks: the GUI sends, then feeds it what
   ``client.poll()`` returns whenever the worker's pipe is readable; :func:`run_until_done` is the
@@ -28,7 +29,6 @@ import os
 import re
 import select
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -36,7 +36,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from samliverseg.core.errors import InputError, SAMLiverSegError
-from samliverseg.core.prompts import IJK_INDEX
 
 from . import geometry, markups_prompts, segment_writer, volume_nodes
 from .constants import DEVICE_CHOICES, MODEL_CHOICES, TARGETS, WINDOW_CHOICES  # noqa: F401
@@ -132,38 +131,6 @@ def worker_settings(model: str, checkpoint: Optional[str], device: str, backend:
             "backend": backend, "window": window or None}
 
 
-def worker_prompt_fields(volume_node, roi_node=None, positive_node=None, negative_node=None) -> Dict[str, Any]:
-    """The prompt fields of a ``prompt``/``propagate`` request (WORKER_PROTOCOL.md) for markups, in
-    world RAS (``frame`` "ras"), for a worker that holds ``volume_node`` as sent by
-    ``WorkerClient.load_volume_node`` (its voxels and world IJKToRAS).
-
-    The markups are read and checked as everywhere else (``markups_prompts.prompts_from_markups``:
-    a bad prompt is a PromptError here, before any request); the IJK prompt is then written in RAS
-    through the same world IJKToRAS, so the worker maps it back to the same voxels: points, a 2D
-    box (a flat ROI) as two corners, a 3D ROI as two opposite corners of its IJK box, and
-    ``normal`` = the volume's slice axis (column of IJKToRAS), which the worker maps back to that
-    axis even on an oblique volume.
-    """
-    prompts = markups_prompts.prompts_from_markups(volume_node, roi_node, positive_node, negative_node)
-    m = geometry.world_ijk_to_ras(volume_node)
-
-    def ras(ijk) -> List[float]:
-        return [float(v) for v in (m @ np.array([float(ijk[0]), float(ijk[1]), float(ijk[2]), 1.0]))[:3]]
-
-    axis_column = m[:3, IJK_INDEX[prompts.slice_axis]]
-    fields: Dict[str, Any] = {"frame": "ras", "normal": [float(v) for v in axis_column / np.linalg.norm(axis_column)]}
-    points = list(prompts.positive) + list(prompts.negative)
-    if points:
-        fields["points"] = [ras(p) for p in points]
-        fields["labels"] = [1] * len(prompts.positive) + [0] * len(prompts.negative)
-    if prompts.box is not None:
-        fields["box"] = [ras(prompts.box.corner_a), ras(prompts.box.corner_b)]
-    if prompts.roi is not None:
-        r = prompts.roi
-        fields["roi"] = [ras((r.i0, r.j0, r.k0)), ras((r.i1, r.j1, r.k1))]
-    return fields
-
-
 def roi_node_for_ijk_box(scene, volume_node, lo_ijk, hi_ijk, name: str = "ROI"):
     """A markups ROI node whose box is exactly the IJK box ``lo..hi`` of ``volume_node`` (voxel
     centres; rotated with an oblique volume), placed in world RAS: what a user draws around an organ."""
@@ -240,13 +207,10 @@ class PanelRun:
         if target not in TARGETS:
             raise InputError(f"unknown target {target!r}: liver or tumor")
         volume_nodes.check_source_volume(volume_node)
-        self.fields = worker_prompt_fields(volume_node, roi_node, positive_node, negative_node)
-        if not propagate and "roi" in self.fields and "box" not in self.fields and "points" not in self.fields:
-            raise InputError("without propagation the ROI must be flat (one slice thick) or come with points: "
-                             "turn propagation on to segment inside a 3D ROI")
-        self.request_type = "propagate" if propagate else "prompt"
-        if self.request_type == "prompt":
-            self.fields.pop("roi", None)
+        from .worker_client import prompt_fields
+
+        prompts = markups_prompts.prompts_from_markups(volume_node, roi_node, positive_node, negative_node)
+        self.fields = dict(prompt_fields(prompts), propagate=bool(propagate))
         self.scene, self.client, self.volume_node = scene, client, volume_node
         self.segmentation_node, self.target, self.editor, self.timeout = segmentation_node, target, editor, timeout
         self.status = "new"  # new | running | done | failed | cancelled
@@ -265,7 +229,7 @@ class PanelRun:
         self.status = "running"
         try:
             self.load_id = self.client.load_volume_node(self.volume_node, timeout=self.timeout)
-            self.request_id = self.client.send(self.request_type, timeout=self.timeout, **self.fields)
+            self.request_id = self.client.send("propagate", timeout=self.timeout, **self.fields)
         except SAMLiverSegError as exc:
             self._fail(str(exc), getattr(exc, "exit_code", 2))
         except Exception as exc:  # WorkerError (cannot start, refused version) and the like
@@ -320,14 +284,6 @@ class PanelRun:
     def _finish(self, result: Dict[str, Any]) -> None:
         try:
             mask = self.client.read_array(result["mask"])
-            d = self.volume_node.GetImageData().GetDimensions()
-            shape = (d[2], d[1], d[0])
-            if self.request_type == "prompt":
-                full = np.zeros(shape, np.uint8)
-                index = [slice(None)] * 3
-                index[{"k": 0, "j": 1, "i": 2}[result["slice_axis"]]] = int(result["slice_index"])
-                full[tuple(index)] = mask
-                mask = full
             self.segmentation_node, self.segment_id, self.editor = apply_mask(
                 self.scene, self.volume_node, self.segmentation_node, self.target, mask, self.editor)
         except SAMLiverSegError as exc:

@@ -22,7 +22,7 @@ os.environ.setdefault("SAMLIVERSEG_CACHE", str(REPO_ROOT / ".cache" / "samlivers
 
 import slicer  # noqa: E402  (slicer-core)
 
-from SAMLiverSegLogic import geometry, volume_nodes  # noqa: E402
+from SAMLiverSegLogic import volume_nodes  # noqa: E402
 
 
 def rotation(axis, degrees):

@@ -1,5 +1,5 @@
 """The module panel's "Segment liver/tumor" through the inference worker (issue 11, item 1 and 11):
-markups -> a request in RAS -> a real ``samliverseg worker`` (real LiteMedSAM) -> the segment in a
+markups -> one propagate request -> a real ``samliverseg worker`` (real LiteMedSAM) -> the segment in a
 real slicer-core scene, driven as the GUI drives it (wait on the worker's pipe, then ``poll()``,
 never ``wait()``), compared with the in-process path on the same node; cancel, a killed worker, bad
 markups, and the module's one segment editor node.
@@ -20,10 +20,9 @@ import slicer
 from slicer_test_helpers import GEOMETRIES, add_ct, roi_in_volume_axes
 
 from samliverseg.core.errors import InputError, PromptError
-from samliverseg.core.prompts import validate_prompts
 from samliverseg.io.volume import Volume
-from samliverseg.service.handlers import prompts_from_request, volume_from_ijk_to_ras
-from SAMLiverSegLogic import effect_logic, geometry, markups_prompts, module_logic, segment_writer, volume_nodes
+from samliverseg.service.handlers import volume_from_ijk_to_ras
+from SAMLiverSegLogic import effect_logic, geometry, module_logic, segment_writer, volume_nodes
 from SAMLiverSegLogic.worker_client import WorkerClient
 
 SHAPE = (10, 72, 80)  # k, j, i
@@ -91,36 +90,7 @@ def engine():
     return PromptEngine(model="lite_medsam", device="cpu", backend="torch")
 
 
-# -- the request: markups in RAS that the worker maps back to the same voxels ------------------------
-
-@pytest.mark.parametrize("name", list(GEOMETRIES))
-def test_request_fields_give_the_worker_the_same_ijk_prompts(scene, name):
-    vol = add_ct(scene, GEOMETRIES[name], (12, 40, 48))
-    worker_volume = volume_from_ijk_to_ras(np.zeros((12, 40, 48), np.float32), geometry.world_ijk_to_ras(vol))
-    shape = (12, 40, 48)
-    pts = points_node(scene, vol, [(20.3, 14.0, 5.0), (30.0, 22.5, 5.0)])
-    neg = points_node(scene, vol, [(11.0, 30.0, 5.0)], name="neg")
-    roi3d = roi_in_volume_axes(scene, vol, np.array([8.0, 6.0, 3.0]), np.array([36.0, 30.0, 8.0]))
-    flat = roi_in_volume_axes(scene, vol, np.array([8.0, 6.0, 4.0]), np.array([36.0, 30.0, 4.0]))
-    for roi, p, n in ((None, pts, neg), (roi3d, None, None), (flat, None, None), (roi3d, pts, None)):
-        want = markups_prompts.prompts_from_markups(vol, roi, p, n)
-        fields = module_logic.worker_prompt_fields(vol, roi, p, n)
-        assert fields["frame"] == "ras" and "slice_axis" not in fields
-        got = validate_prompts(prompts_from_request(dict(fields), worker_volume), shape)
-        assert got.slice_axis == want.slice_axis
-        np.testing.assert_allclose(np.array(got.positive).reshape(-1, 3), np.array(want.positive).reshape(-1, 3),
-                                   atol=1e-5)
-        np.testing.assert_allclose(np.array(got.negative).reshape(-1, 3), np.array(want.negative).reshape(-1, 3),
-                                   atol=1e-5)
-        assert (got.box is None) == (want.box is None) and (got.roi is None) == (want.roi is None)
-        if want.box is not None:
-            np.testing.assert_allclose([got.box.corner_a, got.box.corner_b], [want.box.corner_a, want.box.corner_b],
-                                       atol=1e-5)
-        if want.roi is not None:
-            r, w = got.roi, want.roi
-            np.testing.assert_allclose([r.i0, r.j0, r.k0, r.i1, r.j1, r.k1], [w.i0, w.j0, w.k0, w.i1, w.j1, w.k1],
-                                       atol=1e-5)
-
+# -- the request ---------------------------------------------------------------------------------
 
 def test_bad_markups_fail_before_anything_is_sent(scene):
     vol = add_ct(scene, GEOMETRIES["flipped"], (12, 40, 48))
@@ -131,9 +101,9 @@ def test_bad_markups_fail_before_anything_is_sent(scene):
         module_logic.PanelRun(scene, idle, vol, seg, "liver", positive_node=outside)
     with pytest.raises(InputError, match="unknown target"):
         module_logic.PanelRun(scene, idle, vol, seg, "spleen", positive_node=outside)
-    roi3d = roi_in_volume_axes(scene, vol, np.array([8.0, 6.0, 3.0]), np.array([36.0, 30.0, 8.0]))
-    with pytest.raises(InputError, match="turn propagation on"):
-        module_logic.PanelRun(scene, idle, vol, seg, "liver", roi_node=roi3d, propagate=False)
+    empty = roi_in_volume_axes(scene, vol, np.array([8.0, 6.0, 3.0]), np.array([8.0, 30.0, 3.0]))
+    with pytest.raises(PromptError, match="empty"):
+        module_logic.PanelRun(scene, idle, vol, seg, "liver", roi_node=empty)
     label = volume_nodes.add_volume_node(scene, np.zeros((12, 40, 48), np.uint8), GEOMETRIES["identity"], "L",
                                          label=True)
     with pytest.raises(InputError, match="labelmap"):
@@ -154,12 +124,12 @@ def test_a_worker_that_cannot_start_fails_the_run_in_one_line(scene):
 # -- through the real worker -------------------------------------------------------------------------
 
 def test_segment_liver_through_the_worker_equals_the_in_process_path(scene, client, engine):
-    """A flat ROI (a box) without propagation and a 3D ROI with propagation on an oblique volume:
-    the worker's segment equals the one the in-process engine writes for the same markups."""
+    """A flat ROI (a box) without propagation, a 3D ROI with and without propagation, on an oblique
+    volume: the worker's segment equals the one the in-process engine writes for the same markups."""
     vol, (i0, j0, i1, j1, k) = phantom_node(scene, "oblique")
     flat = roi_in_volume_axes(scene, vol, np.array([i0, j0, k], float), np.array([i1, j1, k], float))
     roi3d = roi_in_volume_axes(scene, vol, np.array([i0, j0, k - 1], float), np.array([i1, j1, k + 1], float))
-    for roi, propagate in ((flat, False), (roi3d, True)):
+    for roi, propagate in ((flat, False), (roi3d, True), (roi3d, False)):
         run = module_logic.PanelRun(scene, client, vol, None, "liver", roi_node=roi, propagate=propagate)
         drive(run)
         assert run.status == "done", run.message
@@ -172,7 +142,7 @@ def test_segment_liver_through_the_worker_equals_the_in_process_path(scene, clie
         want = volume_nodes.segment_mask(ref_seg, rep["segment_id"], vol)
         np.testing.assert_array_equal(got, want)
         if not propagate:
-            assert got[k].sum() == got.sum()  # one slice
+            assert got[k].sum() == got.sum()  # one slice (a 3D ROI: its middle one)
         else:
             assert got[[k - 1, k, k + 1]].sum() == got.sum() and got[k - 1].any() and got[k + 1].any()
 
