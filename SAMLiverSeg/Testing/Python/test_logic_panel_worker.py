@@ -161,21 +161,26 @@ def test_tumor_keeps_the_liver_and_the_editor_node_is_reused(scene, client):
     # the tumour: a box inside the liver, written without taking voxels from the liver
     ci, cj = (i0 + i1) // 2, (j0 + j1) // 2
     small = roi_in_volume_axes(scene, vol, np.array([ci - 6, cj - 6, k], float), np.array([ci + 6, cj + 6, k], float))
-    for _ in range(2):  # two clicks: still one editor node, the same one
-        tumor = module_logic.PanelRun(scene, client, vol, seg, "tumor", roi_node=small, propagate=False)
+    editor = liver.editor
+    for _ in range(2):  # two clicks (the panel passes its editor: one undo history): one editor node
+        tumor = module_logic.PanelRun(scene, client, vol, seg, "tumor", roi_node=small, propagate=False, editor=editor)
         drive(tumor)
         assert tumor.status == "done", tumor.message
         assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") == editors + 1
-        assert segment_writer.module_editor_node(scene) is node and tumor.editor.node is node
+        assert segment_writer.module_editor_node(scene) is node and tumor.editor is editor and editor.node is node
     names = [seg.GetSegmentation().GetNthSegment(n).GetName() for n in range(seg.GetSegmentation().GetNumberOfSegments())]
     assert names == ["Liver", "Liver tumor"]
     np.testing.assert_array_equal(volume_nodes.segment_mask(seg, liver.segment_id, vol), liver_mask)
-    # one undo step per write: undo gives back the first tumour (the same), then nothing more of it
-    tumor.editor.target.undo()
-    assert volume_nodes.segment_mask(seg, tumor.segment_id, vol).sum() > 0
-    # a closed scene keeps no stale node: the next run makes one again
-    scene.Clear(0)
-    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode") <= 1
+    tumor_mask = volume_nodes.segment_mask(seg, tumor.segment_id, vol)
+    assert tumor_mask.sum() > 0 and not np.array_equal(tumor_mask, liver_mask)
+    # one undo step per write: the first tumour (the same mask), no tumour, no liver
+    editor.target.undo()
+    np.testing.assert_array_equal(volume_nodes.segment_mask(seg, tumor.segment_id, vol), tumor_mask)
+    editor.target.undo()
+    assert volume_nodes.segment_mask(seg, tumor.segment_id, vol).sum() == 0
+    np.testing.assert_array_equal(volume_nodes.segment_mask(seg, liver.segment_id, vol), liver_mask)
+    editor.target.undo()
+    assert volume_nodes.segment_mask(seg, liver.segment_id, vol).sum() == 0
 
 
 def test_cancel_and_a_killed_worker_leave_the_scene_alone_and_the_next_run_works(scene, client):
@@ -219,7 +224,18 @@ def test_run_until_done_is_the_same_loop_for_scripts(scene, client):
     run = module_logic.run_until_done(
         module_logic.PanelRun(scene, client, vol, None, "liver", positive_node=pts, propagate=False), timeout=600)
     assert run.status == "done", run.message
-    assert volume_nodes.segment_mask(run.segmentation_node, run.segment_id, vol)[k].sum() > 0
+    mask = volume_nodes.segment_mask(run.segmentation_node, run.segment_id, vol)
+    assert mask[k].sum() > 0
+    # the same through Slicer 5.8's writer (no vtkSlicerSegmentEditorLogic), into another segmentation
+    seg58 = volume_nodes.add_segmentation_node(scene, vol, "5.8")
+    editor58 = segment_writer.create_editor(scene, seg58, vol, editor_node=segment_writer.module_editor_node(scene),
+                                            use_editor_logic=False)
+    run58 = module_logic.run_until_done(module_logic.PanelRun(scene, client, vol, seg58, "liver", positive_node=pts,
+                                                              propagate=False, editor=editor58), timeout=600)
+    assert run58.status == "done" and run58.editor.logic is None, run58.message
+    np.testing.assert_array_equal(volume_nodes.segment_mask(seg58, run58.segment_id, vol), mask)
+    run58.editor.target.undo()
+    assert volume_nodes.segment_mask(seg58, run58.segment_id, vol).sum() == 0
 
 
 def test_volume_from_ijk_to_ras_is_the_worker_view(scene):
