@@ -511,8 +511,9 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def showSegmentProgress(self, run) -> None:
-        dialog = slicer.util.createProgressDialog(
-            labelText=_("Segmenting..."), maximum=0)
+        dialog = slicer.util.createProgressDialog(labelText=_("Segmenting..."), maximum=0)
+        dialog.autoReset = False  # stays up at done == total until the answer has been written
+        dialog.autoClose = False
         dialog.setCancelButtonText(_("Cancel"))
         dialog.connect("canceled()", self.onSegmentCancel)
         self.segmentProgress = dialog
