@@ -7,9 +7,12 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   the mask, the part connected to the click. Where it would take more than ``max_frac`` of the
   slice's mask (the wrong tissue looks like the object), only the blob around the click is taken:
   the pixels within twice the click's depth (its distance to the mask border) of the click;
-* on the next slices, up and down: the pixels of the mask whose (lightly smoothed) HU lies in the
-  removed region's HU range (its 5th..95th percentile, +-``margin_hu``), connected on that slice
-  to what was removed on the slice before. The walk stops where nothing is left, at a ``frozen``
+* on the next slices, up and down (and on the clicked slice, to pick up what the grown region's
+  opening left): the pixels of the mask whose (lightly smoothed) HU lies in the removed region's
+  HU range (its 5th..95th percentile, +-``margin_hu``) and is nearer the removed region's median
+  HU than the median of the rest of the clicked slice's mask, connected on that slice to what was
+  removed on the slice before. Where those two medians differ by less than ``MIN_CONTRAST_HU`` the
+  wrong tissue looks like the object and only the clicked slice's region is removed. The walk stops where nothing is left, at a ``frozen``
   slice (one that carries the user's own prompts), or where the region would take more than
   ``max_frac`` of that slice's mask or more than double its previous area (the wrong tissue merges
   with the object there): that slice loses only the previous slice's footprint, and the walk ends.
@@ -31,6 +34,9 @@ from samliverseg.interactive.seeded_region import grow_region
 MARGIN_HU = 15.0
 #: A removal may take at most this fraction of a slice's mask (else it is limited, see above).
 MAX_FRAC = 0.5
+#: Below this difference (HU) between the medians of the removed region and the rest of the
+#: clicked slice's mask, the removal stays on the clicked slice.
+MIN_CONTRAST_HU = 15.0
 
 
 def _depth_px(mask2d: np.ndarray, x: int, y: int, pixel_spacing: Sequence[float]) -> float:
@@ -81,13 +87,26 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     first = clicked_region(get_slice(mask3d, axis, index), get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac)
     if not first.any():
         return out
-    get_slice(out, axis, index)[...] = first
-    vals = _smoothed(get_slice(hu3d, axis, index), pixel_spacing)[first]
-    lo = float(np.percentile(vals, 5)) - margin_hu
-    hi = float(np.percentile(vals, 95)) + margin_hu
+    m0 = get_slice(mask3d, axis, index) > 0
+    hu0 = _smoothed(get_slice(hu3d, axis, index), pixel_spacing)
+    rest = m0 & ~first
+    wrong_hu = float(np.median(hu0[first]))
+    object_hu = float(np.median(hu0[rest])) if rest.sum() >= 10 else None
+    if object_hu is None or abs(wrong_hu - object_hu) < MIN_CONTRAST_HU:
+        # The wrong tissue looks like the object: HU cannot tell them apart on other slices.
+        get_slice(out, axis, index)[...] = first
+        return out
+    vals = hu0[first]
+    band = (float(np.percentile(vals, 5)) - margin_hu, float(np.percentile(vals, 95)) + margin_hu)
+    mid = (wrong_hu + object_hu) / 2  # a pixel is wrong tissue if nearer the wrong region's HU than the object's
+    band = (max(band[0], mid), band[1]) if wrong_hu > object_hu else (band[0], min(band[1], mid))
+    # On the clicked slice too, the HU-connected continuation of what grew from the click (the
+    # grown region's opening may have left pieces of the wrong tissue).
+    region = _continuation(m0, get_slice(hu3d, axis, index), first, band, pixel_spacing, max_frac, 1.0)
+    get_slice(out, axis, index)[...] = first if region is None else (region | first)
+    first = get_slice(out, axis, index).copy()
     n = out.shape[axis_index(axis)]
     frozen = set(int(f) for f in frozen)
-    cross = np.ones((3, 3), dtype=bool)
     for direction in (+1, -1):
         prev = first
         t = index + direction
@@ -96,15 +115,10 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
             m = get_slice(mask3d, axis, t) > 0
             if not m.any():
                 break
-            band = m & (np.abs(_smoothed(get_slice(hu3d, axis, t), pixel_spacing) - (lo + hi) / 2) <= (hi - lo) / 2)
-            lab, _ = ndimage.label(band)
-            ids = np.unique(lab[ndimage.binary_dilation(prev, structure=cross) & band])
-            region = np.isin(lab, ids[ids > 0])
-            if not region.any():
-                break
-            last = region.sum() > max_frac * m.sum() or region.sum() > 2 * prev.sum() + 16
+            region = _continuation(m, get_slice(hu3d, axis, t), prev, band, pixel_spacing, max_frac, 2.0)
+            last = region is None
             if last:
-                region = m & prev
+                region = m & prev  # the wrong tissue merges with the object here: only the footprint
             get_slice(out, axis, t)[...] = region
             if last or not region.any():
                 break
@@ -112,3 +126,17 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
             t += direction
             steps += 1
     return out
+
+
+def _continuation(m: np.ndarray, hu2d: np.ndarray, prev: np.ndarray, band: Tuple[float, float],
+                  pixel_spacing: Sequence[float], max_frac: float, max_growth: float) -> Optional[np.ndarray]:
+    """The pixels of ``m`` in the HU ``band`` connected to ``prev``; None where that is more than
+    ``max_frac`` of ``m`` or more than ``max_growth`` times ``prev`` (+16 px)."""
+    lo, hi = band
+    inside = m & (np.abs(_smoothed(hu2d, pixel_spacing) - (lo + hi) / 2) <= (hi - lo) / 2)
+    lab, _ = ndimage.label(inside)
+    ids = np.unique(lab[ndimage.binary_dilation(prev, structure=np.ones((3, 3), dtype=bool)) & inside])
+    region = np.isin(lab, ids[ids > 0])
+    if region.sum() > max_frac * m.sum() or region.sum() > max_growth * prev.sum() + 16:
+        return None
+    return region
