@@ -131,6 +131,11 @@ class PropagationSettings:
     fill_holes: bool = True
     largest_component: bool = True
 
+    @classmethod
+    def legacy(cls) -> "PropagationSettings":
+        """The rules of before issue 13 (for before/after benchmarks)."""
+        return cls()
+
 
 class PromptEngine:
     """Volume + model -> masks. See the module docstring."""
