@@ -3,14 +3,18 @@
 This file holds the Qt side only (module, widget, thin logic, test). Every decision lives in the
 Qt-free package ``SAMLiverSegLogic`` (tested with pytest against a real MRML scene); the models
 live in the ``samliverseg`` library, installed into Slicer's Python on first use.
+
+Slicer's process runs no model code and no Python thread: "Segment liver/tumor" goes to the
+persistent inference worker (``SAMLiverSegLogic.worker_client``, the same worker as the Segment
+Anything effect), and Qt wakes the panel when the worker's pipe has something (a
+``QSocketNotifier``); the model list comes from ``samliverseg models --json`` run by a QProcess.
+Opening the panel imports nothing heavy (no torch, no model module of the library).
 """
 
 import logging
 import os
 import shutil
 import sys
-import threading
-import time
 import unittest
 from typing import Annotated, Optional
 
@@ -53,6 +57,13 @@ from SAMLiverSegLogic.constants import (
 TRAINER_KIND_CHOICES = ["decoder", "adapter", "unet", "student", "semi"]  # = samliverseg.models.kinds.KIND_NAMES (tested)
 TRAIN_DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 
+#: Widgets bound to the parameter node by this module instead of parameterNodeWrapper (the .ui
+#: names the parameter in this dynamic property): on Slicer 5.8 the wrapper's QLineEdit connector
+#: moves the cursor to the end on every keystroke, and its QSpinBox connector replaces the .ui
+#: range with +-2^31 (epochs 0 and below accepted). Line edits are written to the parameter node
+#: on editingFinished; spin boxes keep their .ui range.
+MANUAL_PARAMETER_PROPERTY = "SAMLiverSegParameterName"
+
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 EFFECT_FILE = os.path.join(MODULE_DIR, "SegmentEditorSegmentAnything", "SegmentEditorEffect.py")
 
@@ -82,6 +93,14 @@ class SAMLiverSeg(ScriptedLoadableModule):
         )
         # Register the Segment Editor effect once the application is up (like the effect template).
         slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
+
+
+def qbytesText(value) -> str:
+    """A QByteArray (as PythonQt returns it: a QByteArray, bytes or str) as text."""
+    data = value.data() if hasattr(value, "data") else value
+    if isinstance(data, str):
+        return data
+    return bytes(data).decode("utf-8", "replace")
 
 
 def registerSegmentEditorEffect():
@@ -157,6 +176,14 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.trainPlotWidget = None
         self.trainLogShown = 0
         self.trainPlotSize = None
+        self.manualBindings = []  # [(widget, parameter name)] (see MANUAL_PARAMETER_PROPERTY)
+        self.panelRun = None  # module_logic.PanelRun in flight or last finished
+        self.panelEditor = None  # segment_writer.Editor of the panel's writes (its undo history)
+        self.workerClient = None
+        self.workerNotifier = None
+        self.workerWatched = None
+        self.segmentProgress = None
+        self.modelsProcess = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -198,11 +225,66 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.trainTimer.setInterval(self.TRAIN_POLL_MS)
         self.trainTimer.connect("timeout()", self.onTrainPoll)
 
+        self.setupManualBindings(uiWidget)
         self.initializeParameterNode()
         self.updateDependencyStatus()
 
+    def setupManualBindings(self, uiWidget) -> None:
+        """Bind the widgets whose .ui names a parameter in MANUAL_PARAMETER_PROPERTY (not through
+        parameterNodeWrapper): line edits on editingFinished, spin boxes on valueChanged."""
+        self.manualBindings = []
+        for widget in uiWidget.findChildren(qt.QWidget):
+            name = widget.property(MANUAL_PARAMETER_PROPERTY)
+            if not name:
+                continue
+            name = str(name)
+            self.manualBindings.append((widget, name))
+            if isinstance(widget, qt.QLineEdit):
+                widget.connect("editingFinished()", lambda w=widget, n=name: self.onManualWidgetEdited(w, n))
+            elif isinstance(widget, qt.QSpinBox):
+                widget.connect("valueChanged(int)", lambda _v, w=widget, n=name: self.onManualWidgetEdited(w, n))
+            else:
+                logging.error(f"SAMLiverSeg: {widget.objectName}: no manual binding for {type(widget).__name__}")
+
+    def onManualWidgetEdited(self, widget, name: str) -> None:
+        if self._parameterNode is None:
+            return
+        value = int(widget.value) if isinstance(widget, qt.QSpinBox) else str(widget.text)
+        if getattr(self._parameterNode, name) != value:
+            setattr(self._parameterNode, name, value)
+
+    def updateManualWidgets(self) -> None:
+        """Parameter node -> the manually bound widgets (a line edit is written only when its text
+        differs, so the cursor stays where the user types)."""
+        p = self._parameterNode
+        if p is None:
+            return
+        for widget, name in self.manualBindings:
+            value = getattr(p, name)
+            if isinstance(widget, qt.QSpinBox):
+                if int(widget.value) != int(value):
+                    wasBlocked = widget.blockSignals(True)
+                    widget.value = int(value)  # clamped to the .ui range
+                    widget.blockSignals(wasBlocked)
+                    if int(widget.value) != int(value):  # out of range in the node: the widget's value wins
+                        setattr(p, name, int(widget.value))
+            elif str(widget.text) != str(value):
+                widget.text = str(value)
+
     def cleanup(self) -> None:
         self.removeObservers()
+        if self.panelRun is not None and not self.panelRun.finished:
+            self.panelRun.cancel()
+        self._dropWorkerNotifier()
+        if self.modelsProcess is not None:
+            self.modelsProcess.kill()
+            self.modelsProcess = None
+        try:  # the effect's worker is the same one; Slicer is closing or the module is reloaded
+            from SAMLiverSegLogic import worker_client
+
+            worker_client.shutdown_shared_client()
+        except Exception as exc:  # the library may be missing; never fail a cleanup
+            logging.info(f"SAMLiverSeg: worker shutdown: {exc}")
         if self.batchRunner is not None and not self.batchRunner.done():
             self.batchRunner.cancel()
         if self.batchTimer is not None:
@@ -251,8 +333,10 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
+        self.updateManualWidgets()
         hasPrompt = bool(p.roi or p.points)
-        canSegment = bool(p.inputVolume) and hasPrompt
+        segmenting = self.panelRun is not None and not self.panelRun.finished
+        canSegment = bool(p.inputVolume) and hasPrompt and not segmenting
         tip = _("Segment from the ROI and/or points") if canSegment else _("Select a CT volume and an ROI or points")
         for button in (self.ui.segmentLiverButton, self.ui.segmentTumorButton):
             button.enabled = canSegment
@@ -269,9 +353,14 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- dependencies and model status -------------------------------------------------------
     def updateDependencyStatus(self) -> None:
-        from SAMLiverSegLogic import dependencies
+        """Imports nothing heavy (no torch): runs when the panel opens. Any failure is a message."""
+        try:
+            from SAMLiverSegLogic import dependencies
 
-        ready, message = dependencies.dependencies_ready()
+            ready, message = dependencies.dependencies_ready()
+        except Exception as exc:
+            logging.exception("SAMLiverSeg: dependency check failed")
+            ready, message = False, _("Could not check the dependencies: {error}").format(error=exc)
         self.ui.dependenciesStatusLabel.text = _("Ready") if ready else message
         self.ui.installDependenciesButton.visible = not ready
         if ready:
@@ -281,9 +370,43 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.cacheFolderLabel.text = ""
 
     def updateModelStatus(self) -> None:
-        from SAMLiverSegLogic import module_logic
+        """List the models with ``samliverseg models --json`` in a QProcess (torch loads there, not
+        here); the labels are filled in when it finishes."""
+        if self.modelsProcess is not None:
+            return  # one listing at a time
+        try:
+            from SAMLiverSegLogic import module_logic
 
-        rows, cache = module_logic.model_rows()
+            command = module_logic.models_command(python=self.logic.pythonSlicerExecutable())
+        except Exception as exc:
+            self.ui.weightsStatusLabel.text = _("Could not list the models: {error}").format(error=exc)
+            return
+        self.ui.weightsStatusLabel.text = _("(listing the models...)")
+        proc = qt.QProcess()
+        proc.setProgram(command[0])
+        proc.setArguments(command[1:])
+        proc.connect("finished(int,QProcess::ExitStatus)", lambda *args: self.onModelsListed(proc))
+        proc.connect("errorOccurred(QProcess::ProcessError)", lambda *args: self.onModelsListed(proc, failed=True))
+        self.modelsProcess = proc
+        proc.start()
+
+    def onModelsListed(self, proc, failed: bool = False) -> None:
+        if proc is not self.modelsProcess:
+            return
+        self.modelsProcess = None
+        try:
+            from SAMLiverSegLogic import module_logic
+
+            out = qbytesText(proc.readAllStandardOutput())
+            err = qbytesText(proc.readAllStandardError())
+            if failed or proc.exitCode() != 0:
+                tail = (err or out).strip().splitlines()[-1:] or [proc.errorString()]
+                raise RuntimeError(tail[0][:300])
+            rows, cache = module_logic.parse_models_json(out)
+        except Exception as exc:
+            self.ui.weightsStatusLabel.text = _("Could not list the models: {error}").format(error=exc)
+            self.ui.cacheFolderLabel.text = ""
+            return
         lines = [f"{'✔' if r.present else '✘'} {r.name}: {r.where}" for r in rows]
         self.ui.weightsStatusLabel.text = "\n".join(lines) if lines else cache
         self.ui.cacheFolderLabel.text = cache if rows else ""
@@ -311,15 +434,16 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInstallDependencies(self) -> None:
         self.ensureDependencies()
 
-    # -- segment from markups ----------------------------------------------------------------
-    def engineSettings(self):
-        from SAMLiverSegLogic import effect_logic, module_logic
+    # -- segment from markups (through the inference worker) ---------------------------------
+    def workerSettings(self) -> dict:
+        """The shared worker's settings for the panel's choices (InputError for a bad custom window)."""
+        from SAMLiverSegLogic import module_logic
 
         p = self._parameterNode
         self.ensureBackend(p.backend, p.device)
-        return effect_logic.EngineSettings(model=p.model, checkpoint=p.checkpoint or None, device=p.device,
-                                           window=module_logic.window_spec(p.window, p.customWindow),
-                                           backend=p.backend)
+        return module_logic.worker_settings(p.model, p.checkpoint, p.device, p.backend,
+                                            module_logic.window_spec(p.window, p.customWindow),
+                                            python=self.logic.pythonSlicerExecutable())
 
     def ensureBackend(self, backend: str, device: str) -> None:
         """First use of a fast CPU backend: offer to install its package (saying its download size).
@@ -352,69 +476,118 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return False
 
     def onSegment(self, target: str) -> None:
+        """Send the markups to the worker and return: Qt calls onWorkerReadable when it answers."""
         p = self._parameterNode
+        if self.panelRun is not None and not self.panelRun.finished:
+            return  # one at a time (the buttons are disabled meanwhile)
         if not self.ensureDependencies():
             return
         from samliverseg.core.errors import SAMLiverSegError
-        from SAMLiverSegLogic import volume_nodes
+        from SAMLiverSegLogic import markups_prompts, module_logic, volume_nodes, worker_client
 
         try:
             volume_nodes.check_source_volume(p.inputVolume)
-            from SAMLiverSegLogic import markups_prompts
-
             markups_prompts.prompts_from_markups(p.inputVolume, p.roi, p.points)  # bad prompts: a message now
-            settings = self.engineSettings()
+            if not self.confirmIntensityRange(p.inputVolume):
+                return
+            settings = self.workerSettings()  # after the range check: the window may now be the custom one
+            client = worker_client.shared_client(**settings)
+            run = module_logic.PanelRun(slicer.mrmlScene, client, p.inputVolume, p.outputSegmentation, target,
+                                        roi_node=p.roi, positive_node=p.points, propagate=p.propagate,
+                                        editor=self.panelEditor)  # one undo history for the panel
         except SAMLiverSegError as exc:
             slicer.util.errorDisplay(str(exc))
             return
-        if not self.confirmIntensityRange(p.inputVolume):
-            return
-        try:
-            settings = self.engineSettings()  # the window may have just been set to the suggested custom one
-        except SAMLiverSegError as exc:
-            slicer.util.errorDisplay(str(exc))
-            return
-        createdSegmentation = None
-        if not p.outputSegmentation:
-            createdSegmentation = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", f"{p.inputVolume.GetName()} segmentation")
-            createdSegmentation.CreateDefaultDisplayNodes()
-            createdSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(p.inputVolume)
-            p.outputSegmentation = createdSegmentation
-        progress = slicer.util.createProgressDialog(labelText=_("Segmenting..."), maximum=0)
-        cancel = threading.Event()
-        progress.connect("canceled()", cancel.set)
-
-        def onProgress(done, total):
-            progress.maximum = total
-            progress.value = done
-            slicer.app.processEvents()
-
-        def undoCreation():
-            if createdSegmentation is not None:  # bad input leaves the scene as it was
-                p.outputSegmentation = None
-                slicer.mrmlScene.RemoveNode(createdSegmentation)
-
-        try:
-            with slicer.util.WaitCursor():
-                report = self.logic.segmentFromMarkups(
-                    p.inputVolume, p.outputSegmentation, target, settings, roiNode=p.roi,
-                    pointsNode=p.points, propagate=p.propagate, progress=onProgress, cancel=cancel)
-        except SAMLiverSegError as exc:
-            undoCreation()
-            slicer.util.errorDisplay(str(exc))
-            return
-        except Exception as exc:
-            undoCreation()
-            logging.exception("SAMLiverSeg segmentation failed")
+        except Exception as exc:  # e.g. a worker of another protocol version
+            logging.exception("SAMLiverSeg: could not start the segmentation")
             slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=exc))
             return
-        finally:
-            progress.close()
-        msg = _("{name}: {voxels} voxels, {ml} ml in {s} s").format(
-            name=report["segment_name"], voxels=report.get("voxels", "?"), ml=report.get("volume_ml", "?"),
-            s=report["wall_s"])
-        self.ui.statusLabel.text = msg + "".join(f"\n{n}" for n in report.get("notes", []))
+        self.workerClient = client
+        self.panelRun = run
+        self.showSegmentProgress(run)
+        run.start()
+        self.watchWorker()
+        self.onWorkerReadable()  # a run that failed at once (the worker cannot start) ends here
+        self._updateButtons()
+
+    def showSegmentProgress(self, run) -> None:
+        dialog = slicer.util.createProgressDialog(labelText=_("Segmenting..."), maximum=0)
+        dialog.autoReset = False  # stays up at done == total until the answer has been written
+        dialog.autoClose = False
+        dialog.setCancelButtonText(_("Cancel"))
+        dialog.connect("canceled()", self.onSegmentCancel)
+        self.segmentProgress = dialog
+
+    def onSegmentCancel(self) -> None:
+        run = self.panelRun
+        if run is None or run.finished or self.segmentProgress is None:
+            return  # QProgressDialog emits canceled() when it is closed too
+        run.cancel()  # returns at once; the worker answers "cancelled"
+        self.segmentProgress.labelText = _("Cancelling...")
+        self.segmentProgress.show()
+
+    def watchWorker(self) -> None:
+        """A notifier on the worker's stdout pipe, remade when the worker was (re)started."""
+        client = self.workerClient
+        watched = client.watch() if client is not None else None
+        if watched != self.workerWatched:
+            self._dropWorkerNotifier()
+            if watched is not None:
+                self.workerNotifier = qt.QSocketNotifier(watched[1], qt.QSocketNotifier.Read)
+                self.workerNotifier.activated.connect(self.onWorkerReadable)  # Qt 5 and 6: no signature named
+            self.workerWatched = watched
+        due = client.next_timeout() if client is not None else None
+        if due is not None:
+            qt.QTimer.singleShot(int(1000 * due) + 1, self.onWorkerReadable)
+
+    def _dropWorkerNotifier(self) -> None:
+        if self.workerNotifier is not None:
+            self.workerNotifier.setEnabled(False)
+            self.workerNotifier.deleteLater()  # a notifier on a closed pipe must not fire
+            self.workerNotifier = None
+        self.workerWatched = None
+
+    def onWorkerReadable(self, *args) -> None:
+        """The worker wrote something: take it (never blocks), show progress, finish the run."""
+        client, run = self.workerClient, self.panelRun
+        if client is None:
+            return
+        try:
+            messages = client.poll()
+            if run is not None and not run.finished:
+                messages = run.handle(messages)
+        except Exception as exc:  # never let an unexpected error leave the dialog up
+            logging.exception("SAMLiverSeg: worker message handling failed")
+            if run is not None and not run.finished:
+                run.status, run.message = "failed", str(exc)
+        for msg in messages:  # not the panel's (another user of the shared worker)
+            logging.debug(f"SAMLiverSeg panel: ignored worker message {msg.get('id')}")
+        if run is not None and self.segmentProgress is not None and not run.finished:
+            done, total = run.progress
+            if total:
+                self.segmentProgress.maximum = total
+                self.segmentProgress.value = done
+        self.watchWorker()
+        if run is not None and run.finished and self.segmentProgress is not None:
+            self.onSegmentFinished(run)
+
+    def onSegmentFinished(self, run) -> None:
+        dialog, self.segmentProgress = self.segmentProgress, None
+        dialog.close()
+        p = self._parameterNode
+        if run.status == "done":
+            self.panelEditor = run.editor
+            if p is not None and not p.outputSegmentation and run.segmentation_node is not None:
+                run.segmentation_node.CreateDefaultDisplayNodes()
+                p.outputSegmentation = run.segmentation_node
+            notes = run.report.get("notes", [])
+            self.ui.statusLabel.text = run.message + "".join(f"\n{n}" for n in notes)
+        elif run.status == "cancelled":
+            self.ui.statusLabel.text = _("Cancelled: nothing was changed")
+        else:
+            self.ui.statusLabel.text = ""
+            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=run.message))
+        self._updateButtons()
 
     def onOpenSegmentEditor(self) -> None:
         """Open the Segment Editor on the same volume/segmentation with the effect selected."""
@@ -454,7 +627,9 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             jobs = batch.plan_batch(p.batchInputFolder, p.batchOutputFolder, default_prompts=p.batchPromptsFile or None,
                                     output_format=p.batchFormat)
-            window = self.engineSettings().window
+            from SAMLiverSegLogic import module_logic
+
+            window = module_logic.window_spec(p.window, p.customWindow)
         except (ValueError, SAMLiverSegError) as exc:
             slicer.util.errorDisplay(str(exc))
             return
@@ -626,13 +801,21 @@ class SAMLiverSegLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return SAMLiverSegParameterNode(super().getParameterNode())
 
-    def segmentFromMarkups(self, volumeNode, segmentationNode, target, settings, roiNode=None, pointsNode=None,
-                           propagate=True, progress=None, cancel=None, engine=None):
-        from SAMLiverSegLogic import module_logic
+    def segmentFromMarkups(self, volumeNode, segmentationNode, target, roiNode=None, pointsNode=None,
+                           propagate=True, settings=None, timeout=600.0):
+        """For the Python console and scripts: the panel's "Segment liver/tumor" through the shared
+        inference worker, waited for (``select`` on its pipe). ``settings``: see
+        ``module_logic.worker_settings`` (default: LiteMedSAM, auto device). Returns the finished
+        ``module_logic.PanelRun`` (``status``, ``message``, ``segmentation_node``, ``segment_id``)."""
+        from SAMLiverSegLogic import module_logic, worker_client
 
-        return module_logic.segment_from_markups(
-            slicer.mrmlScene, volumeNode, segmentationNode, target, settings, roi_node=roiNode,
-            positive_node=pointsNode, engine=engine, propagate=propagate, progress=progress, cancel=cancel)
+        if settings is None:
+            settings = module_logic.worker_settings("lite_medsam", None, "auto", "auto", None,
+                                                    python=self.pythonSlicerExecutable())
+        client = worker_client.shared_client(**settings)
+        run = module_logic.PanelRun(slicer.mrmlScene, client, volumeNode, segmentationNode, target, roi_node=roiNode,
+                                    positive_node=pointsNode, propagate=propagate)
+        return module_logic.run_until_done(run, timeout=timeout)
 
     @staticmethod
     def pythonSlicerExecutable() -> str:
@@ -675,10 +858,14 @@ class SAMLiverSegLogic(ScriptedLoadableModuleLogic):
 
 
 class SAMLiverSegTest(ScriptedLoadableModuleTest):
-    """Loads a CT (a synthetic phantom), places a box, runs the effect logic, checks the segment.
+    """Loads a CT (a synthetic phantom), places an ROI, presses "Segment liver" in the panel and
+    checks the segment; drags a box with the Segment Anything effect; the training panel.
 
-    Run from "Reload and Test" or ctest (slicer_add_python_unittest). On first run it installs
-    the dependencies (in testing mode without asking).
+    Model work runs in the inference worker, as in normal use: the test waits the way the GUI
+    does, processing Qt events until the notifier-driven callback says it is done (no ``join()``,
+    no blocking wait), with a timeout. Run from "Reload and Test" or ctest
+    (slicer_add_python_unittest). On first run it installs the dependencies (in testing mode
+    without asking).
     """
 
     def setUp(self):
@@ -688,11 +875,22 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_SAMLiverSeg_dependencies()
         self.setUp()
-        self.test_SAMLiverSeg_EffectLogicBox()
+        self.test_SAMLiverSeg_PanelSegmentLiver()
         self.setUp()
         self.test_SAMLiverSeg_SegmentEditorEffect()
         self.setUp()
         self.test_SAMLiverSeg_TrainingPanel()
+
+    def processEventsUntil(self, condition, timeoutS: float, what: str) -> None:
+        """Let Qt run (notifiers, timers, redraws) until ``condition()``; fail after ``timeoutS``."""
+        import time
+
+        deadline = time.monotonic() + timeoutS
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail(f"{what}: not done within {timeoutS:g} s")
+            slicer.app.processEvents(qt.QEventLoop.AllEvents, 50)
+            time.sleep(0.005)  # the worker is another process: nothing here needs the CPU meanwhile
 
     def test_SAMLiverSeg_dependencies(self):
         from SAMLiverSegLogic import dependencies
@@ -709,8 +907,10 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
         from samliverseg.demo.phantom import make_phantom
         from SAMLiverSegLogic import volume_nodes
 
-        ph = make_phantom((24, 96, 112), (3.0, 3.0, 5.0), seed=3, n_tumors=1, scale=0.75)
-        volumeNode = volume_nodes.add_volume_node_from_volume(slicer.mrmlScene, ph.to_volume(), "PhantomCT")
+        spacing = (3.0, 3.0, 5.0)  # (k, j, i) order as make_phantom takes it: i and j 3 mm, k 5 mm
+        ph = make_phantom((24, 96, 112), spacing, seed=3, n_tumors=1, scale=0.75)
+        ijkToRas = np.diag([-spacing[2], -spacing[1], spacing[0], 1.0])  # i -> L, j -> P, k -> S (axial CT)
+        volumeNode = volume_nodes.add_volume_node(slicer.mrmlScene, ph.hu.astype(np.int16), ijkToRas, "PhantomCT")
         volumeNode.CreateDefaultDisplayNodes()
         liver = ph.liver_mask
         ks = np.flatnonzero(liver.any(axis=(1, 2)))
@@ -732,38 +932,58 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
         slicer.app.processEvents()
         return sliceWidget, sliceNode
 
-    def test_SAMLiverSeg_EffectLogicBox(self):
+    def test_SAMLiverSeg_PanelSegmentLiver(self):
+        """The panel as a user drives it: volume, ROI, "Segment liver" (twice: one segment editor
+        node), the result against the phantom's liver, undo."""
         import numpy as np
-        from SAMLiverSegLogic import effect_logic, geometry, segment_writer, slice_clicks, volume_nodes
+        from SAMLiverSegLogic import volume_nodes
 
-        self.delayDisplay("Load a CT phantom")
+        self.delayDisplay("Load a CT phantom and place an ROI around the liver (3 slices)")
         volumeNode, liver, box = self._phantomScene()
         i0, j0, i1, j1, k = box
-        segmentationNode = volume_nodes.add_segmentation_node(slicer.mrmlScene, volumeNode)
-        segmentId = volume_nodes.add_segment(segmentationNode, "Liver")
-        editor = segment_writer.create_editor(slicer.mrmlScene, segmentationNode, volumeNode)
+        from SAMLiverSegLogic import module_logic
 
-        self.delayDisplay("Place a box in the red slice view")
-        _sliceWidget, sliceNode = self._redSliceOn(volumeNode, ((i0 + i1) / 2, (j0 + j1) / 2, k))
-        xyA = slice_clicks.ras_to_xy(sliceNode, geometry.ijk_to_ras_point(volumeNode, (i0, j0, k)))[:2]
-        xyB = slice_clicks.ras_to_xy(sliceNode, geometry.ijk_to_ras_point(volumeNode, (i1, j1, k)))[:2]
-        session = effect_logic.SegmentAnythingSession(effect_logic.EngineSettings(device="cpu"))
-        self.assertTrue(session.set_volume_node(volumeNode).ok)
-        outcome = session.drag_box(sliceNode, xyA, xyB)
-        self.assertTrue(outcome.ok, outcome.message)
-        self.assertGreater(outcome.voxels, 0)
+        roi = module_logic.roi_node_for_ijk_box(slicer.mrmlScene, volumeNode, (i0, j0, k - 1), (i1, j1, k + 1),
+                                                "LiverBox")
+        slicer.util.selectModule("SAMLiverSeg")
+        widget = slicer.modules.samliverseg.widgetRepresentation().self()
+        p = widget._parameterNode
+        p.inputVolume = volumeNode
+        p.roi = roi
+        p.points = None
+        p.outputSegmentation = None
+        p.model = "lite_medsam"
+        p.device = "cpu"
+        p.backend = "torch"  # no offer to install a faster backend in a test
+        p.window = "model"
+        p.propagate = True
 
-        self.delayDisplay("Propagate to 3D and apply")
-        outcome = session.propagate()
-        self.assertTrue(outcome.ok, outcome.message)
-        outcome = session.apply(editor.target, segmentationNode, segmentId)
-        self.assertTrue(outcome.ok, outcome.message)
-        mask = volume_nodes.segment_mask(segmentationNode, segmentId, volumeNode)
-        dice = 2.0 * np.logical_and(mask, liver).sum() / (mask.sum() + liver.sum())
-        self.delayDisplay(f"Liver Dice against the phantom truth: {dice:.3f}")
+        self.delayDisplay("Segment liver (the inference worker answers; Qt wakes the panel)")
+        editorNodesBefore = None
+        for attempt in range(2):
+            widget.onSegment("liver")
+            run = widget.panelRun
+            self.assertIsNotNone(run)
+            self.processEventsUntil(lambda: run.finished and widget.segmentProgress is None, 600, "Segment liver")
+            self.assertEqual(run.status, "done", run.message)
+            editorNodes = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode")
+            if editorNodesBefore is None:
+                editorNodesBefore = editorNodes
+            self.assertEqual(editorNodes, editorNodesBefore)  # the second click adds no editor node
+        segmentationNode = p.outputSegmentation
+        self.assertIsNotNone(segmentationNode)
+        mask = volume_nodes.segment_mask(segmentationNode, run.segment_id, volumeNode)
+        truth = liver.astype(bool).copy()
+        truth[: k - 1] = False
+        truth[k + 2:] = False
+        dice = 2.0 * np.logical_and(mask, truth).sum() / (mask.sum() + truth.sum())
+        self.delayDisplay(f"Liver Dice against the phantom truth (3 slices): {dice:.3f}")
         self.assertGreater(dice, 0.5)
-        editor.target.undo()
-        self.assertEqual(volume_nodes.segment_mask(segmentationNode, segmentId, volumeNode).sum(), 0)
+        self.assertEqual(int(mask.sum()), int(mask[k - 1:k + 2].sum()))  # only inside the ROI
+        run.editor.target.undo()  # one undo step: the first result (the same mask) comes back
+        np.testing.assert_array_equal(volume_nodes.segment_mask(segmentationNode, run.segment_id, volumeNode), mask)
+        run.editor.target.undo()
+        self.assertEqual(int(volume_nodes.segment_mask(segmentationNode, run.segment_id, volumeNode).sum()), 0)
         self.delayDisplay("Test passed")
 
     def test_SAMLiverSeg_SegmentEditorEffect(self):
@@ -794,8 +1014,7 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
         xyA = slice_clicks.ras_to_xy(sliceNode, geometry.ijk_to_ras_point(volumeNode, (i0, j0, k)))[:2]
         xyB = slice_clicks.ras_to_xy(sliceNode, geometry.ijk_to_ras_point(volumeNode, (i1, j1, k)))[:2]
         effect.self().onDrag(sliceWidget, xyA, xyB)
-        self.assertTrue(effect.self().waitForBackgroundWork(timeout=300))
-        self.assertIsNotNone(effect.self().session.preview)
+        self.processEventsUntil(lambda: effect.self().session.preview is not None, 300, "the effect's preview")
         effect.self().onApply()
         mask = volume_nodes.segment_mask(segmentationNode, segmentId, volumeNode)
         self.assertGreater(int(mask[k].sum()), 0)

@@ -1,13 +1,20 @@
 """What the SAMLiverSeg module panel does, without Qt.
 
-* "Segment liver" / "Segment tumor": markups (an ROI and/or point lists) -> prompts -> the prompt
-  engine (propagated to 3D) -> a segment named "Liver" / "Liver tumor" in the chosen segmentation,
-  written through the Segment Editor logic (one undo step).
-* Which models exist and whether their weights are present, and the weights cache folder (the one
-  registry, ``samliverseg.models.registry.list_models``).
+* "Segment liver" / "Segment tumor": markups (an ROI and/or point lists, read as IJK prompts by
+  ``markups_prompts``) -> one ``propagate`` request (``propagate`` false: the prompted slices only)
+  to the inference worker, its fields from ``worker_client.prompt_fields`` (from which the worker
+  rebuilds exactly those prompts; no model code runs in Slicer's process) -> a segment named "Liver" /
+  "Liver tumor" in the chosen segmentation, written through the module's one segment editor node
+  (one undo step). :class:`PanelRun` never blocks: the GUI sends, then feeds it what
+  ``client.poll()`` returns whenever the worker's pipe is readable; :func:`run_until_done` is the
+  blocking loop (``select`` on the pipe, then ``poll``) for scripts and tests.
+  :func:`segment_from_markups` is the in-process variant (a given engine) for scripts and tests.
+* Which models exist and whether their weights are present, and the weights cache folder: what
+  ``samliverseg models --json`` prints (the one registry, ``registry.list_models``), read from
+  that command's output so that Slicer's process never imports torch (:func:`parse_models_json`;
+  the GUI runs the command with a QProcess, :func:`model_rows` with a subprocess).
 * The choices offered in the panel (models, devices, windows) and their validation; the model
   names offered for segmentation (the built-in 2D ones, then the user's trained interactive ones).
-  Models are opened by name with ``samliverseg.api.open_model`` (as the CLI and the effect do).
 * The training plot: train loss per optimiser step, mean train loss and validation Dice per
   epoch (``training_process.TrainingState``) as Slicer plot nodes: two ``vtkMRMLTableNode``
   (columns ``step``, ``train loss``; ``step``, ``epoch``, ``epoch loss``, ``val Dice``), three
@@ -17,14 +24,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import select
+import subprocess
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
 
 from samliverseg.core.errors import InputError, SAMLiverSegError
 
-from . import markups_prompts, segment_writer, volume_nodes
+from . import geometry, markups_prompts, segment_writer, volume_nodes
 from .constants import DEVICE_CHOICES, MODEL_CHOICES, TARGETS, WINDOW_CHOICES  # noqa: F401
 
 
@@ -51,25 +64,282 @@ class ModelRow:
     present: bool
     where: str
     description: str = ""
+    trained: bool = False
+    interactive: bool = True
+    family: str = ""
 
 
-def model_rows() -> Tuple[List[ModelRow], str]:
-    """([ModelRow], cache folder): every model of the installed library (built-in and trained, as
-    ``samliverseg models`` lists them), or a message if the library is not there."""
+def models_command(python: Optional[str] = None) -> List[str]:
+    """``samliverseg models --json``: the model list, made by the library in its own process."""
+    from .process import samliverseg_command
+
+    return samliverseg_command("models", "--json", python=python)
+
+
+def parse_models_json(text: str) -> Tuple[List[ModelRow], str]:
+    """([ModelRow], cache folder) from what ``samliverseg models --json`` printed (InputError if
+    it is not that)."""
     try:
-        from samliverseg.models.registry import list_models
-        from samliverseg.models.weights import cache_dir
-    except ImportError as exc:
-        return [], f"(the SAMLiverSeg library is not installed: {exc})"
-    rows = [ModelRow(r.name, r.present, r.path if r.present else f"missing: {r.where}", r.description)
-            for r in list_models()]
-    return rows, str(cache_dir())
+        data = json.loads(text)
+        rows = [ModelRow(str(r["name"]), bool(r["present"]),
+                         str(r.get("path") if r["present"] else f"missing: {r.get('where', '')}"),
+                         str(r.get("description", "")), bool(r.get("trained", False)),
+                         bool(r.get("interactive", True)), str(r.get("family", "")))
+                for r in data["models"]]
+        return rows, str(data["weights_cache"])
+    except (ValueError, KeyError, TypeError) as exc:
+        first = (text or "").strip().splitlines()[-1:] or ["(no output)"]
+        raise InputError(f"could not read the model list ({type(exc).__name__}): {first[0][:200]}") from None
+
+
+def model_rows(python: Optional[str] = None, timeout: float = 120.0) -> Tuple[List[ModelRow], str]:
+    """([ModelRow], cache folder): every model of the installed library (built-in and trained, as
+    ``samliverseg models`` lists them), or ([], a message) when it cannot be listed. Blocking (a
+    subprocess: nothing heavy is imported here); the GUI runs :func:`models_command` with a QProcess."""
+    try:
+        out = subprocess.run(models_command(python), capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [], f"(could not list the models: {exc})"
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout or "").strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
+        return [], f"(the SAMLiverSeg library could not list the models: {tail[0][:300]})"
+    try:
+        return parse_models_json(out.stdout)
+    except InputError as exc:
+        return [], f"({exc})"
+
+
+def model_choices(rows: Optional[List[ModelRow]] = None) -> List[str]:
+    """Model names to offer for prompt-based segmentation (2D: the panel propagates slice by slice):
+    the panel's built-in choices, then the user's trained interactive models that are usable, from
+    ``rows`` (default: :func:`model_rows`); only the built-in choices when the list is unavailable."""
+    names = list(MODEL_CHOICES)
+    if rows is None:
+        rows, _cache = model_rows()
+    names += [r.name for r in rows if r.trained and r.interactive and r.present and r.name not in names]
+    return names
+
+
+# -- "Segment liver/tumor" through the worker ------------------------------------------------------
+
+def worker_settings(model: str, checkpoint: Optional[str], device: str, backend: str, window: Optional[str],
+                    python: Optional[str] = None) -> Dict[str, Any]:
+    """The ``worker_client.shared_client(**settings)`` of the panel's choices (``window`` as
+    :func:`window_spec` gives it). The effect passes the same keys, so the two share one worker
+    while their choices agree."""
+    return {"python": python, "model": model, "checkpoint": checkpoint or None, "device": device,
+            "backend": backend, "window": window or None}
+
+
+def roi_node_for_ijk_box(scene, volume_node, lo_ijk, hi_ijk, name: str = "ROI"):
+    """A markups ROI node whose box is exactly the IJK box ``lo..hi`` of ``volume_node`` (voxel
+    centres; rotated with an oblique volume), placed in world RAS: what a user draws around an organ."""
+    m = geometry.world_ijk_to_ras(volume_node)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    object_to_node = np.eye(4)
+    object_to_node[:3, :3] = m[:3, :3] / spacing
+    centre = (np.asarray(lo_ijk, float) + np.asarray(hi_ijk, float)) / 2
+    object_to_node[:3, 3] = (m @ np.array([*centre, 1.0]))[:3]
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    roi.SetAndObserveObjectToNodeMatrix(geometry.vtk_matrix_from_array(object_to_node))
+    roi.SetSize(*((np.asarray(hi_ijk, float) - np.asarray(lo_ijk, float)) * spacing))
+    return roi
+
+
+def apply_mask(scene, volume_node, segmentation_node, target: str, mask: np.ndarray,
+               editor: Optional[segment_writer.Editor] = None) -> Tuple[object, str, segment_writer.Editor]:
+    """Write ``mask`` ([k, j, i] on the volume grid) as the target's segment ("Liver" / "Liver
+    tumor", made if missing) of ``segmentation_node`` (a new segmentation node when None), one
+    undo step, through the module's one segment editor node (liver: overwrites other segments;
+    tumour: overwrites none); pass the ``editor`` of the last call to keep one undo history. Returns (segmentation node, segment id, editor). On an error nothing
+    the user made changes: a segment or segmentation made here is removed again."""
+    if target not in TARGETS:
+        raise InputError(f"unknown target {target!r}: liver or tumor")
+    volume_nodes.check_source_volume(volume_node)
+    made_node = segmentation_node is None
+    if made_node:
+        segmentation_node = volume_nodes.add_segmentation_node(scene, volume_node,
+                                                               f"{volume_node.GetName()} segmentation")
+    name, color = TARGETS[target]
+    segmentation = segmentation_node.GetSegmentation()
+    if not segmentation.GetSegmentIdBySegmentName(name) and segmentation.GetNumberOfSegments() == 0:
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    existed = bool(segmentation.GetSegmentIdBySegmentName(name))
+    segment_id = volume_nodes.add_segment(segmentation_node, name, color)
+    if editor is not None and editor.node.GetScene() is not scene:
+        editor = None  # the scene was closed: its node is gone
+    try:
+        if editor is None:
+            editor = segment_writer.create_editor(scene, segmentation_node, volume_node,
+                                                  editor_node=segment_writer.module_editor_node(scene))
+        else:
+            editor.node.SetAndObserveSegmentationNode(segmentation_node)
+            editor.node.SetAndObserveSourceVolumeNode(volume_node)
+        segment_writer.configure_editing(editor.node, "everywhere", overwrite="none" if target == "tumor" else "all")
+        segment_writer.write_mask(editor.target, mask, volume_node, segmentation_node, segment_id, mode="set")
+    except Exception:
+        if made_node:
+            scene.RemoveNode(segmentation_node)
+        elif not existed:
+            segmentation.RemoveSegment(segment_id)
+        raise
+    return segmentation_node, segment_id, editor
+
+
+def _voxel_ml(volume_node) -> float:
+    return float(np.prod(volume_node.GetSpacing())) / 1000.0
+
+
+class PanelRun:
+    """One "Segment liver/tumor" through the worker, never blocking (see the module docstring).
+
+    ``start()`` sends ``load_volume`` (the volume node's voxels and world IJKToRAS) and the prompt
+    request; the GUI passes every ``client.poll()`` result to :meth:`handle` (which returns the
+    messages that are not this run's); when the answer comes the mask is written (one undo step)
+    and :attr:`status` becomes ``done``, else ``failed`` / ``cancelled`` with a one-line
+    :attr:`message` and nothing in the scene changed. Bad markups or a bad volume raise
+    :class:`SAMLiverSegError` in the constructor, before anything is sent.
+    """
+
+    def __init__(self, scene, client, volume_node, segmentation_node, target: str, roi_node=None,
+                 positive_node=None, negative_node=None, propagate: bool = True,
+                 editor: Optional[segment_writer.Editor] = None, timeout: Optional[float] = None):
+        if target not in TARGETS:
+            raise InputError(f"unknown target {target!r}: liver or tumor")
+        volume_nodes.check_source_volume(volume_node)
+        from .worker_client import prompt_fields
+
+        prompts = markups_prompts.prompts_from_markups(volume_node, roi_node, positive_node, negative_node)
+        self.fields = dict(prompt_fields(prompts), propagate=bool(propagate))
+        self.scene, self.client, self.volume_node = scene, client, volume_node
+        self.segmentation_node, self.target, self.editor, self.timeout = segmentation_node, target, editor, timeout
+        self.status = "new"  # new | running | done | failed | cancelled
+        self.message = ""
+        self.exit_code: Optional[int] = None
+        self.progress: Tuple[int, int] = (0, 0)
+        self.report: Dict[str, Any] = {}
+        self.load_id: Optional[int] = None
+        self.request_id: Optional[int] = None
+        self.segment_id: Optional[str] = None
+        self._t0 = 0.0
+
+    def start(self) -> "PanelRun":
+        """Send ``load_volume`` and the request (never waits); a worker that is not running starts."""
+        self._t0 = time.perf_counter()
+        self.status = "running"
+        try:
+            self.load_id = self.client.load_volume_node(self.volume_node, timeout=self.timeout)
+            self.request_id = self.client.send("propagate", timeout=self.timeout, **self.fields)
+        except SAMLiverSegError as exc:
+            self._fail(str(exc), getattr(exc, "exit_code", 2))
+        except Exception as exc:  # WorkerError (cannot start, refused version) and the like
+            self._fail(str(exc), getattr(exc, "exit_code", 70))
+        return self
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed", "cancelled")
+
+    def ids(self) -> List[int]:
+        return [i for i in (self.load_id, self.request_id) if i is not None]
+
+    def _fail(self, message: str, exit_code: int) -> None:
+        self.status = "cancelled" if exit_code == 130 else "failed"
+        self.message = " ".join(str(message).split()) or "the segmentation failed"
+        self.exit_code = int(exit_code)
+
+    def handle(self, messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Take this run's messages (progress, answers) from ``messages``; returns the others."""
+        others = []
+        for msg in messages:
+            rid = msg.get("id")
+            if rid not in self.ids():
+                others.append(msg)
+                continue
+            if self.finished:  # a late answer after a failure: drop it (and its array file)
+                self._discard(msg)
+                continue
+            if "ok" not in msg:
+                if rid == self.request_id and msg.get("event") == "progress":
+                    self.progress = (int(msg.get("done", 0)), int(msg.get("total", 0)))
+                continue
+            if not msg["ok"]:
+                what = "loading the volume" if rid == self.load_id else "segmenting"
+                self._fail(msg.get("error") or f"the worker failed {what}", msg.get("exit_code", 70))
+                if rid == self.load_id and self.request_id is not None:
+                    self.client.cancel(self.request_id)  # it would run on another volume
+                continue
+            if rid == self.request_id:
+                self._finish(msg["result"])
+        return others
+
+    def _discard(self, msg: Dict[str, Any]) -> None:
+        ref = (msg.get("result") or {}).get("mask") if msg.get("ok") else None
+        if ref:
+            try:
+                os.remove(ref["npy"])
+            except OSError:
+                pass
+
+    def _finish(self, result: Dict[str, Any]) -> None:
+        try:
+            mask = self.client.read_array(result["mask"])
+            self.segmentation_node, self.segment_id, self.editor = apply_mask(
+                self.scene, self.volume_node, self.segmentation_node, self.target, mask, self.editor)
+        except SAMLiverSegError as exc:
+            self._fail(str(exc), getattr(exc, "exit_code", 2))
+            return
+        voxels = int(np.count_nonzero(mask))
+        report = dict(result.get("report") or {})
+        report.update({"segment_id": self.segment_id, "segment_name": TARGETS[self.target][0], "voxels": voxels,
+                       "volume_ml": round(voxels * _voxel_ml(self.volume_node), 2),
+                       "wall_s": round(time.perf_counter() - self._t0, 3)})
+        self.report = report
+        self.status = "done"
+        self.message = (f"{report['segment_name']}: {voxels} voxels, {report['volume_ml']} ml "
+                        f"in {report['wall_s']} s")
+
+    def cancel(self) -> None:
+        """Ask the worker to stop (returns at once); the run ends ``cancelled`` when it answers."""
+        if self.finished:
+            return
+        for rid in self.ids():
+            self.client.cancel(rid)
+
+
+def run_until_done(run: PanelRun, timeout: float = 600.0, on_progress=None) -> PanelRun:
+    """Drive ``run`` as the GUI's notifier does, but blocking (scripts, tests, the console): wait
+    in ``select`` on the worker's pipe, then ``poll``; the same :meth:`PanelRun.handle` calls.
+    Messages of other requests are dropped. A run still going after ``timeout`` is cancelled."""
+    if run.status == "new":
+        run.start()
+    deadline = time.monotonic() + timeout
+    while not run.finished:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            run.cancel()
+            run._fail(f"no answer from the inference worker within {timeout:g} s", 70)
+            break
+        fd = run.client.fileno()
+        if fd is not None:
+            try:
+                select.select([fd], [], [], min(remaining, 1.0))
+            except (OSError, ValueError):  # the pipe closed between fileno() and select
+                pass
+        else:
+            time.sleep(0.02)
+        run.handle(run.client.poll())
+        if on_progress is not None:
+            on_progress(*run.progress)
+    return run
 
 
 def segment_from_markups(scene, volume_node, segmentation_node, target: str, settings, roi_node=None,
                          positive_node=None, negative_node=None, engine=None, propagate: bool = True,
                          editor: Optional[segment_writer.Editor] = None, progress=None, cancel=None) -> Dict:
-    """Segment the liver or a tumour from markups into a named segment. Returns a report dict.
+    """In-process variant of :class:`PanelRun` for scripts and tests: the same markups, the same
+    :func:`apply_mask`, with ``engine`` (or the model opened by name) in this process. The module
+    panel never calls it (Slicer's process runs no model code). Returns a report dict.
 
     Raises :class:`SAMLiverSegError` subclasses (one-line messages) on bad input; nothing in the
     scene changes in that case.
@@ -95,23 +365,9 @@ def segment_from_markups(scene, volume_node, segmentation_node, target: str, set
         return eng.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
 
     result = call_with_cpu_fallback(run, first, notes)
-    name, color = TARGETS[target]
-    segmentation = segmentation_node.GetSegmentation()
-    if not segmentation.GetSegmentIdBySegmentName(name) and segmentation.GetNumberOfSegments() == 0:
-        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    existed = bool(segmentation.GetSegmentIdBySegmentName(name))
-    segment_id = volume_nodes.add_segment(segmentation_node, name, color)
-    try:
-        if editor is None:
-            editor = segment_writer.create_editor(scene, segmentation_node, volume_node)
-            segment_writer.configure_editing(editor.node, "everywhere", overwrite="none" if target == "tumor" else "all")
-        segment_writer.write_mask(editor.target, result.mask, volume_node, segmentation_node, segment_id, mode="set")
-    except Exception:
-        if not existed:  # leave the segmentation as it was
-            segmentation.RemoveSegment(segment_id)
-        raise
+    _node, segment_id, _editor = apply_mask(scene, volume_node, segmentation_node, target, result.mask, editor)
     report = dict(getattr(result, "report", {}) or {})
-    report.update({"segment_id": segment_id, "segment_name": name, "notes": notes,
+    report.update({"segment_id": segment_id, "segment_name": TARGETS[target][0], "notes": notes,
                    "wall_s": round(time.perf_counter() - t0, 3)})
     return report
 
@@ -127,21 +383,6 @@ def _check_panel_model(name: str) -> None:
     if not entry.interactive:
         raise InputError(f"{name!r} is an automatic {entry.family} model (no prompts): use it with "
                          f"`samliverseg segment --model {name}` or the batch section")
-
-
-def model_choices() -> List[str]:
-    """Model names to offer for prompt-based segmentation (2D: the panel propagates slice by slice):
-    the panel's built-in choices, then the user's trained interactive models (kinds ``decoder``/
-    ``adapter``), from the one registry; unreadable trained models are left out, and only the
-    built-in choices are offered when the registry cannot be read."""
-    names = list(MODEL_CHOICES)
-    try:
-        from samliverseg.models.registry import list_models
-
-        names += [r.name for r in list_models() if r.trained and r.interactive and r.present and r.name not in names]
-    except (ImportError, OSError, SAMLiverSegError):
-        pass
-    return names
 
 
 # -- the training plot ---------------------------------------------------------------------------

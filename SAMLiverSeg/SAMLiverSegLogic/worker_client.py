@@ -24,6 +24,21 @@ pipelined (nothing waits). A request sent with a ``timeout`` that passes gets an
 and a ``cancel`` is sent for it. :meth:`WorkerClient.shutdown` asks the worker to stop and
 kills its process tree if it does not within ``shutdown_timeout``.
 
+One worker for the whole module: :func:`shared_client` is the accessor the Segment Editor effect,
+the module panel's "Segment liver/tumor" and the uncertainty overlay all use. It returns the one
+client while the settings (python, model, checkpoint, device, backend, precision, window, env,
+cache_mb) stay the same; when they change it shuts the old worker down and makes a new client,
+which starts its worker on its first request. :func:`shutdown_shared_client` stops it (module or
+effect cleanup, application exit; it is also registered with ``atexit``).
+
+How a GUI uses it without ever blocking (WORKER_PROTOCOL.md, "How the GUI uses the client"):
+``rid = client.send(...)`` (starts the worker if needed, never waits for it); then
+:meth:`WorkerClient.watch` says which pipe to watch (a new ``QSocketNotifier`` when it changed);
+when the pipe is readable, :meth:`WorkerClient.poll` returns the complete messages at once;
+:meth:`WorkerClient.next_timeout` says when to poll anyway for a request timeout
+(``QTimer.singleShot``). :meth:`WorkerClient.cancel` returns at once; the cancelled request
+ends with its own exit-code-130 response.
+
 Arrays (the volume, masks) travel as ``.npy`` files in a session folder this client owns (in
 ``/dev/shm`` when present); :meth:`WorkerClient.read_array` reads a result into memory and removes
 its file. POSIX only for now: the non-blocking pipe needs ``os.set_blocking`` and ``select`` on
@@ -39,13 +54,16 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from samliverseg.service import protocol
 
 from .process import kill_process_tree
+
+#: The fields of a prompt/propagate request for IJK Prompts (markups): ``client.send("propagate", **prompt_fields(p))``.
+prompt_fields = protocol.prompt_fields
 
 #: The exit code of a response the client makes up itself (the worker died, a timeout passed).
 EXIT_WORKER_LOST = protocol.EXIT_UNEXPECTED
@@ -73,20 +91,40 @@ def check_hello(result: Dict[str, Any], expected: int = protocol.PROTOCOL_VERSIO
                           protocol.EXIT_INPUT)
 
 
+#: Exit codes 128 + N a launcher reports when the Python it started died of signal N (POSIX shells
+#: do so; the worker itself never exits with them).
+LAUNCHER_SIGNAL_CODES = tuple(128 + int(getattr(signal, n)) for n in ("SIGKILL", "SIGSEGV", "SIGABRT", "SIGBUS")
+                              if hasattr(signal, n))
+
+
 def describe_exit(returncode: Optional[int], log_tail: str = "") -> str:
     """Why a worker ended, in words (for the one-line error of the requests it left behind)."""
     if returncode is None:
         return "the inference worker stopped answering"
-    if returncode < 0:
+    signum = -returncode if returncode < 0 else 0
+    if returncode in LAUNCHER_SIGNAL_CODES:  # a launcher (PythonSlicer, a shell) whose Python was killed
+        signum = returncode - 128
+    if signum:
         try:
-            name = signal.Signals(-returncode).name
+            name = signal.Signals(signum).name
         except ValueError:
-            name = f"signal {-returncode}"
-        if -returncode == getattr(signal, "SIGKILL", 9):
+            name = f"signal {signum}"
+        if signum == getattr(signal, "SIGKILL", 9):
             return f"the inference worker was killed ({name}, perhaps out of memory)"
         return f"the inference worker was killed ({name})"
     text = f"the inference worker exited with code {returncode}"
     return f"{text}: {log_tail}" if log_tail else text
+
+
+def _end_group(pgid: int) -> None:
+    """Kill what is left of the worker's process group (POSIX; the worker leads its own group):
+    children it or its launcher forked, orphaned when it ended."""
+    if os.name != "posix":
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class WorkerClient:
@@ -118,6 +156,7 @@ class WorkerClient:
         self._hello_id: Optional[int] = None
         self._volume_fields: Optional[Dict[str, Any]] = None  # the last load_volume, replayed after a restart
         self._volume_file: Optional[str] = None
+        self._volume_rid: Optional[int] = None
         #: the pids the last stop had to kill (the worker did not stop within shutdown_timeout)
         self.killed_pids: List[int] = []
 
@@ -163,8 +202,10 @@ class WorkerClient:
             log_path = os.path.join(self.session_dir, f"worker-{self.starts}.log")
             with open(log_path, "wb") as log:
                 try:
+                    # its own process group: what it or its launcher forks is ended with it (_end_group)
                     self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                 stderr=log, env=self.env, bufsize=0, close_fds=True)
+                                                 stderr=log, env=self.env, bufsize=0, close_fds=True,
+                                                 start_new_session=os.name == "posix")
                 except OSError as exc:  # no such Python, not executable
                     raise WorkerError(f"cannot start the inference worker with {self.python}: "
                                       f"{protocol.one_line(str(exc), 200)}") from None
@@ -173,7 +214,7 @@ class WorkerClient:
             self._buf = b""
             self._hello_id = self._write("hello", {"protocol": self.protocol_version}, internal=True)
             if self._volume_fields is not None:
-                self._write("load_volume", self._volume_fields, internal=True)
+                self._volume_rid = self._write("load_volume", self._volume_fields, internal=True)
         if wait:
             return self.wait_ready(timeout)
         return None
@@ -189,7 +230,8 @@ class WorkerClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WorkerTimeout(f"the inference worker did not answer hello within {timeout:g} s")
-            self._read(min(remaining, 1.0))
+            if not self._notice_exit():
+                self._read(min(remaining, 1.0))
         return self.hello_result
 
     def _log_tail(self) -> str:
@@ -212,6 +254,7 @@ class WorkerClient:
         except subprocess.TimeoutExpired:  # it closed stdout but lives on: end it
             kill_process_tree(proc.pid, timeout=1.0, force=True)
             rc = proc.wait()
+        _end_group(proc.pid)
         for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()
@@ -260,6 +303,18 @@ class WorkerClient:
                 return
             self._handle_lines(self._buf + chunk)
 
+    def _notice_exit(self) -> bool:
+        """If the worker has ended: take what it wrote (all of it is in the pipe by now) and reap
+        it, without waiting for the end of file a child of it may still hold back. True if it ended."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        self._read()
+        if self.proc is not None:
+            self._handle_lines(self._buf + b"\n")
+            self._buf = b""
+            self._reap()
+        return True
+
     def _handle_lines(self, data: bytes) -> None:
         *lines, self._buf = data.split(b"\n")
         for line in lines:
@@ -282,6 +337,8 @@ class WorkerClient:
                 self._inbox.append(message)
             return
         del self._pending[rid]
+        if info["type"] == "load_volume" and not message["ok"] and rid == self._volume_rid:
+            self._volume_fields = None  # a volume the worker refused is never replayed after a restart
         if not info["internal"]:
             self._inbox.append(message)
             return
@@ -331,7 +388,7 @@ class WorkerClient:
             self.start(wait=False)
             rid = self._write(rtype, fields, timeout=timeout)
         if rtype == "load_volume":
-            self._volume_fields = dict(fields)
+            self._volume_fields, self._volume_rid = dict(fields), rid
         return rid
 
     def poll(self) -> List[Dict[str, Any]]:
@@ -339,11 +396,33 @@ class WorkerClient:
         responses (``"ok"`` present), including the ones the client makes up for a dead worker or a
         passed timeout."""
         self._read()
-        if self.proc is not None and self.proc.poll() is not None:
-            self._read(0.05)  # it ended: take its last words and the end of file
+        self._notice_exit()
         self._check_deadlines()
         out, self._inbox = self._inbox, []
         return out
+
+    def watch(self) -> Optional[Tuple[int, int]]:
+        """What a GUI watches: ``(starts, fileno)`` of the running worker's stdout pipe, or None.
+
+        When the value differs from the one the GUI's ``QSocketNotifier`` was made for, the GUI
+        drops that notifier and, unless None, makes one on the new ``fileno`` (after a restart the
+        pipe is a new one, possibly with the same number).
+        """
+        if self.proc is None:
+            return None
+        return self.starts, self.proc.stdout.fileno()
+
+    def next_timeout(self) -> Optional[float]:
+        """Seconds until the earliest request ``timeout`` passes (0 if one has), None if none is set.
+
+        A silent worker wakes no notifier: a GUI that sends requests with a timeout polls once
+        more after this many seconds (``QTimer.singleShot``).
+        """
+        deadlines = [info["deadline"] for rid, info in self._pending.items()
+                     if info["deadline"] is not None and rid not in self._abandoned]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
 
     def wait(self, rid: int, timeout: Optional[float] = None,
              on_event: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
@@ -368,9 +447,7 @@ class WorkerClient:
                 if remaining is not None and remaining <= 0:
                     raise WorkerTimeout(f"request {rid} ({self._pending[rid]['type']}) got no answer within "
                                         f"{timeout:g} s", EXIT_WORKER_LOST, rid)
-                if self.proc is not None and self.proc.poll() is not None:
-                    self._read(0.05)
-                else:
+                if not self._notice_exit():
                     self._read(0.5 if remaining is None else min(remaining, 0.5))
                 self._check_deadlines()
 
@@ -466,6 +543,7 @@ class WorkerClient:
             except subprocess.TimeoutExpired:
                 self.killed_pids = kill_process_tree(proc.pid, timeout=1.0, force=True)
                 proc.wait()
+        _end_group(proc.pid)
         for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()
@@ -489,3 +567,70 @@ class WorkerClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+# -- the one shared worker of the module ------------------------------------------------------------
+
+#: The settings that make a worker; another value of any of them means another worker.
+SHARED_SETTINGS = ("python", "model", "checkpoint", "device", "backend", "precision", "window", "env", "cache_mb")
+
+_shared: Optional[WorkerClient] = None
+_shared_key: Optional[Tuple[Any, ...]] = None
+_atexit_registered = False
+
+
+def _settings_key(settings: Dict[str, Any]) -> Tuple[Any, ...]:
+    """The settings as a comparable key (defaults filled in, the environment as sorted pairs)."""
+    unknown = sorted(set(settings) - set(SHARED_SETTINGS))
+    if unknown:
+        raise TypeError(f"shared_client() got unknown settings {unknown}; known: {', '.join(SHARED_SETTINGS)}")
+    defaults = {"python": sys.executable, "model": "lite_medsam", "checkpoint": None, "device": "auto",
+                "backend": "auto", "precision": "fp32", "window": None, "env": None, "cache_mb": None}
+    values = dict(defaults, **{k: v for k, v in settings.items() if v is not None})
+    values["python"] = values["python"] or sys.executable
+    values["checkpoint"] = str(values["checkpoint"]) if values["checkpoint"] else None
+    values["window"] = str(values["window"]) if values["window"] else None
+    env = values["env"]
+    values["env"] = None if env is None else tuple(sorted((str(k), str(v)) for k, v in dict(env).items()))
+    values["cache_mb"] = None if values["cache_mb"] is None else float(values["cache_mb"])
+    return tuple(values[name] for name in SHARED_SETTINGS)
+
+
+def shared_client(**settings: Any) -> WorkerClient:
+    """The module's one worker client for these settings (keyword arguments of :class:`WorkerClient`
+    named in :data:`SHARED_SETTINGS`; None means the default).
+
+    Same settings as the last call: the same client (its worker, model, volume and embeddings
+    stay). Other settings: the old worker is shut down (which may take up to its
+    ``shutdown_timeout`` when it is busy) and a new client is made; it starts its worker on its
+    first request. Never starts a worker itself.
+    """
+    global _shared, _shared_key, _atexit_registered
+    key = _settings_key(settings)
+    if _shared is not None and key == _shared_key:
+        return _shared
+    shutdown_shared_client()
+    kwargs = dict(zip(SHARED_SETTINGS, key))
+    if kwargs["env"] is not None:
+        kwargs["env"] = dict(kwargs["env"])
+    _shared, _shared_key = WorkerClient(**kwargs), key
+    if not _atexit_registered:
+        import atexit
+
+        atexit.register(shutdown_shared_client)
+        _atexit_registered = True
+    return _shared
+
+
+def current_shared_client() -> Optional[WorkerClient]:
+    """The shared client if one was made (and not shut down), without making one."""
+    return _shared
+
+
+def shutdown_shared_client() -> None:
+    """Shut the shared worker down (its process tree, its session folder); the next
+    :func:`shared_client` makes a new one. Safe to call any time, also when there is none."""
+    global _shared, _shared_key
+    client, _shared, _shared_key = _shared, None, None
+    if client is not None:
+        client.shutdown()

@@ -156,6 +156,17 @@ def test_ras_prompts_land_on_the_same_voxels_as_ijk_prompts(name):
             prompts_from_request(bad, vol)
 
 
+def test_prompt_fields_give_the_worker_exactly_the_in_process_prompts():
+    vol = volume_from_ijk_to_ras(np.zeros((20, 30, 40), np.float32), GEOMETRIES["oblique"])
+    cases = [Prompts(positive=[(12.25, 7.5, 9.4), (3.0, 4.0, 11.0)], negative=[(20.0, 11.5, 9.0)], slice_axis="j"),
+             Prompts(box=SliceBox((5.0, 4.0, 9.0), (30.0, 22.0, 9.0)), roi=Roi3D(2, 3, 4, 35, 25, 15)),
+             Prompts(roi=Roi3D(1.0, 2.0, 3.0, 10.0, 12.0, 14.0), negative=[(5.0, 5.0, 5.0)])]
+    for p in cases:
+        fields = protocol.prompt_fields(p)
+        assert protocol.check_request(dict(fields, id=1, type="propagate", propagate=False))
+        assert prompts_from_request(json.loads(json.dumps(fields)), vol) == p
+
+
 # -- a real worker -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -287,6 +298,132 @@ def test_kill_9_mid_request_gives_a_clear_error_and_the_next_request_restarts(cl
     np.testing.assert_array_equal(client.read_array(res["mask"]), identity_results["mask2d"])
 
 
+def _wait_for(client, rid, what):
+    """Wait (as a notifier would) until a message of ``rid`` satisfies ``what``; the messages of it."""
+    got = []
+    while not any(what(m) for m in got):
+        assert select.select([client.fileno()], [], [], 120)[0], "the worker sent nothing for 120 s"
+        got += [m for m in client.poll() if m.get("id") == rid]
+    return got
+
+
+def _killed(resp):
+    assert resp["ok"] is False and resp["exit_code"] == 70, resp
+    assert "killed (SIGKILL" in resp["error"] and "the next request restarts it" in resp["error"]
+    assert "\n" not in resp["error"]
+
+
+def test_kill_9_mid_propagate_and_mid_prompt_then_the_same_masks(client, volumes, liver_box, identity_results):
+    vol = volumes["identity"]
+    k = identity_results["k"]
+    client.request("load_volume", array=client.write_array("vol", vol.array), ijk_to_ras=vol.ijk_to_ras_matrix())
+    # a propagation through the whole volume, killed after its first slice
+    starts = client.starts
+    rid = client.send("propagate", box=ras(vol, liver_box))
+    _wait_for(client, rid, lambda m: m.get("event") == "progress")
+    os.kill(client.pid, signal.SIGKILL)
+    _killed(client.wait(rid, timeout=60))
+    # the next request restarts the worker and reloads the volume: the same mask as before
+    roi_ras = ras(vol, [[0, 0, k], [127, 127, k + 1]])
+    again = client.request("propagate", box=ras(vol, liver_box), roi=roi_ras, timeout=600)
+    assert client.starts == starts + 1
+    np.testing.assert_array_equal(client.read_array(again["mask"]), identity_results["mask3d"])
+    # a prompt killed while it embeds its slice (a new volume: nothing cached)
+    for _ in range(3):
+        client.request("load_volume", array=client.write_array("vol", vol.array), ijk_to_ras=vol.ijk_to_ras_matrix())
+        rid = client.send("prompt", box=ras(vol, liver_box), orientation="axial")
+        while rid in client.pending():  # until the worker is on it (status is answered meanwhile)
+            busy = client.request("status", timeout=60)["busy"]
+            if busy is not None and busy["id"] == rid:
+                os.kill(client.pid, signal.SIGKILL)
+                break
+        resp = client.wait(rid, timeout=120)
+        if not resp["ok"]:
+            break  # killed mid-prompt (else it finished just before the kill: once more)
+        client.read_array(resp["result"]["mask"])
+    _killed(resp)
+    res = client.request("prompt", box=ras(vol, liver_box), orientation="axial", timeout=600)
+    np.testing.assert_array_equal(client.read_array(res["mask"]), identity_results["mask2d"])
+
+
+def test_out_of_memory_in_the_worker_is_exit_code_4_and_it_goes_on(client, tmp_path):
+    """A request for an absurd size: the worker's own allocation fails (MemoryError), not the worker."""
+    if open("/proc/sys/vm/overcommit_memory").read().strip() == "1":
+        pytest.skip("with overcommit_memory=1 a huge allocation succeeds and the kernel kills instead")
+    shape = (8192, 8192, 8192)  # int16: a sparse 1 TiB file; as float32 HU it needs 4 TiB
+    huge = tmp_path / "huge.npy"
+    with open(huge, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i2", "fortran_order": False, "shape": shape})
+        f.truncate(f.tell() + 2 * int(np.prod(shape, dtype=np.int64)))
+    client.request("load_volume", array=client.write_array("v", np.zeros((4, 8, 8), np.int16)),
+                   ijk_to_ras=np.eye(4).tolist(), timeout=600)
+    pid = client.request("status")["pid"]
+    resp = client.wait(client.send("load_volume", array={"npy": str(huge), "shape": list(shape), "dtype": "<i2"},
+                                   ijk_to_ras=np.eye(4).tolist()), timeout=300)
+    assert resp["ok"] is False and resp["exit_code"] == 4, resp
+    assert resp["error"].startswith("out of memory (cpu): ") and "\n" not in resp["error"]
+    status = client.request("status")  # the same worker goes on, its volume unchanged
+    assert status["pid"] == pid and status["volume"]["shape_kji"] == [4, 8, 8]
+
+
+def test_shutdown_kills_the_whole_tree_of_a_launcher(tmp_path):
+    """Slicer starts the worker through PythonSlicer, a launcher that runs Python as its child and
+    forwards no signal: a shell script that does the same stands in for it (a real process tree)."""
+    import psutil
+
+    launcher = tmp_path / "launcher.sh"
+    launcher.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\n')  # no exec: Python is the shell's child
+    launcher.chmod(0o755)
+    c = WorkerClient(python=str(launcher), device="cpu")
+    try:
+        python_pid = c.request("status", timeout=300)["pid"]
+        assert python_pid != c.pid and psutil.Process(python_pid).ppid() == c.pid
+        c.request("load_volume", array=c.write_array("v", np.zeros((40, 64, 64), np.int16)),
+                  ijk_to_ras=np.eye(4).tolist(), timeout=600)
+        rid = c.send("prefetch", range=[0, 39])
+        _wait_for(c, rid, lambda m: m.get("event") == "progress")
+        launcher_pid = c.pid
+        c.shutdown_timeout = 0.05  # busy embedding: it cannot stop in time
+        c.shutdown()
+        assert {launcher_pid, python_pid} <= set(c.killed_pids)
+        assert not _group_alive(launcher_pid)
+    finally:
+        c.shutdown()
+    # a launcher whose Python is killed exits with 128 + 9: the client still says what happened,
+    # and what the worker forked (e.g. while it embeds) is ended with it
+    c = WorkerClient(python=str(launcher), device="cpu")
+    try:
+        python_pid = c.request("status", timeout=300)["pid"]
+        c.request("load_volume", array=c.write_array("v", np.zeros((40, 64, 64), np.int16)),
+                  ijk_to_ras=np.eye(4).tolist(), timeout=600)
+        launcher_pid = c.pid
+        rid = c.send("prefetch", range=[0, 39])
+        _wait_for(c, rid, lambda m: m.get("event") == "progress")
+        os.kill(python_pid, signal.SIGKILL)
+        _killed(c.wait(rid, timeout=120))
+        assert not _group_alive(launcher_pid)
+    finally:
+        c.shutdown()
+
+
+def _group_alive(pgid):
+    """The live (not zombie) processes of a process group, after at most 10 s for SIGKILLs sent to land."""
+    import psutil
+
+    for _ in range(100):
+        alive = []
+        for p in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(p.pid)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        if not alive:
+            return alive
+        select.select([], [], [], 0.1)
+    return alive
+
+
 def test_bad_requests_to_a_real_worker_get_one_line_errors(client, volumes):
     vol = volumes["identity"]
     cases = [
@@ -358,3 +495,59 @@ def test_worker_help_describes_the_protocol_entry_point():
     for words in (f"Protocol version {protocol.PROTOCOL_VERSION}", protocol.PROTOCOL_PAGE, "stdin: one JSON request",
                   "stdout: one JSON message", '"type": "hello"', "--session-dir", "--model", "130 cancelled"):
         assert words in text, words
+
+
+# -- a native 3D model (SAM-Med3D, small random-weight configuration) -------------------------------
+
+def test_a_3d_model_is_served_clicks_in_ras_refine_and_equal_the_in_process_engine(tmp_path):
+    import torch
+
+    from samliverseg.api import open_model
+    from samliverseg.models.build_sam3d import build_sam_med3d_tiny
+
+    torch.manual_seed(0)
+    tiny = build_sam_med3d_tiny()
+    for n, p in tiny.named_parameters():  # the zero-initialised tables would hide mistakes
+        if "rel_pos" in n or "pos_embed" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ck = tmp_path / "tiny.pth"
+    torch.save({"model_state_dict": tiny.state_dict()}, ck)
+    ph = make_phantom((24, 48, 48), (1.6, 1.6, 3.0), seed=2, n_tumors=1)
+    m = ijk_to_ras(rot("z", 25) @ rot("y", 10) @ np.diag([-1.0, 1.0, 1.0]), (-20.0, 14.0, 3.5), (1.6, 1.6, 3.0))
+    vol = volume_from_ijk_to_ras(ph.hu, m)
+    k, j, i = (float(v) for v in np.argwhere(ph.labels == 1)[len(np.argwhere(ph.labels == 1)) // 2])
+    pos, neg = (i, j, k), (i + 4.0, j, k)
+    env = dict(os.environ, SAMLIVERSEG_CACHE=str(tmp_path / "cache"))
+    ref_engine = open_model("sam_med3d_tiny", str(ck), "cpu")
+    ref1 = ref_engine.segment(vol, [pos], [1])
+    ref2 = ref_engine.segment(vol, [neg], [0], previous=ref1)
+    with WorkerClient(model="sam_med3d_tiny", checkpoint=str(ck), device="cpu", env=env) as c:
+        loaded = c.request("load_volume", array=c.write_array("vol", ph.hu), ijk_to_ras=m.tolist(), timeout=600)
+        assert loaded["kind"] == "3d" and loaded["model"] == "sam_med3d_tiny" and loaded["window"] is None
+        events = []
+        r1 = c.wait(c.send("prompt3d", points=ras(vol, [pos])), timeout=600, on_event=events.append)
+        assert r1["ok"], r1
+        assert events and events[0]["event"] == "progress" and events[0]["stage"] == "prompt3d"
+        mask1 = c.read_array(r1["result"]["mask"])
+        assert mask1.shape == ph.hu.shape and r1["result"]["clicks_reused"] == 0
+        np.testing.assert_array_equal(mask1, ref1.mask)
+        # all the clicks so far: the first is reused, the negative one refines the last result
+        r2 = c.request("prompt3d", points=ras(vol, [pos, neg]), labels=[1, 0], timeout=600)
+        assert r2["clicks_reused"] == 1 and r2["report"]["timings"]["patches_encoded"] == 0
+        np.testing.assert_array_equal(c.read_array(r2["mask"]), ref2.mask)
+        assert c.request("status")["kind"] == "3d" and c.request("status")["clicks"] == 2
+        # the same clicks in IJK: the same result again, nothing decoded
+        r3 = c.request("prompt3d", frame="ijk", points=[list(pos), list(neg)], labels=[1, 0], timeout=600)
+        assert r3["clicks_reused"] == 2
+        np.testing.assert_array_equal(c.read_array(r3["mask"]), ref2.mask)
+        # 2D requests are refused in one line; a click outside is a prompt error; the result stays
+        for rtype, fields in (("prompt", {"points": ras(vol, [pos])}), ("prefetch", {"range": [0, 3]}),
+                              ("uncertainty", {"mask": c.write_array("m", mask1)})):
+            resp = c.wait(c.send(rtype, **fields), timeout=300)
+            assert resp["exit_code"] == 2 and "3D model: send prompt3d" in resp["error"], resp
+        bad = c.wait(c.send("prompt3d", frame="ijk", points=[list(pos), list(neg), [-9.0, 1.0, 1.0]],
+                            labels=[1, 0, 1]), timeout=300)
+        assert bad["exit_code"] == 2 and "outside the volume" in bad["error"]
+        again = c.request("prompt3d", frame="ijk", points=[list(pos), list(neg)], labels=[1, 0], timeout=600)
+        assert again["clicks_reused"] == 2
+        np.testing.assert_array_equal(c.read_array(again["mask"]), ref2.mask)

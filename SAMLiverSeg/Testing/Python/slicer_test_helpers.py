@@ -22,7 +22,7 @@ os.environ.setdefault("SAMLIVERSEG_CACHE", str(REPO_ROOT / ".cache" / "samlivers
 
 import slicer  # noqa: E402  (slicer-core)
 
-from SAMLiverSegLogic import geometry, volume_nodes  # noqa: E402
+from SAMLiverSegLogic import volume_nodes  # noqa: E402
 
 
 def rotation(axis, degrees):
@@ -96,14 +96,6 @@ def centre_view_on(slice_node, ras):
 
 def roi_in_volume_axes(scene, vol, lo_ijk, hi_ijk):
     """An ROI whose box is exactly the IJK box ``lo..hi`` (rotated with an oblique volume)."""
-    m = geometry.world_ijk_to_ras(vol)
-    spacing = np.linalg.norm(m[:3, :3], axis=0)
-    obj = np.eye(4)
-    obj[:3, :3] = m[:3, :3] / spacing
-    centre = (np.asarray(lo_ijk, float) + np.asarray(hi_ijk, float)) / 2
-    obj[:3, 3] = (m @ np.array([*centre, 1.0]))[:3]
-    roi = slicer.vtkMRMLMarkupsROINode()
-    scene.AddNode(roi)
-    roi.SetAndObserveObjectToNodeMatrix(geometry.vtk_matrix_from_array(obj))
-    roi.SetSize(*((np.asarray(hi_ijk, float) - np.asarray(lo_ijk, float)) * spacing))
-    return roi
+    from SAMLiverSegLogic.module_logic import roi_node_for_ijk_box
+
+    return roi_node_for_ijk_box(scene, vol, lo_ijk, hi_ijk)

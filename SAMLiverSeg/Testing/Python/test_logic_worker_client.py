@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from slicer_test_helpers import GEOMETRIES, MODULE_DIR, add_ct, centre_view_on, slice_node_for
+import vtk
+from slicer_test_helpers import GEOMETRIES, MODULE_DIR, add_ct, centre_view_on, roi_in_volume_axes, slice_node_for
 
 from samliverseg.interactive.engine import PromptEngine
-from SAMLiverSegLogic import geometry, slice_clicks, volume_nodes
-from SAMLiverSegLogic.worker_client import WorkerClient, WorkerError, check_hello, describe_exit
+from SAMLiverSegLogic import geometry, markups_prompts, slice_clicks, volume_nodes
+from SAMLiverSegLogic.worker_client import (WorkerClient, WorkerError, check_hello, current_shared_client,
+                                            describe_exit, prompt_fields, shared_client, shutdown_shared_client)
 
 SHAPE = (24, 40, 48)  # k, j, i
 
@@ -46,6 +48,29 @@ def test_hello_of_another_version_and_exit_descriptions():
     assert describe_exit(-signal.SIGSEGV) == "the inference worker was killed (SIGSEGV)"
     assert describe_exit(1, "ModuleNotFoundError: No module named 'samliverseg'") == \
         "the inference worker exited with code 1: ModuleNotFoundError: No module named 'samliverseg'"
+
+
+def test_shared_client_is_one_worker_per_settings():
+    """The effect, the module panel and the uncertainty overlay share one worker while the settings stay."""
+    shutdown_shared_client()
+    a = shared_client(device="cpu", backend="torch")
+    try:
+        assert shared_client(device="cpu", backend="torch", checkpoint=None, python=sys.executable) is a
+        assert a.proc is None and a.watch() is None  # made, not started
+        assert a.request("status", timeout=300)["model_loaded"] is False
+        proc = a.proc
+        assert a.watch() == (1, a.fileno()) and a.next_timeout() is None
+        assert shared_client(device="cpu", backend="torch") is a and a.pid == proc.pid
+        b = shared_client(device="cpu", backend="torch", window="abdomen")  # another setting: another worker
+        assert b is not a and current_shared_client() is b and b.proc is None
+        assert a.proc is None and proc.poll() is not None and a.session_dir is None
+        with pytest.raises(TypeError, match="unknown settings"):
+            shared_client(devise="cpu")
+        assert current_shared_client() is b
+    finally:
+        shutdown_shared_client()
+    assert current_shared_client() is None
+    shutdown_shared_client()  # twice is fine
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +112,48 @@ def test_a_drag_in_a_slice_view_gives_the_in_process_mask(client, oblique_ct):
     assert (res["slice_axis"], res["slice_index"]) == (ref.slice_axis, ref.slice_index) == ("k", 12)
     assert mask.sum() > 20
     np.testing.assert_array_equal(mask, ref.mask)
+
+
+@pytest.fixture(scope="module")
+def in_process_engine():
+    from samliverseg.api import open_model
+
+    return open_model("lite_medsam", device="cpu")
+
+
+def _point_list(scene, vol, ijk_points, name):
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    node.SetName(name)
+    for ijk in ijk_points:
+        node.AddControlPointWorld(vtk.vtkVector3d(*geometry.ijk_to_ras_point(vol, ijk)))
+    return node
+
+
+@pytest.mark.parametrize("name", ["identity", "flipped", "oblique"])
+def test_segment_liver_from_markups_is_one_propagate_request_equal_to_open_model(scene, client, in_process_engine,
+                                                                                 name):
+    """The module panel's "Segment liver/tumor": an ROI and point lists, sent as one request."""
+    vol = add_ct(scene, GEOMETRIES[name], SHAPE)
+    roi = roi_in_volume_axes(scene, vol, (9, 8, 10), (30, 28, 13))  # around the bright organ, 4 slices
+    pos = _point_list(scene, vol, [(19.0, 18.0, 11.0), (18.0, 17.0, 12.0)], "liver")
+    neg = _point_list(scene, vol, [(28.0, 26.0, 11.0)], "exclude")
+    prompts = markups_prompts.prompts_from_markups(vol, roi_node=roi, positive_node=pos, negative_node=neg)
+    assert prompts.roi is not None and len(prompts.positive) == 2 and len(prompts.negative) == 1
+    client.load_volume_node(vol)
+    events = []
+    resp = client.wait(client.send("propagate", **prompt_fields(prompts)), timeout=600, on_event=events.append)
+    assert resp["ok"], resp
+    mask = client.read_array(resp["result"]["mask"])
+    in_process_engine.set_volume(volume_nodes.volume_from_node(vol))
+    ref = in_process_engine.segment(prompts, propagate=True)
+    assert mask.sum() > 50 and set(np.flatnonzero(mask.any(axis=(1, 2)))) <= set(range(10, 14))
+    np.testing.assert_array_equal(mask, ref.mask)
+    assert resp["result"]["report"]["voxels"] == ref.report["voxels"]
+    assert [e["stage"] for e in events] and events[-1]["done"] == events[-1]["total"]
+    if name == "oblique":  # the panel's propagate box unchecked: the prompted slices only
+        flat = client.request("propagate", propagate=False, timeout=600, **prompt_fields(prompts))
+        ref_flat = in_process_engine.segment(prompts, propagate=False)
+        np.testing.assert_array_equal(client.read_array(flat["mask"]), ref_flat.mask)
 
 
 def test_poll_returns_at_once_the_pipe_wakes_a_notifier_and_cancel_answers(client, oblique_ct):
