@@ -421,21 +421,24 @@ class Trainer:
                     raise InputError(f"the run folder {self.out} is a file: choose a folder for --output")
                 self.out.mkdir(parents=True, exist_ok=True)
                 lock.acquire()
-                notes = [f"removed {p.name}, left by a write that never finished" for p in rf.remove_stale_tmp(self.out)]
-                if rf.StopFile(self.out).remove():
-                    notes.append(f"removed {rf.STOP_NAME}, left from before")
                 state = rf.run_state(self.out)
                 source = None
+                notes = []
                 if resume:
                     source = rf.resume_source(self.out, self.progress.log)
                     if source is None:
                         raise CheckpointError(f"--resume: no checkpoint ({ck.LAST_NAME} or {ck.BEST_NAME}) to resume "
                                               f"from in {self.out}; a run stopped before its first checkpoint "
                                               f"starts again without --resume (its embeddings are reused)")
+                    self.check_checkpoint(source)  # a wrong checkpoint or config: refused before anything is written
                 elif state is not None and not overwrite:
                     raise rf.refuse_new_run(self.out, state)
                 elif state is not None:
                     notes.append(f"--overwrite: removed {', '.join(rf.remove_run_files(self.out))} of the previous run")
+                lock.mark()  # the folder is ours from here on
+                notes += [f"removed {p.name}, left by a write that never finished" for p in rf.remove_stale_tmp(self.out)]
+                if rf.StopFile(self.out).remove():
+                    notes.append(f"removed {rf.STOP_NAME}, left from before")
                 outcome = ("ok", str(source) if source is not None else None, notes)
             except BaseException as exc:  # told to the other ranks, then raised here
                 lock.release()
@@ -448,6 +451,8 @@ class Trainer:
         if outcome[0] == "error":
             cls = InputError if outcome[1] == "InputError" else CheckpointError
             raise cls(f"rank 0: {outcome[2]}")
+        if self.progress.log_path is None:  # the folder is ours: OUTPUT/train.log from here on
+            self.progress.set_log_path(self.out / "train.log")
         for note in outcome[2]:
             self.progress.log(note)
         return Path(outcome[1]) if outcome[1] else None
@@ -460,11 +465,7 @@ class Trainer:
         def cancel() -> bool:
             return bool(user_cancel()) or stop_file.seen()
 
-        if self.progress.log_path is None:
-            self.progress.set_log_path(self.out / "train.log")
         self.progress.log(self.describe())
-        if source is not None:  # refuse a wrong checkpoint before minutes of data preparation
-            self.check_checkpoint(source)
         try:
             self.prepare_data(cancel)
             if self.stop_requested(cancel):

@@ -42,6 +42,7 @@ class RunLock:
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
         self.fd: Optional[int] = None
+        self.marked = False
 
     def acquire(self) -> "RunLock":
         fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
@@ -52,19 +53,28 @@ class RunLock:
             os.close(fd)
             raise InputError(f"the run folder {self.path.parent} is in use by another trainer ({holder}); "
                              f"wait for it, stop it, or choose another --output") from None
-        with contextlib.suppress(OSError):  # who holds it: for the message only (a full disk must not stop us)
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self.fd = fd
         return self
+
+    def mark(self) -> None:
+        """Write ``PID host`` into the lock file (after the folder checks passed: a refused run leaves
+        the folder as it was); for the message of a refused second trainer only, so a write error
+        (a full disk) is ignored."""
+        if self.fd is None:
+            return
+        self.marked = True
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            os.write(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
 
     def release(self) -> None:
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+        if self.marked:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
         with contextlib.suppress(OSError):
             _unlock_fd(fd)
         os.close(fd)
