@@ -108,6 +108,7 @@ def test_a_folder_that_holds_a_run_is_refused_without_resume_or_overwrite(phanto
 
 
 # ------------------------------------------------------------------------------- lock + STOP file
+@pytest.mark.slow  # 2 training processes: 20-40 s on 2 shared cores
 def test_one_trainer_per_folder_stop_file_and_a_dead_trainers_lock(phantom_cache, tmp_path, capsys):
     run = tmp_path / "run"
     cfg = config(phantom_cache, run, tmp_path / "c.yaml", epochs=500)  # runs until stopped
