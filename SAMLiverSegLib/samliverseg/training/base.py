@@ -13,9 +13,16 @@ and fills in hooks; everything else is done here, once, the same way for every k
   and extra values, already averaged over the ranks);
 * **the progress protocol** (:mod:`.progress`): ``start``, ``step``, ``epoch``, ``validation``,
   ``checkpoint``, ``done``, ``error`` (``train.py``), ``cancelled``, with the fields they had;
+* **the run folder** (:mod:`.runfolder`): rank 0 takes the folder's OS lock (one trainer per
+  folder), refuses a folder that holds a run unless ``resume`` or ``overwrite``, picks the resume
+  checkpoint (the newest complete one: ``last.pt``, else ``best.pt``), checks it and the config
+  (a resume may change only ``RESUME_APPLIED_KEYS``, ``RESUME_FREE_OPTIONS`` and ``LR_OPTION``;
+  every other change is refused) before anything is written, then removes stale ``.tmp`` files
+  and a left-over ``STOP`` file; the lock is released when ``run`` returns or raises;
 * **the cancel vote**: after every step (and after the data preparation and each epoch's
-  checkpoints) every rank says whether its ``cancel()`` is set and **any** rank's yes stops all
-  ranks after the same step (:func:`.distributed.any_rank`); ``last.pt`` is then written, a
+  checkpoints) every rank says whether its ``cancel()`` is set or the file ``OUTPUT/STOP`` has
+  appeared (rank 0 removes it when the run stops), and **any** rank's yes stops all ranks after
+  the same step (:func:`.distributed.any_rank`); ``last.pt`` is then written, a
   ``cancelled`` event emitted and :class:`~samliverseg.core.errors.CancelledError` raised (exit 130);
 * **checkpoints**: one dict layout (:meth:`checkpoint_dict`: trainable state, optimiser,
   scheduler, scaler, epoch / batch-in-epoch / step, epoch sums, RNG states incl. the trainer

@@ -80,10 +80,14 @@ class RunLock:
         os.close(fd)
 
 
+#: Windows locks byte ranges (mandatory): lock one far beyond the ``PID host`` text.
+_WIN_LOCK_OFFSET = 1 << 20
+
+
 def _lock_fd(fd: int) -> None:
     if sys.platform == "win32":
         import msvcrt
-        os.lseek(fd, 0, os.SEEK_SET)
+        os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)  # a byte past the text: the PID stays readable
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
     else:
         import fcntl
@@ -93,7 +97,7 @@ def _lock_fd(fd: int) -> None:
 def _unlock_fd(fd: int) -> None:
     if sys.platform == "win32":
         import msvcrt
-        os.lseek(fd, 0, os.SEEK_SET)
+        os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
     else:
         import fcntl
