@@ -22,7 +22,7 @@ from typing import Any, Dict, List
 import pytest
 
 from libtest_helpers import TINY, TINY_SPEC, run_on_small_disk, tiny_config, tiny_config_dict, tiny_sam_command, writer
-from samliverseg.core.errors import CancelledError
+from samliverseg.core.errors import CancelledError, CheckpointError
 from samliverseg.training import checkpoint as ck
 from samliverseg.training import runfolder as rf
 from samliverseg.training.decoder import DecoderTrainer
@@ -248,3 +248,57 @@ def test_disk_full_during_training_exit_3_previous_checkpoint_intact(phantom_cac
     for name in ("last.pt", "best.pt", "model.pth"):
         assert now[name][0] == before[name][0], name  # the previous checkpoints, byte for byte
     assert not [n for n in now if n.endswith(".tmp")]  # no partial file left behind
+
+
+@pytest.mark.slow  # a real 2-process gloo run: 20-40 s on 2 shared cores
+def test_stop_file_stops_every_rank_after_the_same_step(phantom_cache, tmp_path):
+    """Two gloo ranks (as torchrun starts them): the STOP file stops both after the same step, rank 0
+    writes last.pt and removes the file, both exit 130."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    cfg = config(phantom_cache, run, tmp_path / "c.yaml", epochs=500)
+    base = dict(env(tmp_path), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = [subprocess.Popen(train_cmd(cfg), env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        events = []
+        for line in procs[0].stdout:
+            events.append(json.loads(line))
+            if events[-1]["event"] == "step":
+                (run / rf.STOP_NAME).write_text("")
+                break
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [130, 130], outs[0][1][-2000:] + outs[1][1][-2000:]
+    ev = events + read_events(outs[0][0])
+    assert ev[-1]["event"] == "cancelled" and ev[-1]["exit_code"] == 130
+    assert ck.load_checkpoint(run / ck.LAST_NAME)["step"] == ev[-1]["step"]
+    assert not (run / rf.STOP_NAME).exists()
+
+
+def test_resume_skips_a_damaged_last_pt_for_a_complete_best_pt(phantom_cache, tmp_path):
+    run = tmp_path / "run"
+    t = DecoderTrainer(tiny_config("decoder", phantom_cache, run), progress=writer()[0])
+    with pytest.raises(CancelledError):  # after the first step of epoch 2
+        t.run(cancel=lambda: t.epoch >= 1 and t.batch_in_epoch >= 1)
+    per_epoch = ck.load_checkpoint(run / ck.BEST_NAME)["step"]
+    assert ck.load_checkpoint(run / ck.LAST_NAME)["step"] == per_epoch + 1
+    data = (run / ck.LAST_NAME).read_bytes()
+    (run / ck.LAST_NAME).write_bytes(data[: len(data) // 3])  # damaged on disk (not by our atomic writes)
+    pw, out = writer()
+    res = DecoderTrainer(tiny_config("decoder", phantom_cache, run), progress=pw).run(resume=True)
+    assert out.events()[0]["resumed"] is True and out.events()[0]["step"] == per_epoch
+    assert res["step"] == 2 * per_epoch
+    assert "resuming from the other checkpoint" in (run / "train.log").read_text()
+    # neither readable: refused with exit 3, naming the problem
+    for name in (ck.LAST_NAME, ck.BEST_NAME):
+        (run / name).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        DecoderTrainer(tiny_config("decoder", phantom_cache, run), progress=writer()[0]).run(resume=True)

@@ -432,7 +432,7 @@ class Trainer:
                 source = None
                 notes = []
                 if resume:
-                    source = rf.resume_source(self.out, self.progress.log)
+                    source = rf.resume_source(self.out, notes.append)
                     if source is None:
                         raise CheckpointError(f"--resume: no checkpoint ({ck.LAST_NAME} or {ck.BEST_NAME}) to resume "
                                               f"from in {self.out}; a run stopped before its first checkpoint "
