@@ -426,6 +426,9 @@ class Trainer:
             try:
                 if self.out.exists() and not self.out.is_dir():
                     raise InputError(f"the run folder {self.out} is a file: choose a folder for --output")
+                if resume and not self.out.is_dir():
+                    raise CheckpointError(f"--resume: the run folder {self.out} does not exist (no {ck.LAST_NAME} "
+                                          f"to resume from)")
                 self.out.mkdir(parents=True, exist_ok=True)
                 lock.acquire()
                 state = rf.run_state(self.out)
