@@ -13,9 +13,16 @@ and fills in hooks; everything else is done here, once, the same way for every k
   and extra values, already averaged over the ranks);
 * **the progress protocol** (:mod:`.progress`): ``start``, ``step``, ``epoch``, ``validation``,
   ``checkpoint``, ``done``, ``error`` (``train.py``), ``cancelled``, with the fields they had;
+* **the run folder** (:mod:`.runfolder`): rank 0 takes the folder's OS lock (one trainer per
+  folder), refuses a folder that holds a run unless ``resume`` or ``overwrite``, picks the resume
+  checkpoint (the newest complete one: ``last.pt``, else ``best.pt``), checks it and the config
+  (a resume may change only ``RESUME_APPLIED_KEYS``, ``RESUME_FREE_OPTIONS`` and ``LR_OPTION``;
+  every other change is refused) before anything is written, then removes stale ``.tmp`` files
+  and a left-over ``STOP`` file; the lock is released when ``run`` returns or raises;
 * **the cancel vote**: after every step (and after the data preparation and each epoch's
-  checkpoints) every rank says whether its ``cancel()`` is set and **any** rank's yes stops all
-  ranks after the same step (:func:`.distributed.any_rank`); ``last.pt`` is then written, a
+  checkpoints) every rank says whether its ``cancel()`` is set or the file ``OUTPUT/STOP`` has
+  appeared (rank 0 removes it when the run stops), and **any** rank's yes stops all ranks after
+  the same step (:func:`.distributed.any_rank`); ``last.pt`` is then written, a
   ``cancelled`` event emitted and :class:`~samliverseg.core.errors.CancelledError` raised (exit 130);
 * **checkpoints**: one dict layout (:meth:`checkpoint_dict`: trainable state, optimiser,
   scheduler, scaler, epoch / batch-in-epoch / step, epoch sums, RNG states incl. the trainer
@@ -36,6 +43,7 @@ and fills in hooks; everything else is done here, once, the same way for every k
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -51,12 +59,17 @@ from samliverseg.core.errors import CancelledError, CheckpointError, InputError,
 from samliverseg.models.kinds import get_kind
 from samliverseg.training import checkpoint as ck
 from samliverseg.training import distributed
-from samliverseg.training.config import TrainConfig
+from samliverseg.training import runfolder as rf
+from samliverseg.training.config import TrainConfig, options_from_dict
 from samliverseg.training.prepare import load_manifest
 from samliverseg.training.progress import ProgressWriter
 
-#: Config keys whose change on resume is expected (no warning).
-_RESUME_FREE_KEYS = ("epochs", "output", "device")
+#: Config keys a resume may change; every other change is refused (CheckpointError, exit 3).
+#: ``epochs``: the run goes on to the new number of epochs (a cosine schedule is stretched to end at
+#: the new last step); ``lr`` (the kind's ``LR_OPTION``): from the resumed step on, every parameter
+#: group's rate and the schedule's base rates are scaled by new/old; ``output``/``device``/``model_name``
+#: do not change the training.
+RESUME_APPLIED_KEYS = ("epochs", "lr", "output", "device", "model_name")
 
 
 def peak_rss_mb() -> Optional[float]:
@@ -105,6 +118,11 @@ class Trainer:
     #: Options of the kind's config section that must match for a resume (another network or
     #: another data pipeline otherwise): CheckpointError naming the key.
     RESUME_OPTIONS: Tuple[str, ...] = ()
+    #: Options of the kind's section a resume may change (they do not change the training, e.g.
+    #: DataLoader workers); every other change of the section is refused.
+    RESUME_FREE_OPTIONS: Tuple[str, ...] = ()
+    #: The config key of the learning rate this kind's optimiser starts from (a resume applies a change).
+    LR_OPTION: str = "lr"
     #: Names of the validation scores ``val_predictions`` yields; the first is the run's val Dice.
     VAL_SCORES: Tuple[str, ...] = ("dice",)
     #: Step values averaged over an epoch (sample-weighted) for the ``epoch`` event and the history.
@@ -117,9 +135,7 @@ class Trainer:
         self.rank = self.dist.rank if self.dist.enabled else int(rank)
         self.device = distributed.rank_device(config.device, self.dist)
         self.out = Path(config.output).expanduser()
-        self.progress = progress or ProgressWriter(rank=self.rank)
-        if self.progress.log_path is None:
-            self.progress.set_log_path(self.out / "train.log")
+        self.progress = progress or ProgressWriter(rank=self.rank)  # OUTPUT/train.log once the folder is ours
         self.amp = bool(config.amp and self.device.type == "cuda")
         self.manifest = load_manifest(Path(config.cache))
         self.settings: Dict[str, Any] = self.manifest.get("settings", {})
@@ -296,7 +312,32 @@ class Trainer:
                 raise CheckpointError(f"cannot resume from {path}: it was made with {self.KIND}.{key}={have!r}, "
                                       f"the config says {self.KIND}.{key}={want!r}")
         ck.check_resume(ckpt, path, self.cfg.to_dict(), sorted(self.trainable_state()))
+        free = set(RESUME_APPLIED_KEYS) | {f"{self.KIND}.{k}" for k in self.RESUME_FREE_OPTIONS} | {self.LR_OPTION}
+        for key, (have, want) in self.config_changes(ckpt).items():
+            if key not in free:
+                raise CheckpointError(f"cannot resume from {path}: {key} changed ({have!r} -> {want!r}), and a resume "
+                                      f"continues the same run (it may change only {', '.join(sorted(free))}): "
+                                      f"set it back, or start a new run (another --output, or --overwrite)")
         return ckpt
+
+    def flat_config(self, cfg: Dict[str, Any]) -> Dict[str, Any]:
+        """A config dict as ``{key: value}`` with this kind's section as ``kind.option`` (its
+        defaults filled in); the other kinds' sections are left out (this kind never reads them)."""
+        from samliverseg.models.kinds import KIND_NAMES
+        flat = {k: v for k, v in cfg.items() if k not in KIND_NAMES}
+        if self.opts is not None:
+            section = cfg.get(self.KIND) or {}
+            try:
+                opts = dataclasses.asdict(options_from_dict(type(self.opts), section, self.KIND))
+            except SAMLiverSegError:  # a section an older version wrote: compared as it is
+                opts = dict(section)
+            flat.update({f"{self.KIND}.{k}": v for k, v in opts.items()})
+        return flat
+
+    def config_changes(self, ckpt: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+        """``{key: (checkpoint's value, this config's value)}`` of every key that differs."""
+        old, new = self.flat_config(ckpt.get("config") or {}), self.flat_config(self.cfg.to_dict())
+        return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
     def restore(self, path: Path) -> None:
         """Continue from ``path``: weights, optimiser, scheduler, scaler, counters, sums, RNG states."""
@@ -314,11 +355,25 @@ class Trainer:
         self.history = list(ckpt.get("history") or [])
         ck.set_rng_state(ckpt["rng"], self.generator)
         self.resumed_world_size = int(ckpt.get("world_size") or 1)
-        old = ckpt.get("config") or {}
-        for k, v in self.cfg.to_dict().items():
-            if k not in ck.RESUME_KEYS and k not in _RESUME_FREE_KEYS and old.get(k) != v:
-                self.progress.log(f"warning: {k} changed since the checkpoint ({old.get(k)!r} -> {v!r}); "
-                                  f"the resumed run will differ from an uninterrupted one")
+        self.apply_resume_changes(ckpt)
+
+    def apply_resume_changes(self, ckpt: Dict[str, Any]) -> None:
+        """Apply the changes a resume may make (``RESUME_APPLIED_KEYS``), each logged."""
+        changes = self.config_changes(ckpt)
+        for key, (have, want) in changes.items():
+            self.progress.log(f"resume: {key} changed ({have!r} -> {want!r}); the new value applies from step "
+                              f"{self.step} on")
+        if self.LR_OPTION in changes:
+            have, want = changes[self.LR_OPTION]
+            ratio = float(want) / float(have)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * ratio
+            if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+                self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
+        if self.scheduler is not None and hasattr(self.scheduler, "T_max"):  # a cosine over all the steps
+            self.scheduler.T_max = max(1, self.total_steps())
 
     # ================================================================== validation
     @torch.no_grad()
@@ -347,32 +402,95 @@ class Trainer:
 
     # ================================================================== the run
     def run(self, resume: bool = False, cancel: Optional[Callable[[], bool]] = None,
-            register: bool = False) -> Dict[str, Any]:
-        cancel = cancel or (lambda: False)
-        cfg = self.cfg
+            register: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+        """Train (module docstring). ``resume``: continue from the run folder's newest complete
+        checkpoint; ``overwrite``: start over in a folder that holds a run (its checkpoints and model
+        are removed first); neither: a folder that holds a run is refused (InputError, exit 2).
+        ``cancel`` (e.g. a signal handler's flag) and the file ``OUTPUT/STOP`` stop the run after the
+        current step (``last.pt``, ``cancelled``, CancelledError: exit 130)."""
+        lock = rf.RunLock(self.out)
+        source = self._open_folder(lock, resume, overwrite)
+        try:
+            return self._run(source, cancel or (lambda: False), register)
+        finally:
+            lock.release()
+
+    def _open_folder(self, lock: rf.RunLock, resume: bool, overwrite: bool) -> Optional[Path]:
+        """Rank 0 takes the folder's lock and applies the folder rules (``runfolder``), before
+        anything is written there; the other ranks learn the outcome. Returns the resume checkpoint."""
+        if resume and overwrite:
+            raise InputError("--resume and --overwrite exclude each other: continue the run, or start it over")
+        outcome: Any = None
+        error: Optional[BaseException] = None
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-        distributed.barrier()
+            try:
+                if self.out.exists() and not self.out.is_dir():
+                    raise InputError(f"the run folder {self.out} is a file: choose a folder for --output")
+                if resume and not self.out.is_dir():
+                    raise CheckpointError(f"--resume: the run folder {self.out} does not exist (no {ck.LAST_NAME} "
+                                          f"to resume from)")
+                self.out.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+                state = rf.run_state(self.out)
+                source = None
+                notes = []
+                if resume:
+                    source = rf.resume_source(self.out, notes.append)
+                    if source is None:
+                        raise CheckpointError(f"--resume: no checkpoint ({ck.LAST_NAME} or {ck.BEST_NAME}) to resume "
+                                              f"from in {self.out}; a run stopped before its first checkpoint "
+                                              f"starts again without --resume (its embeddings are reused)")
+                    self.check_checkpoint(source)  # a wrong checkpoint or config: refused before anything is written
+                elif state is not None and not overwrite:
+                    raise rf.refuse_new_run(self.out, state)
+                elif state is not None:
+                    notes.append(f"--overwrite: removed {', '.join(rf.remove_run_files(self.out))} of the previous run")
+                lock.mark()  # the folder is ours from here on
+                notes += [f"removed {p.name}, left by a write that never finished" for p in rf.remove_stale_tmp(self.out)]
+                if rf.StopFile(self.out).remove():
+                    notes.append(f"removed {rf.STOP_NAME}, left from before")
+                outcome = ("ok", str(source) if source is not None else None, notes)
+            except BaseException as exc:  # told to the other ranks, then raised here
+                lock.release()
+                error = exc
+                outcome = ("error", type(exc).__name__, str(exc))
+        if self.dist.enabled:
+            outcome = distributed.broadcast_object(outcome)
+        if error is not None:
+            raise error
+        if outcome[0] == "error":
+            cls = InputError if outcome[1] == "InputError" else CheckpointError
+            raise cls(f"rank 0: {outcome[2]}")
+        if self.progress.log_path is None:  # the folder is ours: OUTPUT/train.log from here on
+            self.progress.set_log_path(self.out / "train.log")
+        for note in outcome[2]:
+            self.progress.log(note)
+        return Path(outcome[1]) if outcome[1] else None
+
+    def _run(self, source: Optional[Path], user_cancel: Callable[[], bool], register: bool) -> Dict[str, Any]:
+        cfg = self.cfg
+        stop_file = rf.StopFile(self.out)
+        self._stop_file = stop_file
+
+        def cancel() -> bool:
+            return bool(user_cancel()) or stop_file.seen()
+
         self.progress.log(self.describe())
-        last = self.out / ck.LAST_NAME
-        if resume:  # refuse a wrong checkpoint before minutes of data preparation
-            if not last.exists():
-                raise CheckpointError(f"--resume: no checkpoint {last} to resume from")
-            self.check_checkpoint(last)
         try:
             self.prepare_data(cancel)
             if self.stop_requested(cancel):
                 raise CancelledError("cancelled while preparing the training data")
         except CancelledError:
+            self._stop_file_done()
             self.progress.emit("cancelled", self.epoch, self.step, checkpoint=None, exit_code=CancelledError.exit_code)
             raise
         total = self.total_steps()
         self.scheduler = self.make_scheduler(total)
         resumed = False
-        if resume:
-            self.restore(last)
+        if source is not None:
+            self.restore(source)
             resumed = True
-            self.progress.log(f"resumed from {last}: epoch {self.epoch}, step {self.step}")
+            self.progress.log(f"resumed from {source}: epoch {self.epoch}, step {self.step}")
             if self.resumed_world_size != self.dist.world_size:
                 self.progress.log(f"warning: the checkpoint was written by a run of {self.resumed_world_size} "
                                   f"process(es), this run has {self.dist.world_size}: the global batch "
@@ -452,8 +570,16 @@ class Trainer:
         return {"status": "done", "model": model_path, "best_dice": self.best_dice, "samples_per_s": sps,
                 "history": self.history, "step": self.step, "registered": name, **self.done_fields()}
 
+    def _stop_file_done(self) -> None:
+        """The run stops: remove ``OUTPUT/STOP`` if it asked for that (rank 0)."""
+        stop_file = getattr(self, "_stop_file", None)
+        if stop_file is not None and self.rank == 0 and stop_file.seen():
+            stop_file.remove()
+            self.progress.log(f"{stop_file.path} asked to stop; removed it")
+
     def _cancel(self, saved: bool = False) -> Dict[str, Any]:
         path = self.out / ck.LAST_NAME if saved else self.save("last")
+        self._stop_file_done()
         self.progress.log(f"cancelled at epoch {self.epoch}, step {self.step}; state saved in {path} "
                           f"(continue with --resume)")
         self.progress.emit("cancelled", self.epoch, self.step, checkpoint=str(path), exit_code=CancelledError.exit_code)

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Mapping, Optional, Union
@@ -73,13 +74,16 @@ def save_checkpoint(obj: Mapping[str, Any], path: Union[str, os.PathLike],
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            why = "the disk is full"
-        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    except (OSError, RuntimeError) as exc:  # torch.save re-raises a failed write as a RuntimeError
+        if is_disk_full(exc, target.parent):
+            raise CheckpointError(f"disk full: cannot write {target} (the disk is full); the previous checkpoint "
+                                  f"(if any) is unchanged: free some space and continue with --resume") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             why = f"no permission to write in {target.parent}"
-        else:
+        elif isinstance(exc, OSError):
             why = exc.strerror or str(exc)
+        else:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot write the checkpoint {target}: {why}; the previous checkpoint "
                               f"(if any) is unchanged") from None
     finally:
@@ -87,6 +91,26 @@ def save_checkpoint(obj: Mapping[str, Any], path: Union[str, os.PathLike],
             with contextlib.suppress(OSError):
                 tmp.unlink()
     return target
+
+
+#: Less free space than this where a write failed: the failure was the full disk.
+DISK_FULL_FREE_BYTES = 1 << 20
+
+
+# lead: replace by core.errors.is_disk_full after merge
+def is_disk_full(exc: BaseException, folder: Union[str, os.PathLike, None] = None) -> bool:
+    """True when ``exc`` is a full disk: ``ENOSPC``/``EDQUOT``, or (torch re-raises a failed write as a
+    ``RuntimeError`` without the errno) any write error while ``folder`` has under 1 MiB free."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    if "No space left on device" in str(exc):
+        return True
+    if folder is not None and isinstance(exc, (OSError, RuntimeError)):
+        try:
+            return shutil.disk_usage(str(folder)).free < DISK_FULL_FREE_BYTES
+        except OSError:
+            return False
+    return False
 
 
 def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:

@@ -2,8 +2,10 @@
 
 * The image encoder is frozen. The image embedding of every training/validation slice is
   computed once (``SlicePredictor.preprocess`` + the encoder, exactly as at inference) and saved
-  in the run folder (``embeddings/<key>_<split>.pt``, atomically); a resumed or repeated run with
-  the same model, cache and slice selection loads them instead of recomputing.
+  in the run folder, one file per case written atomically as soon as the case is done
+  (``embeddings/<split>_<case>_<key>.pt``); a resumed, repeated or stopped-and-restarted run with
+  the same model, cache and slice selection loads them instead of recomputing (a SIGTERM, a STOP
+  file or a SIGKILL during the precompute loses at most the case being computed).
 * Slices: the axial slices (``array[k]``) of the cache's ``train``/``val`` labelled cases that
   contain the target (``liver``: label > 0, ``tumor``: label == 2); at most
   ``max_slices_per_case`` per case, evenly spaced over the case's target slices.
@@ -93,7 +95,7 @@ class SliceSet:
     masks: torch.Tensor  # (N, S, S) uint8: the label in the model-input frame
     low_res: torch.Tensor  # (N, 1, L, L) float32 0/1: the loss target
     ids: List[str]  # "case:k"
-    path: Optional[Path] = None  # the embeddings file it was saved to / loaded from
+    path: Optional[Path] = None  # the folder of the embeddings files
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -232,13 +234,17 @@ class DecoderTrainer(Trainer):
         self.model.eval()
 
     # ------------------------------------------------------------------ data
-    def _embed_key(self, selection) -> str:
+    def _embed_key(self, case: Dict[str, Any], ks: List[int]) -> str:
         ckpt = self.base_checkpoint
         st = ckpt.stat() if ckpt is not None and ckpt.exists() else None
         info = {"v": EMBED_FORMAT, "model": self.spec.name, "ckpt": str(ckpt), "size": st.st_size if st else None,
                 "mtime": st.st_mtime_ns if st else None, "target": self.cfg.target,
-                "cases": [(c["id"], c.get("case_hash"), ks) for c, ks in selection]}
+                "case": (case["id"], case.get("case_hash"), list(ks))}
         return content_hash(info)
+
+    def _embed_path(self, case: Dict[str, Any], ks: List[int], split: str) -> Path:
+        """One file per case (a chunk): what was computed before a stop or a kill is kept."""
+        return self.out / "embeddings" / f"{split}_{case['id']}_{self._embed_key(case, ks)}.pt"
 
     def _build_set(self, split: str, cancel: Callable[[], bool]) -> Optional[SliceSet]:
         """The split's slice set; when distributed rank 0 makes (or loads) and saves it, the others load it."""
@@ -250,7 +256,7 @@ class DecoderTrainer(Trainer):
         if self.rank == 0:
             try:
                 s = self._build_set_local(split, cancel)
-                status = ("ok", str(s.path) if s is not None else None)
+                status = ("ok", None)
             except BaseException as exc:  # told to the other ranks, then re-raised here
                 error = exc
                 status = ("cancelled" if isinstance(exc, CancelledError) else "error", str(exc))
@@ -264,57 +270,68 @@ class DecoderTrainer(Trainer):
             raise SAMLiverSegError(f"rank 0 could not prepare the {split} embeddings: {info}")
         if self.rank == 0:
             return s
-        if info is None:
-            return None
-        d = torchfile.load(info, what="embeddings file")
-        return SliceSet(d["features"], d["masks"], d["low_res"], list(d["ids"]), path=Path(info))
+        return self._build_set_local(split, cancel, compute=False)
 
-    def _build_set_local(self, split: str, cancel: Callable[[], bool]) -> Optional[SliceSet]:
+    def _embed_case(self, case: Dict[str, Any], ks: List[int], cancel: Callable[[], bool]) -> Dict[str, Any]:
+        """The embeddings, model-frame masks and loss targets of the slices ``ks`` of ``case``."""
+        S = int(self.spec.image_size)
+        feats, masks, lows, ids = [], [], [], []
+        with np.load(Path(self.cfg.cache) / case["file"]) as z:
+            image, label = z["image"], z["label"]
+            spacing = [float(x) for x in z["spacing"]]
+        pix = (spacing[1], spacing[0])  # rows (j), cols (i)
+        for k in ks:
+            if cancel():
+                raise CancelledError("cancelled while precomputing the image embeddings")
+            emb = self.predictor.embed(image[k], pix)
+            h, w = emb.input_hw
+            m = torch.from_numpy(self.target(label[k]).astype(np.float32))[None, None]
+            m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+            m = F.pad(m, (0, S - w, 0, S - h))
+            L = int(emb.features.shape[-1]) * 4
+            low = (F.interpolate(m, size=(L, L), mode="bilinear", align_corners=False) > 0.5).float()
+            feats.append(emb.features[0].cpu())
+            masks.append((m[0, 0] > 0.5).to(torch.uint8))
+            lows.append(low[0])
+            ids.append(f"{case['id']}:{k}")
+        return {"features": torch.stack(feats), "masks": torch.stack(masks), "low_res": torch.stack(lows), "ids": ids}
+
+    def _build_set_local(self, split: str, cancel: Callable[[], bool], compute: bool = True) -> Optional[SliceSet]:
+        """Each case's embeddings are loaded from their file, else computed and written (atomically)
+        before the next case starts (``compute=False``: the files must exist, rank 0 wrote them)."""
         selection = select_slices(self.cfg, self.manifest, split)
         if not selection:
             return None
-        key = self._embed_key(selection)
-        path = self.out / "embeddings" / f"{key}_{split}.pt"
-        if path.exists():
-            try:
-                d = torchfile.load(path, what="embeddings file")
-                self.progress.log(f"{split}: {len(d['ids'])} slice embeddings loaded from {path}")
-                return SliceSet(d["features"], d["masks"], d["low_res"], list(d["ids"]), path=path)
-            except Exception as exc:  # a damaged cache file is recomputed
-                self.progress.log(f"{split}: cannot read {path} ({exc}); recomputing")
-        S = int(self.spec.image_size)
-        feats, masks, lows, ids = [], [], [], []
-        t0 = time.monotonic()
-        n_total = sum(len(ks) for _, ks in selection)
+        parts: List[Dict[str, Any]] = []
+        t0, n_new, n_loaded = time.monotonic(), 0, 0
         for case, ks in selection:
-            with np.load(Path(self.cfg.cache) / case["file"]) as z:
-                image, label = z["image"], z["label"]
-                spacing = [float(x) for x in z["spacing"]]
-            pix = (spacing[1], spacing[0])  # rows (j), cols (i)
-            for k in ks:
-                if cancel():
-                    raise CancelledError("cancelled while precomputing the image embeddings")
-                emb = self.predictor.embed(image[k], pix)
-                h, w = emb.input_hw
-                m = torch.from_numpy(self.target(label[k]).astype(np.float32))[None, None]
-                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
-                m = F.pad(m, (0, S - w, 0, S - h))
-                L = int(emb.features.shape[-1]) * 4
-                low = (F.interpolate(m, size=(L, L), mode="bilinear", align_corners=False) > 0.5).float()
-                feats.append(emb.features[0].cpu())
-                masks.append((m[0, 0] > 0.5).to(torch.uint8))
-                lows.append(low[0])
-                ids.append(f"{case['id']}:{k}")
+            path = self._embed_path(case, ks, split)
+            d = None
+            if path.exists() or not compute:
+                try:
+                    d = torchfile.load(path, what="embeddings file")
+                    n_loaded += len(d["ids"])
+                except Exception as exc:  # noqa: BLE001 - a damaged file is recomputed
+                    if not compute:
+                        raise
+                    self.progress.log(f"{split}: cannot read {path} ({exc}); recomputing")
+            if d is None:
+                d = self._embed_case(case, ks, cancel)
+                if self.rank == 0:
+                    ck.save_checkpoint(d, path)
+                n_new += len(d["ids"])
+            parts.append(d)
         dt = time.monotonic() - t0
-        self.progress.log(f"{split}: embedded {n_total} slices in {dt:.1f} s ({n_total / max(dt, 1e-9):.2f} slices/s)")
+        if n_loaded:
+            self.progress.log(f"{split}: {n_loaded} slice embeddings loaded from {self.out / 'embeddings'}")
+        if n_new:
+            self.progress.log(f"{split}: embedded {n_new} slices in {dt:.1f} s ({n_new / max(dt, 1e-9):.2f} slices/s)")
+        ids = [i for d in parts for i in d["ids"]]
+        feats, masks, lows = (torch.cat([d[k] for d in parts]) for k in ("features", "masks", "low_res"))
         keep = [i for i in range(len(ids)) if masks[i].any()]  # a target too small to survive resizing
         if not keep:
             return None
-        s = SliceSet(torch.stack([feats[i] for i in keep]), torch.stack([masks[i] for i in keep]),
-                     torch.stack([lows[i] for i in keep]), [ids[i] for i in keep], path=path)
-        if self.rank == 0:
-            ck.save_checkpoint({"features": s.features, "masks": s.masks, "low_res": s.low_res, "ids": s.ids}, path)
-        return s
+        return SliceSet(feats[keep], masks[keep], lows[keep], [ids[i] for i in keep], path=self.out / "embeddings")
 
     def _prompts(self, masks: torch.Tensor, jitter: bool):
         return draw_prompts(masks, self.spec.image_size, self.cfg, self.generator, self.device, jitter)

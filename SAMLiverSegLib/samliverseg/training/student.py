@@ -161,6 +161,7 @@ class StudentTrainer(Trainer):
 
     KIND = STUDENT_KIND
     RESUME_OPTIONS = RESUME_OPTIONS
+    RESUME_FREE_OPTIONS = ("embed_batch",)  # speed only
 
     def __init__(self, config: TrainConfig, progress: Optional[ProgressWriter] = None, rank: int = 0):
         super().__init__(config, progress, rank)

@@ -1,21 +1,38 @@
-"""``samliverseg train --config CONFIG.yaml [--resume] [--output DIR]``.
+"""``samliverseg train --config CONFIG.yaml [--resume | --overwrite] [--output DIR]``.
 
 Builds the trainer of the config's ``kind`` (``models.kinds``: a :class:`.base.Trainer`), runs it and reports progress as JSON lines on stdout (:mod:`.progress`); logs go to stderr and to
 ``OUTPUT/train.log``.
 
-Signals: SIGTERM or SIGINT lets the current optimiser step finish, then ``last.pt`` is written
-atomically, a ``cancelled`` event is printed and the process exits with code 130. Run again with
-``--resume`` to continue from ``last.pt``.
+The run folder (``OUTPUT``, :mod:`.runfolder`): a folder that holds a finished run (``model.pth``)
+or a started one (``last.pt``/``best.pt``) is refused (exit 2, nothing touched) unless ``--resume``
+(continue it) or ``--overwrite`` (remove its checkpoints and model, then start over) is given. The
+trainer holds an OS lock on ``OUTPUT/.lock`` (its PID and host inside) while it runs: a second
+trainer in the same folder is refused (exit 2); the lock of a killed trainer does not block.
+``--resume`` starts from the newest complete checkpoint (``last.pt``, else ``best.pt`` when it holds
+the same or a later step) and removes temporary files a killed write left behind. A resume may
+change ``epochs``, ``lr`` (unet: ``unet.lr``), ``device``, ``output`` and ``model_name`` (applied
+from the resumed step on, logged); any other change of the config is refused (exit 3).
+
+Stopping: SIGTERM or SIGINT, or a file named ``STOP`` created in ``OUTPUT`` (what the Slicer
+module does: a signal to its launcher may not reach this process), lets the current optimiser step
+finish, then ``last.pt`` is written atomically, a ``cancelled`` event is printed and the process
+exits with code 130 (the STOP file is removed). The STOP file is checked after every optimiser step
+and during the data preparation and the embedding precompute (embeddings already computed are
+kept and reused). A STOP file left from before is removed when a run starts. Run again with
+``--resume`` to continue; a run killed outright (SIGKILL, power loss) continues the same way from
+its last checkpoint and reaches the same weights as an uninterrupted run.
 
 Exit codes:
 
 ====  ==========================================================================
 0     done (``done`` event)
-2     bad input: config (unknown key, bad value), cache, model name (``error`` event)
-3     checkpoint problem: unreadable/incompatible resume checkpoint, base weights
-      missing, a checkpoint that cannot be written (full disk) (``error`` event)
+2     bad input: config (unknown key, bad value), cache, model name, a run folder that holds a
+      run (without --resume/--overwrite) or is in use by another trainer (``error`` event)
+3     checkpoint problem: unreadable/incompatible resume checkpoint, a config change a resume
+      cannot apply, base weights missing, a checkpoint or embeddings file that cannot be
+      written ("disk full: ...", the previous checkpoint unchanged) (``error`` event)
 4     out of memory, GPU or CPU RAM (``error`` event suggests a smaller batch or patch)
-130   cancelled by SIGTERM/SIGINT (``cancelled`` event; state saved in ``last.pt``)
+130   cancelled by SIGTERM/SIGINT or OUTPUT/STOP (``cancelled`` event; state saved in ``last.pt``)
 70    an unexpected error (``error`` event with the exception's text; the traceback is logged)
 ====  ==========================================================================
 """
@@ -29,10 +46,11 @@ import threading
 import traceback
 from typing import List, Optional
 
-from samliverseg.core.errors import (EXIT_OUT_OF_MEMORY, EXIT_UNEXPECTED, CancelledError, SAMLiverSegError,
-                                     out_of_memory_kind)
+from samliverseg.core.errors import (EXIT_OUT_OF_MEMORY, EXIT_UNEXPECTED, CancelledError, CheckpointError,
+                                     SAMLiverSegError, out_of_memory_kind)
 from samliverseg.models.kinds import KINDS
 from samliverseg.training.base import register_result
+from samliverseg.training.checkpoint import is_disk_full
 from samliverseg.training.progress import ProgressWriter
 
 EXIT_OK = 0
@@ -52,7 +70,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
     parser.format_help = format_help  # type: ignore[method-assign]
     parser.add_argument("--config", help="the training config (YAML; the keys are listed below)")
-    parser.add_argument("--resume", action="store_true", help="continue the run from OUTPUT/last.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in OUTPUT from its newest complete checkpoint (last.pt, else best.pt)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an OUTPUT that holds a run: its last.pt, best.pt and model.pth are removed")
     parser.add_argument("--output", default=None, help="the run folder (overrides the config's `output`)")
     parser.add_argument("--example-config", metavar="KIND", choices=tuple(KINDS), default=None,
                         help="print a commented example config of trainer kind KIND and exit "
@@ -101,14 +122,15 @@ def run_train(args: argparse.Namespace) -> int:
         # SIGBREAK: what a Windows process manager can send to a process group (CTRL_BREAK_EVENT)
         for sig in (signal.SIGTERM, signal.SIGINT) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
             old[sig] = signal.signal(sig, _on_signal)
+    from pathlib import Path
+    cfg = None
     try:
-        from pathlib import Path
         out = getattr(args, "output", None)
         cfg = load_config(args.config, {"output": str(Path(out).expanduser().resolve()) if out else None})
-        progress.set_log_path(Path(cfg.output).expanduser() / "train.log")
         distributed.setup(cfg.device)
         trainer = build_trainer(cfg, progress, rank)
-        trainer.run(resume=bool(getattr(args, "resume", False)), cancel=stop.is_set, register=True)
+        trainer.run(resume=bool(getattr(args, "resume", False)), cancel=stop.is_set, register=True,
+                    overwrite=bool(getattr(args, "overwrite", False)))
         return EXIT_OK
     except CancelledError:
         return EXIT_CANCELLED  # the trainer has emitted `cancelled`
@@ -125,6 +147,13 @@ def run_train(args: argparse.Namespace) -> int:
             progress.log(f"error: {msg}")
             progress.emit("error", message=msg, exit_code=EXIT_OUT_OF_MEMORY)
             return EXIT_OUT_OF_MEMORY
+        folder = Path(cfg.output).expanduser() if cfg is not None else None
+        if is_disk_full(exc, folder if folder is not None and folder.is_dir() else None):
+            msg = (f"disk full: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} while writing "
+                   f"in {folder}; the last checkpoint (if any) is unchanged: free some space and continue with --resume")
+            progress.log(f"error: {msg}")
+            progress.emit("error", message=msg, exit_code=CheckpointError.exit_code)
+            return CheckpointError.exit_code
         progress.log("unexpected error:\n" + traceback.format_exc())
         progress.emit("error", message=f"{type(exc).__name__}: {exc}", exit_code=EXIT_UNEXPECTED)
         return EXIT_UNEXPECTED

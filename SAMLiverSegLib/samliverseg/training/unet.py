@@ -269,6 +269,8 @@ class UNetTrainer(Trainer):
 
     KIND = MODEL_KIND
     RESUME_OPTIONS = ARCH_OPTIONS
+    RESUME_FREE_OPTIONS = ("num_workers", "cache_rate")  # speed only
+    LR_OPTION = "unet.lr"
 
     def __init__(self, config: TrainConfig, progress: Optional[ProgressWriter] = None, rank: int = 0):
         super().__init__(config, progress, rank)

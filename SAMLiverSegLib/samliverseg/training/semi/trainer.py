@@ -337,6 +337,7 @@ class SemiTrainer(Trainer):
 
     KIND = SEMI_KIND
     RESUME_OPTIONS = RESUME_OPTIONS
+    RESUME_FREE_OPTIONS = ("embed_batch",)  # speed only
     VAL_SCORES = ("dice", "student_dice")
     EPOCH_MEANS = LOSS_KEYS
 
