@@ -73,6 +73,7 @@ CACHE_DIR = "cache"
 STOP_NAME = "STOP"
 CONFIG_NAME = "train.yaml"
 LAST_NAME = "last.pt"
+BEST_NAME = "best.pt"
 MODEL_NAME = "model.pth"
 
 
@@ -157,7 +158,9 @@ class TrainingRequest:
         return args
 
     def train_args(self, resume: bool = False) -> List[str]:
-        return ["train", "--config", str(self.config_path)] + (["--resume"] if resume else [])
+        """``train`` continues the run (``--resume``) or starts it over (``--overwrite``: the trainer
+        refuses a folder that holds a run otherwise; the panel asked the user before starting over)."""
+        return ["train", "--config", str(self.config_path)] + (["--resume"] if resume else ["--overwrite"])
 
 
 def write_config(request: TrainingRequest) -> Path:
@@ -194,7 +197,7 @@ def previous_run(run_folder) -> Dict[str, bool]:
     """What a run folder already holds (the panel warns before starting over, offers Resume)."""
     run = Path(run_folder).expanduser() if str(run_folder).strip() else None
     has = (lambda name: bool(run is not None and (run / name).is_file()))
-    return {"last": has(LAST_NAME), "model": has(MODEL_NAME), "config": has(CONFIG_NAME),
+    return {"last": has(LAST_NAME) or has(BEST_NAME), "model": has(MODEL_NAME), "config": has(CONFIG_NAME),
             "cache": has(f"{CACHE_DIR}/manifest.json")}
 
 

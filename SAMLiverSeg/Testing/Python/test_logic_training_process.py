@@ -117,6 +117,7 @@ def test_config_is_accepted_by_the_trainer_config_loader(tmp_path, dataset):
     assert prep[:2] == ["prepare", str(dataset["labelled"].resolve())] and prep[prep.index("--unlabelled") + 1] == str(unl.resolve())
     assert "--unlabelled" not in tiny_request(dataset, tmp_path / "r", unlabelled=str(unl)).prepare_args()  # semi only
     assert req.train_args(resume=True)[-1] == "--resume"
+    assert req.train_args()[-1] == "--overwrite"  # the panel asked before starting over; the trainer refuses a used folder otherwise
     cmd = process.samliverseg_command(*req.train_args())
     assert cmd[:4] == [sys.executable, "-m", "samliverseg.cli.commands", "train"]
 
