@@ -35,6 +35,9 @@ from samliverseg.core.prompts import Prompts
 #: Bumped whenever a request or response changes incompatibly; client and worker must agree.
 PROTOCOL_VERSION = 1
 
+#: The environment variable that gives a worker started with ``--connect`` the token it sends first.
+WORKER_TOKEN_ENV = "SAMLIVERSEG_WORKER_TOKEN"
+
 #: Where the protocol is documented (relative to the repository).
 PROTOCOL_PAGE = "SAMLiverSegLib/WORKER_PROTOCOL.md"
 
