@@ -339,6 +339,18 @@ def _killed(resp):
     assert "\n" not in resp["error"]
 
 
+def test_a_propagation_reports_progress_and_stops_on_cancel(client, volumes, liver_box):
+    vol = volumes["identity"]
+    client.request("load_volume", array=client.write_array("vol", vol.array), ijk_to_ras=vol.ijk_to_ras_matrix())
+    rid = client.send("propagate", box=ras(vol, liver_box))  # the whole volume: many slices
+    first = _wait_for(client, rid, lambda m: m.get("event") == "progress")[0]
+    assert first["stage"] == "propagate" and first["done"] < first["total"]
+    client.cancel(rid)
+    resp = client.wait(rid, timeout=300)
+    assert resp["ok"] is False and resp["exit_code"] == 130 and "cancel" in resp["error"] and "\n" not in resp["error"]
+    assert client.request("status")["busy"] is None  # nothing left running, the same worker goes on
+
+
 def test_kill_9_mid_propagate_and_mid_prompt_then_the_same_masks(client, volumes, liver_box, identity_results):
     vol = volumes["identity"]
     k = identity_results["k"]

@@ -52,7 +52,8 @@ ORIENTATION_NORMALS = {"axial": (0.0, 0.0, 1.0), "coronal": (0.0, 1.0, 0.0), "sa
 
 WORKER_HELP = f"""\
 The persistent inference worker: holds the model, one volume and its slice embeddings, and answers
-requests until `shutdown` (or until stdin closes).
+requests until `shutdown` (or until stdin closes). It serves 2D prompt models (prompt, propagate,
+uncertainty, prefetch) and SAM-Med3D models (prompt3d).
 
 Protocol version {PROTOCOL_VERSION}, documented in {PROTOCOL_PAGE}:
   * stdin: one JSON request per line, {{"id": N, "type": T, ...}}; T is one of
