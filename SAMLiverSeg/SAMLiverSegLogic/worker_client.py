@@ -432,7 +432,11 @@ class WorkerClient:
         self._next_id += 1
         self._pending[rid] = {"type": rtype, "internal": internal,
                               "deadline": time.monotonic() + timeout if timeout else None, "timeout": timeout}
-        self._io.write(protocol.encode(dict(fields, id=rid, type=rtype)))
+        try:
+            self._io.write(protocol.encode(dict(fields, id=rid, type=rtype)))
+        except (BrokenPipeError, OSError, ValueError):
+            del self._pending[rid]  # never sent: no answer is owed for it
+            raise
         return rid
 
     def _read(self, timeout: float = 0.0) -> None:
@@ -532,8 +536,11 @@ class WorkerClient:
             self.start(wait=False)
         try:
             rid = self._write(rtype, fields, timeout=timeout)
-        except (BrokenPipeError, OSError):  # it died just now: once more, on a new worker
+        except (BrokenPipeError, OSError, ValueError):  # it died just now (or is dying): once more, on a new one
+            if self.proc is not None and self.proc.poll() is None:
+                kill_process_tree(self.proc.pid, timeout=1.0, force=True)
             self._read()
+            self._notice_exit()
             self.start(wait=False)
             rid = self._write(rtype, fields, timeout=timeout)
         if rtype == "load_volume":
