@@ -121,8 +121,9 @@ def error_message(exc: BaseException) -> str:
         return one_line(str(exc))
     kind = out_of_memory_kind(exc)
     if kind is not None:
-        return (f"out of memory ({kind}): close other programs, use a smaller volume, or the CPU device "
-                f"({one_line(str(exc), 200)})")
+        advice = "close other programs or use a smaller volume" if kind == "cpu" else \
+            "close other programs, use a smaller volume, or the CPU device"
+        return f"out of memory ({kind}): {advice} ({one_line(str(exc), 200)})"
     return one_line(f"unexpected {type(exc).__name__}: {exc}")
 
 
