@@ -89,11 +89,14 @@ def _smoothed(hu2d: np.ndarray, pixel_spacing: Sequence[float]) -> np.ndarray:
 def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int, xy: Tuple[float, float],
                     pixel_spacing: Sequence[float], frozen: Collection[int] = (),
                     max_frac: float = MAX_FRAC, margin_hu: float = MARGIN_HU,
-                    max_slices: Optional[int] = None) -> np.ndarray:
+                    max_slices: Optional[int] = None, slice_mm: Optional[float] = None) -> np.ndarray:
     """The 3D wrong region a negative click at ``xy`` on slice ``index`` lies in (bool, volume grid).
 
     ``pixel_spacing`` is the (row, column) spacing of a slice across ``axis``; ``frozen`` slices
-    are never changed (except the clicked one); ``max_slices`` bounds the walk each way.
+    are never changed (except the clicked one); ``max_slices`` bounds the walk each way. With the
+    spacing across slices ``slice_mm`` and no ``max_slices``, the walk goes at most as far each way
+    as the clicked slice's region is wide (its equivalent diameter): a wrong blob is about as tall as
+    it is wide, and the walk does not follow vessels of the wrong tissue's HU far into the object.
     """
     out = np.zeros(mask3d.shape, dtype=bool)
     first = clicked_region(get_slice(mask3d, axis, index), get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac)
@@ -116,6 +119,9 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     region = _continuation(m0, get_slice(hu3d, axis, index), first, band, pixel_spacing, DISTINCT_MAX_FRAC, 1.0)
     get_slice(out, axis, index)[...] = first if region is None else (region | first)
     first = get_slice(out, axis, index).copy()
+    if max_slices is None and slice_mm is not None:
+        area_mm2 = float(first.sum()) * float(pixel_spacing[0]) * float(pixel_spacing[1])
+        max_slices = int(np.ceil(2.0 * np.sqrt(area_mm2 / np.pi) / float(slice_mm)))
     n = out.shape[axis_index(axis)]
     frozen = set(int(f) for f in frozen)
     for direction in (+1, -1):
