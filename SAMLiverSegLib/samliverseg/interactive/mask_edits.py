@@ -42,6 +42,8 @@ MIN_CONTRAST_HU = 15.0
 #: Where the removed tissue is distinct by HU, it may take up to this fraction of a slice's mask
 #: (a leak into the heart at the dome can be larger than the liver there).
 DISTINCT_MAX_FRAC = 0.9
+#: The walk goes at most this many times the clicked region's equivalent diameter each way.
+TALL = 2.0
 
 
 def _depth_px(mask2d: np.ndarray, x: int, y: int, pixel_spacing: Sequence[float]) -> float:
@@ -94,9 +96,10 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
 
     ``pixel_spacing`` is the (row, column) spacing of a slice across ``axis``; ``frozen`` slices
     are never changed (except the clicked one); ``max_slices`` bounds the walk each way. With the
-    spacing across slices ``slice_mm`` and no ``max_slices``, the walk goes at most as far each way
-    as the clicked slice's region is wide (its equivalent diameter): a wrong blob is about as tall as
-    it is wide, and the walk does not follow vessels of the wrong tissue's HU far into the object.
+    spacing across slices ``slice_mm`` and no ``max_slices``, the walk goes at most ``TALL`` times as
+    far each way as the clicked slice's region is wide (its equivalent diameter): a wrong organ is
+    not much taller than it is wide (a kidney about twice), and the walk does not follow vessels of
+    the wrong tissue's HU far into the object.
     """
     out = np.zeros(mask3d.shape, dtype=bool)
     first = clicked_region(get_slice(mask3d, axis, index), get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac)
@@ -121,7 +124,7 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     first = get_slice(out, axis, index).copy()
     if max_slices is None and slice_mm is not None:
         area_mm2 = float(first.sum()) * float(pixel_spacing[0]) * float(pixel_spacing[1])
-        max_slices = int(np.ceil(2.0 * np.sqrt(area_mm2 / np.pi) / float(slice_mm)))
+        max_slices = int(np.ceil(TALL * 2.0 * np.sqrt(area_mm2 / np.pi) / float(slice_mm)))
     n = out.shape[axis_index(axis)]
     frozen = set(int(f) for f in frozen)
     for direction in (+1, -1):
