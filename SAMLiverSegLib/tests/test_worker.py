@@ -148,10 +148,15 @@ def test_ras_prompts_land_on_the_same_voxels_as_ijk_prompts(name):
     assert q.positive == [tuple(pos)] and q.slice_axis == "j"
     roi = prompts_from_request({"roi": to_ras([[2.0, 3.0, 4.0], [12.0, 13.0, 8.0]]), "box": req["box"]}, vol).roi
     assert (roi.i0, roi.j0, roi.k0, roi.i1, roi.j1, roi.k1) == (2.0, 3.0, 4.0, 12.0, 13.0, 8.0)
+    # boxes on several slices: each corner pair snaps onto its own slice
+    multi = prompts_from_request({"box": req["box"], "boxes": [to_ras([[6.0, 5.0, 13.2], [25.0, 20.0, 12.9]])]}, vol)
+    assert [b.corner_a for b in multi.all_boxes()] == [(5.0, 4.0, 9.0), (6.0, 5.0, 13.0)]
+    assert multi.boxes[0].corner_b == (25.0, 20.0, 13.0) and multi.slice_indices() == [9, 13]
     for bad, words in (({"frame": "lps"}, "frame"), ({"orientation": "oblique"}, "orientation"),
                        ({"slice_axis": "k"}, "frame 'ijk'"), ({"points": [[1, 2]]}, "[x, y, z]"),
                        ({"points": [[1, 2, 3]], "labels": [2]}, "labels"), ({"points": [[1, 2, 3], [1, 2]]}, "[x, y, z]"),
-                       ({"frame": "ijk", "roi": [1, 2, 3, "a", 5, 6]}, "roi")):
+                       ({"frame": "ijk", "roi": [1, 2, 3, "a", 5, 6]}, "roi"),
+                       ({"boxes": [[[1, 2, 3]]]}, "two opposite corners")):
         with pytest.raises(protocol.ProtocolError, match=words):
             prompts_from_request(bad, vol)
 
@@ -160,7 +165,9 @@ def test_prompt_fields_give_the_worker_exactly_the_in_process_prompts():
     vol = volume_from_ijk_to_ras(np.zeros((20, 30, 40), np.float32), GEOMETRIES["oblique"])
     cases = [Prompts(positive=[(12.25, 7.5, 9.4), (3.0, 4.0, 11.0)], negative=[(20.0, 11.5, 9.0)], slice_axis="j"),
              Prompts(box=SliceBox((5.0, 4.0, 9.0), (30.0, 22.0, 9.0)), roi=Roi3D(2, 3, 4, 35, 25, 15)),
-             Prompts(roi=Roi3D(1.0, 2.0, 3.0, 10.0, 12.0, 14.0), negative=[(5.0, 5.0, 5.0)])]
+             Prompts(roi=Roi3D(1.0, 2.0, 3.0, 10.0, 12.0, 14.0), negative=[(5.0, 5.0, 5.0)]),
+             Prompts(box=SliceBox((5.0, 4.0, 3.0), (30.0, 22.0, 3.0)), positive=[(9.0, 9.0, 11.0)],
+                     boxes=[SliceBox((6.0, 4.0, 7.0), (28.0, 20.0, 7.0)), SliceBox((7.5, 5.0, 12.0), (25.0, 19.0, 12.0))])]
     for p in cases:
         fields = protocol.prompt_fields(p)
         assert protocol.check_request(dict(fields, id=1, type="propagate", propagate=False))
@@ -259,6 +266,25 @@ def test_worker_mask_equals_on_flipped_and_oblique_volumes(client, volumes, live
     np.testing.assert_array_equal(client.read_array(res["mask"]), identity_results["mask2d"])
 
 
+def test_boxes_on_several_slices_propagate_as_in_process(client, engine, volumes, phantom, identity_results):
+    """Corrections on several slices (``boxes``) through the worker: the in-process engine's mask."""
+    vol = volumes["identity"]
+    client.request("load_volume", array=client.write_array("vol", phantom.hu), ijk_to_ras=vol.ijk_to_ras_matrix())
+    k = identity_results["k"]
+    boxes = []
+    for kk in (k, k + 2):
+        i0, j0, i1, j1 = bbox_2d(phantom.liver_mask[kk])
+        boxes.append(SliceBox((i0 - 3.0, j0 - 3.0, float(kk)), (i1 + 3.0, j1 + 3.0, float(kk))))
+    prompts = Prompts(box=boxes[0], boxes=boxes[1:], roi=Roi3D(0, 0, k, 127, 127, k + 2))
+    res = client.request("propagate", box=ras(vol, [boxes[0].corner_a, boxes[0].corner_b]),
+                         boxes=[ras(vol, [boxes[1].corner_a, boxes[1].corner_b])],
+                         roi=ras(vol, [[0, 0, k], [127, 127, k + 2]]), timeout=600)
+    ref = engine.segment(prompts)
+    mask = client.read_array(res["mask"])
+    assert sorted(np.flatnonzero(mask.any(axis=(1, 2)))) == [k, k + 1, k + 2]
+    np.testing.assert_array_equal(mask, ref.mask)
+
+
 @pytest.mark.slow
 def test_worker_mask_equals_the_cli(tmp_path, client, volumes, liver_box, identity_results):
     import SimpleITK as sitk
@@ -313,6 +339,23 @@ def _killed(resp):
     assert "\n" not in resp["error"]
 
 
+def test_a_propagation_reports_progress_and_stops_on_cancel(client, volumes, liver_box):
+    vol = volumes["identity"]
+    client.request("load_volume", array=client.write_array("vol", vol.array), ijk_to_ras=vol.ijk_to_ras_matrix())
+    rid = client.send("propagate", box=ras(vol, liver_box))  # the whole volume: many slices
+    first = _wait_for(client, rid, lambda m: m.get("event") == "progress")[0]
+    assert first["stage"] == "propagate" and first["done"] < first["total"]
+    client.cancel(rid)
+    resp = client.wait(rid, timeout=300)
+    assert resp["ok"] is False and resp["exit_code"] == 130 and "cancel" in resp["error"] and "\n" not in resp["error"]
+    for _ in range(100):  # nothing left running (the worker clears "busy" just after its answer)
+        if client.request("status")["busy"] is None:
+            break
+        select.select([], [], [], 0.05)
+    else:
+        raise AssertionError("the cancelled propagation still runs")
+
+
 def test_kill_9_mid_propagate_and_mid_prompt_then_the_same_masks(client, volumes, liver_box, identity_results):
     vol = volumes["identity"]
     k = identity_results["k"]
@@ -361,7 +404,8 @@ def test_out_of_memory_in_the_worker_is_exit_code_4_and_it_goes_on(client, tmp_p
     resp = client.wait(client.send("load_volume", array={"npy": str(huge), "shape": list(shape), "dtype": "<i2"},
                                    ijk_to_ras=np.eye(4).tolist()), timeout=300)
     assert resp["ok"] is False and resp["exit_code"] == 4, resp
-    assert resp["error"].startswith("out of memory (cpu): ") and "\n" not in resp["error"]
+    assert resp["error"].startswith("out of memory (cpu): close other programs or use a smaller volume (")
+    assert "TiB" in resp["error"] and "\n" not in resp["error"]  # numpy's own words: how much it wanted
     status = client.request("status")  # the same worker goes on, its volume unchanged
     assert status["pid"] == pid and status["volume"]["shape_kji"] == [4, 8, 8]
 
@@ -426,6 +470,7 @@ def _group_alive(pgid):
 
 def test_bad_requests_to_a_real_worker_get_one_line_errors(client, volumes):
     vol = volumes["identity"]
+    client.request("load_volume", array=client.write_array("vol", vol.array), ijk_to_ras=vol.ijk_to_ras_matrix())
     cases = [
         (dict(rtype="prompt", frame="ijk", points=[[500.0, 10.0, 3.0]]), 2, "outside the volume"),
         (dict(rtype="prompt", frame="ijk", box=[[10.0, 10.0, 3.0], [10.5, 40.0, 3.0]]), 2, "empty"),

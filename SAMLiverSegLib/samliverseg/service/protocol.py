@@ -35,6 +35,9 @@ from samliverseg.core.prompts import Prompts
 #: Bumped whenever a request or response changes incompatibly; client and worker must agree.
 PROTOCOL_VERSION = 1
 
+#: The environment variable that gives a worker started with ``--connect`` the token it sends first.
+WORKER_TOKEN_ENV = "SAMLIVERSEG_WORKER_TOKEN"
+
 #: Where the protocol is documented (relative to the repository).
 PROTOCOL_PAGE = "SAMLiverSegLib/WORKER_PROTOCOL.md"
 
@@ -49,7 +52,8 @@ ORIENTATION_NORMALS = {"axial": (0.0, 0.0, 1.0), "coronal": (0.0, 1.0, 0.0), "sa
 
 WORKER_HELP = f"""\
 The persistent inference worker: holds the model, one volume and its slice embeddings, and answers
-requests until `shutdown` (or until stdin closes).
+requests until `shutdown` (or until stdin closes). It serves 2D prompt models (prompt, propagate,
+uncertainty, prefetch) and SAM-Med3D models (prompt3d).
 
 Protocol version {PROTOCOL_VERSION}, documented in {PROTOCOL_PAGE}:
   * stdin: one JSON request per line, {{"id": N, "type": T, ...}}; T is one of
@@ -117,8 +121,9 @@ def error_message(exc: BaseException) -> str:
         return one_line(str(exc))
     kind = out_of_memory_kind(exc)
     if kind is not None:
-        return (f"out of memory ({kind}): close other programs, use a smaller volume, or the CPU device "
-                f"({one_line(str(exc), 200)})")
+        advice = "close other programs or use a smaller volume" if kind == "cpu" else \
+            "close other programs, use a smaller volume, or the CPU device"
+        return f"out of memory ({kind}): {advice} ({one_line(str(exc), 200)})"
     return one_line(f"unexpected {type(exc).__name__}: {exc}")
 
 
@@ -225,7 +230,7 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[tuple, bool]]] = {
     "load_volume": {"path": ((str,), False), "array": ((dict,), False), "ijk_to_ras": ((list,), False)},
     "prompt": {"frame": ((str,), False), "orientation": ((str,), False), "normal": ((list,), False),
                "slice_axis": ((str,), False), "points": ((list,), False), "labels": ((list,), False),
-               "box": ((list,), False), "roi": ((list,), False)},
+               "box": ((list,), False), "boxes": ((list,), False), "roi": ((list,), False)},
     "uncertainty": {"mask": ((dict,), True), "slice_axis": ((str,), False), "members": ((int,), False),
                     "seed": ((int,), False)},
     "prefetch": {"slice_axis": ((str,), False), "slices": ((list,), False), "range": ((list,), False),
@@ -277,8 +282,11 @@ def prompt_fields(prompts: Prompts) -> Dict[str, Any]:
     if points:
         fields["points"] = points
         fields["labels"] = [1] * len(prompts.positive) + [0] * len(prompts.negative)
+    corners = lambda b: [[float(v) for v in b.corner_a], [float(v) for v in b.corner_b]]  # noqa: E731
     if prompts.box is not None:
-        fields["box"] = [[float(v) for v in prompts.box.corner_a], [float(v) for v in prompts.box.corner_b]]
+        fields["box"] = corners(prompts.box)
+    if prompts.boxes:
+        fields["boxes"] = [corners(b) for b in prompts.boxes]
     if prompts.roi is not None:
         r = prompts.roi
         fields["roi"] = [float(v) for v in (r.i0, r.j0, r.k0, r.i1, r.j1, r.k1)]
