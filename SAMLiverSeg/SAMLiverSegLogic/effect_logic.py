@@ -31,6 +31,8 @@ in world RAS (parent transforms applied), with the slice axis given as its RAS d
 
 from __future__ import annotations
 
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -118,6 +120,12 @@ class EngineSettings:
         return {"python": self.python, "model": self.model, "checkpoint": self.checkpoint, "device": self.device,
                 "window": None if three_d else self.window, "cache_mb": None if three_d else self.cache_mb,
                 "backend": self.backend}
+
+
+def worker_python() -> str:
+    """The worker's interpreter: Slicer's ``PythonSlicer`` (Slicer's Python with its environment)
+    when on the PATH, else this Python."""
+    return shutil.which("PythonSlicer") or sys.executable
 
 
 def default_client_factory(settings: EngineSettings):
