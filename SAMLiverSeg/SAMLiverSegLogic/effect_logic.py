@@ -98,8 +98,9 @@ class Outcome:
 
 
 def is_model_3d(name: Optional[str]) -> bool:
-    """True for a native 3D model (SAM-Med3D), by name: no model code is imported to decide it."""
-    return bool(name) and name in MODEL_3D_CHOICES
+    """True for a native 3D model (the SAM-Med3D family: ``sam_med3d``, ``sam_med3d_turbo``,
+    ``sam_med3d_tiny``), by name: no model code is imported in Slicer's process to decide it."""
+    return bool(name) and (name in MODEL_3D_CHOICES or name.startswith("sam_med3d"))
 
 
 @dataclass
