@@ -62,6 +62,9 @@ from samliverseg.service import protocol
 
 from .process import kill_process_tree
 
+#: The fields of a prompt/propagate request for IJK Prompts (markups): ``client.send("propagate", **prompt_fields(p))``.
+prompt_fields = protocol.prompt_fields
+
 #: The exit code of a response the client makes up itself (the worker died, a timeout passed).
 EXIT_WORKER_LOST = protocol.EXIT_UNEXPECTED
 

@@ -156,6 +156,17 @@ def test_ras_prompts_land_on_the_same_voxels_as_ijk_prompts(name):
             prompts_from_request(bad, vol)
 
 
+def test_prompt_fields_give_the_worker_exactly_the_in_process_prompts():
+    vol = volume_from_ijk_to_ras(np.zeros((20, 30, 40), np.float32), GEOMETRIES["oblique"])
+    cases = [Prompts(positive=[(12.25, 7.5, 9.4), (3.0, 4.0, 11.0)], negative=[(20.0, 11.5, 9.0)], slice_axis="j"),
+             Prompts(box=SliceBox((5.0, 4.0, 9.0), (30.0, 22.0, 9.0)), roi=Roi3D(2, 3, 4, 35, 25, 15)),
+             Prompts(roi=Roi3D(1.0, 2.0, 3.0, 10.0, 12.0, 14.0), negative=[(5.0, 5.0, 5.0)])]
+    for p in cases:
+        fields = protocol.prompt_fields(p)
+        assert protocol.check_request(dict(fields, id=1, type="propagate", propagate=False))
+        assert prompts_from_request(json.loads(json.dumps(fields)), vol) == p
+
+
 # -- a real worker -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -358,3 +369,59 @@ def test_worker_help_describes_the_protocol_entry_point():
     for words in (f"Protocol version {protocol.PROTOCOL_VERSION}", protocol.PROTOCOL_PAGE, "stdin: one JSON request",
                   "stdout: one JSON message", '"type": "hello"', "--session-dir", "--model", "130 cancelled"):
         assert words in text, words
+
+
+# -- a native 3D model (SAM-Med3D, small random-weight configuration) -------------------------------
+
+def test_a_3d_model_is_served_clicks_in_ras_refine_and_equal_the_in_process_engine(tmp_path):
+    import torch
+
+    from samliverseg.api import open_model
+    from samliverseg.models.build_sam3d import build_sam_med3d_tiny
+
+    torch.manual_seed(0)
+    tiny = build_sam_med3d_tiny()
+    for n, p in tiny.named_parameters():  # the zero-initialised tables would hide mistakes
+        if "rel_pos" in n or "pos_embed" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ck = tmp_path / "tiny.pth"
+    torch.save({"model_state_dict": tiny.state_dict()}, ck)
+    ph = make_phantom((24, 48, 48), (1.6, 1.6, 3.0), seed=2, n_tumors=1)
+    m = ijk_to_ras(rot("z", 25) @ rot("y", 10) @ np.diag([-1.0, 1.0, 1.0]), (-20.0, 14.0, 3.5), (1.6, 1.6, 3.0))
+    vol = volume_from_ijk_to_ras(ph.hu, m)
+    k, j, i = (float(v) for v in np.argwhere(ph.labels == 1)[len(np.argwhere(ph.labels == 1)) // 2])
+    pos, neg = (i, j, k), (i + 4.0, j, k)
+    env = dict(os.environ, SAMLIVERSEG_CACHE=str(tmp_path / "cache"))
+    ref_engine = open_model("sam_med3d_tiny", str(ck), "cpu")
+    ref1 = ref_engine.segment(vol, [pos], [1])
+    ref2 = ref_engine.segment(vol, [neg], [0], previous=ref1)
+    with WorkerClient(model="sam_med3d_tiny", checkpoint=str(ck), device="cpu", env=env) as c:
+        loaded = c.request("load_volume", array=c.write_array("vol", ph.hu), ijk_to_ras=m.tolist(), timeout=600)
+        assert loaded["kind"] == "3d" and loaded["model"] == "sam_med3d_tiny" and loaded["window"] is None
+        events = []
+        r1 = c.wait(c.send("prompt3d", points=ras(vol, [pos])), timeout=600, on_event=events.append)
+        assert r1["ok"], r1
+        assert events and events[0]["event"] == "progress" and events[0]["stage"] == "prompt3d"
+        mask1 = c.read_array(r1["result"]["mask"])
+        assert mask1.shape == ph.hu.shape and r1["result"]["clicks_reused"] == 0
+        np.testing.assert_array_equal(mask1, ref1.mask)
+        # all the clicks so far: the first is reused, the negative one refines the last result
+        r2 = c.request("prompt3d", points=ras(vol, [pos, neg]), labels=[1, 0], timeout=600)
+        assert r2["clicks_reused"] == 1 and r2["report"]["timings"]["patches_encoded"] == 0
+        np.testing.assert_array_equal(c.read_array(r2["mask"]), ref2.mask)
+        assert c.request("status")["kind"] == "3d" and c.request("status")["clicks"] == 2
+        # the same clicks in IJK: the same result again, nothing decoded
+        r3 = c.request("prompt3d", frame="ijk", points=[list(pos), list(neg)], labels=[1, 0], timeout=600)
+        assert r3["clicks_reused"] == 2
+        np.testing.assert_array_equal(c.read_array(r3["mask"]), ref2.mask)
+        # 2D requests are refused in one line; a click outside is a prompt error; the result stays
+        for rtype, fields in (("prompt", {"points": ras(vol, [pos])}), ("prefetch", {"range": [0, 3]}),
+                              ("uncertainty", {"mask": c.write_array("m", mask1)})):
+            resp = c.wait(c.send(rtype, **fields), timeout=300)
+            assert resp["exit_code"] == 2 and "3D model: send prompt3d" in resp["error"], resp
+        bad = c.wait(c.send("prompt3d", frame="ijk", points=[list(pos), list(neg), [-9.0, 1.0, 1.0]],
+                            labels=[1, 0, 1]), timeout=300)
+        assert bad["exit_code"] == 2 and "outside the volume" in bad["error"]
+        again = c.request("prompt3d", frame="ijk", points=[list(pos), list(neg)], labels=[1, 0], timeout=600)
+        assert again["clicks_reused"] == 2
+        np.testing.assert_array_equal(c.read_array(again["mask"]), ref2.mask)

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from slicer_test_helpers import GEOMETRIES, MODULE_DIR, add_ct, centre_view_on, slice_node_for
+import vtk
+from slicer_test_helpers import GEOMETRIES, MODULE_DIR, add_ct, centre_view_on, roi_in_volume_axes, slice_node_for
 
 from samliverseg.interactive.engine import PromptEngine
-from SAMLiverSegLogic import geometry, slice_clicks, volume_nodes
+from SAMLiverSegLogic import geometry, markups_prompts, slice_clicks, volume_nodes
 from SAMLiverSegLogic.worker_client import (WorkerClient, WorkerError, check_hello, current_shared_client,
-                                            describe_exit, shared_client, shutdown_shared_client)
+                                            describe_exit, prompt_fields, shared_client, shutdown_shared_client)
 
 SHAPE = (24, 40, 48)  # k, j, i
 
@@ -111,6 +112,48 @@ def test_a_drag_in_a_slice_view_gives_the_in_process_mask(client, oblique_ct):
     assert (res["slice_axis"], res["slice_index"]) == (ref.slice_axis, ref.slice_index) == ("k", 12)
     assert mask.sum() > 20
     np.testing.assert_array_equal(mask, ref.mask)
+
+
+@pytest.fixture(scope="module")
+def in_process_engine():
+    from samliverseg.api import open_model
+
+    return open_model("lite_medsam", device="cpu")
+
+
+def _point_list(scene, vol, ijk_points, name):
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    node.SetName(name)
+    for ijk in ijk_points:
+        node.AddControlPointWorld(vtk.vtkVector3d(*geometry.ijk_to_ras_point(vol, ijk)))
+    return node
+
+
+@pytest.mark.parametrize("name", ["identity", "flipped", "oblique"])
+def test_segment_liver_from_markups_is_one_propagate_request_equal_to_open_model(scene, client, in_process_engine,
+                                                                                 name):
+    """The module panel's "Segment liver/tumor": an ROI and point lists, sent as one request."""
+    vol = add_ct(scene, GEOMETRIES[name], SHAPE)
+    roi = roi_in_volume_axes(scene, vol, (9, 8, 10), (30, 28, 13))  # around the bright organ, 4 slices
+    pos = _point_list(scene, vol, [(19.0, 18.0, 11.0), (18.0, 17.0, 12.0)], "liver")
+    neg = _point_list(scene, vol, [(28.0, 26.0, 11.0)], "exclude")
+    prompts = markups_prompts.prompts_from_markups(vol, roi_node=roi, positive_node=pos, negative_node=neg)
+    assert prompts.roi is not None and len(prompts.positive) == 2 and len(prompts.negative) == 1
+    client.load_volume_node(vol)
+    events = []
+    resp = client.wait(client.send("propagate", **prompt_fields(prompts)), timeout=600, on_event=events.append)
+    assert resp["ok"], resp
+    mask = client.read_array(resp["result"]["mask"])
+    in_process_engine.set_volume(volume_nodes.volume_from_node(vol))
+    ref = in_process_engine.segment(prompts, propagate=True)
+    assert mask.sum() > 50 and set(np.flatnonzero(mask.any(axis=(1, 2)))) <= set(range(10, 14))
+    np.testing.assert_array_equal(mask, ref.mask)
+    assert resp["result"]["report"]["voxels"] == ref.report["voxels"]
+    assert [e["stage"] for e in events] and events[-1]["done"] == events[-1]["total"]
+    if name == "oblique":  # the panel's propagate box unchecked: the prompted slices only
+        flat = client.request("propagate", propagate=False, timeout=600, **prompt_fields(prompts))
+        ref_flat = in_process_engine.segment(prompts, propagate=False)
+        np.testing.assert_array_equal(client.read_array(flat["mask"]), ref_flat.mask)
 
 
 def test_poll_returns_at_once_the_pipe_wakes_a_notifier_and_cancel_answers(client, oblique_ct):

@@ -38,18 +38,28 @@ class EngineOptions:
 
 
 def open_engine(options: EngineOptions):
-    """The prompt engine for ``options``, opened like every other entry point (``api.open_model``):
-    a built-in 2D model or a trained decoder/adapter. 3D and automatic models take other requests."""
+    """The engine for ``options``, opened like every other entry point (``api.open_model``): a 2D
+    prompt model (built-in or a trained decoder/adapter: a ``PromptEngine``) or a native 3D model
+    (SAM-Med3D: a ``Sam3DEngine``, which takes no window, precision, cache or backend: the
+    backend option is ignored for it). Automatic models are refused (no prompts)."""
     from samliverseg.api import open_model
     from samliverseg.models.registry import find_model
     from samliverseg.models.specs import SAM3D
 
     entry = find_model(options.model, usable=True)
-    if not entry.interactive or entry.family == SAM3D:
-        raise InputError(f"{options.model!r} is not a 2D prompt model: the worker serves 2D prompt models "
-                         f"(e.g. lite_medsam, or a trained decoder/adapter)")
+    if entry.family == SAM3D:
+        return open_model(options.model, options.checkpoint, options.device, options.window,
+                          precision=options.precision)
+    if not entry.interactive:
+        raise InputError(f"{options.model!r} is an automatic model (no prompts): the worker serves prompt models "
+                         f"(e.g. lite_medsam, a trained decoder/adapter, or a SAM-Med3D model)")
     return open_model(options.model, options.checkpoint, options.device, options.window,
                       precision=options.precision, cache_mb=options.cache_mb, backend=options.backend)
+
+
+def is_3d_engine(engine) -> bool:
+    """True for a native 3D engine (clicks anywhere in the volume give a 3D mask)."""
+    return not hasattr(engine, "segment_slice")
 
 
 # -- geometry -------------------------------------------------------------------------------------
@@ -99,6 +109,30 @@ def _points(value: Any, what: str) -> np.ndarray:
     return p.reshape(-1, 3)
 
 
+def _labels(req: Dict[str, Any], n: int) -> List[int]:
+    labels = req.get("labels", [1] * n)
+    if not isinstance(labels, list) or len(labels) != n or any(v not in (0, 1) or isinstance(v, bool) for v in labels):
+        raise ProtocolError("labels must be a list of 1 (positive) / 0 (negative), one per point")
+    return [int(v) for v in labels]
+
+
+def _frame(req: Dict[str, Any]) -> str:
+    frame = req.get("frame", "ras")
+    if frame not in ("ras", "ijk"):
+        raise ProtocolError(f"frame must be 'ras' or 'ijk', got {frame!r}")
+    return frame
+
+
+def clicks_from_request(req: Dict[str, Any], volume: Volume) -> List[Tuple[Tuple[float, float, float], int]]:
+    """The IJK clicks ``[(ijk, label)]`` of a ``prompt3d`` request: points in RAS (default) or IJK,
+    anywhere in the volume (no slice: they are not moved), IJK rounded to 1e-6 voxel."""
+    frame = _frame(req)
+    points = _points(req.get("points", []), "points")
+    labels = _labels(req, len(points))
+    ijk = np.round(volume.ras_to_ijk(points), IJK_DECIMALS) if frame == "ras" and len(points) else points
+    return [(tuple(float(v) for v in p), lab) for p, lab in zip(ijk, labels)]
+
+
 def prompts_from_request(req: Dict[str, Any], volume: Volume) -> Prompts:
     """The IJK :class:`Prompts` of a ``prompt``/``propagate`` request (see WORKER_PROTOCOL.md).
 
@@ -107,13 +141,9 @@ def prompts_from_request(req: Dict[str, Any], volume: Volume) -> Prompts:
     ``normal``); each point is moved onto its nearest slice along that axis, the second box corner
     onto the first's slice. ``frame`` "ijk": coordinates are IJK and ``slice_axis`` says the axis.
     """
-    frame = req.get("frame", "ras")
-    if frame not in ("ras", "ijk"):
-        raise ProtocolError(f"frame must be 'ras' or 'ijk', got {frame!r}")
+    frame = _frame(req)
     points = _points(req.get("points", []), "points")
-    labels = req.get("labels", [1] * len(points))
-    if not isinstance(labels, list) or len(labels) != len(points) or any(v not in (0, 1) for v in labels):
-        raise ProtocolError("labels must be a list of 1 (positive) / 0 (negative), one per point")
+    labels = _labels(req, len(points))
     box = _points(req["box"], "box") if "box" in req else None
     if box is not None and box.shape != (2, 3):
         raise ProtocolError("box must be two opposite corners [[x, y, z], [x, y, z]]")
@@ -167,13 +197,18 @@ def prompts_from_request(req: Dict[str, Any], volume: Volume) -> Prompts:
 # -- the engine state -------------------------------------------------------------------------------
 
 class EngineState:
-    """The model (built on first need), the volume, and the work each request does."""
+    """The model (built on first need), the volume, and the work each request does.
+
+    A 3D model also keeps its last result and the clicks that made it (``prompt3d`` refines it).
+    """
 
     def __init__(self, options: EngineOptions, session_dir: str):
         self.options = options
         self.session_dir = session_dir
         self.engine = None
         self.volume: Optional[Volume] = None
+        self.result3d = None
+        self.clicks3d: List[Tuple[Tuple[float, float, float], int]] = []
 
     def require_engine(self):
         if self.engine is None:
@@ -184,6 +219,13 @@ class EngineState:
         if self.volume is None:
             raise InputError("no volume: send load_volume first")
         return self.volume
+
+    def require_2d(self, rtype: str) -> Volume:
+        volume = self.require_volume()
+        if is_3d_engine(self.engine):
+            raise InputError(f"{self.options.model} is a 3D model: send prompt3d with the clicks (it has no "
+                             f"slice prompts, propagation, prefetch or prompt-ensemble uncertainty; {rtype} refused)")
+        return volume
 
     def describe_volume(self) -> Optional[Dict[str, Any]]:
         v = self.volume
@@ -214,14 +256,25 @@ class EngineState:
             array = mm if mm.dtype == np.float32 else np.asarray(mm, dtype=np.float32)
             volume = volume_from_ijk_to_ras(array, m)
         engine = self.require_engine()
-        engine.set_volume(volume)
+        self.volume, self.result3d, self.clicks3d = None, None, []
+        if is_3d_engine(engine):
+            engine.prepare(volume)  # the working grid now, so that the first click only encodes
+        else:
+            engine.set_volume(volume)
         self.volume = volume
         out = self.describe_volume()
-        out.update({"model": engine.spec.name, "device": str(engine.device), "window": engine.window.spec()})
+        out.update({"model": engine.spec.name, "device": str(engine.device), "kind": self.kind(),
+                    "window": None if is_3d_engine(engine) else engine.window.spec()})
         return out
 
+    def kind(self) -> Optional[str]:
+        """``"2d"`` or ``"3d"`` once the model is built, else None."""
+        if self.engine is None:
+            return None
+        return "3d" if is_3d_engine(self.engine) else "2d"
+
     def prompt(self, req: Dict[str, Any]) -> Dict[str, Any]:
-        volume = self.require_volume()
+        volume = self.require_2d("prompt")
         prompts = prompts_from_request(req, volume)
         res = self.engine.segment_slice(prompts)
         return {"mask": write_array(self.session_dir, "w-mask2d", res.mask), "slice_axis": res.slice_axis,
@@ -229,16 +282,40 @@ class EngineState:
                 "ijk_to_ras": volume.ijk_to_ras_matrix()}
 
     def propagate(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:
-        volume = self.require_volume()
+        volume = self.require_2d("propagate")
         prompts = prompts_from_request(req, volume)
-        res = self.engine.segment(prompts, propagate=True, progress=progress, cancel=cancel)
+        res = self.engine.segment(prompts, propagate=req.get("propagate", True), progress=progress, cancel=cancel)
         return {"mask": write_array(self.session_dir, "w-mask3d", res.mask), "report": res.report,
                 "ijk_to_ras": volume.ijk_to_ras_matrix()}
+
+    def prompt3d(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:
+        """A 3D model's mask from all the clicks so far. When they continue the clicks of the last
+        result (same volume), only the new ones are decoded, refining that result, as the effect
+        does in process; otherwise (first click, cleared, another object, a restarted worker) the
+        result starts again from all of them. A failed request leaves the last result as it was."""
+        volume = self.require_volume()
+        if not is_3d_engine(self.engine):
+            raise InputError(f"{self.options.model} is a 2D model: send prompt (one slice) or propagate")
+        clicks = clicks_from_request(req, volume)
+        n_old = len(self.clicks3d)
+        previous = None
+        if self.result3d is not None and n_old <= len(clicks) and clicks[:n_old] == self.clicks3d:
+            previous, new = self.result3d, clicks[n_old:]
+        else:
+            new = clicks
+        if previous is not None and not new:
+            res = previous  # the same clicks again: the same result
+        else:
+            res = self.engine.segment(volume, [p for p, _ in new], [lab for _, lab in new], previous=previous,
+                                      progress=progress, cancel=cancel)
+        self.result3d, self.clicks3d = res, clicks
+        return {"mask": write_array(self.session_dir, "w-mask3d", res.mask), "report": res.report,
+                "clicks_reused": len(clicks) - len(new), "ijk_to_ras": volume.ijk_to_ras_matrix()}
 
     def uncertainty(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:
         from samliverseg.interactive.uncertainty import ensemble_uncertainty
 
-        volume = self.require_volume()
+        volume = self.require_2d("uncertainty")
         mask = read_array(req["mask"], "mask")
         axis = req.get("slice_axis", "k")
         if axis not in IJK_INDEX:
@@ -251,7 +328,7 @@ class EngineState:
 
     def prefetch_plan(self, req: Dict[str, Any]) -> Tuple[str, List[int]]:
         """The slices a ``prefetch`` request asks for, nearest ``around`` first, not yet cached."""
-        volume = self.require_volume()
+        volume = self.require_2d("prefetch")
         axis = req.get("slice_axis", "k")
         if axis not in IJK_INDEX:
             raise ProtocolError(f"slice_axis must be 'i', 'j' or 'k', got {axis!r}")
@@ -279,7 +356,10 @@ class EngineState:
     def forget_embeddings(self) -> None:
         """After an out-of-memory failure: drop the cached embeddings (and CUDA's cached blocks)."""
         if self.engine is not None:
-            self.engine.cache.clear()
+            if is_3d_engine(self.engine):
+                self.engine.clear_cache()
+            else:
+                self.engine.cache.clear()
             import torch
 
             if torch.cuda.is_available():
@@ -287,9 +367,12 @@ class EngineState:
 
     def status(self) -> Dict[str, Any]:
         e = self.engine
-        out: Dict[str, Any] = {"model": self.options.model, "model_loaded": e is not None,
+        out: Dict[str, Any] = {"model": self.options.model, "model_loaded": e is not None, "kind": self.kind(),
                                "volume": self.describe_volume()}
-        if e is not None:
+        if e is not None and is_3d_engine(e):
+            out.update({"device": str(e.device), "window": None, "patches_encoded": len(e.encode_times),
+                        "clicks": len(self.clicks3d)})
+        elif e is not None:
             out.update({"device": str(e.device), "window": e.window.spec(), "slices_embedded": len(e.embed_times),
                         "cache_hits": e.cache.hits, "cache_misses": e.cache.misses})
             if e.embed_times:

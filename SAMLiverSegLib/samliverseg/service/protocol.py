@@ -30,6 +30,7 @@ import numpy as np
 from samliverseg.core.errors import (EXIT_OUT_OF_MEMORY, EXIT_UNEXPECTED, CancelledError, InputError,
                                      SAMLiverSegError, is_out_of_memory, out_of_memory_kind)
 from samliverseg.core.jsonutil import json_safe
+from samliverseg.core.prompts import Prompts
 
 #: Bumped whenever a request or response changes incompatibly; client and worker must agree.
 PROTOCOL_VERSION = 1
@@ -40,8 +41,8 @@ PROTOCOL_PAGE = "SAMLiverSegLib/WORKER_PROTOCOL.md"
 EXIT_INPUT, EXIT_CHECKPOINT, EXIT_CANCELLED = 2, 3, CancelledError.exit_code
 
 #: Request types, in the order the page documents them.
-REQUEST_TYPES = ("hello", "load_volume", "prompt", "propagate", "uncertainty", "prefetch", "cancel", "status",
-                 "shutdown")
+REQUEST_TYPES = ("hello", "load_volume", "prompt", "propagate", "prompt3d", "uncertainty", "prefetch", "cancel",
+                 "status", "shutdown")
 
 #: Slice orientations of a slice view -> the RAS normal of its plane.
 ORIENTATION_NORMALS = {"axial": (0.0, 0.0, 1.0), "coronal": (0.0, 1.0, 0.0), "sagittal": (1.0, 0.0, 0.0)}
@@ -233,7 +234,8 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[tuple, bool]]] = {
     "status": {},
     "shutdown": {},
 }
-REQUEST_FIELDS["propagate"] = dict(REQUEST_FIELDS["prompt"])
+REQUEST_FIELDS["propagate"] = dict(REQUEST_FIELDS["prompt"], propagate=((bool,), False))
+REQUEST_FIELDS["prompt3d"] = {"frame": ((str,), False), "points": ((list,), True), "labels": ((list,), False)}
 
 
 def check_request(message: Dict[str, Any]) -> Dict[str, Any]:
@@ -255,7 +257,7 @@ def check_request(message: Dict[str, Any]) -> Dict[str, Any]:
         if key not in fields:
             raise ProtocolError(f"{rtype}: unknown field {key!r} (known: {', '.join(sorted(fields)) or 'none'})")
         types, _ = fields[key]
-        if not isinstance(value, types) or isinstance(value, bool):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             names = " or ".join(t.__name__ for t in types)
             raise ProtocolError(f"{rtype}: field {key!r} must be a {names}, got {type(value).__name__}")
         if isinstance(value, float) and not math.isfinite(value):
@@ -264,3 +266,20 @@ def check_request(message: Dict[str, Any]) -> Dict[str, Any]:
         if required and key not in message:
             raise ProtocolError(f"{rtype}: missing field {key!r}")
     return message
+
+
+def prompt_fields(prompts: Prompts) -> Dict[str, Any]:
+    """The fields of a ``prompt``/``propagate`` request (frame ``ijk``) for IJK :class:`Prompts`
+    (e.g. the module panel's markups, ``SAMLiverSegLogic.markups_prompts``): the worker rebuilds
+    exactly these prompts (``handlers.prompts_from_request``), so its mask is the in-process one."""
+    fields: Dict[str, Any] = {"frame": "ijk", "slice_axis": prompts.slice_axis}
+    points = [[float(v) for v in p] for p in list(prompts.positive) + list(prompts.negative)]
+    if points:
+        fields["points"] = points
+        fields["labels"] = [1] * len(prompts.positive) + [0] * len(prompts.negative)
+    if prompts.box is not None:
+        fields["box"] = [[float(v) for v in prompts.box.corner_a], [float(v) for v in prompts.box.corner_b]]
+    if prompts.roi is not None:
+        r = prompts.roi
+        fields["roi"] = [float(v) for v in (r.i0, r.j0, r.k0, r.i1, r.j1, r.k1)]
+    return fields

@@ -206,6 +206,8 @@ class Server:
             return state.propagate(req, progress, job.cancel)
         if job.type == "uncertainty":
             return state.uncertainty(req, progress, job.cancel)
+        if job.type == "prompt3d":
+            return state.prompt3d(req, progress, job.cancel)
         raise protocol.ProtocolError(f"unknown request type {job.type!r}")  # check_request lets none through
 
     def hello(self, req: Dict[str, Any]) -> Dict[str, Any]:
