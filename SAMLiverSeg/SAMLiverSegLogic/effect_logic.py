@@ -357,21 +357,23 @@ class SegmentAnythingSession:
 
     # -- requests ---------------------------------------------------------------------------
     def _ras_fields(self, prompts: Prompts) -> Dict[str, Any]:
-        """A prompt in the worker's RAS frame: world RAS points (labels 1/0), box corners, and the
-        slice axis as its world RAS direction (``normal``)."""
+        """A prompt in the worker's RAS frame: the IJK request fields (``worker_client.prompt_fields``)
+        with points and box corners mapped to world RAS, and the slice axis given as its world RAS
+        direction (``normal``), so the worker prompts exactly the slice the click snapped to."""
+        from .worker_client import prompt_fields
+
+        fields = prompt_fields(prompts)
+        del fields["frame"], fields["slice_axis"]
         m = geometry.world_ijk_to_ras(self.volume_node)
-
-        def ras(p):
-            return [float(v) for v in (m @ np.array([p[0], p[1], p[2], 1.0]))[:3]]
-
         axis_dir = m[:3, IJK_INDEX[prompts.slice_axis]]
-        fields: Dict[str, Any] = {"normal": [float(v) for v in axis_dir / np.linalg.norm(axis_dir)]}
-        points = [ras(p) for p in prompts.positive] + [ras(p) for p in prompts.negative]
-        if points:
-            fields["points"] = points
-            fields["labels"] = [1] * len(prompts.positive) + [0] * len(prompts.negative)
-        if prompts.box is not None:
-            fields["box"] = [ras(prompts.box.corner_a), ras(prompts.box.corner_b)]
+        fields["normal"] = [float(v) for v in axis_dir / np.linalg.norm(axis_dir)]
+        for key in ("points", "box"):
+            if key in fields:
+                ijk = np.c_[np.asarray(fields[key], dtype=float), np.ones(len(fields[key]))]
+                fields[key] = (ijk @ m.T)[:, :3].tolist()
+        if "roi" in fields:  # two opposite corners: the worker takes their IJK bounding box
+            r = fields["roi"]
+            fields["roi"] = (np.array([[r[0], r[1], r[2], 1.0], [r[3], r[4], r[5], 1.0]]) @ m.T)[:, :3].tolist()
         return fields
 
     def _send(self, kind: str, rtype: str, timeout: Optional[float] = None, **fields: Any) -> Tuple[int, str]:
