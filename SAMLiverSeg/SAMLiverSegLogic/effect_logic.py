@@ -612,7 +612,8 @@ class SegmentAnythingSession:
         frac = float(result.get("uncertain_fraction", 0.0))
         msg = (f"{100 * frac:.1f} % of the voxels the {result.get('members', '?')} ensemble members touch are "
                f"uncertain (variance >= {UNCERTAINTY_THRESHOLD}); click there to correct")
-        return Outcome(True, msg, seconds, n, data={"variance": variance, "node": node}, kind="uncertainty")
+        return Outcome(True, msg, seconds, n, data={"variance": variance, "node": node, "slices": result.get("slices"),
+                                                          "members": result.get("members")}, kind="uncertainty")
 
     def _set_preview(self, mask: np.ndarray, is_3d: bool) -> None:
         self.preview, self.preview_is_3d = mask, is_3d
