@@ -65,7 +65,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.safetyTimer.connect("timeout()", self.onWorkerReadable)
         # Slicer 5.8 never calls cleanup(): tie it to the scene's and the application's lifetime too
         self.sceneCloseObserver = slicer.mrmlScene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, self.onSceneClose)
-        slicer.app.connect("aboutToQuit()", self.cleanup)
+        slicer.app.aboutToQuit.connect(self.cleanup)
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -104,7 +104,7 @@ The model runs in a separate process, started at the first click.</html>"""
             slicer.mrmlScene.RemoveObserver(self.sceneCloseObserver)
             self.sceneCloseObserver = None
         try:
-            slicer.app.disconnect("aboutToQuit()", self.cleanup)
+            slicer.app.aboutToQuit.disconnect(self.cleanup)
         except (AttributeError, ValueError, RuntimeError):
             pass
         if self.session is not None:
@@ -393,7 +393,7 @@ The model runs in a separate process, started at the first click.</html>"""
             self.dropNotifier()
             if w is not None:
                 self.notifier = qt.QSocketNotifier(w[1], qt.QSocketNotifier.Read)
-                self.notifier.connect("activated(int)", self.onWorkerReadable)
+                self.notifier.activated.connect(self.onWorkerReadable)  # Qt 5 and 6: no signature named
             self.watched = w
         t = self.session.next_timeout()
         if t is not None and t * 1000 < SAFETY_POLL_MS:
