@@ -47,6 +47,11 @@ from samliverseg.core.prompts import IJK_INDEX, Prompts
 
 from . import geometry, markups_prompts, segment_writer, slice_clicks, volume_nodes
 from .constants import EFFECT_NAME, MODEL_3D_CHOICES
+from .worker_client import WorkerError, prompt_fields
+
+#: What a request can fail with before it reaches the worker: bad input, a worker that cannot
+#: start (or speaks another protocol version), a session folder that cannot be written.
+SEND_ERRORS = (SAMLiverSegError, WorkerError, OSError)
 
 PREVIEW_NODE_NAME = "Segment Anything preview"
 POSITIVE_NODE_NAME = "SAM positive points"
@@ -134,6 +139,13 @@ def default_client_factory(settings: EngineSettings):
     from . import worker_client
 
     return worker_client.shared_client(**settings.client_settings())
+
+
+def send_error_message(exc: BaseException) -> str:
+    """One line for a request that could not be sent."""
+    if isinstance(exc, OSError) and not isinstance(exc, WorkerError):
+        return f"cannot hand the data to the inference worker: {exc}"
+    return str(exc)
 
 
 def voxels_view(volume_node) -> np.ndarray:
@@ -360,8 +372,6 @@ class SegmentAnythingSession:
         """A prompt in the worker's RAS frame: the IJK request fields (``worker_client.prompt_fields``)
         with points and box corners mapped to world RAS, and the slice axis given as its world RAS
         direction (``normal``), so the worker prompts exactly the slice the click snapped to."""
-        from .worker_client import prompt_fields
-
         fields = prompt_fields(prompts)
         del fields["frame"], fields["slice_axis"]
         m = geometry.world_ijk_to_ras(self.volume_node)
@@ -399,10 +409,8 @@ class SegmentAnythingSession:
             prompts = self.builder.prompts_on_slice()
             axis, index = prompts.slice_axis, self.builder.current_slice
             rid, note = self._send("preview", "prompt", timeout=PROMPT_TIMEOUT_S, **self._ras_fields(prompts))
-        except SAMLiverSegError as exc:
-            return Outcome(False, str(exc))
-        except OSError as exc:  # the session folder could not be written
-            return Outcome(False, f"cannot hand the volume to the inference worker: {exc}")
+        except SEND_ERRORS as exc:
+            return Outcome(False, send_error_message(exc))
         self.tasks[rid].slice_axis, self.tasks[rid].slice_index = axis, index
         return Outcome(True, note)
 
@@ -416,8 +424,8 @@ class SegmentAnythingSession:
         labels = [lab for _, lab in self.clicks3d[:upto]]
         try:
             rid, note = self._send("click3d", "prompt3d", timeout=PROMPT_TIMEOUT_S, points=points, labels=labels)
-        except OSError as exc:
-            return Outcome(False, f"cannot hand the volume to the inference worker: {exc}")
+        except SEND_ERRORS as exc:
+            return Outcome(False, send_error_message(exc))
         self.tasks[rid].extra["upto"] = upto
         return Outcome(True, note)
 
@@ -431,10 +439,8 @@ class SegmentAnythingSession:
             self._require_volume()
             prompts = self.builder.prompts()
             _, note = self._send("propagate", "propagate", **self._ras_fields(prompts))
-        except SAMLiverSegError as exc:
-            return Outcome(False, str(exc))
-        except OSError as exc:
-            return Outcome(False, f"cannot hand the volume to the inference worker: {exc}")
+        except SEND_ERRORS as exc:
+            return Outcome(False, send_error_message(exc))
         return Outcome(True, note)
 
     def start_uncertainty(self, segment_mask: Optional[np.ndarray] = None) -> Outcome:
@@ -458,10 +464,8 @@ class SegmentAnythingSession:
             client = self._client()
             ref = client.write_array("mask", np.asarray(mask, dtype=np.uint8))
             _, note = self._send("uncertainty", "uncertainty", mask=ref, slice_axis=axis)
-        except SAMLiverSegError as exc:
-            return Outcome(False, str(exc))
-        except OSError as exc:
-            return Outcome(False, f"cannot hand the mask to the inference worker: {exc}")
+        except SEND_ERRORS as exc:
+            return Outcome(False, send_error_message(exc))
         return Outcome(True, note)
 
     def start_prefetch(self) -> Optional[int]:
@@ -476,7 +480,10 @@ class SegmentAnythingSession:
         slices = [s for s in slices if 0 <= s < n]
         if not slices:
             return None
-        rid, _ = self._send("prefetch", "prefetch", slice_axis=axis, slices=slices, around=index)
+        try:
+            rid, _ = self._send("prefetch", "prefetch", slice_axis=axis, slices=slices, around=index)
+        except SEND_ERRORS:  # only a speed-up: the next prompt says what is wrong
+            return None
         return rid
 
     def cancel(self) -> None:

@@ -356,6 +356,8 @@ The model runs in a separate process, started at the first click.</html>"""
             self.updateRubberBand(viewWidget, action.start, action.end)
         elif name == "LeftButtonReleaseEvent" or action.kind:
             self.removeRubberBand(viewWidget)
+        if action.kind in ("click", "box"):
+            self.configureSession()  # the request goes to a worker with the current parameters
         if action.kind == "click":
             self.afterPromptChange(self.session.click(viewWidget.mrmlSliceNode(), action.start,
                                                       positive=action.positive))
@@ -365,11 +367,10 @@ The model runs in a separate process, started at the first click.</html>"""
 
     def afterPromptChange(self, outcome):
         """A prompt was added (the session sent the preview request, or queued it behind the running one)."""
-        self.configureSession()
         if not outcome.ok:
             self.showStatus(outcome.message, error=True)
-        elif outcome.message:
-            self.showStatus(outcome.message, error=True)
+        elif outcome.message:  # a note: oblique view, prompts started over, not CT intensities
+            self.showStatus(outcome.message)
         else:
             self.showStatus("Computing the preview... (the first one also starts the model)"
                             if self.session.busy() else "")

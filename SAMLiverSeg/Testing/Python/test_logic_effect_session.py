@@ -156,6 +156,15 @@ def test_a_killed_worker_is_a_message_and_the_next_prompt_restarts_it(scene, cli
     np.testing.assert_array_equal(session.preview, in_process(engine, vol, session.builder.prompts_on_slice()))
 
 
+def test_a_worker_that_cannot_start_is_a_one_line_message(scene, tmp_path):
+    missing = tmp_path / "no-such-python"
+    with WorkerClient(python=str(missing), device="cpu") as broken:
+        vol, session, sn = session_on(scene, broken)
+        out = session.drag_box(sn, *box_xy(sn, vol, *BOX))
+    assert not out.ok and "cannot start the inference worker" in out.message and str(missing) in out.message
+    assert "\n" not in out.message and session.preview is None and session.busy() is None
+
+
 def test_non_ct_intensities_are_reported_at_the_first_prompt(scene, client):
     mr = np.random.default_rng(0).uniform(0, 900, SHAPE).astype(np.float32)
     vol = volume_nodes.add_volume_node(scene, mr, GEOMETRIES["identity"], "MR")
