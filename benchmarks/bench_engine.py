@@ -27,9 +27,11 @@ import numpy as np
 
 from samliverseg.interactive.engine import PromptEngine
 from samliverseg.core.evaluation import evaluate
-from samliverseg.core.maskutil import bbox_2d, interior_point, middle_slice
-from samliverseg.core.prompts import Prompts, SliceBox
+from samliverseg.core.maskutil import interior_point, middle_slice
+from samliverseg.core.prompts import Prompts
 from samliverseg.demo import sample_data
+
+import variants
 
 
 def peak_rss_mb() -> float:
@@ -37,9 +39,8 @@ def peak_rss_mb() -> float:
 
 
 def box_prompt(mask3d: np.ndarray, margin: int) -> Prompts:
-    k = middle_slice(mask3d, "k")
-    i0, j0, i1, j1 = bbox_2d(mask3d[k])
-    return Prompts(box=SliceBox.axial(i0 - margin, j0 - margin, i1 + margin, j1 + margin, k))
+    """The object's box on its middle slice (variants.box_prompt)."""
+    return variants.box_prompt(mask3d, middle_slice(mask3d, "k"), margin)
 
 
 def point_prompt(mask3d: np.ndarray, avoid: np.ndarray = None) -> Prompts:

@@ -10,9 +10,12 @@
   compute time, and the round trip of a ``status`` request (no work at all);
 * handing a 512 x 512 x 130 volume to the worker (int16 and float32 voxels): writing the array
   file, and the ``load_volume`` request until its answer (the worker maps the file, converts to
-  float32 HU and windows it for the model).
-
-The client waits as a GUI would: ``select`` on the worker's pipe, then ``poll()``-like reading.
+  float32 HU and windows it for the model);
+* what a GUI's waiting adds: the same preview waited for as a ``QSocketNotifier`` on ``fileno()``
+  wakes (``select`` on the pipe with a 100 ms timeout, then ``poll()``), against a 100 ms
+  ``QTimer`` that polls (ticks at a fixed phase, independent of when the click was sent). The
+  variants run interleaved (in process, notifier, timer, in turn), so a load that changes during
+  the run hits all of them alike.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SAMLiverSeg"))
+
+import select  # noqa: E402
 
 from samliverseg.core.maskutil import bbox_2d, middle_slice  # noqa: E402
 from samliverseg.core.prompts import Prompts, SliceBox  # noqa: E402
@@ -50,6 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--backend", default="torch", choices=("torch", "auto", "openvino", "onnxruntime"),
+                    help="what runs the model, in process and in the worker alike (default torch)")
     args = ap.parse_args()
     n = args.repeats
 
@@ -59,17 +66,17 @@ def main() -> None:
     i0, j0, i1, j1 = bbox_2d(ph.liver_mask[k])
     boxes = [[[i0 - 3 - d, j0 - 3, k], [i1 + 3 + d, j1 + 3, k]] for d in range(n)]  # a slightly different drag each time
 
-    engine = PromptEngine("lite_medsam", device=args.device)
+    engine = PromptEngine("lite_medsam", device=args.device, backend=args.backend)
     engine.set_volume(vol)
     engine.embedding("k", k)
-    local = []
-    for b in boxes:
+
+    def in_process(b) -> float:
         t = time.perf_counter()
         engine.segment_slice(Prompts(box=SliceBox(tuple(b[0]), tuple(b[1]))))
-        local.append(time.perf_counter() - t)
+        return time.perf_counter() - t
 
     rows = []
-    with WorkerClient(device=args.device) as client:
+    with WorkerClient(device=args.device, backend=args.backend) as client:
         t = time.perf_counter()
         client.start()
         t_start = time.perf_counter() - t
@@ -77,14 +84,30 @@ def main() -> None:
         client.request("load_volume", array=client.write_array("vol", vol.array), ijk_to_ras=vol.ijk_to_ras_matrix())
         t_first_load = time.perf_counter() - t
         client.request("prefetch", slices=[k])
-        e2e, compute = [], []
-        for b in boxes:
+        tick0 = time.perf_counter()
+
+        def through_worker(b, waiter: str):
+            """One preview as the GUI gets it: send, wait as ``waiter`` does, read the mask."""
             t = time.perf_counter()
             rid = client.send("prompt", box=vol.ijk_to_ras(np.asarray(b, float)).tolist(), orientation="axial")
-            resp = client.wait(rid)
-            client.read_array(resp["result"]["mask"])
-            e2e.append(time.perf_counter() - t)
-            compute.append(resp["timings"]["compute_ms"] / 1000.0)
+            final = None
+            while final is None:
+                if waiter == "notifier":  # QSocketNotifier on fileno(): wakes when the pipe is readable
+                    select.select([client.fileno()], [], [], 0.1)
+                else:  # a 100 ms QTimer: wakes at its next tick, whenever the answer came
+                    now = time.perf_counter()
+                    time.sleep(0.1 - ((now - tick0) % 0.1))
+                final = next((m for m in client.poll() if m.get("id") == rid and "ok" in m), None)
+            client.read_array(final["result"]["mask"])
+            return time.perf_counter() - t, final["timings"]["compute_ms"] / 1000.0
+
+        local, e2e, compute, timer = [], [], [], []
+        for b in boxes:  # interleaved: in process, notifier, timer
+            local.append(in_process(b))
+            t_e2e, t_compute = through_worker(b, "notifier")
+            e2e.append(t_e2e)
+            compute.append(t_compute)
+            timer.append(through_worker(b, "timer")[0])
         status = []
         for _ in range(n):
             t = time.perf_counter()
@@ -98,6 +121,10 @@ def main() -> None:
             ["  of which the worker's compute", ms(med(compute)), ms(min(compute))],
             ["  transport overhead (end to end - worker compute)", ms(med(overhead)), ms(min(overhead))],
             ["status round trip (no work)", ms(med(status)), ms(min(status))],
+            ["click-to-preview through client + worker, waited by a 100 ms QTimer poll", ms(med(timer)),
+             ms(min(timer))],
+            ["  QTimer poll - notifier (what the timer adds)", ms(med(timer) - med(e2e)), ""],
+            ["  notifier - in process (what worker + transport + waiting add)", ms(med(e2e) - med(local)), ""],
         ]
 
         big = np.random.default_rng(0).normal(40, 200, (130, 512, 512)).clip(-1024, 3071)
@@ -116,7 +143,7 @@ def main() -> None:
             rows.append([f"hand over 512x512x130 {np.dtype(dtype).name} ({arr.nbytes / 2**20:.0f} MB): write + "
                          f"load_volume", ms(med(loads)), ms(min(loads))])
             rows.append(["  of which writing the array file", ms(med(writes)), ms(min(writes))])
-    print(f"device {args.device}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+    print(f"device {args.device}, backend {args.backend}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"{os.cpu_count()} CPUs, {n} repeats; worker start (hello) {ms(t_start)} ms, first load_volume "
           f"(model build + 40x256x256 volume) {ms(t_first_load)} ms")
     print(table(rows, ["what", "median ms", "min ms"]))

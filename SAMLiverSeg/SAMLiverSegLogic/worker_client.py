@@ -91,20 +91,40 @@ def check_hello(result: Dict[str, Any], expected: int = protocol.PROTOCOL_VERSIO
                           protocol.EXIT_INPUT)
 
 
+#: Exit codes 128 + N a launcher reports when the Python it started died of signal N (POSIX shells
+#: do so; the worker itself never exits with them).
+LAUNCHER_SIGNAL_CODES = tuple(128 + int(getattr(signal, n)) for n in ("SIGKILL", "SIGSEGV", "SIGABRT", "SIGBUS")
+                              if hasattr(signal, n))
+
+
 def describe_exit(returncode: Optional[int], log_tail: str = "") -> str:
     """Why a worker ended, in words (for the one-line error of the requests it left behind)."""
     if returncode is None:
         return "the inference worker stopped answering"
-    if returncode < 0:
+    signum = -returncode if returncode < 0 else 0
+    if returncode in LAUNCHER_SIGNAL_CODES:  # a launcher (PythonSlicer, a shell) whose Python was killed
+        signum = returncode - 128
+    if signum:
         try:
-            name = signal.Signals(-returncode).name
+            name = signal.Signals(signum).name
         except ValueError:
-            name = f"signal {-returncode}"
-        if -returncode == getattr(signal, "SIGKILL", 9):
+            name = f"signal {signum}"
+        if signum == getattr(signal, "SIGKILL", 9):
             return f"the inference worker was killed ({name}, perhaps out of memory)"
         return f"the inference worker was killed ({name})"
     text = f"the inference worker exited with code {returncode}"
     return f"{text}: {log_tail}" if log_tail else text
+
+
+def _end_group(pgid: int) -> None:
+    """Kill what is left of the worker's process group (POSIX; the worker leads its own group):
+    children it or its launcher forked, orphaned when it ended."""
+    if os.name != "posix":
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class WorkerClient:
@@ -136,6 +156,7 @@ class WorkerClient:
         self._hello_id: Optional[int] = None
         self._volume_fields: Optional[Dict[str, Any]] = None  # the last load_volume, replayed after a restart
         self._volume_file: Optional[str] = None
+        self._volume_rid: Optional[int] = None
         #: the pids the last stop had to kill (the worker did not stop within shutdown_timeout)
         self.killed_pids: List[int] = []
 
@@ -181,8 +202,10 @@ class WorkerClient:
             log_path = os.path.join(self.session_dir, f"worker-{self.starts}.log")
             with open(log_path, "wb") as log:
                 try:
+                    # its own process group: what it or its launcher forks is ended with it (_end_group)
                     self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                 stderr=log, env=self.env, bufsize=0, close_fds=True)
+                                                 stderr=log, env=self.env, bufsize=0, close_fds=True,
+                                                 start_new_session=os.name == "posix")
                 except OSError as exc:  # no such Python, not executable
                     raise WorkerError(f"cannot start the inference worker with {self.python}: "
                                       f"{protocol.one_line(str(exc), 200)}") from None
@@ -191,7 +214,7 @@ class WorkerClient:
             self._buf = b""
             self._hello_id = self._write("hello", {"protocol": self.protocol_version}, internal=True)
             if self._volume_fields is not None:
-                self._write("load_volume", self._volume_fields, internal=True)
+                self._volume_rid = self._write("load_volume", self._volume_fields, internal=True)
         if wait:
             return self.wait_ready(timeout)
         return None
@@ -207,7 +230,8 @@ class WorkerClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WorkerTimeout(f"the inference worker did not answer hello within {timeout:g} s")
-            self._read(min(remaining, 1.0))
+            if not self._notice_exit():
+                self._read(min(remaining, 1.0))
         return self.hello_result
 
     def _log_tail(self) -> str:
@@ -230,6 +254,7 @@ class WorkerClient:
         except subprocess.TimeoutExpired:  # it closed stdout but lives on: end it
             kill_process_tree(proc.pid, timeout=1.0, force=True)
             rc = proc.wait()
+        _end_group(proc.pid)
         for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()
@@ -278,6 +303,18 @@ class WorkerClient:
                 return
             self._handle_lines(self._buf + chunk)
 
+    def _notice_exit(self) -> bool:
+        """If the worker has ended: take what it wrote (all of it is in the pipe by now) and reap
+        it, without waiting for the end of file a child of it may still hold back. True if it ended."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        self._read()
+        if self.proc is not None:
+            self._handle_lines(self._buf + b"\n")
+            self._buf = b""
+            self._reap()
+        return True
+
     def _handle_lines(self, data: bytes) -> None:
         *lines, self._buf = data.split(b"\n")
         for line in lines:
@@ -300,6 +337,8 @@ class WorkerClient:
                 self._inbox.append(message)
             return
         del self._pending[rid]
+        if info["type"] == "load_volume" and not message["ok"] and rid == self._volume_rid:
+            self._volume_fields = None  # a volume the worker refused is never replayed after a restart
         if not info["internal"]:
             self._inbox.append(message)
             return
@@ -349,7 +388,7 @@ class WorkerClient:
             self.start(wait=False)
             rid = self._write(rtype, fields, timeout=timeout)
         if rtype == "load_volume":
-            self._volume_fields = dict(fields)
+            self._volume_fields, self._volume_rid = dict(fields), rid
         return rid
 
     def poll(self) -> List[Dict[str, Any]]:
@@ -357,12 +396,7 @@ class WorkerClient:
         responses (``"ok"`` present), including the ones the client makes up for a dead worker or a
         passed timeout."""
         self._read()
-        if self.proc is not None and self.proc.poll() is not None:
-            self._read()  # it ended: everything it wrote is in the pipe already
-            if self.proc is not None:  # no end of file yet (a child of it holds the pipe): it ended all the same
-                self._handle_lines(self._buf + b"\n")
-                self._buf = b""
-                self._reap()
+        self._notice_exit()
         self._check_deadlines()
         out, self._inbox = self._inbox, []
         return out
@@ -413,9 +447,7 @@ class WorkerClient:
                 if remaining is not None and remaining <= 0:
                     raise WorkerTimeout(f"request {rid} ({self._pending[rid]['type']}) got no answer within "
                                         f"{timeout:g} s", EXIT_WORKER_LOST, rid)
-                if self.proc is not None and self.proc.poll() is not None:
-                    self._read(0.05)
-                else:
+                if not self._notice_exit():
                     self._read(0.5 if remaining is None else min(remaining, 0.5))
                 self._check_deadlines()
 
@@ -511,6 +543,7 @@ class WorkerClient:
             except subprocess.TimeoutExpired:
                 self.killed_pids = kill_process_tree(proc.pid, timeout=1.0, force=True)
                 proc.wait()
+        _end_group(proc.pid)
         for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()

@@ -148,10 +148,15 @@ def test_ras_prompts_land_on_the_same_voxels_as_ijk_prompts(name):
     assert q.positive == [tuple(pos)] and q.slice_axis == "j"
     roi = prompts_from_request({"roi": to_ras([[2.0, 3.0, 4.0], [12.0, 13.0, 8.0]]), "box": req["box"]}, vol).roi
     assert (roi.i0, roi.j0, roi.k0, roi.i1, roi.j1, roi.k1) == (2.0, 3.0, 4.0, 12.0, 13.0, 8.0)
+    # boxes on several slices: each corner pair snaps onto its own slice
+    multi = prompts_from_request({"box": req["box"], "boxes": [to_ras([[6.0, 5.0, 13.2], [25.0, 20.0, 12.9]])]}, vol)
+    assert [b.corner_a for b in multi.all_boxes()] == [(5.0, 4.0, 9.0), (6.0, 5.0, 13.0)]
+    assert multi.boxes[0].corner_b == (25.0, 20.0, 13.0) and multi.slice_indices() == [9, 13]
     for bad, words in (({"frame": "lps"}, "frame"), ({"orientation": "oblique"}, "orientation"),
                        ({"slice_axis": "k"}, "frame 'ijk'"), ({"points": [[1, 2]]}, "[x, y, z]"),
                        ({"points": [[1, 2, 3]], "labels": [2]}, "labels"), ({"points": [[1, 2, 3], [1, 2]]}, "[x, y, z]"),
-                       ({"frame": "ijk", "roi": [1, 2, 3, "a", 5, 6]}, "roi")):
+                       ({"frame": "ijk", "roi": [1, 2, 3, "a", 5, 6]}, "roi"),
+                       ({"boxes": [[[1, 2, 3]]]}, "two opposite corners")):
         with pytest.raises(protocol.ProtocolError, match=words):
             prompts_from_request(bad, vol)
 
@@ -160,7 +165,9 @@ def test_prompt_fields_give_the_worker_exactly_the_in_process_prompts():
     vol = volume_from_ijk_to_ras(np.zeros((20, 30, 40), np.float32), GEOMETRIES["oblique"])
     cases = [Prompts(positive=[(12.25, 7.5, 9.4), (3.0, 4.0, 11.0)], negative=[(20.0, 11.5, 9.0)], slice_axis="j"),
              Prompts(box=SliceBox((5.0, 4.0, 9.0), (30.0, 22.0, 9.0)), roi=Roi3D(2, 3, 4, 35, 25, 15)),
-             Prompts(roi=Roi3D(1.0, 2.0, 3.0, 10.0, 12.0, 14.0), negative=[(5.0, 5.0, 5.0)])]
+             Prompts(roi=Roi3D(1.0, 2.0, 3.0, 10.0, 12.0, 14.0), negative=[(5.0, 5.0, 5.0)]),
+             Prompts(box=SliceBox((5.0, 4.0, 3.0), (30.0, 22.0, 3.0)), positive=[(9.0, 9.0, 11.0)],
+                     boxes=[SliceBox((6.0, 4.0, 7.0), (28.0, 20.0, 7.0)), SliceBox((7.5, 5.0, 12.0), (25.0, 19.0, 12.0))])]
     for p in cases:
         fields = protocol.prompt_fields(p)
         assert protocol.check_request(dict(fields, id=1, type="propagate", propagate=False))
@@ -259,6 +266,25 @@ def test_worker_mask_equals_on_flipped_and_oblique_volumes(client, volumes, live
     np.testing.assert_array_equal(client.read_array(res["mask"]), identity_results["mask2d"])
 
 
+def test_boxes_on_several_slices_propagate_as_in_process(client, engine, volumes, phantom, identity_results):
+    """Corrections on several slices (``boxes``) through the worker: the in-process engine's mask."""
+    vol = volumes["identity"]
+    client.request("load_volume", array=client.write_array("vol", phantom.hu), ijk_to_ras=vol.ijk_to_ras_matrix())
+    k = identity_results["k"]
+    boxes = []
+    for kk in (k, k + 2):
+        i0, j0, i1, j1 = bbox_2d(phantom.liver_mask[kk])
+        boxes.append(SliceBox((i0 - 3.0, j0 - 3.0, float(kk)), (i1 + 3.0, j1 + 3.0, float(kk))))
+    prompts = Prompts(box=boxes[0], boxes=boxes[1:], roi=Roi3D(0, 0, k, 127, 127, k + 2))
+    res = client.request("propagate", box=ras(vol, [boxes[0].corner_a, boxes[0].corner_b]),
+                         boxes=[ras(vol, [boxes[1].corner_a, boxes[1].corner_b])],
+                         roi=ras(vol, [[0, 0, k], [127, 127, k + 2]]), timeout=600)
+    ref = engine.segment(prompts)
+    mask = client.read_array(res["mask"])
+    assert sorted(np.flatnonzero(mask.any(axis=(1, 2)))) == [k, k + 1, k + 2]
+    np.testing.assert_array_equal(mask, ref.mask)
+
+
 @pytest.mark.slow
 def test_worker_mask_equals_the_cli(tmp_path, client, volumes, liver_box, identity_results):
     import SimpleITK as sitk
@@ -296,6 +322,132 @@ def test_kill_9_mid_request_gives_a_clear_error_and_the_next_request_restarts(cl
     res = client.request("prompt", box=ras(vol, liver_box), orientation="axial", timeout=600)
     assert client.pid != first_pid and client.starts == 2
     np.testing.assert_array_equal(client.read_array(res["mask"]), identity_results["mask2d"])
+
+
+def _wait_for(client, rid, what):
+    """Wait (as a notifier would) until a message of ``rid`` satisfies ``what``; the messages of it."""
+    got = []
+    while not any(what(m) for m in got):
+        assert select.select([client.fileno()], [], [], 120)[0], "the worker sent nothing for 120 s"
+        got += [m for m in client.poll() if m.get("id") == rid]
+    return got
+
+
+def _killed(resp):
+    assert resp["ok"] is False and resp["exit_code"] == 70, resp
+    assert "killed (SIGKILL" in resp["error"] and "the next request restarts it" in resp["error"]
+    assert "\n" not in resp["error"]
+
+
+def test_kill_9_mid_propagate_and_mid_prompt_then_the_same_masks(client, volumes, liver_box, identity_results):
+    vol = volumes["identity"]
+    k = identity_results["k"]
+    client.request("load_volume", array=client.write_array("vol", vol.array), ijk_to_ras=vol.ijk_to_ras_matrix())
+    # a propagation through the whole volume, killed after its first slice
+    starts = client.starts
+    rid = client.send("propagate", box=ras(vol, liver_box))
+    _wait_for(client, rid, lambda m: m.get("event") == "progress")
+    os.kill(client.pid, signal.SIGKILL)
+    _killed(client.wait(rid, timeout=60))
+    # the next request restarts the worker and reloads the volume: the same mask as before
+    roi_ras = ras(vol, [[0, 0, k], [127, 127, k + 1]])
+    again = client.request("propagate", box=ras(vol, liver_box), roi=roi_ras, timeout=600)
+    assert client.starts == starts + 1
+    np.testing.assert_array_equal(client.read_array(again["mask"]), identity_results["mask3d"])
+    # a prompt killed while it embeds its slice (a new volume: nothing cached)
+    for _ in range(3):
+        client.request("load_volume", array=client.write_array("vol", vol.array), ijk_to_ras=vol.ijk_to_ras_matrix())
+        rid = client.send("prompt", box=ras(vol, liver_box), orientation="axial")
+        while rid in client.pending():  # until the worker is on it (status is answered meanwhile)
+            busy = client.request("status", timeout=60)["busy"]
+            if busy is not None and busy["id"] == rid:
+                os.kill(client.pid, signal.SIGKILL)
+                break
+        resp = client.wait(rid, timeout=120)
+        if not resp["ok"]:
+            break  # killed mid-prompt (else it finished just before the kill: once more)
+        client.read_array(resp["result"]["mask"])
+    _killed(resp)
+    res = client.request("prompt", box=ras(vol, liver_box), orientation="axial", timeout=600)
+    np.testing.assert_array_equal(client.read_array(res["mask"]), identity_results["mask2d"])
+
+
+def test_out_of_memory_in_the_worker_is_exit_code_4_and_it_goes_on(client, tmp_path):
+    """A request for an absurd size: the worker's own allocation fails (MemoryError), not the worker."""
+    if open("/proc/sys/vm/overcommit_memory").read().strip() == "1":
+        pytest.skip("with overcommit_memory=1 a huge allocation succeeds and the kernel kills instead")
+    shape = (8192, 8192, 8192)  # int16: a sparse 1 TiB file; as float32 HU it needs 4 TiB
+    huge = tmp_path / "huge.npy"
+    with open(huge, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i2", "fortran_order": False, "shape": shape})
+        f.truncate(f.tell() + 2 * int(np.prod(shape, dtype=np.int64)))
+    client.request("load_volume", array=client.write_array("v", np.zeros((4, 8, 8), np.int16)),
+                   ijk_to_ras=np.eye(4).tolist(), timeout=600)
+    pid = client.request("status")["pid"]
+    resp = client.wait(client.send("load_volume", array={"npy": str(huge), "shape": list(shape), "dtype": "<i2"},
+                                   ijk_to_ras=np.eye(4).tolist()), timeout=300)
+    assert resp["ok"] is False and resp["exit_code"] == 4, resp
+    assert resp["error"].startswith("out of memory (cpu): ") and "\n" not in resp["error"]
+    status = client.request("status")  # the same worker goes on, its volume unchanged
+    assert status["pid"] == pid and status["volume"]["shape_kji"] == [4, 8, 8]
+
+
+def test_shutdown_kills_the_whole_tree_of_a_launcher(tmp_path):
+    """Slicer starts the worker through PythonSlicer, a launcher that runs Python as its child and
+    forwards no signal: a shell script that does the same stands in for it (a real process tree)."""
+    import psutil
+
+    launcher = tmp_path / "launcher.sh"
+    launcher.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\n')  # no exec: Python is the shell's child
+    launcher.chmod(0o755)
+    c = WorkerClient(python=str(launcher), device="cpu")
+    try:
+        python_pid = c.request("status", timeout=300)["pid"]
+        assert python_pid != c.pid and psutil.Process(python_pid).ppid() == c.pid
+        c.request("load_volume", array=c.write_array("v", np.zeros((40, 64, 64), np.int16)),
+                  ijk_to_ras=np.eye(4).tolist(), timeout=600)
+        rid = c.send("prefetch", range=[0, 39])
+        _wait_for(c, rid, lambda m: m.get("event") == "progress")
+        launcher_pid = c.pid
+        c.shutdown_timeout = 0.05  # busy embedding: it cannot stop in time
+        c.shutdown()
+        assert {launcher_pid, python_pid} <= set(c.killed_pids)
+        assert not _group_alive(launcher_pid)
+    finally:
+        c.shutdown()
+    # a launcher whose Python is killed exits with 128 + 9: the client still says what happened,
+    # and what the worker forked (e.g. while it embeds) is ended with it
+    c = WorkerClient(python=str(launcher), device="cpu")
+    try:
+        python_pid = c.request("status", timeout=300)["pid"]
+        c.request("load_volume", array=c.write_array("v", np.zeros((40, 64, 64), np.int16)),
+                  ijk_to_ras=np.eye(4).tolist(), timeout=600)
+        launcher_pid = c.pid
+        rid = c.send("prefetch", range=[0, 39])
+        _wait_for(c, rid, lambda m: m.get("event") == "progress")
+        os.kill(python_pid, signal.SIGKILL)
+        _killed(c.wait(rid, timeout=120))
+        assert not _group_alive(launcher_pid)
+    finally:
+        c.shutdown()
+
+
+def _group_alive(pgid):
+    """The live (not zombie) processes of a process group, after at most 10 s for SIGKILLs sent to land."""
+    import psutil
+
+    for _ in range(100):
+        alive = []
+        for p in psutil.process_iter(["status"]):
+            try:
+                if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(p.pid)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        if not alive:
+            return alive
+        select.select([], [], [], 0.1)
+    return alive
 
 
 def test_bad_requests_to_a_real_worker_get_one_line_errors(client, volumes):

@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", required=True,
                      help="output: .nii.gz/.nii/.nrrd/.mha labelmap, .seg.nrrd Slicer segmentation, or .dcm DICOM SEG")
     _add_model_args(seg)
-    seg.add_argument("--box-ijk", nargs=5, type=float, metavar=("I0", "J0", "I1", "J1", "K"),
-                     help="a box on axial slice K (propagated to 3D unless --no-propagate)")
+    seg.add_argument("--box-ijk", nargs=5, type=float, action="append", default=[],
+                     metavar=("I0", "J0", "I1", "J1", "K"),
+                     help="a box on axial slice K (repeatable, one box per slice; propagated to 3D between and "
+                          "beyond the boxes unless --no-propagate)")
     seg.add_argument("--roi-ijk", nargs=6, type=float, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
                      help="a 3D box: the object is segmented inside it")
     seg.add_argument("--point-ijk", nargs=3, type=float, action="append", default=[], metavar=("I", "J", "K"),
@@ -122,11 +124,10 @@ def _prompts_from_args(args, volume):
     from samliverseg.core.prompts import Prompts, Roi3D, SliceBox
 
     prompts = Prompts(slice_axis=args.slice_axis)
-    if args.box_ijk:
-        i0, j0, i1, j1, k = args.box_ijk
-        if args.slice_axis != "k":
-            raise InputError("--box-ijk is a box on an axial (k) slice; it cannot be used with --slice-axis j or i")
-        prompts.box = SliceBox.axial(i0, j0, i1, j1, k)
+    if args.box_ijk and args.slice_axis != "k":
+        raise InputError("--box-ijk is a box on an axial (k) slice; it cannot be used with --slice-axis j or i")
+    for i0, j0, i1, j1, k in args.box_ijk:
+        prompts.add_box(SliceBox.axial(i0, j0, i1, j1, k))
     if args.roi_ijk:
         prompts.roi = Roi3D(*args.roi_ijk)
     prompts.positive += [tuple(p) for p in args.point_ijk]
@@ -142,8 +143,8 @@ def _prompts_from_args(args, volume):
                 if prompts.roi is not None:
                     raise InputError("more than one ROI given")
                 prompts.roi = extra.roi
-            if extra.box is not None:
-                prompts.box = extra.box
+            for box in extra.all_boxes():
+                prompts.add_box(box)
     return prompts
 
 

@@ -66,7 +66,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["ORGAN_CODES", "HU_TABLES", "Tumor", "Phantom", "make_phantom"]
+__all__ = ["ORGAN_CODES", "HU_TABLES", "Tumor", "Phantom", "make_island_lobe_phantom", "make_phantom"]
 
 #: Codes of the tissue map ``Phantom.organs``.
 ORGAN_CODES: Dict[str, int] = {
@@ -619,3 +619,65 @@ def make_phantom(
     return Phantom(hu=hu, labels=labels, spacing=spacing, origin=origin, direction=np.eye(3),
                    tumors=tumors, organs=organs, scale=scale, seed=int(seed), phase=phase,
                    hu_table=dict(table))
+
+
+# --------------------------------------------------------------------------------------------
+# A phantom for propagation: a left lobe that appears as an island, then merges
+# --------------------------------------------------------------------------------------------
+
+def make_island_lobe_phantom(
+    shape_kji: Sequence[int] = (36, 128, 128),
+    spacing: Sequence[float] = (2.0, 2.0, 3.0),
+    seed: int = 0,
+    noise_sd: float = 12.0,
+    neighbour: bool = True,
+) -> Phantom:
+    """A small portal-phase phantom whose liver changes topology along k (superior = +k).
+
+    Physical millimetres, LPS with the grid centre at (0, 0, 0); identity direction (i towards
+    the patient's left, j posterior, k superior). Cranio-caudally (z in mm from the centre):
+
+    * the right lobe (an ellipsoid at x = -45 mm) spans the whole liver, z = -50..+50;
+    * the left lobe (at x = +45 mm, anterior) appears caudally at z = -5 as a separate island,
+      22 mm of fat away from the right lobe;
+    * from z = +15 a wide bridge (the left lobe's base) joins the two: one component up to the dome.
+
+    ``neighbour=True`` adds a right kidney of liver-like HU (125) posterior to the right lobe,
+    joined to it by a thin bridge (4 mm across) over a few slices: propagation must not leak into
+    it. Organ codes as :data:`ORGAN_CODES` ("kidney" for the neighbour). ``labels``: 1 liver.
+    The geometry is independent of ``seed``; the noise and a smooth texture are not.
+    """
+    shape_kji = tuple(int(s) for s in shape_kji)
+    spacing = tuple(float(s) for s in spacing)
+    rng = np.random.default_rng(seed)
+    canvas = _Canvas(shape_kji, spacing, 1.0, 0.0)
+    organs = np.zeros(shape_kji, dtype=np.uint8)
+    full = canvas.full()
+    body = _norm_radius(canvas.coords(full), (0.0, 5.0, 0.0), (118.0, 100.0, 1e9)) <= 1.0
+    organs[body] = _C["fat"]
+    inner = _norm_radius(canvas.coords(full), (0.0, 5.0, 0.0), (104.0, 86.0, 1e9)) <= 1.0
+    organs[inner] = _C["mesenteric_fat"]
+    _paint(organs, *_ellipsoid(canvas, (0.0, 70.0, 0.0), (14.0, 14.0, 1e4)), _C["bone_cortical"])  # spine
+    _paint(organs, *_ellipsoid(canvas, (15.0, 45.0, 0.0), (9.0, 9.0, 1e4)), _C["aorta"])
+    if neighbour:
+        _paint(organs, *_ellipsoid(canvas, (-55.0, 62.0, -30.0), (22.0, 16.0, 30.0)), _C["kidney"])
+    # the liver: right lobe, left-lobe island, the bridge that joins them cranially
+    _paint(organs, *_ellipsoid(canvas, (-45.0, 0.0, 0.0), (45.0, 42.0, 50.0)), _C["liver"])
+    _paint(organs, *_ellipsoid(canvas, (45.0, -25.0, 20.0), (36.0, 30.0, 25.0)), _C["liver"])
+    _paint(organs, *_ellipsoid(canvas, (0.0, -20.0, 40.0), (40.0, 30.0, 25.0)), _C["liver"])
+    if neighbour:
+        # thin (4 mm) bridge from the kidney's top to the right lobe's posterior surface
+        _paint(organs, *_capsule(canvas, (-55.0, 52.0, -18.0), (-50.0, 32.0, -18.0), 2.5), _C["kidney"])
+    table = dict(HU_TABLES["portal"], kidney=125.0)
+    hu = np.full(shape_kji, -1000.0, dtype=np.float32)
+    for name, code in _C.items():
+        hu[organs == code] = table[name]
+    texture = _Field(rng, 12, (15.0, 40.0))(canvas.coords(full))
+    hu = hu + np.where(organs == _C["liver"], 6.0 * texture, 0.0).astype(np.float32)
+    hu = ndimage.gaussian_filter(hu, sigma=[0.6 / s for s in spacing[::-1]])
+    hu = hu + rng.normal(0.0, noise_sd, size=shape_kji).astype(np.float32)
+    hu = np.clip(hu, -1024.0, 3071.0).astype(np.float32)
+    labels = (organs == _C["liver"]).astype(np.uint8)
+    origin = tuple(float(-(n - 1) / 2.0 * s) for n, s in zip(shape_kji[::-1], spacing))
+    return Phantom(hu=hu, labels=labels, spacing=spacing, origin=origin, direction=np.eye(3), tumors=[],
+                   organs=organs, scale=1.0, seed=int(seed), phase="portal", hu_table=table)

@@ -46,6 +46,7 @@ from samliverseg.core.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, valida
 from samliverseg.core.maskutil import bbox_2d, interior_point
 from samliverseg.core.postprocess import fill_holes, keep_components_touching
 from samliverseg.interactive.backends import BACKENDS, PRECISIONS
+from samliverseg.interactive.mask_edits import negative_region
 from samliverseg.interactive.predictor import EmbeddingCache, SlicePredictor
 from samliverseg.interactive.seeded_region import box_from_points, grow_region
 from samliverseg.io.volume import Volume
@@ -129,6 +130,11 @@ class PropagationSettings:
     hu_gate_percentile: float = 5.0  # the range is the [p, 100 - p] percentiles of the seed's HU
     fill_holes: bool = True
     largest_component: bool = True
+
+    @classmethod
+    def legacy(cls) -> "PropagationSettings":
+        """The rules of before issue 13 (for before/after benchmarks)."""
+        return cls()
 
 
 class PromptEngine:
@@ -266,15 +272,14 @@ class PromptEngine:
 
     def _segment_on_slice(self, axis: str, index: int, prompts: Prompts,
                           mask_input: Optional[torch.Tensor] = None) -> SliceResult:
-        c = IJK_INDEX[axis]
-        pts = [p for p in prompts.positive if int(round(p[c])) == index]
-        neg = [p for p in prompts.negative if int(round(p[c])) == index]
+        here = prompts.on_slice(index)
+        pts, neg = here.positive, here.negative
         points_xy = [point_to_xy(p, axis) for p in pts + neg]
         labels = [1] * len(pts) + [0] * len(neg)
-        box = box_to_xyxy(prompts.box, axis) if prompts.box is not None and int(round(prompts.box.corner_a[c])) == index else None
+        box = box_to_xyxy(here.box, axis) if here.box is not None else None
         if box is None and not pts:
             if neg:
-                raise PromptError("only negative points on this slice: add a positive point or a box")
+                raise PromptError(f"only negative points on slice {axis}={index}: add a positive point or a box")
             raise PromptError(f"no prompt on slice {axis}={index}")
         negatives_xy = [point_to_xy(p, axis) for p in neg]
         if getattr(self.spec, "box_only", False):
@@ -303,7 +308,7 @@ class PromptEngine:
         """The 2D mask on the one slice that the prompts lie on."""
         vol = self._require_volume()
         prompts = validate_prompts(prompts, vol.array.shape)
-        if prompts.roi is not None and prompts.box is None and not prompts.positive:
+        if prompts.roi is not None and not prompts.all_boxes() and not prompts.positive:
             roi_box, k = self._roi_seed_box(prompts.roi)
             prompts = Prompts(box=roi_box, negative=prompts.negative, slice_axis="k")
         slices = prompts.slice_indices()
@@ -329,7 +334,12 @@ class PromptEngine:
         progress: Optional[ProgressFn] = None,
         cancel: Optional[threading.Event] = None,
     ) -> SegmentationResult:
-        """A 3D mask from prompts on one or more slices (or a 3D ROI), propagated unless told not."""
+        """A 3D mask from prompts on one or more slices (or a 3D ROI), propagated unless told not.
+
+        Boxes may lie on several slices, points on any slice: every slice with a box or a positive
+        point is segmented from its own prompts and keeps that result, propagation runs between
+        and beyond them, and negative points on other slices remove the wrong region they lie in
+        (``mask_edits.negative_region``, in 3D)."""
         vol = self._require_volume()
         t_start = time.perf_counter()
         n_embed0, n_dec0 = len(self.embed_times), len(self.decode_times)
@@ -338,7 +348,7 @@ class PromptEngine:
         axis = prompts.slice_axis
         if roi is not None:
             axis = "k"
-            if prompts.box is None and not prompts.positive:
+            if not prompts.all_boxes() and not prompts.positive:
                 box, _ = self._roi_seed_box(roi)
                 prompts = Prompts(box=box, negative=prompts.negative, slice_axis="k", roi=roi)
             elif prompts.slice_axis != "k":
@@ -347,7 +357,13 @@ class PromptEngine:
         lo_lim, hi_lim = 0, n - 1
         if roi is not None:
             lo_lim, hi_lim = int(math.floor(roi.k0 + 0.5)), int(math.floor(roi.k1 + 0.5))
-        anchors = prompts.slice_indices()
+        # Slices with a box or a positive point are segmented from their prompts and keep that
+        # result; negative points on other slices cut their wrong region (in 3D) afterwards.
+        anchors = sorted({prompts.box_slice(b) for b in prompts.all_boxes()} |
+                         {int(round(p[IJK_INDEX[axis]])) for p in prompts.positive})
+        if not anchors:
+            raise PromptError("only negative points given: add a positive point or a box (or an ROI)")
+        cuts = [p for p in prompts.negative if int(round(p[IJK_INDEX[axis]])) not in anchors]
         for s in anchors:
             self._check_not_empty_slice(axis, s)
 
@@ -384,6 +400,11 @@ class PromptEngine:
                     mask3d, axis, min(anchors), direction, (lo_lim, hi_lim), seeds, roi,
                     seed_area, ref_hu, scores, tick, cancel,
                 )
+        for p in cuts:
+            c = IJK_INDEX[axis]
+            wrong = negative_region(mask3d, vol.array, axis, int(round(p[c])), point_to_xy(p, axis),
+                                    pixel_spacing(vol, axis), frozen=anchors)
+            mask3d[wrong] = 0
         t_post = time.perf_counter()
         mask3d = self._postprocess(mask3d, axis, anchors)
         t_end = time.perf_counter()

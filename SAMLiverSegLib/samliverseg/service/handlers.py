@@ -144,9 +144,12 @@ def prompts_from_request(req: Dict[str, Any], volume: Volume) -> Prompts:
     frame = _frame(req)
     points = _points(req.get("points", []), "points")
     labels = _labels(req, len(points))
-    box = _points(req["box"], "box") if "box" in req else None
-    if box is not None and box.shape != (2, 3):
-        raise ProtocolError("box must be two opposite corners [[x, y, z], [x, y, z]]")
+    boxes = [_points(req["box"], "box")] if "box" in req else []
+    if not isinstance(req.get("boxes", []), list):
+        raise ProtocolError("boxes must be a list of boxes [[[x, y, z], [x, y, z]], ...]")
+    boxes += [_points(b, "each of boxes") for b in req.get("boxes", [])]
+    if any(b.shape != (2, 3) for b in boxes):
+        raise ProtocolError("a box must be two opposite corners [[x, y, z], [x, y, z]]")
     roi = req.get("roi")
     if frame == "ijk":
         if "orientation" in req or "normal" in req:
@@ -154,7 +157,7 @@ def prompts_from_request(req: Dict[str, Any], volume: Volume) -> Prompts:
         axis = req.get("slice_axis", "k")
         if axis not in IJK_INDEX:
             raise ProtocolError(f"slice_axis must be 'i', 'j' or 'k', got {axis!r}")
-        ijk, box_ijk = points, box
+        ijk, boxes_ijk = points, boxes
         if roi is not None:
             r = _floats(roi)
             if r is None or r.shape != (6,) or not np.isfinite(r).all():
@@ -176,10 +179,11 @@ def prompts_from_request(req: Dict[str, Any], volume: Volume) -> Prompts:
         ijk = np.round(volume.ras_to_ijk(points), IJK_DECIMALS) if len(points) else points
         if len(ijk):
             ijk[:, c] = np.round(ijk[:, c])
-        box_ijk = None
-        if box is not None:
+        boxes_ijk = []
+        for box in boxes:
             box_ijk = np.round(volume.ras_to_ijk(box), IJK_DECIMALS)
             box_ijk[:, c] = round(float(box_ijk[0, c]))
+            boxes_ijk.append(box_ijk)
         if roi is not None:
             corners = _points(roi, "roi")
             if corners.shape != (2, 3):
@@ -189,8 +193,8 @@ def prompts_from_request(req: Dict[str, Any], volume: Volume) -> Prompts:
     prompts = Prompts(slice_axis=axis, roi=roi)
     for p, label in zip(ijk, labels):
         (prompts.positive if label == 1 else prompts.negative).append(tuple(float(v) for v in p))
-    if box_ijk is not None:
-        prompts.box = SliceBox(tuple(float(v) for v in box_ijk[0]), tuple(float(v) for v in box_ijk[1]))
+    for box_ijk in boxes_ijk:  # the first is ``box``, the others ``boxes`` (one box per slice)
+        prompts.add_box(SliceBox(tuple(float(v) for v in box_ijk[0]), tuple(float(v) for v in box_ijk[1])))
     return prompts
 
 

@@ -225,7 +225,7 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[tuple, bool]]] = {
     "load_volume": {"path": ((str,), False), "array": ((dict,), False), "ijk_to_ras": ((list,), False)},
     "prompt": {"frame": ((str,), False), "orientation": ((str,), False), "normal": ((list,), False),
                "slice_axis": ((str,), False), "points": ((list,), False), "labels": ((list,), False),
-               "box": ((list,), False), "roi": ((list,), False)},
+               "box": ((list,), False), "boxes": ((list,), False), "roi": ((list,), False)},
     "uncertainty": {"mask": ((dict,), True), "slice_axis": ((str,), False), "members": ((int,), False),
                     "seed": ((int,), False)},
     "prefetch": {"slice_axis": ((str,), False), "slices": ((list,), False), "range": ((list,), False),
@@ -277,8 +277,11 @@ def prompt_fields(prompts: Prompts) -> Dict[str, Any]:
     if points:
         fields["points"] = points
         fields["labels"] = [1] * len(prompts.positive) + [0] * len(prompts.negative)
+    corners = lambda b: [[float(v) for v in b.corner_a], [float(v) for v in b.corner_b]]  # noqa: E731
     if prompts.box is not None:
-        fields["box"] = [[float(v) for v in prompts.box.corner_a], [float(v) for v in prompts.box.corner_b]]
+        fields["box"] = corners(prompts.box)
+    if prompts.boxes:
+        fields["boxes"] = [corners(b) for b in prompts.boxes]
     if prompts.roi is not None:
         r = prompts.roi
         fields["roi"] = [float(v) for v in (r.i0, r.j0, r.k0, r.i1, r.j1, r.k1)]

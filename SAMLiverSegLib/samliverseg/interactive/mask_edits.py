@@ -1,0 +1,142 @@
+"""What a negative click removes from a 3D mask: the wrong region it lies in, across slices.
+
+A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]``, at pixel
+``(x = column, y = row)`` of that slice). The wrong region is found without a model:
+
+* on the clicked slice, the region of similar HU grown from the click (``seeded_region``) inside
+  the mask, the part connected to the click. Where it would take more than ``max_frac`` of the
+  slice's mask (the wrong tissue looks like the object), only the blob around the click is taken:
+  the pixels within twice the click's depth (its distance to the mask border) of the click;
+* on the next slices, up and down (and on the clicked slice, to pick up what the grown region's
+  opening left): the pixels of the mask whose (lightly smoothed) HU lies in the removed region's
+  HU range (its 5th..95th percentile, +-``margin_hu``) and is nearer the removed region's median
+  HU than the median of the rest of the clicked slice's mask, connected on that slice to what was
+  removed on the slice before. Where those two medians differ by less than ``MIN_CONTRAST_HU`` the
+  wrong tissue looks like the object and only the clicked slice's region is removed. The walk stops where nothing is left, at a ``frozen``
+  slice (one that carries the user's own prompts), or where the region would take more than
+  ``max_frac`` of that slice's mask or more than double its previous area (the wrong tissue merges
+  with the object there): that slice loses only the previous slice's footprint, and the walk ends.
+
+The result is a bool array on the volume grid; nothing outside the mask is ever included.
+"""
+
+from __future__ import annotations
+
+from typing import Collection, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from samliverseg.core.maskutil import axis_index, get_slice
+from samliverseg.interactive.seeded_region import grow_region
+
+#: HU added on both sides of the removed region's percentile range.
+MARGIN_HU = 15.0
+#: A removal may take at most this fraction of a slice's mask (else it is limited, see above).
+MAX_FRAC = 0.5
+#: Below this difference (HU) between the medians of the removed region and the rest of the
+#: clicked slice's mask, the removal stays on the clicked slice.
+MIN_CONTRAST_HU = 15.0
+
+
+def _depth_px(mask2d: np.ndarray, x: int, y: int, pixel_spacing: Sequence[float]) -> float:
+    """Distance (mm) from pixel (x, y) to the border of ``mask2d``."""
+    d = ndimage.distance_transform_edt(np.pad(mask2d, 1), sampling=tuple(float(s) for s in pixel_spacing))
+    return float(d[y + 1, x + 1])
+
+
+def _disk_mm(shape: Tuple[int, int], x: int, y: int, radius_mm: float, pixel_spacing: Sequence[float]) -> np.ndarray:
+    sr, sc = (float(s) for s in pixel_spacing)
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return ((yy - y) * sr) ** 2 + ((xx - x) * sc) ** 2 <= radius_mm ** 2
+
+
+def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float], pixel_spacing: Sequence[float],
+                   max_frac: float = MAX_FRAC) -> np.ndarray:
+    """The part of ``mask2d`` a negative click at ``xy`` removes on its own slice (bool; empty when
+    the click lies outside the mask)."""
+    m = np.asarray(mask2d) > 0
+    rows, cols = m.shape
+    x, y = min(max(int(round(xy[0])), 0), cols - 1), min(max(int(round(xy[1])), 0), rows - 1)
+    if not m[y, x]:
+        return np.zeros_like(m)
+    region = grow_region(hu2d, (x, y), pixel_spacing) & m
+    if not region[y, x]:
+        region = m.copy()
+    if region.sum() > max_frac * m.sum():
+        region &= _disk_mm(m.shape, x, y, 2.0 * _depth_px(m, x, y, pixel_spacing), pixel_spacing)
+    lab, _ = ndimage.label(region)
+    return lab == lab[y, x]
+
+
+def _smoothed(hu2d: np.ndarray, pixel_spacing: Sequence[float]) -> np.ndarray:
+    sr, sc = (float(s) for s in pixel_spacing)
+    return ndimage.gaussian_filter(hu2d.astype(np.float32), sigma=(1.0 / sr, 1.0 / sc))
+
+
+def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int, xy: Tuple[float, float],
+                    pixel_spacing: Sequence[float], frozen: Collection[int] = (),
+                    max_frac: float = MAX_FRAC, margin_hu: float = MARGIN_HU,
+                    max_slices: Optional[int] = None) -> np.ndarray:
+    """The 3D wrong region a negative click at ``xy`` on slice ``index`` lies in (bool, volume grid).
+
+    ``pixel_spacing`` is the (row, column) spacing of a slice across ``axis``; ``frozen`` slices
+    are never changed (except the clicked one); ``max_slices`` bounds the walk each way.
+    """
+    out = np.zeros(mask3d.shape, dtype=bool)
+    first = clicked_region(get_slice(mask3d, axis, index), get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac)
+    if not first.any():
+        return out
+    m0 = get_slice(mask3d, axis, index) > 0
+    hu0 = _smoothed(get_slice(hu3d, axis, index), pixel_spacing)
+    rest = m0 & ~first
+    wrong_hu = float(np.median(hu0[first]))
+    object_hu = float(np.median(hu0[rest])) if rest.sum() >= 10 else None
+    if object_hu is None or abs(wrong_hu - object_hu) < MIN_CONTRAST_HU:
+        # The wrong tissue looks like the object: HU cannot tell them apart on other slices.
+        get_slice(out, axis, index)[...] = first
+        return out
+    vals = hu0[first]
+    band = (float(np.percentile(vals, 5)) - margin_hu, float(np.percentile(vals, 95)) + margin_hu)
+    mid = (wrong_hu + object_hu) / 2  # a pixel is wrong tissue if nearer the wrong region's HU than the object's
+    band = (max(band[0], mid), band[1]) if wrong_hu > object_hu else (band[0], min(band[1], mid))
+    # On the clicked slice too, the HU-connected continuation of what grew from the click (the
+    # grown region's opening may have left pieces of the wrong tissue).
+    region = _continuation(m0, get_slice(hu3d, axis, index), first, band, pixel_spacing, max_frac, 1.0)
+    get_slice(out, axis, index)[...] = first if region is None else (region | first)
+    first = get_slice(out, axis, index).copy()
+    n = out.shape[axis_index(axis)]
+    frozen = set(int(f) for f in frozen)
+    for direction in (+1, -1):
+        prev = first
+        t = index + direction
+        steps = 0
+        while 0 <= t < n and t not in frozen and (max_slices is None or steps < max_slices):
+            m = get_slice(mask3d, axis, t) > 0
+            if not m.any():
+                break
+            region = _continuation(m, get_slice(hu3d, axis, t), prev, band, pixel_spacing, max_frac, 2.0)
+            last = region is None
+            if last:
+                region = m & prev  # the wrong tissue merges with the object here: only the footprint
+            get_slice(out, axis, t)[...] = region
+            if last or not region.any():
+                break
+            prev = region
+            t += direction
+            steps += 1
+    return out
+
+
+def _continuation(m: np.ndarray, hu2d: np.ndarray, prev: np.ndarray, band: Tuple[float, float],
+                  pixel_spacing: Sequence[float], max_frac: float, max_growth: float) -> Optional[np.ndarray]:
+    """The pixels of ``m`` in the HU ``band`` connected to ``prev``; None where that is more than
+    ``max_frac`` of ``m`` or more than ``max_growth`` times ``prev`` (+16 px)."""
+    lo, hi = band
+    inside = m & (np.abs(_smoothed(hu2d, pixel_spacing) - (lo + hi) / 2) <= (hi - lo) / 2)
+    lab, _ = ndimage.label(inside)
+    ids = np.unique(lab[ndimage.binary_dilation(prev, structure=np.ones((3, 3), dtype=bool)) & inside])
+    region = np.isin(lab, ids[ids > 0])
+    if region.sum() > max_frac * m.sum() or region.sum() > max_growth * prev.sum() + 16:
+        return None
+    return region

@@ -1,0 +1,288 @@
+"""Interactive 3D corrections: a current 3D mask, its prompts, and one correction at a time.
+
+A :class:`CorrectionSession` starts from :meth:`PromptEngine.segment` (boxes on one or more
+slices, points on any slice) and then takes corrections on any slice (across ``slice_axis`` of
+the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
+
+* **a box** re-segments its slice with that slice's prompts and re-propagates from it up and
+  down, replacing what was there, until the new result agrees with the previous one (Dice at
+  least ``agree_dice``), the object ends (the slices beyond lose what they had, up to the next
+  prompted slice) or another prompted slice is reached;
+* **a positive point outside the mask** segments the object under the click on its slice (for a
+  box-only model such as LiteMedSAM through ``seeded_region``), adds it, and follows that added
+  region up and down, adding what is new, until it is already inside the mask (it has joined
+  what was there), the object ends, or another prompted slice is reached;
+* **a negative point inside the mask** removes the wrong region it lies in, in 3D
+  (``mask_edits.negative_region``: its slice's region grown from the click and its HU-connected
+  continuation on the next slices), never changing another prompted slice.
+
+After each correction only the 3D components that touch a prompted slice's mask are kept (inside
+the mask's bounding box). Every slice with a user prompt keeps the user's result: later
+propagation stops there. With the embeddings cached a correction decodes only the slices it walks
+through, which is what makes it fast (``benchmarks/bench_simulated_user.py`` measures it).
+
+Propagation from a correction follows the engine's rule (``PropagationSettings``): the model is
+prompted with the previous slice's bounding box plus a margin, may grow at most one slice spacing
+(at most ``max_growth_mm``) beyond the previous mask, pixels outside the HU range of the prompted
+slices are dropped, and only what touches the previous slice's mask is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from samliverseg.core.errors import PromptError
+from samliverseg.core.evaluation import dice
+from samliverseg.core.maskutil import axis_index, bbox_2d, bbox_3d, interior_point
+from samliverseg.core.postprocess import keep_components_touching
+from samliverseg.core.prompts import IJK_INDEX, Point, Prompts, SliceBox, validate_prompts
+from samliverseg.interactive.engine import PromptEngine, pixel_spacing, point_to_xy, slice_count, slice_of
+from samliverseg.interactive.mask_edits import negative_region
+
+
+@dataclass
+class Correction:
+    """What one correction did."""
+
+    kind: str  # "box", "positive" or "negative"
+    slice_index: int
+    changed_slices: List[int] = field(default_factory=list)  # slices whose mask changed
+    decoded_slices: List[int] = field(default_factory=list)  # slices the model was run on
+    stops: Dict[str, str] = field(default_factory=dict)  # why the walk ended, up and down
+    seconds: float = 0.0
+
+
+class CorrectionSession:
+    """The current 3D mask of one object and its prompts; :meth:`add_point` / :meth:`add_box` correct it."""
+
+    def __init__(self, engine: PromptEngine, prompts: Prompts, agree_dice: float = 0.98):
+        vol = engine.volume
+        if vol is None:
+            raise PromptError("no volume: call set_volume() on the engine first")
+        if prompts.roi is not None:
+            raise PromptError("a correction session starts from boxes or points on slices, not from a 3D ROI")
+        self.engine = engine
+        self.agree_dice = float(agree_dice)
+        self.axis = prompts.slice_axis
+        res = engine.segment(prompts)
+        self.report = res.report
+        self.mask = res.mask.astype(np.uint8)
+        self.prompts = validate_prompts(prompts, vol.array.shape)
+        self.history: List[Correction] = []
+        self._hu_range = self._range_on(self.mask, self.anchors())
+
+    # -- state ------------------------------------------------------------------------------
+    def anchors(self) -> List[int]:
+        """The slices that carry user prompts (they keep the user's result)."""
+        return self.prompts.slice_indices()
+
+    def _slice(self, index: int) -> np.ndarray:
+        return slice_of(self.mask, self.axis, index)
+
+    def _n(self) -> int:
+        return slice_count(self.mask.shape, self.axis)
+
+    def _index_of(self, p: Sequence[float]) -> int:
+        return int(round(p[IJK_INDEX[self.axis]]))
+
+    def _validated_point(self, p: Sequence[float]) -> Point:
+        shape = self.mask.shape
+        checked = validate_prompts(Prompts(positive=[tuple(float(v) for v in p)], slice_axis=self.axis), shape)
+        return checked.positive[0]
+
+    # -- corrections ------------------------------------------------------------------------
+    def add_point(self, point_ijk: Sequence[float], positive: bool = True) -> Correction:
+        """A positive or negative click (IJK) on any slice; returns what it changed."""
+        t0 = time.perf_counter()
+        p = self._validated_point(point_ijk)
+        s = self._index_of(p)
+        x, y = point_to_xy(p, self.axis)
+        inside = bool(self._slice(s)[int(round(y)), int(round(x))])
+        corr = Correction("positive" if positive else "negative", s)
+        if positive:
+            if not inside:
+                self._add_region(s, p, corr)  # raises (and changes nothing) where nothing is under the click
+            self.prompts.positive.append(p)
+        else:
+            self.prompts.negative.append(p)
+            if inside:
+                wrong = negative_region(self.mask, self.engine.volume.array, self.axis, s, (x, y),
+                                        pixel_spacing(self.engine.volume, self.axis),
+                                        frozen=[a for a in self.anchors() if a != s])
+                self.mask[wrong] = 0
+                corr.changed_slices = [int(v) for v in np.flatnonzero(wrong.any(axis=self._other_axes()))]
+        return self._finish(corr, t0)
+
+    def add_box(self, box: SliceBox) -> Correction:
+        """A box on any slice (it replaces a box the user gave there before); returns what it changed."""
+        t0 = time.perf_counter()
+        checked = validate_prompts(Prompts(box=box, slice_axis=self.axis), self.mask.shape).box
+        s = self.prompts.box_slice(checked)
+        kept = [b for b in self.prompts.all_boxes() if self.prompts.box_slice(b) != s]
+        here = self.prompts.on_slice(s)
+        here.box, here.boxes = checked, []
+        corr = Correction("box", s)
+        new = self.engine.segment_slice(here).mask.astype(np.uint8)  # raises before anything changes
+        corr.decoded_slices.append(s)
+        if not new.any():
+            raise PromptError(f"the box gave an empty mask on slice {self.axis}={s}: draw it around the object")
+        self.prompts.box, self.prompts.boxes = None, []
+        for b in kept + [checked]:
+            self.prompts.add_box(b)
+        if not np.array_equal(new, self._slice(s)):
+            corr.changed_slices.append(s)
+        self._slice(s)[...] = new
+        self._hu_range = self._range_on(self.mask, self.anchors())
+        seed_area = int(new.sum())
+        for direction in (+1, -1):
+            corr.stops["up" if direction > 0 else "down"] = self._walk(s, new.astype(bool), direction, seed_area,
+                                                                       self._hu_range, corr, replace=True)
+        return self._finish(corr, t0)
+
+    # -- the walks ---------------------------------------------------------------------------
+    def _add_region(self, s: int, p: Point, corr: Correction) -> None:
+        here = self.prompts.on_slice(s)
+        region = self.engine.segment_slice(Prompts(positive=[p], negative=here.negative, slice_axis=self.axis)).mask
+        corr.decoded_slices.append(s)
+        x, y = (int(round(v)) for v in point_to_xy(p, self.axis))
+        lab, _ = ndimage.label(region)
+        if lab[y, x]:
+            region = lab == lab[y, x]
+        if not region.any():
+            raise PromptError(f"found no object under the click on slice {self.axis}={s}: click inside the object")
+        sl = self._slice(s)
+        sl[region] = 1
+        corr.changed_slices.append(s)
+        hu_range = self._range_on(self.mask, [s], region_only=region)
+        seed_area = int(region.sum())
+        for direction in (+1, -1):
+            corr.stops["up" if direction > 0 else "down"] = self._walk(s, region, direction, seed_area, hu_range,
+                                                                       corr, replace=False)
+
+    def _walk(self, start: int, prev: np.ndarray, direction: int, seed_area: int,
+              hu_range: Optional[Tuple[float, float]], corr: Correction, replace: bool) -> str:
+        """Propagate ``prev`` from slice ``start`` in ``direction``: replace (a box) or add (a click)."""
+        anchors = set(self.anchors())
+        t = start + direction
+        while 0 <= t < self._n():
+            if t in anchors:
+                return f"reached the prompted slice {t}"
+            old = self._slice(t).astype(bool)
+            new, reason = self._follow(t, prev, seed_area, hu_range)
+            corr.decoded_slices.append(t)
+            if new is None:
+                if replace:
+                    self._clear_until_anchor(t, direction, anchors, corr)
+                return reason
+            if replace:
+                if old.any() and dice(new, old) >= self.agree_dice:
+                    return f"agrees with the previous result at slice {t}"
+                self._slice(t)[...] = new
+            else:
+                fresh = new & ~old
+                if fresh.sum() <= max(self.engine.settings.min_area_px, 0.02 * new.sum()):
+                    return f"joined the previous result at slice {t}"
+                self._slice(t)[new] = 1
+            corr.changed_slices.append(t)
+            prev = new
+            t += direction
+        return "reached the end of the volume"
+
+    def _clear_until_anchor(self, t: int, direction: int, anchors: Set[int], corr: Correction) -> None:
+        while 0 <= t < self._n() and t not in anchors and self._slice(t).any():
+            self._slice(t)[...] = 0
+            corr.changed_slices.append(t)
+            t += direction
+
+    def _follow(self, t: int, prev: np.ndarray, seed_area: int,
+                hu_range: Optional[Tuple[float, float]]) -> Tuple[Optional[np.ndarray], str]:
+        """Slice ``t`` segmented from the previous slice's mask ``prev``; (mask, "") or (None, why it ended)."""
+        eng, st, axis = self.engine, self.engine.settings, self.axis
+        vol = eng.volume
+        if not prev.any():
+            return None, f"empty mask before slice {t}"
+        x0, y0, x1, y1 = bbox_2d(prev)
+        mx = st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1)
+        my = st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1)
+        rows, cols = prev.shape
+        box = (max(0.0, x0 - mx), max(0.0, y0 - my), min(cols - 1.0, x1 + mx), min(rows - 1.0, y1 + my))
+        rs, cs = pixel_spacing(vol, axis)
+        points = None
+        if st.add_point and not getattr(eng.spec, "box_only", False):
+            points = np.asarray([interior_point(prev, spacing=(cs, rs))], dtype=np.float32)
+        pred = eng.predictor.predict(eng.embedding(axis, t), point_coords=points,
+                                     point_labels=None if points is None else np.ones(1, dtype=np.int64),
+                                     box=box, multimask_output=False)
+        mask, score, _ = pred.best()
+        area_raw = int(mask.sum())
+        if area_raw < max(st.min_area_px, st.min_area_frac * seed_area):
+            return None, f"object ended at slice {t} (area {area_raw} px)"
+        growth_mm = st.max_growth_mm
+        if st.max_growth_slices is not None:
+            across = float(vol.spacing[IJK_INDEX[axis]])
+            growth_mm = min(growth_mm, max(st.max_growth_slices * across, 2.0 * max(rs, cs)))
+        grow = max(2, int(round(growth_mm / min(rs, cs))))
+        kept = mask & ndimage.binary_dilation(prev, structure=np.ones((3, 3), dtype=bool), iterations=grow)
+        if st.hu_gate and hu_range is not None:
+            hu = ndimage.gaussian_filter(slice_of(vol.array, axis, t).astype(np.float32), 1.0)
+            kept &= (hu >= hu_range[0]) & (hu <= hu_range[1])
+            kept = ndimage.binary_opening(kept, structure=np.ones((3, 3), dtype=bool), iterations=2)
+        lab, n = ndimage.label(kept)
+        if n > 1:
+            ids = np.unique(lab[kept & prev])
+            kept = np.isin(lab, ids[ids > 0])
+        kept = ndimage.binary_fill_holes(kept)
+        if kept.sum() < st.min_overlap * area_raw:
+            return None, f"mask jumped away from the previous slice at slice {t}"
+        if score < st.min_score:
+            return None, f"model confidence {score:.2f} below {st.min_score} at slice {t}"
+        return kept, ""
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _other_axes(self) -> Tuple[int, int]:
+        a = axis_index(self.axis)
+        return tuple(b for b in range(3) if b != a)  # type: ignore[return-value]
+
+    def _range_on(self, mask3d: np.ndarray, slices: Sequence[int],
+                  region_only: Optional[np.ndarray] = None) -> Optional[Tuple[float, float]]:
+        """The HU gate range: the [p, 100 - p] percentiles of the smoothed HU under the mask on
+        ``slices`` (or under ``region_only`` on the one slice), +- the settings' margin."""
+        st = self.engine.settings
+        vals = []
+        for s in slices:
+            m = region_only if region_only is not None else slice_of(mask3d, self.axis, s) > 0
+            if m.any():
+                hu = ndimage.gaussian_filter(slice_of(self.engine.volume.array, self.axis, s).astype(np.float32), 1.0)
+                vals.append(hu[m])
+        v = np.concatenate(vals) if vals else np.zeros(0)
+        if v.size < 10:
+            return None
+        q, margin = st.hu_gate_percentile, st.hu_gate_margin
+        return float(np.percentile(v, q)) - margin, float(np.percentile(v, 100 - q)) + margin
+
+    def _finish(self, corr: Correction, t0: float) -> Correction:
+        """Keep the 3D components that touch a prompted slice's mask (inside the mask's box)."""
+        box = bbox_3d(self.mask)
+        if box is not None:
+            i0, j0, k0, i1, j1, k1 = box
+            crop = self.mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1]
+            seeds = np.zeros_like(crop)
+            a = axis_index(self.axis)
+            lo = (k0, j0, i0)[a]
+            for s in self.anchors():
+                if 0 <= s - lo < crop.shape[a]:
+                    slice_of(seeds, self.axis, s - lo)[...] = slice_of(crop, self.axis, s - lo)
+            kept = keep_components_touching(crop, seeds, connectivity=3, fallback_largest=True).astype(np.uint8)
+            dropped = np.flatnonzero((crop.astype(bool) & ~kept.astype(bool)).any(axis=self._other_axes()))
+            corr.changed_slices += [int(d) + lo for d in dropped]
+            crop[...] = kept
+        corr.changed_slices = sorted(set(corr.changed_slices))
+        corr.decoded_slices = sorted(set(corr.decoded_slices))
+        corr.seconds = time.perf_counter() - t0
+        self.history.append(corr)
+        return corr

@@ -1,0 +1,232 @@
+"""Prompts on several slices and 3D corrections (``interactive.session3d``), with the real LiteMedSAM on
+a synthetic abdominal phantom: boxes on several slices propagate between and beyond them, a negative
+click removes a leak in 3D, a positive click adds a missed part in 3D, a correction touches only the
+slices it must; and the one-line errors of bad prompts (tiny random SAM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from libtest_helpers import build_tiny_sam, tiny_sam_spec
+from samliverseg.core.errors import PromptError
+from samliverseg.core.evaluation import dice
+from samliverseg.core.maskutil import bbox_2d
+from samliverseg.core.prompts import Prompts, SliceBox, validate_prompts
+from samliverseg.demo.phantom import ORGAN_CODES, make_phantom
+from samliverseg.interactive.engine import PromptEngine
+from samliverseg.interactive.session3d import CorrectionSession
+from samliverseg.io.volume import Volume
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom((28, 128, 128), (2.5, 2.5, 5.0), seed=1, n_tumors=1, tumor_radii_mm=(14.0,))
+
+
+@pytest.fixture(scope="module")
+def engine(phantom):
+    eng = PromptEngine("lite_medsam", device="cpu", backend="auto")
+    eng.set_volume(phantom.to_volume())
+    return eng
+
+
+def extent(mask):
+    ks = np.flatnonzero(mask.any(axis=(1, 2)))
+    return int(ks[0]), int(ks[-1])
+
+
+def box_on(mask, k, margin=3):
+    i0, j0, i1, j1 = bbox_2d(mask[k])
+    return SliceBox.axial(i0 - margin, j0 - margin, i1 + margin, j1 + margin, k)
+
+
+def at_fraction(mask, f):
+    lo, hi = extent(mask)
+    return int(round(lo + f * (hi - lo)))
+
+
+def deepest_point(region3d, k):
+    """(i, j, k) of the pixel of ``region3d[k]`` farthest from its border."""
+    d = ndimage.distance_transform_edt(np.pad(region3d[k], 1))[1:-1, 1:-1]
+    j, i = np.unravel_index(int(np.argmax(d)), d.shape)
+    return float(i), float(j), float(k)
+
+
+def test_old_single_box_api_and_several_boxes():
+    a, b = SliceBox.axial(1, 2, 10, 12, 3), SliceBox.axial(2, 2, 9, 11, 7)
+    p = Prompts(box=a)
+    assert p.all_boxes() == [a] and p.slice_indices() == [3]
+    p.add_box(b)
+    assert p.box == a and p.boxes == [b] and p.slice_indices() == [3, 7]
+    assert p.on_slice(7).box == b and p.on_slice(7).boxes == []
+    checked = validate_prompts(p, (10, 20, 20))
+    assert [checked.box_slice(x) for x in checked.all_boxes()] == [3, 7]
+    assert "more_boxes_corners_ijk" in checked.describe()
+
+
+def test_boxes_on_several_slices_propagate_between_and_beyond(engine, phantom):
+    liver = phantom.liver_mask > 0
+    ka, kb = at_fraction(liver, 0.3), at_fraction(liver, 0.7)
+    res = engine.segment(Prompts(box=box_on(liver, ka), boxes=[box_on(liver, kb)]))
+    lo, hi = extent(liver)
+    plo, phi = extent(res.mask)
+    assert plo < ka - 2 and phi > kb + 2, (plo, phi, ka, kb, res.report["stop_reasons"])  # beyond both
+    assert all(res.mask[k].any() for k in range(ka, kb + 1))  # and between
+    assert res.report["seed_slices"] == [ka, kb]
+    for k in (ka, kb):  # each prompted slice keeps the user's result
+        own = engine.segment_slice(Prompts(box=box_on(liver, k))).mask
+        assert dice(res.mask[k], own) >= 0.99
+    assert dice(res.mask, liver) >= 0.8
+
+
+@pytest.fixture()
+def session(engine, phantom):
+    liver = phantom.liver_mask > 0
+    return CorrectionSession(engine, Prompts(box=box_on(liver, at_fraction(liver, 0.5))))
+
+
+def test_negative_click_removes_a_leak_in_3d(session, phantom):
+    liver = phantom.liver_mask > 0
+    kidney = (phantom.organs == ORGAN_CODES["kidney"]) & ~liver
+    lab, _ = ndimage.label(kidney)
+    near = ndimage.binary_dilation(liver, iterations=3)
+    ids = np.unique(lab[near & kidney])
+    leak = np.isin(lab, ids[ids > 0])
+    leak[~np.isin(np.arange(leak.shape[0]), np.flatnonzero(session.mask.any(axis=(1, 2))))] = False
+    assert leak.sum() > 200 and len(np.flatnonzero(leak.any(axis=(1, 2)))) >= 3
+    # a leak of the propagation into the kidney, joined to the liver's mask by a bridge of fat
+    bridge = ndimage.binary_dilation(leak, iterations=3) & ndimage.binary_dilation(session.mask > 0, iterations=3)
+    before = session.mask.copy()
+    session.mask[leak | bridge] = 1
+    ks = np.flatnonzero(leak.any(axis=(1, 2)))
+    k = int(ks[np.argmax(leak.sum(axis=(1, 2))[ks])])
+    corr = session.add_point(deepest_point(leak, k), positive=False)
+    others = leak.copy()
+    others[k] = False
+    assert session.mask[others].mean() < 0.2, session.mask[others].mean()  # gone on the other slices too
+    assert session.mask[k][leak[k]].mean() < 0.2  # the edge pixels (partial volume with fat) may stay
+    assert any(s != k for s in corr.changed_slices)
+    assert dice(session.mask, liver) >= dice(before, liver) - 0.01
+
+
+def test_positive_click_adds_a_missed_part(engine, phantom):
+    liver = phantom.liver_mask > 0
+    k = at_fraction(liver, 0.5)
+    i0, j0, i1, j1 = bbox_2d(liver[k])
+    half = SliceBox.axial(i0 - 3, j0 - 3, (i0 + i1) // 2, j1 + 3, k)  # the user's box misses half the liver
+    s = CorrectionSession(engine, Prompts(box=half))
+    before = s.mask.copy()
+    missed = liver & ~(s.mask > 0)
+    lab, _ = ndimage.label(missed)
+    big = lab == (1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
+    ks = np.flatnonzero(big.any(axis=(1, 2)))
+    kc = int(ks[np.argmax(big.sum(axis=(1, 2))[ks])])
+    corr = s.add_point(deepest_point(big, kc), positive=True)
+    gained = (s.mask > 0) & ~(before > 0)
+    assert any(gained[t].any() for t in range(gained.shape[0]) if t != kc), corr
+    assert dice(s.mask, liver) >= dice(before, liver) + 0.05, (dice(before, liver), dice(s.mask, liver), corr)
+    assert (s.mask[before > 0] > 0).all()  # nothing the model had found right is lost
+
+
+def test_a_correction_touches_only_the_slices_it_must(session, engine, phantom):
+    liver = phantom.liver_mask > 0
+    ka = at_fraction(liver, 0.5)
+    before = session.mask.copy()
+    inside = np.argwhere(before[ka] > 0)[len(np.argwhere(before[ka] > 0)) // 2]
+    corr = session.add_point((float(inside[1]), float(inside[0]), float(ka)), positive=True)
+    assert corr.changed_slices == [] and corr.decoded_slices == []  # a click that agrees changes nothing
+    np.testing.assert_array_equal(session.mask, before)
+
+    kb = at_fraction(liver, 0.8)
+    corr = session.add_box(box_on(liver, kb))
+    changed = corr.changed_slices
+    assert kb in corr.decoded_slices and ka not in changed
+    untouched = [t for t in range(before.shape[0]) if t not in changed]
+    np.testing.assert_array_equal(session.mask[untouched], before[untouched])
+    assert len(corr.decoded_slices) < before.shape[0] // 2
+    # where the walk ran, it is the result of a full re-run from both boxes
+    full = engine.segment(Prompts(box=box_on(liver, ka), boxes=[box_on(liver, kb)])).mask
+    assert dice(session.mask, full) >= 0.97
+    assert dice(session.mask[kb], full[kb]) >= 0.99
+
+
+# -- bad prompts (a tiny random SAM: only the messages matter) ----------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    import torch
+    torch.manual_seed(0)
+    model = build_tiny_sam()
+    model.spec = tiny_sam_spec("tiny_corrections", builder=lambda: model, checkpoint_filename="none.pth", window="wide")
+    rng = np.random.default_rng(0)
+    arr = rng.normal(40, 15, size=(10, 40, 48)).astype(np.float32)
+    arr[:, 10:30, 12:35] += 80
+    arr[0] = -1000.0  # an all-air slice
+    eng = PromptEngine(model=model, device="cpu", window="abdomen")
+    eng.set_volume(Volume(array=arr, spacing=(0.8, 0.8, 2.5)))
+    return eng
+
+
+@pytest.mark.parametrize("prompts,words", [
+    (Prompts(box=SliceBox.axial(12, 10, 34, 29, 5), boxes=[SliceBox.axial(10, 10, 20, 20, 0)]), "slice k=0 is empty"),
+    (Prompts(box=SliceBox.axial(12, 10, 34, 29, 5), boxes=[SliceBox.axial(12, 10, 34, 29, 10)]), "outside the volume"),
+    (Prompts(box=SliceBox.axial(12, 10, 34, 29, 5), boxes=[SliceBox.axial(60, 50, 70, 60, 3)]), "outside the volume"),
+    (Prompts(box=SliceBox.axial(12, 10, 34, 29, 5), boxes=[SliceBox.axial(13, 11, 30, 25, 5)]), "two boxes on slice k=5"),
+    (Prompts(negative=[(20.0, 20.0, 5.0)]), "only negative points given"),
+    (Prompts(negative=[(20.0, 20.0, 5.0), (22.0, 20.0, 6.0)]), "only negative points given"),
+])
+def test_bad_prompts_give_one_line_errors(tiny_engine, prompts, words):
+    with pytest.raises(PromptError) as err:
+        tiny_engine.segment(prompts)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_corrections_give_one_line_errors(tiny_engine):
+    s = CorrectionSession(tiny_engine, Prompts(box=SliceBox.axial(12, 10, 34, 29, 5)))
+    before = s.mask.copy()
+    for call, words in ((lambda: s.add_point((20.0, 20.0, 12.0), positive=False), "outside the volume"),
+                        (lambda: s.add_box(SliceBox.axial(10, 10, 20, 20, 0)), "slice k=0 is empty"),
+                        (lambda: s.add_box(SliceBox.axial(10, 10, 10, 20, 4)), "empty")):
+        with pytest.raises(PromptError) as err:
+            call()
+        assert words in str(err.value) and "\n" not in str(err.value)
+    np.testing.assert_array_equal(s.mask, before)  # a refused correction changes nothing
+
+
+# -- the command line: a repeatable --box-ijk -----------------------------------------------------
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "samliverseg", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_cli_takes_boxes_on_several_slices(phantom, tmp_path):
+    import SimpleITK as sitk
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(phantom.to_sitk("hu"), str(ct))
+    liver = phantom.liver_mask > 0
+    boxes = [box_on(liver, at_fraction(liver, f)) for f in (0.3, 0.7)]
+    args = [a for b in boxes for a in ["--box-ijk", *b.lo()[:2], *b.hi()[:2], int(b.lo()[2])]]
+    out, rep = tmp_path / "liver.nii.gz", tmp_path / "r.json"
+    rc, _, err = run_cli("segment", ct, "-o", out, *args, "--no-propagate", "--device", "cpu", "--report", rep)
+    assert rc == 0, err
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert set(np.flatnonzero(arr.any(axis=(1, 2)))) == {int(b.lo()[2]) for b in boxes}
+    assert json.loads(rep.read_text())["seed_slices"] == sorted(int(b.lo()[2]) for b in boxes)
+    # two boxes on one slice: a one-line error, exit code 2, no output
+    bad = tmp_path / "bad.nii.gz"
+    rc, _, err = run_cli("segment", ct, "-o", bad, *args[:6], *args[:6], "--device", "cpu")
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1 and "two boxes on slice" in lines[0] and "Traceback" not in err, err
+    assert not bad.exists()

@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Propagation from one box on any slice, on every variant of the shared cases. Prints tables (no test).
+
+    .venv/bin/python benchmarks/bench_propagation.py [--quick] [--backend auto] [--json out.json]
+
+For the liver of ``ircadb-1.1`` (manual mask) and of the TotalSegmentator example (its model's
+mask), and every variant of ``variants.py`` (geometry-true flips, a mirrored patient, crops,
+3 / 5 mm slices), one box (the truth's box on that slice + the case's margin) on the slice at
+20, 35, 50, 65 and 80 % of the liver's extent from its caudal end, then propagation: Dice (and
+HD95 with ``--hd95``). Also, on the original cases: the liver from one positive point (the
+deepest liver point, outside the tumours, on the middle slice) and, for ircadb-1.1, each tumour
+from one box on its middle slice (what ``bench_engine.py`` measures).
+
+``--settings legacy`` runs the propagation rules of before issue 13 (``PropagationSettings.legacy()``)
+for a before/after table from one code base. ``--embed-cache DIR`` keeps slice embeddings on disk
+(keyed by the windowed slice, its spacing, the model and the backend) so that a second run only
+decodes; it is a benchmark convenience, ~4 MB per slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from samliverseg.core.evaluation import dice, evaluate
+from samliverseg.core.maskutil import interior_point, middle_slice
+from samliverseg.core.prompts import Prompts
+from samliverseg.interactive.engine import PromptEngine, PropagationSettings
+from samliverseg.interactive.predictor import SliceEmbedding
+
+import variants
+from bench_engine import print_table
+
+QUICK_VARIANTS = ("original", "flip_k", "mirror_i", "resample_5mm")
+QUICK_FRACTIONS = (0.20, 0.50, 0.80)
+
+
+class DiskEmbeddings:
+    """Slice embeddings kept as ``.npy`` files in ``folder`` (wraps ``predictor.embed``)."""
+
+    def __init__(self, engine: PromptEngine, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.predictor = engine.predictor
+        self.compute = engine.predictor.embed
+        self.tag = f"{engine.spec.name}|{engine.backend.name}|{engine.backend.precision}"
+        self.hits = self.misses = 0
+        engine.predictor.embed = self.embed
+
+    def embed(self, image: np.ndarray, pixel_spacing=(1.0, 1.0)) -> SliceEmbedding:
+        h = hashlib.sha1(np.ascontiguousarray(image).tobytes())
+        h.update(f"{image.shape}|{tuple(float(s) for s in pixel_spacing)}|{self.tag}".encode())
+        path = self.folder / f"{h.hexdigest()}.npz"
+        if path.is_file():
+            self.hits += 1
+            with np.load(path) as z:
+                return SliceEmbedding(features=torch.from_numpy(z["features"]), original_hw=tuple(int(v) for v in z["original_hw"]),
+                                      input_hw=tuple(int(v) for v in z["input_hw"]), image_size=int(z["image_size"]))
+        self.misses += 1
+        emb = self.compute(image, pixel_spacing)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, features=emb.features.float().cpu().numpy(), original_hw=np.array(emb.original_hw),
+                 input_hw=np.array(emb.input_hw), image_size=np.array(emb.image_size))
+        tmp.replace(path)
+        return emb
+
+
+def run(engine: PromptEngine, prompts: Prompts, truth: np.ndarray, spacing, hd95: bool) -> dict:
+    t0 = time.perf_counter()
+    res = engine.segment(prompts)
+    out = {"seconds": round(time.perf_counter() - t0, 2), "stop": res.report["stop_reasons"],
+           "slices": res.report["slices_with_mask"]}
+    if hd95:
+        m = evaluate(res.mask, truth, spacing)
+        out.update(dice=float(m["dice"]), hd95_mm=float(m["hd95_mm"]))
+    else:
+        out["dice"] = float(dice(res.mask, truth))
+    return out
+
+
+def point_prompt(truth: np.ndarray, avoid: Optional[np.ndarray] = None) -> Prompts:
+    """The deepest point of ``truth`` on its middle slice, outside ``avoid`` (bench_engine's rule)."""
+    k = middle_slice(truth, "k")
+    region = truth[k] > 0 if avoid is None else (truth[k] > 0) & ~(avoid[k] > 0)
+    x, y = interior_point(region)
+    return Prompts(positive=[(float(x), float(y), float(k))])
+
+
+def cell(r: dict, hd95: bool) -> str:
+    if "error" in r:
+        return "error"
+    return f"{r['dice']:.3f}" + (f" / {r['hd95_mm']:.1f}" if hd95 else "")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="lite_medsam")
+    ap.add_argument("--backend", default="auto", help="torch, onnxruntime, openvino or auto (default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cases", default="ircadb,totalseg")
+    ap.add_argument("--variants", default=None, help="comma-separated (default: all; --quick: a subset)")
+    ap.add_argument("--fractions", default=None, help="comma-separated prompt-slice fractions (default 0.2..0.8)")
+    ap.add_argument("--quick", action="store_true", help=f"variants {','.join(QUICK_VARIANTS)} at {QUICK_FRACTIONS}")
+    ap.add_argument("--no-extras", action="store_true", help="skip the one-point and tumour rows")
+    ap.add_argument("--settings", default="current", choices=("current", "legacy"))
+    ap.add_argument("--hd95", action="store_true", help="also HD95 (slower)")
+    ap.add_argument("--embed-cache", default=None, help="folder for slice embeddings kept between runs")
+    ap.add_argument("--json", default=None, help="also write the numbers as JSON")
+    args = ap.parse_args(argv)
+    from samliverseg.demo import sample_data
+
+    if sample_data.shared_data_dir() is None:
+        print(f"benchmark skipped: {sample_data.missing_reason()}")
+        return 0
+    names = args.variants.split(",") if args.variants else (QUICK_VARIANTS if args.quick else variants.VARIANTS)
+    fracs = [float(f) for f in args.fractions.split(",")] if args.fractions else (
+        QUICK_FRACTIONS if args.quick else variants.PROMPT_FRACTIONS)
+    settings = PropagationSettings.legacy() if args.settings == "legacy" else PropagationSettings()
+    engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=8192, settings=settings)
+    disk = DiskEmbeddings(engine, Path(args.embed_cache)) if args.embed_cache else None
+    results: Dict[str, dict] = {"settings": args.settings, "backend": engine.backend.name}
+    rows: List[list] = []
+    extras: List[list] = []
+    t_all = time.perf_counter()
+    for case in variants.load_cases(args.cases.split(",")):
+        tumours = {}
+        if case.name.startswith("ircadb") and not args.no_extras:
+            _, tumours = sample_data.load_ircadb(structures=sample_data.IRCADB_LIVER_STRUCTURES[1:])
+        for vname in names:
+            if vname.startswith("resample") and abs(case.volume.spacing[2] - float(vname[9:-2])) < 1e-3:
+                continue  # already on that grid: the original
+            v = variants.make_variant(case, vname)
+            engine.set_volume(v.volume)
+            row = [v.name]
+            for f in fracs:
+                key = f"{v.name}@{f:.2f}"
+                try:
+                    r = run(engine, variants.box_prompt_at(v, f), v.truth, v.volume.spacing, args.hd95)
+                except Exception as exc:  # report, keep going
+                    r = {"error": str(exc)[:200]}
+                r["slice"] = variants.prompt_slice(v.volume, v.truth, f)
+                results[key] = r
+                row.append(cell(r, args.hd95))
+                print(f"{key}: {r}", flush=True)
+            rows.append(row)
+            if vname == "original" and not args.no_extras:
+                avoid = sample_data.tumor_union(tumours) if tumours else None
+                r = run(engine, point_prompt(v.truth, avoid), v.truth, v.volume.spacing, args.hd95)
+                results[f"{case.name}/point"] = r
+                extras.append([case.name, "liver", "1 point (middle slice)", cell(r, args.hd95), r["stop"].get("up", ""),
+                               r["stop"].get("down", "")])
+                for tname, tmask in tumours.items():
+                    r = run(engine, variants.box_prompt(tmask, middle_slice(tmask, "k"), max(1, case.margin // 2)),
+                            tmask, v.volume.spacing, args.hd95)
+                    results[f"{case.name}/{tname}"] = r
+                    extras.append([case.name, tname, "1 box (middle slice)", cell(r, args.hd95), r["stop"].get("up", ""),
+                                   r["stop"].get("down", "")])
+    what = "Dice / HD95 mm" if args.hd95 else "Dice"
+    print_table(f"liver {what} from one box on the slice at a fraction of its extent (caudal 0 -> cranial 1) + propagation; "
+                f"settings {args.settings}, model {engine.spec.name}, backend {engine.backend.name} {engine.backend.precision}",
+                ["case/variant"] + [f"{int(round(100 * f))} %" for f in fracs], rows)
+    if extras:
+        print_table(f"one point / tumours ({what}), settings {args.settings}", ["case", "object", "prompt", what, "stop (up)", "stop (down)"],
+                    extras)
+    vals = [r["dice"] for k, r in results.items() if "@" in k and "dice" in r]
+    if vals:
+        print(f"\nbox table: min {min(vals):.3f}, mean {np.mean(vals):.3f}, entries below 0.93: {sum(v < 0.93 for v in vals)} of {len(vals)}")
+    print(f"total {time.perf_counter() - t_all:.0f} s" + (f"; embeddings from disk {disk.hits}, computed {disk.misses}" if disk else ""))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
