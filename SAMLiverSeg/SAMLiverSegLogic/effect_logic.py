@@ -377,10 +377,14 @@ class SegmentAnythingSession:
         m = geometry.world_ijk_to_ras(self.volume_node)
         axis_dir = m[:3, IJK_INDEX[prompts.slice_axis]]
         fields["normal"] = [float(v) for v in axis_dir / np.linalg.norm(axis_dir)]
+        def ras(points):
+            return (np.c_[np.asarray(points, dtype=float), np.ones(len(points))] @ m.T)[:, :3].tolist()
+
         for key in ("points", "box"):
             if key in fields:
-                ijk = np.c_[np.asarray(fields[key], dtype=float), np.ones(len(fields[key]))]
-                fields[key] = (ijk @ m.T)[:, :3].tolist()
+                fields[key] = ras(fields[key])
+        if "boxes" in fields:
+            fields["boxes"] = [ras(b) for b in fields["boxes"]]
         if "roi" in fields:  # two opposite corners: the worker takes their IJK bounding box
             r = fields["roi"]
             fields["roi"] = (np.array([[r[0], r[1], r[2], 1.0], [r[3], r[4], r[5], 1.0]]) @ m.T)[:, :3].tolist()
