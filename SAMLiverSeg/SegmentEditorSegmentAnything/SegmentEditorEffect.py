@@ -356,14 +356,21 @@ The model runs in a separate process, started at the first click.</html>"""
             self.updateRubberBand(viewWidget, action.start, action.end)
         elif name == "LeftButtonReleaseEvent" or action.kind:
             self.removeRubberBand(viewWidget)
-        if action.kind in ("click", "box"):
-            self.configureSession()  # the request goes to a worker with the current parameters
         if action.kind == "click":
-            self.afterPromptChange(self.session.click(viewWidget.mrmlSliceNode(), action.start,
-                                                      positive=action.positive))
+            self.onClick(viewWidget, action.start, positive=action.positive)
         elif action.kind == "box":
-            self.afterPromptChange(self.session.drag_box(viewWidget.mrmlSliceNode(), action.start, action.end))
+            self.onDrag(viewWidget, action.start, action.end)
         return action.consume
+
+    def onClick(self, viewWidget, xy, positive=True):
+        """A point at XY in a slice view (also for scripts and the self-test); never waits."""
+        self.configureSession()  # the request goes to a worker with the current parameters
+        self.afterPromptChange(self.session.click(viewWidget.mrmlSliceNode(), xy, positive=positive))
+
+    def onDrag(self, viewWidget, xy0, xy1):
+        """A box dragged from XY0 to XY1 in a slice view (also for scripts and the self-test); never waits."""
+        self.configureSession()
+        self.afterPromptChange(self.session.drag_box(viewWidget.mrmlSliceNode(), xy0, xy1))
 
     def afterPromptChange(self, outcome):
         """A prompt was added (the session sent the preview request, or queued it behind the running one)."""
