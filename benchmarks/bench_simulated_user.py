@@ -6,9 +6,11 @@
 
 The loop of the CVPR 2025 interactive 3D segmentation challenge, on the shared real CT:
 
-* step 0: a box on one axial slice of the reference (its bounding box there plus ``--margin``
-  voxels; ``--margin`` // 2, at least 1, for tumours), on the slice at ``--starts`` percent of the
-  object's extent in k (50 = the middle), segmented and propagated (``CorrectionSession``);
+* step 0: a box on one axial slice of the reference (``variants.box_prompt``: its bounding box
+  there plus the case's margin, 5 voxels on ircadb-1.1 and 2 on totalseg; half that, at least 1,
+  for tumours), for the liver on the slice at ``--starts`` percent of its extent from its caudal
+  end (``variants.prompt_slice``), for a tumour on its middle slice; segmented and propagated
+  (``CorrectionSession``);
 * steps 1..``--clicks``: the largest 3D connected component of the error (false negatives and false
   positives labelled apart, 26-connected) is found, and one click is placed at its deepest point
   (the maximum of its distance transform, in mm) on that point's axial slice: a positive click for a
@@ -18,15 +20,14 @@ The loop of the CVPR 2025 interactive 3D segmentation challenge, on the shared r
   these are the seconds of a correction with cached embeddings; the initial box's seconds are reported
   apart).
 
-Objects: the liver of ircadb-1.1 and of the totalseg example, each of the 7 ircadb-1.1 tumours.
-With ``--variants`` the case variants of ``benchmarks/variants.py`` (when that file exists) are run
-too. A failed step (an error) is reported in the table and the object's Dice stays where it was.
+Objects: the liver of ircadb-1.1 and of the totalseg example, each of the 7 ircadb-1.1 tumours;
+``--variants`` chooses the case variants of ``benchmarks/variants.py`` (flips, crops, 3 / 5 mm
+slices). A failed step (an error) is reported in the table and the object's Dice stays where it was.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -38,27 +39,15 @@ from scipy import ndimage
 
 from samliverseg.core.errors import SAMLiverSegError
 from samliverseg.core.evaluation import dice
-from samliverseg.core.maskutil import bbox_2d
-from samliverseg.core.prompts import Prompts, SliceBox
+from samliverseg.core.maskutil import middle_slice
 from samliverseg.demo import sample_data
 from samliverseg.interactive.engine import PromptEngine
 from samliverseg.interactive.session3d import CorrectionSession
 
-HERE = Path(__file__).resolve().parent
+import variants
+from bench_engine import print_table
 #: Slices embedded beyond the objects' extent before the runs (propagation may leak a few slices).
 PREFETCH_MARGIN = 10
-
-
-def start_slice(truth: np.ndarray, percent: float) -> int:
-    """The axial slice at ``percent`` of the object's extent in k (0 = its first slice), holding the object."""
-    ks = np.flatnonzero(truth.any(axis=(1, 2)))
-    k = int(round(ks[0] + percent / 100.0 * (ks[-1] - ks[0])))
-    return int(ks[np.argmin(np.abs(ks - k))])
-
-
-def box_on(truth: np.ndarray, k: int, margin: int) -> SliceBox:
-    i0, j0, i1, j1 = bbox_2d(truth[k])
-    return SliceBox.axial(i0 - margin, j0 - margin, i1 + margin, j1 + margin, k)
 
 
 def next_click(pred: np.ndarray, truth: np.ndarray, spacing) -> Optional[Tuple[Tuple[float, float, float], bool, int]]:
@@ -94,7 +83,7 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, k: int, margin: i
     truth = truth > 0
     t0 = time.perf_counter()
     try:
-        session = CorrectionSession(engine, Prompts(box=box_on(truth, k, margin)))
+        session = CorrectionSession(engine, variants.box_prompt(truth.astype(np.uint8), k, margin))
     except SAMLiverSegError as exc:
         return {"error": f"initial box: {exc}", "dice": [0.0] * (clicks + 1), "seconds": [], "clicks": []}
     out = {"box_seconds": time.perf_counter() - t0, "dice": [dice(session.mask, truth)], "seconds": [], "clicks": [],
@@ -122,20 +111,6 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, k: int, margin: i
     return out
 
 
-def fmt_row(cells, widths):
-    return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-
-
-def print_table(title: str, header: List[str], rows: List[list]) -> None:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print(fmt_row(header, widths))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(fmt_row(r, widths))
-    sys.stdout.flush()
-
-
 def row_of(case: str, obj: str, start: str, r: dict, clicks: int) -> list:
     d = r["dice"] + [r["dice"][-1]] * (clicks + 1 - len(r["dice"]))
     secs = r.get("seconds") or []
@@ -148,19 +123,9 @@ def row_of(case: str, obj: str, start: str, r: dict, clicks: int) -> list:
     ]
 
 
-def load_variants():
-    """``benchmarks/variants.py`` (written beside this file by another change), or None."""
-    path = HERE / "variants.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("bench_variants", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
-def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int, List[float]]], clicks: int,
-             results: dict, rows: List[list]) -> None:
+def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int, List[Optional[float]]]],
+             clicks: int, results: dict, rows: List[list]) -> None:
+    """Every object of one volume (its slices embedded once); a start of None is the object's middle slice."""
     engine.set_volume(volume)
     t0 = time.perf_counter()
     ks = np.flatnonzero(np.any([truth.any(axis=(1, 2)) for truth, _, _ in objects.values()], axis=0))
@@ -170,12 +135,13 @@ def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int
           f"(backend {engine.backend.name}, {engine.backend.precision})")
     sys.stdout.flush()
     for obj, (truth, margin, starts) in objects.items():
-        for pct in starts:
-            k = start_slice(truth, pct)
+        for frac in starts:
+            k = middle_slice(truth, "k") if frac is None else variants.prompt_slice(volume, truth, frac)
+            where = "middle" if frac is None else f"{100 * frac:g}%"
             r = simulate(engine, truth, volume.spacing, k, margin, clicks)
-            r.update(start_percent=pct, start_slice=k)
-            results[f"{case}/{obj}/{pct:g}%"] = r
-            rows.append(row_of(case, obj, f"{pct:g}% (k={k})", r, clicks))
+            r.update(start=where, start_slice=k)
+            results[f"{case}/{obj}/{where}"] = r
+            rows.append(row_of(case, obj, f"{where} (k={k})", r, clicks))
             print("  " + " ".join(str(c) for c in rows[-1]))
             sys.stdout.flush()
 
@@ -201,49 +167,40 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="lite_medsam")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--margin", type=int, default=5, help="box margin in voxels around the reference (liver)")
     ap.add_argument("--cases", default="ircadb,totalseg")
     ap.add_argument("--objects", default="liver,tumours", help="liver and/or tumours (ircadb-1.1 only)")
-    ap.add_argument("--starts", default="50", help="start slices, percent of the object's k extent (liver only; "
-                                                   "tumours start at 50)")
+    ap.add_argument("--starts", default="50", help="start slices of the liver, percent of its k extent from its "
+                                                   "caudal end (variants.prompt_slice); tumours start on their "
+                                                   "middle slice")
     ap.add_argument("--tumours", default="", help="only these tumours, e.g. 1,3 (default: all)")
     ap.add_argument("--clicks", type=int, default=5)
-    ap.add_argument("--variants", action="store_true", help="also the variants of benchmarks/variants.py")
+    ap.add_argument("--variants", default="original",
+                    help=f"comma-separated variants of benchmarks/variants.py ({', '.join(variants.VARIANTS)})")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
     if sample_data.shared_data_dir() is None:
         print(f"benchmark skipped: {sample_data.missing_reason()}")
         return 0
-    starts = [float(s) for s in args.starts.split(",") if s.strip()]
+    starts = [float(v) / 100.0 for v in args.starts.split(",") if v.strip()]
     engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=4096)
     results: dict = {}
     rows: List[list] = []
     cases = []
-    if "ircadb" in args.cases:
-        vol, masks = sample_data.load_ircadb()
-        objects = {}
-        if "liver" in args.objects:
-            objects["liver"] = (masks["liver"] > 0, args.margin, starts)
-        if "tumour" in args.objects:
-            wanted = {f"livertumor{int(t):02d}" for t in args.tumours.split(",") if t.strip()}
-            for name in sorted(k for k in masks if k.startswith("livertumor")):
-                if not wanted or name in wanted:
-                    objects[name] = (masks[name] > 0, max(1, args.margin // 2), [50.0])
-        cases.append(("ircadb-1.1", vol, objects))
-    if "totalseg" in args.cases and "liver" in args.objects:
-        vol, liver = sample_data.load_totalseg_example()
-        cases.append(("totalseg-example", vol, {"liver": (liver > 0, max(2, args.margin // 2), starts)}))
-    if args.variants:
-        mod = load_variants()
-        if mod is None:
-            print("no benchmarks/variants.py: variants skipped")
-        else:
-            for case, vol, objects in list(cases):
-                liver = objects.get("liver")
-                if liver is None:
-                    continue
-                for name, v_vol, v_truth in mod.variants(vol, liver[0]):
-                    cases.append((f"{case}/{name}", v_vol, {"liver": (v_truth > 0, liver[1], [50.0])}))
+    names = [v for v in args.variants.split(",") if v.strip()]
+    for case in variants.load_cases(args.cases.split(",")):
+        for vname in names:
+            v = variants.make_variant(case, vname) if vname != "original" else case
+            objects: dict = {}
+            if "liver" in args.objects:
+                objects["liver"] = (v.truth > 0, v.margin, starts)
+            if "tumour" in args.objects and case.name.startswith("ircadb") and vname == "original":
+                _, tumours = sample_data.load_ircadb(structures=sample_data.IRCADB_LIVER_STRUCTURES[1:])
+                wanted = {f"livertumor{int(t):02d}" for t in args.tumours.split(",") if t.strip()}
+                for name in sorted(tumours):
+                    if not wanted or name in wanted:  # the tumours start on their middle slice
+                        objects[name] = (tumours[name] > 0, max(1, case.margin // 2), [None])
+            if objects:
+                cases.append((case.name if vname == "original" else v.name, v.volume, objects))
     for case, vol, objects in cases:
         run_case(engine, case, vol, objects, args.clicks, results, rows)
     steps = [f"Dice@{n}" for n in range(args.clicks + 1)]

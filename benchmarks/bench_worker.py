@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--backend", default="torch", choices=("torch", "auto", "openvino", "onnxruntime"),
                     help="what runs the model, in process and in the worker alike (default torch)")
+    ap.add_argument("--transport", default=None, choices=("pipe", "socket"),
+                    help="the client's transport (default: pipe on POSIX, socket on Windows)")
     args = ap.parse_args()
     n = args.repeats
 
@@ -76,7 +78,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     rows = []
-    with WorkerClient(device=args.device, backend=args.backend) as client:
+    with WorkerClient(device=args.device, backend=args.backend, transport=args.transport) as client:
         t = time.perf_counter()
         client.start()
         t_start = time.perf_counter() - t
@@ -143,7 +145,7 @@ def main() -> None:
             rows.append([f"hand over 512x512x130 {np.dtype(dtype).name} ({arr.nbytes / 2**20:.0f} MB): write + "
                          f"load_volume", ms(med(loads)), ms(min(loads))])
             rows.append(["  of which writing the array file", ms(med(writes)), ms(min(writes))])
-    print(f"device {args.device}, backend {args.backend}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+    print(f"device {args.device}, backend {args.backend}, transport {client.transport}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"{os.cpu_count()} CPUs, {n} repeats; worker start (hello) {ms(t_start)} ms, first load_volume "
           f"(model build + 40x256x256 volume) {ms(t_first_load)} ms")
     print(table(rows, ["what", "median ms", "min ms"]))

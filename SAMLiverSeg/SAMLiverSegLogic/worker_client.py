@@ -41,16 +41,24 @@ ends with its own exit-code-130 response.
 
 Arrays (the volume, masks) travel as ``.npy`` files in a session folder this client owns (in
 ``/dev/shm`` when present); :meth:`WorkerClient.read_array` reads a result into memory and removes
-its file. POSIX only for now: the non-blocking pipe needs ``os.set_blocking`` and ``select`` on
-pipes, which Windows lacks (there the GUI side would use QProcess).
+its file.
+
+Transports (``transport=``): ``"pipe"`` (the POSIX default: requests on the worker's stdin,
+messages on its stdout) or ``"socket"`` (the Windows default, where ``select`` and
+``QSocketNotifier`` do not work on pipes: the client listens on 127.0.0.1, the worker started with
+``--connect`` connects back and proves itself with a token from its environment; its stdin then
+only tells it when the client is gone). The messages are the same. Both are tested on Linux; the
+socket transport has not been run on Windows itself (no Windows here).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,6 +124,134 @@ def describe_exit(returncode: Optional[int], log_tail: str = "") -> str:
     return f"{text}: {log_tail}" if log_tail else text
 
 
+class PipeTransport:
+    """Requests on the worker's stdin, messages on its stdout (POSIX: ``select`` works on pipes)."""
+
+    name = "pipe"
+
+    def __init__(self) -> None:
+        self.proc: Optional[subprocess.Popen] = None
+
+    def popen_args(self) -> Tuple[List[str], Dict[str, str], Any]:
+        """Extra worker arguments, extra environment, and what its stdout is."""
+        return [], {}, subprocess.PIPE
+
+    def attach(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        os.set_blocking(proc.stdout.fileno(), False)
+
+    def fileno(self) -> int:
+        return self.proc.stdout.fileno()
+
+    def write(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def read(self) -> Optional[bytes]:
+        """What is there (never waits); None: nothing now; b"": end of file."""
+        try:
+            return os.read(self.proc.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            return None
+        except (OSError, ValueError):
+            return b""
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            try:
+                self.proc.stdout.close()
+            except OSError:
+                pass
+
+
+class SocketTransport:
+    """The worker connects back to a socket on 127.0.0.1 that this client listens on (``select``
+    and ``QSocketNotifier`` work on sockets on Windows too, where they do not on pipes).
+
+    ``fileno()`` is the listening socket until the worker connected, then the connection (the
+    GUI remakes its notifier when :meth:`WorkerClient.watch` changes). The worker proves it is
+    the one started here by sending, first, a random token it got in its environment. Requests
+    sent before it connected wait in a buffer and go out once it has.
+    """
+
+    name = "socket"
+
+    def __init__(self) -> None:
+        self.token = secrets.token_hex(16)
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.listener.setblocking(False)
+        self.conn: Optional[socket.socket] = None
+        self.out = b""
+
+    def popen_args(self) -> Tuple[List[str], Dict[str, str], Any]:
+        port = self.listener.getsockname()[1]
+        return ["--connect", f"127.0.0.1:{port}"], {protocol.WORKER_TOKEN_ENV: self.token}, None
+
+    def attach(self, proc: subprocess.Popen) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return (self.conn or self.listener).fileno()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, OSError):
+            return
+        conn.settimeout(2.0)  # the worker sends its token as soon as it has connected
+        line = b""
+        try:
+            while not line.endswith(b"\n") and len(line) < 100:
+                byte = conn.recv(1)
+                if not byte:
+                    break
+                line += byte
+        except OSError:
+            line = b""
+        if line.strip().decode("ascii", "replace") != self.token:  # not our worker: keep listening
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.conn = conn
+        self.flush()
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+        self.flush()
+
+    def flush(self) -> None:
+        while self.conn is not None and self.out:
+            try:
+                n = self.conn.send(self.out)
+            except BlockingIOError:
+                return
+            except OSError:  # the worker is gone: its end is noticed by the reader
+                self.out = b""
+                return
+            self.out = self.out[n:]
+
+    def read(self) -> Optional[bytes]:
+        if self.conn is None:
+            self._accept()
+            if self.conn is None:
+                return None
+        self.flush()
+        try:
+            return self.conn.recv(1 << 16)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        for s in (self.conn, self.listener):
+            if s is not None:
+                s.close()
+        self.conn = None
+
+
 def _end_group(pgid: int) -> None:
     """Kill what is left of the worker's process group (POSIX; the worker leads its own group):
     children it or its launcher forked, orphaned when it ended."""
@@ -133,7 +269,8 @@ class WorkerClient:
     def __init__(self, python: Optional[str] = None, model: str = "lite_medsam", checkpoint: Optional[str] = None,
                  device: str = "auto", window: Optional[str] = None, precision: str = "fp32",
                  cache_mb: Optional[float] = None, env: Optional[Dict[str, str]] = None, backend: str = "auto",
-                 protocol_version: int = protocol.PROTOCOL_VERSION, shutdown_timeout: float = 5.0):
+                 protocol_version: int = protocol.PROTOCOL_VERSION, shutdown_timeout: float = 5.0,
+                 transport: Optional[str] = None):
         self.python = python or sys.executable
         self.model, self.checkpoint, self.device, self.window = model, checkpoint, device, window
         self.precision, self.cache_mb = precision, cache_mb
@@ -141,6 +278,11 @@ class WorkerClient:
         self.env = env
         self.protocol_version = int(protocol_version)
         self.shutdown_timeout = float(shutdown_timeout)
+        #: "pipe" (stdin/stdout; the POSIX default) or "socket" (127.0.0.1; the Windows default)
+        self.transport = transport or ("socket" if os.name == "nt" else "pipe")
+        if self.transport not in ("pipe", "socket"):
+            raise ValueError(f"transport must be 'pipe' or 'socket', got {self.transport!r}")
+        self._io: Any = None  # the PipeTransport / SocketTransport of the running worker
         self.proc: Optional[subprocess.Popen] = None
         self.session_dir: Optional[str] = None
         self.starts = 0
@@ -180,8 +322,16 @@ class WorkerClient:
         return self.proc.pid if self.proc is not None else None
 
     def fileno(self) -> Optional[int]:
-        """The worker's stdout pipe (readable when messages arrive), for a QSocketNotifier."""
-        return self.proc.stdout.fileno() if self.proc is not None else None
+        """What to watch for messages (readable when they arrive), for a QSocketNotifier: the
+        worker's stdout pipe, or (socket transport) the listening socket until the worker
+        connected, then the connection. None while no worker runs."""
+        return self._io.fileno() if self.proc is not None else None
+
+    def listening_port(self) -> Optional[int]:
+        """Socket transport: the 127.0.0.1 port the worker connects back to (None otherwise)."""
+        if self.proc is None or not isinstance(self._io, SocketTransport):
+            return None
+        return self._io.listener.getsockname()[1]
 
     def start(self, wait: bool = True, timeout: float = 300.0) -> Optional[Dict[str, Any]]:
         """Start the worker (if it is not running) and say hello; ``wait``: block for the answer.
@@ -200,17 +350,26 @@ class WorkerClient:
             self.starts += 1
             self.hello_result = None
             log_path = os.path.join(self.session_dir, f"worker-{self.starts}.log")
+            io = SocketTransport() if self.transport == "socket" else PipeTransport()
+            args, env, stdout = io.popen_args()
+            if env:
+                env = dict(os.environ if self.env is None else self.env, **env)
+            kwargs: Dict[str, Any] = {"start_new_session": True} if os.name == "posix" else {
+                "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
+                | getattr(subprocess, "CREATE_NO_WINDOW", 0)}
             with open(log_path, "wb") as log:
                 try:
                     # its own process group: what it or its launcher forks is ended with it (_end_group)
-                    self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                 stderr=log, env=self.env, bufsize=0, close_fds=True,
-                                                 start_new_session=os.name == "posix")
+                    self.proc = subprocess.Popen(self.command() + args, stdin=subprocess.PIPE,
+                                                 stdout=log if stdout is None else stdout, stderr=log,
+                                                 env=env or self.env, bufsize=0, close_fds=True, **kwargs)
                 except OSError as exc:  # no such Python, not executable
+                    io.close()
                     raise WorkerError(f"cannot start the inference worker with {self.python}: "
                                       f"{protocol.one_line(str(exc), 200)}") from None
             self._log_path = log_path
-            os.set_blocking(self.proc.stdout.fileno(), False)
+            io.attach(self.proc)
+            self._io = io
             self._buf = b""
             self._hello_id = self._write("hello", {"protocol": self.protocol_version}, internal=True)
             if self._volume_fields is not None:
@@ -255,11 +414,7 @@ class WorkerClient:
             kill_process_tree(proc.pid, timeout=1.0, force=True)
             rc = proc.wait()
         _end_group(proc.pid)
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        self._close_streams(proc)
         why = describe_exit(rc, self._log_tail())
         self.last_exit = why
         for rid, info in sorted(self._pending.items()):
@@ -277,25 +432,23 @@ class WorkerClient:
         self._next_id += 1
         self._pending[rid] = {"type": rtype, "internal": internal,
                               "deadline": time.monotonic() + timeout if timeout else None, "timeout": timeout}
-        data = protocol.encode(dict(fields, id=rid, type=rtype))
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
+        try:
+            self._io.write(protocol.encode(dict(fields, id=rid, type=rtype)))
+        except (BrokenPipeError, OSError, ValueError):
+            del self._pending[rid]  # never sent: no answer is owed for it
+            raise
         return rid
 
     def _read(self, timeout: float = 0.0) -> None:
         """Take in whatever the worker wrote; wait up to ``timeout`` s for the first bytes."""
         if self.proc is None:
             return
-        fd = self.proc.stdout.fileno()
         if timeout > 0:
-            select.select([fd], [], [], timeout)
+            select.select([self._io.fileno()], [], [], timeout)
         while self.proc is not None:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:
+            chunk = self._io.read()
+            if chunk is None:
                 return
-            except OSError:
-                chunk = b""
             if not chunk:  # end of file: the worker is gone
                 self._handle_lines(self._buf + b"\n")
                 self._buf = b""
@@ -383,8 +536,11 @@ class WorkerClient:
             self.start(wait=False)
         try:
             rid = self._write(rtype, fields, timeout=timeout)
-        except (BrokenPipeError, OSError):  # it died just now: once more, on a new worker
+        except (BrokenPipeError, OSError, ValueError):  # it died just now (or is dying): once more, on a new one
+            if self.proc is not None and self.proc.poll() is None:
+                kill_process_tree(self.proc.pid, timeout=1.0, force=True)
             self._read()
+            self._notice_exit()
             self.start(wait=False)
             rid = self._write(rtype, fields, timeout=timeout)
         if rtype == "load_volume":
@@ -410,7 +566,7 @@ class WorkerClient:
         """
         if self.proc is None:
             return None
-        return self.starts, self.proc.stdout.fileno()
+        return self.starts, self._io.fileno()
 
     def next_timeout(self) -> Optional[float]:
         """Seconds until the earliest request ``timeout`` passes (0 if one has), None if none is set.
@@ -533,9 +689,11 @@ class WorkerClient:
             return
         if proc.poll() is None:
             try:
-                proc.stdin.write(protocol.encode({"id": 0, "type": "shutdown"}))
-                proc.stdin.flush()
-                proc.stdin.close()
+                self._io.write(protocol.encode({"id": 0, "type": "shutdown"}))
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+            try:
+                proc.stdin.close()  # (socket transport: the end of stdin stops it too)
             except (BrokenPipeError, OSError, ValueError):
                 pass
             try:
@@ -544,11 +702,17 @@ class WorkerClient:
                 self.killed_pids = kill_process_tree(proc.pid, timeout=1.0, force=True)
                 proc.wait()
         _end_group(proc.pid)
+        self._close_streams(proc)
+
+    def _close_streams(self, proc: subprocess.Popen) -> None:
+        if self._io is not None:
+            self._io.close()
         for stream in (proc.stdin, proc.stdout):
-            try:
-                stream.close()
-            except (OSError, ValueError):
-                pass
+            if stream is not None:
+                try:
+                    stream.close()
+                except (OSError, ValueError):
+                    pass
 
     def shutdown(self) -> None:
         """Stop the worker (``shutdown``; its process tree is killed after ``shutdown_timeout``)

@@ -153,10 +153,13 @@ def test_a_correction_touches_only_the_slices_it_must(session, engine, phantom):
     untouched = [t for t in range(before.shape[0]) if t not in changed]
     np.testing.assert_array_equal(session.mask[untouched], before[untouched])
     assert len(corr.decoded_slices) < before.shape[0] // 2
-    # where the walk ran, it is the result of a full re-run from both boxes
+    # beyond the new box (where a full re-run from both boxes propagates from it too) the result is the
+    # full re-run's; between the boxes the full re-run keeps the first box's propagation, the walk
+    # from the new box replaces it as far as it differs
     full = engine.segment(Prompts(box=box_on(liver, ka), boxes=[box_on(liver, kb)])).mask
-    assert dice(session.mask, full) >= 0.97
+    assert dice(session.mask[kb:], full[kb:]) >= 0.97, (dice(session.mask[kb:], full[kb:]), corr)
     assert dice(session.mask[kb], full[kb]) >= 0.99
+    assert dice(session.mask, full) >= 0.9
 
 
 # -- bad prompts (a tiny random SAM: only the messages matter) ----------------------------------

@@ -173,10 +173,56 @@ def test_poll_returns_at_once_the_pipe_wakes_a_notifier_and_cancel_answers(clien
     assert resp["ok"] is False and resp["exit_code"] == 130 and "prefetch cancelled" in resp["error"]
 
 
+def test_the_socket_transport_for_windows_serves_the_same(client, oblique_ct):
+    """The transport Windows uses (select() works on sockets there, not on pipes), run here: the
+    worker connects back to 127.0.0.1 with a token; same masks, progress, cancel, restart."""
+    import socket
+
+    vol, view = oblique_ct
+    box = [geometry.ijk_to_ras_point(vol, c).tolist() for c in [(11, 10, 12), (29, 27, 12)]]
+    client.wait(client.load_volume_node(vol), timeout=600)
+    ref = client.read_array(client.request("prompt", box=box, normal=slice_clicks.view_normal(view).tolist(),
+                                           timeout=600)["mask"])
+    with WorkerClient(device="cpu", backend="torch", transport="socket") as c:
+        c.load_volume_node(vol)
+        listening = c.watch()
+        port = c.listening_port()
+        intruder = socket.create_connection(("127.0.0.1", port))  # not the worker: refused, listening goes on
+        intruder.sendall(b"guess\n")
+        rid = c.send("prompt", box=box, normal=slice_clicks.view_normal(view).tolist())
+        final = []
+        while not final:  # a notifier on fileno(), remade when watch() changes
+            assert select.select([c.fileno()], [], [], 120)[0], "nothing for 120 s"
+            final = [m for m in c.poll() if m.get("id") == rid and "ok" in m]
+        assert final[0]["ok"], final
+        assert c.watch() != listening and c.watch()[0] == listening[0] == 1  # the connection, not the listener
+        intruder.close()
+        np.testing.assert_array_equal(c.read_array(final[0]["result"]["mask"]), ref)
+        rid = c.send("prefetch", range=[0, SHAPE[0] - 1])
+        events = []
+        while not events:
+            select.select([c.fileno()], [], [], 120)
+            events = [m for m in c.poll() if m.get("id") == rid]
+        assert events[0]["event"] == "progress"
+        c.cancel(rid)
+        assert c.wait(rid, timeout=600)["exit_code"] == 130
+        pid = c.request("status", timeout=60)["pid"]
+        rid = c.send("prefetch", range=[0, SHAPE[0] - 1])
+        os.kill(pid, signal.SIGKILL)
+        lost = c.wait(rid, timeout=120)
+        assert lost["exit_code"] == 70 and "killed (SIGKILL" in lost["error"]
+        again = c.request("prompt", box=box, normal=slice_clicks.view_normal(view).tolist(), timeout=600)
+        assert c.starts == 2
+        np.testing.assert_array_equal(c.read_array(again["mask"]), ref)
+        proc = c.proc
+    assert proc.poll() is not None
+
+
 def test_a_request_timeout_answers_and_cancels_it(client, oblique_ct):
     vol, _ = oblique_ct
     client.wait(client.load_volume_node(vol), timeout=600)
     rid = client.send("prefetch", range=[0, SHAPE[0] - 1], timeout=0.05)
+    assert 0.0 <= client.next_timeout() <= 0.05  # when a GUI polls anyway (no notifier wakes for silence)
     final = []
     while not final:
         select.select([client.fileno()], [], [], 0.1)

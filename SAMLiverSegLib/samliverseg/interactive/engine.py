@@ -403,7 +403,7 @@ class PromptEngine:
         for p in cuts:
             c = IJK_INDEX[axis]
             wrong = negative_region(mask3d, vol.array, axis, int(round(p[c])), point_to_xy(p, axis),
-                                    pixel_spacing(vol, axis), frozen=anchors)
+                                    pixel_spacing(vol, axis), frozen=anchors, slice_mm=float(vol.spacing[c]))
             mask3d[wrong] = 0
         t_post = time.perf_counter()
         mask3d = self._postprocess(mask3d, axis, anchors)

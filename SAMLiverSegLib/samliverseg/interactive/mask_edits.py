@@ -5,16 +5,18 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
 
 * on the clicked slice, the region of similar HU grown from the click (``seeded_region``) inside
   the mask, the part connected to the click. Where it would take more than ``max_frac`` of the
-  slice's mask (the wrong tissue looks like the object), only the blob around the click is taken:
-  the pixels within twice the click's depth (its distance to the mask border) of the click;
+  slice's mask and its median HU is within ``MIN_CONTRAST_HU`` of the rest's (the wrong tissue
+  looks like the object), only the blob around the click is taken: the pixels within twice the
+  click's depth (its distance to the mask border) of the click;
 * on the next slices, up and down (and on the clicked slice, to pick up what the grown region's
   opening left): the pixels of the mask whose (lightly smoothed) HU lies in the removed region's
   HU range (its 5th..95th percentile, +-``margin_hu``) and is nearer the removed region's median
   HU than the median of the rest of the clicked slice's mask, connected on that slice to what was
   removed on the slice before. Where those two medians differ by less than ``MIN_CONTRAST_HU`` the
-  wrong tissue looks like the object and only the clicked slice's region is removed. The walk stops where nothing is left, at a ``frozen``
-  slice (one that carries the user's own prompts), or where the region would take more than
-  ``max_frac`` of that slice's mask or more than double its previous area (the wrong tissue merges
+  wrong tissue looks like the object and only the clicked slice's region is removed. A
+  continuation may take up to ``DISTINCT_MAX_FRAC`` of a slice's mask; the walk stops where
+  nothing is left, at a ``frozen`` slice (one that carries the user's own prompts), or where the
+  region would take more than that or more than double its previous area (the wrong tissue merges
   with the object there): that slice loses only the previous slice's footprint, and the walk ends.
 
 The result is a bool array on the volume grid; nothing outside the mask is ever included.
@@ -37,6 +39,11 @@ MAX_FRAC = 0.5
 #: Below this difference (HU) between the medians of the removed region and the rest of the
 #: clicked slice's mask, the removal stays on the clicked slice.
 MIN_CONTRAST_HU = 15.0
+#: Where the removed tissue is distinct by HU, it may take up to this fraction of a slice's mask
+#: (a leak into the heart at the dome can be larger than the liver there).
+DISTINCT_MAX_FRAC = 0.9
+#: The walk goes at most this many times the clicked region's equivalent diameter each way.
+TALL = 2.0
 
 
 def _depth_px(mask2d: np.ndarray, x: int, y: int, pixel_spacing: Sequence[float]) -> float:
@@ -63,10 +70,17 @@ def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float]
     region = grow_region(hu2d, (x, y), pixel_spacing) & m
     if not region[y, x]:
         region = m.copy()
-    if region.sum() > max_frac * m.sum():
+    if region.sum() > max_frac * m.sum() and not _distinct(region, m & ~region, _smoothed(hu2d, pixel_spacing)):
         region &= _disk_mm(m.shape, x, y, 2.0 * _depth_px(m, x, y, pixel_spacing), pixel_spacing)
     lab, _ = ndimage.label(region)
     return lab == lab[y, x]
+
+
+def _distinct(region: np.ndarray, rest: np.ndarray, smooth_hu: np.ndarray) -> bool:
+    """Whether ``region`` is another tissue than ``rest`` by HU (medians ``MIN_CONTRAST_HU`` apart)."""
+    if region.sum() < 10 or rest.sum() < 10:
+        return False
+    return abs(float(np.median(smooth_hu[region])) - float(np.median(smooth_hu[rest]))) >= MIN_CONTRAST_HU
 
 
 def _smoothed(hu2d: np.ndarray, pixel_spacing: Sequence[float]) -> np.ndarray:
@@ -77,11 +91,15 @@ def _smoothed(hu2d: np.ndarray, pixel_spacing: Sequence[float]) -> np.ndarray:
 def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int, xy: Tuple[float, float],
                     pixel_spacing: Sequence[float], frozen: Collection[int] = (),
                     max_frac: float = MAX_FRAC, margin_hu: float = MARGIN_HU,
-                    max_slices: Optional[int] = None) -> np.ndarray:
+                    max_slices: Optional[int] = None, slice_mm: Optional[float] = None) -> np.ndarray:
     """The 3D wrong region a negative click at ``xy`` on slice ``index`` lies in (bool, volume grid).
 
     ``pixel_spacing`` is the (row, column) spacing of a slice across ``axis``; ``frozen`` slices
-    are never changed (except the clicked one); ``max_slices`` bounds the walk each way.
+    are never changed (except the clicked one); ``max_slices`` bounds the walk each way. With the
+    spacing across slices ``slice_mm`` and no ``max_slices``, the walk goes at most ``TALL`` times as
+    far each way as the clicked slice's region is wide (its equivalent diameter): a wrong organ is
+    not much taller than it is wide (a kidney about twice), and the walk does not follow vessels of
+    the wrong tissue's HU far into the object.
     """
     out = np.zeros(mask3d.shape, dtype=bool)
     first = clicked_region(get_slice(mask3d, axis, index), get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac)
@@ -90,21 +108,23 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     m0 = get_slice(mask3d, axis, index) > 0
     hu0 = _smoothed(get_slice(hu3d, axis, index), pixel_spacing)
     rest = m0 & ~first
-    wrong_hu = float(np.median(hu0[first]))
-    object_hu = float(np.median(hu0[rest])) if rest.sum() >= 10 else None
-    if object_hu is None or abs(wrong_hu - object_hu) < MIN_CONTRAST_HU:
+    if not _distinct(first, rest, hu0):
         # The wrong tissue looks like the object: HU cannot tell them apart on other slices.
         get_slice(out, axis, index)[...] = first
         return out
+    wrong_hu, object_hu = float(np.median(hu0[first])), float(np.median(hu0[rest]))
     vals = hu0[first]
     band = (float(np.percentile(vals, 5)) - margin_hu, float(np.percentile(vals, 95)) + margin_hu)
     mid = (wrong_hu + object_hu) / 2  # a pixel is wrong tissue if nearer the wrong region's HU than the object's
     band = (max(band[0], mid), band[1]) if wrong_hu > object_hu else (band[0], min(band[1], mid))
     # On the clicked slice too, the HU-connected continuation of what grew from the click (the
     # grown region's opening may have left pieces of the wrong tissue).
-    region = _continuation(m0, get_slice(hu3d, axis, index), first, band, pixel_spacing, max_frac, 1.0)
+    region = _continuation(m0, get_slice(hu3d, axis, index), first, band, pixel_spacing, DISTINCT_MAX_FRAC, 1.0)
     get_slice(out, axis, index)[...] = first if region is None else (region | first)
     first = get_slice(out, axis, index).copy()
+    if max_slices is None and slice_mm is not None:
+        area_mm2 = float(first.sum()) * float(pixel_spacing[0]) * float(pixel_spacing[1])
+        max_slices = int(np.ceil(TALL * 2.0 * np.sqrt(area_mm2 / np.pi) / float(slice_mm)))
     n = out.shape[axis_index(axis)]
     frozen = set(int(f) for f in frozen)
     for direction in (+1, -1):
@@ -115,7 +135,7 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
             m = get_slice(mask3d, axis, t) > 0
             if not m.any():
                 break
-            region = _continuation(m, get_slice(hu3d, axis, t), prev, band, pixel_spacing, max_frac, 2.0)
+            region = _continuation(m, get_slice(hu3d, axis, t), prev, band, pixel_spacing, DISTINCT_MAX_FRAC, 2.0)
             last = region is None
             if last:
                 region = m & prev  # the wrong tissue merges with the object here: only the footprint

@@ -16,7 +16,7 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
   (``mask_edits.negative_region``: its slice's region grown from the click and its HU-connected
   continuation on the next slices), never changing another prompted slice.
 
-After each correction only the 3D components that touch a prompted slice's mask are kept (inside
+After a negative click only the 3D components that touch a prompted slice's mask are kept (inside
 the mask's bounding box). Every slice with a user prompt keeps the user's result: later
 propagation stops there. With the embeddings cached a correction decodes only the slices it walks
 through, which is what makes it fast (``benchmarks/bench_simulated_user.py`` measures it).
@@ -111,9 +111,10 @@ class CorrectionSession:
         else:
             self.prompts.negative.append(p)
             if inside:
-                wrong = negative_region(self.mask, self.engine.volume.array, self.axis, s, (x, y),
-                                        pixel_spacing(self.engine.volume, self.axis),
-                                        frozen=[a for a in self.anchors() if a != s])
+                vol = self.engine.volume
+                wrong = negative_region(self.mask, vol.array, self.axis, s, (x, y), pixel_spacing(vol, self.axis),
+                                        frozen=[a for a in self.anchors() if a != s],
+                                        slice_mm=float(vol.spacing[IJK_INDEX[self.axis]]))
                 self.mask[wrong] = 0
                 corr.changed_slices = [int(v) for v in np.flatnonzero(wrong.any(axis=self._other_axes()))]
         return self._finish(corr, t0)
@@ -266,8 +267,9 @@ class CorrectionSession:
         return float(np.percentile(v, q)) - margin, float(np.percentile(v, 100 - q)) + margin
 
     def _finish(self, corr: Correction, t0: float) -> Correction:
-        """Keep the 3D components that touch a prompted slice's mask (inside the mask's box)."""
-        box = bbox_3d(self.mask)
+        """After a cut, keep the 3D components that touch a prompted slice's mask (inside the mask's
+        box); what a box or a positive click adds grows from its own slice and stays connected."""
+        box = bbox_3d(self.mask) if corr.kind == "negative" and corr.changed_slices else None
         if box is not None:
             i0, j0, k0, i1, j1, k1 = box
             crop = self.mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1]

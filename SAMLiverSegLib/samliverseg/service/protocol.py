@@ -35,6 +35,9 @@ from samliverseg.core.prompts import Prompts
 #: Bumped whenever a request or response changes incompatibly; client and worker must agree.
 PROTOCOL_VERSION = 1
 
+#: The environment variable that gives a worker started with ``--connect`` the token it sends first.
+WORKER_TOKEN_ENV = "SAMLIVERSEG_WORKER_TOKEN"
+
 #: Where the protocol is documented (relative to the repository).
 PROTOCOL_PAGE = "SAMLiverSegLib/WORKER_PROTOCOL.md"
 
@@ -49,7 +52,8 @@ ORIENTATION_NORMALS = {"axial": (0.0, 0.0, 1.0), "coronal": (0.0, 1.0, 0.0), "sa
 
 WORKER_HELP = f"""\
 The persistent inference worker: holds the model, one volume and its slice embeddings, and answers
-requests until `shutdown` (or until stdin closes).
+requests until `shutdown` (or until stdin closes). It serves 2D prompt models (prompt, propagate,
+uncertainty, prefetch) and SAM-Med3D models (prompt3d).
 
 Protocol version {PROTOCOL_VERSION}, documented in {PROTOCOL_PAGE}:
   * stdin: one JSON request per line, {{"id": N, "type": T, ...}}; T is one of
@@ -117,8 +121,9 @@ def error_message(exc: BaseException) -> str:
         return one_line(str(exc))
     kind = out_of_memory_kind(exc)
     if kind is not None:
-        return (f"out of memory ({kind}): close other programs, use a smaller volume, or the CPU device "
-                f"({one_line(str(exc), 200)})")
+        advice = "close other programs or use a smaller volume" if kind == "cpu" else \
+            "close other programs, use a smaller volume, or the CPU device"
+        return f"out of memory ({kind}): {advice} ({one_line(str(exc), 200)})"
     return one_line(f"unexpected {type(exc).__name__}: {exc}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -104,7 +105,12 @@ class Server:
                         self.cancel(None)
                     self.queue.append(Job(request, time.perf_counter()))
                     self.cond.notify()
-        with self.cond:  # stdin closed: the queued requests are answered, then the worker stops
+        self.end_of_input()
+
+    def end_of_input(self) -> None:
+        """The requests' stream closed (or, with ``--connect``, stdin): the queued requests are
+        answered, then the worker stops."""
+        with self.cond:
             self.queue.append(Job({"id": None, "type": "shutdown"}, time.perf_counter()))
             self.cond.notify()
 
@@ -277,14 +283,21 @@ def run_worker(args) -> int:
     The protocol keeps the real stdout; file descriptor 1 is pointed at stderr, so that stray
     prints (of any library, C code included) never corrupt the message stream.
     """
-    proto_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     options = EngineOptions(model=args.model, checkpoint=args.checkpoint, device=args.device, window=args.window,
                             precision=args.precision, cache_mb=args.cache_mb, backend=args.backend)
-    server = Server(options, sys.stdin.buffer, proto_out, session_dir=args.session_dir)
+    if args.connect:
+        requests_in, proto_out = connect_back(args.connect)
+    else:
+        requests_in, proto_out = sys.stdin.buffer, os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    server = Server(options, requests_in, proto_out, session_dir=args.session_dir)
+    if args.connect:  # stdin now only tells when the client is gone
+        threading.Thread(target=lambda: (sys.stdin.buffer.read(), server.end_of_input()),
+                         name="samliverseg-worker-stdin", daemon=True).start()
     print(f"samliverseg worker {__version__} (protocol {protocol.PROTOCOL_VERSION}), pid {os.getpid()}, "
-          f"session folder {server.session_dir}", file=sys.stderr, flush=True)
+          f"session folder {server.session_dir}" + (f", connected to {args.connect}" if args.connect else ""),
+          file=sys.stderr, flush=True)
     code = server.serve()
     # The reader thread may sit in stdin.readline(): leave without waiting for it (an interpreter
     # shutdown would abort on its lock). Everything the client needs was flushed.
@@ -293,9 +306,29 @@ def run_worker(args) -> int:
     os._exit(code)
 
 
+def connect_back(address: str):
+    """``--connect HOST:PORT``: connect to the client, send the token of ``WORKER_TOKEN_ENV`` as the
+    first line; the (requests, messages) streams of the connection."""
+    host, _, port = address.rpartition(":")
+    try:
+        sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout=60)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot connect to the client at {address}: {protocol.one_line(str(exc), 200)}",
+              file=sys.stderr, flush=True)
+        os._exit(protocol.EXIT_INPUT)
+    sock.settimeout(None)
+    sock.sendall((os.environ.pop(protocol.WORKER_TOKEN_ENV, "") + "\n").encode("ascii"))
+    return sock.makefile("rb"), sock.makefile("wb")
+
+
 def add_worker_arguments(parser) -> None:
     """The worker's own options (the CLI adds the model options)."""
     parser.add_argument("--session-dir", default=None,
                         help="folder for the arrays exchanged with the client (default: a new folder in /dev/shm "
                              "when present, else the temp folder; removed at exit)")
     parser.add_argument("--cache-mb", type=float, default=768.0, help="memory for cached slice embeddings (MB)")
+    parser.add_argument("--connect", metavar="HOST:PORT", default=None,
+                        help="speak the protocol on a TCP connection to a client listening there (127.0.0.1) "
+                             "instead of stdin/stdout; its first line is the token in $" + protocol.WORKER_TOKEN_ENV +
+                             "; stdin then only tells the end (its closing stops the worker). For Windows, where "
+                             "select() does not work on pipes")
