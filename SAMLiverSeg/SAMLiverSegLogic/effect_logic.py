@@ -1,32 +1,57 @@
-"""The "Segment Anything" Segment Editor effect, without Qt.
+"""The "Segment Anything" Segment Editor effect, without Qt, backed by the inference worker.
+
+Slicer's process runs no model code: every preview, propagation, prefetch, uncertainty map and
+3D-model call is a request to the persistent inference worker (``samliverseg worker``) through the
+Qt-free client :mod:`.worker_client` (the module's one :func:`~.worker_client.shared_client`).
 
 :class:`SegmentAnythingSession` holds what the effect knows between clicks: the source volume
-(as a ``samliverseg`` Volume), the prompt engine, the prompts collected so far, and the current
-preview. The Qt effect turns mouse events into :meth:`~SegmentAnythingSession.click` /
-:meth:`~SegmentAnythingSession.drag_box` calls, shows :class:`Outcome` messages, and displays
-the preview and the prompts through :class:`PreviewDisplay` (plain MRML nodes).
+node, the prompts collected so far (IJK, :class:`.slice_clicks.PromptBuilder`), the requests in
+flight and the current preview. It never blocks and starts no thread:
 
-Every user-facing failure comes back as an :class:`Outcome` with ``ok=False`` and a one-line
-message; the scene is left as it was. Engine calls are serialised with a lock so that a
-background prefetch thread (embedding slices ahead) and the GUI thread never run the model at the
-same time; a click waits for at most one slice embedding.
+* :meth:`~SegmentAnythingSession.click` / :meth:`~SegmentAnythingSession.drag_box` record a
+  prompt and send the worker a ``prompt`` request (RAS points/box on the slice, see
+  WORKER_PROTOCOL.md); :meth:`~SegmentAnythingSession.start_propagate`,
+  :meth:`~SegmentAnythingSession.start_uncertainty` send theirs. Each returns at once.
+* The volume goes to the worker once per source volume, lazily (at the first prompt), not when
+  the source volume changes; a restarted worker gets it again from the client.
+* :meth:`~SegmentAnythingSession.poll` is called when :meth:`~SegmentAnythingSession.watch`'s pipe
+  is readable (a ``QSocketNotifier`` in Slicer; ``select()`` in tests) and when
+  :meth:`~SegmentAnythingSession.next_timeout` passes. It takes the worker's answers, applies them
+  to the scene (the preview segmentation node, the uncertainty overlay; :class:`PreviewDisplay`)
+  and returns them as :class:`Outcome` s for the GUI to show.
+
+Every user-facing failure is an :class:`Outcome` with ``ok=False`` and a one-line message, and
+the scene is left as it was. A worker that crashes or runs out of memory fails the requests in
+flight with the client's one-line message; the next prompt restarts it.
+
+Frames: prompts are kept in IJK of the source volume (``[k, j, i]`` arrays, IJK points) and sent
+in world RAS (parent transforms applied), with the slice axis given as its RAS direction
+(``normal``), so the worker prompts exactly the slice the click snapped to.
 """
 
 from __future__ import annotations
 
-import threading
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import vtk
+from vtk.util import numpy_support
 
 import slicer
 
-from samliverseg.core.errors import CancelledError, InputError, PromptError, SAMLiverSegError
+from samliverseg.core.errors import InputError, SAMLiverSegError
+from samliverseg.core.prompts import IJK_INDEX, Prompts
 
 from . import geometry, markups_prompts, segment_writer, slice_clicks, volume_nodes
+from .constants import EFFECT_NAME, MODEL_3D_CHOICES
+from .worker_client import WorkerError, prompt_fields
+
+#: What a request can fail with before it reaches the worker: bad input, a worker that cannot
+#: start (or speaks another protocol version), a session folder that cannot be written.
+SEND_ERRORS = (SAMLiverSegError, WorkerError, OSError)
 
 PREVIEW_NODE_NAME = "Segment Anything preview"
 POSITIVE_NODE_NAME = "SAM positive points"
@@ -36,8 +61,34 @@ UNCERTAINTY_NODE_NAME = "Segment uncertainty"
 UNCERTAINTY_COLOR_NAME = "SAM uncertainty"
 #: Voxels whose ensemble variance is at least this are called uncertain (shown, and counted in the
 #: message). With N binary votes, Var = p(1 - p): 0.05 means that ~6 % or more of the members
-#: disagree with the majority.
+#: disagree with the majority. (The worker's ``uncertain_fraction`` uses the same threshold.)
 UNCERTAINTY_THRESHOLD = 0.05
+#: Slices embedded ahead on each side of a clicked slice (a background ``prefetch``).
+NEIGHBOUR_PREFETCH = 4
+#: Seconds a ``prompt`` may take before the client answers it with an error and cancels it (the
+#: first one also waits for the model to build and the volume to load).
+PROMPT_TIMEOUT_S = 600.0
+
+#: The effect's parameters and their defaults. None is empty: Slicer's ``setParameterDefault``
+#: stores nothing for an empty value (``setCommonParameter`` skips it), and ``parameter()`` of a
+#: name that is not stored logs a critical error; so optional ones (the checkpoint) have no
+#: default here and are read with :func:`read_parameter`, which never calls ``parameter()``.
+PARAMETER_DEFAULTS = {"Model": "lite_medsam", "Device": "auto", "Backend": "auto", "Window": "model",
+                      "CustomWindow": "-200,300"}
+OPTIONAL_PARAMETERS = ("Checkpoint",)
+
+
+def parameter_attribute(name: str) -> str:
+    """Where Slicer stores an effect parameter: the parameter set node's attribute ``"<effect>.<name>"``
+    (qSlicerSegmentEditorAbstractEffect::setParameter)."""
+    return f"{EFFECT_NAME}.{name}"
+
+
+def read_parameter(parameter_set_node, name: str) -> str:
+    """An effect parameter from the segment editor node, its default ('' for an optional one) when
+    it is not stored; never logs (unlike ``scriptedEffect.parameter()`` of an unset name)."""
+    value = parameter_set_node.GetAttribute(parameter_attribute(name)) if parameter_set_node is not None else None
+    return value if value else PARAMETER_DEFAULTS.get(name, "")
 
 
 @dataclass
@@ -48,136 +99,220 @@ class Outcome:
     voxels: int = 0
     cold: bool = False  # the slice had to be embedded (not cached)
     data: object = None  # what the computation produced, when the caller needs more than a mask
+    kind: str = ""  # what finished: preview, propagate, uncertainty, volume, prefetch ('' for a direct answer)
 
 
 def is_model_3d(name: Optional[str]) -> bool:
-    """True for a native 3D model (SAM-Med3D); False when the library lacks them."""
-    try:
-        from samliverseg.models.build_sam3d import is_model3d
-    except ImportError:
-        return False
-    return bool(name) and is_model3d(name)
+    """True for a native 3D model (the SAM-Med3D family: ``sam_med3d``, ``sam_med3d_turbo``,
+    ``sam_med3d_tiny``), by name: no model code is imported in Slicer's process to decide it."""
+    return bool(name) and (name in MODEL_3D_CHOICES or name.startswith("sam_med3d"))
 
 
 @dataclass
 class EngineSettings:
+    """What the worker is started with (another value of any field means another worker)."""
+
     model: str = "lite_medsam"
     checkpoint: Optional[str] = None
     device: str = "auto"
     window: Optional[str] = None  # None: the model's own window
     cache_mb: float = 768
     backend: str = "auto"  # auto | torch | openvino | onnxruntime (samliverseg.interactive.backends)
+    python: Optional[str] = None  # the worker's interpreter (Slicer: PythonSlicer); None: this one
+
+    def client_settings(self) -> Dict[str, Any]:
+        """The keyword arguments of :func:`.worker_client.shared_client`."""
+        three_d = is_model_3d(self.model)  # a 3D model z-scores its patches itself and caches nothing
+        return {"python": self.python, "model": self.model, "checkpoint": self.checkpoint, "device": self.device,
+                "window": None if three_d else self.window, "cache_mb": None if three_d else self.cache_mb,
+                "backend": self.backend}
+
+
+def worker_python() -> str:
+    """The worker's interpreter: Slicer's ``PythonSlicer`` (Slicer's Python with its environment)
+    when on the PATH, else this Python."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def default_client_factory(settings: EngineSettings):
+    """The module's shared worker client for these settings (imported late: Qt-free and model-free)."""
+    from . import worker_client
+
+    return worker_client.shared_client(**settings.client_settings())
+
+
+def send_error_message(exc: BaseException) -> str:
+    """One line for a request that could not be sent."""
+    if isinstance(exc, OSError) and not isinstance(exc, WorkerError):
+        return f"cannot hand the data to the inference worker: {exc}"
+    return str(exc)
+
+
+def voxels_view(volume_node) -> np.ndarray:
+    """The voxels of a scalar volume node as ``[k, j, i]``, a view of VTK's array (no copy)."""
+    image = volume_node.GetImageData()
+    d = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(d[2], d[1], d[0])
+
+
+@dataclass
+class Task:
+    """A request in flight."""
+
+    kind: str  # volume | preview | propagate | uncertainty | prefetch | click3d
+    generation: int  # the prompts' generation when it was sent (clear() starts a new one)
+    sent: float = field(default_factory=time.perf_counter)
+    slice_axis: Optional[str] = None
+    slice_index: Optional[int] = None
+    volume_rid: Optional[int] = None  # the load_volume it was sent behind
+    progress: Tuple[int, int] = (0, 0)
+    cancelled: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 class SegmentAnythingSession:
     """State and actions of the effect (see the module docstring)."""
 
-    def __init__(self, settings: Optional[EngineSettings] = None,
-                 engine_factory: Optional[Callable[[EngineSettings], object]] = None):
+    def __init__(self, settings: Optional[EngineSettings] = None, scene=None,
+                 client_factory: Optional[Callable[[EngineSettings], Any]] = None):
         self.settings = settings or EngineSettings()
-        self._engine_factory = engine_factory or self._default_engine_factory
-        self.engine = None
+        self._client_factory = client_factory or default_client_factory
+        self.client = None
+        self.display = PreviewDisplay(scene) if scene is not None else None
         self.volume_node = None
-        self.volume = None
+        self.shape_kji: Optional[Tuple[int, int, int]] = None
         self.builder: Optional[slice_clicks.PromptBuilder] = None
         self.preview: Optional[np.ndarray] = None  # uint8 [k, j, i]
         self.preview_is_3d = False
         self.intensity_check: Optional[volume_nodes.IntensityCheck] = None
-        self.lock = threading.RLock()
-        self.notes: List[str] = []
+        self.tasks: Dict[int, Task] = {}
+        self.generation = 0
+        self.preview_pending = False  # a prompt changed while a preview was in flight
+        self._loaded: Optional[tuple] = None  # what the worker holds: (client, node id, image mtime, ijk_to_ras)
+        self._volume_rid: Optional[int] = None
+        self._volume_failed: set = set()  # load_volume ids that failed: the requests behind them are dropped
         # 3D models (SAM-Med3D): every click prompts the whole volume and refines the last result
         self.clicks3d: List[tuple] = []  # ((i, j, k), label) in the order clicked
-        self.sent3d = 0  # how many of them the current result3d has seen
-        self.result3d = None
-        self._generation = 0  # bumped by clear(): a running 3D job's result is then dropped
+        self.sent3d = 0  # how many of them the current 3D result has seen
 
-    # -- engine ---------------------------------------------------------------------------
+    # -- worker ---------------------------------------------------------------------------
     def is_3d_model(self) -> bool:
         """True when the chosen model is a native 3D model (a click prompts the whole volume)."""
         return is_model_3d(self.settings.model)
 
-    @staticmethod
-    def _default_engine_factory(s: EngineSettings):
-        """Any model by name (``samliverseg.api.open_model``); a 3D model z-scores its patches itself,
-        so the CT window is not passed to it."""
-        from samliverseg.api import open_model
+    def _client(self):
+        """The worker client for the current settings (made on first use; never blocks)."""
+        client = self._client_factory(self.settings)
+        if client is not self.client:
+            self._forget_tasks()
+            self.client, self._loaded = client, None
+        return client
 
-        if is_model_3d(s.model):
-            return open_model(s.model, s.checkpoint, s.device, None, cache_mb=s.cache_mb)
-        return open_model(s.model, s.checkpoint, s.device, s.window, cache_mb=s.cache_mb, backend=s.backend)
-
-    def _ensure_engine(self):
-        if self.engine is None:
-            self.engine = self._engine_factory(self.settings)
-            if self.volume is not None and hasattr(self.engine, "set_volume"):
-                self.engine.set_volume(self.volume)
-        return self.engine
-
-    def _run(self, fn):
-        """Run ``fn(engine)`` under the lock; on GPU out-of-memory once more on the CPU, for good
-        (``samliverseg.api.call_with_cpu_fallback``; the note goes to ``self.notes``)."""
-        from samliverseg.api import call_with_cpu_fallback
-
-        def attempt(device: str):
-            if device != self.settings.device:  # the fallback: rebuild the engine on the CPU
-                self.settings.device, self.engine = device, None
-            return fn(self._ensure_engine())
-
-        with self.lock:
-            return call_with_cpu_fallback(attempt, self.settings.device, self.notes)
+    def _forget_tasks(self) -> None:
+        """Drop the requests in flight of the old client (its worker is gone or no longer ours)."""
+        if self.client is not None:
+            for rid in list(self.tasks):
+                self.client.cancel(rid)
+        self.tasks.clear()
+        self.preview_pending = False
 
     def configure(self, settings: EngineSettings) -> None:
-        """New model / checkpoint / device / window: the engine is rebuilt on next use."""
+        """New model / checkpoint / device / window: the next request goes to a worker started with them."""
         if settings == self.settings:
             return
-        with self.lock:
-            if settings.window != self.settings.window and self.engine is not None and \
-                    (settings.model, settings.checkpoint, settings.device) == \
-                    (self.settings.model, self.settings.checkpoint, self.settings.device) and \
-                    hasattr(self.engine, "set_window"):
-                self.settings = settings
-                self.engine.set_window(settings.window or self.engine.spec.window)
-                return
-            self.settings = settings
-            self.engine = None
+        model_kind_changed = is_model_3d(settings.model) != is_model_3d(self.settings.model)
+        self.settings = settings
+        if model_kind_changed:
+            self.clear()
+
+    def watch(self) -> Optional[Tuple[int, int]]:
+        """``(starts, fileno)`` of the worker's pipe to watch (a new notifier when it changes), or None."""
+        return self.client.watch() if self.client is not None else None
+
+    def next_timeout(self) -> Optional[float]:
+        """Seconds until a request timeout passes (poll then, even if the pipe stays silent), or None."""
+        return self.client.next_timeout() if self.client is not None else None
+
+    def busy(self) -> Optional[str]:
+        """The kind of the user-visible computation in flight (preview, propagate, uncertainty, click3d), or None."""
+        for task in self.tasks.values():
+            if task.kind in ("preview", "propagate", "uncertainty", "click3d") and not task.cancelled:
+                return task.kind
+        return None
+
+    def progress(self) -> Tuple[int, int]:
+        """(done, total) of the propagation or uncertainty in flight ((0, 0) if none)."""
+        for task in self.tasks.values():
+            if task.kind in ("propagate", "uncertainty") and not task.cancelled:
+                return task.progress
+        return 0, 0
+
+    def shutdown(self) -> None:
+        """Cancel what is in flight and forget the worker (the shared worker itself stays for the module)."""
+        self._forget_tasks()
+        self.client, self._loaded = None, None
 
     # -- volume ---------------------------------------------------------------------------
     def set_volume_node(self, node) -> Outcome:
-        """Use ``node`` as source volume; refuses 2D/RGB/non-volume input with a message."""
+        """Use ``node`` as source volume: cheap (no copy, nothing sent; the first prompt sends it).
+
+        Refuses 2D/RGB/non-volume input with a message.
+        """
         t0 = time.perf_counter()
         try:
-            volume = volume_nodes.volume_from_node(node)
+            dims = volume_nodes.check_source_volume(node)
         except SAMLiverSegError as exc:
             return Outcome(False, str(exc))
-        check = volume_nodes.check_ct_intensities(volume.array)
-        with self.lock:
-            self.volume_node, self.volume, self.intensity_check = node, volume, check
-            self.builder = slice_clicks.PromptBuilder(tuple(volume.array.shape), volume.array)
-            self.preview, self.preview_is_3d = None, False
-            self._reset_3d()
-            if self.engine is not None and hasattr(self.engine, "set_volume"):
-                self.engine.set_volume(volume)
-        msg = "" if check.looks_like_ct else check.message
-        if not check.looks_like_ct and self.settings.window is None:
-            msg += " (the segmentation uses the model's CT window until you set a custom one)"
-        return Outcome(True, msg, time.perf_counter() - t0)
+        self.clear()
+        self.volume_node = node
+        self.shape_kji = (int(dims[2]), int(dims[1]), int(dims[0]))
+        self.builder = slice_clicks.PromptBuilder(self.shape_kji, None)
+        self.intensity_check = None
+        return Outcome(True, "", time.perf_counter() - t0)
 
     def _require_volume(self) -> None:
         if self.volume_node is None or self.builder is None:
             raise InputError("no source volume: select a CT volume as source volume first")
+        if self.volume_node.GetScene() is None:
+            raise InputError("the source volume was removed from the scene: select a CT volume")
+        dims = volume_nodes.check_source_volume(self.volume_node)
+        shape = (int(dims[2]), int(dims[1]), int(dims[0]))
+        if shape != self.shape_kji:  # the voxels were replaced by another grid
+            self.set_volume_node(self.volume_node)
+        self.builder.array_kji = voxels_view(self.volume_node)  # for the empty-slice check; no copy
+
+    def _volume_key(self, client) -> tuple:
+        node = self.volume_node
+        return (id(client), node.GetID(), node.GetImageData().GetMTime(),
+                tuple(np.round(geometry.world_ijk_to_ras(node), 9).ravel()))
+
+    def _ensure_volume(self, client) -> Tuple[Optional[int], str]:
+        """Send the source volume to the worker unless it has it (the id of that request or of the
+        last one, and a note for the user: the intensity check, once per volume)."""
+        key = self._volume_key(client)
+        if key == self._loaded:
+            return self._volume_rid, ""
+        view = voxels_view(self.volume_node)
+        self.intensity_check = check = volume_nodes.check_ct_intensities(view)
+        note = "" if check.looks_like_ct else check.message
+        if note and self.settings.window is None:
+            note += " (the segmentation uses the model's CT window until you set a custom one)"
+        rid = client.load_volume_node(self.volume_node)
+        self.tasks[rid] = Task("volume", self.generation)
+        self._loaded, self._volume_rid = key, rid
+        return rid, note
 
     # -- prompts --------------------------------------------------------------------------
     def click(self, slice_node, xy: Sequence[float], positive: bool = True, preview: bool = True) -> Outcome:
-        """A left click (positive) or Shift+click (negative) at XY in a slice view."""
+        """A click (positive) or negative click at XY in a slice view; sends the preview request."""
         try:
             self._require_volume()
-            target = slice_clicks.map_click(slice_node, self.volume_node, xy, self.volume.array.shape)
+            target = slice_clicks.map_click(slice_node, self.volume_node, xy, self.shape_kji)
             if self.is_3d_model():  # any view, any slice: the clicks are 3D points
-                slice_clicks.check_slice_not_empty(self.volume.array, target.slice_axis, target.slice_index)
-                with self.lock:
-                    self.clicks3d.append((tuple(float(v) for v in target.ijk), 1 if positive else 0))
-                    (self.builder.positive if positive else self.builder.negative).append(tuple(target.ijk))
-                    self.builder.slice_axis, self.builder.current_slice = target.slice_axis, target.slice_index
+                slice_clicks.check_slice_not_empty(self.builder.array_kji, target.slice_axis, target.slice_index)
+                self.clicks3d.append((tuple(float(v) for v in target.ijk), 1 if positive else 0))
+                (self.builder.positive if positive else self.builder.negative).append(tuple(target.ijk))
+                self.builder.slice_axis, self.builder.current_slice = target.slice_axis, target.slice_index
                 note = ""
             else:
                 note = self.builder.add_point(target, positive)
@@ -185,208 +320,325 @@ class SegmentAnythingSession:
             return Outcome(False, str(exc))
         return self._after_prompt(note, preview)
 
-    def _after_prompt(self, note: str, preview: bool) -> Outcome:
-        """Preview after a new prompt (unless told not to); a note of the prompt builder wins."""
-        if not preview:
-            return Outcome(True, note)
-        out = self.update_preview()
-        if out.ok and note:
-            out.message = note
-        return out
-
     def drag_box(self, slice_node, xy0: Sequence[float], xy1: Sequence[float], preview: bool = True) -> Outcome:
         if self.is_3d_model():
             return Outcome(False, f"{self.settings.model} takes points, not boxes: click inside the object "
-                                  "(Shift+click outside it to remove a part)")
+                                  "(Ctrl+click outside it to remove a part)")
         try:
             self._require_volume()
-            a = slice_clicks.map_click(slice_node, self.volume_node, xy0, self.volume.array.shape)
-            b = slice_clicks.map_click(slice_node, self.volume_node, xy1, self.volume.array.shape, a.slice_axis)
+            a = slice_clicks.map_click(slice_node, self.volume_node, xy0, self.shape_kji)
+            b = slice_clicks.map_click(slice_node, self.volume_node, xy1, self.shape_kji, a.slice_axis)
             note = self.builder.set_box(a, b)
         except SAMLiverSegError as exc:
             return Outcome(False, str(exc))
         return self._after_prompt(note, preview)
 
-    def _reset_3d(self) -> None:
-        self.clicks3d, self.sent3d, self.result3d = [], 0, None
-        self._generation += 1
-
-    def clear(self) -> None:
-        with self.lock:
-            self._reset_3d()
-            if self.builder is not None:
-                self.builder.clear()
-            self.preview, self.preview_is_3d = None, False
+    def _after_prompt(self, note: str, preview: bool) -> Outcome:
+        """Show the prompts; send the preview request (unless told not to). A note of the prompt
+        builder (or the volume's intensity check) is the message."""
+        self.show_prompts()
+        if not preview:
+            return Outcome(True, note)
+        out = self.request_preview()
+        if out.ok and note:
+            out.message = note
+        return out
 
     def has_prompts(self) -> bool:
         return self.builder is not None and not self.builder.is_empty()
 
-    # -- results --------------------------------------------------------------------------
-    def _is_cached(self, engine, axis: str, index: int) -> bool:
-        fn = getattr(engine, "is_cached", None)
-        try:
-            return bool(fn(axis, index)) if fn is not None else False
-        except Exception:  # noqa: BLE001 - a cache query must never break a click
-            return False
+    def clear(self) -> None:
+        """Forget the prompts and the preview; results of requests in flight are dropped."""
+        self.generation += 1
+        for rid, task in self.tasks.items():
+            if task.kind in ("preview", "propagate", "uncertainty", "click3d") and not task.cancelled:
+                task.cancelled = True
+                if self.client is not None:
+                    self.client.cancel(rid)
+        self.preview_pending = False
+        self.clicks3d, self.sent3d = [], 0
+        if self.builder is not None:
+            self.builder.clear()
+        self.preview, self.preview_is_3d = None, False
+        if self.display is not None:
+            self.display.clear()
 
-    def preview_job(self):
-        """Snapshot the prompts of the slice last clicked (GUI thread).
+    def show_prompts(self) -> None:
+        if self.display is not None and self.volume_node is not None and self.builder is not None:
+            self.display.show_prompts(self.volume_node, self.builder)
 
-        Returns a function that computes the 2D preview (run it in a worker thread), or an
-        :class:`Outcome` saying why there is nothing to compute.
-        """
+    # -- requests ---------------------------------------------------------------------------
+    def _ras_fields(self, prompts: Prompts) -> Dict[str, Any]:
+        """A prompt in the worker's RAS frame: the IJK request fields (``worker_client.prompt_fields``)
+        with points and box corners mapped to world RAS, and the slice axis given as its world RAS
+        direction (``normal``), so the worker prompts exactly the slice the click snapped to."""
+        fields = prompt_fields(prompts)
+        del fields["frame"], fields["slice_axis"]
+        m = geometry.world_ijk_to_ras(self.volume_node)
+        axis_dir = m[:3, IJK_INDEX[prompts.slice_axis]]
+        fields["normal"] = [float(v) for v in axis_dir / np.linalg.norm(axis_dir)]
+        def ras(points):
+            return (np.c_[np.asarray(points, dtype=float), np.ones(len(points))] @ m.T)[:, :3].tolist()
+
+        for key in ("points", "box"):
+            if key in fields:
+                fields[key] = ras(fields[key])
+        if "boxes" in fields:
+            fields["boxes"] = [ras(b) for b in fields["boxes"]]
+        if "roi" in fields:  # two opposite corners: the worker takes their IJK bounding box
+            r = fields["roi"]
+            fields["roi"] = (np.array([[r[0], r[1], r[2], 1.0], [r[3], r[4], r[5], 1.0]]) @ m.T)[:, :3].tolist()
+        return fields
+
+    def _send(self, kind: str, rtype: str, timeout: Optional[float] = None, **fields: Any) -> Tuple[int, str]:
+        """Send a request behind the volume (sent first if the worker lacks it); (id, note)."""
+        client = self._client()
+        volume_rid, note = self._ensure_volume(client)
+        rid = client.send(rtype, timeout=timeout, **fields)
+        self.tasks[rid] = Task(kind, self.generation, volume_rid=volume_rid)
+        return rid, note
+
+    def request_preview(self) -> Outcome:
+        """Send the 2D preview of the slice last clicked (or the 3D model's refinement); at most one
+        in flight: a prompt that arrives meanwhile is previewed when it ends."""
+        if self.busy() in ("preview", "click3d"):
+            self.preview_pending = True
+            return Outcome(True, "")
+        if self.busy() is not None:
+            return Outcome(False, f"wait for the {self.busy()} to finish, or cancel it")
         try:
             self._require_volume()
             if self.is_3d_model():
-                with self.lock:
-                    new, upto, gen = list(self.clicks3d[self.sent3d:]), len(self.clicks3d), self._generation
-                if not new:
-                    return Outcome(False, "click on the object")
-                return lambda: self._compute_3d_click(new, upto, gen)
+                return self._request_3d_click()
             prompts = self.builder.prompts_on_slice()
-        except SAMLiverSegError as exc:
-            return Outcome(False, str(exc))
-        axis, index = prompts.slice_axis, self.builder.current_slice
-        return lambda: self._compute_preview(prompts, axis, index)
+            axis, index = prompts.slice_axis, self.builder.current_slice
+            rid, note = self._send("preview", "prompt", timeout=PROMPT_TIMEOUT_S, **self._ras_fields(prompts))
+        except SEND_ERRORS as exc:
+            return Outcome(False, send_error_message(exc))
+        self.tasks[rid].slice_axis, self.tasks[rid].slice_index = axis, index
+        return Outcome(True, note)
 
-    def update_preview(self) -> Outcome:
-        """The 2D result on the slice last clicked (what the user sees at once)."""
-        job = self.preview_job()
-        return job if isinstance(job, Outcome) else job()
-
-    def _compute_preview(self, prompts, axis: str, index: int) -> Outcome:
-        t0 = time.perf_counter()
+    def _request_3d_click(self) -> Outcome:
+        new = self.clicks3d[self.sent3d:]
+        if not new:
+            return Outcome(False, "click on the object")
+        upto = len(self.clicks3d)
+        m = geometry.world_ijk_to_ras(self.volume_node)
+        points = [[float(v) for v in (m @ np.array([*p, 1.0]))[:3]] for p, _ in self.clicks3d[:upto]]
+        labels = [lab for _, lab in self.clicks3d[:upto]]
         try:
-            def run(engine):
-                cold = not self._is_cached(engine, axis, index)
-                return engine.segment_slice(prompts), cold
+            rid, note = self._send("click3d", "prompt3d", timeout=PROMPT_TIMEOUT_S, points=points, labels=labels)
+        except SEND_ERRORS as exc:
+            return Outcome(False, send_error_message(exc))
+        self.tasks[rid].extra["upto"] = upto
+        return Outcome(True, note)
 
-            result, cold = self._run(run)
-        except SAMLiverSegError as exc:
-            return Outcome(False, str(exc), time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001 - shown to the user, scene unchanged
-            return Outcome(False, f"segmentation failed: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
-        mask = np.zeros(self.volume.array.shape, np.uint8)
-        slice_clicks.slice_array(mask, axis, index)[...] = np.asarray(result.mask, dtype=bool)
-        self.preview, self.preview_is_3d = mask, False
-        n = int(np.count_nonzero(mask))
-        msg = "" if n else "the model found nothing here: drag a box around the object"
-        return Outcome(True, msg, time.perf_counter() - t0, n, cold)
-
-    def _compute_3d_click(self, new, upto: int, generation: int) -> Outcome:
-        """Send the clicks not yet seen to the 3D model, refining the previous result."""
-        t0 = time.perf_counter()
-        try:
-            result = self._run(lambda e: e.segment(self.volume, [p for p, _ in new], [lab for _, lab in new],
-                                                   previous=self.result3d))
-        except SAMLiverSegError as exc:
-            with self.lock:  # the clicks that failed are dropped, the earlier result stays
-                if generation == self._generation:
-                    self.clicks3d = self.clicks3d[:upto - len(new)] + self.clicks3d[upto:]
-                    self.builder.positive = [p for p, lab in self.clicks3d if lab == 1]
-                    self.builder.negative = [p for p, lab in self.clicks3d if lab == 0]
-            return Outcome(False, str(exc), time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001 - shown to the user, scene unchanged
-            return Outcome(False, f"segmentation failed: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
-        with self.lock:
-            if generation != self._generation:  # cleared meanwhile
-                return Outcome(False, "the prompts were cleared", time.perf_counter() - t0)
-            self.result3d, self.sent3d = result, upto
-            self.preview, self.preview_is_3d = np.asarray(result.mask, dtype=np.uint8), True
-        n = int(np.count_nonzero(self.preview))
-        return Outcome(True, "" if n else "the model found nothing here: click inside the object",
-                       time.perf_counter() - t0, n)
-
-    def propagate_job(self):
-        """Snapshot all prompts (GUI thread); returns ``fn(progress, cancel) -> Outcome`` or an Outcome."""
+    def start_propagate(self) -> Outcome:
+        """Send the propagation of all prompts to 3D (both directions from the prompted slice(s))."""
         if self.is_3d_model():
             return Outcome(False, f"{self.settings.model} segments in 3D at every click: Apply writes the result")
+        if self.busy() is not None:
+            return Outcome(False, f"wait for the {self.busy()} to finish, or cancel it")
         try:
             self._require_volume()
             prompts = self.builder.prompts()
-        except SAMLiverSegError as exc:
-            return Outcome(False, str(exc))
-        return lambda progress=None, cancel=None: self._compute_3d(prompts, progress, cancel)
+            _, note = self._send("propagate", "propagate", **self._ras_fields(prompts))
+        except SEND_ERRORS as exc:
+            return Outcome(False, send_error_message(exc))
+        return Outcome(True, note)
 
-    def propagate(self, progress: Optional[Callable[[int, int], None]] = None,
-                  cancel: Optional[threading.Event] = None) -> Outcome:
-        """Extend the prompts to 3D (both directions from the prompted slice(s))."""
-        job = self.propagate_job()
-        return job if isinstance(job, Outcome) else job(progress, cancel)
-
-    def _compute_3d(self, prompts, progress, cancel) -> Outcome:
-        t0 = time.perf_counter()
-        try:
-            result = self._run(lambda e: e.segment(prompts, propagate=True, progress=progress, cancel=cancel))
-        except CancelledError:
-            return Outcome(False, "propagation cancelled; the preview is unchanged", time.perf_counter() - t0)
-        except SAMLiverSegError as exc:
-            return Outcome(False, str(exc), time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001
-            return Outcome(False, f"propagation failed: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
-        self.preview, self.preview_is_3d = np.asarray(result.mask, dtype=np.uint8), True
-        n = int(np.count_nonzero(self.preview))
-        return Outcome(True, "" if n else "the model found nothing to propagate", time.perf_counter() - t0, n)
-
-    def prefetch(self, axis: str, indices: Iterable[int], progress: Optional[Callable[[int, int], None]] = None,
-                 cancel: Optional[threading.Event] = None) -> int:
-        """Embed slices ahead of clicks, one at a time under the lock (run it in a thread)."""
-        self._require_volume()
-        todo = list(indices)
-        done = 0
-        for n, idx in enumerate(todo):
-            if cancel is not None and cancel.is_set():
-                break
-            done += self._run(lambda e: e.prefetch([idx], slice_axis=axis))
-            if progress is not None:
-                progress(n + 1, len(todo))
-        return done
-
-    def uncertainty_job(self, segment_mask: Optional[np.ndarray] = None):
-        """Snapshot the mask to analyse (GUI thread): the preview when there is one, else
-        ``segment_mask`` (the selected segment's voxels on the source volume's grid, [k, j, i]).
-
-        Returns ``fn(progress, cancel) -> Outcome`` whose ``data`` is a
-        :class:`samliverseg.interactive.uncertainty.UncertaintyMap` (the prompt-ensemble variance), or an
-        :class:`Outcome` saying why there is nothing to analyse.
-        """
-        if self.volume is None:
+    def start_uncertainty(self, segment_mask: Optional[np.ndarray] = None) -> Outcome:
+        """Send the prompt-ensemble variance of the preview when there is one, else of
+        ``segment_mask`` (the selected segment's voxels on the source volume's grid, [k, j, i])."""
+        if self.volume_node is None:
             return Outcome(False, "select a source volume first")
         if self.is_3d_model():
             return Outcome(False, "the uncertainty map uses a 2D model's prompt ensemble: choose lite_medsam "
                                   "(or another 2D model) to show it")
+        if self.busy() is not None:
+            return Outcome(False, f"wait for the {self.busy()} to finish, or cancel it")
         mask = self.preview if self.preview is not None and np.any(self.preview) else segment_mask
         if mask is None or not np.any(mask):
             return Outcome(False, "nothing to analyse: segment the object first (a preview or the selected segment)")
-        if tuple(np.shape(mask)) != tuple(self.volume.array.shape):
+        if tuple(np.shape(mask)) != tuple(self.shape_kji):
             return Outcome(False, "the segment is not on the source volume's grid")
-        mask = np.array(mask, dtype=np.uint8, copy=True)
         axis = (self.builder.slice_axis if self.builder is not None else None) or "k"
-        return lambda progress=None, cancel=None: self._compute_uncertainty(mask, axis, progress, cancel)
-
-    def _compute_uncertainty(self, mask, axis, progress, cancel) -> Outcome:
-        from samliverseg.interactive.uncertainty import ensemble_uncertainty
-
-        t0 = time.perf_counter()
         try:
-            umap = self._run(lambda e: ensemble_uncertainty(e, mask, slice_axis=axis, progress=progress, cancel=cancel))
-        except CancelledError:
-            return Outcome(False, "uncertainty cancelled", time.perf_counter() - t0)
-        except SAMLiverSegError as exc:
-            return Outcome(False, str(exc), time.perf_counter() - t0)
-        except Exception as exc:  # noqa: BLE001
-            return Outcome(False, f"uncertainty failed: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
-        n = int(np.count_nonzero(umap.variance >= UNCERTAINTY_THRESHOLD))
-        frac = umap.uncertain_fraction(UNCERTAINTY_THRESHOLD)
-        msg = (f"{100 * frac:.1f} % of the voxels the {umap.members} ensemble members touch are uncertain "
-               f"(variance >= {UNCERTAINTY_THRESHOLD}); click there to correct")
-        return Outcome(True, msg, time.perf_counter() - t0, n, data=umap)
+            self._require_volume()
+            client = self._client()
+            ref = client.write_array("mask", np.asarray(mask, dtype=np.uint8))
+            _, note = self._send("uncertainty", "uncertainty", mask=ref, slice_axis=axis)
+        except SEND_ERRORS as exc:
+            return Outcome(False, send_error_message(exc))
+        return Outcome(True, note)
 
+    def start_prefetch(self) -> Optional[int]:
+        """Embed the slices around the one last previewed, in the worker's background (one at a time)."""
+        if self.builder is None or self.builder.current_slice is None or self.is_3d_model():
+            return None
+        if any(t.kind == "prefetch" for t in self.tasks.values()):
+            return None
+        axis, index = self.builder.slice_axis, self.builder.current_slice
+        n = self.shape_kji[{"k": 0, "j": 1, "i": 2}[axis]]
+        slices = [index + d * s for d in range(1, NEIGHBOUR_PREFETCH + 1) for s in (1, -1)]
+        slices = [s for s in slices if 0 <= s < n]
+        if not slices:
+            return None
+        try:
+            rid, _ = self._send("prefetch", "prefetch", slice_axis=axis, slices=slices, around=index)
+        except SEND_ERRORS:  # only a speed-up: the next prompt says what is wrong
+            return None
+        return rid
+
+    def cancel(self) -> None:
+        """Cancel the propagation / uncertainty in flight (its answer then says so)."""
+        if self.client is None:
+            return
+        for rid, task in self.tasks.items():
+            if task.kind in ("propagate", "uncertainty", "prefetch"):
+                self.client.cancel(rid)
+
+    # -- answers ------------------------------------------------------------------------------
+    def poll(self) -> List[Outcome]:
+        """Take the worker's answers (never blocks); apply them to the scene; what finished."""
+        if self.client is None:
+            return []
+        out: List[Outcome] = []
+        for msg in self.client.poll():
+            task = self.tasks.get(msg.get("id"))
+            if task is None:
+                continue  # not ours
+            if "ok" not in msg:
+                if msg.get("event") == "progress":
+                    task.progress = (int(msg.get("done", 0)), int(msg.get("total", 0)))
+                continue
+            del self.tasks[msg["id"]]
+            outcome = self._finish(msg["id"], task, msg)
+            if outcome is not None:
+                out.append(outcome)
+        if self.preview_pending and self.busy() is None:
+            self.preview_pending = False
+            sent = self.request_preview()
+            if not sent.ok:
+                out.append(Outcome(False, sent.message, kind="preview"))
+        return out
+
+    def _drop_arrays(self, msg: Dict[str, Any]) -> None:
+        """Remove the result files of an answer nobody uses."""
+        for value in (msg.get("result") or {}).values():
+            if isinstance(value, dict) and "npy" in value:
+                try:
+                    self.client.read_array(value)
+                except (OSError, ValueError, SAMLiverSegError):
+                    pass
+
+    def _finish(self, rid: int, task: Task, msg: Dict[str, Any]) -> Optional[Outcome]:
+        seconds = time.perf_counter() - task.sent
+        if task.kind == "volume":
+            if msg["ok"]:
+                return None
+            self._volume_failed.add(rid)
+            if self._volume_rid == rid:
+                self._loaded = None  # the next prompt sends it again
+            return Outcome(False, f"the inference worker cannot use the volume: {msg['error']}", seconds, kind="volume")
+        if task.volume_rid in self._volume_failed:  # already said why
+            self._drop_arrays(msg)
+            return None
+        stale = task.cancelled or task.generation != self.generation
+        if task.kind == "prefetch":
+            self._drop_arrays(msg)
+            return None
+        if not msg["ok"]:
+            if stale and msg.get("exit_code") == 130:
+                return None
+            if msg.get("exit_code") == 130:
+                what = {"propagate": "propagation cancelled; the preview is unchanged",
+                        "uncertainty": "uncertainty cancelled"}.get(task.kind, f"{task.kind} cancelled")
+                return Outcome(False, what, seconds, kind=task.kind)
+            if task.kind == "click3d" and not stale:  # the clicks that failed are dropped, the earlier result stays
+                self.clicks3d = self.clicks3d[:self.sent3d]
+                self.builder.positive = [p for p, lab in self.clicks3d if lab == 1]
+                self.builder.negative = [p for p, lab in self.clicks3d if lab == 0]
+                self.show_prompts()
+            return Outcome(False, msg["error"], seconds, kind=task.kind)
+        if stale:
+            self._drop_arrays(msg)
+            return None
+        result = msg["result"]
+        try:
+            if task.kind == "preview":
+                return self._finish_preview(task, result, seconds)
+            if task.kind in ("propagate", "click3d"):
+                return self._finish_3d(task, result, seconds)
+            if task.kind == "uncertainty":
+                return self._finish_uncertainty(result, seconds)
+        except (OSError, ValueError, SAMLiverSegError) as exc:
+            self._drop_arrays(msg)
+            return Outcome(False, f"the worker's answer cannot be used: {exc}", seconds, kind=task.kind)
+        return None
+
+    def _check_grid(self, result: Dict[str, Any]) -> None:
+        """The answer is for the source volume as it is now (the shared worker may hold another one)."""
+        theirs = np.asarray(result.get("ijk_to_ras"), dtype=float)
+        if theirs.shape != (4, 4) or not np.allclose(theirs, geometry.world_ijk_to_ras(self.volume_node), atol=1e-4):
+            self._loaded = None
+            raise InputError("the inference worker held another volume; click again")
+
+    def _finish_preview(self, task: Task, result: Dict[str, Any], seconds: float) -> Outcome:
+        self._check_grid(result)
+        mask2d = self.client.read_array(result["mask"])
+        axis, index = result["slice_axis"], int(result["slice_index"])
+        mask = np.zeros(self.shape_kji, np.uint8)
+        target = slice_clicks.slice_array(mask, axis, index)
+        if target.shape != mask2d.shape:
+            raise InputError(f"the preview has shape {list(mask2d.shape)}, the slice {list(target.shape)}")
+        target[...] = mask2d != 0
+        self._set_preview(mask, False)
+        n = int(np.count_nonzero(mask))
+        self.start_prefetch()
+        msg = "" if n else "the model found nothing here: drag a box around the object"
+        return Outcome(True, msg, seconds, n, kind="preview")
+
+    def _finish_3d(self, task: Task, result: Dict[str, Any], seconds: float) -> Outcome:
+        self._check_grid(result)
+        mask = self.client.read_array(result["mask"])
+        if tuple(mask.shape) != tuple(self.shape_kji):
+            raise InputError(f"the result has shape {list(mask.shape)}, the volume {list(self.shape_kji)}")
+        self._set_preview((mask != 0).astype(np.uint8), True)
+        if task.kind == "click3d":
+            self.sent3d = int(task.extra.get("upto", len(self.clicks3d)))
+        n = int(np.count_nonzero(self.preview))
+        what = "click inside the object" if task.kind == "click3d" else "the model found nothing to propagate"
+        if task.kind == "propagate" and n:
+            what = ""
+        return Outcome(True, "" if n else what, seconds, n, kind=task.kind)
+
+    def _finish_uncertainty(self, result: Dict[str, Any], seconds: float) -> Outcome:
+        self._check_grid(result)
+        variance = self.client.read_array(result["variance"])
+        if tuple(variance.shape) != tuple(self.shape_kji):
+            raise InputError(f"the variance map has shape {list(variance.shape)}, the volume {list(self.shape_kji)}")
+        node = self.display.show_uncertainty(self.volume_node, variance) if self.display is not None else None
+        n = int(np.count_nonzero(variance >= UNCERTAINTY_THRESHOLD))
+        frac = float(result.get("uncertain_fraction", 0.0))
+        msg = (f"{100 * frac:.1f} % of the voxels the {result.get('members', '?')} ensemble members touch are "
+               f"uncertain (variance >= {UNCERTAINTY_THRESHOLD}); click there to correct")
+        return Outcome(True, msg, seconds, n, data={"variance": variance, "node": node, "slices": result.get("slices"),
+                                                          "members": result.get("members")}, kind="uncertainty")
+
+    def _set_preview(self, mask: np.ndarray, is_3d: bool) -> None:
+        self.preview, self.preview_is_3d = mask, is_3d
+        if self.display is not None:
+            self.display.show_preview(self.volume_node, mask)
+
+    # -- apply --------------------------------------------------------------------------------
     def apply(self, target: segment_writer.WriteTarget, segmentation_node, segment_id: str) -> Outcome:
-        """Write the preview into the segment (undo saved first); prompts and preview are cleared."""
+        """Write the preview into the segment (one undo step); prompts and preview are cleared."""
         t0 = time.perf_counter()
         if self.preview is None:
             return Outcome(False, "nothing to apply: click on the object or drag a box first")
+        if self.busy() is not None:
+            return Outcome(False, f"wait for the {self.busy()} to finish, or cancel it")
         mode = "add" if self.preview_is_3d else "replace_slices"
         axis = self.builder.slice_axis or "k"
         try:
@@ -396,47 +648,6 @@ class SegmentAnythingSession:
             return Outcome(False, str(exc), time.perf_counter() - t0)
         self.clear()
         return Outcome(True, "", time.perf_counter() - t0, report.voxels_in_mask)
-
-
-# -- background work ---------------------------------------------------------------------------------
-
-class BackgroundTask:
-    """Run ``fn(progress, cancel)`` in a daemon thread; the GUI polls :meth:`done` from a QTimer.
-
-    ``fn`` must not touch MRML (the scene is not thread-safe): it computes, the GUI thread shows.
-    """
-
-    def __init__(self, fn: Callable, name: str = "task"):
-        self.name = name
-        self.cancel_event = threading.Event()
-        self.progress = (0, 0)
-        self.result = None
-        self.error: Optional[BaseException] = None
-        self._fn = fn
-        self._thread = threading.Thread(target=self._run, name=f"samliverseg-{name}", daemon=True)
-
-    def start(self) -> "BackgroundTask":
-        self._thread.start()
-        return self
-
-    def _set_progress(self, done: int, total: int) -> None:
-        self.progress = (int(done), int(total))
-
-    def _run(self) -> None:
-        try:
-            self.result = self._fn(self._set_progress, self.cancel_event)
-        except BaseException as exc:  # noqa: BLE001 - handed to the GUI thread
-            self.error = exc
-
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def cancel(self) -> None:
-        self.cancel_event.set()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        self._thread.join(timeout)
-        return self.done()
 
 
 # -- display in the views (plain MRML nodes) --------------------------------------------------------
@@ -457,8 +668,9 @@ class PreviewDisplay:
         node.SetName(name)
         node.SetHideFromEditors(True)
         node.SetSaveWithScene(False)
-        self.scene.AddNode(node)
-        node.CreateDefaultDisplayNodes()
+        with markups_prompts.keep_place_state(self.scene):  # the Markups logic makes every new node the active one
+            self.scene.AddNode(node)
+            node.CreateDefaultDisplayNodes()
         node.SetLocked(True)
         d = node.GetDisplayNode()
         if d is not None:
@@ -485,8 +697,9 @@ class PreviewDisplay:
             self.box_node.SetName(BOX_NODE_NAME)
             self.box_node.SetHideFromEditors(True)
             self.box_node.SetSaveWithScene(False)
-            self.scene.AddNode(self.box_node)
-            self.box_node.CreateDefaultDisplayNodes()
+            with markups_prompts.keep_place_state(self.scene):
+                self.scene.AddNode(self.box_node)
+                self.box_node.CreateDefaultDisplayNodes()
             self.box_node.SetLocked(True)
         m = geometry.world_ijk_to_ras(volume_node)
         lo, hi = np.array(builder.box.lo()), np.array(builder.box.hi())
@@ -578,7 +791,10 @@ class PreviewDisplay:
             return None
         return volume_nodes.segment_mask(self.preview_node, "preview", volume_node)
 
-    def clear(self) -> None:
+    def clear(self, uncertainty: bool = False) -> None:
+        """Remove the preview and the prompt nodes (and the uncertainty overlay when asked)."""
+        if uncertainty:
+            self.hide_uncertainty()
         for name in ("preview_node", "positive_node", "negative_node", "box_node"):
             node = getattr(self, name)
             if node is not None and self.scene.IsNodePresent(node):

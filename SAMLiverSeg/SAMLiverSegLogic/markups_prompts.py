@@ -20,7 +20,8 @@ empty ROI or an ROI outside the volume raises :class:`samliverseg.core.errors.Pr
 from __future__ import annotations
 
 import itertools
-from typing import List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import vtk
@@ -163,3 +164,37 @@ def add_points_to_markups(markups_node, volume_node, ijk_points: Sequence[Sequen
         ras = (m @ np.array([ijk[0], ijk[1], ijk[2], 1.0]))[:3]
         idx = markups_node.AddControlPointWorld(vtk.vtkVector3d(*ras))
         markups_node.SetNthControlPointLabel(idx, f"{label_prefix}{n + 1}")
+
+
+def _nodes_of_class(scene, class_name: str) -> list:
+    return [scene.GetNthNodeByClass(n, class_name) for n in range(scene.GetNumberOfNodesByClass(class_name))]
+
+
+@contextmanager
+def keep_place_state(scene) -> Iterator[None]:
+    """Add markups nodes inside this block without taking the user's place tool.
+
+    Slicer's Markups logic (``vtkSlicerMarkupsLogic::OnMRMLSceneNodeAdded``, the same in 5.8, 5.10
+    and 5.12) makes every markups node added outside a batch/import the active place node
+    (``SetActiveListID``: the selection node's ActivePlaceNodeID and ActivePlaceNodeClassName), so
+    the toolbar's place mode would put the user's next point into the effect's hidden prompt
+    nodes, in ROI mode after the box. This restores every selection node's active place node and
+    class, and every interaction node's mode and place persistence, as they were before the block.
+    """
+    selections = [(n, n.GetActivePlaceNodeID(), n.GetActivePlaceNodeClassName())
+                  for n in _nodes_of_class(scene, "vtkMRMLSelectionNode")]
+    interactions = [(n, n.GetCurrentInteractionMode(), n.GetPlaceModePersistence())
+                    for n in _nodes_of_class(scene, "vtkMRMLInteractionNode")]
+    try:
+        yield
+    finally:
+        for node, place_id, class_name in selections:
+            if node.GetActivePlaceNodeClassName() != class_name:
+                node.SetReferenceActivePlaceNodeClassName(class_name)
+            if node.GetActivePlaceNodeID() != place_id:
+                node.SetReferenceActivePlaceNodeID(place_id)
+        for node, mode, persistence in interactions:
+            if node.GetPlaceModePersistence() != persistence:
+                node.SetPlaceModePersistence(persistence)
+            if node.GetCurrentInteractionMode() != mode:
+                node.SetCurrentInteractionMode(mode)

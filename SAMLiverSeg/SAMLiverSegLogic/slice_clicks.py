@@ -208,3 +208,86 @@ class PromptBuilder:
         if not p.positive and box is None:
             raise PromptError(f"no positive point or box on slice {axis}={index}: left-click on the object or drag a box")
         return validate_prompts(p, self.shape_kji)
+
+
+# -- mouse events in a slice view -> prompts (the effect's interaction mapping, Qt-free) -----------
+
+#: A press and release closer than this (pixels, each direction) is a click; farther is a drag.
+CLICK_MAX_PIXELS = 4
+PRESS_EVENTS = ("LeftButtonPressEvent", "LeftButtonDoubleClickEvent")
+
+
+@dataclass
+class MouseAction:
+    """What one interaction event means to the effect.
+
+    ``consume``: the effect takes the event (Slicer's own widgets do not see it). ``kind``: ``""``
+    (nothing), ``"rubber_band"`` (show the box being dragged, ``start``..``end``), ``"click"``
+    (a point at ``start``; ``positive``), or ``"box"`` (``start``..``end``).
+    """
+
+    consume: bool
+    kind: str = ""
+    start: Optional[Tuple[float, float]] = None
+    end: Optional[Tuple[float, float]] = None
+    positive: bool = True
+
+
+class ClickTracker:
+    """Turns a slice view's left-button events into clicks and boxes, taking only what the effect uses.
+
+    * No modifier: press (also ``LeftButtonDoubleClickEvent``, which a quick second click arrives
+      as; Slicer would maximize or restore the view on it) starts a positive click or a box drag;
+      the press, the moves while dragging and the release are consumed.
+    * Ctrl: a negative click. Nothing is consumed: the press and release also reach Slicer, whose
+      Ctrl+left drag is the foreground/label blend (a click without motion changes nothing there),
+      and a Ctrl drag is left to it entirely.
+    * Shift (pan drag; Shift+move sets the crosshair), Alt, and any other combination: untouched.
+    """
+
+    def __init__(self, max_pixels: int = CLICK_MAX_PIXELS):
+        self.max_pixels = int(max_pixels)
+        self.reset()
+
+    def reset(self) -> None:
+        self.start: Optional[Tuple[float, float]] = None
+        self.view = None
+        self.positive = True
+        self.moved = False
+
+    def pressed(self) -> bool:
+        return self.start is not None
+
+    def _near(self, xy: Sequence[float]) -> bool:
+        return abs(xy[0] - self.start[0]) <= self.max_pixels and abs(xy[1] - self.start[1]) <= self.max_pixels
+
+    def event(self, name: str, xy: Sequence[float], view=None, shift: bool = False, ctrl: bool = False,
+              alt: bool = False) -> MouseAction:
+        """The meaning of one VTK event (its name, e.g. ``vtkCommand.GetStringFromEventId(id)``) at
+        XY (pixels) in ``view``, with the modifier keys held."""
+        xy = (float(xy[0]), float(xy[1]))
+        if name in PRESS_EVENTS:
+            self.reset()
+            if not (shift or ctrl or alt):
+                self.start, self.view, self.positive = xy, view, True
+                return MouseAction(True)
+            if ctrl and not (shift or alt):
+                self.start, self.view, self.positive = xy, view, False
+            return MouseAction(False)
+        if self.start is None or view is not self.view:
+            return MouseAction(False)
+        if name == "MouseMoveEvent":
+            if not self._near(xy):
+                self.moved = True
+            if self.positive:
+                return MouseAction(True, "rubber_band", self.start, xy)
+            return MouseAction(False)
+        if name == "LeftButtonReleaseEvent":
+            start, positive, moved = self.start, self.positive, self.moved or not self._near(xy)
+            self.reset()
+            if not positive:  # Ctrl: a negative click unless it was a drag (Slicer's blend)
+                return MouseAction(False, "" if moved else "click", start, xy, False)
+            if moved:
+                return MouseAction(True, "box", start, xy)
+            return MouseAction(True, "click", start, xy, True)
+        return MouseAction(False)

@@ -1,13 +1,15 @@
 """The "Segment Anything" Segment Editor effect (Qt side only).
 
-In a slice view: left-click adds a positive point, Shift+click a negative point, click-drag draws
-a box. The 2D result shows at once as a preview (a separate segmentation node, like Grow from
-seeds); "Propagate to 3D" extends it through the volume; "Apply" writes it into the selected
-segment through the Segment Editor (editable area, overwrite mode, undo).
+In a slice view: left-click adds a positive point, Ctrl+click a negative point, click-drag draws
+a box. The 2D result shows as a preview (a separate segmentation node, like Grow from seeds);
+"Propagate to 3D" extends it through the volume; "Apply" writes it into the selected segment
+through the Segment Editor (editable area, overwrite mode, undo).
 
-All decisions are in ``SAMLiverSegLogic.effect_logic`` (Qt-free, tested with pytest). Model work
-runs in a background thread (``BackgroundTask``); a QTimer polls it, so the UI never waits on
-the model. MRML is only touched from the GUI thread.
+All decisions are in ``SAMLiverSegLogic.effect_logic`` (Qt-free, tested with pytest); the mouse
+mapping is ``slice_clicks.ClickTracker``. No model code runs in Slicer's process and no Python
+thread is started: the session sends requests to the inference worker process and Qt wakes this
+effect when answers arrive (a ``QSocketNotifier`` on the worker's pipe, remade when the worker
+restarts), plus a slow ``QTimer`` only as a safety net for request timeouts.
 """
 
 import logging
@@ -20,8 +22,7 @@ import slicer
 
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-NEIGHBOUR_PREFETCH = 4  # slices embedded ahead on each side of a clicked slice
-CLICK_MAX_PIXELS = 4  # a press-release closer than this is a click, farther is a drag
+SAFETY_POLL_MS = 1000  # the notifier wakes us; this only catches timeouts of a silent worker
 
 
 class EffectTarget:
@@ -54,19 +55,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.session = None
-        self.display = None
-        self.task = None  # the BackgroundTask running now
-        self.taskKind = ""
-        self.discardedTask = None  # a task whose prompts were cleared while it ran: its result is dropped
-        self.previewPending = False  # a click arrived while the model was busy
-        self.prefetchTask = None
-        self.dragStart = None
-        self.dragViewWidget = None
-        self.dragShift = False
-        self.rubberBands = {}  # view widget -> (actor, points)
-        self.pollTimer = qt.QTimer()
-        self.pollTimer.setInterval(100)
-        self.pollTimer.connect("timeout()", self.onPoll)
+        self.tracker = None  # slice_clicks.ClickTracker, made in activate() (the library may not be installed yet)
+        self.rubberBands = {}  # view widget -> (actor, points, poly)
+        self.notifier = None
+        self.watched = None  # the (starts, fileno) the notifier was made for
+        self.cleanedUp = False
+        self.safetyTimer = qt.QTimer()
+        self.safetyTimer.setInterval(SAFETY_POLL_MS)
+        self.safetyTimer.connect("timeout()", self.onWorkerReadable)
+        # Slicer 5.8 never calls cleanup(): tie it to the scene's and the application's lifetime too
+        self.sceneCloseObserver = slicer.mrmlScene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, self.onSceneClose)
+        slicer.app.aboutToQuit.connect(self.cleanup)
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -81,15 +80,46 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def helpText(self):
         return """<html>Segment with a Segment-Anything model (LiteMedSAM by default).<p>
-<b>Left-click</b>: positive point. <b>Shift+click</b>: negative point. <b>Drag</b>: box (best for
-LiteMedSAM/MedSAM). The result on that slice shows at once; <b>Propagate to 3D</b> extends it
-through the volume; <b>Apply</b> writes it into the selected segment (Ctrl+Z undoes it).
-Works in axial, coronal and sagittal views. With a 3D model (SAM-Med3D) every click, in any view,
-segments the whole object in 3D and refines it. <b>Show uncertainty</b> marks where the model is
-unsure (the best places for the next click).</html>"""
+<b>Left-click</b>: positive point. <b>Ctrl+click</b>: negative point. <b>Drag</b>: box (best for
+LiteMedSAM/MedSAM). Shift+drag still pans the view. The result on that slice shows as soon as the
+model answers; <b>Propagate to 3D</b> extends it through the volume; <b>Apply</b> writes it into
+the selected segment (Ctrl+Z undoes it). Works in axial, coronal and sagittal views. With a 3D
+model (SAM-Med3D) every click, in any view, segments the whole object in 3D and refines it.
+<b>Show uncertainty</b> marks where the model is unsure (the best places for the next click).
+The model runs in a separate process, started at the first click.</html>"""
 
     def cleanup(self):
-        self.pollTimer.disconnect("timeout()", self.onPoll)
+        """Stop the timer and the notifier, cancel the requests in flight, remove the preview nodes.
+
+        Slicer >= 5.10 calls it when the effect is deleted; 5.8 never does, so the application's
+        ``aboutToQuit`` calls it too (and a closing scene clears the session, onSceneClose). Safe to
+        call more than once.
+        """
+        if self.cleanedUp:
+            return
+        self.cleanedUp = True
+        self.safetyTimer.stop()
+        self.dropNotifier()
+        if self.sceneCloseObserver is not None:
+            slicer.mrmlScene.RemoveObserver(self.sceneCloseObserver)
+            self.sceneCloseObserver = None
+        try:
+            slicer.app.aboutToQuit.disconnect(self.cleanup)
+        except (AttributeError, ValueError, RuntimeError):
+            pass
+        if self.session is not None:
+            self.session.clear()
+            if self.session.display is not None:
+                self.session.display.clear(uncertainty=True)
+            self.session.shutdown()
+            self.session = None
+
+    def onSceneClose(self, caller=None, event=None):
+        """The scene is closing: drop prompts, preview and requests (the nodes go with the scene)."""
+        if self.session is not None:
+            self.session.clear()
+            self.session.volume_node = None
+        self.safetyTimer.stop()
 
     # -- options panel -------------------------------------------------------------------------
     def setupOptionsFrame(self):
@@ -164,25 +194,32 @@ unsure (the best places for the next click).</html>"""
     def createCursor(self, widget):
         return qt.QCursor(qt.Qt.CrossCursor)
 
+    # -- parameters ------------------------------------------------------------------------------
     def setMRMLDefaults(self):
-        self.scriptedEffect.setParameterDefault("Model", "lite_medsam")
-        self.scriptedEffect.setParameterDefault("Device", "auto")
-        self.scriptedEffect.setParameterDefault("Window", "model")
-        self.scriptedEffect.setParameterDefault("CustomWindow", "-200,300")
-        self.scriptedEffect.setParameterDefault("Checkpoint", "")
+        from SAMLiverSegLogic import effect_logic
+
+        # only non-empty defaults: Slicer stores nothing for "" (see effect_logic.PARAMETER_DEFAULTS)
+        for name, value in effect_logic.PARAMETER_DEFAULTS.items():
+            self.scriptedEffect.setParameterDefault(name, value)
+
+    def parameterValue(self, name):
+        """A parameter, its default when unset, without scriptedEffect.parameter()'s critical error."""
+        from SAMLiverSegLogic import effect_logic
+
+        return effect_logic.read_parameter(self.scriptedEffect.parameterSetNode(), name)
 
     def updateGUIFromMRML(self):
         for combo, name in ((self.modelComboBox, "Model"), (self.deviceComboBox, "Device"), (self.windowComboBox, "Window")):
             wasBlocked = combo.blockSignals(True)
-            index = combo.findText(self.scriptedEffect.parameter(name))
+            index = combo.findText(self.parameterValue(name))
             combo.currentIndex = max(index, 0)
             combo.blockSignals(wasBlocked)
         wasBlocked = self.customWindowLineEdit.blockSignals(True)
-        self.customWindowLineEdit.text = self.scriptedEffect.parameter("CustomWindow")
+        self.customWindowLineEdit.text = self.parameterValue("CustomWindow")
         self.customWindowLineEdit.enabled = self.windowComboBox.currentText == "custom"
         self.customWindowLineEdit.blockSignals(wasBlocked)
         wasBlocked = self.checkpointLineEdit.blockSignals(True)
-        self.checkpointLineEdit.text = self.scriptedEffect.parameter("Checkpoint")
+        self.checkpointLineEdit.text = self.parameterValue("Checkpoint")
         self.checkpointLineEdit.blockSignals(wasBlocked)
         self.updateButtons()
 
@@ -195,43 +232,43 @@ unsure (the best places for the next click).</html>"""
         self.configureSession()
 
     def configureSession(self):
-        """Hand the effect parameters to the session (the model is rebuilt only when they change)."""
-        if self.session is None:
-            return
-        try:
+        """Hand the effect parameters to the session (a new worker only when they change)."""
+        if self.session is not None:
             self.session.configure(self.engineSettings())
-        except Exception as exc:  # an invalid custom window: say so, keep the old settings
+
+    def engineSettings(self):
+        from samliverseg.core.errors import SAMLiverSegError
+        from SAMLiverSegLogic import effect_logic, module_logic
+
+        try:
+            window = module_logic.window_spec(self.parameterValue("Window"), self.parameterValue("CustomWindow"))
+        except SAMLiverSegError as exc:  # a malformed custom window: say so, use the model's window
             self.showStatus(str(exc), error=True)
+            window = None
+        return effect_logic.EngineSettings(
+            model=self.parameterValue("Model"), checkpoint=self.parameterValue("Checkpoint") or None,
+            device=self.parameterValue("Device"), backend=self.parameterValue("Backend"), window=window,
+            python=effect_logic.worker_python())
 
     def updateButtons(self):
-        busy = self.task is not None
+        busy = self.session is not None and self.session.busy() is not None
         hasPreview = self.session is not None and self.session.preview is not None
         hasPrompts = self.session is not None and self.session.has_prompts()
         self.propagateButton.enabled = hasPrompts and not busy
         self.applyButton.enabled = hasPreview and not busy
-        self.clearButton.enabled = (hasPrompts or hasPreview) and not busy
+        self.clearButton.enabled = hasPrompts or hasPreview or busy
+        kind = self.session.busy() if self.session is not None else None
+        self.progressBar.visible = self.cancelTaskButton.visible = kind in ("propagate", "uncertainty")
+        if kind in ("propagate", "uncertainty"):
+            done, total = self.session.progress()
+            self.progressBar.setMaximum(max(total, 1))
+            self.progressBar.setValue(done)
 
     def showStatus(self, text, error=False):
         self.statusLabel.text = text
         self.statusLabel.setStyleSheet("color: #c00;" if error else "")
 
     # -- life cycle ----------------------------------------------------------------------------
-    def engineSettings(self):
-        from samliverseg.core.errors import SAMLiverSegError
-        from SAMLiverSegLogic import effect_logic, module_logic
-
-        try:
-            window = module_logic.window_spec(self.scriptedEffect.parameter("Window") or "model",
-                                              self.scriptedEffect.parameter("CustomWindow"))
-        except SAMLiverSegError as exc:  # a malformed custom window: say so, use the model's window
-            self.showStatus(str(exc), error=True)
-            window = None
-        return effect_logic.EngineSettings(
-            model=self.scriptedEffect.parameter("Model") or "lite_medsam",
-            checkpoint=self.scriptedEffect.parameter("Checkpoint") or None,
-            device=self.scriptedEffect.parameter("Device") or "auto",
-            window=window)
-
     def sourceVolumeNode(self):
         node = self.scriptedEffect.parameterSetNode()
         getter = getattr(node, "GetSourceVolumeNode", None) or node.GetMasterVolumeNode
@@ -245,22 +282,26 @@ unsure (the best places for the next click).</html>"""
             self.showStatus(f"Not ready: {message}. Open the 'SAM Liver Segmentation' module and press "
                             "'Install dependencies'.", error=True)
             return
-        from SAMLiverSegLogic import effect_logic
+        from SAMLiverSegLogic import effect_logic, slice_clicks
 
+        self.cleanedUp = False
+        if self.tracker is None:
+            self.tracker = slice_clicks.ClickTracker()
+        if self.sceneCloseObserver is None:
+            self.sceneCloseObserver = slicer.mrmlScene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent,
+                                                                   self.onSceneClose)
         self.refreshModelChoices()
         if self.session is None:
-            self.session = effect_logic.SegmentAnythingSession(self.engineSettings())
-        if self.display is None:
-            self.display = effect_logic.PreviewDisplay(slicer.mrmlScene)
+            self.session = effect_logic.SegmentAnythingSession(self.engineSettings(), slicer.mrmlScene)
         self.useSourceVolume()
-        self.pollTimer.start()
+        self.safetyTimer.start()
 
     def refreshModelChoices(self):
         """The built-in models plus the user's trained ones (they appear after a training run)."""
         from SAMLiverSegLogic import module_logic
         from SAMLiverSegLogic.constants import MODEL_3D_CHOICES
 
-        current = self.scriptedEffect.parameter("Model") or "lite_medsam"
+        current = self.parameterValue("Model")
         wasBlocked = self.modelComboBox.blockSignals(True)
         self.modelComboBox.clear()
         self.modelComboBox.addItems(module_logic.model_choices() + MODEL_3D_CHOICES)
@@ -268,17 +309,16 @@ unsure (the best places for the next click).</html>"""
         self.modelComboBox.blockSignals(wasBlocked)
 
     def deactivate(self):
-        self.pollTimer.stop()
-        self.dragStart = None
+        self.safetyTimer.stop()
+        if self.tracker is not None:
+            self.tracker.reset()
         for viewWidget in list(self.rubberBands):
             self.removeRubberBand(viewWidget)
-        # Cancels the running task but keeps it: its thread may still write the session, so its
-        # result is dropped in finishTask (polled again on the next activation).
-        self.onClear()
+        self.onClear()  # cancels what is in flight; late answers are dropped
         self.uncertaintyCheckBox.setChecked(False)  # removes the overlay
 
     # The Segment Editor notifies every registered effect, active or not (and, in Slicer >= 5.2,
-    # calls both methods): load the volume only when this effect is in use (activate() does it too).
+    # calls both methods). Choosing the volume is cheap: nothing is copied or sent until a click.
     def sourceVolumeNodeChanged(self):
         if self.scriptedEffect.active():
             self.useSourceVolume()
@@ -296,205 +336,150 @@ unsure (the best places for the next click).</html>"""
             return
         if volumeNode is self.session.volume_node:
             return
-        self.onClear()
         outcome = self.session.set_volume_node(volumeNode)
         if not outcome.ok:
             self.showStatus(outcome.message, error=True)
-        elif outcome.message:
-            self.showStatus(outcome.message + " Set the CT window to 'custom' to change it.", error=True)
         else:
             self.showStatus("Drag a box around the object, or click on it.")
+        self.updateButtons()
 
     # -- mouse ---------------------------------------------------------------------------------
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
-        if viewWidget.className() != "qMRMLSliceWidget" or self.session is None:
+        if viewWidget.className() != "qMRMLSliceWidget" or self.session is None or self.tracker is None:
             return False
-        if eventId == vtk.vtkCommand.LeftButtonPressEvent:
-            self.dragStart = callerInteractor.GetEventPosition()
-            self.dragViewWidget = viewWidget
-            self.dragShift = bool(callerInteractor.GetShiftKey())
-            return True
-        if eventId == vtk.vtkCommand.MouseMoveEvent and self.dragStart is not None and viewWidget is self.dragViewWidget:
-            self.updateRubberBand(viewWidget, self.dragStart, callerInteractor.GetEventPosition())
-            return True
-        if eventId == vtk.vtkCommand.LeftButtonReleaseEvent and self.dragStart is not None:
-            start, end = self.dragStart, callerInteractor.GetEventPosition()
-            self.dragStart = None
+        name = vtk.vtkCommand.GetStringFromEventId(eventId)
+        action = self.tracker.event(name, callerInteractor.GetEventPosition(), viewWidget,
+                                    shift=bool(callerInteractor.GetShiftKey()),
+                                    ctrl=bool(callerInteractor.GetControlKey()),
+                                    alt=bool(callerInteractor.GetAltKey()))
+        if action.kind == "rubber_band":
+            self.updateRubberBand(viewWidget, action.start, action.end)
+        elif name == "LeftButtonReleaseEvent" or action.kind:
             self.removeRubberBand(viewWidget)
-            if abs(end[0] - start[0]) <= CLICK_MAX_PIXELS and abs(end[1] - start[1]) <= CLICK_MAX_PIXELS:
-                self.onClick(viewWidget, start, positive=not self.dragShift)
-            else:
-                self.onDrag(viewWidget, start, end)
-            return True
-        return False
+        if action.kind == "click":
+            self.onClick(viewWidget, action.start, positive=action.positive)
+        elif action.kind == "box":
+            self.onDrag(viewWidget, action.start, action.end)
+        return action.consume
 
     def onClick(self, viewWidget, xy, positive=True):
-        outcome = self.session.click(viewWidget.mrmlSliceNode(), xy, positive=positive, preview=False)
-        self.afterPromptChange(outcome)
+        """A point at XY in a slice view (also for scripts and the self-test); never waits."""
+        self.configureSession()  # the request goes to a worker with the current parameters
+        self.afterPromptChange(self.session.click(viewWidget.mrmlSliceNode(), xy, positive=positive))
 
     def onDrag(self, viewWidget, xy0, xy1):
-        outcome = self.session.drag_box(viewWidget.mrmlSliceNode(), xy0, xy1, preview=False)
-        self.afterPromptChange(outcome)
+        """A box dragged from XY0 to XY1 in a slice view (also for scripts and the self-test); never waits."""
+        self.configureSession()
+        self.afterPromptChange(self.session.drag_box(viewWidget.mrmlSliceNode(), xy0, xy1))
 
     def afterPromptChange(self, outcome):
+        """A prompt was added (the session sent the preview request, or queued it behind the running one)."""
         if not outcome.ok:
             self.showStatus(outcome.message, error=True)
-            return
-        self.display.show_prompts(self.session.volume_node, self.session.builder)
-        if outcome.message:
+        elif outcome.message:  # a note: oblique view, prompts started over, not CT intensities
             self.showStatus(outcome.message)
-        self.requestPreview()
-
-    # -- background work -------------------------------------------------------------------------
-    def requestPreview(self):
-        if self.task is not None:
-            self.previewPending = True  # recomputed when the running one ends
-            return
-        from SAMLiverSegLogic import effect_logic
-
-        self.configureSession()
-        job = self.session.preview_job()  # the prompts are read here, in the GUI thread
-        if isinstance(job, effect_logic.Outcome):
-            self.showStatus(job.message, error=True)
-            return
-        self.showStatus("Computing the preview...")
-        self.startTask("preview", effect_logic.BackgroundTask(lambda progress, cancel: job()))
-
-    def startTask(self, kind, task):
-        self.task, self.taskKind = task, kind
-        task.start()
-        self.progressBar.visible = kind in ("propagate", "uncertainty")
-        self.cancelTaskButton.visible = kind in ("propagate", "uncertainty")
-        self.progressBar.setValue(0)
+        else:
+            self.showStatus("Computing the preview... (the first one also starts the model)"
+                            if self.session.busy() else "")
+        self.watchWorker()
         self.updateButtons()
 
-    def onPropagate(self):
-        if self.session is None or self.task is not None:
+    # -- the worker: woken by Qt ---------------------------------------------------------------
+    def dropNotifier(self):
+        if self.notifier is not None:
+            self.notifier.setEnabled(False)  # a notifier on a closed pipe must not fire
+            self.notifier.deleteLater()
+            self.notifier = None
+        self.watched = None
+
+    def watchWorker(self):
+        """After every send and poll: a notifier on the worker's current pipe (a new one after a restart)."""
+        if self.session is None:
             return
-        from SAMLiverSegLogic import effect_logic
+        w = self.session.watch()
+        if w != self.watched:
+            self.dropNotifier()
+            if w is not None:
+                self.notifier = qt.QSocketNotifier(w[1], qt.QSocketNotifier.Read)
+                self.notifier.activated.connect(self.onWorkerReadable)  # Qt 5 and 6: no signature named
+            self.watched = w
+        t = self.session.next_timeout()
+        if t is not None and t * 1000 < SAFETY_POLL_MS:
+            qt.QTimer.singleShot(int(1000 * t) + 1, self.onWorkerReadable)
 
-        self.configureSession()
-        job = self.session.propagate_job()
-        if isinstance(job, effect_logic.Outcome):
-            self.showStatus(job.message, error=True)
+    def onWorkerReadable(self, *args):
+        if self.session is None:
             return
-        self.showStatus("Propagating through the volume...")
-        self.startTask("propagate", effect_logic.BackgroundTask(job, "propagate"))
-
-    def onCancelTask(self):
-        if self.task is not None:
-            self.task.cancel()
-        if self.prefetchTask is not None:
-            self.prefetchTask.cancel()
-
-    def onPoll(self):
-        task = self.task
-        if task is not None and self.taskKind in ("propagate", "uncertainty"):
-            done, total = task.progress
-            self.progressBar.setMaximum(max(total, 1))
-            self.progressBar.setValue(done)
-        if task is not None and task.done():
-            self.task = None
-            self.progressBar.visible = self.cancelTaskButton.visible = False
-            self.finishTask(task)
-            if self.previewPending:
-                self.previewPending = False
-                self.requestPreview()
-        if self.prefetchTask is not None and self.prefetchTask.done():
-            self.prefetchTask = None
+        for outcome in self.session.poll():
+            self.showOutcome(outcome)
+        self.watchWorker()
         self.updateButtons()
 
-    def finishTask(self, task):
-        if task is self.discardedTask:  # the prompts were cleared while it ran: its preview is stale
-            self.discardedTask = None
-            if self.session is not None:
-                self.session.preview, self.session.preview_is_3d = None, False
-            return
-        if task.error is not None:
-            logging.error(f"Segment Anything: {task.error}")
-            self.showStatus(f"Failed: {task.error}", error=True)
-            return
-        outcome = task.result
+    def showOutcome(self, outcome):
         if not outcome.ok:
-            self.showStatus(outcome.message, error=True)
-            if task.name == "uncertainty":
+            if outcome.kind == "uncertainty":
                 self.uncertaintyCheckBox.setChecked(False)
+            self.showStatus(outcome.message, error=True)
             return
-        if task.name == "uncertainty":
-            node = self.display.show_uncertainty(self.session.volume_node, outcome.data.variance)
-            slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.6)
+        if outcome.kind == "uncertainty":
+            slicer.util.setSliceViewerLayers(foreground=outcome.data["node"], foregroundOpacity=0.6)
             self.showStatus(f"Uncertainty ({outcome.seconds:.1f} s): {outcome.message}")
             return
-        self.display.show_preview(self.session.volume_node, self.session.preview)
         what = "3D result" if self.session.preview_is_3d else "result on this slice"
-        note = " ".join(self.session.notes)
-        self.session.notes.clear()
-        self.showStatus(f"Preview: {what}, {outcome.voxels} voxels ({outcome.seconds:.1f} s). {outcome.message} {note}".strip())
-        if not self.session.preview_is_3d:
-            self.startPrefetch()
+        self.showStatus(f"Preview: {what}, {outcome.voxels} voxels ({outcome.seconds:.1f} s). {outcome.message}".strip())
 
-    def startPrefetch(self):
-        """Embed the neighbouring slices in the background, so that the next click is fast."""
-        if self.prefetchTask is not None or self.session.builder.current_slice is None:
+    def onPropagate(self):
+        if self.session is None:
             return
-        from SAMLiverSegLogic import effect_logic
+        self.configureSession()
+        outcome = self.session.start_propagate()
+        self.showStatus(outcome.message or "Propagating through the volume...", error=not outcome.ok)
+        self.watchWorker()
+        self.updateButtons()
 
-        axis = self.session.builder.slice_axis
-        index = self.session.builder.current_slice
-        indices = [index + d * s for d in range(1, NEIGHBOUR_PREFETCH + 1) for s in (1, -1)]
-        self.prefetchTask = effect_logic.BackgroundTask(
-            lambda progress, cancel: self.session.prefetch(axis, indices, progress, cancel), "prefetch").start()
-
-    def waitForBackgroundWork(self, timeout=60.0):
-        """For tests and scripts: process the running task(s) to the end."""
-        import time
-
-        t0 = time.time()
-        while self.task is not None or self.previewPending:
-            if time.time() - t0 > timeout:
-                return False
-            if self.task is not None:
-                self.task.wait(0.05)
-            self.onPoll()
-            slicer.app.processEvents()
-        return True
+    def onCancelTask(self):
+        if self.session is not None:
+            self.session.cancel()
 
     def onShowUncertainty(self, on):
         """Show (or hide) where the model is unsure about the preview or the selected segment."""
         if not on:
-            if self.task is not None and self.taskKind == "uncertainty":
-                self.task.cancel()
-            if self.display is not None:
-                self.display.hide_uncertainty()
+            if self.session is not None:
+                if self.session.busy() == "uncertainty":
+                    self.session.cancel()
+                if self.session.display is not None:
+                    self.session.display.hide_uncertainty()
             return
-        if self.session is None or self.task is not None:
+        if self.session is None:
             self.uncertaintyCheckBox.setChecked(False)
             return
-        from SAMLiverSegLogic import effect_logic, volume_nodes
+        from SAMLiverSegLogic import volume_nodes
 
         self.configureSession()
         segmentMask = None
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
         segmentId = parameterSetNode.GetSelectedSegmentID()
-        if self.session.preview is None and segmentationNode is not None and segmentId:
+        if self.session.preview is None and segmentationNode is not None and segmentId \
+                and self.session.volume_node is not None:
             try:
                 segmentMask = volume_nodes.segment_mask(segmentationNode, segmentId, self.session.volume_node)
             except Exception as exc:  # noqa: BLE001 - shown, nothing changed
                 self.showStatus(f"Cannot read the segment: {exc}", error=True)
                 self.uncertaintyCheckBox.setChecked(False)
                 return
-        job = self.session.uncertainty_job(segmentMask)
-        if isinstance(job, effect_logic.Outcome):
-            self.showStatus(job.message, error=True)
+        outcome = self.session.start_uncertainty(segmentMask)
+        if not outcome.ok:
+            self.showStatus(outcome.message, error=True)
             self.uncertaintyCheckBox.setChecked(False)
             return
-        self.showStatus("Estimating the uncertainty...")
-        self.startTask("uncertainty", effect_logic.BackgroundTask(job, "uncertainty"))
+        self.showStatus(outcome.message or "Estimating the uncertainty...")
+        self.watchWorker()
+        self.updateButtons()
 
     # -- apply / clear ---------------------------------------------------------------------------
     def onApply(self):
-        if self.session is None or self.task is not None:
+        if self.session is None:
             return
         if not self.scriptedEffect.confirmCurrentSegmentVisible():
             return  # a hidden segment: the user said no
@@ -505,21 +490,12 @@ unsure (the best places for the next click).</html>"""
         if not outcome.ok:
             self.showStatus(outcome.message, error=True)
             return
-        self.display.clear()
         self.showStatus(f"Applied {outcome.voxels} voxels to the segment (Ctrl+Z to undo).")
         self.updateButtons()
 
     def onClear(self):
-        if self.task is not None:
-            self.task.cancel()
-            self.discardedTask = self.task  # dropped when it ends (see finishTask)
-        if self.prefetchTask is not None:
-            self.prefetchTask.cancel()
-        self.previewPending = False
         if self.session is not None:
-            self.session.clear()
-        if self.display is not None:
-            self.display.clear()
+            self.session.clear()  # requests in flight are cancelled, their answers dropped
         self.updateButtons()
 
     # -- rubber band while dragging --------------------------------------------------------------
@@ -546,10 +522,10 @@ unsure (the best places for the next click).</html>"""
             points.SetPoint(n, x, y, 0)
         points.Modified()
         poly.Modified()
-        self.scriptedEffect.forceRender(viewWidget)
+        self.scriptedEffect.scheduleRender(viewWidget)  # at idle time, not on every move
 
     def removeRubberBand(self, viewWidget):
         entry = self.rubberBands.pop(viewWidget, None)
         if entry is not None:
             self.scriptedEffect.removeActor2D(viewWidget, entry[0])
-            self.scriptedEffect.forceRender(viewWidget)
+            self.scriptedEffect.scheduleRender(viewWidget)  # at idle time, not on every move

@@ -99,3 +99,30 @@ def roi_in_volume_axes(scene, vol, lo_ijk, hi_ijk):
     from SAMLiverSegLogic.module_logic import roi_node_for_ijk_box
 
     return roi_node_for_ijk_box(scene, vol, lo_ijk, hi_ijk)
+
+
+def pump(session, until, timeout=300.0):
+    """Drive a worker-backed effect session as Slicer's event loop does: sleep in ``select()`` on
+    the worker's pipe (``session.watch()``, what the effect's QSocketNotifier watches) or until the
+    next request timeout, then ``session.poll()``; never ``join()`` or a blocking ``wait()``.
+
+    Returns the :class:`Outcome` s seen once ``until(outcomes)`` is true (AssertionError after
+    ``timeout`` seconds).
+    """
+    import select
+    import time
+
+    outcomes = []
+    deadline = time.monotonic() + timeout
+    while True:
+        outcomes += session.poll()
+        if until(outcomes):
+            return outcomes
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no answer within {timeout:g} s; outcomes so far: {outcomes}")
+        watched, t = session.watch(), session.next_timeout()
+        wait = 0.1 if t is None else min(0.1, t)
+        if watched is None:
+            time.sleep(wait)
+        else:
+            select.select([watched[1]], [], [], wait)

@@ -1,17 +1,29 @@
-"""The effect session's handling of bad input: each case is a message, and the scene is unchanged."""
+"""The effect session over a real inference worker (``samliverseg worker``, real LiteMedSAM) and a
+real MRML scene (slicer-core), driven as Slicer drives it: requests are sent and return at once,
+answers are taken when the worker's pipe is readable (``select()`` here, a QSocketNotifier in
+Slicer), never with ``join()`` or a blocking wait.
 
-import threading
-import time
+What it shows: choosing a source volume copies and sends nothing; the first prompt sends the
+volume; the preview and the propagation equal the in-process engine's for the same IJK prompts
+(identity, flipped and oblique volumes); clearing drops a result in flight; a worker killed in the
+middle of a request gives a one-line message, leaves the scene as it was, and the next prompt
+restarts it and gives the same mask; bad input is a message and changes nothing.
+"""
+
+import os
+import signal
 
 import numpy as np
 import pytest
 
 import slicer
-from slicer_test_helpers import GEOMETRIES, add_ct, blob_ct, centre_view_on, slice_node_for
+from slicer_test_helpers import GEOMETRIES, add_ct, centre_view_on, pump, slice_node_for
 
 from SAMLiverSegLogic import effect_logic, geometry, segment_writer, slice_clicks, volume_nodes
+from SAMLiverSegLogic.worker_client import WorkerClient
 
-SHAPE = (12, 40, 48)
+SHAPE = (12, 40, 48)  # k, j, i
+BOX = ((10, 10, 6), (34, 30, 6))  # IJK corners on slice k=6
 
 
 def scene_snapshot(scene):
@@ -23,20 +35,154 @@ def box_xy(sn, vol, lo, hi):
             slice_clicks.ras_to_xy(sn, geometry.ijk_to_ras_point(vol, hi))[:2])
 
 
-def test_non_ct_range_is_reported_with_a_custom_window(scene):
+def point_xy(sn, vol, ijk):
+    return slice_clicks.ras_to_xy(sn, geometry.ijk_to_ras_point(vol, ijk))[:2]
+
+
+def finished(kind):
+    return lambda outs: any(o.kind == kind for o in outs)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with WorkerClient(device="cpu", backend="torch") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from samliverseg.interactive.engine import PromptEngine
+
+    return PromptEngine("lite_medsam", device="cpu")
+
+
+def session_on(scene, client, geometry_name="identity", shape=SHAPE):
+    vol = add_ct(scene, GEOMETRIES[geometry_name], shape)
+    session = effect_logic.SegmentAnythingSession(effect_logic.EngineSettings(device="cpu", backend="torch"),
+                                                  scene, client_factory=lambda s: client)
+    assert session.set_volume_node(vol).ok
+    sn = slice_node_for(scene, "Axial", vol)
+    centre_view_on(sn, geometry.ijk_to_ras_point(vol, (24, 20, 6)))
+    return vol, session, sn
+
+
+def in_process(engine, vol, prompts, propagate=False):
+    engine.set_volume(volume_nodes.volume_from_node(vol))
+    if propagate:
+        return np.asarray(engine.segment(prompts, propagate=True).mask, np.uint8)
+    mask = np.zeros(SHAPE, np.uint8)
+    res = engine.segment_slice(prompts)
+    slice_clicks.slice_array(mask, res.slice_axis, res.slice_index)[...] = res.mask
+    return mask
+
+
+def test_choosing_a_source_volume_copies_and_sends_nothing(scene):
+    vol = add_ct(scene, GEOMETRIES["identity"], SHAPE)
+    made = []
+    session = effect_logic.SegmentAnythingSession(client_factory=lambda s: made.append(s) or pytest.fail("no worker"))
+    assert session.set_volume_node(vol).ok
+    assert session.set_volume_node(add_ct(scene, GEOMETRIES["flipped"], SHAPE, name="CT2")).ok
+    assert not made and session.watch() is None and session.intensity_check is None
+
+
+@pytest.mark.parametrize("name", ["identity", "flipped", "oblique"])
+def test_preview_through_the_worker_equals_the_in_process_engine(scene, client, engine, name):
+    vol, session, sn = session_on(scene, client, name)
+    out = session.drag_box(sn, *box_xy(sn, vol, *BOX))
+    assert out.ok, out.message
+    assert session.busy() == "preview" and session.preview is None  # sent, not computed: nothing waited
+    outs = pump(session, finished("preview"))
+    preview = [o for o in outs if o.kind == "preview"][-1]
+    assert preview.ok, preview.message
+    expected = in_process(engine, vol, session.builder.prompts_on_slice())
+    assert expected.any()
+    np.testing.assert_array_equal(session.preview, expected)
+    np.testing.assert_array_equal(session.display.preview_mask(vol), expected)  # shown in the scene
+    # a negative click on the same slice refines it, through the same worker and volume
+    starts = client.starts
+    assert session.click(sn, point_xy(sn, vol, (30, 26, 6)), positive=False).ok
+    outs = pump(session, finished("preview"))
+    assert all(o.ok for o in outs), outs
+    np.testing.assert_array_equal(session.preview, in_process(engine, vol, session.builder.prompts_on_slice()))
+    assert client.starts == starts
+
+
+def test_propagation_equals_the_in_process_engine_and_applies_with_one_undo_step(scene, client, engine):
+    vol, session, sn = session_on(scene, client, "oblique")
+    seg = volume_nodes.add_segmentation_node(scene, vol)
+    sid = volume_nodes.add_segment(seg, "liver")
+    editor = segment_writer.create_editor(scene, seg, vol)
+    assert session.drag_box(sn, *box_xy(sn, vol, *BOX), preview=False).ok
+    assert session.start_propagate().ok
+    outs = pump(session, finished("propagate"))
+    out = [o for o in outs if o.kind == "propagate"][-1]
+    assert out.ok, out.message
+    expected = in_process(engine, vol, session.builder.prompts(), propagate=True)
+    np.testing.assert_array_equal(session.preview, expected)
+    assert session.preview_is_3d and out.voxels == int(expected.sum())
+    applied = session.apply(editor.target, seg, sid)
+    assert applied.ok, applied.message
+    np.testing.assert_array_equal(volume_nodes.segment_mask(seg, sid, vol), expected)
+    assert session.preview is None and scene.GetFirstNodeByName(effect_logic.PREVIEW_NODE_NAME) is None
+    editor.target.undo()
+    assert not volume_nodes.segment_mask(seg, sid, vol).any()
+
+
+def test_clear_drops_a_result_in_flight(scene, client):
+    vol, session, sn = session_on(scene, client)
+    assert session.drag_box(sn, *box_xy(sn, vol, *BOX)).ok
+    session.clear()
+    before = scene_snapshot(scene)
+    pump(session, lambda outs: not session.tasks)
+    assert session.preview is None and scene_snapshot(scene) == before
+
+
+def test_a_killed_worker_is_a_message_and_the_next_prompt_restarts_it(scene, client, engine):
+    vol, session, sn = session_on(scene, client, "flipped")
+    assert session.drag_box(sn, *box_xy(sn, vol, *BOX), preview=False).ok
+    assert session.start_propagate().ok
+    pump(session, lambda outs: session.progress()[0] >= 1)  # in the middle of it
+    before = scene_snapshot(scene)
+    os.kill(client.pid, signal.SIGKILL)
+    outs = pump(session, finished("propagate"))
+    out = [o for o in outs if o.kind == "propagate"][-1]
+    assert not out.ok and "killed (SIGKILL" in out.message and "\n" not in out.message
+    assert session.preview is None and scene_snapshot(scene) == before and session.busy() is None
+    starts = client.starts
+    assert session.click(sn, point_xy(sn, vol, (20, 18, 6))).ok  # restarts the worker, resends the volume
+    outs = pump(session, finished("preview"))
+    assert all(o.ok for o in outs), outs
+    assert client.starts == starts + 1
+    np.testing.assert_array_equal(session.preview, in_process(engine, vol, session.builder.prompts_on_slice()))
+
+
+def test_a_worker_that_cannot_start_is_a_one_line_message(scene, tmp_path):
+    missing = tmp_path / "no-such-python"
+    with WorkerClient(python=str(missing), device="cpu") as broken:
+        vol, session, sn = session_on(scene, broken)
+        out = session.drag_box(sn, *box_xy(sn, vol, *BOX))
+    assert not out.ok and "cannot start the inference worker" in out.message and str(missing) in out.message
+    assert "\n" not in out.message and session.preview is None and session.busy() is None
+
+
+def test_non_ct_intensities_are_reported_at_the_first_prompt(scene, client):
     mr = np.random.default_rng(0).uniform(0, 900, SHAPE).astype(np.float32)
     vol = volume_nodes.add_volume_node(scene, mr, GEOMETRIES["identity"], "MR")
-    session = effect_logic.SegmentAnythingSession(engine_factory=lambda s: pytest.fail("no model needed"))
-    out = session.set_volume_node(vol)
+    session = effect_logic.SegmentAnythingSession(scene=scene, client_factory=lambda s: client)
+    assert session.set_volume_node(vol).ok and session.intensity_check is None
+    sn = slice_node_for(scene, "Axial", vol)
+    centre_view_on(sn, geometry.ijk_to_ras_point(vol, (24, 20, 6)))
+    out = session.drag_box(sn, *box_xy(sn, vol, *BOX))
     assert out.ok and "custom window" in out.message
     assert not session.intensity_check.looks_like_ct and "," in session.intensity_check.suggested_window
+    pump(session, finished("preview"))
 
 
 def test_apply_without_preview_or_segment_is_a_message(scene):
     vol = add_ct(scene, GEOMETRIES["identity"], SHAPE)
     seg = volume_nodes.add_segmentation_node(scene, vol)
     editor = segment_writer.create_editor(scene, seg, vol)
-    session = effect_logic.SegmentAnythingSession(engine_factory=lambda s: pytest.fail("no model needed"))
+    session = effect_logic.SegmentAnythingSession(client_factory=lambda s: pytest.fail("no worker needed"))
     session.set_volume_node(vol)
     before = scene_snapshot(scene)
     out = session.apply(editor.target, seg, "")
@@ -49,91 +195,57 @@ def test_apply_without_preview_or_segment_is_a_message(scene):
 
 def test_propagate_without_prompts_is_a_message(scene):
     vol = add_ct(scene, GEOMETRIES["identity"], SHAPE)
-    session = effect_logic.SegmentAnythingSession(engine_factory=lambda s: pytest.fail("no model needed"))
+    session = effect_logic.SegmentAnythingSession(client_factory=lambda s: pytest.fail("no worker needed"))
     session.set_volume_node(vol)
-    out = session.propagate()
+    out = session.start_propagate()
     assert not out.ok and "no prompt" in out.message
 
 
-def test_missing_checkpoint_is_a_message(scene, tmp_path, monkeypatch):
-    """A model whose weights are not there: the message says where to put the file."""
-    monkeypatch.setenv("SAMLIVERSEG_CACHE", str(tmp_path))  # an empty weights cache
+def test_missing_checkpoint_is_a_message(scene, tmp_path):
+    """A model whose weights are not there: the worker says where to put the file; nothing changes."""
+    env = dict(os.environ, SAMLIVERSEG_CACHE=str(tmp_path))  # an empty weights cache
     vol = add_ct(scene, GEOMETRIES["anisotropic"], SHAPE)
     sn = slice_node_for(scene, "Axial")
     centre_view_on(sn, geometry.ijk_to_ras_point(vol, (24, 20, 6)))
-    session = effect_logic.SegmentAnythingSession(effect_logic.EngineSettings(model="sam_vit_b", device="cpu"))
-    assert session.set_volume_node(vol).ok
-    before = scene_snapshot(scene)
-    out = session.drag_box(sn, *box_xy(sn, vol, (10, 10, 6), (30, 28, 6)))
-    assert not out.ok
-    assert "missing" in out.message and "sam_vit_b" in out.message and str(tmp_path) in out.message
+    with WorkerClient(model="sam_vit_b", device="cpu", backend="torch", env=env) as other:
+        session = effect_logic.SegmentAnythingSession(effect_logic.EngineSettings(model="sam_vit_b", device="cpu"),
+                                                      scene, client_factory=lambda s: other)
+        assert session.set_volume_node(vol).ok
+        assert session.drag_box(sn, *box_xy(sn, vol, (10, 10, 6), (30, 28, 6))).ok
+        before = scene_snapshot(scene)  # the prompts are shown; the model's failure adds nothing
+        outs = pump(session, lambda outs: not session.tasks)
+    errors = [o for o in outs if not o.ok]
+    assert len(errors) == 1, outs  # the volume's error; the prompt behind it says nothing more
+    assert "missing" in errors[0].message and "sam_vit_b" in errors[0].message and str(tmp_path) in errors[0].message
     assert session.preview is None and scene_snapshot(scene) == before
 
 
-@pytest.fixture(scope="module")
-def cpu_engine():
-    from samliverseg.interactive.engine import PromptEngine
-
-    return PromptEngine(model="lite_medsam", device="cpu")
-
-
-def test_cuda_out_of_memory_falls_back_to_cpu(scene, cpu_engine):
-    """The GPU engine raises torch's real OOM error; the session retries on the CPU and says so."""
-    import torch
-
-    made = []
-
-    class GpuThatRunsOutOfMemory:
-        spec = cpu_engine.spec
-
-        def set_volume(self, volume):
-            pass
-
-        def segment_slice(self, prompts):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    def factory(settings):
-        made.append(settings.device)
-        return cpu_engine if settings.device == "cpu" else GpuThatRunsOutOfMemory()
-
-    vol = add_ct(scene, GEOMETRIES["identity"], SHAPE)
-    sn = slice_node_for(scene, "Axial")
-    centre_view_on(sn, geometry.ijk_to_ras_point(vol, (24, 20, 6)))
-    session = effect_logic.SegmentAnythingSession(effect_logic.EngineSettings(device="cuda"), engine_factory=factory)
-    session.set_volume_node(vol)
-    out = session.drag_box(sn, *box_xy(sn, vol, (8, 8, 6), (36, 32, 6)))
-    assert out.ok, out.message
-    assert made == ["cuda", "cpu"] and session.settings.device == "cpu"
-    assert any("out of memory" in n and "CPU" in n for n in session.notes)
-
-
-def test_background_task_progress_cancel_and_errors():
-    def work(progress, cancel):
-        for n in range(100):
-            if cancel.is_set():
-                return "cancelled"
-            progress(n + 1, 100)
-            time.sleep(0.01)
-        return "done"
-
-    task = effect_logic.BackgroundTask(work).start()
-    time.sleep(0.1)
-    assert not task.done() and task.progress[1] == 100
-    task.cancel()
-    assert task.wait(5) and task.result == "cancelled"
-
-    failing = effect_logic.BackgroundTask(lambda p, c: 1 / 0).start()
-    assert failing.wait(5) and isinstance(failing.error, ZeroDivisionError)
+def test_parameters_are_read_without_unset_reads_and_defaults_are_never_empty(scene):
+    """Slicer's setParameterDefault stores nothing for "" and parameter() of an unset name logs a
+    critical error: defaults are non-empty, optional ones are read from the node's attribute."""
+    assert all(v for v in effect_logic.PARAMETER_DEFAULTS.values())
+    assert not set(effect_logic.OPTIONAL_PARAMETERS) & set(effect_logic.PARAMETER_DEFAULTS)
+    node = slicer.vtkMRMLSegmentEditorNode()
+    scene.AddNode(node)
+    assert effect_logic.read_parameter(node, "Checkpoint") == ""
+    assert effect_logic.read_parameter(node, "Model") == "lite_medsam"
+    node.SetAttribute("Segment Anything.Checkpoint", "/data/w.pth")
+    node.SetAttribute("Segment Anything.Model", "medsam")
+    assert effect_logic.read_parameter(node, "Checkpoint") == "/data/w.pth"
+    assert effect_logic.read_parameter(node, "Model") == "medsam"
+    assert effect_logic.parameter_attribute("Model") == "Segment Anything.Model"
 
 
 def test_prompts_and_preview_stay_visible_until_cleared(scene):
+    from slicer_test_helpers import blob_ct
+
     vol = add_ct(scene, GEOMETRIES["oblique"], SHAPE)
     builder = slice_clicks.PromptBuilder(SHAPE, blob_ct(SHAPE))
     sn = slice_node_for(scene, "Axial", vol)
     centre_view_on(sn, geometry.ijk_to_ras_point(vol, (24, 20, 6)))
     a, b = (slice_clicks.map_click(sn, vol, xy) for xy in box_xy(sn, vol, (10, 10, 6), (30, 28, 6)))
     builder.set_box(a, b)
-    builder.add_point(slice_clicks.map_click(sn, vol, slice_clicks.ras_to_xy(sn, geometry.ijk_to_ras_point(vol, (20, 18, 6)))[:2]))
+    builder.add_point(slice_clicks.map_click(sn, vol, point_xy(sn, vol, (20, 18, 6))))
     display = effect_logic.PreviewDisplay(scene)
     display.show_prompts(vol, builder)
     mask = np.zeros(SHAPE, np.uint8)
@@ -173,35 +285,11 @@ def test_module_logic_bad_prompts_leave_the_segmentation_alone(scene):
         module_logic.segment_from_markups(scene, vol, seg, "spleen", effect_logic.EngineSettings())
 
 
-def test_models_are_opened_by_name_through_the_api(scene, tmp_path):
-    """The effect opens any model by name (here a SAM-Med3D one, without the 2D window); the panel
-    lists every model and refuses the ones it cannot prompt slice by slice."""
-    import torch
-
-    from samliverseg.core.errors import InputError
-    from samliverseg.interactive.engine3d import Sam3DEngine
-    from samliverseg.models.build_sam3d import build_sam_med3d_tiny
-    from SAMLiverSegLogic import module_logic
-
-    weights = tmp_path / "tiny3d.pth"
-    torch.save(build_sam_med3d_tiny().state_dict(), weights)
-    session = effect_logic.SegmentAnythingSession(effect_logic.EngineSettings(
-        model="sam_med3d_tiny", checkpoint=str(weights), device="cpu", window="liver"))
-    assert session.is_3d_model() and isinstance(session._ensure_engine(), Sam3DEngine)
-    rows, cache = module_logic.model_rows()
-    assert {"lite_medsam", "medsam", "sam_med3d", "sam_med3d_turbo"} <= {r.name for r in rows} and cache
-    turbo = next(r for r in rows if r.name == "sam_med3d_turbo")
-    assert turbo.present or "sam_med3d_turbo.pth" in turbo.where
-    vol = add_ct(scene, GEOMETRIES["identity"], SHAPE)
-    seg = volume_nodes.add_segmentation_node(scene, vol)
-    pts = slicer.vtkMRMLMarkupsFiducialNode()
-    scene.AddNode(pts)
-    pts.AddControlPoint(*geometry.ijk_to_ras_point(vol, (24, 20, 6)))
-    with pytest.raises(InputError, match="3D model"):
-        module_logic.segment_from_markups(scene, vol, seg, "liver",
-                                          effect_logic.EngineSettings(model="sam_med3d_turbo", device="cpu"),
-                                          positive_node=pts)
-    assert seg.GetSegmentation().GetNumberOfSegments() == 0
+def test_3d_models_are_recognised_by_name_without_model_code():
+    assert all(effect_logic.is_model_3d(n) for n in ("sam_med3d", "sam_med3d_turbo", "sam_med3d_tiny"))
+    assert not any(effect_logic.is_model_3d(n) for n in ("lite_medsam", "medsam", "sam_vit_b", "", None))
+    s = effect_logic.EngineSettings(model="sam_med3d_turbo", window="liver", backend="torch").client_settings()
+    assert s["window"] is None and s["model"] == "sam_med3d_turbo"
 
 
 def test_window_choices():

@@ -171,3 +171,56 @@ def test_prompt_points_shown_as_markups(scene):
     assert node.GetNumberOfControlPoints() == 2 and node.GetNthControlPointLabel(1) == "+2"
     p = markups_prompts.prompts_from_point_lists(vol, node)
     np.testing.assert_allclose(p.positive, [(30, 17, 11), (3.5, 4, 5)], atol=1e-6)
+
+
+def scene_with_markups_logic(scene):
+    """A scene as Slicer's has it: the selection and interaction singletons, and the real Markups
+    logic observing the scene (it makes every added markups node the active place node)."""
+    selection = slicer.vtkMRMLSelectionNode()
+    selection.SetSingletonTag("Singleton")
+    scene.AddNode(selection)
+    interaction = slicer.vtkMRMLInteractionNode()
+    interaction.SetSingletonTag("Singleton")
+    scene.AddNode(interaction)
+    logic = slicer.vtkSlicerMarkupsLogic()
+    logic.SetMRMLScene(scene)
+    return selection, interaction, logic
+
+
+def test_the_effects_prompt_nodes_do_not_take_the_users_place_tool(scene):
+    """Issue 11, item 5: the hidden prompt points and box must not become the active place node."""
+    from SAMLiverSegLogic import effect_logic, slice_clicks
+
+    selection, interaction, logic = scene_with_markups_logic(scene)
+    vol = add_ct(scene, GEOMETRIES["oblique"], SHAPE)
+    user = point_list(scene, vol, [(20, 18, 11)], name="my landmarks")
+    assert selection.GetActivePlaceNodeID() == user.GetID()  # Slicer made the user's list active
+    interaction.SetPlaceModePersistence(1)
+    interaction.SetCurrentInteractionMode(slicer.vtkMRMLInteractionNode.Place)
+
+    # the real Markups logic does take over a node added plainly (the defect)
+    plain = slicer.vtkMRMLMarkupsROINode()
+    scene.AddNode(plain)
+    assert selection.GetActivePlaceNodeID() == plain.GetID()
+    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsROINode"
+    scene.RemoveNode(plain)
+    selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
+    selection.SetReferenceActivePlaceNodeID(user.GetID())
+
+    builder = slice_clicks.PromptBuilder(SHAPE)
+    builder.slice_axis, builder.current_slice = "k", 11
+    builder.positive, builder.negative = [(20.0, 18.0, 11.0)], [(25.0, 20.0, 11.0)]
+    from samliverseg.core.prompts import SliceBox
+
+    builder.box = SliceBox((10.0, 10.0, 11.0), (30.0, 28.0, 11.0))
+    display = effect_logic.PreviewDisplay(scene)
+    display.show_prompts(vol, builder)
+    assert display.positive_node.GetNumberOfControlPoints() == 1 and display.box_node is not None
+    assert selection.GetActivePlaceNodeID() == user.GetID()
+    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
+    assert interaction.GetCurrentInteractionMode() == slicer.vtkMRMLInteractionNode.Place
+    assert interaction.GetPlaceModePersistence() == 1
+    # the place tool still adds to the user's list
+    assert logic.AddControlPoint(1.0, 2.0, 3.0) == 1 and user.GetNumberOfControlPoints() == 2
+    display.clear()
+    assert selection.GetActivePlaceNodeID() == user.GetID()

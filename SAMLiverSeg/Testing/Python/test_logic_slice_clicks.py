@@ -127,7 +127,7 @@ def test_session_click_errors_come_back_as_messages_and_leave_scene_unchanged(sc
     arr[5:20, 10:30, 10:40] = 40
     vol = volume_nodes.add_volume_node(scene, arr, GEOMETRIES["identity"], "CT")
     sn = slice_node_for(scene, "Axial", fov_mm=800)
-    session = effect_logic.SegmentAnythingSession(engine_factory=lambda s: pytest.fail("no model needed"))
+    session = effect_logic.SegmentAnythingSession(scene=scene, client_factory=lambda s: pytest.fail("no worker needed"))
     n_nodes = scene.GetNumberOfNodes()
     out = session.click(sn, (5, 5))
     assert not out.ok and "no source volume" in out.message
@@ -200,3 +200,80 @@ def test_tiny_box_is_a_message(scene):
     b = slice_clicks.map_click(sn, vol, xy + 0.5)
     with pytest.raises(PromptError, match="too small"):
         slice_clicks.PromptBuilder(SHAPE).set_box(a, b)
+
+
+# -- the effect's mouse mapping (slice_clicks.ClickTracker) ------------------------------------------
+
+def events(tracker, sequence, view="red"):
+    """Feed (event name, xy, modifiers) to the tracker; the actions."""
+    return [tracker.event(name, xy, view, **mods) for name, xy, mods in sequence]
+
+
+def test_a_quick_second_click_arrives_as_a_double_click_and_is_a_point():
+    """Qt sends press, release, double-click (instead of the 2nd press), release: both are points,
+    and the double-click is consumed (Slicer would maximize or restore the view on it)."""
+    t = slice_clicks.ClickTracker()
+    acts = events(t, [("LeftButtonPressEvent", (100, 100), {}), ("LeftButtonReleaseEvent", (101, 100), {}),
+                      ("LeftButtonDoubleClickEvent", (140, 120), {}), ("LeftButtonReleaseEvent", (140, 121), {})])
+    assert [a.consume for a in acts] == [True, True, True, True]
+    clicks = [a for a in acts if a.kind == "click"]
+    assert [(c.start, c.positive) for c in clicks] == [((100, 100), True), ((140, 120), True)]
+
+
+def test_drag_is_a_box_with_a_rubber_band_and_everything_consumed():
+    t = slice_clicks.ClickTracker()
+    acts = events(t, [("LeftButtonPressEvent", (10, 10), {}), ("MouseMoveEvent", (30, 12), {}),
+                      ("MouseMoveEvent", (60, 50), {}), ("LeftButtonReleaseEvent", (60, 50), {})])
+    assert all(a.consume for a in acts)
+    assert [a.kind for a in acts] == ["", "rubber_band", "rubber_band", "box"]
+    assert acts[-1].start == (10, 10) and acts[-1].end == (60, 50)
+
+
+def test_shift_drag_stays_slicers_pan_and_shift_move_its_crosshair():
+    t = slice_clicks.ClickTracker()
+    acts = events(t, [("MouseMoveEvent", (5, 5), {"shift": True}),
+                      ("LeftButtonPressEvent", (10, 10), {"shift": True}), ("MouseMoveEvent", (60, 50), {"shift": True}),
+                      ("LeftButtonReleaseEvent", (60, 50), {"shift": True}),
+                      ("LeftButtonPressEvent", (10, 10), {"shift": True}),
+                      ("LeftButtonReleaseEvent", (10, 10), {"shift": True})])
+    assert not any(a.consume for a in acts) and not any(a.kind for a in acts)
+
+
+def test_ctrl_click_is_a_negative_point_and_ctrl_drag_stays_slicers_blend():
+    t = slice_clicks.ClickTracker()
+    click = events(t, [("LeftButtonPressEvent", (20, 20), {"ctrl": True}),
+                       ("LeftButtonReleaseEvent", (21, 19), {"ctrl": True})])
+    assert not any(a.consume for a in click)  # Slicer sees the press and release too (a blend of zero motion)
+    assert click[-1].kind == "click" and not click[-1].positive and click[-1].start == (20, 20)
+    drag = events(t, [("LeftButtonPressEvent", (20, 20), {"ctrl": True}), ("MouseMoveEvent", (80, 20), {"ctrl": True}),
+                      ("MouseMoveEvent", (22, 20), {"ctrl": True}), ("LeftButtonReleaseEvent", (22, 20), {"ctrl": True})])
+    assert not any(a.consume for a in drag) and not any(a.kind for a in drag)
+    quick = events(t, [("LeftButtonDoubleClickEvent", (50, 50), {"ctrl": True}),
+                       ("LeftButtonReleaseEvent", (50, 50), {"ctrl": True})])
+    assert quick[-1].kind == "click" and not quick[-1].positive and not any(a.consume for a in quick)
+
+
+def test_alt_and_other_combinations_are_left_alone():
+    t = slice_clicks.ClickTracker()
+    for mods in ({"alt": True}, {"ctrl": True, "alt": True}, {"ctrl": True, "shift": True},
+                 {"shift": True, "alt": True}):
+        acts = events(t, [("LeftButtonPressEvent", (20, 20), mods), ("MouseMoveEvent", (40, 40), mods),
+                          ("LeftButtonReleaseEvent", (20, 20), mods)])
+        assert not any(a.consume for a in acts) and not any(a.kind for a in acts), mods
+
+
+def test_events_of_another_view_or_without_a_press_are_not_taken():
+    t = slice_clicks.ClickTracker()
+    assert not t.event("MouseMoveEvent", (1, 1), "red").consume
+    assert not t.event("LeftButtonReleaseEvent", (1, 1), "red").consume
+    assert t.event("LeftButtonPressEvent", (10, 10), "red").consume
+    assert not t.event("MouseMoveEvent", (50, 50), "green").consume
+    assert t.event("LeftButtonReleaseEvent", (10, 10), "red").kind == "click"
+    assert not t.event("RightButtonPressEvent", (10, 10), "red").consume
+
+
+def test_event_names_are_vtks():
+    import vtk
+
+    for name in ("LeftButtonPressEvent", "LeftButtonDoubleClickEvent", "LeftButtonReleaseEvent", "MouseMoveEvent"):
+        assert vtk.vtkCommand.GetStringFromEventId(getattr(vtk.vtkCommand, name)) == name
