@@ -8,7 +8,6 @@
   (one undo step). :class:`PanelRun` never blocks: the GUI sends, then feeds it what
   ``client.poll()`` returns whenever the worker's pipe is readable; :func:`run_until_done` is the
   blocking loop (``select`` on the pipe, then ``poll``) for scripts and tests.
-  :func:`segment_from_markups` is the in-process variant (a given engine) for scripts and tests.
 * Which models exist and whether their weights are present, and the weights cache folder: what
   ``samliverseg models --json`` prints (the one registry, ``registry.list_models``), read from
   that command's output so that Slicer's process never imports torch (:func:`parse_models_json`;
@@ -332,57 +331,6 @@ def run_until_done(run: PanelRun, timeout: float = 600.0, on_progress=None) -> P
         if on_progress is not None:
             on_progress(*run.progress)
     return run
-
-
-def segment_from_markups(scene, volume_node, segmentation_node, target: str, settings, roi_node=None,
-                         positive_node=None, negative_node=None, engine=None, propagate: bool = True,
-                         editor: Optional[segment_writer.Editor] = None, progress=None, cancel=None) -> Dict:
-    """In-process variant of :class:`PanelRun` for scripts and tests: the same markups, the same
-    :func:`apply_mask`, with ``engine`` (or the model opened by name) in this process. The module
-    panel never calls it (Slicer's process runs no model code). Returns a report dict.
-
-    Raises :class:`SAMLiverSegError` subclasses (one-line messages) on bad input; nothing in the
-    scene changes in that case.
-    """
-    if target not in TARGETS:
-        raise InputError(f"unknown target {target!r}: liver or tumor")
-    if segmentation_node is None:
-        raise InputError("no output segmentation: choose or create one")
-    t0 = time.perf_counter()
-    volume = volume_nodes.volume_from_node(volume_node)
-    prompts = markups_prompts.prompts_from_markups(volume_node, roi_node, positive_node, negative_node)
-    notes: List[str] = []
-    from samliverseg.api import call_with_cpu_fallback, open_model
-
-    if engine is None:
-        _check_panel_model(settings.model)
-    first = str(getattr(engine, "device", None) or settings.device)
-
-    def run(device: str):  # the given engine, else the model opened by name; on the CPU after a GPU OOM
-        eng = engine if engine is not None and device == first else open_model(
-            settings.model, settings.checkpoint, device, settings.window, notes=notes)
-        eng.set_volume(volume)
-        return eng.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
-
-    result = call_with_cpu_fallback(run, first, notes)
-    _node, segment_id, _editor = apply_mask(scene, volume_node, segmentation_node, target, result.mask, editor)
-    report = dict(getattr(result, "report", {}) or {})
-    report.update({"segment_id": segment_id, "segment_name": TARGETS[target][0], "notes": notes,
-                   "wall_s": round(time.perf_counter() - t0, 3)})
-    return report
-
-
-def _check_panel_model(name: str) -> None:
-    """The panel segments with 2D promptable models: a 3D or an automatic model is an InputError."""
-    from samliverseg.models.registry import find_model
-    from samliverseg.models.specs import SAM3D
-
-    entry = find_model(name)
-    if entry.family == SAM3D:
-        raise InputError(f"{name!r} is a 3D model: use it in the Segment Editor's Segment Anything effect")
-    if not entry.interactive:
-        raise InputError(f"{name!r} is an automatic {entry.family} model (no prompts): use it with "
-                         f"`samliverseg segment --model {name}` or the batch section")
 
 
 # -- the training plot ---------------------------------------------------------------------------

@@ -35,10 +35,10 @@ next start or resume.
 
 On success the finished ``model.pth`` is usable by name (``samliverseg.models.user_models``: the Segment
 Anything effect and ``samliverseg segment --model NAME``). ``samliverseg train`` registers it
-itself after its ``done`` event (``model_name``, or ``NAME-2``... when taken); the job finds that
-entry (the user model whose ``source`` is this ``model.pth``) and registers the model only when
-the train command did not (never twice). The subprocess and this process must share the user
-models folder (``SAMLIVERSEG_MODELS`` / ``SAMLIVERSEG_CACHE``), as Slicer and its subprocesses do.
+itself before its ``done`` event (``model_name``, or ``NAME-2``... when taken) and names it there
+(``registered``); the job takes that name and never reads model files in Slicer's process. The
+subprocess and Slicer must share the user models folder (``SAMLIVERSEG_MODELS`` /
+``SAMLIVERSEG_CACHE``), as Slicer and its subprocesses do.
 """
 
 from __future__ import annotations
@@ -279,8 +279,8 @@ class TrainingJob:
     ``python``: the interpreter of the subprocesses (Slicer: PythonSlicer; default this one).
     ``env``: their environment (default: this process's). ``launcher``: how to start a process
     (``process._default_launcher``; it is called with ``separate_stderr=True``). ``register``:
-    how the finished model is registered, ``register(model_path, name) -> name`` (default
-    :func:`register_model`).
+    ``register(model_path, name) -> name``, called only when the trainer's ``done`` event names no
+    registered model (default: none; the trainer registers the model itself).
     """
 
     def __init__(self, request: TrainingRequest, python: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
@@ -290,7 +290,7 @@ class TrainingJob:
         self.python = python
         self.env = dict(env) if env is not None else None
         self.launcher = launcher
-        self.register = register if register is not None else register_model
+        self.register = register
         self.state = TrainingState(kind=request.kind, epochs=int(request.epochs))
         self.log: Deque[str] = collections.deque(maxlen=int(log_lines))
         self.log_total = 0  # lines ever appended to the log (the tail keeps the last ``log_lines``)
@@ -543,33 +543,22 @@ class TrainingJob:
         self._log(f"{status}: {message}" + (f" (exit code {rc})" if rc not in (None, 0) else ""))
 
     def _register(self, done_event: Mapping[str, Any]) -> None:
+        """The name ``samliverseg train`` registered the finished model under (its ``done`` event);
+        without one, ``register(model_path, name)`` when given. Slicer's process never reads model
+        files itself (``samliverseg.models.user_models`` imports torch)."""
         st = self.state
         if not st.model_path:
             return
-        name = self.request.model_name or self.request.run.name
-        try:
-            st.registered_name = self.register(st.model_path, name)
+        st.registered_name = done_event.get("registered") or None
+        if st.registered_name is None and self.register is not None:
+            try:
+                st.registered_name = self.register(st.model_path, self.request.model_name or self.request.run.name)
+            except Exception as exc:  # noqa: BLE001 - the model file is there; only the shortcut is missing
+                self._log(f"the model could not be registered: {exc}")
+        if st.registered_name:
             self._log(f"model registered as {st.registered_name!r}: select it in the Segment Anything effect")
-        except Exception as exc:  # noqa: BLE001 - the model file is there; only the shortcut is missing
-            st.message += f"; not registered: {exc}"
-            self._log(f"the model could not be registered: {exc}")
+        else:
+            st.message += f"; not registered (samliverseg models --register {st.model_path})"
+            self._log("the model was not registered: run `samliverseg models --register MODEL.pth --name NAME`")
 
 
-def registered_name(model_path: str) -> Optional[str]:
-    """The name of the user model registered from ``model_path`` (the latest such entry), or None."""
-    from samliverseg.models import user_models
-
-    src = str(Path(model_path).expanduser().resolve())
-    found = [m for m in user_models.list_user_models() if m.source == src and not m.error]
-    return max(found, key=lambda m: m.registered or 0.0).name if found else None
-
-
-def register_model(model_path: str, name: str) -> str:
-    """The user-model name of a finished ``model.pth``: the entry ``samliverseg train`` registered,
-    else a new registration under ``name`` (or ``name-2``... when taken)."""
-    from samliverseg.models import user_models
-
-    existing = registered_name(model_path)
-    if existing:
-        return existing
-    return user_models.register_trained_model(model_path, name=user_models.unique_name(name)).name

@@ -126,3 +126,40 @@ def pump(session, until, timeout=300.0):
             time.sleep(wait)
         else:
             select.select([watched[1]], [], [], wait)
+
+
+def segment_in_process(scene, volume_node, segmentation_node, target: str, settings, roi_node=None,
+                         positive_node=None, negative_node=None, engine=None, propagate: bool = True,
+                         editor=None, progress=None, cancel=None):
+    """The reference for the worker path of the module panel (``module_logic.PanelRun``): the same
+    markups and the same ``module_logic.apply_mask``, with ``engine`` (or the model opened by name)
+    in this (the test's) process. Returns a report dict."""
+    import time
+    from typing import List
+
+    from SAMLiverSegLogic import module_logic
+
+    if target not in module_logic.TARGETS:
+        raise module_logic.InputError(f"unknown target {target!r}: liver or tumor")
+    if segmentation_node is None:
+        raise module_logic.InputError("no output segmentation: choose or create one")
+    t0 = time.perf_counter()
+    volume = module_logic.volume_nodes.volume_from_node(volume_node)
+    prompts = module_logic.markups_prompts.prompts_from_markups(volume_node, roi_node, positive_node, negative_node)
+    notes: List[str] = []
+    from samliverseg.api import call_with_cpu_fallback, open_model
+
+    first = str(getattr(engine, "device", None) or settings.device)
+
+    def run(device: str):  # the given engine, else the model opened by name; on the CPU after a GPU OOM
+        eng = engine if engine is not None and device == first else open_model(
+            settings.model, settings.checkpoint, device, settings.window, notes=notes)
+        eng.set_volume(volume)
+        return eng.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
+
+    result = call_with_cpu_fallback(run, first, notes)
+    _node, segment_id, _editor = module_logic.apply_mask(scene, volume_node, segmentation_node, target, result.mask, editor)
+    report = dict(getattr(result, "report", {}) or {})
+    report.update({"segment_id": segment_id, "segment_name": module_logic.TARGETS[target][0], "notes": notes,
+                   "wall_s": round(time.perf_counter() - t0, 3)})
+    return report

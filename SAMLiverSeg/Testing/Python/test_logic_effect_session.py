@@ -267,24 +267,6 @@ def test_prompts_and_preview_stay_visible_until_cleared(scene):
     assert all(scene.GetNodeByID(i) is None for i in ids)
 
 
-def test_module_logic_bad_prompts_leave_the_segmentation_alone(scene):
-    from samliverseg.core.errors import PromptError
-    from SAMLiverSegLogic import module_logic
-
-    vol = add_ct(scene, GEOMETRIES["flipped"], SHAPE)
-    seg = volume_nodes.add_segmentation_node(scene, vol)
-    pts = slicer.vtkMRMLMarkupsFiducialNode()
-    scene.AddNode(pts)
-    pts.AddControlPoint(*geometry.ijk_to_ras_point(vol, (24, 20, 40)))  # k=40: outside (12 slices)
-    before = scene_snapshot(scene)
-    with pytest.raises(PromptError, match="outside the volume"):
-        module_logic.segment_from_markups(scene, vol, seg, "liver", effect_logic.EngineSettings(device="cpu"),
-                                          positive_node=pts, engine=object())
-    assert seg.GetSegmentation().GetNumberOfSegments() == 0 and scene_snapshot(scene) == before
-    with pytest.raises(Exception, match="unknown target"):
-        module_logic.segment_from_markups(scene, vol, seg, "spleen", effect_logic.EngineSettings())
-
-
 def test_3d_models_are_recognised_by_name_without_model_code():
     assert all(effect_logic.is_model_3d(n) for n in ("sam_med3d", "sam_med3d_turbo", "sam_med3d_tiny"))
     assert not any(effect_logic.is_model_3d(n) for n in ("lite_medsam", "medsam", "sam_vit_b", "", None))

@@ -24,7 +24,7 @@ import pytest
 import SimpleITK as sitk
 
 import slicer
-from slicer_test_helpers import GEOMETRIES, centre_view_on, pump, roi_in_volume_axes, slice_node_for
+from slicer_test_helpers import GEOMETRIES, centre_view_on, pump, roi_in_volume_axes, segment_in_process, slice_node_for
 
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("samliverseg.interactive.engine", "samliverseg.demo.phantom", "samliverseg.cli.commands")),
@@ -251,7 +251,6 @@ def test_click_to_preview_latency_and_display(scene, root, worker, capsys):
 
 
 def test_module_logic_segments_liver_from_an_roi(scene, root, engine):
-    from SAMLiverSegLogic import module_logic
 
     c = make_case(root, "oblique", False)
     node = load_with_slicer(scene, c["image"])
@@ -261,7 +260,7 @@ def test_module_logic_segments_liver_from_an_roi(scene, root, engine):
     hi = geometry.ras_to_ijk_point(node, (itk_m @ np.array([i1, j1, k + 1, 1.0]))[:3])
     roi = roi_in_volume_axes(scene, node, np.minimum(lo, hi), np.maximum(lo, hi))
     seg = volume_nodes.add_segmentation_node(scene, node, "Result")
-    report = module_logic.segment_from_markups(scene, node, seg, "liver", effect_logic.EngineSettings(device="cpu"),
+    report = segment_in_process(scene, node, seg, "liver", effect_logic.EngineSettings(device="cpu"),
                                                roi_node=roi, engine=engine, propagate=False)
     assert seg.GetSegmentation().GetSegment(report["segment_id"]).GetName() == "Liver"
     mask = volume_nodes.segment_mask(seg, report["segment_id"], node)

@@ -80,7 +80,7 @@ def test_the_module_file_starts_no_thread_and_imports_no_model_code():
     assert not {n for n in names if _heavy(n)}
     assert "SAMLiverSegLogic.effect_logic" not in names  # the in-process engine lives there
     called = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
-    assert not called & {"wait", "request", "wait_ready", "waitForBackgroundWork", "segment_from_markups"}
+    assert not called & {"wait", "request", "wait_ready", "waitForBackgroundWork", "segment_in_process"}
 
 
 def _parameter_names():

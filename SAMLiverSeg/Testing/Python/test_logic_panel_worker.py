@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import slicer
-from slicer_test_helpers import GEOMETRIES, add_ct, roi_in_volume_axes
+from slicer_test_helpers import GEOMETRIES, add_ct, roi_in_volume_axes, segment_in_process
 
 from samliverseg.core.errors import InputError, PromptError
 from samliverseg.io.volume import Volume
@@ -137,7 +137,7 @@ def test_segment_liver_through_the_worker_equals_the_in_process_path(scene, clie
         got = volume_nodes.segment_mask(run.segmentation_node, run.segment_id, vol)
         assert run.report["voxels"] == int(got.sum()) > 50 and run.message.startswith("Liver: ")
         ref_seg = volume_nodes.add_segmentation_node(scene, vol, "reference")
-        rep = module_logic.segment_from_markups(scene, vol, ref_seg, "liver", effect_logic.EngineSettings(device="cpu"),
+        rep = segment_in_process(scene, vol, ref_seg, "liver", effect_logic.EngineSettings(device="cpu"),
                                                 roi_node=roi, engine=engine, propagate=propagate)
         want = volume_nodes.segment_mask(ref_seg, rep["segment_id"], vol)
         np.testing.assert_array_equal(got, want)
