@@ -310,3 +310,38 @@ def run_old_side_dcmqi(old_dir: Path, work: Path, dcmqi: Path) -> dict:
     np.save(work / "labels.npy", labels)
     write_dicom_seg(labels, ct, work / "new.dcm")
     return run_old_side(old_dir, work, str(dcmqi))
+
+
+@pytest.mark.parametrize("kind", ["FRACTIONAL", "LABELMAP"])
+def test_fractional_and_labelmap_segs_land_on_their_slices(tmp_path, kind):
+    """SEGs the project does not write (highdicom's own, newest): fractions >= 0.5 are in; a
+    LABELMAP SEG's pixel values are the segment numbers."""
+    hd, pydicom = _newest()
+    if not hasattr(hd.seg.SegmentationTypeValues, kind):
+        pytest.skip(f"highdicom {hd.__version__} cannot write a {kind} SEG")
+    write_phantom_series(tmp_path / "series")
+    ct = read_volume(tmp_path / "series")
+    labels = phantom_labels(ct.shape)
+    sources = [pydicom.dcmread(str(f)) for f in ct.dicom_files]
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=n, segment_label=s.name,
+        segmented_property_category=hd.sr.CodedConcept(s.category.value, s.category.scheme, s.category.meaning),
+        segmented_property_type=hd.sr.CodedConcept(s.type.value, s.type.scheme, s.type.meaning),
+        algorithm_type="MANUAL") for n, s in enumerate(DEFAULT_SEGMENTS, start=1)]
+    if kind == "FRACTIONAL":
+        # per segment: 0.7 inside, 0.3 in a one-voxel rim that must stay out
+        pixel_array = np.zeros(labels.shape + (2,), np.float32)
+        for n in (1, 2):
+            inside = labels == n
+            rim = np.zeros_like(inside)
+            rim[:, 1:, :] |= inside[:, :-1, :]
+            pixel_array[..., n - 1] = np.where(inside, 0.7, np.where(rim & (labels == 0), 0.3, 0.0))
+    else:
+        pixel_array = labels
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixel_array, segmentation_type=kind,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=5,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="test", manufacturer_model_name="test",
+        software_versions="0", device_serial_number="0")
+    seg.save_as(str(tmp_path / "seg.dcm"))
+    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "seg.dcm", ct), labels)
