@@ -26,6 +26,7 @@ above are the ones Slicer's terminology and dcmqi-exported Slicer segmentations 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -481,11 +482,7 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, path: PathLike,
     algorithm = hd.AlgorithmIdentificationSequence(name="SAMLiverSeg", version=__version__, family=_ai_family())
     descriptions = []
     for n, s in enumerate(segs, start=1):
-        try:
-            color = hd.color.CIELabColor.from_rgb(*s.rgb255())
-        except Exception:  # noqa: BLE001 - a colour highdicom cannot convert is not worth failing for
-            color = None
-        descriptions.append(hd.seg.SegmentDescription(
+        description = hd.seg.SegmentDescription(
             segment_number=n,
             segment_label=_clean(s.name)[:64],
             segmented_property_category=_coded(s.category),
@@ -495,36 +492,54 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, path: PathLike,
             tracking_uid=hd.UID(),
             tracking_id=s.slicer_id,
             anatomic_regions=[_coded(s.anatomic_region)] if s.anatomic_region else None,
-            display_color=color,
-        ))
+        )
+        # set here, not through ``display_color=`` (highdicom >= 0.23 only), the same on every version
+        description.RecommendedDisplayCIELabValue = list(rgb_to_dicom_lab(s.color))
+        descriptions.append(description)
     try:
         with warnings.catch_warnings():
             # highdicom re-checks the source's patient name; a one-component name is common.
             warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
-            seg = hd.seg.Segmentation(
-                source_images=sources,
-                pixel_array=seg_numbers,
-                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-                segment_descriptions=descriptions,
-                series_instance_uid=hd.UID(),
-                series_number=int(series_number),
-                sop_instance_uid=hd.UID(),
-                instance_number=1,
-                manufacturer="SAMLiverSeg",
-                manufacturer_model_name="samliverseg",
-                software_versions=__version__,
-                device_serial_number="0",
-                content_label=content_label,
-                content_description=series_description[:64],
-                series_description=series_description[:64],
-                omit_empty_frames=bool(seg_numbers.any()),
-            )
+            with _numpy_float_alias():
+                seg = hd.seg.Segmentation(
+                    source_images=sources,
+                    pixel_array=seg_numbers,
+                    segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                    segment_descriptions=descriptions,
+                    series_instance_uid=hd.UID(),
+                    series_number=int(series_number),
+                    sop_instance_uid=hd.UID(),
+                    instance_number=1,
+                    manufacturer="SAMLiverSeg",
+                    manufacturer_model_name="samliverseg",
+                    software_versions=__version__,
+                    device_serial_number="0",
+                    content_label=content_label,
+                    content_description=series_description[:64],
+                    series_description=series_description[:64],
+                    omit_empty_frames=bool(seg_numbers.any()),
+                )
     except (ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"cannot build a DICOM SEG from this series: {exc}") from None
     target = Path(path)
     with atomic_path(target) as tmp:
         seg.save_as(str(tmp))
     return target
+
+
+@contextlib.contextmanager
+def _numpy_float_alias():
+    """``np.float_`` while highdicom builds a SEG, where NumPy (>= 2) lacks it: highdicom < 0.23
+    (the newest that pydicom 2.4, bundled with Slicer 5.8-5.10, allows) names it in every
+    ``Segmentation(...)``. Nothing changes where NumPy has it."""
+    if hasattr(np, "float_"):
+        yield
+        return
+    np.float_ = np.float64  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        del np.float_
 
 
 def _ai_family():
@@ -537,13 +552,15 @@ def read_dicom_seg(path: PathLike, volume: Volume, segments: Optional[Sequence[S
                    with_segments: bool = False):
     """Labels uint8 [k, j, i] on ``volume``'s grid from a DICOM Segmentation.
 
-    Read with highdicom (``segread(path).get_volume()``: the frames sorted into a regular
-    volume, whatever their order); that volume must lie on the volume's slices (same
-    orientation and pixel spacing, frames on whole slice indices), otherwise
-    :class:`InputError`. A voxel's value is its segment number, or, when ``segments`` are
-    given, the ``label_value`` of the segment whose name equals the DICOM segment label. Where
-    segments overlap, the higher segment number wins. BINARY, FRACTIONAL (fractions >= 0.5) and
-    LABELMAP segmentations are read.
+    Parsed with highdicom (``segread``: segment descriptions); the frames are placed here,
+    one by one, from their own functional groups (same code on highdicom 0.22 / pydicom 2.4
+    as in Slicer 5.8-5.10, and on the newest): a frame's ImagePositionPatient (LPS) must be
+    voxel (0, 0, k) of the volume for a whole slice index k, its rows and columns the volume's
+    j and i (same orientation and pixel spacing), otherwise :class:`InputError`. A voxel's
+    value is its segment number, or, when ``segments`` are given, the ``label_value`` of the
+    segment whose name equals the DICOM segment label. Where segments overlap, the higher
+    segment number wins. BINARY, FRACTIONAL (fractions >= 0.5) and LABELMAP segmentations
+    are read.
 
     With ``with_segments=True`` returns ``(labels, [(segment number, label, SegmentInfo)])``.
     """
@@ -572,14 +589,19 @@ def read_dicom_seg(path: PathLike, volume: Volume, segments: Optional[Sequence[S
     numbers = sorted(desc)
     labels = np.zeros(volume.shape, dtype=np.uint8)
     if numbers:
-        try:
-            seg_volume = seg.get_volume(combine_segments=False, segment_numbers=numbers)
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"{p.name}: its frames do not form a regular volume ({_first_line(exc)})") from None
-        ks = _seg_slices_on(volume, seg_volume.affine, seg_volume.spatial_shape[0], p.name)
-        for c, n in enumerate(numbers):  # ascending: a higher segment number wins where they overlap
-            mask = seg_volume.array[..., c] >= 0.5  # binary 0/1; fractional rescaled to 0..1
-            labels[ks] = np.where(mask, np.uint8(value_of[n]), labels[ks])
+        frames = _seg_frames(seg, p.name)
+        ks = _frame_slices_on(volume, frames, p.name)
+        kind = str(seg.get("SegmentationType", "BINARY")).upper()
+        if kind == "FRACTIONAL":
+            masks = frames.pixels.astype(np.float32) >= 0.5 * float(seg.get("MaximumFractionalValue", 255) or 255)
+        else:
+            masks = frames.pixels > 0
+        for n in numbers:  # ascending: a higher segment number wins where they overlap
+            # LABELMAP: every frame holds all segments, its pixel values are the segment numbers
+            on = np.arange(len(ks)) if kind == "LABELMAP" else np.flatnonzero(frames.segment == n)
+            for f in on:
+                mask = frames.pixels[f] == n if kind == "LABELMAP" else masks[f]
+                labels[ks[f]][mask] = np.uint8(value_of[n])
     if with_segments:
         return labels, [(n, desc[n].name, desc[n]) for n in numbers]
     return labels
@@ -589,26 +611,116 @@ def _first_line(exc: BaseException) -> str:
     return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
 
 
-def _seg_slices_on(volume: Volume, affine: np.ndarray, n_slices: int, name: str) -> np.ndarray:
-    """The volume's slice index k of each slice of a highdicom volume (``affine``: (slice, row,
-    column) -> LPS); InputError unless its rows and columns are the volume's j and i and its
-    slices lie on whole slices of the volume."""
-    m = volume.grid.lps_to_ijk_matrix() @ np.asarray(affine, dtype=float)  # (slice, row, column, 1) -> (i, j, k, 1)
-    col, row, step = m[:3, 2], m[:3, 1], m[:3, 0]
-    unit = [v / max(np.linalg.norm(v * volume.spacing), 1e-12) for v in (col, row)]
-    if np.abs(unit[0] * volume.spacing - (1, 0, 0)).max() > 1e-3 or np.abs(unit[1] * volume.spacing - (0, 1, 0)).max() > 1e-3:
-        raise InputError(f"{name}: frames are not parallel to the volume's slices (another orientation)")
-    if abs(col[0] - 1.0) > 1e-3 or abs(row[1] - 1.0) > 1e-3:
-        mm = (float(col[0] * volume.spacing[0]), float(row[1] * volume.spacing[1]))
-        raise InputError(f"{name}: pixel spacing {tuple(round(v, 4) for v in mm)} differs from the volume's "
-                         f"{volume.spacing[:2]}")
-    ks = m[2, 3] + step[2] * np.arange(n_slices)
-    off = np.abs(m[:2, 3]).max()
-    if off > 0.01 or np.abs(step[:2]).max() > 0.01 or np.abs(ks - np.round(ks)).max() > 0.01 \
-            or np.round(ks).min() < 0 or np.round(ks).max() >= volume.shape[0]:
-        first = np.round(m[:3, 3], 2).tolist()
-        raise InputError(f"{name} frames are not on a slice of the volume (first frame at i, j, k = {first})")
-    return np.round(ks).astype(int)
+class _SegFrames(NamedTuple):
+    """The frames of a DICOM SEG with their own geometry (all LPS mm, DICOM order)."""
+
+    pixels: np.ndarray  #: [F, rows, columns] stored values (BINARY unpacked to 0/1)
+    segment: np.ndarray  #: [F] ReferencedSegmentNumber (0 where absent: LABELMAP)
+    position: np.ndarray  #: [F, 3] ImagePositionPatient: LPS of the frame's first pixel (row 0, column 0)
+    orientation: np.ndarray  #: [F, 6] ImageOrientationPatient: LPS direction along a row (column index +1), along a column (row index +1)
+    spacing: np.ndarray  #: [F, 2] PixelSpacing: (between rows, between columns)
+
+
+def _seg_frames(seg, name: str) -> _SegFrames:
+    """Each frame's pixels, segment number and plane (per-frame functional group, else the
+    shared one), read with plain pydicom attributes that pydicom 2.4 and 3 both have."""
+    n_frames = int(seg.get("NumberOfFrames", 1) or 1)
+    per_frame = list(seg.get("PerFrameFunctionalGroupsSequence", None) or [])
+    shared = (list(seg.get("SharedFunctionalGroupsSequence", None) or []) or [None])[0]
+    if len(per_frame) != n_frames:
+        raise InputError(f"{name}: {n_frames} frames but {len(per_frame)} per-frame functional groups")
+
+    def item(group, keyword: str, attr: str):
+        for fg in (group, shared):
+            seq = fg.get(keyword, None) if fg is not None else None
+            if seq and attr in seq[0]:
+                return seq[0].get(attr)
+        raise InputError(f"{name}: a frame has no {attr} (in {keyword})")
+
+    try:
+        position = np.array([[float(v) for v in item(g, "PlanePositionSequence", "ImagePositionPatient")]
+                             for g in per_frame], dtype=float).reshape(n_frames, 3)
+        orientation = np.array([[float(v) for v in item(g, "PlaneOrientationSequence", "ImageOrientationPatient")]
+                                for g in per_frame], dtype=float).reshape(n_frames, 6)
+        spacing = np.array([[float(v) for v in item(g, "PixelMeasuresSequence", "PixelSpacing")]
+                            for g in per_frame], dtype=float).reshape(n_frames, 2)
+    except ValueError as exc:
+        raise InputError(f"{name}: unreadable frame geometry ({_first_line(exc)})") from None
+    # (per frame; newer highdicom puts it in the shared group when all frames show one segment)
+    segment = np.array([int(item(g, "SegmentIdentificationSequence", "ReferencedSegmentNumber"))
+                        if str(seg.get("SegmentationType", "")).upper() != "LABELMAP" else 0
+                        for g in per_frame], dtype=int)
+    try:
+        pixels = np.asarray(seg.pixel_array)
+    except Exception as exc:  # noqa: BLE001 - pydicom's decoders raise many kinds
+        raise InputError(f"{name}: cannot decode its frames ({_first_line(exc)})") from None
+    rows, cols = int(seg.Rows), int(seg.Columns)
+    if pixels.size != n_frames * rows * cols:
+        raise InputError(f"{name}: pixel data holds {pixels.size} values, not {n_frames} frames of {cols}×{rows}")
+    return _SegFrames(pixels.reshape(n_frames, rows, cols), segment, position, orientation, spacing)
+
+
+def _frame_slices_on(volume: Volume, frames: _SegFrames, name: str) -> np.ndarray:
+    """The volume's slice index k of each frame; InputError unless the frame's rows and columns
+    are the volume's j and i (same directions and spacing) and its first pixel is voxel
+    (i, j, k) = (0, 0, k) for a whole k inside the volume."""
+    m = volume.grid.lps_to_ijk_matrix()  # (L, P, S, 1) -> (i, j, k, 1)
+    a = m[:3, :3]
+    ks = np.zeros(len(frames.position), dtype=int)
+    for f in range(len(frames.position)):
+        along_row, along_col = frames.orientation[f, :3], frames.orientation[f, 3:]
+        row_spacing, col_spacing = frames.spacing[f]
+        # one mm along the frame's row / column, in the volume's voxel axes (mm): must be i / j
+        unit = [a @ (v / max(np.linalg.norm(v), 1e-12)) * volume.spacing for v in (along_row, along_col)]
+        if np.abs(unit[0] - (1, 0, 0)).max() > 1e-3 or np.abs(unit[1] - (0, 1, 0)).max() > 1e-3:
+            raise InputError(f"{name}: frames are not parallel to the volume's slices (another orientation)")
+        if abs(col_spacing - volume.spacing[0]) > 1e-3 * volume.spacing[0] \
+                or abs(row_spacing - volume.spacing[1]) > 1e-3 * volume.spacing[1]:
+            mm = (round(float(col_spacing), 4), round(float(row_spacing), 4))
+            raise InputError(f"{name}: pixel spacing {mm} differs from the volume's {volume.spacing[:2]}")
+        ijk = (m @ np.append(frames.position[f], 1.0))[:3]
+        k = int(np.round(ijk[2]))
+        if np.abs(ijk[:2]).max() > 0.01 or abs(ijk[2] - k) > 0.01 or not 0 <= k < volume.shape[0]:
+            raise InputError(f"{name} frames are not on a slice of the volume (a frame at i, j, k = "
+                             f"{np.round(ijk, 2).tolist()})")
+        ks[f] = k
+    return ks
+
+
+#: sRGB (IEC 61966-2-1) linear RGB -> CIE XYZ (Y of white = 1); its row sums are the D65 white.
+_SRGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
+                         [0.2126729, 0.7151522, 0.0721750],
+                         [0.0193339, 0.1191920, 0.9503041]])
+_D65 = _SRGB_TO_XYZ.sum(axis=1)  # (0.95047, 1.0, 1.08883)
+_LAB_EPS = (6.0 / 29.0) ** 3
+
+
+def rgb_to_dicom_lab(rgb: Sequence[float]) -> Tuple[int, int, int]:
+    """An sRGB colour (components 0..1) as a DICOM CIELab value (PS3.3 C.10.7.1.1, e.g.
+    RecommendedDisplayCIELabValue): CIE L*a*b* with the D65 white point, L* 0..100 scaled to
+    0..65535, a* and b* -128..127 to 0..65535, rounded."""
+    c = np.clip(np.asarray(rgb, dtype=float).reshape(3), 0.0, 1.0)
+    linear = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = (_SRGB_TO_XYZ @ linear) / _D65
+    f = np.where(xyz > _LAB_EPS, np.cbrt(xyz), xyz / (3 * (6.0 / 29.0) ** 2) + 4.0 / 29.0)
+    lab = np.array([116.0 * f[1] - 16.0, 500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])])
+    lab = np.clip(lab, (0.0, -128.0, -128.0), (100.0, 127.0, 127.0))
+    scaled = (lab[0] * 65535.0 / 100.0, (lab[1] + 128.0) * 65535.0 / 255.0, (lab[2] + 128.0) * 65535.0 / 255.0)
+    return tuple(int(round(v)) for v in scaled)  # type: ignore[return-value]
+
+
+def dicom_lab_to_rgb(value: Sequence[int]) -> Tuple[float, float, float]:
+    """The inverse of :func:`rgb_to_dicom_lab`: sRGB components 0..1 (clipped to the sRGB gamut)."""
+    v = np.asarray([float(x) for x in value], dtype=float)
+    if v.shape != (3,):
+        raise ValueError(f"a CIELab value has 3 components, not {v.size}")
+    lab = (v[0] * 100.0 / 65535.0, v[1] * 255.0 / 65535.0 - 128.0, v[2] * 255.0 / 65535.0 - 128.0)
+    fy = (lab[0] + 16.0) / 116.0
+    f = np.array([fy + lab[1] / 500.0, fy, fy - lab[2] / 200.0])
+    xyz = np.where(f > 6.0 / 29.0, f ** 3, 3 * (6.0 / 29.0) ** 2 * (f - 4.0 / 29.0)) * _D65
+    linear = np.linalg.solve(_SRGB_TO_XYZ, xyz)
+    c = np.where(linear > 0.0031308, 1.055 * np.maximum(linear, 0.0) ** (1 / 2.4) - 0.055, 12.92 * linear)
+    return tuple(float(x) for x in np.clip(c, 0.0, 1.0))  # type: ignore[return-value]
 
 
 def _segment_info(d) -> SegmentInfo:
@@ -620,11 +732,8 @@ def _segment_info(d) -> SegmentInfo:
     lab = d.get("RecommendedDisplayCIELabValue")
     if lab is not None:
         try:
-            from highdicom.color import CIELabColor
-
-            rgb = CIELabColor.from_dicom_value(list(lab)).to_rgb()
-            color = tuple(round(float(c) / 255.0, 4) for c in rgb)  # type: ignore[assignment]
-        except Exception:  # noqa: BLE001 - a colour is not worth failing for
+            color = tuple(round(c, 4) for c in dicom_lab_to_rgb(list(lab)))  # type: ignore[assignment]
+        except (ValueError, TypeError):  # a colour is not worth failing for
             pass
     regions = d.anatomic_regions
     return SegmentInfo(int(d.segment_number), str(d.segment_label), color, code(d.segmented_property_category),
@@ -677,5 +786,6 @@ def write_segmentation(labels: np.ndarray, volume: Volume, path: PathLike,
 __all__ = [
     "Code", "SegmentInfo", "LIVER", "LIVER_TUMOR", "DEFAULT_SEGMENTS", "write_labelmap", "read_labelmap",
     "write_seg_nrrd", "seg_nrrd_header", "read_seg_nrrd_segments", "write_dicom_seg", "read_dicom_seg",
+    "rgb_to_dicom_lab", "dicom_lab_to_rgb",
     "LABELMAP_SUFFIXES", "OUTPUT_SUFFIXES", "check_output_path", "segments_for", "write_segmentation",
 ]
