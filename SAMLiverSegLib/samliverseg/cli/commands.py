@@ -8,16 +8,20 @@ order (i = column, j = row, k = slice; 0-based; inclusive). Errors on bad input 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional, Sequence
 
 from samliverseg import __version__
-from samliverseg.core.errors import InputError, SAMLiverSegError, is_out_of_memory
+from samliverseg.cli.checks import (OneLineParser, label_value, out_of_memory_advice, print_warnings, prompt_warnings,
+                                    segment_inputs, segment_outputs)
+from samliverseg.core.errors import InputError, SAMLiverSegError, is_disk_full, out_of_memory_kind
 from samliverseg.core.jsonutil import write_json
 
 #: Exit codes (documented in the README).
 EXIT_OK, EXIT_INPUT, EXIT_CHECKPOINT, EXIT_OOM, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 4, 70, 130
+EXIT_WRITE_FAILED = 5  # a full disk, or an output that did not read back (core.errors.WriteError)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -37,7 +41,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samliverseg", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="samliverseg", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"samliverseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the axis the 2D prompts' slices are across (k: axial for an axial CT)")
     seg.add_argument("--no-propagate", action="store_true", help="segment only the prompted slice(s)")
     seg.add_argument("--no-postprocess", action="store_true", help="keep holes and all connected components")
-    seg.add_argument("--label", type=int, default=1, help="label value written for the object (default 1)")
+    seg.add_argument("--label", type=label_value, default=1, help="label value written for the object, 1..255 (default 1)")
+    seg.add_argument("--accept-non-hu", action="store_true",
+                     help="segment an image whose intensities do not look like CT HU (8-bit, no rescale intercept); "
+                          "an explicit --window LOW,HIGH also accepts it")
     seg.add_argument("--segment-name", default=None,
                      help="segment name in .seg.nrrd / DICOM SEG (default: Liver for label 1, Liver tumor for 2)")
     seg.add_argument("--report", default=None, help="write a JSON report (timings, prompts, voxel counts)")
@@ -184,11 +191,12 @@ def cmd_segment(args) -> int:
     from samliverseg.api import call_with_cpu_fallback, open_model
     from samliverseg.cli.output import write_result
     from samliverseg.core.prompts import validate_prompts
-    from samliverseg.io.export import check_output_path
-    from samliverseg.io.volume import read_volume
+    from samliverseg.io.export import check_output_path, check_outputs
+    from samliverseg.io.volume import check_ct_input, read_volume
     from samliverseg.models.registry import find_model
     from samliverseg.models.specs import SAM3D
 
+    check_outputs(segment_outputs(args), segment_inputs(args))  # before reading anything
     entry = find_model(args.model, usable=True)  # an unknown name: the error lists every model
     if entry.family == SAM3D:  # SAM-Med3D: clicks -> one 3D mask (cli/segment3d.py)
         from samliverseg.cli.segment3d import segment_3d
@@ -196,12 +204,14 @@ def cmd_segment(args) -> int:
         return segment_3d(args)
     t0 = time.perf_counter()
     volume = read_volume(args.image)
-    check_output_path(args.output, volume)
+    check_output_path(args.output, volume, segment_inputs(args))  # .dcm needs a DICOM series
+    check_ct_input(volume, accept_non_hu=args.accept_non_hu or args.window is not None)
     notes: List[str] = []
     if not entry.interactive:
         return _segment_automatic(args, entry, volume, _prompts_from_args(args, volume), t0,
                                   time.perf_counter() - t0, notes)
     prompts = validate_prompts(_prompts_from_args(args, volume), volume.array.shape)  # before loading a model
+    warnings = prompt_warnings(prompts, volume)
     t_read = time.perf_counter() - t0
 
     def run(device: str):
@@ -220,13 +230,18 @@ def cmd_segment(args) -> int:
     if entry.trained:
         report.update({"model": entry.name, "kind": entry.family, "base_model": entry.info.get("base_model"),
                        "model_path": entry.path, "window": engine.window.spec()})
+    if warnings:
+        report["warnings"] = warnings
     write_result(args, volume, result.mask, report, t0, t_read)
+    print_warnings(warnings)
     return EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
     from samliverseg.core.evaluation import evaluate_files
+    from samliverseg.io.export import JSON_SUFFIXES, check_outputs
 
+    check_outputs([("--json", args.json, JSON_SUFFIXES)], [args.pred, args.ref])
     metrics = evaluate_files(args.pred, args.ref, label=args.label, ref_label=args.ref_label)
     if args.json:
         write_json(args.json, metrics)
@@ -324,8 +339,9 @@ def cmd_download(args) -> int:
 # -- demo ---------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
-    from samliverseg.demo.run import run_demo
+    from samliverseg.demo.run import check_demo_outputs, run_demo
 
+    check_demo_outputs(args)  # before the phantom is built or a model loaded
     run_demo(args)
     return EXIT_OK
 
@@ -340,9 +356,21 @@ COMMANDS = {"segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, 
             "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train, "worker": cmd_worker}
 
 
+def _quiet_native_libraries() -> None:
+    """No ITK or HDF5 warnings before the one-line message: ITK's global warning display off,
+    HDF5's library-version warning off (read when HDF5 starts, so set before it loads). What
+    native code still prints while reading or writing an image (NIfTI's "** ERROR", GDCM, HDF5
+    diagnostics) is captured by ``io.volume.itk_quiet`` around every read and write."""
+    os.environ.setdefault("HDF5_DISABLE_VERSION_CHECK", "2")
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_native_libraries()
     try:
         return COMMANDS[args.command](args)
     except SAMLiverSegError as exc:
@@ -352,9 +380,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
     except Exception as exc:  # the last line of defence: one line, not a traceback
-        if is_out_of_memory(exc):
-            print("error: out of memory: use --device cpu, close other GPU programs, or a smaller model", file=sys.stderr)
+        kind = out_of_memory_kind(exc)
+        if kind is not None:
+            print(f"error: {out_of_memory_advice(kind, getattr(args, 'device', 'cpu'))}", file=sys.stderr)
             return EXIT_OOM
+        if is_disk_full(exc):
+            print("error: disk full: an output could not be written; free some space and run again", file=sys.stderr)
+            return EXIT_WRITE_FAILED
         if args.debug:
             raise
         print(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
