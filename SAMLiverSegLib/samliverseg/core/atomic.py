@@ -97,7 +97,7 @@ def atomic_path(path: PathLike, check: Optional[Callable[[Path], None]] = None,
         if check is not None:
             try:
                 check(tmp)
-            except SAMLiverSegError:
+            except WriteError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a writer that did not notice its own failure
                 raise _failed_write(target, f"the written file does not read back ({_first_line(exc)})") from None
