@@ -40,7 +40,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "default: the model's own")
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Commands whose arguments come from modules that import torch (slow to start): their full
+#: parsers are built only when one of them is asked for (or for the top-level --help).
+_HEAVY_COMMANDS = ("prepare", "train", "worker")
+
+
+def _command_of(argv: Optional[Sequence[str]]) -> Optional[str]:
+    """The command word of ``argv`` (the first argument not starting with '-'), else None."""
+    for word in (sys.argv[1:] if argv is None else argv):
+        if not str(word).startswith("-"):
+            return str(word)
+    return None
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The CLI's parser. For a command other than prepare/train/worker, those three get their
+    help line only (their argument definitions import torch): a cheap refusal of ``segment``
+    then takes a fraction of a second, before any model or torch is loaded."""
+    light = _command_of(argv) not in (None, *_HEAVY_COMMANDS)
     parser = OneLineParser(prog="samliverseg", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"samliverseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -89,18 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="phantom seed")
     _add_model_args(demo)
 
-    from samliverseg.training.prepare import add_prepare_arguments
-
     prep = sub.add_parser("prepare", help="convert a labelled / unlabelled dataset into a training cache "
                                            "(windowed arrays + geometry, split by patient)")
-    add_prepare_arguments(prep)
+    if not light:
+        from samliverseg.training.prepare import add_prepare_arguments
+
+        add_prepare_arguments(prep)
 
     from samliverseg.models.kinds import KIND_NAMES
-    from samliverseg.training.train import add_train_arguments
 
-    add_train_arguments(sub.add_parser("train", help=f"train on a prepared cache (kinds: {', '.join(KIND_NAMES)}; "
-                                                     "`train --help` lists every config key); progress as JSON "
-                                                     "lines on stdout"))
+    train = sub.add_parser("train", help=f"train on a prepared cache (kinds: {', '.join(KIND_NAMES)}; "
+                                         "`train --help` lists every config key); progress as JSON lines on stdout")
+    if not light:
+        from samliverseg.training.train import add_train_arguments
+
+        add_train_arguments(train)
 
     models = sub.add_parser("models", help="list every model usable by name: the built-in ones (SAM family, "
                                            "SAM-Med3D; are their weights present?) and the trained ones")
@@ -112,14 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download a model's official weights into the cache (SHA-256 checked)")
     dl.add_argument("name", help="model name, e.g. sam_vit_b")
 
-    from samliverseg.service.protocol import WORKER_HELP
-    from samliverseg.service.server import add_worker_arguments
-
     worker = sub.add_parser("worker", help="the persistent inference worker: JSON-lines requests on stdin, responses "
-                                           "on stdout (for Slicer)", description=WORKER_HELP,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(worker)
-    add_worker_arguments(worker)
+                                           "on stdout (for Slicer)", formatter_class=argparse.RawDescriptionHelpFormatter)
+    if not light:
+        from samliverseg.service.protocol import WORKER_HELP
+        from samliverseg.service.server import add_worker_arguments
+
+        worker.description = WORKER_HELP
+        _add_model_args(worker)
+        add_worker_arguments(worker)
     return parser
 
 
@@ -188,24 +209,24 @@ def _segment_automatic(args, entry, volume, prompts, t0: float, t_read: float, n
 
 
 def cmd_segment(args) -> int:
-    from samliverseg.api import call_with_cpu_fallback, open_model
     from samliverseg.cli.output import write_result
     from samliverseg.core.prompts import validate_prompts
     from samliverseg.io.export import check_output_path, check_outputs
     from samliverseg.io.volume import check_ct_input, read_volume
-    from samliverseg.models.registry import find_model
-    from samliverseg.models.specs import SAM3D
 
     check_outputs(segment_outputs(args), segment_inputs(args))  # before reading anything
+    t0 = time.perf_counter()
+    volume = read_volume(args.image)  # truncated/corrupt files, segmentations, the CT among series
+    check_output_path(args.output, volume, segment_inputs(args))  # .dcm needs a DICOM series
+    check_ct_input(volume, accept_non_hu=args.accept_non_hu or args.window is not None)
+    from samliverseg.models.registry import find_model  # imports torch
+    from samliverseg.models.specs import SAM3D
+
     entry = find_model(args.model, usable=True)  # an unknown name: the error lists every model
     if entry.family == SAM3D:  # SAM-Med3D: clicks -> one 3D mask (cli/segment3d.py)
         from samliverseg.cli.segment3d import segment_3d
 
-        return segment_3d(args)
-    t0 = time.perf_counter()
-    volume = read_volume(args.image)
-    check_output_path(args.output, volume, segment_inputs(args))  # .dcm needs a DICOM series
-    check_ct_input(volume, accept_non_hu=args.accept_non_hu or args.window is not None)
+        return segment_3d(args, volume, t0)
     notes: List[str] = []
     if not entry.interactive:
         return _segment_automatic(args, entry, volume, _prompts_from_args(args, volume), t0,
@@ -213,6 +234,8 @@ def cmd_segment(args) -> int:
     prompts = validate_prompts(_prompts_from_args(args, volume), volume.array.shape)  # before loading a model
     warnings = prompt_warnings(prompts, volume)
     t_read = time.perf_counter() - t0
+
+    from samliverseg.api import call_with_cpu_fallback, open_model  # torch: only now
 
     def run(device: str):
         engine = open_model(args.model, args.checkpoint, device, args.window, precision=args.precision, notes=notes,
@@ -368,7 +391,7 @@ def _quiet_native_libraries() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     _quiet_native_libraries()
     try:

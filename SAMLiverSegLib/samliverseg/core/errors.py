@@ -31,6 +31,12 @@ class WeightsMissingError(CheckpointError):
     """The weights of a model are not present; the message says where to put them."""
 
 
+class OutOfMemoryError(SAMLiverSegError):
+    """Not enough memory for the input (the message says how much was needed and what to do)."""
+
+    exit_code = 4
+
+
 class WriteError(SAMLiverSegError):
     """An output that could not be written completely (it failed its check after writing).
 

@@ -713,7 +713,7 @@ def check_output_path(path: PathLike, volume: Optional[Volume] = None, inputs: S
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{option} {text}: cannot write to {parent} (no permission, or not a folder)")
-    if target.exists() and not os.access(target, os.W_OK):
+    if target.exists() and (not os.access(target, os.W_OK) or not target.stat().st_mode & 0o222):
         raise InputError(f"{option} {text}: the existing file is read-only; it is kept as it is")
     return target
 

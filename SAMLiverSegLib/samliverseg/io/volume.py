@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from samliverseg.core.errors import InputError
+from samliverseg.core.errors import InputError, OutOfMemoryError
 from samliverseg.core.geometry import LPS_TO_RAS, Grid  # noqa: F401 - LPS_TO_RAS: the old import place
 
 PathLike = Union[str, os.PathLike]
@@ -401,6 +401,18 @@ def _gunzipped_length(p: Path, need: int) -> Tuple[int, bool]:
         return got, False
 
 
+def _refuse_unloadable_nifti(p: Path, exc: BaseException) -> None:
+    """A NIfTI file ITK could not load: truncated (InputError), or, when the file is whole, out
+    of memory (the NIfTI library's only other reason to fail once the header was read)."""
+    if "nifti_image_load failed" not in str(exc):
+        return
+    check_nifti_complete(p)
+    info = _nifti_data_bytes(p)
+    size = f" ({info[1] / 2**20:.0f} MB of voxels, {info[1] / 2**20 * 2:.0f} MB more as float32 HU)" if info else ""
+    raise OutOfMemoryError(f"out of memory reading {p}{size}: close other programs, or crop the CT to the region "
+                           "of interest first")
+
+
 def _is_segmentation_file(p: Path) -> bool:
     """A Slicer segmentation (``.seg.nrrd``, or a NRRD with Slicer's ``Segment0_`` fields)."""
     if p.name.lower().endswith(".seg.nrrd"):
@@ -443,6 +455,7 @@ def read_volume(path: PathLike, allow_single_slice: bool = False) -> Volume:
         with itk_quiet() as said:
             image = reader.Execute()
     except RuntimeError as exc:
+        _refuse_unloadable_nifti(p, exc)
         if any(p.name.lower().endswith(s) for s in IMAGE_SUFFIXES):
             why = said.last_line if "data not read completely" in said.text else _first_line(exc)
             raise InputError(f"cannot read {p} as an image (truncated or corrupt?): {why}") from None
@@ -535,6 +548,33 @@ def _series_kind(files: List[str]) -> Tuple[Optional[str], bool, str]:
     return modality, bool(mask_like), description
 
 
+def _refuse_unreadable_members(folder: Path, series: List[Tuple[str, List[str]]]) -> None:
+    """Refuse a series folder holding DICOM files that no series could use: GDCM leaves a file cut
+    short out of its series, and the gap would otherwise read as a missing slice."""
+    used = {os.path.abspath(f) for _, files in series for f in files}
+    try:
+        entries = [e.path for e in os.scandir(folder) if e.is_file()]
+    except OSError:
+        return
+    bad = sorted(f for f in entries if os.path.abspath(f) not in used and _is_dicom_file(Path(f))
+                 and not _non_image_dicom_kind(Path(f)) and _dicom_unreadable(Path(f)))
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise InputError(f"{bad[0]}{more} in {folder} cannot be read as DICOM (truncated or corrupt?); "
+                         "copy the series again")
+
+
+def _dicom_unreadable(p: Path) -> bool:
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(p))
+        _ = ds.pixel_array
+        return False
+    except Exception:  # noqa: BLE001 - any failure is "cannot be read"
+        return True
+
+
 def _choose_series(series: List[Tuple[str, List[str]]], folder: Path) -> Tuple[str, List[str]]:
     """The CT among the image series of a folder: by modality (CT first), never a mask-like
     series when another is there; several candidates left: an InputError naming them."""
@@ -578,6 +618,7 @@ def _read_dicom_dir(folder: Path, allow_single_slice: bool, member: Optional[Pat
         mine = [s for s in series if any(Path(f).resolve() == member.resolve() for f in s[1])]
         series = mine or series
     sid, files = _choose_series(series, folder)
+    _refuse_unreadable_members(Path(files[0]).parent, series)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
