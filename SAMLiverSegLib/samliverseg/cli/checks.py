@@ -41,6 +41,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def custom_window(spec: Optional[str]) -> bool:
+    """True for an explicit ``--window LOW,HIGH``: the user states the intensity range, which
+    accepts an image that is not in HU. A preset (wide, liver, abdomen) is in HU: it does not."""
+    if spec is None:
+        return False
+    from samliverseg.core.windowing import PRESETS
+
+    return str(spec).strip().lower() not in PRESETS
+
+
 def segment_outputs(args) -> list:
     """The ``(option, path, suffixes)`` of every file ``segment`` writes."""
     from samliverseg.io.export import JSON_SUFFIXES, OUTPUT_SUFFIXES
@@ -91,5 +101,5 @@ def print_warnings(lines: List[str]) -> None:
         print(f"warning: {line}", file=sys.stderr)
 
 
-__all__ = ["label_value", "OneLineParser", "segment_outputs", "segment_inputs", "prompt_warnings",
+__all__ = ["custom_window", "label_value", "OneLineParser", "segment_outputs", "segment_inputs", "prompt_warnings",
            "out_of_memory_advice", "print_warnings", "AIR_HU", "WHOLE_SLICE_FRACTION"]

@@ -14,7 +14,7 @@ import time
 from typing import List, Optional, Sequence
 
 from samliverseg import __version__
-from samliverseg.cli.checks import (OneLineParser, label_value, out_of_memory_advice, print_warnings, prompt_warnings,
+from samliverseg.cli.checks import (OneLineParser, custom_window, label_value, out_of_memory_advice, print_warnings, prompt_warnings,
                                     segment_inputs, segment_outputs)
 from samliverseg.core.errors import InputError, SAMLiverSegError, is_disk_full, out_of_memory_kind
 from samliverseg.core.jsonutil import write_json
@@ -218,7 +218,7 @@ def cmd_segment(args) -> int:
     t0 = time.perf_counter()
     volume = read_volume(args.image)  # truncated/corrupt files, segmentations, the CT among series
     check_output_path(args.output, volume, segment_inputs(args))  # .dcm needs a DICOM series
-    check_ct_input(volume, accept_non_hu=args.accept_non_hu or args.window is not None)
+    check_ct_input(volume, accept_non_hu=args.accept_non_hu or custom_window(args.window))
     from samliverseg.models.registry import find_model  # imports torch
     from samliverseg.models.specs import SAM3D
 
