@@ -565,10 +565,14 @@ def _refuse_unreadable_members(folder: Path, series: List[Tuple[str, List[str]]]
 
 
 def _dicom_unreadable(p: Path) -> bool:
+    """True for a DICOM image file whose header or pixels cannot be read (cut short); a file
+    that holds no image (a DICOMDIR, a report) is not judged here."""
     try:
         import pydicom
 
         ds = pydicom.dcmread(str(p))
+        if "Rows" not in ds:
+            return False
         _ = ds.pixel_array
         return False
     except Exception:  # noqa: BLE001 - any failure is "cannot be read"
