@@ -96,7 +96,19 @@ def ct(tmp_path, phantom) -> Path:
 
 def write_dicom_series(folder: Path, stored_kji: np.ndarray, series_uid: str, description: str,
                        spacing=SPACING_IJK) -> Path:
-    """One int16 file per slice, rescale intercept 0: the stored values are what a reader sees."""
+    """One int16 file per slice, rescale intercept 0: the stored values are what a reader sees.
+
+    GDCM's writer leaves the process in the "C" locale (ASCII): the caller's is put back."""
+    import locale
+
+    previous = locale.setlocale(locale.LC_CTYPE)
+    try:
+        return _write_dicom_series(folder, stored_kji, series_uid, description, spacing)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+
+
+def _write_dicom_series(folder: Path, stored_kji: np.ndarray, series_uid: str, description: str, spacing) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk.GetImageFromArray(np.asarray(stored_kji).astype(np.int16))
     img.SetSpacing(tuple(float(s) for s in spacing))
