@@ -9,7 +9,6 @@ in SAMLiverSegLib/BAD_INPUT.md.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import shlex

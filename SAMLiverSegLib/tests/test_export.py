@@ -2,7 +2,6 @@
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,7 +279,6 @@ except SAMLiverSegError as exc:
 def test_full_disk_keeps_the_previous_file(tmp_path, name):
     """A real full disk (a 96 KiB tmpfs): the writer reports it (ITK's NIfTI writer does not;
     the read-back check does), the previous file survives byte for byte, no temporary is left."""
-    import subprocess
     import sys
 
     from libtest_helpers import run_on_small_disk
@@ -316,8 +314,6 @@ def test_failed_check_keeps_the_previous_file(tmp_path):
 
 
 def test_written_files_get_the_umask_permissions(tmp_path):
-    import os
-
     v, labels = make_case(np.eye(3))
     old = os.umask(0o027)
     try:
