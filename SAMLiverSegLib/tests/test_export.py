@@ -2,7 +2,6 @@
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,33 +258,69 @@ def test_unsupported_extension_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
-    v, labels = make_case(np.eye(3))
+_WRITE_ON_SMALL_DISK = """
+import sys
+import numpy as np
+from samliverseg.core.errors import SAMLiverSegError
+from samliverseg.io.export import write_segmentation
+from samliverseg.io.volume import Volume
+rng = np.random.default_rng(0)
+volume = Volume(rng.normal(0, 300, (40, 128, 128)).astype(np.float32), (1.0, 1.0, 2.0))
+labels = rng.integers(0, 2, (40, 128, 128)).astype(np.uint8)  # noise: does not compress
+try:
+    write_segmentation(labels, volume, sys.argv[1])
+except SAMLiverSegError as exc:
+    print(type(exc).__name__, exc, file=sys.stderr)
+    sys.exit(exc.exit_code)
+"""
+
+
+@pytest.mark.parametrize("name", ["mask.nii.gz", "mask.nii", "mask.mha", "mask.seg.nrrd"])
+def test_full_disk_keeps_the_previous_file(tmp_path, name):
+    """A real full disk (a 96 KiB tmpfs): the writer reports it (ITK's NIfTI writer does not;
+    the read-back check does), the previous file survives byte for byte, no temporary is left."""
+    import sys
+
+    from libtest_helpers import run_on_small_disk
+
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / name).write_bytes(b"previous result")
+    disk = tmp_path / "disk"
+    done, after = run_on_small_disk([sys.executable, "-c", _WRITE_ON_SMALL_DISK, str(disk / name)], disk, 96,
+                                    seed=seed, timeout=120)
+    assert done.returncode == 5, (done.returncode, done.stderr)
+    assert "DiskFullError" in done.stderr and "disk full" in done.stderr, done.stderr
+    assert (after / name).read_bytes() == b"previous result"
+    assert sorted(p.name for p in after.iterdir()) == [name]
+
+
+def test_failed_check_keeps_the_previous_file(tmp_path):
+    """A write whose read-back check fails: WriteError, the old file as it was, no temporary."""
+    from samliverseg.core.atomic import atomic_path
+    from samliverseg.core.errors import WriteError
+
     target = tmp_path / "mask.nii.gz"
     target.write_bytes(b"previous result")
 
-    def half_write(image, path, *a, **k):
-        Path(path).write_bytes(b"partial")
-        raise RuntimeError("ITK ERROR: disk full")
+    def bad(tmp):
+        raise ValueError("does not read back")
 
-    monkeypatch.setattr(sitk, "WriteImage", half_write)
-    with pytest.raises(InputError, match="disk full"):
-        write_labelmap(labels, v, target)
-    assert target.read_bytes() == b"previous result"  # the old file is untouched
+    with pytest.raises(WriteError, match="does not read back"):
+        with atomic_path(target, check=bad) as tmp:
+            tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
 
 
-def test_failed_seg_nrrd_write_leaves_no_file(tmp_path, monkeypatch):
+def test_written_files_get_the_umask_permissions(tmp_path):
     v, labels = make_case(np.eye(3))
-
-    class Broken:
-        def compress(self, data):
-            raise OSError("No space left on device")
-
-    monkeypatch.setattr(export.zlib, "compressobj", lambda *a, **k: Broken())
-    with pytest.raises(OSError):
-        write_seg_nrrd(labels, v, tmp_path / "x.seg.nrrd")
-    assert list(tmp_path.iterdir()) == []
+    old = os.umask(0o027)
+    try:
+        write_labelmap(labels, v, tmp_path / "a.nii.gz")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.nii.gz").stat().st_mode & 0o777 == 0o640
 
 
 def test_dicom_seg_needs_a_dicom_series(tmp_path):

@@ -273,3 +273,72 @@ def test_check_ct_range():
     assert "intercept" in check_ct_range(vol([0, 1024, 3000]))
     assert "constant" in check_ct_range(vol([5, 5, 5]))
     assert "far outside" in check_ct_range(vol([-50000, 0, 100]))
+
+
+# -- input sanity (issue 12): not a CT, not HU, implausible grids, cut files --------------------------
+
+def test_check_ct_input_refuses_what_is_not_a_ct_in_hu():
+    from samliverseg.io.volume import check_ct_input
+
+    rng = np.random.default_rng(0)
+    ct = Volume(rng.normal(0, 300, (8, 32, 32)).astype(np.float32) - 200, (0.8, 0.8, 2.0))
+    check_ct_input(ct)  # a CT: nothing to say
+    labels = Volume((rng.random((8, 32, 32)) > 0.5).astype(np.float32) * 255, (0.8, 0.8, 2.0))
+    with pytest.raises(InputError, match="label map or mask .values 0, 255."):
+        check_ct_input(labels)
+    stored = ct.with_array(np.clip(ct.array + 1024, 0, None))
+    with pytest.raises(InputError, match="intercept.*--accept-non-hu"):
+        check_ct_input(stored)
+    check_ct_input(stored, accept_non_hu=True)
+    with pytest.raises(InputError, match="constant"):
+        check_ct_input(ct.with_array(np.zeros_like(ct.array)), accept_non_hu=True)
+    with pytest.raises(InputError, match="spacing"):
+        check_ct_input(Volume(ct.array, (0.8, 0.8, 21.0)))
+    with pytest.raises(InputError, match=r"L \("):
+        check_ct_input(Volume(np.tile(ct.array, (30, 8, 8)), (20.0, 20.0, 20.0)))
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii"])
+def test_cut_nifti_is_refused_not_zero_filled(tmp_path, name):
+    from samliverseg.io.volume import check_nifti_complete
+
+    img = sitk.GetImageFromArray(np.random.default_rng(1).normal(0, 200, (6, 40, 40)).astype(np.float32))
+    path = tmp_path / name
+    sitk.WriteImage(img, str(path), name.endswith(".gz"))
+    check_nifti_complete(path)
+    assert read_volume(path).shape == (6, 40, 40)
+    path.write_bytes(path.read_bytes()[:-500])
+    with pytest.raises(InputError, match="truncated"):
+        read_volume(path)
+
+
+def test_segmentation_file_is_not_a_ct(tmp_path):
+    from samliverseg.io.export import write_seg_nrrd
+
+    v = Volume(np.zeros((3, 8, 8), np.float32))
+    seg = write_seg_nrrd(np.ones((3, 8, 8), np.uint8), v, tmp_path / "a.seg.nrrd")
+    renamed = tmp_path / "a.nrrd"
+    renamed.write_bytes(seg.read_bytes())
+    for p in (seg, renamed):
+        with pytest.raises(InputError, match="segmentation .* not a CT"):
+            read_volume(p)
+
+
+def test_is_disk_full_follows_wrapped_errors():
+    import errno
+
+    from samliverseg.core.errors import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(OSError(errno.EFBIG, "File too large"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("[enforce fail at inline_container.cc] file write failed") from inner
+    except RuntimeError as wrapped:
+        assert is_disk_full(wrapped)
+    assert is_disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: No space left on device"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(ValueError("no space left on device"))

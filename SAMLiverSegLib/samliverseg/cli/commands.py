@@ -8,16 +8,20 @@ order (i = column, j = row, k = slice; 0-based; inclusive). Errors on bad input 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional, Sequence
 
 from samliverseg import __version__
-from samliverseg.core.errors import InputError, SAMLiverSegError, is_out_of_memory
+from samliverseg.cli.checks import (OneLineParser, custom_window, label_value, out_of_memory_advice, print_warnings, prompt_warnings,
+                                    segment_inputs, segment_outputs)
+from samliverseg.core.errors import InputError, SAMLiverSegError, is_disk_full, out_of_memory_kind
 from samliverseg.core.jsonutil import write_json
 
 #: Exit codes (documented in the README).
 EXIT_OK, EXIT_INPUT, EXIT_CHECKPOINT, EXIT_OOM, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 4, 70, 130
+EXIT_WRITE_FAILED = 5  # a full disk, or an output that did not read back (core.errors.WriteError)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -36,8 +40,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "default: the model's own")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samliverseg", description=__doc__.split("\n")[0])
+#: Commands whose arguments come from modules that import torch (slow to start): their full
+#: parsers are built only when one of them is asked for (or for the top-level --help).
+_HEAVY_COMMANDS = ("prepare", "train", "worker")
+
+
+def _command_of(argv: Optional[Sequence[str]]) -> Optional[str]:
+    """The command word of ``argv`` (the first argument not starting with '-'), else None."""
+    for word in (sys.argv[1:] if argv is None else argv):
+        if not str(word).startswith("-"):
+            return str(word)
+    return None
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The CLI's parser. For a command other than prepare/train/worker, those three get their
+    help line only (their argument definitions import torch): a cheap refusal of ``segment``
+    then takes a fraction of a second, before any model or torch is loaded."""
+    light = _command_of(argv) not in (None, *_HEAVY_COMMANDS)
+    parser = OneLineParser(prog="samliverseg", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"samliverseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the axis the 2D prompts' slices are across (k: axial for an axial CT)")
     seg.add_argument("--no-propagate", action="store_true", help="segment only the prompted slice(s)")
     seg.add_argument("--no-postprocess", action="store_true", help="keep holes and all connected components")
-    seg.add_argument("--label", type=int, default=1, help="label value written for the object (default 1)")
+    seg.add_argument("--label", type=label_value, default=1, help="label value written for the object, 1..255 (default 1)")
+    seg.add_argument("--accept-non-hu", action="store_true",
+                     help="segment an image whose intensities do not look like CT HU (8-bit, no rescale intercept); "
+                          "an explicit --window LOW,HIGH also accepts it")
     seg.add_argument("--segment-name", default=None,
                      help="segment name in .seg.nrrd / DICOM SEG (default: Liver for label 1, Liver tumor for 2)")
     seg.add_argument("--report", default=None, help="write a JSON report (timings, prompts, voxel counts)")
@@ -84,18 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="phantom seed")
     _add_model_args(demo)
 
-    from samliverseg.training.prepare import add_prepare_arguments
-
     prep = sub.add_parser("prepare", help="convert a labelled / unlabelled dataset into a training cache "
                                            "(windowed arrays + geometry, split by patient)")
-    add_prepare_arguments(prep)
+    if not light:
+        from samliverseg.training.prepare import add_prepare_arguments
+
+        add_prepare_arguments(prep)
 
     from samliverseg.models.kinds import KIND_NAMES
-    from samliverseg.training.train import add_train_arguments
 
-    add_train_arguments(sub.add_parser("train", help=f"train on a prepared cache (kinds: {', '.join(KIND_NAMES)}; "
-                                                     "`train --help` lists every config key); progress as JSON "
-                                                     "lines on stdout"))
+    train = sub.add_parser("train", help=f"train on a prepared cache (kinds: {', '.join(KIND_NAMES)}; "
+                                         "`train --help` lists every config key); progress as JSON lines on stdout")
+    if not light:
+        from samliverseg.training.train import add_train_arguments
+
+        add_train_arguments(train)
 
     models = sub.add_parser("models", help="list every model usable by name: the built-in ones (SAM family, "
                                            "SAM-Med3D; are their weights present?) and the trained ones")
@@ -107,14 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download a model's official weights into the cache (SHA-256 checked)")
     dl.add_argument("name", help="model name, e.g. sam_vit_b")
 
-    from samliverseg.service.protocol import WORKER_HELP
-    from samliverseg.service.server import add_worker_arguments
-
     worker = sub.add_parser("worker", help="the persistent inference worker: JSON-lines requests on stdin, responses "
-                                           "on stdout (for Slicer)", description=WORKER_HELP,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(worker)
-    add_worker_arguments(worker)
+                                           "on stdout (for Slicer)", formatter_class=argparse.RawDescriptionHelpFormatter)
+    if not light:
+        from samliverseg.service.protocol import WORKER_HELP
+        from samliverseg.service.server import add_worker_arguments
+
+        worker.description = WORKER_HELP
+        _add_model_args(worker)
+        add_worker_arguments(worker)
     return parser
 
 
@@ -182,28 +210,33 @@ def _segment_automatic(args, entry, volume, prompts, t0: float, t_read: float, n
 
 
 def cmd_segment(args) -> int:
-    from samliverseg.api import call_with_cpu_fallback, open_model
     from samliverseg.cli.output import write_result
     from samliverseg.core.prompts import validate_prompts
-    from samliverseg.io.export import check_output_path
-    from samliverseg.io.volume import read_volume
-    from samliverseg.models.registry import find_model
+    from samliverseg.io.export import check_output_path, check_outputs
+    from samliverseg.io.volume import check_ct_input, read_volume
+
+    check_outputs(segment_outputs(args), segment_inputs(args))  # before reading anything
+    t0 = time.perf_counter()
+    volume = read_volume(args.image)  # truncated/corrupt files, segmentations, the CT among series
+    check_output_path(args.output, volume, segment_inputs(args))  # .dcm needs a DICOM series
+    check_ct_input(volume, accept_non_hu=args.accept_non_hu or custom_window(args.window))
+    from samliverseg.models.registry import find_model  # imports torch
     from samliverseg.models.specs import SAM3D
 
     entry = find_model(args.model, usable=True)  # an unknown name: the error lists every model
     if entry.family == SAM3D:  # SAM-Med3D: clicks -> one 3D mask (cli/segment3d.py)
         from samliverseg.cli.segment3d import segment_3d
 
-        return segment_3d(args)
-    t0 = time.perf_counter()
-    volume = read_volume(args.image)
-    check_output_path(args.output, volume)
+        return segment_3d(args, volume, t0)
     notes: List[str] = []
     if not entry.interactive:
         return _segment_automatic(args, entry, volume, _prompts_from_args(args, volume), t0,
                                   time.perf_counter() - t0, notes)
     prompts = validate_prompts(_prompts_from_args(args, volume), volume.array.shape)  # before loading a model
+    warnings = prompt_warnings(prompts, volume)
     t_read = time.perf_counter() - t0
+
+    from samliverseg.api import call_with_cpu_fallback, open_model  # torch: only now
 
     def run(device: str):
         engine = open_model(args.model, args.checkpoint, device, args.window, precision=args.precision, notes=notes,
@@ -221,13 +254,18 @@ def cmd_segment(args) -> int:
     if entry.trained:
         report.update({"model": entry.name, "kind": entry.family, "base_model": entry.info.get("base_model"),
                        "model_path": entry.path, "window": engine.window.spec()})
+    if warnings:
+        report["warnings"] = warnings
     write_result(args, volume, result.mask, report, t0, t_read)
+    print_warnings(warnings)
     return EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
     from samliverseg.core.evaluation import evaluate_files
+    from samliverseg.io.export import JSON_SUFFIXES, check_outputs
 
+    check_outputs([("--json", args.json, JSON_SUFFIXES)], [args.pred, args.ref])
     metrics = evaluate_files(args.pred, args.ref, label=args.label, ref_label=args.ref_label)
     if args.json:
         write_json(args.json, metrics)
@@ -325,8 +363,9 @@ def cmd_download(args) -> int:
 # -- demo ---------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
-    from samliverseg.demo.run import run_demo
+    from samliverseg.demo.run import check_demo_outputs, run_demo
 
+    check_demo_outputs(args)  # before the phantom is built or a model loaded
     run_demo(args)
     return EXIT_OK
 
@@ -341,9 +380,21 @@ COMMANDS = {"segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, 
             "download": cmd_download, "prepare": cmd_prepare, "train": cmd_train, "worker": cmd_worker}
 
 
+def _quiet_native_libraries() -> None:
+    """No ITK or HDF5 warnings before the one-line message: ITK's global warning display off,
+    HDF5's library-version warning off (read when HDF5 starts, so set before it loads). What
+    native code still prints while reading or writing an image (NIfTI's "** ERROR", GDCM, HDF5
+    diagnostics) is captured by ``io.volume.itk_quiet`` around every read and write."""
+    os.environ.setdefault("HDF5_DISABLE_VERSION_CHECK", "2")
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
+    _quiet_native_libraries()
     try:
         return COMMANDS[args.command](args)
     except SAMLiverSegError as exc:
@@ -353,9 +404,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
     except Exception as exc:  # the last line of defence: one line, not a traceback
-        if is_out_of_memory(exc):
-            print("error: out of memory: use --device cpu, close other GPU programs, or a smaller model", file=sys.stderr)
+        kind = out_of_memory_kind(exc)
+        if kind is not None:
+            print(f"error: {out_of_memory_advice(kind, getattr(args, 'device', 'cpu'))}", file=sys.stderr)
             return EXIT_OOM
+        if is_disk_full(exc):
+            print("error: disk full: an output could not be written; free some space and run again", file=sys.stderr)
+            return EXIT_WRITE_FAILED
         if args.debug:
             raise
         print(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)

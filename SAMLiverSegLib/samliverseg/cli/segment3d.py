@@ -14,12 +14,11 @@ from samliverseg.cli.output import write_result
 from samliverseg.core.errors import InputError
 
 
-def segment_3d(args) -> int:
-    """Run ``segment`` with a 3D model (``args`` from the ``segment`` parser); returns the exit code."""
+def segment_3d(args, volume, t0: float) -> int:
+    """Run ``segment`` with a 3D model (``args`` from the ``segment`` parser) on ``volume``, read
+    and checked (outputs, CT) by ``cmd_segment`` at ``t0``; returns the exit code."""
     from samliverseg.api import open_model
     from samliverseg.interactive.engine3d import Sam3DSettings, validate_clicks
-    from samliverseg.io.export import check_output_path
-    from samliverseg.io.volume import read_volume
 
     if args.box_ijk or args.roi_ijk:
         raise InputError(f"{args.model} is a 3D model that takes clicks only (--point-ijk, --negative-ijk), "
@@ -28,9 +27,6 @@ def segment_3d(args) -> int:
         raise InputError(f"--window does not apply to {args.model}: it z-scores the HU of each patch itself")
     if args.precision != "fp32":
         raise InputError(f"--precision {args.precision} is not supported by {args.model}; leave it at fp32")
-    t0 = time.perf_counter()
-    volume = read_volume(args.image)
-    check_output_path(args.output, volume)
     positive = [tuple(p) for p in args.point_ijk]
     negative = [tuple(p) for p in args.negative_ijk]
     if args.prompts:

@@ -1,4 +1,18 @@
-"""Atomic file writes: a reader never sees a half-written output or checkpoint."""
+"""Atomic file writes that cannot lie: a reader never sees a half-written or empty output.
+
+:func:`atomic_path` is the one helper every writer of the project uses (images, ``.seg.nrrd``,
+DICOM SEG, JSON, checkpoints, caches). It yields a temporary path in the target's folder; when
+the writer is done it
+
+1. fsyncs the temporary file (a full disk that the writer did not notice shows up here),
+2. checks it: not empty, and the optional ``check(tmp)`` (e.g. re-read an image's header),
+3. gives it normal permissions (``0o666 & ~umask``, not ``mkstemp``'s 0600),
+4. renames it over the target and fsyncs the folder.
+
+Any error leaves the old target exactly as it was and removes the temporary file. A full disk
+(ENOSPC, EDQUOT, EFBIG, also wrapped by torch in a RuntimeError) becomes a one-line
+:class:`~samliverseg.core.errors.DiskFullError`.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +20,134 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Optional, Union
+
+from samliverseg.core.errors import DiskFullError, InputError, SAMLiverSegError, WriteError, is_disk_full
+
+PathLike = Union[str, os.PathLike]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return  # a folder that cannot be opened (Windows): the rename is done all the same
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not fsync folders
+    finally:
+        os.close(fd)
+
+
+def temp_suffix(target: Path) -> str:
+    """The temporary file's suffix: the target's suffixes in lower case (writers that pick the
+    format from the extension, like ITK, then see ``.nii.gz`` for ``RESULT.NII.GZ``)."""
+    return "".join(target.suffixes).lower() or ".tmp"
 
 
 @contextlib.contextmanager
-def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+def atomic_path(path: PathLike, check: Optional[Callable[[Path], None]] = None,
+                allow_empty: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without error, make it ``path``.
 
-    The temporary file keeps the target's suffixes (``.nii.gz``, ``.seg.nrrd``) so that writers
-    that choose the format from the extension still work. On any exception the temporary file
-    is removed and the target is left as it was.
+    ``check(tmp)`` runs on the finished temporary file before the rename and raises when it is
+    not what was meant to be written. An empty file is refused unless ``allow_empty``.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
+    if target.is_dir():
+        raise InputError(f"output {target} is a folder; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=temp_suffix(target),
+                                        dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(f"disk full: cannot write {target} ({exc.strerror})") from None
+        raise InputError(f"cannot write {target}: {exc.strerror or exc}") from None
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _fsync_file(tmp)
+        if not allow_empty and tmp.stat().st_size == 0:
+            raise _failed_write(target, "the file came out empty")
+        if check is not None:
+            try:
+                check(tmp)
+            except WriteError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a writer that did not notice its own failure
+                raise _failed_write(target, f"the written file does not read back ({_first_line(exc)})") from None
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        _fsync_dir(target.parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp.unlink()
+        if not isinstance(exc, SAMLiverSegError) and is_disk_full(exc):
+            raise DiskFullError(f"disk full: cannot write {target}; {_kept(target)}") from None
         raise
+
+
+def _kept(target: Path) -> str:
+    return "the previous file is kept" if target.exists() else "nothing was written"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:160]
+
+
+def _free_bytes(folder: Path) -> Optional[int]:
+    try:
+        st = os.statvfs(str(folder))
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _failed_write(target: Path, why: str) -> WriteError:
+    """A writer that reported success but left a bad file: a full disk when the folder has
+    (almost) no room left (ITK's writers do not always report ENOSPC), else a failed write."""
+    free = _free_bytes(target.parent)
+    if free is not None and free < (1 << 20):
+        return DiskFullError(f"disk full: cannot write {target} ({why}); {_kept(target)}")
+    return WriteError(f"cannot write {target}: {why}; {_kept(target)}")
+
+
+def write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_path`, checked by reading it back."""
+    data = text.encode(encoding)
+
+    def same(tmp: Path) -> None:
+        if tmp.read_bytes() != data:
+            raise WriteError(f"{tmp.name} does not read back as written")
+
+    target = Path(path)
+    with atomic_path(target, check=same, allow_empty=not data) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return target

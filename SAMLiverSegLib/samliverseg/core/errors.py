@@ -31,6 +31,28 @@ class WeightsMissingError(CheckpointError):
     """The weights of a model are not present; the message says where to put them."""
 
 
+class OutOfMemoryError(SAMLiverSegError):
+    """Not enough memory for the input (the message says how much was needed and what to do)."""
+
+    exit_code = 4
+
+
+class WriteError(SAMLiverSegError):
+    """An output that could not be written completely (it failed its check after writing).
+
+    The previous file at that path, if any, is kept as it was; no partial file is left.
+    """
+
+    exit_code = 5
+
+
+class DiskFullError(WriteError):
+    """No space left (ENOSPC), quota exceeded (EDQUOT) or file too large (EFBIG) while writing.
+
+    The CLI exits with 5 (training keeps its documented code 3 for a full disk).
+    """
+
+
 class CancelledError(SAMLiverSegError):
     """A long operation (embedding prefetch, propagation) was cancelled by the user."""
 
@@ -41,6 +63,34 @@ class CancelledError(SAMLiverSegError):
 EXIT_UNEXPECTED = 70
 #: Exit code of an out-of-memory failure, for every command.
 EXIT_OUT_OF_MEMORY = 4
+#: Exit code of an output that could not be written (a full disk, a write that failed its check).
+EXIT_WRITE_FAILED = 5
+
+#: Text of the OS errors that mean "no room": ENOSPC, EDQUOT, EFBIG, as strerror words them.
+_DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "file too large", "errno 28", "errno 122",
+                   "errno 27")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception it wraps) means the disk is full.
+
+    The one disk-full detector of the project: an OSError with errno ENOSPC, EDQUOT or EFBIG,
+    or an exception whose text says so (torch re-raises a failed write as a RuntimeError,
+    e.g. "... file write failed ... No space left on device"). ``__cause__`` and
+    ``__context__`` are followed.
+    """
+    import errno
+
+    codes = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in codes:
+            return True
+        if isinstance(exc, (OSError, RuntimeError, IOError)) and any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def out_of_memory_kind(exc: BaseException):

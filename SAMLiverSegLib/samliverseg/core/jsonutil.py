@@ -2,7 +2,7 @@
 
 ``json_safe`` turns what the library produces (numpy scalars and arrays, tensors, paths, tuples,
 non-finite floats) into plain JSON values: arrays and tensors become lists, NaN/inf become
-``null``, anything else unknown becomes its ``str``. ``write_json`` writes atomically.
+``null``, anything else unknown becomes its ``str``. ``write_json`` writes atomically (``core.atomic.write_text``: fsynced, read back, renamed).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Mapping, Union
 
-from samliverseg.core.atomic import atomic_path
+from samliverseg.core.atomic import write_text
 
 
 def json_safe(value: Any) -> Any:
@@ -37,6 +37,4 @@ def dumps(value: Any, indent: Union[int, None] = 2) -> str:
 
 def write_json(path: Union[str, os.PathLike], value: Any, indent: Union[int, None] = 2) -> None:
     """Write ``value`` as JSON to ``path`` atomically (a temporary file renamed over the target)."""
-    text = dumps(value, indent=indent) + "\n"
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_text(path, dumps(value, indent=indent) + "\n")

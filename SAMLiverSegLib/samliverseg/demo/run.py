@@ -10,7 +10,6 @@ The boxes are what a user would drag: the truth's bounding box on that slice plu
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -33,13 +32,38 @@ def _box_on_middle_slice(mask3d: np.ndarray, margin: int = BOX_MARGIN_VOXELS):
     return SliceBox.axial(i0 - margin, j0 - margin, i1 + margin, j1 + margin, k)
 
 
-def _write_image(image, path: Path) -> None:
+def _write_image(image, path: Path, volume) -> None:
     import SimpleITK as sitk
 
     from samliverseg.core.atomic import atomic_path
+    from samliverseg.io.export import image_file_check
+    from samliverseg.io.volume import itk_quiet
 
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), True)
+    with atomic_path(path, check=image_file_check(volume)) as tmp:
+        with itk_quiet():
+            sitk.WriteImage(image, str(tmp), True)
+
+
+#: What the demo writes into its output folder.
+DEMO_FILES = ("phantom_ct.nii.gz", "phantom_truth.nii.gz", "segmentation.seg.nrrd", "segmentation.nii.gz",
+              "overlay.png", "report.json", "report.md")
+
+
+def check_demo_outputs(args) -> Path:
+    """Refuse, before any work, an output folder the demo could not write into or whose writing
+    would overwrite one of its inputs (the folder is created only when the demo runs)."""
+    import os
+
+    from samliverseg.io.export import check_outputs
+
+    out = Path(args.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {out}: is a file, not a folder; give a folder for the demo's results")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"-o {out}: the folder is not writable")
+    check_outputs([("-o", out / name, ("." + name.split(".", 1)[1],)) for name in DEMO_FILES],
+                  inputs=[p for p in (args.image, args.reference) if p])
+    return out
 
 
 def _r(v, nd=1):
@@ -62,8 +86,7 @@ def run_demo(args) -> Dict:
     from samliverseg.core.prompts import SliceBox
     from samliverseg.io.volume import read_volume
 
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_demo_outputs(args)
     t0 = time.perf_counter()
     tumor_truth: Optional[np.ndarray] = None
     if args.image is None:
@@ -74,7 +97,7 @@ def run_demo(args) -> Dict:
         volume = phantom.to_volume()
         liver_truth = phantom.liver_mask
         tumor_truth = phantom.tumor_label_mask(0)  # the largest tumour
-        _write_image(phantom.to_sitk("hu"), out / "phantom_ct.nii.gz")
+        _write_image(phantom.to_sitk("hu"), out / "phantom_ct.nii.gz", volume)
         write_labelmap(phantom.labels, volume, out / "phantom_truth.nii.gz")
         source = "synthetic phantom"
     else:
@@ -138,10 +161,10 @@ def run_demo(args) -> Dict:
                                                   ("labelmap", "segmentation.nii.gz"), ("overlay", "overlay.png"))},
         "wall_s": round(time.perf_counter() - t0, 2),
     }
-    from samliverseg.core.atomic import atomic_path
+    from samliverseg.core.atomic import write_text
+    from samliverseg.core.jsonutil import write_json
 
-    with atomic_path(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+    write_json(out / "report.json", report)
     lines = [f"# SAMLiverSeg demo ({source})", "", f"model `{engine.spec.name}` on {engine.device}, window `{engine.window.spec()}`", "",
              "| object | Dice | HD95 (mm) | volume (ml) | truth (ml) | time (s) |", "|---|---|---|---|---|---|"]
     for name, entry in results.items():
@@ -149,8 +172,7 @@ def run_demo(args) -> Dict:
         lines.append(f"| {name} | {m.get('dice', float('nan')):.3f} | {_r(m.get('hd95_mm'))} | "
                      f"{_r(m.get('volume_pred_ml', entry['engine']['volume_ml']))} | {_r(m.get('volume_ref_ml'))} | "
                      f"{_r(entry['engine']['timings']['total_s'])} |")
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_text(out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"demo: wrote {out}/segmentation.seg.nrrd, segmentation.nii.gz, overlay.png, report.json, report.md "
           f"({report['wall_s']} s)")

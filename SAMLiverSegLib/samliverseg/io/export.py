@@ -42,8 +42,8 @@ import SimpleITK as sitk
 
 from samliverseg import __version__
 from samliverseg.core.atomic import atomic_path
-from samliverseg.core.errors import InputError
-from samliverseg.io.volume import Volume, geometry_mismatch
+from samliverseg.core.errors import DiskFullError, InputError, WriteError, is_disk_full
+from samliverseg.io.volume import Volume, check_nifti_complete, geometry_mismatch, itk_quiet
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +186,29 @@ def write_labelmap(labels: np.ndarray, volume: Volume, path: PathLike) -> Path:
     if not any(name.endswith(s) for s in LABELMAP_SUFFIXES):
         raise InputError(f"cannot write a label map to {target.name!r}: use one of {', '.join(LABELMAP_SUFFIXES)}")
     image = volume.to_sitk(_as_labels(labels, volume))
-    with atomic_path(target) as tmp:
+    with atomic_path(target, check=image_file_check(volume)) as tmp:
         try:
-            sitk.WriteImage(image, str(tmp), useCompression=True)
+            with itk_quiet() as said:
+                sitk.WriteImage(image, str(tmp), useCompression=True)
         except RuntimeError as exc:
-            raise InputError(f"cannot write {target}: {_itk_message(exc)}") from None
+            if is_disk_full(exc) or "no space left" in said.text.lower():
+                raise DiskFullError(f"disk full: cannot write {target}; "
+                                    f"{'the previous file is kept' if target.exists() else 'nothing was written'}") from None
+            raise WriteError(f"cannot write {target}: {_itk_message(exc)}") from None
     return target
+
+
+def image_file_check(volume: Volume):
+    """A ``check`` for :func:`~samliverseg.core.atomic.atomic_path`: the written image file reads
+    back whole (a cut NIfTI is caught too; ITK's NIfTI writer reports success on a full disk)
+    with the volume's size."""
+    def check(tmp: Path) -> None:
+        check_nifti_complete(tmp)
+        with itk_quiet():
+            image = sitk.ReadImage(str(tmp))
+        if tuple(image.GetSize()) != tuple(volume.shape_ijk):
+            raise WriteError(f"{tmp.name} reads back with size {image.GetSize()}, not {volume.shape_ijk}")
+    return check
 
 
 def _itk_message(exc: BaseException) -> str:
@@ -211,9 +228,11 @@ def read_labelmap(path: PathLike, volume: Optional[Volume] = None, tol_mm: float
     if not p.is_file():
         raise InputError(f"label file {p} does not exist")
     try:
-        image = sitk.ReadImage(str(p))
+        with itk_quiet():
+            image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
-        raise InputError(f"cannot read {p} as a label image: {_itk_message(exc)}") from None
+        raise InputError(f"cannot read {p} as a label image (truncated or corrupt?): {_itk_message(exc)}") from None
+    check_nifti_complete(p)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{p.name} has {image.GetNumberOfComponentsPerPixel()} layers/components per voxel"
                          " (overlapping segments?); a single label map is needed")
@@ -333,7 +352,7 @@ def write_seg_nrrd(labels: np.ndarray, volume: Volume, path: PathLike,
         raise InputError(f"a Slicer segmentation file must end in .seg.nrrd, got {target.name!r}")
     labels = _as_labels(labels, volume)
     header = seg_nrrd_header(labels, volume, segments).encode("utf-8")
-    with atomic_path(target) as tmp:
+    with atomic_path(target, check=image_file_check(volume)) as tmp:
         with open(tmp, "wb") as f:
             f.write(header)
             # gzip stream of the raw voxels, i fastest (C order of array[k, j, i])
@@ -522,7 +541,7 @@ def write_dicom_seg(labels: np.ndarray, volume: Volume, path: PathLike,
     except (ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"cannot build a DICOM SEG from this series: {exc}") from None
     target = Path(path)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, check=_dicom_file_check) as tmp:
         seg.save_as(str(tmp))
     return target
 
@@ -540,6 +559,15 @@ def _numpy_float_alias():
         yield
     finally:
         del np.float_
+
+
+def _dicom_file_check(tmp: Path) -> None:
+    """The written DICOM SEG reads back whole (pixel data included)."""
+    import pydicom
+
+    ds = pydicom.dcmread(str(tmp))
+    if "PixelData" not in ds or len(ds.PixelData) == 0:
+        raise WriteError(f"{tmp.name} has no pixel data")
 
 
 def _ai_family():
@@ -747,17 +775,70 @@ def _segment_info(d) -> SegmentInfo:
 OUTPUT_SUFFIXES = (".seg.nrrd", ".dcm") + LABELMAP_SUFFIXES
 
 
-def check_output_path(path: PathLike, volume: Optional[Volume] = None) -> None:
-    """Refuse, before any work, an output that :func:`write_segmentation` could not write:
-    an unknown extension, a DICOM SEG without a DICOM series, a folder that is not writable."""
-    low = str(path).lower()
-    if not low.endswith(OUTPUT_SUFFIXES):
-        raise InputError(f"unknown output format {str(path)!r}: use .nii.gz, .nrrd, .mha, .seg.nrrd or .dcm")
+#: The kinds of file the CLI writes, by what each may end in (lower case).
+JSON_SUFFIXES = (".json",)
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_path(path: PathLike, volume: Optional[Volume] = None, inputs: Sequence[PathLike] = (),
+                      suffixes: Sequence[str] = OUTPUT_SUFFIXES, option: str = "-o") -> Path:
+    """Refuse, before any work, an output the CLI could not write or must not write; the one
+    place these checks live. Returns the resolved path.
+
+    * its extension is one of ``suffixes`` (case-insensitive: ``RESULT.NII.GZ`` is written as
+      NIfTI), and a DICOM SEG (``.dcm``) needs a volume read from a DICOM series;
+    * it is not a folder, its folder exists or can be created, and is writable; an existing
+      file there is writable;
+    * it is none of ``inputs`` (resolved paths, links followed) and lies inside none of the
+      input folders (a DICOM series).
+    """
+    text = str(path)
+    low = text.lower()
+    if Path(path).expanduser().is_dir():
+        raise InputError(f"{option} {text}: is a folder; give a file name")
+    if not low.endswith(tuple(suffixes)):
+        raise InputError(f"{option} {text!r}: unknown output format; use one of {', '.join(suffixes)}")
     if low.endswith(".dcm") and volume is not None and not volume.dicom_files:
         raise InputError("a DICOM SEG output (.dcm) needs a DICOM series as input")
-    parent = Path(path).resolve().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write to {parent}")
+    target = Path(path).expanduser().resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item).expanduser().resolve()
+        if target == src:
+            raise InputError(f"{option} {text}: is an input of this command; it would be overwritten; "
+                             "choose another output name")
+        if src.is_dir() and _is_inside(target, src):
+            raise InputError(f"{option} {text}: lies inside the input folder {src}; write it elsewhere")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {text}: cannot write to {parent} (no permission, or not a folder)")
+    if target.exists() and (not os.access(target, os.W_OK) or not target.stat().st_mode & 0o222):
+        raise InputError(f"{option} {text}: the existing file is read-only; it is kept as it is")
+    return target
+
+
+def check_outputs(outputs: Sequence[Tuple[str, Optional[PathLike], Sequence[str]]], inputs: Sequence[PathLike] = (),
+                  volume: Optional[Volume] = None) -> None:
+    """:func:`check_output_path` for each ``(option, path, suffixes)`` given (``path`` None: not
+    asked for), and no two of them the same file."""
+    seen: Dict[Path, str] = {}
+    for option, path, suffixes in outputs:
+        if path is None:
+            continue
+        target = check_output_path(path, volume, inputs, suffixes, option)
+        if target in seen:
+            raise InputError(f"{option} and {seen[target]} are the same file {path}; give each its own name")
+        seen[target] = option
 
 
 def segments_for(label: int, name: Optional[str] = None) -> List[SegmentInfo]:
@@ -787,5 +868,6 @@ __all__ = [
     "Code", "SegmentInfo", "LIVER", "LIVER_TUMOR", "DEFAULT_SEGMENTS", "write_labelmap", "read_labelmap",
     "write_seg_nrrd", "seg_nrrd_header", "read_seg_nrrd_segments", "write_dicom_seg", "read_dicom_seg",
     "rgb_to_dicom_lab", "dicom_lab_to_rgb",
-    "LABELMAP_SUFFIXES", "OUTPUT_SUFFIXES", "check_output_path", "segments_for", "write_segmentation",
+    "LABELMAP_SUFFIXES", "OUTPUT_SUFFIXES", "JSON_SUFFIXES", "check_output_path", "check_outputs", "segments_for",
+    "write_segmentation",
 ]

@@ -39,7 +39,7 @@ from typing import Any, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from samliverseg.core.atomic import atomic_path
+from samliverseg.core.atomic import write_text
 from samliverseg.core.errors import InputError
 from samliverseg.core.prompts import Prompts, Roi3D
 from samliverseg.core.geometry import LPS_TO_RAS
@@ -389,9 +389,7 @@ def write_markups(path: PathLike, markups: Union[Markup, Sequence[Markup]], coor
     doc = {"@schema": SCHEMA_URL, "markups": [_markup_json(m, cs) for m in items]}
     text = json.dumps(doc, indent=2, allow_nan=False)
     target = Path(path)
-    with atomic_path(target) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
-    return target
+    return write_text(target, text + "\n")
 
 
 __all__ = [

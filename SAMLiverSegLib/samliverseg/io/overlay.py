@@ -28,6 +28,12 @@ from scipy import ndimage
 
 from samliverseg.core.atomic import atomic_path
 
+def _png_check(tmp: Path) -> None:
+    """The written PNG reads back whole."""
+    with Image.open(tmp) as im:
+        im.load()
+
+
 __all__ = ["MASK_COLOR", "REF_COLOR", "save_overlay_png", "render_overlay"]
 
 #: Outline colours (RGB): the mask in green, the reference in magenta.
@@ -215,6 +221,6 @@ def save_overlay_png(
     img = render_overlay(hu, mask, spacing, window=window, ref=ref, center=center, panel_px=panel_px,
                          mask_name=mask_name, ref_name=ref_name, title=title)
     target = Path(path)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, check=_png_check) as tmp:
         img.save(tmp, format="PNG")
     return target

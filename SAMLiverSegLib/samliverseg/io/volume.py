@@ -19,16 +19,22 @@ empty image, and NaN or infinite intensities.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gzip
 import os
+import struct
+import sys
+import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from samliverseg.core.errors import InputError
+from samliverseg.core.errors import InputError, OutOfMemoryError
 from samliverseg.core.geometry import LPS_TO_RAS, Grid  # noqa: F401 - LPS_TO_RAS: the old import place
 
 PathLike = Union[str, os.PathLike]
@@ -225,6 +231,203 @@ def check_ct_range(volume: Volume) -> Optional[str]:
     return None
 
 
+
+#: Plausibility limits of a CT grid: a voxel edge of at most this many mm ...
+MAX_SPACING_MM = 20.0
+#: ... and a box (field of view x scan length) of at most this many litres. A whole-body CT,
+#: 60 x 60 cm over 2 m, is 720 L; an abdomen 35 x 35 x 30 cm is 37 L (so 20 L would refuse real
+#: scans). A spacing in the wrong unit (m read as mm) gives millions of litres.
+MAX_VOLUME_L = 2000.0
+
+
+def looks_like_label_map(volume: Volume) -> Optional[List[float]]:
+    """The distinct values when ``volume`` looks like a label map or mask (whole non-negative
+    numbers, at most 16 of them, on a sample of the voxels), else None."""
+    a = volume.array
+    step = max(1, int(round((a.size / 2_000_000) ** (1 / 3))))
+    sample = a[::step, ::step, ::step]
+    values = np.unique(sample)
+    if values.size > 16 or values.size < 2 or values[0] < 0 or not np.array_equal(values, np.round(values)):
+        return None
+    return [float(v) for v in values]
+
+
+def check_ct_input(volume: Volume, accept_non_hu: bool = False) -> None:
+    """Refuse (one-line :class:`InputError`) a volume that is not a CT in HU, before any prompt is
+    judged or any model loaded: a label map or mask, a constant image, an implausible grid,
+    and, unless ``accept_non_hu``, intensities that are not HU (:func:`check_ct_range`)."""
+    name = volume.source_path or "the image"
+    sp = np.asarray(volume.spacing, dtype=float)
+    if not np.all(np.isfinite(sp)) or (sp <= 0).any() or (sp > MAX_SPACING_MM).any():
+        raise InputError(f"{name} has an implausible voxel spacing {tuple(round(float(v), 4) for v in sp)} mm "
+                         f"(a CT's is above 0 and at most {MAX_SPACING_MM:g} mm); fix the spacing in its header")
+    litres = float(np.prod(sp)) * volume.array.size / 1e6
+    if litres > MAX_VOLUME_L:
+        raise InputError(f"{name} covers {litres:.3g} L ({volume.shape_ijk} voxels of "
+                         f"{tuple(round(float(v), 4) for v in sp)} mm): too large for a CT; the spacing in its header"
+                         " is probably wrong (in mm?)")
+    lo, hi = float(volume.array.min()), float(volume.array.max())
+    if hi - lo < 1e-6:
+        raise InputError(f"{name} has a constant intensity ({lo:g}): there is nothing to segment")
+    if accept_non_hu:
+        return
+    values = looks_like_label_map(volume)
+    if values is not None:
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise InputError(f"{name} looks like a label map or mask (values {shown}), not a CT: give the CT image")
+    warning = check_ct_range(volume)
+    if warning is not None:
+        raise InputError(f"{name} does not look like a CT in HU: {warning}; if it is right, run again with "
+                         "--accept-non-hu or an explicit --window LOW,HIGH")
+
+
+# ---------------------------------------------------------------------------------------------
+# ITK's own messages, and files cut short
+# ---------------------------------------------------------------------------------------------
+class NativeStderr:
+    """What native code (ITK, NIfTI, GDCM, HDF5) printed to file descriptor 2 inside
+    :func:`itk_quiet`; ``last_line`` is the most telling line of it."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    @property
+    def last_line(self) -> str:
+        lines = [ln.strip() for ln in self.text.splitlines() if ln.strip() and not ln.startswith("WARNING: In ")]
+        return lines[-1][:200] if lines else ""
+
+
+@contextlib.contextmanager
+def itk_quiet() -> Iterator[NativeStderr]:
+    """Capture what native code prints on stderr (fd 2) during the block, and ITK's warnings.
+
+    The one place that keeps ITK/NIfTI/GDCM chatter ("** ERROR: NWAD ...", MetaImage warnings)
+    from appearing before the CLI's one-line message; the text is kept for the message.
+    """
+    captured = NativeStderr()
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedding application): nothing to capture
+        try:
+            yield captured
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+            sink.seek(0)
+            captured.text = sink.read(1 << 16).decode("utf-8", errors="replace")
+
+
+def _nifti_data_bytes(p: Path) -> Optional[Tuple[int, int]]:
+    """(voxel data offset, voxel data bytes) from a NIfTI-1/2 header, or None when unreadable."""
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    try:
+        with opener(str(p), "rb") as f:  # type: ignore[operator]
+            head = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+        elif len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+        else:
+            continue
+        n = int(dims[0])
+        if not 1 <= n <= 7 or bitpix <= 0:
+            return None
+        count = 1
+        for d in dims[1:n + 1]:
+            count *= max(int(d), 1)
+        return max(offset, 348), count * bitpix // 8
+    return None
+
+
+def check_nifti_complete(p: Path) -> None:
+    """Refuse a NIfTI file that holds less voxel data than its header announces.
+
+    ITK (like nibabel) fills the missing part of a cut ``.nii``/``.nii.gz`` with zeros and
+    reports success; this check reads the (decompressed) length instead.
+    """
+    info = _nifti_data_bytes(p)
+    if info is None:
+        return  # not NIfTI-1/2: the image reader decides
+    offset, nbytes = info
+    need = offset + nbytes
+    if p.name.lower().endswith(".gz"):
+        got, complete = _gunzipped_length(p, need)
+        if not complete:
+            raise InputError(f"{p} is truncated or corrupt: its compressed data ends early "
+                             f"({got} of {need} bytes readable); copy the file again")
+    else:
+        got = p.stat().st_size
+    if got < need:
+        raise InputError(f"{p} is truncated: it holds {got} of the {need} bytes its header announces; "
+                         "copy the file again")
+
+
+def _gunzipped_length(p: Path, need: int) -> Tuple[int, bool]:
+    """(bytes decompressed, whether the gzip stream is whole) of ``p``; stops after ``need`` bytes."""
+    got = 0
+    d = zlib.decompressobj(47)
+    try:
+        with open(p, "rb") as f:
+            while True:
+                raw = f.read(1 << 20)
+                if not raw:
+                    return got, d.eof or got >= need
+                while raw:
+                    got += len(d.decompress(raw))
+                    raw = d.unused_data if d.eof else b""
+                    if d.eof and raw:  # a second gzip member
+                        d = zlib.decompressobj(47)
+                if got >= need:
+                    return got, True
+    except zlib.error:
+        return got, False
+
+
+def _refuse_unloadable_nifti(p: Path, exc: BaseException) -> None:
+    """A NIfTI file ITK could not load: truncated (InputError), or, when the file is whole, out
+    of memory (the NIfTI library's only other reason to fail once the header was read)."""
+    if "nifti_image_load failed" not in str(exc):
+        return
+    check_nifti_complete(p)
+    info = _nifti_data_bytes(p)
+    size = f" ({info[1] / 2**20:.0f} MB of voxels, {info[1] / 2**20 * 2:.0f} MB more as float32 HU)" if info else ""
+    raise OutOfMemoryError(f"out of memory reading {p}{size}: close other programs, or crop the CT to the region "
+                           "of interest first")
+
+
+def _is_segmentation_file(p: Path) -> bool:
+    """A Slicer segmentation (``.seg.nrrd``, or a NRRD with Slicer's ``Segment0_`` fields)."""
+    if p.name.lower().endswith(".seg.nrrd"):
+        return True
+    if not p.name.lower().endswith((".nrrd", ".nhdr")):
+        return False
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    end = head.find(b"\n\n")
+    return head.startswith(b"NRRD") and b"\nSegment0_" in head[: end if end >= 0 else len(head)]
+
+
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
@@ -244,15 +447,21 @@ def read_volume(path: PathLike, allow_single_slice: bool = False) -> Volume:
         if kind:
             raise InputError(f"{p} is a DICOM {kind} object, not an image; give the CT series it belongs to")
         return _read_dicom_dir(p.parent, allow_single_slice, member=p)
+    if _is_segmentation_file(p):
+        raise InputError(f"{p} is a segmentation (.seg.nrrd), not a CT: give the CT image it belongs to")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
-        image = reader.Execute()
+        with itk_quiet() as said:
+            image = reader.Execute()
     except RuntimeError as exc:
+        _refuse_unloadable_nifti(p, exc)
         if any(p.name.lower().endswith(s) for s in IMAGE_SUFFIXES):
-            raise InputError(f"cannot read {p} as an image: {_first_line(exc)}") from None
+            why = said.last_line if "data not read completely" in said.text else _first_line(exc)
+            raise InputError(f"cannot read {p} as an image (truncated or corrupt?): {why}") from None
         raise InputError(f"{p} is not a readable image (supported: {', '.join(IMAGE_SUFFIXES)} files"
                          " or a DICOM series folder)") from None
+    check_nifti_complete(p)  # ITK zero-fills a cut NIfTI file and reports success
     return Volume.from_sitk(image, source_path=p, allow_single_slice=allow_single_slice, modality=None)
 
 
@@ -315,6 +524,82 @@ def _series_in(folder: Path) -> List[Tuple[str, List[str]]]:
     return out
 
 
+def _series_kind(files: List[str]) -> Tuple[Optional[str], bool, str]:
+    """(modality, mask-like, description) of a series, from its middle file: mask-like when that
+    slice holds at most 16 whole non-negative values (0/255 masks are stored as "CT" too)."""
+    modality, description = None, ""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True,
+                             specific_tags=["Modality", "SeriesDescription", "BitsStored"])
+        modality = str(ds.get("Modality", "") or "").strip().upper() or None
+        description = str(ds.get("SeriesDescription", "") or "").strip()
+    except Exception:  # noqa: BLE001 - an unreadable header: judged by its pixels only
+        pass
+    mask_like = False
+    try:
+        with itk_quiet():
+            a = sitk.GetArrayFromImage(sitk.ReadImage(files[len(files) // 2]))
+        values = np.unique(a)
+        mask_like = values.size <= 16 and values[0] >= 0 and np.array_equal(values, np.round(values))
+    except (RuntimeError, ValueError):
+        pass
+    return modality, bool(mask_like), description
+
+
+def _refuse_unreadable_members(folder: Path, series: List[Tuple[str, List[str]]]) -> None:
+    """Refuse a series folder holding DICOM files that no series could use: GDCM leaves a file cut
+    short out of its series, and the gap would otherwise read as a missing slice."""
+    used = {os.path.abspath(f) for _, files in series for f in files}
+    try:
+        entries = [e.path for e in os.scandir(folder) if e.is_file()]
+    except OSError:
+        return
+    bad = sorted(f for f in entries if os.path.abspath(f) not in used and _is_dicom_file(Path(f))
+                 and not _non_image_dicom_kind(Path(f)) and _dicom_unreadable(Path(f)))
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise InputError(f"{bad[0]}{more} in {folder} cannot be read as DICOM (truncated or corrupt?); "
+                         "copy the series again")
+
+
+def _dicom_unreadable(p: Path) -> bool:
+    """True for a DICOM image file whose header or pixels cannot be read (cut short); a file
+    that holds no image (a DICOMDIR, a report) is not judged here."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(p))
+        if "Rows" not in ds:
+            return False
+        _ = ds.pixel_array
+        return False
+    except Exception:  # noqa: BLE001 - any failure is "cannot be read"
+        return True
+
+
+def _choose_series(series: List[Tuple[str, List[str]]], folder: Path) -> Tuple[str, List[str]]:
+    """The CT among the image series of a folder: by modality (CT first), never a mask-like
+    series when another is there; several candidates left: an InputError naming them."""
+    if len(series) == 1:
+        return series[0]
+    kinds = {sid: _series_kind(files) for sid, files in series}
+    images = [s for s in series if not kinds[s[0]][1]] or series
+    cts = [s for s in images if kinds[s[0]][0] in ("CT", None)] or images
+    if len(cts) == 1:
+        return cts[0]
+
+    def describe(s: Tuple[str, List[str]]) -> str:
+        modality, _, text = kinds[s[0]]
+        what = ", ".join(x for x in (modality or "", repr(text) if text else "", f"{len(s[1])} files") if x)
+        return f"{Path(s[1][0]).parent / Path(s[1][0]).name} ({what})"
+
+    shown = "; ".join(describe(s) for s in cts[:4]) + ("; ..." if len(cts) > 4 else "")
+    raise InputError(f"{folder} holds {len(cts)} image series that could be the CT: {shown}; give one file of the "
+                     "series you mean (its whole series is read), or a folder that holds only that series")
+
+
 def _subdirs(folder: Path) -> List[Path]:
     try:
         return [Path(e.path) for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
@@ -336,15 +621,18 @@ def _read_dicom_dir(folder: Path, allow_single_slice: bool, member: Optional[Pat
     if member is not None:
         mine = [s for s in series if any(Path(f).resolve() == member.resolve() for f in s[1])]
         series = mine or series
-    sid, files = max(series, key=lambda s: len(s[1]))
+    sid, files = _choose_series(series, folder)
+    _refuse_unreadable_members(Path(files[0]).parent, series)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOff()
     try:
-        image = reader.Execute()
+        with itk_quiet() as said:
+            image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"cannot read the DICOM series in {folder}: {_first_line(exc)}") from None
+        why = said.last_line or _first_line(exc)
+        raise InputError(f"cannot read the DICOM series in {folder} (a file cut short or corrupt?): {why}") from None
     meta = {}
     for key, tag in _DICOM_TAGS.items():
         try:
