@@ -24,6 +24,7 @@ import SimpleITK as sitk
 import torch
 
 from libtest_helpers import SCRIPTS, save_tiny_sam, tiny_sam_command, tiny_sam_fixture
+from samliverseg.core.atomic import is_temp_name
 from samliverseg.cli.commands import main as cli_main
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.training import checkpoint as ck
@@ -269,7 +270,7 @@ def test_full_disk_while_checkpointing_exit_3_previous_kept(data, tmp_path, caps
     assert "Traceback" not in stderr
     assert {n: sha(after / n) for n in names} == before  # the previous checkpoints, byte for byte
     listing = (after / "listing.txt").read_text().split()
-    assert not [f for f in listing if f.endswith(".tmp")]  # no partial file left behind
+    assert not [f for f in listing if is_temp_name(f)]  # no partial file left behind
 
 
 # ------------------------------------------------------------------------------- out of memory

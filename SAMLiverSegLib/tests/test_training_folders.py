@@ -22,6 +22,7 @@ from typing import Any, Dict, List
 import pytest
 
 from libtest_helpers import TINY, TINY_SPEC, run_on_small_disk, tiny_config, tiny_config_dict, tiny_sam_command, writer
+from samliverseg.core.atomic import is_temp_name
 from samliverseg.core.errors import CancelledError, CheckpointError
 from samliverseg.training import checkpoint as ck
 from samliverseg.training import runfolder as rf
@@ -247,7 +248,7 @@ def test_disk_full_during_training_exit_3_previous_checkpoint_intact(phantom_cac
     now = snapshot(after / "run")
     for name in ("last.pt", "best.pt", "model.pth"):
         assert now[name][0] == before[name][0], name  # the previous checkpoints, byte for byte
-    assert not [n for n in now if n.endswith(".tmp")]  # no partial file left behind
+    assert not [n for n in now if is_temp_name(n)]  # no partial file left behind
 
 
 @pytest.mark.slow  # a real 2-process gloo run: 20-40 s on 2 shared cores

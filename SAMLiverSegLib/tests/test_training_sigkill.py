@@ -126,7 +126,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(kind, phantom_
         (run / ck.LAST_NAME).unlink()
 
     # 2. what a kill inside torch.save leaves: a partial temporary file beside the checkpoints
-    partial = run / ".last.pt.k1ll3d.tmp"
+    partial = run / ".last.pt.k1ll3d.tmp.pt"
     data = (run / ck.BEST_NAME).read_bytes()
     partial.write_bytes(data[: len(data) // 2])
 

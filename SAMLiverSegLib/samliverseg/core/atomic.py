@@ -63,9 +63,16 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def temp_suffix(target: Path) -> str:
-    """The temporary file's suffix: the target's suffixes in lower case (writers that pick the
-    format from the extension, like ITK, then see ``.nii.gz`` for ``RESULT.NII.GZ``)."""
-    return "".join(target.suffixes).lower() or ".tmp"
+    """The temporary file's suffix: ``.tmp`` and the target's suffixes in lower case (writers that
+    pick the format from the extension, like ITK, then see ``.nii.gz`` for ``RESULT.NII.GZ``).
+    Every temporary file is ``.NAME.XXXXXXXX.tmp<suffixes>``: :func:`is_temp_name` knows them."""
+    return ".tmp" + "".join(target.suffixes).lower()
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of a temporary file :func:`atomic_path` makes (a write that never finished
+    leaves one behind when its process is killed)."""
+    return name.startswith(".") and ".tmp" in name
 
 
 @contextlib.contextmanager
@@ -81,11 +88,11 @@ def atomic_path(path: PathLike, check: Optional[Callable[[Path], None]] = None,
         raise InputError(f"output {target} is a folder; give a file name")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}.", suffix=temp_suffix(target),
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=temp_suffix(target),
                                         dir=target.parent)
         os.close(fd)
     except OSError as exc:
-        if is_disk_full(exc):
+        if is_disk_full(exc, target.parent):
             raise DiskFullError(f"disk full: cannot write {target} ({exc.strerror})") from None
         raise InputError(f"cannot write {target}: {exc.strerror or exc}") from None
     tmp = Path(tmp_name)
@@ -107,7 +114,7 @@ def atomic_path(path: PathLike, check: Optional[Callable[[Path], None]] = None,
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if not isinstance(exc, SAMLiverSegError) and is_disk_full(exc):
+        if not isinstance(exc, SAMLiverSegError) and is_disk_full(exc, target.parent):
             raise DiskFullError(f"disk full: cannot write {target}; {_kept(target)}") from None
         raise
 

@@ -66,20 +66,27 @@ EXIT_OUT_OF_MEMORY = 4
 #: Exit code of an output that could not be written (a full disk, a write that failed its check).
 EXIT_WRITE_FAILED = 5
 
+#: Less free space than this where a write failed: the failure was the full disk.
+DISK_FULL_FREE_BYTES = 1 << 20
 #: Text of the OS errors that mean "no room": ENOSPC, EDQUOT, EFBIG, as strerror words them.
 _DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "file too large", "errno 28", "errno 122",
                    "errno 27")
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException, folder=None) -> bool:
     """True when ``exc`` (or an exception it wraps) means the disk is full.
 
     The one disk-full detector of the project: an OSError with errno ENOSPC, EDQUOT or EFBIG,
     or an exception whose text says so (torch re-raises a failed write as a RuntimeError,
     e.g. "... file write failed ... No space left on device"). ``__cause__`` and
-    ``__context__`` are followed.
+    ``__context__`` are followed. ``folder``: where the failed write went; torch sometimes words a
+    full disk without its errno (e.g. "unexpected pos"), so an OSError/RuntimeError there counts
+    when the folder has under :data:`DISK_FULL_FREE_BYTES` free.
     """
     import errno
+    import shutil
+
+    first = exc
 
     codes = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
     seen = set()
@@ -90,6 +97,11 @@ def is_disk_full(exc: BaseException) -> bool:
         if isinstance(exc, (OSError, RuntimeError, IOError)) and any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
             return True
         exc = exc.__cause__ or exc.__context__
+    if folder is not None and isinstance(first, (OSError, RuntimeError)):
+        try:
+            return shutil.disk_usage(str(folder)).free < DISK_FULL_FREE_BYTES
+        except OSError:
+            return False
     return False
 
 

@@ -24,15 +24,14 @@ import contextlib
 import errno
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
-from samliverseg.core.errors import CheckpointError
+from samliverseg.core.atomic import atomic_path
+from samliverseg.core.errors import CheckpointError, DiskFullError, SAMLiverSegError
 from samliverseg.io import torchfile
 
 FORMAT = "samliverseg-train-checkpoint"
@@ -51,33 +50,18 @@ def _torch_writer(obj: Any, f: BinaryIO) -> None:
 
 def save_checkpoint(obj: Mapping[str, Any], path: Union[str, os.PathLike],
                     writer: Callable[[Any, BinaryIO], None] = _torch_writer) -> Path:
-    """Atomically write ``obj`` to ``path`` (tmp in the same folder, fsync, os.replace)."""
+    """Write ``obj`` to ``path`` through the one atomic writer (``core.atomic.atomic_path``: a
+    temporary file beside it, fsync, rename). Any failure is a one-line CheckpointError (exit 3, a
+    full disk included) and leaves the previous checkpoint as it was."""
     target = Path(path)
-    tmp: Optional[Path] = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            writer(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        with contextlib.suppress(OSError):  # mkstemp makes 0600; give a normal file's mode
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-        tmp = None
-        with contextlib.suppress(OSError):  # make the rename durable
-            dfd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    except (OSError, RuntimeError) as exc:  # torch.save re-raises a failed write as a RuntimeError
-        if is_disk_full(exc, target.parent):
-            raise CheckpointError(f"disk full: cannot write {target} (the disk is full); the previous checkpoint "
-                                  f"(if any) is unchanged: free some space and continue with --resume") from None
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as f:
+                writer(obj, f)
+    except DiskFullError:
+        raise CheckpointError(f"disk full: cannot write {target} (the disk is full); the previous checkpoint "
+                              f"(if any) is unchanged: free some space and continue with --resume") from None
+    except (SAMLiverSegError, OSError, RuntimeError) as exc:  # torch.save re-raises a failed write as a RuntimeError
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             why = f"no permission to write in {target.parent}"
         elif isinstance(exc, OSError):
@@ -86,31 +70,7 @@ def save_checkpoint(obj: Mapping[str, Any], path: Union[str, os.PathLike],
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot write the checkpoint {target}: {why}; the previous checkpoint "
                               f"(if any) is unchanged") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
     return target
-
-
-#: Less free space than this where a write failed: the failure was the full disk.
-DISK_FULL_FREE_BYTES = 1 << 20
-
-
-# lead: replace by core.errors.is_disk_full after merge
-def is_disk_full(exc: BaseException, folder: Union[str, os.PathLike, None] = None) -> bool:
-    """True when ``exc`` is a full disk: ``ENOSPC``/``EDQUOT``, or (torch re-raises a failed write as a
-    ``RuntimeError`` without the errno) any write error while ``folder`` has under 1 MiB free."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return True
-    if "No space left on device" in str(exc):
-        return True
-    if folder is not None and isinstance(exc, (OSError, RuntimeError)):
-        try:
-            return shutil.disk_usage(str(folder)).free < DISK_FULL_FREE_BYTES
-        except OSError:
-            return False
-    return False
 
 
 def load_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from samliverseg.core.atomic import is_temp_name
 from samliverseg.core.errors import CheckpointError, InputError
 from samliverseg.training import checkpoint as ck
 
@@ -143,13 +144,13 @@ def remove_run_files(folder: Path) -> List[str]:
 
 def remove_stale_tmp(folder: Path) -> List[Path]:
     """Remove the temporary files of writes that never finished (only the lock's owner calls this):
-    ``.NAME.*.tmp`` in the folder and in ``embeddings/``."""
+    ``.NAME.*.tmp*`` (``core.atomic.is_temp_name``) in the folder and in ``embeddings/``."""
     gone = []
     for where in (Path(folder), Path(folder) / "embeddings"):
         if not where.is_dir():
             continue
         for p in where.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            if is_temp_name(p.name) and p.is_file():
                 with contextlib.suppress(OSError):
                     p.unlink()
                     gone.append(p)

@@ -50,7 +50,7 @@ from samliverseg.core.errors import (EXIT_OUT_OF_MEMORY, EXIT_UNEXPECTED, Cancel
                                      SAMLiverSegError, out_of_memory_kind)
 from samliverseg.models.kinds import KINDS
 from samliverseg.training.base import register_result
-from samliverseg.training.checkpoint import is_disk_full
+from samliverseg.core.errors import is_disk_full
 from samliverseg.training.progress import ProgressWriter
 
 EXIT_OK = 0
