@@ -546,12 +546,7 @@ class SegmentAnythingSession:
 
     def _drop_arrays(self, msg: Dict[str, Any]) -> None:
         """Remove the result files of an answer nobody uses."""
-        for value in (msg.get("result") or {}).values():
-            if isinstance(value, dict) and "npy" in value:
-                try:
-                    self.client.read_array(value)
-                except (OSError, ValueError, SAMLiverSegError):
-                    pass
+        self.client.discard_result(msg)
 
     def _finish(self, rid: int, task: Task, msg: Dict[str, Any]) -> Optional[Outcome]:
         seconds = time.perf_counter() - task.sent

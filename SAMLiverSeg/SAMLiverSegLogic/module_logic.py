@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import select
 import subprocess
@@ -283,7 +282,7 @@ class PanelRun:
                 others.append(msg)
                 continue
             if self.finished:  # a late answer after a failure: drop it (and its array file)
-                self._discard(msg)
+                self.client.discard_result(msg)
                 continue
             if "ok" not in msg:
                 if rid == self.request_id and msg.get("event") == "progress":
@@ -296,14 +295,6 @@ class PanelRun:
             if rid == self.request_id:
                 self._finish(msg["result"])
         return others
-
-    def _discard(self, msg: Dict[str, Any]) -> None:
-        ref = (msg.get("result") or {}).get("mask") if msg.get("ok") else None
-        if ref:
-            try:
-                os.remove(ref["npy"])
-            except OSError:
-                pass
 
     def _finish(self, result: Dict[str, Any]) -> None:
         try:

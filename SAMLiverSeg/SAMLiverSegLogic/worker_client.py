@@ -32,12 +32,22 @@ which starts its worker on its first request. :func:`shutdown_shared_client` sto
 effect cleanup, application exit; it is also registered with ``atexit``).
 
 How a GUI uses it without ever blocking (WORKER_PROTOCOL.md, "How the GUI uses the client"):
-``rid = client.send(...)`` (starts the worker if needed, never waits for it); then
-:meth:`WorkerClient.watch` says which pipe to watch (a new ``QSocketNotifier`` when it changed);
-when the pipe is readable, :meth:`WorkerClient.poll` returns the complete messages at once;
-:meth:`WorkerClient.next_timeout` says when to poll anyway for a request timeout
-(``QTimer.singleShot``). :meth:`WorkerClient.cancel` returns at once; the cancelled request
-ends with its own exit-code-130 response.
+each user (the effect session, a panel run) opens its own :class:`Channel`
+(:meth:`WorkerClient.channel`); ``rid = channel.send(...)`` (starts the worker if needed, never
+waits for it); then :meth:`WorkerClient.watch` says which pipe to watch (a new
+``QSocketNotifier`` when it changed); when the pipe is readable, :meth:`Channel.poll` returns the
+complete messages of that user's requests at once. Whichever user's notifier fires first reads
+the pipe for all of them: the others' messages wait in their inboxes and their ``notify``
+callback is called (their notifier will not fire for them). Messages of a closed channel are
+dropped with a log line. :meth:`WorkerClient.next_timeout` says when to poll anyway for a request
+timeout (``QTimer.singleShot``). :meth:`WorkerClient.cancel` returns at once; the cancelled
+request ends with its own exit-code-130 response. ``client.send``/``client.poll`` without a
+channel are the plain single-user API (scripts, tests): one more owner.
+
+The worker holds one volume: :attr:`WorkerClient.volume_key` is the :func:`volume_node_key` of the
+volume last sent, and :meth:`Channel.ensure_volume_node` sends ``load_volume`` only when the worker
+holds another (the panel loaded its own, maybe of the same geometry; or the voxels changed), so
+each user's requests run on its own volume (requests run in the order sent: nothing waits).
 
 Arrays (the volume, masks) travel as ``.npy`` files in a session folder this client owns (in
 ``/dev/shm`` when present); :meth:`WorkerClient.read_array` reads a result into memory and removes
@@ -530,13 +540,14 @@ class WorkerClient:
             if protocol.is_final(message):
                 log.info("SAMLiverSeg worker client: dropped the answer to request %s (%s): its owner %r is gone",
                          message.get("id"), "ok" if message.get("ok") else "failed", owner.name)
-                self._remove_result_files(message)
+                self.discard_result(message)
             return
         self._inboxes.setdefault(owner, []).append(message)
         if owner is not None and owner not in self._woken:
             self._woken.append(owner)
 
-    def _remove_result_files(self, message: Dict[str, Any]) -> None:
+    def discard_result(self, message: Dict[str, Any]) -> None:
+        """Remove the array files of an answer nobody reads (never raises)."""
         for value in (message.get("result") or {}).values():
             if isinstance(value, dict) and "npy" in value:
                 try:
@@ -602,6 +613,7 @@ class WorkerClient:
             rid = self._write(rtype, fields, timeout=timeout, owner=owner)
         if rtype == "load_volume":
             self._volume_fields, self._volume_rid = dict(fields), rid
+        self._wake_others(owner)  # a worker found dead here failed other owners' requests
         return rid
 
     def poll(self, owner: Optional["Channel"] = None) -> List[Dict[str, Any]]:
@@ -615,10 +627,10 @@ class WorkerClient:
         self._read()
         self._notice_exit()
         self._check_deadlines()
-        out = self._inboxes.get(owner) or []
-        self._inboxes[owner] = []
-        if owner is not None and owner.closed:
-            out = []
+        out: List[Dict[str, Any]] = []
+        if owner is None or not owner.closed:
+            out = self._inboxes.get(owner) or []
+            self._inboxes[owner] = []
         self._wake_others(owner)
         return out
 
@@ -628,6 +640,14 @@ class WorkerClient:
         called when another owner's poll took messages of this one from the pipe (a GUI schedules
         its own poll then: ``qt.QTimer.singleShot(0, ...)``)."""
         return Channel(self, name, notify)
+
+    def forget_owner(self, owner: "Channel") -> None:
+        """Drop what waits in a closed channel's inbox (a result's array files are removed)."""
+        for msg in self._inboxes.pop(owner, []):
+            if protocol.is_final(msg):
+                self.discard_result(msg)
+        if owner in self._woken:
+            self._woken.remove(owner)
 
     def ready(self, owner: Optional["Channel"] = None) -> bool:
         """True when messages of ``owner`` wait in its inbox (taken from the pipe by another poll)."""
@@ -663,18 +683,14 @@ class WorkerClient:
         Messages of other requests stay for :meth:`poll`. :class:`WorkerTimeout` after ``timeout``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        owner = self._pending[rid]["owner"] if rid in self._pending else None
         while True:
-            inbox = self._inboxes.get(owner) or []
-            for n, msg in enumerate(inbox):
-                if msg.get("id") == rid:
-                    del inbox[n]
-                    if protocol.is_final(msg):
-                        self._wake_others(owner)
-                        return msg
-                    if on_event is not None:
-                        on_event(msg)
-                    break
+            msg = self._take(rid)
+            if msg is not None:
+                if protocol.is_final(msg):
+                    self._wake_others(None)
+                    return msg
+                if on_event is not None:
+                    on_event(msg)
             else:
                 if rid not in self._pending:
                     raise WorkerError(f"request {rid} is not waiting for an answer (already taken by poll?)")
@@ -685,6 +701,15 @@ class WorkerClient:
                 if not self._notice_exit():
                     self._read(0.5 if remaining is None else min(remaining, 0.5))
                 self._check_deadlines()
+
+    def _take(self, rid: int) -> Optional[Dict[str, Any]]:
+        """The first message of request ``rid`` out of whichever inbox holds it (None: none yet)."""
+        for inbox in self._inboxes.values():
+            for n, msg in enumerate(inbox):
+                if msg.get("id") == rid:
+                    del inbox[n]
+                    return msg
+        return None
 
     def request(self, rtype: str, timeout: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
         """Send and wait; the result, or :class:`WorkerError` with the worker's one-line message."""
@@ -921,10 +946,7 @@ class Channel:
             return
         self.cancel()
         self.closed = True
-        inbox = self.client._inboxes.pop(self, [])
-        for msg in inbox:
-            if protocol.is_final(msg):
-                self.client._remove_result_files(msg)
+        self.client.forget_owner(self)
 
     # the client's, for the GUI's notifier
     def watch(self) -> Optional[Tuple[int, int]]:
@@ -941,6 +963,9 @@ class Channel:
 
     def read_array(self, ref: Dict[str, Any], remove: bool = True) -> np.ndarray:
         return self.client.read_array(ref, remove)
+
+    def discard_result(self, message: Dict[str, Any]) -> None:
+        self.client.discard_result(message)
 
 
 # -- the one shared worker of the module ------------------------------------------------------------
