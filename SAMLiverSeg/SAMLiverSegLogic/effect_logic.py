@@ -309,16 +309,18 @@ class SegmentAnythingSession:
         key = volume_node_key(self.volume_node)
         note = ""
         if key != self._checked:
-            self._checked = key
             view = voxels_view(self.volume_node)
             self.intensity_check = check = volume_nodes.check_ct_intensities(view)
             note = "" if check.looks_like_ct else check.message
             if note and self.settings.window is None:
                 note += " (the segmentation uses the model's CT window until you set a custom one)"
         rid, sent = self.channel.ensure_volume_node(self.volume_node)
+        self._checked = key
         if sent:
             self.tasks[rid] = Task("volume", self.generation)
             self._volume_rid = rid
+        elif self._volume_rid in self._volume_failed:  # the worker holds it from another user's load
+            self._volume_rid = None
         return self._volume_rid, note
 
     # -- prompts --------------------------------------------------------------------------
