@@ -494,7 +494,9 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             client = worker_client.shared_client(**settings)
             run = module_logic.PanelRun(slicer.mrmlScene, client, p.inputVolume, p.outputSegmentation, target,
                                         roi_node=p.roi, positive_node=p.points, propagate=p.propagate,
-                                        editor=self.panelEditor)  # one undo history for the panel
+                                        editor=self.panelEditor,  # one undo history for the panel
+                                        # the effect's poll may take this run's answers from the shared pipe
+                                        notify=lambda: qt.QTimer.singleShot(0, self.onWorkerReadable))
         except SAMLiverSegError as exc:
             slicer.util.errorDisplay(str(exc))
             return
@@ -553,15 +555,14 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if client is None:
             return
         try:
-            messages = client.poll()
             if run is not None and not run.finished:
-                messages = run.handle(messages)
+                run.poll()  # the run's own messages only (the effect's stay in the effect's inbox)
+            else:
+                client.poll()  # no run of ours: still drain the pipe (a notifier that reads nothing refires)
         except Exception as exc:  # never let an unexpected error leave the dialog up
             logging.exception("SAMLiverSeg: worker message handling failed")
             if run is not None and not run.finished:
                 run.status, run.message = "failed", str(exc)
-        for msg in messages:  # not the panel's (another user of the shared worker)
-            logging.debug(f"SAMLiverSeg panel: ignored worker message {msg.get('id')}")
         if run is not None and self.segmentProgress is not None and not run.finished:
             done, total = run.progress
             if total:

@@ -12,8 +12,15 @@ flight and the current preview. It never blocks and starts no thread:
   prompt and send the worker a ``prompt`` request (RAS points/box on the slice, see
   WORKER_PROTOCOL.md); :meth:`~SegmentAnythingSession.start_propagate`,
   :meth:`~SegmentAnythingSession.start_uncertainty` send theirs. Each returns at once.
-* The volume goes to the worker once per source volume, lazily (at the first prompt), not when
-  the source volume changes; a restarted worker gets it again from the client.
+* The volume goes to the worker lazily (at the first prompt), not when the source volume
+  changes, and again before a request whenever the shared worker holds another volume (the
+  module panel's run loaded its own, or the voxels changed): the client knows which volume it
+  holds (``worker_client.volume_node_key``: node ID, image MTime, world IJKToRAS) and requests
+  run in the order sent, so nothing waits. A restarted worker gets it again from the client.
+* The session talks through its own ``worker_client.Channel`` on the shared client: its
+  :meth:`~SegmentAnythingSession.poll` gets the messages of its own requests only, whichever
+  user's notifier read the pipe; :attr:`~SegmentAnythingSession.notify` is called when another
+  user's poll took some of them.
 * :meth:`~SegmentAnythingSession.poll` is called when :meth:`~SegmentAnythingSession.watch`'s pipe
   is readable (a ``QSocketNotifier`` in Slicer; ``select()`` in tests) and when
   :meth:`~SegmentAnythingSession.next_timeout` passes. It takes the worker's answers, applies them
@@ -178,6 +185,10 @@ class SegmentAnythingSession:
         self.settings = settings or EngineSettings()
         self._client_factory = client_factory or default_client_factory
         self.client = None
+        self.channel = None  # this session's worker_client.Channel on the client (its requests' messages)
+        #: called when another user of the shared worker took this session's messages from the pipe
+        #: (the Qt effect schedules a poll: its own notifier will not fire for them)
+        self.notify: Optional[Callable[[], None]] = None
         self.display = PreviewDisplay(scene) if scene is not None else None
         self.volume_node = None
         self.shape_kji: Optional[Tuple[int, int, int]] = None
@@ -188,8 +199,8 @@ class SegmentAnythingSession:
         self.tasks: Dict[int, Task] = {}
         self.generation = 0
         self.preview_pending = False  # a prompt changed while a preview was in flight
-        self._loaded: Optional[tuple] = None  # what the worker holds: (client, node id, image mtime, ijk_to_ras)
-        self._volume_rid: Optional[int] = None
+        self._checked: Optional[tuple] = None  # the volume (worker_client.volume_node_key) the intensity check is of
+        self._volume_rid: Optional[int] = None  # the last load_volume this session sent
         self._volume_failed: set = set()  # load_volume ids that failed: the requests behind them are dropped
         # 3D models (SAM-Med3D): every click prompts the whole volume and refines the last result
         self.clicks3d: List[tuple] = []  # ((i, j, k), label) in the order clicked
@@ -203,16 +214,22 @@ class SegmentAnythingSession:
     def _client(self):
         """The worker client for the current settings (made on first use; never blocks)."""
         client = self._client_factory(self.settings)
-        if client is not self.client:
+        if client is not self.client or self.channel is None:
             self._forget_tasks()
-            self.client, self._loaded = client, None
+            self.client = client
+            self.channel = client.channel(EFFECT_NAME, notify=self._notify)
         return client
 
+    def _notify(self) -> None:
+        if self.notify is not None:
+            self.notify()
+
     def _forget_tasks(self) -> None:
-        """Drop the requests in flight of the old client (its worker is gone or no longer ours)."""
-        if self.client is not None:
-            for rid in list(self.tasks):
-                self.client.cancel(rid)
+        """Drop the requests in flight (cancelled; their answers are dropped): the client changed or
+        the session ends."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         self.tasks.clear()
         self.preview_pending = False
 
@@ -250,7 +267,7 @@ class SegmentAnythingSession:
     def shutdown(self) -> None:
         """Cancel what is in flight and forget the worker (the shared worker itself stays for the module)."""
         self._forget_tasks()
-        self.client, self._loaded = None, None
+        self.client = None
 
     # -- volume ---------------------------------------------------------------------------
     def set_volume_node(self, node) -> Outcome:
@@ -267,7 +284,7 @@ class SegmentAnythingSession:
         self.volume_node = node
         self.shape_kji = (int(dims[2]), int(dims[1]), int(dims[0]))
         self.builder = slice_clicks.PromptBuilder(self.shape_kji, None)
-        self.intensity_check = None
+        self.intensity_check, self._checked = None, None
         return Outcome(True, "", time.perf_counter() - t0)
 
     def _require_volume(self) -> None:
@@ -281,26 +298,30 @@ class SegmentAnythingSession:
             self.set_volume_node(self.volume_node)
         self.builder.array_kji = voxels_view(self.volume_node)  # for the empty-slice check; no copy
 
-    def _volume_key(self, client) -> tuple:
-        node = self.volume_node
-        return (id(client), node.GetID(), node.GetImageData().GetMTime(),
-                tuple(np.round(geometry.world_ijk_to_ras(node), 9).ravel()))
+    def _ensure_volume(self) -> Tuple[Optional[int], str]:
+        """Make the shared worker hold the source volume for the request sent next: ``load_volume``
+        unless the volume it holds is this node as it is now (``Channel.ensure_volume_node``: the
+        panel may have loaded another one, even of the same geometry, meanwhile). Returns the id of
+        the last load_volume this session sent (the request is dropped if that one failed) and a
+        note for the user: the intensity check, once per volume content."""
+        from .worker_client import volume_node_key
 
-    def _ensure_volume(self, client) -> Tuple[Optional[int], str]:
-        """Send the source volume to the worker unless it has it (the id of that request or of the
-        last one, and a note for the user: the intensity check, once per volume)."""
-        key = self._volume_key(client)
-        if key == self._loaded:
-            return self._volume_rid, ""
-        view = voxels_view(self.volume_node)
-        self.intensity_check = check = volume_nodes.check_ct_intensities(view)
-        note = "" if check.looks_like_ct else check.message
-        if note and self.settings.window is None:
-            note += " (the segmentation uses the model's CT window until you set a custom one)"
-        rid = client.load_volume_node(self.volume_node)
-        self.tasks[rid] = Task("volume", self.generation)
-        self._loaded, self._volume_rid = key, rid
-        return rid, note
+        key = volume_node_key(self.volume_node)
+        note = ""
+        if key != self._checked:
+            view = voxels_view(self.volume_node)
+            self.intensity_check = check = volume_nodes.check_ct_intensities(view)
+            note = "" if check.looks_like_ct else check.message
+            if note and self.settings.window is None:
+                note += " (the segmentation uses the model's CT window until you set a custom one)"
+        rid, sent = self.channel.ensure_volume_node(self.volume_node)
+        self._checked = key
+        if sent:
+            self.tasks[rid] = Task("volume", self.generation)
+            self._volume_rid = rid
+        elif self._volume_rid in self._volume_failed:  # the worker holds it from another user's load
+            self._volume_rid = None
+        return self._volume_rid, note
 
     # -- prompts --------------------------------------------------------------------------
     def click(self, slice_node, xy: Sequence[float], positive: bool = True, preview: bool = True) -> Outcome:
@@ -392,9 +413,9 @@ class SegmentAnythingSession:
 
     def _send(self, kind: str, rtype: str, timeout: Optional[float] = None, **fields: Any) -> Tuple[int, str]:
         """Send a request behind the volume (sent first if the worker lacks it); (id, note)."""
-        client = self._client()
-        volume_rid, note = self._ensure_volume(client)
-        rid = client.send(rtype, timeout=timeout, **fields)
+        self._client()
+        volume_rid, note = self._ensure_volume()
+        rid = self.channel.send(rtype, timeout=timeout, **fields)
         self.tasks[rid] = Task(kind, self.generation, volume_rid=volume_rid)
         return rid, note
 
@@ -501,10 +522,12 @@ class SegmentAnythingSession:
     # -- answers ------------------------------------------------------------------------------
     def poll(self) -> List[Outcome]:
         """Take the worker's answers (never blocks); apply them to the scene; what finished."""
-        if self.client is None:
+        if self.channel is None:
+            if self.client is not None:
+                self.client.poll()  # nothing of ours in flight: drain the pipe for the other users
             return []
         out: List[Outcome] = []
-        for msg in self.client.poll():
+        for msg in self.channel.poll():
             task = self.tasks.get(msg.get("id"))
             if task is None:
                 continue  # not ours
@@ -525,21 +548,14 @@ class SegmentAnythingSession:
 
     def _drop_arrays(self, msg: Dict[str, Any]) -> None:
         """Remove the result files of an answer nobody uses."""
-        for value in (msg.get("result") or {}).values():
-            if isinstance(value, dict) and "npy" in value:
-                try:
-                    self.client.read_array(value)
-                except (OSError, ValueError, SAMLiverSegError):
-                    pass
+        self.client.discard_result(msg)
 
     def _finish(self, rid: int, task: Task, msg: Dict[str, Any]) -> Optional[Outcome]:
         seconds = time.perf_counter() - task.sent
         if task.kind == "volume":
             if msg["ok"]:
                 return None
-            self._volume_failed.add(rid)
-            if self._volume_rid == rid:
-                self._loaded = None  # the next prompt sends it again
+            self._volume_failed.add(rid)  # (the client forgets it: the next prompt sends it again)
             return Outcome(False, f"the inference worker cannot use the volume: {msg['error']}", seconds, kind="volume")
         if task.volume_rid in self._volume_failed:  # already said why
             self._drop_arrays(msg)
@@ -577,15 +593,7 @@ class SegmentAnythingSession:
             return Outcome(False, f"the worker's answer cannot be used: {exc}", seconds, kind=task.kind)
         return None
 
-    def _check_grid(self, result: Dict[str, Any]) -> None:
-        """The answer is for the source volume as it is now (the shared worker may hold another one)."""
-        theirs = np.asarray(result.get("ijk_to_ras"), dtype=float)
-        if theirs.shape != (4, 4) or not np.allclose(theirs, geometry.world_ijk_to_ras(self.volume_node), atol=1e-4):
-            self._loaded = None
-            raise InputError("the inference worker held another volume; click again")
-
     def _finish_preview(self, task: Task, result: Dict[str, Any], seconds: float) -> Outcome:
-        self._check_grid(result)
         mask2d = self.client.read_array(result["mask"])
         axis, index = result["slice_axis"], int(result["slice_index"])
         mask = np.zeros(self.shape_kji, np.uint8)
@@ -600,7 +608,6 @@ class SegmentAnythingSession:
         return Outcome(True, msg, seconds, n, kind="preview")
 
     def _finish_3d(self, task: Task, result: Dict[str, Any], seconds: float) -> Outcome:
-        self._check_grid(result)
         mask = self.client.read_array(result["mask"])
         if tuple(mask.shape) != tuple(self.shape_kji):
             raise InputError(f"the result has shape {list(mask.shape)}, the volume {list(self.shape_kji)}")
@@ -614,7 +621,6 @@ class SegmentAnythingSession:
         return Outcome(True, "" if n else what, seconds, n, kind=task.kind)
 
     def _finish_uncertainty(self, result: Dict[str, Any], seconds: float) -> Outcome:
-        self._check_grid(result)
         variance = self.client.read_array(result["variance"])
         if tuple(variance.shape) != tuple(self.shape_kji):
             raise InputError(f"the variance map has shape {list(variance.shape)}, the volume {list(self.shape_kji)}")

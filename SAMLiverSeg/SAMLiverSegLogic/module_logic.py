@@ -5,9 +5,11 @@
   to the inference worker, its fields from ``worker_client.prompt_fields`` (from which the worker
   rebuilds exactly those prompts; no model code runs in Slicer's process) -> a segment named "Liver" /
   "Liver tumor" in the chosen segmentation, written through the module's one segment editor node
-  (one undo step). :class:`PanelRun` never blocks: the GUI sends, then feeds it what
-  ``client.poll()`` returns whenever the worker's pipe is readable; :func:`run_until_done` is the
-  blocking loop (``select`` on the pipe, then ``poll``) for scripts and tests.
+  (one undo step). :class:`PanelRun` never blocks: the GUI sends, then calls :meth:`PanelRun.poll`
+  whenever the worker's pipe is readable (each run is its own ``worker_client.Channel`` on the
+  shared client: it gets its own messages only, and the effect's stay the effect's);
+  :func:`run_until_done` is the blocking loop (``select`` on the pipe, then ``poll``) for scripts
+  and tests. The volume is sent only when the shared worker does not hold it already.
 * Which models exist and whether their weights are present, and the weights cache folder: what
   ``samliverseg models --json`` prints (the one registry, ``registry.list_models``), read from
   that command's output so that Slicer's process never imports torch (:func:`parse_models_json`;
@@ -24,7 +26,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import select
 import subprocess
@@ -185,6 +186,10 @@ def apply_mask(scene, volume_node, segmentation_node, target: str, mask: np.ndar
     return segmentation_node, segment_id, editor
 
 
+#: The name of the panel runs' channels on the shared worker client (in its log lines).
+PANEL_CHANNEL = "SAMLiverSeg panel"
+
+
 def _voxel_ml(volume_node) -> float:
     return float(np.prod(volume_node.GetSpacing())) / 1000.0
 
@@ -192,17 +197,21 @@ def _voxel_ml(volume_node) -> float:
 class PanelRun:
     """One "Segment liver/tumor" through the worker, never blocking (see the module docstring).
 
-    ``start()`` sends ``load_volume`` (the volume node's voxels and world IJKToRAS) and the prompt
-    request; the GUI passes every ``client.poll()`` result to :meth:`handle` (which returns the
-    messages that are not this run's); when the answer comes the mask is written (one undo step)
-    and :attr:`status` becomes ``done``, else ``failed`` / ``cancelled`` with a one-line
-    :attr:`message` and nothing in the scene changed. Bad markups or a bad volume raise
-    :class:`SAMLiverSegError` in the constructor, before anything is sent.
+    ``start()`` opens the run's own channel on ``client`` (the shared ``WorkerClient``), sends
+    ``load_volume`` (the volume node's voxels and world IJKToRAS) unless the worker holds this
+    volume already (``Channel.ensure_volume_node``), and the prompt request; the GUI calls
+    :meth:`poll` when the worker's pipe is readable (and when ``notify`` is called: another user's
+    poll took this run's messages from the pipe); when the answer comes the mask is written (one
+    undo step) and :attr:`status` becomes ``done``, else ``failed`` / ``cancelled`` with a
+    one-line :attr:`message` and nothing in the scene changed; a finished run closes its channel
+    (late answers are dropped). Bad markups or a bad volume raise :class:`SAMLiverSegError` in the
+    constructor, before anything is sent.
     """
 
     def __init__(self, scene, client, volume_node, segmentation_node, target: str, roi_node=None,
                  positive_node=None, negative_node=None, propagate: bool = True,
-                 editor: Optional[segment_writer.Editor] = None, timeout: Optional[float] = None):
+                 editor: Optional[segment_writer.Editor] = None, timeout: Optional[float] = None,
+                 notify=None):
         if target not in TARGETS:
             raise InputError(f"unknown target {target!r}: liver or tumor")
         volume_nodes.check_source_volume(volume_node)
@@ -220,15 +229,19 @@ class PanelRun:
         self.load_id: Optional[int] = None
         self.request_id: Optional[int] = None
         self.segment_id: Optional[str] = None
+        self.notify = notify  # called when another user's poll took this run's messages (the GUI polls then)
+        self.channel = None  # worker_client.Channel of this run, from start() until it finishes
         self._t0 = 0.0
 
     def start(self) -> "PanelRun":
-        """Send ``load_volume`` and the request (never waits); a worker that is not running starts."""
+        """Send ``load_volume`` (unless the worker holds this volume) and the request (never waits);
+        a worker that is not running starts."""
         self._t0 = time.perf_counter()
         self.status = "running"
         try:
-            self.load_id = self.client.load_volume_node(self.volume_node, timeout=self.timeout)
-            self.request_id = self.client.send("propagate", timeout=self.timeout, **self.fields)
+            self.channel = self.client.channel(PANEL_CHANNEL, notify=self.notify)
+            self.load_id, _sent = self.channel.ensure_volume_node(self.volume_node, timeout=self.timeout)
+            self.request_id = self.channel.send("propagate", timeout=self.timeout, **self.fields)
         except SAMLiverSegError as exc:
             self._fail(str(exc), getattr(exc, "exit_code", 2))
         except Exception as exc:  # WorkerError (cannot start, refused version) and the like
@@ -246,6 +259,19 @@ class PanelRun:
         self.status = "cancelled" if exit_code == 130 else "failed"
         self.message = " ".join(str(message).split()) or "the segmentation failed"
         self.exit_code = int(exit_code)
+        self._close()
+
+    def _close(self) -> None:
+        """Finished: close the channel (what is still in flight is cancelled, late answers dropped)."""
+        if self.channel is not None:
+            self.channel.close()
+
+    def poll(self) -> List[Dict[str, Any]]:
+        """Take this run's messages from the worker (never blocks) and act on them; returns the
+        messages that were not this run's (none: its channel gets its own only)."""
+        if self.channel is None or self.channel.closed:
+            return []
+        return self.handle(self.channel.poll())
 
     def handle(self, messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Take this run's messages (progress, answers) from ``messages``; returns the others."""
@@ -256,7 +282,7 @@ class PanelRun:
                 others.append(msg)
                 continue
             if self.finished:  # a late answer after a failure: drop it (and its array file)
-                self._discard(msg)
+                self.client.discard_result(msg)
                 continue
             if "ok" not in msg:
                 if rid == self.request_id and msg.get("event") == "progress":
@@ -265,20 +291,10 @@ class PanelRun:
             if not msg["ok"]:
                 what = "loading the volume" if rid == self.load_id else "segmenting"
                 self._fail(msg.get("error") or f"the worker failed {what}", msg.get("exit_code", 70))
-                if rid == self.load_id and self.request_id is not None:
-                    self.client.cancel(self.request_id)  # it would run on another volume
-                continue
+                continue  # (a failed load: _fail closed the channel, which cancelled the request)
             if rid == self.request_id:
                 self._finish(msg["result"])
         return others
-
-    def _discard(self, msg: Dict[str, Any]) -> None:
-        ref = (msg.get("result") or {}).get("mask") if msg.get("ok") else None
-        if ref:
-            try:
-                os.remove(ref["npy"])
-            except OSError:
-                pass
 
     def _finish(self, result: Dict[str, Any]) -> None:
         try:
@@ -297,6 +313,7 @@ class PanelRun:
         self.status = "done"
         self.message = (f"{report['segment_name']}: {voxels} voxels, {report['volume_ml']} ml "
                         f"in {report['wall_s']} s")
+        self._close()
 
     def cancel(self) -> None:
         """Ask the worker to stop (returns at once); the run ends ``cancelled`` when it answers."""
@@ -308,8 +325,8 @@ class PanelRun:
 
 def run_until_done(run: PanelRun, timeout: float = 600.0, on_progress=None) -> PanelRun:
     """Drive ``run`` as the GUI's notifier does, but blocking (scripts, tests, the console): wait
-    in ``select`` on the worker's pipe, then ``poll``; the same :meth:`PanelRun.handle` calls.
-    Messages of other requests are dropped. A run still going after ``timeout`` is cancelled."""
+    in ``select`` on the worker's pipe, then :meth:`PanelRun.poll` (other users' messages stay in
+    their inboxes). A run still going after ``timeout`` is cancelled."""
     if run.status == "new":
         run.start()
     deadline = time.monotonic() + timeout
@@ -320,14 +337,16 @@ def run_until_done(run: PanelRun, timeout: float = 600.0, on_progress=None) -> P
             run._fail(f"no answer from the inference worker within {timeout:g} s", 70)
             break
         fd = run.client.fileno()
-        if fd is not None:
+        if run.channel is not None and run.channel.ready():
+            pass  # another poll took its messages from the pipe already
+        elif fd is not None:
             try:
                 select.select([fd], [], [], min(remaining, 1.0))
             except (OSError, ValueError):  # the pipe closed between fileno() and select
                 pass
         else:
             time.sleep(0.02)
-        run.handle(run.client.poll())
+        run.poll()
         if on_progress is not None:
             on_progress(*run.progress)
     return run

@@ -32,12 +32,22 @@ which starts its worker on its first request. :func:`shutdown_shared_client` sto
 effect cleanup, application exit; it is also registered with ``atexit``).
 
 How a GUI uses it without ever blocking (WORKER_PROTOCOL.md, "How the GUI uses the client"):
-``rid = client.send(...)`` (starts the worker if needed, never waits for it); then
-:meth:`WorkerClient.watch` says which pipe to watch (a new ``QSocketNotifier`` when it changed);
-when the pipe is readable, :meth:`WorkerClient.poll` returns the complete messages at once;
-:meth:`WorkerClient.next_timeout` says when to poll anyway for a request timeout
-(``QTimer.singleShot``). :meth:`WorkerClient.cancel` returns at once; the cancelled request
-ends with its own exit-code-130 response.
+each user (the effect session, a panel run) opens its own :class:`Channel`
+(:meth:`WorkerClient.channel`); ``rid = channel.send(...)`` (starts the worker if needed, never
+waits for it); then :meth:`WorkerClient.watch` says which pipe to watch (a new
+``QSocketNotifier`` when it changed); when the pipe is readable, :meth:`Channel.poll` returns the
+complete messages of that user's requests at once. Whichever user's notifier fires first reads
+the pipe for all of them: the others' messages wait in their inboxes and their ``notify``
+callback is called (their notifier will not fire for them). Messages of a closed channel are
+dropped with a log line. :meth:`WorkerClient.next_timeout` says when to poll anyway for a request
+timeout (``QTimer.singleShot``). :meth:`WorkerClient.cancel` returns at once; the cancelled
+request ends with its own exit-code-130 response. ``client.send``/``client.poll`` without a
+channel are the plain single-user API (scripts, tests): one more owner.
+
+The worker holds one volume: :attr:`WorkerClient.volume_key` is the :func:`volume_node_key` of the
+volume last sent, and :meth:`Channel.ensure_volume_node` sends ``load_volume`` only when the worker
+holds another (the panel loaded its own, maybe of the same geometry; or the voxels changed), so
+each user's requests run on its own volume (requests run in the order sent: nothing waits).
 
 Arrays (the volume, masks) travel as ``.npy`` files in a session folder this client owns (in
 ``/dev/shm`` when present); :meth:`WorkerClient.read_array` reads a result into memory and removes
@@ -53,6 +63,7 @@ socket transport has not been run on Windows itself (no Windows here).
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import select
@@ -69,6 +80,11 @@ import numpy as np
 from samliverseg.service import protocol
 
 from .process import kill_process_tree
+
+log = logging.getLogger(__name__)
+
+#: ``pending(owner=ANY_OWNER)``: the requests of every owner.
+ANY_OWNER = object()
 
 #: The fields of a prompt/propagate request for IJK Prompts (markups): ``client.send("propagate", **prompt_fields(p))``.
 prompt_fields = protocol.prompt_fields
@@ -294,10 +310,15 @@ class WorkerClient:
         self._next_id = 1
         self._pending: Dict[int, Dict[str, Any]] = {}  # id -> {"type", "deadline", "internal"}
         self._abandoned: set = set()  # ids answered by a timeout: their late answer is dropped
-        self._inbox: List[Dict[str, Any]] = []
+        #: the messages not yet polled, per owner (None: the plain single-user API; else a :class:`Channel`)
+        self._inboxes: Dict[Any, List[Dict[str, Any]]] = {None: []}
+        self._woken: List["Channel"] = []  # channels that got messages while another owner read the pipe
+        self._volume_key: Any = None  # what identifies the volume the worker holds (see volume_node_key)
         self._hello_id: Optional[int] = None
         self._volume_fields: Optional[Dict[str, Any]] = None  # the last load_volume, replayed after a restart
         self._volume_file: Optional[str] = None
+        self._volume_file_rid: Optional[int] = None  # the load_volume that sent _volume_file
+        self._superseded: List[Tuple[Optional[int], str]] = []  # older volume files: removed once read
         self._volume_rid: Optional[int] = None
         #: the pids the last stop had to kill (the worker did not stop within shutdown_timeout)
         self.killed_pids: List[int] = []
@@ -419,18 +440,19 @@ class WorkerClient:
         self.last_exit = why
         for rid, info in sorted(self._pending.items()):
             if not info["internal"] and rid not in self._abandoned:
-                self._inbox.append(protocol.error_response(
+                self._deliver(protocol.error_response(
                     rid, message=f"{why} during request {rid} ({info['type']}); the next request restarts it",
-                    exit_code=EXIT_WORKER_LOST))
+                    exit_code=EXIT_WORKER_LOST), info["owner"])
         self._pending.clear()
         self._abandoned.clear()
+        self._remove_superseded()
 
     # -- messages -------------------------------------------------------------------------------------
     def _write(self, rtype: str, fields: Dict[str, Any], internal: bool = False,
-               timeout: Optional[float] = None) -> int:
+               timeout: Optional[float] = None, owner: Optional["Channel"] = None) -> int:
         rid = self._next_id
         self._next_id += 1
-        self._pending[rid] = {"type": rtype, "internal": internal,
+        self._pending[rid] = {"type": rtype, "internal": internal, "owner": owner,
                               "deadline": time.monotonic() + timeout if timeout else None, "timeout": timeout}
         try:
             self._io.write(protocol.encode(dict(fields, id=rid, type=rtype)))
@@ -485,15 +507,22 @@ class WorkerClient:
                 self._abandoned.discard(rid)
                 self._pending.pop(rid, None)
             return
-        if info is None or not protocol.is_final(message):
-            if info is None or not info["internal"]:
-                self._inbox.append(message)
+        if info is None:  # nobody sent it (a response to a line the worker could not read: id null)
+            log.warning("SAMLiverSeg worker client: dropped a message of no request of ours: %s",
+                        protocol.one_line(str(message), 200))
+            return
+        if not protocol.is_final(message):
+            if not info["internal"]:
+                self._deliver(message, info["owner"])
             return
         del self._pending[rid]
+        if info["type"] == "load_volume" and self._superseded:
+            self._remove_superseded()
         if info["type"] == "load_volume" and not message["ok"] and rid == self._volume_rid:
             self._volume_fields = None  # a volume the worker refused is never replayed after a restart
+            self._volume_key = None  # nor taken as loaded: the next ensure_volume_node sends it again
         if not info["internal"]:
-            self._inbox.append(message)
+            self._deliver(message, info["owner"])
             return
         if rid == self._hello_id:
             try:
@@ -504,12 +533,46 @@ class WorkerClient:
             except WorkerError as exc:
                 self._refuse(str(exc))
 
+    def _deliver(self, message: Dict[str, Any], owner: Optional["Channel"]) -> None:
+        """Put a message in its owner's inbox; an owner that closed its channel gets nothing: the
+        message is dropped with a log line (and a result's array files are removed)."""
+        if owner is not None and owner.closed:
+            if protocol.is_final(message):
+                log.info("SAMLiverSeg worker client: dropped the answer to request %s (%s): its owner %r is gone",
+                         message.get("id"), "ok" if message.get("ok") else "failed", owner.name)
+                self.discard_result(message)
+            return
+        self._inboxes.setdefault(owner, []).append(message)
+        if owner is not None and owner not in self._woken:
+            self._woken.append(owner)
+
+    def discard_result(self, message: Dict[str, Any]) -> None:
+        """Remove the array files of an answer nobody reads (never raises)."""
+        for value in (message.get("result") or {}).values():
+            if isinstance(value, dict) and "npy" in value:
+                try:
+                    os.remove(value["npy"])
+                except OSError:
+                    pass
+
+    def _wake_others(self, reader: Optional["Channel"]) -> None:
+        """Call the ``notify`` of every channel that got messages while ``reader`` read the pipe
+        (its own notifier will not fire for them: the pipe is empty now)."""
+        woken, self._woken = self._woken, []
+        for channel in woken:
+            if channel is not reader and not channel.closed and channel.notify is not None \
+                    and self._inboxes.get(channel):
+                try:
+                    channel.notify()
+                except Exception:  # a GUI callback must not break the reader
+                    log.exception("SAMLiverSeg worker client: the notify callback of %r failed", channel.name)
+
     def _refuse(self, why: str) -> None:
         """A worker of another protocol version: fail every request with ``why``; no restarts."""
         self._refused = why
         for rid, info in sorted(self._pending.items()):
             if not info["internal"]:
-                self._inbox.append(protocol.error_response(rid, message=why, exit_code=protocol.EXIT_INPUT))
+                self._deliver(protocol.error_response(rid, message=why, exit_code=protocol.EXIT_INPUT), info["owner"])
         self._pending.clear()
         self._stop_process()
 
@@ -518,44 +581,77 @@ class WorkerClient:
         for rid, info in list(self._pending.items()):
             if info["deadline"] is not None and now > info["deadline"] and rid not in self._abandoned:
                 self._abandoned.add(rid)
-                self._inbox.append(protocol.error_response(
+                self._deliver(protocol.error_response(
                     rid, message=f"request {rid} ({info['type']}) got no answer within {info['timeout']:g} s "
-                                 f"and was cancelled", exit_code=EXIT_WORKER_LOST))
+                                 f"and was cancelled", exit_code=EXIT_WORKER_LOST), info["owner"])
                 self.cancel(rid)
 
     # -- the API ---------------------------------------------------------------------------------------
-    def send(self, rtype: str, timeout: Optional[float] = None, **fields: Any) -> int:
+    def send(self, rtype: str, timeout: Optional[float] = None, owner: Optional["Channel"] = None,
+             **fields: Any) -> int:
         """Send a request; returns its id at once. Starts (or restarts) the worker when needed.
 
         ``timeout`` (s): if no final answer came by then, :meth:`poll`/:meth:`wait` return an
-        error response for it and it is cancelled.
+        error response for it and it is cancelled. ``owner``: the :class:`Channel` whose
+        :meth:`Channel.poll` gets its messages (None: :meth:`poll` without an owner).
         """
+        if owner is not None and owner.closed:
+            raise ValueError(f"the channel {owner.name!r} is closed")
         if rtype == "load_volume":
             self._volume_fields = None  # sent below; a restart must not replay the old volume first
+            self._volume_key = None  # load_volume / load_volume_node set it once sent
         if not self.is_running():
             self.start(wait=False)
         try:
-            rid = self._write(rtype, fields, timeout=timeout)
+            rid = self._write(rtype, fields, timeout=timeout, owner=owner)
         except (BrokenPipeError, OSError, ValueError):  # it died just now (or is dying): once more, on a new one
             if self.proc is not None and self.proc.poll() is None:
                 kill_process_tree(self.proc.pid, timeout=1.0, force=True)
             self._read()
             self._notice_exit()
             self.start(wait=False)
-            rid = self._write(rtype, fields, timeout=timeout)
+            rid = self._write(rtype, fields, timeout=timeout, owner=owner)
         if rtype == "load_volume":
             self._volume_fields, self._volume_rid = dict(fields), rid
+        self._wake_others(owner)  # a worker found dead here failed other owners' requests
         return rid
 
-    def poll(self) -> List[Dict[str, Any]]:
-        """The messages that arrived since the last call (never blocks): progress events and final
-        responses (``"ok"`` present), including the ones the client makes up for a dead worker or a
-        passed timeout."""
+    def poll(self, owner: Optional["Channel"] = None) -> List[Dict[str, Any]]:
+        """The messages of ``owner``'s requests that arrived since its last poll (never blocks):
+        progress events and final responses (``"ok"`` present), including the ones the client makes
+        up for a dead worker or a passed timeout. ``owner`` None: the requests sent without one.
+
+        Whoever polls drains the pipe for every owner: the messages of the others wait in their
+        inboxes, and their channels' ``notify`` is called (:meth:`Channel.poll` is the usual way in).
+        """
         self._read()
         self._notice_exit()
         self._check_deadlines()
-        out, self._inbox = self._inbox, []
+        out: List[Dict[str, Any]] = []
+        if owner is None or not owner.closed:
+            out = self._inboxes.get(owner) or []
+            self._inboxes[owner] = []
+        self._wake_others(owner)
         return out
+
+    def channel(self, name: str, notify: Optional[Callable[[], None]] = None) -> "Channel":
+        """A new owner of requests on this client (the effect session, one panel run): its
+        :meth:`Channel.poll` returns only the messages of its own requests. ``notify`` (optional) is
+        called when another owner's poll took messages of this one from the pipe (a GUI schedules
+        its own poll then: ``qt.QTimer.singleShot(0, ...)``)."""
+        return Channel(self, name, notify)
+
+    def forget_owner(self, owner: "Channel") -> None:
+        """Drop what waits in a closed channel's inbox (a result's array files are removed)."""
+        for msg in self._inboxes.pop(owner, []):
+            if protocol.is_final(msg):
+                self.discard_result(msg)
+        if owner in self._woken:
+            self._woken.remove(owner)
+
+    def ready(self, owner: Optional["Channel"] = None) -> bool:
+        """True when messages of ``owner`` wait in its inbox (taken from the pipe by another poll)."""
+        return bool(self._inboxes.get(owner))
 
     def watch(self) -> Optional[Tuple[int, int]]:
         """What a GUI watches: ``(starts, fileno)`` of the running worker's stdout pipe, or None.
@@ -588,14 +684,13 @@ class WorkerClient:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for n, msg in enumerate(self._inbox):
-                if msg.get("id") == rid:
-                    del self._inbox[n]
-                    if protocol.is_final(msg):
-                        return msg
-                    if on_event is not None:
-                        on_event(msg)
-                    break
+            msg = self._take(rid)
+            if msg is not None:
+                if protocol.is_final(msg):
+                    self._wake_others(None)
+                    return msg
+                if on_event is not None:
+                    on_event(msg)
             else:
                 if rid not in self._pending:
                     raise WorkerError(f"request {rid} is not waiting for an answer (already taken by poll?)")
@@ -607,9 +702,18 @@ class WorkerClient:
                     self._read(0.5 if remaining is None else min(remaining, 0.5))
                 self._check_deadlines()
 
+    def _take(self, rid: int) -> Optional[Dict[str, Any]]:
+        """The first message of request ``rid`` out of whichever inbox holds it (None: none yet)."""
+        for inbox in self._inboxes.values():
+            for n, msg in enumerate(inbox):
+                if msg.get("id") == rid:
+                    del inbox[n]
+                    return msg
+        return None
+
     def request(self, rtype: str, timeout: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
         """Send and wait; the result, or :class:`WorkerError` with the worker's one-line message."""
-        rid = self.send(rtype, **fields)
+        rid = self.send(rtype, **fields)  # (no owner: the plain API)
         resp = self.wait(rid, timeout)
         if not resp["ok"]:
             raise WorkerError(resp["error"], resp.get("exit_code", EXIT_WORKER_LOST), rid)
@@ -625,9 +729,10 @@ class WorkerClient:
         except (BrokenPipeError, OSError):
             return None
 
-    def pending(self) -> List[int]:
-        """The ids of the requests still waiting for their final answer."""
-        return sorted(r for r, info in self._pending.items() if not info["internal"] and r not in self._abandoned)
+    def pending(self, owner: Any = ANY_OWNER) -> List[int]:
+        """The ids of the requests still waiting for their final answer (of ``owner`` when given)."""
+        return sorted(r for r, info in self._pending.items() if not info["internal"] and r not in self._abandoned
+                      and (owner is ANY_OWNER or info["owner"] is owner))
 
     # -- arrays ---------------------------------------------------------------------------------------
     def write_array(self, name: str, array: np.ndarray) -> Dict[str, Any]:
@@ -647,39 +752,77 @@ class WorkerClient:
         return arr
 
     def load_volume(self, array: Optional[np.ndarray] = None, ijk_to_ras: Optional[np.ndarray] = None,
-                    path: Optional[str] = None, timeout: Optional[float] = None) -> int:
+                    path: Optional[str] = None, timeout: Optional[float] = None,
+                    owner: Optional["Channel"] = None, key: Any = None) -> int:
         """Send ``load_volume`` for an array [k, j, i] with its IJKToRAS 4x4, or a file; the request id.
 
         The array's file stays until another volume replaces it (a restarted worker reloads it).
+        ``key``: what identifies this volume (:attr:`volume_key` until another one is sent, or the
+        worker refuses it); None: a volume no key matches.
+        An older volume's file is removed once the worker answered its ``load_volume`` (several
+        users may send volumes one after the other, pipelined: the worker reads each in turn).
         """
         if (array is None) == (path is None):
             raise ValueError("give either array (with ijk_to_ras) or path")
-        old = self._volume_file
+        old = (self._volume_file_rid, self._volume_file)
         if path is not None:
-            rid = self.send("load_volume", timeout=timeout, path=str(path))
+            rid = self.send("load_volume", timeout=timeout, owner=owner, path=str(path))
             self._volume_file = None
         else:
             if ijk_to_ras is None:
                 raise ValueError("an array needs its ijk_to_ras matrix")
             ref = self.write_array("volume", array)
-            rid = self.send("load_volume", timeout=timeout, array=ref,
+            rid = self.send("load_volume", timeout=timeout, owner=owner, array=ref,
                             ijk_to_ras=np.asarray(ijk_to_ras, dtype=float).tolist())
             self._volume_file = ref["npy"]
-        if old:
-            try:
-                os.remove(old)
-            except OSError:
-                pass
+        self._volume_file_rid = rid
+        self._volume_key = key
+        if old[1]:
+            self._superseded.append(old)
+        self._remove_superseded()
         return rid
 
-    def load_volume_node(self, volume_node, timeout: Optional[float] = None) -> int:
+    def _remove_superseded(self) -> None:
+        """Remove the files of older volumes whose load_volume is no longer waiting for its answer."""
+        keep = []
+        for rid, path in self._superseded:
+            if rid in self._pending:
+                keep.append((rid, path))
+                continue
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        self._superseded = keep
+
+    def load_volume_node(self, volume_node, timeout: Optional[float] = None,
+                         owner: Optional["Channel"] = None) -> int:
         """``load_volume`` for a scalar volume node: its voxels and its world IJKToRAS (parent
-        transforms included, so prompts in the slice views' RAS land on the right voxels)."""
+        transforms included, so prompts in the slice views' RAS land on the right voxels); its
+        :func:`volume_node_key` becomes :attr:`volume_key`."""
         from . import geometry, volume_nodes
 
         volume_nodes.check_source_volume(volume_node)
         return self.load_volume(volume_nodes.array_from_volume_node(volume_node),
-                                geometry.world_ijk_to_ras(volume_node), timeout=timeout)
+                                geometry.world_ijk_to_ras(volume_node), timeout=timeout, owner=owner,
+                                key=volume_node_key(volume_node))
+
+    @property
+    def volume_key(self) -> Any:
+        """The key of the volume the worker holds, or will hold once the requests sent so far are
+        done (requests run in the order sent): None when unknown (none sent, refused, no key)."""
+        return self._volume_key if self._volume_fields is not None else None
+
+    def ensure_volume_node(self, volume_node, owner: Optional["Channel"] = None,
+                           timeout: Optional[float] = None) -> Tuple[Optional[int], bool]:
+        """Make the worker hold ``volume_node`` for the requests sent next: ``load_volume`` it
+        unless the volume last sent is this node with the same voxels (image MTime) and world
+        geometry (:func:`volume_node_key`). Never waits: the requests sent after it run after the
+        load. Returns ``(id of the load_volume, True)`` when it sent one, else ``(None, False)``."""
+        key = volume_node_key(volume_node)
+        if key is not None and key == self.volume_key:
+            return None, False
+        return self.load_volume_node(volume_node, timeout=timeout, owner=owner), True
 
     # -- shutdown -------------------------------------------------------------------------------------
     def _stop_process(self) -> None:
@@ -720,8 +863,10 @@ class WorkerClient:
         self._stop_process()
         self._pending.clear()
         self._abandoned.clear()
-        self._inbox.clear()
-        self._volume_fields = self._volume_file = None
+        self._inboxes = {None: []}
+        self._woken = []
+        self._volume_fields = self._volume_file = self._volume_key = self._volume_file_rid = None
+        self._superseded = []
         if self.session_dir is not None:
             shutil.rmtree(self.session_dir, ignore_errors=True)
             self.session_dir = None
@@ -731,6 +876,96 @@ class WorkerClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def volume_node_key(volume_node) -> Optional[Tuple[Any, ...]]:
+    """What identifies a volume node's content for the worker: its ID, the MTime of its image data
+    (VTK's modification counter is global and grows: new or changed voxels give a new value) and
+    its world IJKToRAS (parent transforms included; rounded to 1e-9). None without image data."""
+    from . import geometry
+
+    image = volume_node.GetImageData() if volume_node is not None else None
+    if image is None:
+        return None
+    return (volume_node.GetID(), int(image.GetMTime()),
+            tuple(float(v) for v in np.round(geometry.world_ijk_to_ras(volume_node), 9).ravel()))
+
+
+class Channel:
+    """One owner of requests on a shared :class:`WorkerClient` (the effect session, a panel run).
+
+    Its :meth:`send` records it as the owner of the request; its :meth:`poll` returns only the
+    messages of its own requests, whoever's notifier fired first: any poll drains the pipe into
+    per-owner inboxes, and ``notify`` (when given) is called for an owner whose messages another
+    poll took (its notifier will not fire for them). :meth:`close`: its requests in flight are
+    cancelled and their answers dropped with a log line. Everything else (``watch``,
+    ``next_timeout``, ``write_array``, ``read_array``) is the client's.
+    """
+
+    def __init__(self, client: WorkerClient, name: str, notify: Optional[Callable[[], None]] = None):
+        self.client, self.name, self.notify = client, str(name), notify
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"Channel({self.name!r}{', closed' if self.closed else ''})"
+
+    def send(self, rtype: str, timeout: Optional[float] = None, **fields: Any) -> int:
+        return self.client.send(rtype, timeout=timeout, owner=self, **fields)
+
+    def poll(self) -> List[Dict[str, Any]]:
+        """This owner's messages since its last poll (never blocks; see :meth:`WorkerClient.poll`)."""
+        return self.client.poll(owner=self)
+
+    def ready(self) -> bool:
+        """True when messages of this owner wait (another owner's poll took them from the pipe)."""
+        return self.client.ready(owner=self)
+
+    def ensure_volume_node(self, volume_node, timeout: Optional[float] = None) -> Tuple[Optional[int], bool]:
+        """See :meth:`WorkerClient.ensure_volume_node` (the load, when sent, is this owner's)."""
+        return self.client.ensure_volume_node(volume_node, owner=self, timeout=timeout)
+
+    def pending(self) -> List[int]:
+        return self.client.pending(owner=self)
+
+    def cancel(self, target: Optional[int] = None) -> Optional[int]:
+        """Cancel one request of this owner (None: all of them; never another owner's)."""
+        if target is not None:
+            return self.client.cancel(target)
+        for rid in self.pending():
+            self.client.cancel(rid)
+        return None
+
+    def wait(self, rid: int, timeout: Optional[float] = None,
+             on_event: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        """Blocking, for scripts and tests (:meth:`WorkerClient.wait`)."""
+        return self.client.wait(rid, timeout, on_event)
+
+    def close(self) -> None:
+        """This owner is gone: cancel its requests in flight; their answers are dropped from now on."""
+        if self.closed:
+            return
+        self.cancel()
+        self.closed = True
+        self.client.forget_owner(self)
+
+    # the client's, for the GUI's notifier
+    def watch(self) -> Optional[Tuple[int, int]]:
+        return self.client.watch()
+
+    def fileno(self) -> Optional[int]:
+        return self.client.fileno()
+
+    def next_timeout(self) -> Optional[float]:
+        return self.client.next_timeout()
+
+    def write_array(self, name: str, array: np.ndarray) -> Dict[str, Any]:
+        return self.client.write_array(name, array)
+
+    def read_array(self, ref: Dict[str, Any], remove: bool = True) -> np.ndarray:
+        return self.client.read_array(ref, remove)
+
+    def discard_result(self, message: Dict[str, Any]) -> None:
+        self.client.discard_result(message)
 
 
 # -- the one shared worker of the module ------------------------------------------------------------

@@ -9,7 +9,9 @@ All decisions are in ``SAMLiverSegLogic.effect_logic`` (Qt-free, tested with pyt
 mapping is ``slice_clicks.ClickTracker``. No model code runs in Slicer's process and no Python
 thread is started: the session sends requests to the inference worker process and Qt wakes this
 effect when answers arrive (a ``QSocketNotifier`` on the worker's pipe, remade when the worker
-restarts), plus a slow ``QTimer`` only as a safety net for request timeouts.
+restarts), plus a slow ``QTimer`` only as a safety net for request timeouts. The module panel
+watches the same pipe: whichever notifier fires first reads it into per-owner inboxes, and the
+session's ``notify`` (a zero-delay ``QTimer``) brings this effect its own answers.
 """
 
 import logging
@@ -293,6 +295,8 @@ The model runs in a separate process, started at the first click.</html>"""
         self.refreshModelChoices()
         if self.session is None:
             self.session = effect_logic.SegmentAnythingSession(self.engineSettings(), slicer.mrmlScene)
+            # the module panel's poll may take this session's answers from the shared pipe: poll soon
+            self.session.notify = lambda: qt.QTimer.singleShot(0, self.onWorkerReadable)
         self.useSourceVolume()
         self.safetyTimer.start()
 

@@ -284,3 +284,80 @@ def test_window_choices():
     for bad in ("", "300,-200", "abc", "1,2,3"):
         with pytest.raises(InputError):
             module_logic.window_spec("custom", bad)
+
+
+def test_the_effect_and_a_panel_run_share_one_worker_without_taking_each_others_answers_or_volumes(
+        scene, client, engine):
+    """Issue 11: the effect (a preview in flight) and the module panel's "Segment liver" (another
+    volume of the same geometry) on one shared client. The panel's polls drain the pipe and take
+    the effect's answer from it: it waits in the effect's inbox (``notify`` is called) instead of
+    being dropped; each result equals its in-process reference; the worker holds the panel's
+    volume afterwards, and the effect's next click still segments the effect's volume."""
+    import select
+
+    from slicer_test_helpers import blob_ct, roi_in_volume_axes, segment_in_process
+
+    from SAMLiverSegLogic import module_logic
+    from SAMLiverSegLogic.worker_client import volume_node_key
+
+    vol, session, sn = session_on(scene, client, "identity")
+    notified = []
+    session.notify = lambda: notified.append(1)
+    other = np.roll(blob_ct(SHAPE), (6, 8), axis=(1, 2))  # the organ elsewhere, the same grid
+    panel_vol = volume_nodes.add_volume_node(scene, other, GEOMETRIES["identity"], "PanelCT")
+    (i0, j0, k), (i1, j1, _) = BOX
+    roi = roi_in_volume_axes(scene, panel_vol, np.array([i0, j0, k], float), np.array([i1, j1, k], float))
+
+    assert session.drag_box(sn, *box_xy(sn, vol, *BOX)).ok  # load_volume(effect) + prompt, in flight
+    run = module_logic.PanelRun(scene, client, panel_vol, None, "liver", roi_node=roi, propagate=False).start()
+    assert run.status == "running" and run.load_id is not None  # the worker holds the effect's volume
+    assert client.volume_key == volume_node_key(panel_vol)
+    # only the panel's notifier fires: it reads everything (the worker answers in the order sent,
+    # so the effect's preview comes before the panel's answer) and keeps only its own
+    while not run.finished:
+        if not run.channel.ready():
+            select.select([client.fileno()], [], [], 0.5)
+        assert run.poll() == []
+    assert run.status == "done", run.message
+    assert notified and session.channel.ready() and session.busy() == "preview"
+    outs = session.poll()  # the effect's own answer, although the pipe was read by the panel
+    preview = [o for o in outs if o.kind == "preview"]
+    assert preview and all(o.ok for o in outs), outs
+    expected = in_process(engine, vol, session.builder.prompts_on_slice())
+    np.testing.assert_array_equal(session.preview, expected)
+    panel_mask = volume_nodes.segment_mask(run.segmentation_node, run.segment_id, panel_vol)
+    ref_seg = volume_nodes.add_segmentation_node(scene, panel_vol, "reference")
+    rep = segment_in_process(scene, panel_vol, ref_seg, "liver", effect_logic.EngineSettings(device="cpu"),
+                             roi_node=roi, engine=engine, propagate=False)
+    np.testing.assert_array_equal(panel_mask, volume_nodes.segment_mask(ref_seg, rep["segment_id"], panel_vol))
+    assert panel_mask.sum() > 50 and not np.array_equal(panel_mask, expected)
+
+    # the effect's next click (after the panel loaded its volume) segments the effect's volume
+    assert session.click(sn, point_xy(sn, vol, (20, 18, 6))).ok
+    assert client.volume_key == volume_node_key(vol)
+    outs = pump(session, finished("preview"))
+    assert all(o.ok for o in outs), outs
+    prompts = session.builder.prompts_on_slice()
+    expected = in_process(engine, vol, prompts)
+    np.testing.assert_array_equal(session.preview, expected)
+    assert not np.array_equal(expected, in_process(engine, panel_vol, prompts))  # the volume matters
+
+    # the panel again, while the effect prefetches: its volume is sent again, the same segment comes
+    again = module_logic.PanelRun(scene, client, panel_vol, None, "liver", roi_node=roi, propagate=False).start()
+    assert again.load_id is not None
+    while not (again.finished and not session.tasks):
+        fd = client.fileno()
+        if not (again.channel.ready() or session.channel.ready()):
+            select.select([fd], [], [], 0.5)
+        for owner in ((again, session) if len(notified) % 2 else (session, again)):
+            owner.poll()
+    assert again.status == "done", again.message
+    np.testing.assert_array_equal(volume_nodes.segment_mask(again.segmentation_node, again.segment_id, panel_vol),
+                                  panel_mask)
+    # and once more at once: the worker holds it, nothing is sent but the request
+    third = module_logic.run_until_done(module_logic.PanelRun(scene, client, panel_vol, None, "liver", roi_node=roi,
+                                                              propagate=False))
+    assert third.load_id is None and third.status == "done", third.message
+    np.testing.assert_array_equal(volume_nodes.segment_mask(third.segmentation_node, third.segment_id, panel_vol),
+                                  panel_mask)
+    session.shutdown()

@@ -70,8 +70,8 @@ def drive(run, timeout=600.0):
         if fd is not None:
             select.select([fd], [], [], 0.5)
         t0 = time.perf_counter()
-        others = run.handle(run.client.poll())
-        assert time.perf_counter() - t0 < 5.0 or run.finished  # poll+handle never wait on the worker
+        others = run.poll()
+        assert time.perf_counter() - t0 < 5.0 or run.finished  # poll never waits on the worker
         assert others == []
         polls += 1
     return polls
@@ -194,20 +194,20 @@ def test_cancel_and_a_killed_worker_leave_the_scene_alone_and_the_next_run_works
     deadline = time.monotonic() + 300
     while not run.finished and time.monotonic() < deadline:
         select.select([client.fileno()], [], [], 0.5)
-        run.handle(client.poll())
+        run.poll()
     assert run.status == "cancelled" and run.exit_code == 130, (run.status, run.message)
     assert seg.GetSegmentation().GetNumberOfSegments() == 0 and scene.GetNumberOfNodes() == n_nodes
 
     run = module_logic.PanelRun(scene, client, vol, seg, "liver", roi_node=roi3d).start()
     while run.progress[0] == 0 and not run.finished:  # it is propagating
         select.select([client.fileno()], [], [], 0.5)
-        run.handle(client.poll())
+        run.poll()
     os.kill(client.pid, signal.SIGKILL)
     while not run.finished:
         fd = client.fileno()
         if fd is not None:
             select.select([fd], [], [], 0.5)
-        run.handle(client.poll())
+        run.poll()
     assert run.status == "failed" and "killed (SIGKILL" in run.message and "\n" not in run.message
     assert seg.GetSegmentation().GetNumberOfSegments() == 0 and scene.GetNumberOfNodes() == n_nodes
 

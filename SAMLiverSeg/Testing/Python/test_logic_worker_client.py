@@ -23,7 +23,8 @@ from slicer_test_helpers import GEOMETRIES, MODULE_DIR, add_ct, centre_view_on, 
 from samliverseg.interactive.engine import PromptEngine
 from SAMLiverSegLogic import geometry, markups_prompts, slice_clicks, volume_nodes
 from SAMLiverSegLogic.worker_client import (WorkerClient, WorkerError, check_hello, current_shared_client,
-                                            describe_exit, prompt_fields, shared_client, shutdown_shared_client)
+                                            describe_exit, prompt_fields, shared_client, shutdown_shared_client,
+                                            volume_node_key)
 
 SHAPE = (24, 40, 48)  # k, j, i
 
@@ -216,6 +217,60 @@ def test_the_socket_transport_for_windows_serves_the_same(client, oblique_ct):
         np.testing.assert_array_equal(c.read_array(again["mask"]), ref)
         proc = c.proc
     assert proc.poll() is not None
+
+
+def test_channels_route_each_owners_messages_and_the_client_knows_the_volume(scene, client, oblique_ct, caplog):
+    """Several users of the shared worker (issue 11): whoever reads the pipe, each owner's poll
+    returns its own messages only; the others' wait in their inboxes and their ``notify`` is
+    called; an owner that closed its channel gets nothing (its answer is dropped with a log line);
+    the client knows which volume the worker holds and sends one only when it holds another (the
+    same grid with other voxels counts as another) or the voxels changed."""
+    import logging
+
+    vol, _ = oblique_ct
+    same_grid = add_ct(scene, GEOMETRIES["oblique"], SHAPE, name="same grid", seed=1)
+    caplog.set_level(logging.INFO, logger="SAMLiverSegLogic.worker_client")
+    woken = []
+    a = client.channel("a", notify=lambda: woken.append("a"))
+    b = client.channel("b", notify=lambda: woken.append("b"))
+    gone = client.channel("gone")
+    la, sent = a.ensure_volume_node(vol)
+    assert sent and client.volume_key == volume_node_key(vol)
+    assert a.ensure_volume_node(vol) == (None, False)  # the requests sent next run after that load
+    ra = a.send("status")
+    lb, sent = b.ensure_volume_node(same_grid)
+    assert sent and client.volume_key == volume_node_key(same_grid) != volume_node_key(vol)
+    rb = b.send("status")
+    rg = gone.send("prefetch", range=[0, 2])
+    gone.close()  # cancelled; its answer is dropped
+    with pytest.raises(ValueError, match="closed"):
+        gone.send("status")
+    assert set(a.pending()) == {la, ra} and set(b.pending()) == {lb, rb}
+    got_a = []
+    while client.pending():  # only a's notifier fires: a's polls read everything
+        if not select.select([client.fileno()], [], [], 120)[0]:
+            raise AssertionError(f"nothing for 120 s; pending {client.pending()}")
+        got_a += a.poll()
+    assert {m["id"] for m in got_a} <= {la, ra}
+    assert {m["id"] for m in got_a if "ok" in m} == {la, ra} and all(m["ok"] for m in got_a if "ok" in m), got_a
+    assert "b" in woken and "a" not in woken and b.ready() and not a.ready()
+    got_b = b.poll()
+    assert {m["id"] for m in got_b} == {lb, rb} and all(m["ok"] for m in got_b if "ok" in m)
+    assert not b.ready() and client.poll() == []  # nothing for the plain API's owner either
+    assert any(f"request {rg}" in r.getMessage() and "'gone' is gone" in r.getMessage() for r in caplog.records)
+    # the worker holds same_grid: vol is sent again; then changed voxels (a new MTime) are sent again
+    la2, sent = a.ensure_volume_node(vol)
+    assert sent and a.ensure_volume_node(vol) == (None, False)
+    vol.GetImageData().Modified()
+    la3, sent = a.ensure_volume_node(vol)
+    assert sent and client.volume_key == volume_node_key(vol)
+    finals = []
+    while len(finals) < 2:
+        select.select([client.fileno()], [], [], 120)
+        finals += [m for m in a.poll() if "ok" in m]
+    assert sorted(m["id"] for m in finals) == [la2, la3] and all(m["ok"] for m in finals)
+    a.close()
+    b.close()
 
 
 def test_a_request_timeout_answers_and_cancels_it(client, oblique_ct):
