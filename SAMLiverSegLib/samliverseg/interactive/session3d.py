@@ -13,8 +13,9 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
   farther away with the click alone (an island; for a box-only model such as LiteMedSAM through
   ``seeded_region``); only pixels in the HU range of the first prompts' result are added, the part
   connected to the click. The slice's new mask is then followed up and down, adding what is new,
-  until it is already inside the mask (it has joined what was there), the object ends, or another
-  prompted slice is reached;
+  until it is already inside the mask (it has joined what was there), the object ends, a slice
+  would grow past ``ADD_AREA_FACTOR`` times the object's largest slice, or another prompted slice
+  is reached;
 * **a negative point inside the mask** removes the wrong region it lies in, in 3D
   (``mask_edits.negative_region``: its slice's region grown from the click and its HU-connected
   continuation on the next slices), never changing another prompted slice.
@@ -51,6 +52,9 @@ from samliverseg.interactive.mask_edits import negative_region
 #: A positive click at most this far (mm) from its slice's mask extends the object there (a box
 #: around the mask and the click); farther, it segments the object under it (an island).
 NEAR_MM = 10.0
+#: What a positive click adds is refused on its slice, and its walk stops, where a slice's mask would
+#: exceed this many times the object's largest slice before the click (a click must not add an organ).
+ADD_AREA_FACTOR = 3.0
 
 
 @dataclass
@@ -191,17 +195,28 @@ class CorrectionSession:
             region = np.isin(lab, ids[ids > 0])
         if not (region & ~sl).any():
             raise PromptError(f"found nothing to add under the click on slice {axis}={s}: click inside the object")
+        max_area = self._max_added_area()
+        if region.sum() > max_area:
+            raise PromptError(f"the click on slice {axis}={s} would add {int(region.sum())} pixels, more than "
+                              f"{ADD_AREA_FACTOR:g} times the object's largest slice: draw a box there instead")
         self._slice(s)[region] = 1
         corr.changed_slices.append(s)
         prev = self._slice(s).astype(bool) if near else region
         seed_area = int(prev.sum())
         for direction in (+1, -1):
             corr.stops["up" if direction > 0 else "down"] = self._walk(s, prev, direction, seed_area, self._hu_range,
-                                                                       corr, replace=False)
+                                                                       corr, replace=False, max_area=max_area)
+
+    def _max_added_area(self) -> float:
+        """What one positive click may make of a slice: ``ADD_AREA_FACTOR`` times the largest slice."""
+        areas = self.mask.sum(axis=self._other_axes())
+        return ADD_AREA_FACTOR * float(max(int(areas.max()) if areas.size else 0, self.engine.settings.min_area_px))
 
     def _walk(self, start: int, prev: np.ndarray, direction: int, seed_area: int,
-              hu_range: Optional[Tuple[float, float]], corr: Correction, replace: bool) -> str:
-        """Propagate ``prev`` from slice ``start`` in ``direction``: replace (a box) or add (a click)."""
+              hu_range: Optional[Tuple[float, float]], corr: Correction, replace: bool,
+              max_area: Optional[float] = None) -> str:
+        """Propagate ``prev`` from slice ``start`` in ``direction``: replace (a box) or add (a click,
+        stopping where a slice would exceed ``max_area``)."""
         anchors = set(self.anchors())
         t = start + direction
         while 0 <= t < self._n():
@@ -219,6 +234,8 @@ class CorrectionSession:
                     return f"agrees with the previous result at slice {t}"
                 self._slice(t)[...] = new
             else:
+                if max_area is not None and (new | old).sum() > max_area:
+                    return f"would grow beyond {ADD_AREA_FACTOR:g} times the object's largest slice at slice {t}"
                 fresh = new & ~old
                 if fresh.sum() <= max(self.engine.settings.min_area_px, 0.02 * new.sum()):
                     return f"joined the previous result at slice {t}"
