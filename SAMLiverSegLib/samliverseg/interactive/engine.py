@@ -13,6 +13,12 @@
   Propagation stops when the object ends: the mask vanishes, jumps away from the previous one,
   its median HU drifts more than 40 HU from the prompted slice's, or the model's own IoU
   estimate collapses. The defaults were tuned on the shared 3D-IRCADb case (see the benchmark).
+* Topology (issue 13, ``PropagationSettings.growth`` / ``sweep_islands``): where the object
+  widens, growth beyond that limit is accepted when the model, asked with a wider box, is
+  confident, still covers the kept mask, and the growth passes the HU gate and touches the kept
+  mask; then the object's slices are swept down and up, and a part of a slice's mask that the
+  next slice lacks (a lobe that was an island before it joined) is followed there with the same
+  rules. ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
 * A 3D ROI (a box over slices k0..k1) seeds the middle slice with the ROI's box and keeps the
   result inside the ROI.
 * :meth:`PromptEngine.prefetch` computes embeddings ahead of time (a GUI runs it in a thread)
