@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"variants {','.join(QUICK_VARIANTS)} at {QUICK_FRACTIONS}")
     ap.add_argument("--no-extras", action="store_true", help="skip the one-point and tumour rows")
     ap.add_argument("--settings", default="current", choices=("current", "legacy"))
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a PropagationSettings field (repeatable), e.g. --set search_margin_mm=20")
     ap.add_argument("--hd95", action="store_true", help="also HD95 (slower)")
     ap.add_argument("--embed-cache", default=None, help="folder for slice embeddings kept between runs")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
@@ -124,9 +126,13 @@ def main(argv=None) -> int:
     fracs = [float(f) for f in args.fractions.split(",")] if args.fractions else (
         QUICK_FRACTIONS if args.quick else variants.PROMPT_FRACTIONS)
     settings = PropagationSettings.legacy() if args.settings == "legacy" else PropagationSettings()
+    for item in args.set:
+        name, _, value = item.partition("=")
+        old = getattr(settings, name)  # AttributeError names a wrong field
+        setattr(settings, name, None if value == "None" else (value == "True") if isinstance(old, bool) else float(value))
     engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=8192, settings=settings)
     disk = DiskEmbeddings(engine, Path(args.embed_cache)) if args.embed_cache else None
-    results: Dict[str, dict] = {"settings": args.settings, "backend": engine.backend.name}
+    results: Dict[str, dict] = {"settings": args.settings, "overrides": args.set, "backend": engine.backend.name}
     rows: List[list] = []
     extras: List[list] = []
     t_all = time.perf_counter()

@@ -13,6 +13,12 @@
   Propagation stops when the object ends: the mask vanishes, jumps away from the previous one,
   its median HU drifts more than 40 HU from the prompted slice's, or the model's own IoU
   estimate collapses. The defaults were tuned on the shared 3D-IRCADb case (see the benchmark).
+* Topology (issue 13, ``PropagationSettings.growth`` / ``sweep_islands``): where the object
+  widens, growth beyond that limit is accepted when the model, asked with a wider box, is
+  confident, still covers the kept mask, and the growth passes the HU gate and touches the kept
+  mask; then the object's slices are swept down and up, and a part of a slice's mask that the
+  next slice lacks (a lobe that was an island before it joined) is followed there with the same
+  rules. ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
 * A 3D ROI (a box over slices k0..k1) seeds the middle slice with the ROI's box and keeps the
   result inside the ROI.
 * :meth:`PromptEngine.prefetch` computes embeddings ahead of time (a GUI runs it in a thread)
@@ -130,11 +136,22 @@ class PropagationSettings:
     hu_gate_percentile: float = 5.0  # the range is the [p, 100 - p] percentiles of the seed's HU
     fill_holes: bool = True
     largest_component: bool = True
+    # Following the organ's topology (issue 13): growth beyond the limit above, and islands.
+    growth: Optional[str] = "box"  # how growth beyond that limit is accepted: "box", "tissue" or None (never)
+    search_margin_mm: float = 15.0  # "box": also ask with a box this much wider than the previous mask;
+    tissue_search_mm: float = 40.0  # "tissue": box the seed-HU tissue connected to the kept mask within this distance
+    growth_opening_mm: float = 3.0  # ("tissue": bridges thinner than about twice this are cut)
+    growth_min_gain: float = 0.05  # ("tissue": only when that tissue would add this fraction)
+    growth_min_score: float = 0.85  # accept what the model adds in that box when it rates it this well,
+    growth_min_agreement: float = 0.9  # it covers this fraction of the kept mask (the same object),
+    growth_widening_ratio: float = 1.0  # the object does not narrow ("box": kept mask, "tissue": tight-box mask vs the previous)
+    sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
+    island_min_area_mm2: float = 100.0  # parts smaller than this are not followed
 
     @classmethod
     def legacy(cls) -> "PropagationSettings":
-        """The rules of before issue 13 (for before/after benchmarks)."""
-        return cls()
+        """The rules of before issue 13 (for before/after benchmarks): no wider search, no sweep."""
+        return cls(growth=None, sweep_islands=False)
 
 
 class PromptEngine:
@@ -400,6 +417,8 @@ class PromptEngine:
                     mask3d, axis, min(anchors), direction, (lo_lim, hi_lim), seeds, roi,
                     seed_area, ref_hu, scores, tick, cancel,
                 )
+            if self.settings.sweep_islands:
+                self._sweep_islands(mask3d, axis, anchors, roi, seed_area, ref_hu, scores, cancel)
         for p in cuts:
             c = IJK_INDEX[axis]
             wrong = negative_region(mask3d, vol.array, axis, int(round(p[c])), point_to_xy(p, axis),
@@ -479,19 +498,22 @@ class PromptEngine:
         vals = np.concatenate(vals) if vals else np.zeros(0)
         return float(np.median(vals)) if vals.size else None
 
-    def _propagate(self, mask3d, axis, start, direction, limits, seeds, roi,
-                   seed_area, ref_hu, scores, tick, cancel) -> str:
+    def _growth_px(self, axis: str) -> int:
+        """How far (pixels) a slice's mask may grow beyond its neighbour's: one slice spacing (or
+        ``max_growth_mm``, if smaller), at least two pixels."""
         st = self.settings
-        vol = self.volume
-        rs, cs = pixel_spacing(vol, axis)
+        rs, cs = pixel_spacing(self.volume, axis)
         growth_mm = st.max_growth_mm
         if st.max_growth_slices is not None:
             # Thin slices: the boundary moves little from one to the next. Coarse pixels: at
             # least two pixels, or a 3 mm grid could never follow a sloping boundary.
-            across = float(vol.spacing[IJK_INDEX[axis]])
+            across = float(self.volume.spacing[IJK_INDEX[axis]])
             growth_mm = min(growth_mm, max(st.max_growth_slices * across, 2.0 * max(rs, cs)))
-        grow = max(2, int(round(growth_mm / min(rs, cs))))
-        structure = np.ones((3, 3), dtype=bool)
+        return max(2, int(round(growth_mm / min(rs, cs))))
+
+    def _propagate(self, mask3d, axis, start, direction, limits, seeds, roi,
+                   seed_area, ref_hu, scores, tick, cancel) -> str:
+        grow = self._growth_px(axis)
         prev = slice_of(mask3d, axis, start).astype(bool)
         s = start + direction
         ahead = sorted((a for a in seeds if (a - start) * direction > 0), key=lambda a: a * direction)
@@ -504,7 +526,7 @@ class PromptEngine:
                 s += direction
                 tick()
                 continue
-            reason = self._propagate_one(mask3d, axis, s, prev, roi, seed_area, ref_hu, scores, grow, structure)
+            reason = self._propagate_one(mask3d, axis, s, prev, roi, seed_area, ref_hu, scores, grow)
             if reason is None:
                 prev = slice_of(mask3d, axis, s).astype(bool)
                 s += direction
@@ -515,40 +537,151 @@ class PromptEngine:
             s = ahead[0]  # the object ended before the next prompted slice: resume there
         return "reached the end of the volume" if roi is None else "reached the end of the ROI"
 
-    def _propagate_one(self, mask3d, axis, s, prev, roi, seed_area, ref_hu, scores, grow, structure) -> Optional[str]:
+    def _propagate_one(self, mask3d, axis, s, prev, roi, seed_area, ref_hu, scores, grow) -> Optional[str]:
         """Segment slice ``s`` from the previous slice's mask; None, or why the object ended."""
-        st = self.settings
-        vol = self.volume
         if not prev.any():
             return f"empty mask before slice {s}"
-        x0, y0, x1, y1 = bbox_2d(prev)
-        mx = st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1)
-        my = st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1)
-        rows, cols = prev.shape
-        box = (max(0.0, x0 - mx), max(0.0, y0 - my), min(cols - 1.0, x1 + mx), min(rows - 1.0, y1 + my))
-        rs, cs = pixel_spacing(vol, axis)
-        points = [interior_point(prev, spacing=(cs, rs))] if st.add_point and not getattr(self.spec, "box_only", False) else []
-        emb = self.embedding(axis, s)
-        mask, score, logits = self._decode(emb, points, [1] * len(points), box, None, False)
-        mask = self._inside_roi(mask, roi, axis)
-        area_raw = int(mask.sum())
-        if area_raw < max(st.min_area_px, st.min_area_frac * seed_area):
-            return f"object ended at slice {s} (area {area_raw} px)"
-        near = ndimage.binary_dilation(prev, structure=structure, iterations=grow)
-        kept = mask & near
-        if st.hu_gate and self._seed_hu_range is not None:
-            kept = self._gate(kept, axis, s, prev)
-        if kept.sum() < st.min_overlap * area_raw:
-            return f"mask jumped away from the previous slice at slice {s}"
-        if score < st.min_score:
-            return f"model confidence {score:.2f} below {st.min_score} at slice {s}"
-        if st.hu_tolerance is not None and ref_hu is not None:
-            med = float(np.median(slice_of(vol.array, axis, s)[kept]))
-            if abs(med - ref_hu) > st.hu_tolerance:
-                return f"intensity changed (median {med:.0f} HU vs {ref_hu:.0f}) at slice {s}"
+        kept, score, reason = self._follow(axis, s, prev, roi, seed_area, ref_hu, grow)
+        if reason is not None:
+            return reason
         slice_of(mask3d, axis, s)[...] = kept
         scores[s] = score
         return None
+
+    def _box_around(self, mask: np.ndarray, margin_x: float, margin_y: float) -> Tuple[float, float, float, float]:
+        x0, y0, x1, y1 = bbox_2d(mask)
+        rows, cols = mask.shape
+        return (max(0.0, x0 - margin_x), max(0.0, y0 - margin_y), min(cols - 1.0, x1 + margin_x), min(rows - 1.0, y1 + margin_y))
+
+    def _follow(self, axis, s, anchor, roi, seed_area, ref_hu, grow):
+        """The object on slice ``s`` next to ``anchor`` (its mask on the neighbouring slice):
+        (mask, score, None), or (None, score, why it ended there)."""
+        st = self.settings
+        vol = self.volume
+        x0, y0, x1, y1 = bbox_2d(anchor)
+        box = self._box_around(anchor, st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1),
+                               st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1))
+        rs, cs = pixel_spacing(vol, axis)
+        points = [interior_point(anchor, spacing=(cs, rs))] if st.add_point and not getattr(self.spec, "box_only", False) else []
+        emb = self.embedding(axis, s)
+        mask, score, _ = self._decode(emb, points, [1] * len(points), box, None, False)
+        mask = self._inside_roi(mask, roi, axis)
+        area_raw = int(mask.sum())
+        if area_raw < max(st.min_area_px, st.min_area_frac * seed_area):
+            return None, score, f"object ended at slice {s} (area {area_raw} px)"
+        near = ndimage.binary_dilation(anchor, structure=np.ones((3, 3), dtype=bool), iterations=grow)
+        kept = mask & near
+        if st.hu_gate and self._seed_hu_range is not None:
+            kept = self._gate(kept, axis, s, anchor)
+        if kept.sum() < st.min_overlap * area_raw:
+            return None, score, f"mask jumped away from the previous slice at slice {s}"
+        if score < st.min_score:
+            return None, score, f"model confidence {score:.2f} below {st.min_score} at slice {s}"
+        if st.hu_tolerance is not None and ref_hu is not None:
+            med = float(np.median(slice_of(vol.array, axis, s)[kept]))
+            if abs(med - ref_hu) > st.hu_tolerance:
+                return None, score, f"intensity changed (median {med:.0f} HU vs {ref_hu:.0f}) at slice {s}"
+        if st.growth == "box":
+            kept = self._grow_in_box(axis, s, anchor, kept, mask, emb, roi)
+        elif st.growth == "tissue":
+            kept = self._grow_in_tissue(axis, s, anchor, kept, mask, emb, roi)
+        elif st.growth is not None:
+            raise InputError(f"unknown growth rule {st.growth!r}: use 'box', 'tissue' or None")
+        return kept, score, None
+
+    def _grow_in_box(self, axis, s, anchor, kept, mask, emb, roi) -> np.ndarray:
+        """``kept`` plus what the model finds beyond the growth limit in a box ``search_margin_mm``
+        wider than ``anchor``, where the object does not narrow (``kept`` at least
+        ``growth_widening_ratio`` of ``anchor``), the model is confident, sees the same object,
+        and the growth passes the HU gate and touches ``kept`` (so it is connected in 3D to the
+        neighbouring slice's mask)."""
+        st = self.settings
+        if not kept.any() or kept.sum() < st.growth_widening_ratio * anchor.sum():
+            return kept  # narrowing: growth there is more often a neighbour than the object
+        rs, cs = pixel_spacing(self.volume, axis)
+        wide = self._box_around(anchor, st.search_margin_mm / cs, st.search_margin_mm / rs)
+        wmask, wscore, _ = self._decode(emb, [], [], wide, None, False)
+        wmask = self._inside_roi(wmask, roi, axis)
+        if wscore < st.growth_min_score or (wmask & kept).sum() < st.growth_min_agreement * kept.sum():
+            return kept
+        grown = kept | wmask | mask
+        if st.hu_gate and self._seed_hu_range is not None:
+            grown = self._gate(grown, axis, s, kept)
+        return grown | kept
+
+    def _grow_in_tissue(self, axis, s, anchor, kept, mask, emb, roi) -> np.ndarray:
+        """``kept`` plus object the growth limit cut off: the tissue of the seed's HU range that is
+        connected to ``kept`` through more than a thin bridge and lies within ``tissue_search_mm``
+        of it is boxed with ``kept``; the model, asked with that box, must be confident, cover
+        ``kept`` (the same object), and what it adds must pass the HU gate and touch ``kept``.
+        Only where the tight box's mask is at least ``growth_widening_ratio`` of ``anchor``."""
+        st = self.settings
+        if not kept.any() or self._seed_hu_range is None or mask.sum() < st.growth_widening_ratio * anchor.sum():
+            return kept
+        rs, cs = pixel_spacing(self.volume, axis)
+        lo, hi = self._seed_hu_range
+        r = max(1, int(round(st.growth_opening_mm / min(rs, cs))))
+        # Work in a crop around kept: the search zone plus what the smoothing and opening read.
+        x0, y0, x1, y1 = bbox_2d(kept)
+        pad_x = int(math.ceil(st.tissue_search_mm / cs)) + 2 * r + 8
+        pad_y = int(math.ceil(st.tissue_search_mm / rs)) + 2 * r + 8
+        crop = (slice(max(0, y0 - pad_y), y1 + pad_y + 1), slice(max(0, x0 - pad_x), x1 + pad_x + 1))
+        hu = ndimage.gaussian_filter(slice_of(self.volume.array, axis, s)[crop].astype(np.float32), 1.0)
+        yy, xx = np.ogrid[-r:r + 1, -r:r + 1]
+        tissue = ndimage.binary_opening((hu >= lo) & (hu <= hi), structure=(xx * xx + yy * yy) <= r * r) | kept[crop]
+        tissue &= ndimage.distance_transform_edt(~kept[crop], sampling=(rs, cs)) <= st.tissue_search_mm
+        lab, n = ndimage.label(tissue)
+        ids = np.unique(lab[kept[crop]])
+        region = np.zeros_like(kept)
+        region[crop] = np.isin(lab, ids[ids > 0])
+        if region.sum() <= kept.sum() * (1.0 + st.growth_min_gain):
+            return kept  # nothing worth a look beyond the kept mask
+        wide = self._box_around(region, st.box_margin_px, st.box_margin_px)
+        wmask, wscore, _ = self._decode(emb, [], [], wide, None, False)
+        wmask = self._inside_roi(wmask, roi, axis)
+        if wscore < st.growth_min_score or (wmask & kept).sum() < st.growth_min_agreement * kept.sum():
+            return kept
+        grown = self._gate(kept | (wmask & region), axis, s, kept) if st.hu_gate else kept | (wmask & region)
+        return grown | kept
+
+    def _sweep_islands(self, mask3d, axis, anchors, roi, seed_area, ref_hu, scores, cancel) -> None:
+        """Sweep the object's slices downwards, then upwards: where a slice's mask has a part
+        (of at least ``island_min_area_mm2``) that the next slice lacks, follow that part there
+        with the same rules as propagation. A lobe that appears as an island and joins the rest
+        further on is so found back from where it joins. Stays within the slices propagation
+        reached (the ends keep their stop rules)."""
+        st = self.settings
+        nonempty = [int(v) for v in np.flatnonzero([slice_of(mask3d, axis, t).any() for t in range(slice_count(mask3d.shape, axis))])]
+        if not nonempty:
+            return
+        lo, hi = nonempty[0], nonempty[-1]
+        rs, cs = pixel_spacing(self.volume, axis)
+        min_px = max(st.min_area_px, int(round(st.island_min_area_mm2 / (rs * cs))))
+        grow = self._growth_px(axis)
+        structure = np.ones((3, 3), dtype=bool)
+        for direction in (-1, +1):
+            order = range(hi - 1, lo - 1, -1) if direction < 0 else range(lo + 1, hi + 1)
+            for s in order:
+                if cancel is not None and cancel.is_set():
+                    raise CancelledError("propagation cancelled")
+                if s in anchors:
+                    continue
+                nb = slice_of(mask3d, axis, s - direction).astype(bool)
+                cur = slice_of(mask3d, axis, s).astype(bool)
+                if not nb.any():
+                    continue
+                missing = nb & ~ndimage.binary_dilation(cur, structure=structure, iterations=grow)
+                missing = ndimage.binary_opening(missing, structure=structure, iterations=2)
+                lab, n = ndimage.label(missing)
+                for c in range(1, n + 1):
+                    part = lab == c
+                    if part.sum() < min_px:
+                        continue
+                    kept, score, reason = self._follow(axis, s, part, roi, seed_area, ref_hu, grow)
+                    if reason is None:
+                        cur = cur | kept
+                        scores.setdefault(s, score)
+                slice_of(mask3d, axis, s)[...] = cur
 
     def _postprocess(self, mask3d: np.ndarray, axis: str, anchors: Sequence[int]) -> np.ndarray:
         """Fill holes slice by slice; keep the connected components the prompted slices touch."""

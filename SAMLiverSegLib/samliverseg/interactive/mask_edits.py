@@ -19,7 +19,8 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   region would take more than that or more than double its previous area (the wrong tissue merges
   with the object there): that slice loses only the previous slice's footprint, and the walk ends.
 
-The result is a bool array on the volume grid; nothing outside the mask is ever included.
+A removal of more than ``MAX_VOLUME_FRAC`` of the whole mask is kept to the clicked slice. The
+result is a bool array on the volume grid; nothing outside the mask is ever included.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ MIN_CONTRAST_HU = 15.0
 #: Where the removed tissue is distinct by HU, it may take up to this fraction of a slice's mask
 #: (a leak into the heart at the dome can be larger than the liver there).
 DISTINCT_MAX_FRAC = 0.9
+#: A removal across slices may take at most this fraction of the whole mask (else only its slice).
+MAX_VOLUME_FRAC = 0.25
 #: The walk goes at most this many times the clicked region's equivalent diameter each way.
 TALL = 2.0
 
@@ -145,6 +148,11 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
             prev = region
             t += direction
             steps += 1
+    if out.sum() > MAX_VOLUME_FRAC * np.count_nonzero(mask3d):
+        # More than that is no leak but the object itself: keep the removal to the clicked slice.
+        only = np.zeros_like(out)
+        get_slice(only, axis, index)[...] = get_slice(out, axis, index)
+        return only
     return out
 
 

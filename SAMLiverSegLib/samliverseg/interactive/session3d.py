@@ -8,10 +8,14 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
   down, replacing what was there, until the new result agrees with the previous one (Dice at
   least ``agree_dice``), the object ends (the slices beyond lose what they had, up to the next
   prompted slice) or another prompted slice is reached;
-* **a positive point outside the mask** segments the object under the click on its slice (for a
-  box-only model such as LiteMedSAM through ``seeded_region``), adds it, and follows that added
-  region up and down, adding what is new, until it is already inside the mask (it has joined
-  what was there), the object ends, or another prompted slice is reached;
+* **a positive point outside the mask** adds to its slice: within ``NEAR_MM`` of the slice's mask
+  the model is prompted with the box around that mask and the click (the object is larger there),
+  farther away with the click alone (an island; for a box-only model such as LiteMedSAM through
+  ``seeded_region``); only pixels in the HU range of the first prompts' result are added, the part
+  connected to the click. The slice's new mask is then followed up and down, adding what is new,
+  until it is already inside the mask (it has joined what was there), the object ends, a slice
+  would grow past ``ADD_AREA_FACTOR`` times the object's largest slice, or another prompted slice
+  is reached;
 * **a negative point inside the mask** removes the wrong region it lies in, in 3D
   (``mask_edits.negative_region``: its slice's region grown from the click and its HU-connected
   continuation on the next slices), never changing another prompted slice.
@@ -43,6 +47,14 @@ from samliverseg.core.postprocess import keep_components_touching
 from samliverseg.core.prompts import IJK_INDEX, Point, Prompts, SliceBox, validate_prompts
 from samliverseg.interactive.engine import PromptEngine, pixel_spacing, point_to_xy, slice_count, slice_of
 from samliverseg.interactive.mask_edits import negative_region
+
+
+#: A positive click at most this far (mm) from its slice's mask extends the object there (a box
+#: around the mask and the click); farther, it segments the object under it (an island).
+NEAR_MM = 10.0
+#: What a positive click adds is refused on its slice, and its walk stops, where a slice's mask would
+#: exceed this many times the object's largest slice before the click (a click must not add an organ).
+ADD_AREA_FACTOR = 3.0
 
 
 @dataclass
@@ -147,27 +159,64 @@ class CorrectionSession:
 
     # -- the walks ---------------------------------------------------------------------------
     def _add_region(self, s: int, p: Point, corr: Correction) -> None:
+        eng, axis = self.engine, self.axis
         here = self.prompts.on_slice(s)
-        region = self.engine.segment_slice(Prompts(positive=[p], negative=here.negative, slice_axis=self.axis)).mask
+        x, y = (int(round(v)) for v in point_to_xy(p, axis))
+        sl = self._slice(s).astype(bool)
+        rs, cs = pixel_spacing(eng.volume, axis)
+        near = sl.any() and ndimage.distance_transform_edt(~sl, sampling=(rs, cs))[y, x] <= NEAR_MM
+        if near:
+            # Beside the slice's mask: the object there is larger than found. Prompt the model with
+            # the box of the mask and the click (and the clicks, for models that take points).
+            x0, y0, x1, y1 = bbox_2d(sl)
+            rows, cols = sl.shape
+            m = self.engine.settings.box_margin_px
+            box = (max(0.0, min(x0, x) - m), max(0.0, min(y0, y) - m),
+                   min(cols - 1.0, max(x1, x) + m), min(rows - 1.0, max(y1, y) + m))
+            pts = None if getattr(eng.spec, "box_only", False) else here.positive + [p] + here.negative
+            pred = eng.predictor.predict(
+                eng.embedding(axis, s),
+                point_coords=None if pts is None else np.asarray([point_to_xy(q, axis) for q in pts], np.float32),
+                point_labels=None if pts is None else np.asarray([1] * (len(here.positive) + 1) + [0] * len(here.negative)),
+                box=box, multimask_output=False)
+            region = pred.best()[0]
+        else:
+            # Away from it (an island the propagation never reached): the object under the click.
+            region = eng.segment_slice(Prompts(positive=[p], negative=here.negative, slice_axis=axis)).mask
         corr.decoded_slices.append(s)
-        x, y = (int(round(v)) for v in point_to_xy(p, self.axis))
+        if self._hu_range is not None:  # only tissue of the object's HU (what the first prompts found)
+            hu = ndimage.gaussian_filter(slice_of(eng.volume.array, axis, s).astype(np.float32), 1.0)
+            region = region & (hu >= self._hu_range[0]) & (hu <= self._hu_range[1])
         lab, _ = ndimage.label(region)
         if lab[y, x]:
             region = lab == lab[y, x]
-        if not region.any():
-            raise PromptError(f"found no object under the click on slice {self.axis}={s}: click inside the object")
-        sl = self._slice(s)
-        sl[region] = 1
+        elif near:
+            ids = np.unique(lab[ndimage.binary_dilation(sl, iterations=2) & region])
+            region = np.isin(lab, ids[ids > 0])
+        if not (region & ~sl).any():
+            raise PromptError(f"found nothing to add under the click on slice {axis}={s}: click inside the object")
+        max_area = self._max_added_area()
+        if region.sum() > max_area:
+            raise PromptError(f"the click on slice {axis}={s} would add {int(region.sum())} pixels, more than "
+                              f"{ADD_AREA_FACTOR:g} times the object's largest slice: draw a box there instead")
+        self._slice(s)[region] = 1
         corr.changed_slices.append(s)
-        hu_range = self._range_on(self.mask, [s], region_only=region)
-        seed_area = int(region.sum())
+        prev = self._slice(s).astype(bool) if near else region
+        seed_area = int(prev.sum())
         for direction in (+1, -1):
-            corr.stops["up" if direction > 0 else "down"] = self._walk(s, region, direction, seed_area, hu_range,
-                                                                       corr, replace=False)
+            corr.stops["up" if direction > 0 else "down"] = self._walk(s, prev, direction, seed_area, self._hu_range,
+                                                                       corr, replace=False, max_area=max_area)
+
+    def _max_added_area(self) -> float:
+        """What one positive click may make of a slice: ``ADD_AREA_FACTOR`` times the largest slice."""
+        areas = self.mask.sum(axis=self._other_axes())
+        return ADD_AREA_FACTOR * float(max(int(areas.max()) if areas.size else 0, self.engine.settings.min_area_px))
 
     def _walk(self, start: int, prev: np.ndarray, direction: int, seed_area: int,
-              hu_range: Optional[Tuple[float, float]], corr: Correction, replace: bool) -> str:
-        """Propagate ``prev`` from slice ``start`` in ``direction``: replace (a box) or add (a click)."""
+              hu_range: Optional[Tuple[float, float]], corr: Correction, replace: bool,
+              max_area: Optional[float] = None) -> str:
+        """Propagate ``prev`` from slice ``start`` in ``direction``: replace (a box) or add (a click,
+        stopping where a slice would exceed ``max_area``)."""
         anchors = set(self.anchors())
         t = start + direction
         while 0 <= t < self._n():
@@ -185,6 +234,8 @@ class CorrectionSession:
                     return f"agrees with the previous result at slice {t}"
                 self._slice(t)[...] = new
             else:
+                if max_area is not None and (new | old).sum() > max_area:
+                    return f"would grow beyond {ADD_AREA_FACTOR:g} times the object's largest slice at slice {t}"
                 fresh = new & ~old
                 if fresh.sum() <= max(self.engine.settings.min_area_px, 0.02 * new.sum()):
                     return f"joined the previous result at slice {t}"
@@ -249,14 +300,13 @@ class CorrectionSession:
         a = axis_index(self.axis)
         return tuple(b for b in range(3) if b != a)  # type: ignore[return-value]
 
-    def _range_on(self, mask3d: np.ndarray, slices: Sequence[int],
-                  region_only: Optional[np.ndarray] = None) -> Optional[Tuple[float, float]]:
+    def _range_on(self, mask3d: np.ndarray, slices: Sequence[int]) -> Optional[Tuple[float, float]]:
         """The HU gate range: the [p, 100 - p] percentiles of the smoothed HU under the mask on
-        ``slices`` (or under ``region_only`` on the one slice), +- the settings' margin."""
+        ``slices``, +- the settings' margin."""
         st = self.engine.settings
         vals = []
         for s in slices:
-            m = region_only if region_only is not None else slice_of(mask3d, self.axis, s) > 0
+            m = slice_of(mask3d, self.axis, s) > 0
             if m.any():
                 hu = ndimage.gaussian_filter(slice_of(self.engine.volume.array, self.axis, s).astype(np.float32), 1.0)
                 vals.append(hu[m])
