@@ -292,3 +292,18 @@ def run_on_small_disk(cmd, disk: Path, size_kb: int, env: Optional[Dict[str, str
     done = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True,
                           env=env, timeout=timeout)
     return done, after
+
+
+def random_tiny_sam3d():
+    """A tiny SAM-Med3D with seeded random weights, its zero-initialised position tables made
+    random too (zeros would hide mistakes in how they are applied)."""
+    import torch
+
+    from samliverseg.models.build_sam3d import build_sam_med3d_tiny
+
+    torch.manual_seed(0)
+    m = build_sam_med3d_tiny()
+    for n, p in m.named_parameters():
+        if "rel_pos" in n or "pos_embed" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    return m.eval()

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from libtest_helpers import build_tiny_sam, rot
+from libtest_helpers import build_tiny_sam, random_tiny_sam3d, rot
 from samliverseg.models.build_sam3d import (MODEL3D_REGISTRY, build_model3d, build_sam_med3d_tiny, build_sam_med3d_vit_b,
                                      count_parameters, get_spec3d, is_model3d, load_state3d)
 from samliverseg.core.geometry import resample
@@ -42,12 +42,7 @@ def _empty_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    m = build_sam_med3d_tiny()
-    for n, p in m.named_parameters():  # the zero-initialised tables would hide mistakes
-        if "rel_pos" in n or "pos_embed" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    return m
+    return random_tiny_sam3d()
 
 
 def _constant_model(logit: float):

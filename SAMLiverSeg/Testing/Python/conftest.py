@@ -36,3 +36,21 @@ def scene():
 @pytest.fixture(params=list(GEOMETRIES))
 def geometry_case(request):
     return request.param, GEOMETRIES[request.param]
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A real inference worker (LiteMedSAM, CPU, torch: the tests compare with the in-process
+    torch engine; one test needs a worker busy embedding for longer than its shutdown timeout)."""
+    from SAMLiverSegLogic.worker_client import WorkerClient
+
+    with WorkerClient(device="cpu", backend="torch") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The in-process LiteMedSAM engine (CPU, torch): the reference the worker paths must equal."""
+    from samliverseg.interactive.engine import PromptEngine
+
+    return PromptEngine(model="lite_medsam", device="cpu", backend="torch")

@@ -7,12 +7,16 @@ engine), a real MRML scene, an oblique volume; driven like Slicer (select() on t
 
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from slicer_test_helpers import GEOMETRIES, add_ct, centre_view_on, pump, slice_node_for
+from slicer_test_helpers import GEOMETRIES, REPO_ROOT, add_ct, centre_view_on, pump, slice_node_for
+
+sys.path.insert(0, str(REPO_ROOT / "SAMLiverSegLib" / "tests"))
+import libtest_helpers  # noqa: E402  (the library tests' tiny models)
 
 from SAMLiverSegLogic import effect_logic, geometry, segment_writer, slice_clicks, volume_nodes
 from SAMLiverSegLogic.worker_client import WorkerClient
@@ -39,14 +43,7 @@ def constant_tiny(logit: float):
 
 
 def random_tiny():
-    from samliverseg.models.build_sam3d import build_sam_med3d_tiny
-
-    torch.manual_seed(0)
-    m = build_sam_med3d_tiny()
-    for n, p in m.named_parameters():  # the zero-initialised tables would hide mistakes
-        if "rel_pos" in n or "pos_embed" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    return m.eval()
+    return libtest_helpers.random_tiny_sam3d()
 
 
 def worker_for(tmp_path_factory, model, name):

@@ -43,19 +43,6 @@ def finished(kind):
     return lambda outs: any(o.kind == kind for o in outs)
 
 
-@pytest.fixture(scope="module")
-def client():
-    with WorkerClient(device="cpu", backend="torch") as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def engine():
-    from samliverseg.interactive.engine import PromptEngine
-
-    return PromptEngine("lite_medsam", device="cpu")
-
-
 def session_on(scene, client, geometry_name="identity", shape=SHAPE):
     vol = add_ct(scene, GEOMETRIES[geometry_name], shape)
     session = effect_logic.SegmentAnythingSession(effect_logic.EngineSettings(device="cpu", backend="torch"),

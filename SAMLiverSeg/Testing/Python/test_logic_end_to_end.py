@@ -116,13 +116,6 @@ def start_cli(root, case, name, propagate):
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from samliverseg.interactive.engine import PromptEngine
-
-    return PromptEngine(model="lite_medsam", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def worker():
     """The effect's model runs in the inference worker (never in Slicer's process)."""
     from SAMLiverSegLogic.worker_client import WorkerClient

@@ -77,19 +77,6 @@ def drive(run, timeout=600.0):
     return polls
 
 
-@pytest.fixture(scope="module")
-def client():
-    with WorkerClient(device="cpu", backend="torch") as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def engine():
-    from samliverseg.interactive.engine import PromptEngine
-
-    return PromptEngine(model="lite_medsam", device="cpu", backend="torch")
-
-
 # -- the request ---------------------------------------------------------------------------------
 
 def test_bad_markups_fail_before_anything_is_sent(scene):

@@ -9,15 +9,8 @@ import pytest
 from slicer_test_helpers import GEOMETRIES, add_ct, blob_ct, pump
 
 from SAMLiverSegLogic import effect_logic, geometry, volume_nodes
-from SAMLiverSegLogic.worker_client import WorkerClient
 
 SHAPE = (10, 64, 64)
-
-
-@pytest.fixture(scope="module")
-def client():
-    with WorkerClient(device="cpu", backend="torch") as c:
-        yield c
 
 
 def organ_mask(shape=SHAPE):

@@ -74,13 +74,6 @@ def test_shared_client_is_one_worker_per_settings():
     shutdown_shared_client()  # twice is fine
 
 
-@pytest.fixture(scope="module")
-def client():
-    # torch: the last test needs a worker busy embedding for longer than its shutdown timeout
-    with WorkerClient(device="cpu", backend="torch") as c:
-        yield c
-
-
 @pytest.fixture
 def oblique_ct(scene):
     vol = add_ct(scene, GEOMETRIES["oblique"], SHAPE)
