@@ -25,8 +25,8 @@ Slicer's ``PythonSlicer``, a launcher that does not forward signals (a SIGTERM w
 launcher and orphan the trainer). It writes the control file ``RUN/STOP`` that the trainer
 watches after every optimiser step and while it prepares its data; the trainer then finishes the
 current step, writes ``last.pt`` atomically, emits ``cancelled``, removes the file and exits with
-130 (a trainer removes a ``STOP`` it finds when it opens the run folder, taking it for a
-left-over: :meth:`poll` writes it again until the trainer reports ``cancelled``). If the run is
+130. The file holds a token the trainer also got in ``SAMLIVERSEG_STOP_TOKEN``, so a Stop pressed
+while the trainer starts is not taken for a left-over of an earlier run. If the run is
 still alive ``grace_s`` seconds later, :meth:`poll` kills the whole process
 tree by PID, children first (``process.kill_process_tree``; ``last.pt`` is then the one of the
 last finished epoch, or absent). Stopping ``prepare`` kills its tree at once (converted cases are
@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
@@ -176,11 +177,17 @@ def write_config(request: TrainingRequest) -> Path:
     return path
 
 
-def write_stop_file(path) -> None:
-    """Create the trainer's control file ``RUN/STOP`` (atomically: the trainer never sees half of it)."""
+#: The trainer keeps a ``STOP`` holding this variable's value at start (a Stop pressed while it was
+#: starting), and removes any other as a left-over (``samliverseg.training.runfolder.StopFile``).
+STOP_TOKEN_ENV = "SAMLIVERSEG_STOP_TOKEN"
+
+
+def write_stop_file(path, token: str = "") -> None:
+    """Create the trainer's control file ``RUN/STOP`` holding ``token`` (atomically: the trainer
+    never sees half of it)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("stop requested by the SAMLiverSeg training panel\n", encoding="utf-8")
+    tmp.write_text((token or "stop requested by the SAMLiverSeg training panel") + "\n", encoding="utf-8")
     os.replace(str(tmp), str(path))
 
 
@@ -291,6 +298,7 @@ class TrainingJob:
         self.env = dict(env) if env is not None else None
         self.launcher = launcher
         self.register = register
+        self.stop_token = ""  # written into RUN/STOP; the trainer gets it in SAMLIVERSEG_STOP_TOKEN
         self.state = TrainingState(kind=request.kind, epochs=int(request.epochs))
         self.log: Deque[str] = collections.deque(maxlen=int(log_lines))
         self.log_total = 0  # lines ever appended to the log (the tail keeps the last ``log_lines``)
@@ -350,7 +358,7 @@ class TrainingJob:
             self._kill_tree()
             return
         try:
-            write_stop_file(self.request.stop_path)
+            write_stop_file(self.request.stop_path, self.stop_token)
             self._log(f"stop requested: the trainer finishes its step and saves {LAST_NAME} "
                       f"(killed after {grace_s:g} s otherwise)")
         except OSError as exc:  # cannot write into the run folder: the kill is all that is left
@@ -374,13 +382,6 @@ class TrainingJob:
         events = proc.poll()
         for ev in events:
             self._handle(ev)
-        if (self.stop_requested and self.stage == "train" and proc.returncode is None and not self.killed
-                and self._terminal_event is None and not self.request.stop_path.exists()):
-            # a trainer that opens its run folder after Stop removes the STOP it takes for a left-over
-            try:
-                write_stop_file(self.request.stop_path)
-            except OSError:
-                pass
         if (proc.returncode is None and self.kill_deadline is not None
                 and time.monotonic() > self.kill_deadline and not self.killed):
             self._log("the run did not stop in time: killing its processes")
@@ -413,7 +414,9 @@ class TrainingJob:
         if stage == "train":
             remove_stop_file(self.request.stop_path)  # left by a run that was killed: it would stop this one
         cmd = samliverseg_command(*args, python=self.python)
-        kwargs: Dict[str, Any] = {"env": self.env, "separate_stderr": True}
+        self.stop_token = uuid.uuid4().hex  # STOP holds it: the trainer keeps it even while starting
+        env = dict(self.env if self.env is not None else os.environ, **{STOP_TOKEN_ENV: self.stop_token})
+        kwargs: Dict[str, Any] = {"env": env, "separate_stderr": True}
         if self.launcher is not None:
             kwargs["launcher"] = self.launcher
         self.stage = stage

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import signal
 import subprocess
 from pathlib import Path
@@ -115,6 +116,7 @@ def test_one_trainer_per_folder_stop_file_and_a_dead_trainers_lock(phantom_cache
     cfg = config(phantom_cache, run, tmp_path / "c.yaml", epochs=500)  # runs until stopped
     (run).mkdir()
     (run / rf.STOP_NAME).write_text("")  # left from before: removed at start, not a stop
+    os.utime(run / rf.STOP_NAME, (time.time() - 60, time.time() - 60))
     proc = subprocess.Popen(train_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path))
     try:
         events = []

@@ -418,7 +418,7 @@ def test_shutdown_kills_the_whole_tree_of_a_launcher(tmp_path):
     launcher = tmp_path / "launcher.sh"
     launcher.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\n')  # no exec: Python is the shell's child
     launcher.chmod(0o755)
-    c = WorkerClient(python=str(launcher), device="cpu")
+    c = WorkerClient(python=str(launcher), device="cpu", backend="torch")  # torch: ~1 s a slice, busy for sure
     try:
         python_pid = c.request("status", timeout=300)["pid"]
         assert python_pid != c.pid and psutil.Process(python_pid).ppid() == c.pid

@@ -447,7 +447,7 @@ class Trainer:
                     notes.append(f"--overwrite: removed {', '.join(rf.remove_run_files(self.out))} of the previous run")
                 lock.mark()  # the folder is ours from here on
                 notes += [f"removed {p.name}, left by a write that never finished" for p in rf.remove_stale_tmp(self.out)]
-                if rf.StopFile(self.out).remove():
+                if rf.StopFile(self.out).remove_left_over():
                     notes.append(f"removed {rf.STOP_NAME}, left from before")
                 outcome = ("ok", str(source) if source is not None else None, notes)
             except BaseException as exc:  # told to the other ranks, then raised here

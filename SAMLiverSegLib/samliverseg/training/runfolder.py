@@ -14,7 +14,8 @@
   else ``best.pt`` when it holds the same or a later step (a kill while ``last.pt`` was being
   written right after ``best.pt``); ``None`` when there is none.
 * **The stop file** ``OUTPUT/STOP`` (:class:`StopFile`): its appearance asks the trainer to stop
-  exactly as SIGTERM does; a STOP left from before is removed when a run starts.
+  exactly as SIGTERM does; a STOP written before the trainer started is removed when a run starts
+  (one written while it starts stops it at its first check).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from samliverseg.training import checkpoint as ck
 
 LOCK_NAME = ".lock"
 STOP_NAME = "STOP"
+#: The environment variable a launcher sets to the text it writes into ``STOP`` (see StopFile).
+STOP_TOKEN_ENV = "SAMLIVERSEG_STOP_TOKEN"
 #: Files that make a folder hold a run (a new run there needs --resume or --overwrite).
 RUN_FILES = (ck.MODEL_NAME, ck.LAST_NAME, ck.BEST_NAME)
 
@@ -194,6 +197,30 @@ class StopFile:
             self.hit = True
         return self.hit
 
+    def remove_left_over(self) -> bool:
+        """At start: remove a ``STOP`` left by an earlier run, never one meant for this run.
+
+        A launcher that manages the file (the Slicer panel) gives the trainer a token in
+        ``SAMLIVERSEG_STOP_TOKEN`` and writes that token into ``STOP``: a file holding it is this
+        run's (a Stop pressed while the trainer was starting) and stops the run at its first check,
+        before any step. Without a token, a file written before this process started (with 0.5 s
+        for the rounding of the start time) is a left-over."""
+        try:
+            token = os.environ.get(STOP_TOKEN_ENV, "").strip()
+            if token:
+                if self.path.read_text(encoding="utf-8", errors="replace").strip() == token:
+                    return False
+            else:
+                import psutil
+
+                if self.path.stat().st_mtime >= psutil.Process().create_time() + 0.5:
+                    return False
+        except FileNotFoundError:
+            return False
+        except Exception:  # noqa: BLE001 - unreadable, or no start time: a left-over
+            pass
+        return self.remove()
+
     def remove(self) -> bool:
         """Remove the file (a left-over one at start, or the one that stopped this run)."""
         try:
@@ -205,5 +232,5 @@ class StopFile:
             return False
 
 
-__all__ = ["LOCK_NAME", "RUN_FILES", "STOP_NAME", "RunLock", "StopFile", "refuse_new_run", "remove_run_files",
+__all__ = ["LOCK_NAME", "RUN_FILES", "STOP_NAME", "STOP_TOKEN_ENV", "RunLock", "StopFile", "refuse_new_run", "remove_run_files",
            "remove_stale_tmp", "resume_source", "run_state"]
