@@ -84,7 +84,7 @@ class SAMLiverSeg(ScriptedLoadableModule):
             "Segment the liver and liver tumours on CT with Segment-Anything-style models "
             "(LiteMedSAM by default; SAM and MedSAM with your checkpoints). Place an ROI or points "
             "and press <b>Segment liver</b> / <b>Segment tumor</b>, or use the <b>Segment Anything</b> "
-            "effect in the Segment Editor (click: positive point, Shift+click: negative point, "
+            "effect in the Segment Editor (click: positive point, Ctrl+click: negative point, "
             "drag: box). A batch section segments a folder of CT files in the background."
         )
         self.parent.acknowledgementText = _(
