@@ -548,6 +548,23 @@ class PromptEngine:
         scores[s] = score
         return None
 
+    def follow_slice(self, axis: str, s: int, prev: np.ndarray, seed_area: int,
+                     hu_range: Optional[Tuple[float, float]] = None, ref_hu: Optional[float] = None,
+                     roi: Optional[Roi3D] = None) -> Tuple[Optional[np.ndarray], Optional[str]]:
+        """One step of propagation, for corrections (``interactive.session3d``): slice ``s``
+        segmented from ``prev`` (the object's mask on the neighbouring slice) by the same rules as
+        :meth:`segment` (growth limit, HU gate with ``hu_range``, growth the model is sure of).
+        Returns (mask, None), or (None, why the object ended there)."""
+        if not prev.any():
+            return None, f"empty mask before slice {s}"
+        saved = self._seed_hu_range
+        self._seed_hu_range = hu_range
+        try:
+            kept, _score, reason = self._follow(axis, s, prev, roi, seed_area, ref_hu, self._growth_px(axis))
+        finally:
+            self._seed_hu_range = saved
+        return (None, reason) if reason is not None else (kept, None)
+
     def _box_around(self, mask: np.ndarray, margin_x: float, margin_y: float) -> Tuple[float, float, float, float]:
         x0, y0, x1, y1 = bbox_2d(mask)
         rows, cols = mask.shape

@@ -42,7 +42,7 @@ from scipy import ndimage
 
 from samliverseg.core.errors import PromptError
 from samliverseg.core.evaluation import dice
-from samliverseg.core.maskutil import axis_index, bbox_2d, bbox_3d, interior_point
+from samliverseg.core.maskutil import axis_index, bbox_2d, bbox_3d
 from samliverseg.core.postprocess import keep_components_touching
 from samliverseg.core.prompts import IJK_INDEX, Point, Prompts, SliceBox, validate_prompts
 from samliverseg.interactive.engine import PromptEngine, pixel_spacing, point_to_xy, slice_count, slice_of
@@ -253,47 +253,10 @@ class CorrectionSession:
 
     def _follow(self, t: int, prev: np.ndarray, seed_area: int,
                 hu_range: Optional[Tuple[float, float]]) -> Tuple[Optional[np.ndarray], str]:
-        """Slice ``t`` segmented from the previous slice's mask ``prev``; (mask, "") or (None, why it ended)."""
-        eng, st, axis = self.engine, self.engine.settings, self.axis
-        vol = eng.volume
-        if not prev.any():
-            return None, f"empty mask before slice {t}"
-        x0, y0, x1, y1 = bbox_2d(prev)
-        mx = st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1)
-        my = st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1)
-        rows, cols = prev.shape
-        box = (max(0.0, x0 - mx), max(0.0, y0 - my), min(cols - 1.0, x1 + mx), min(rows - 1.0, y1 + my))
-        rs, cs = pixel_spacing(vol, axis)
-        points = None
-        if st.add_point and not getattr(eng.spec, "box_only", False):
-            points = np.asarray([interior_point(prev, spacing=(cs, rs))], dtype=np.float32)
-        pred = eng.predictor.predict(eng.embedding(axis, t), point_coords=points,
-                                     point_labels=None if points is None else np.ones(1, dtype=np.int64),
-                                     box=box, multimask_output=False)
-        mask, score, _ = pred.best()
-        area_raw = int(mask.sum())
-        if area_raw < max(st.min_area_px, st.min_area_frac * seed_area):
-            return None, f"object ended at slice {t} (area {area_raw} px)"
-        growth_mm = st.max_growth_mm
-        if st.max_growth_slices is not None:
-            across = float(vol.spacing[IJK_INDEX[axis]])
-            growth_mm = min(growth_mm, max(st.max_growth_slices * across, 2.0 * max(rs, cs)))
-        grow = max(2, int(round(growth_mm / min(rs, cs))))
-        kept = mask & ndimage.binary_dilation(prev, structure=np.ones((3, 3), dtype=bool), iterations=grow)
-        if st.hu_gate and hu_range is not None:
-            hu = ndimage.gaussian_filter(slice_of(vol.array, axis, t).astype(np.float32), 1.0)
-            kept &= (hu >= hu_range[0]) & (hu <= hu_range[1])
-            kept = ndimage.binary_opening(kept, structure=np.ones((3, 3), dtype=bool), iterations=2)
-        lab, n = ndimage.label(kept)
-        if n > 1:
-            ids = np.unique(lab[kept & prev])
-            kept = np.isin(lab, ids[ids > 0])
-        kept = ndimage.binary_fill_holes(kept)
-        if kept.sum() < st.min_overlap * area_raw:
-            return None, f"mask jumped away from the previous slice at slice {t}"
-        if score < st.min_score:
-            return None, f"model confidence {score:.2f} below {st.min_score} at slice {t}"
-        return kept, ""
+        """Slice ``t`` segmented from the previous slice's mask ``prev`` by the engine's propagation
+        step; (mask, "") or (None, why it ended)."""
+        kept, reason = self.engine.follow_slice(self.axis, t, prev, seed_area, hu_range)
+        return kept, reason or ""
 
     # -- helpers ------------------------------------------------------------------------------
     def _other_axes(self) -> Tuple[int, int]:
