@@ -899,7 +899,7 @@ class SAMLiverSegTest(ScriptedLoadableModuleTest):
         ready, message = dependencies.dependencies_ready()
         if not ready:
             self.delayDisplay(f"Installing dependencies ({message})")
-            dependencies.ensure_dependencies(MODULE_DIR, confirm=lambda text: True, interactive_pip=False)
+            dependencies.ensure_dependencies(MODULE_DIR, confirm=lambda text: True, pip_progress=False)
         ready, message = dependencies.dependencies_ready()
         self.assertTrue(ready, message)
 

@@ -401,11 +401,11 @@ def wheel_pip_args(pip_args: Sequence[str], library_dir, wheel) -> List[str]:
     return [str(wheel) if a == str(library_dir) else a for a in pip_args]
 
 
-def ensure_dependencies(module_dir, confirm: Callable[[str], bool], interactive_pip: bool = True,
+def ensure_dependencies(module_dir, confirm: Callable[[str], bool], pip_progress: bool = True,
                         python: Optional[str] = None) -> List[str]:
     """Check and, after ``confirm(message)`` says yes, install what is missing. Slicer only.
 
-    ``interactive_pip``: whether Slicer 5.12+ shows its install progress dialog
+    ``pip_progress``: whether Slicer 5.12+ shows its install progress dialog
     (``show_progress``; Slicer 5.8/5.10 have none). ``python``: the interpreter that builds the
     library wheel (default: PythonSlicer when on PATH, else this one).
 
@@ -456,7 +456,7 @@ def ensure_dependencies(module_dir, confirm: Callable[[str], bool], interactive_
                 wheel = build_library_wheel(library_dir, constraints.parent / "build",
                                             python=python or shutil.which("PythonSlicer") or sys.executable)
                 args = wheel_pip_args(args, library_dir, wheel)
-            _slicer_pip_install(args, show_progress=interactive_pip)
+            _slicer_pip_install(args, show_progress=pip_progress)
         except DependencyError:
             raise
         except Exception as exc:
@@ -474,8 +474,8 @@ def ensure_dependencies(module_dir, confirm: Callable[[str], bool], interactive_
     return notes
 
 
-def ensure_backend(backend: str, device: str, confirm: Callable[[str], bool], interactive_pip: bool = True) -> List[str]:
-    """(``interactive_pip``: as in :func:`ensure_dependencies`.) Offer to install the chosen fast CPU backend (Slicer only). Returns notes; never raises:
+def ensure_backend(backend: str, device: str, confirm: Callable[[str], bool], pip_progress: bool = True) -> List[str]:
+    """(``pip_progress``: as in :func:`ensure_dependencies`.) Offer to install the chosen fast CPU backend (Slicer only). Returns notes; never raises:
     declined or failed, the engine falls back to torch (``samliverseg.interactive.backends``)."""
     step = plan_backend(backend, device)
     if not step.needed:
@@ -487,7 +487,7 @@ def ensure_backend(backend: str, device: str, confirm: Callable[[str], bool], in
         step.pip_args += ["-c", str(write_constraints(torch_version, installed_version("torchvision"),
                                                       bundled=slicer_bundled_versions()))]
     try:
-        _slicer_pip_install(step.pip_args, show_progress=interactive_pip)
+        _slicer_pip_install(step.pip_args, show_progress=pip_progress)
     except Exception as exc:
         return [f"installing {step.name} failed ({exc}): segmenting with torch (slower)"]
     importlib.invalidate_caches()
