@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import itertools
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import vtk
 
 from samliverseg.core.errors import PromptError
-from samliverseg.core.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
+from samliverseg.core.prompts import Prompts, Roi3D, SliceBox, validate_prompts
 
 from . import geometry
 from .slice_clicks import format_ijk
