@@ -20,6 +20,7 @@ decodes; it is a benchmark convenience, ~4 MB per slice.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -52,6 +53,8 @@ class DiskEmbeddings:
         self.predictor = engine.predictor
         self.compute = engine.predictor.embed
         self.tag = f"{engine.spec.name}|{engine.backend.name}|{engine.backend.precision}"
+        if engine.spec.min_field_mm is not None:  # the slice's place in the model input
+            self.tag += f"|{engine.spec.min_field_mm}"
         self.hits = self.misses = 0
         engine.predictor.embed = self.embed
 
@@ -113,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", default="current", choices=("current", "legacy"))
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override a PropagationSettings field (repeatable), e.g. --set search_margin_mm=20")
+    ap.add_argument("--min-field", default=None, metavar="MM",
+                    help="pad slices narrower than this (mm) instead of magnifying them; 'none': never (default: the model's)")
     ap.add_argument("--hd95", action="store_true", help="also HD95 (slower)")
     ap.add_argument("--embed-cache", default=None, help="folder for slice embeddings kept between runs")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
@@ -131,8 +136,12 @@ def main(argv=None) -> int:
         old = getattr(settings, name)  # AttributeError names a wrong field
         setattr(settings, name, None if value == "None" else (value == "True") if isinstance(old, bool) else float(value))
     engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=8192, settings=settings)
+    if args.min_field is not None:  # the model's field (ModelSpec.min_field_mm): "none" fills the input
+        engine.spec = engine.predictor.spec = dataclasses.replace(
+            engine.spec, min_field_mm=None if args.min_field == "none" else float(args.min_field))
     disk = DiskEmbeddings(engine, Path(args.embed_cache)) if args.embed_cache else None
-    results: Dict[str, dict] = {"settings": args.settings, "overrides": args.set, "backend": engine.backend.name}
+    results: Dict[str, dict] = {"settings": args.settings, "overrides": args.set, "backend": engine.backend.name,
+                                "min_field_mm": engine.spec.min_field_mm}
     rows: List[list] = []
     extras: List[list] = []
     t_all = time.perf_counter()
@@ -171,7 +180,7 @@ def main(argv=None) -> int:
                                    r["stop"].get("down", "")])
     what = "Dice / HD95 mm" if args.hd95 else "Dice"
     print_table(f"liver {what} from one box on the slice at a fraction of its extent (caudal 0 -> cranial 1) + propagation; "
-                f"settings {args.settings}, model {engine.spec.name}, backend {engine.backend.name} {engine.backend.precision}",
+                f"settings {args.settings}, model field {engine.spec.min_field_mm} mm, model {engine.spec.name}, backend {engine.backend.name} {engine.backend.precision}",
                 ["case/variant"] + [f"{int(round(100 * f))} %" for f in fracs], rows)
     if extras:
         print_table(f"one point / tumours ({what}), settings {args.settings}", ["case", "object", "prompt", what, "stop (up)", "stop (down)"],

@@ -16,12 +16,12 @@ from samliverseg.core.prompts import Prompts, Roi3D, SliceBox
 from samliverseg.io.volume import Volume
 
 
-def tiny_sam(resize="longest_side", normalization="sam_pixel"):
+def tiny_sam(resize="longest_side", normalization="sam_pixel", min_field_mm=None):
     torch.manual_seed(0)
     model = build_tiny_sam()
     model.spec = tiny_sam_spec("tiny_test", description="tiny random SAM", builder=lambda: model,
                                checkpoint_filename="none.pth", window="wide", resize=resize,
-                               normalization=normalization)
+                               normalization=normalization, min_field_mm=min_field_mm)
     return model
 
 
@@ -69,6 +69,23 @@ def test_predictor_keeps_physical_aspect_and_maps_back():
     assert out.low_res_logits.shape == (3, 16, 16)
     single = pred.predict(emb, box=(5, 2, 40, 10), multimask_output=False)
     assert single.masks.shape == (1, 12, 50)
+
+
+def test_a_crop_narrower_than_the_field_is_padded_not_magnified():
+    pred = SlicePredictor(tiny_sam(min_field_mm=300.0), torch.device("cpu"))
+    # 75 x 100 mm (a crop to the organ): 64 px stand for 300 mm, so it fills 16 x 21 px
+    assert pred.input_size(50, 100, (1.5, 1.0)) == (16, 21)
+    # a whole abdominal slice (400 mm) is wider than the field: it fills the input as before
+    assert pred.input_size(400, 400, (1.0, 1.0)) == (64, 64)
+    img = np.random.default_rng(2).integers(0, 255, size=(50, 100), dtype=np.uint8)
+    emb = pred.embed(img, (1.5, 1.0))
+    assert emb.input_hw == (16, 21) and emb.original_hw == (50, 100)
+    x, _ = pred.preprocess(img, (1.5, 1.0))
+    assert float(x[..., 16:, :].abs().max()) == 0.0 and float(x[..., :, 21:].abs().max()) == 0.0  # padding
+    out = pred.predict(emb, box=(10, 5, 80, 40), multimask_output=False)
+    assert out.masks.shape == (1, 50, 100)
+    back = pred.mask_to_low_res(out.masks[0], emb)
+    assert back.shape == (1, 16, 16) and float((back[0, 4:, :] > 0).sum()) == 0.0  # the mask stays in the slice's corner
 
 
 def test_square_resize_and_minmax_normalisation():

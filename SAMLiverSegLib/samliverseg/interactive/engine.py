@@ -18,7 +18,10 @@
   confident, still covers the kept mask, and the growth passes the HU gate and touches the kept
   mask; then the object's slices are swept down and up, and a part of a slice's mask that the
   next slice lacks (a lobe that was an island before it joined) is followed there with the same
-  rules. ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
+  rules. Growth whose median HU differs from the kept mask's by more than
+  ``growth_max_hu_shift`` is another tissue (a tumour's wide box reaching into the liver), and
+  a part is followed only where the model is confident (``island_min_score``).
+  ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
 * A 3D ROI (a box over slices k0..k1) seeds the middle slice with the ROI's box and keeps the
   result inside the ROI.
 * :meth:`PromptEngine.prefetch` computes embeddings ahead of time (a GUI runs it in a thread)
@@ -139,6 +142,7 @@ class PropagationSettings:
     # Following the organ's topology (issue 13): growth beyond the limit above, and islands.
     growth: Optional[str] = "box"  # how growth beyond that limit is accepted: "box", "tissue" or None (never)
     search_margin_mm: float = 15.0  # "box": also ask with a box this much wider than the previous mask;
+    growth_max_hu_shift: Optional[float] = 15.0  # "box": the growth's median HU within this of the kept mask's (the same tissue)
     tissue_search_mm: float = 40.0  # "tissue": box the seed-HU tissue connected to the kept mask within this distance
     growth_opening_mm: float = 3.0  # ("tissue": bridges thinner than about twice this are cut)
     growth_min_gain: float = 0.05  # ("tissue": only when that tissue would add this fraction)
@@ -146,7 +150,8 @@ class PropagationSettings:
     growth_min_agreement: float = 0.9  # it covers this fraction of the kept mask (the same object),
     growth_widening_ratio: float = 1.0  # the object does not narrow ("box": kept mask, "tissue": tight-box mask vs the previous)
     sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
-    island_min_area_mm2: float = 100.0  # parts smaller than this are not followed
+    island_min_area_mm2: float = 100.0  # parts smaller than this are not followed,
+    island_min_score: float = 0.85  # and a part is followed only where the model rates its mask this well
 
     @classmethod
     def legacy(cls) -> "PropagationSettings":
@@ -624,7 +629,17 @@ class PromptEngine:
         grown = kept | wmask | mask
         if st.hu_gate and self._seed_hu_range is not None:
             grown = self._gate(grown, axis, s, kept)
-        return grown | kept
+        grown |= kept
+        if st.growth_max_hu_shift is not None and not self._same_tissue(axis, s, kept, grown & ~kept):
+            return kept  # e.g. a tumour's box reaching into the liver around it
+        return grown
+
+    def _same_tissue(self, axis: str, s: int, kept: np.ndarray, added: np.ndarray) -> bool:
+        """Whether the median HU of ``added`` lies within ``growth_max_hu_shift`` of ``kept``'s."""
+        if not added.any():
+            return True
+        hu = slice_of(self.volume.array, axis, s)
+        return abs(float(np.median(hu[added])) - float(np.median(hu[kept]))) <= self.settings.growth_max_hu_shift
 
     def _grow_in_tissue(self, axis, s, anchor, kept, mask, emb, roi) -> np.ndarray:
         """``kept`` plus object the growth limit cut off: the tissue of the seed's HU range that is
@@ -695,7 +710,7 @@ class PromptEngine:
                     if part.sum() < min_px:
                         continue
                     kept, score, reason = self._follow(axis, s, part, roi, seed_area, ref_hu, grow)
-                    if reason is None:
+                    if reason is None and score >= st.island_min_score:
                         cur = cur | kept
                         scores.setdefault(s, score)
                 slice_of(mask3d, axis, s)[...] = cur

@@ -2,7 +2,8 @@
 
 A slice arrives as a windowed ``uint8`` image with its pixel spacing (rows, columns). It is
 resized so that its *physical* aspect ratio is kept (coronal and sagittal slices of an
-anisotropic CT have non-square pixels), three channels are made from the one grey channel, the
+anisotropic CT have non-square pixels) and, for models with ``spec.min_field_mm``, a slice
+narrower than that field is not magnified beyond it (a crop keeps the organ's scale), three channels are made from the one grey channel, the
 model's normalisation is applied and the image is padded to the model's square input. The
 :class:`SliceEmbedding` remembers the transform so that prompts given in slice pixel coordinates
 (x = column, y = row) are mapped into the model frame, and masks are mapped back.
@@ -149,7 +150,8 @@ class SlicePredictor:
         if self.spec.resize == "square":
             return s, s
         h_mm, w_mm = rows * float(pixel_spacing[0]), cols * float(pixel_spacing[1])
-        scale = s / max(h_mm, w_mm)
+        # A crop narrower than the model's field keeps its physical scale (padded, not magnified).
+        scale = s / max(h_mm, w_mm, float(getattr(self.spec, "min_field_mm", None) or 0.0))
         return max(1, min(s, int(round(h_mm * scale)))), max(1, min(s, int(round(w_mm * scale))))
 
     def preprocess(self, image: np.ndarray, pixel_spacing: Sequence[float] = (1.0, 1.0)) -> Tuple[torch.Tensor, Tuple[int, int]]:
