@@ -53,14 +53,15 @@ class DiskEmbeddings:
         self.predictor = engine.predictor
         self.compute = engine.predictor.embed
         self.tag = f"{engine.spec.name}|{engine.backend.name}|{engine.backend.precision}"
-        if engine.spec.min_field_mm is not None:  # the slice's place in the model input
-            self.tag += f"|{engine.spec.min_field_mm}"
         self.hits = self.misses = 0
         engine.predictor.embed = self.embed
 
     def embed(self, image: np.ndarray, pixel_spacing=(1.0, 1.0)) -> SliceEmbedding:
         h = hashlib.sha1(np.ascontiguousarray(image).tobytes())
         h.update(f"{image.shape}|{tuple(float(s) for s in pixel_spacing)}|{self.tag}".encode())
+        field = self.predictor.spec.min_field_mm
+        if field is not None and max(n * float(s) for n, s in zip(image.shape, pixel_spacing)) < field:
+            h.update(f"|padded to {self.predictor.input_size(*image.shape, pixel_spacing)}".encode())  # its place in the input
         path = self.folder / f"{h.hexdigest()}.npz"
         if path.is_file():
             self.hits += 1

@@ -141,7 +141,8 @@ class PropagationSettings:
     largest_component: bool = True
     # Following the organ's topology (issue 13): growth beyond the limit above, and islands.
     growth: Optional[str] = "box"  # how growth beyond that limit is accepted: "box", "tissue" or None (never)
-    search_margin_mm: float = 15.0  # "box": also ask with a box this much wider than the previous mask;
+    search_margin_mm: float = 25.0  # "box": also ask with a box this much wider than the previous mask;
+    search_steps: int = 6  # "box": while the model's mask reaches that box's edge, ask again around what it found (at most this many boxes)
     growth_max_hu_shift: Optional[float] = 15.0  # "box": the growth's median HU within this of the kept mask's (the same tissue)
     tissue_search_mm: float = 40.0  # "tissue": box the seed-HU tissue connected to the kept mask within this distance
     growth_opening_mm: float = 3.0  # ("tissue": bridges thinner than about twice this are cut)
@@ -151,7 +152,7 @@ class PropagationSettings:
     growth_widening_ratio: float = 1.0  # the object does not narrow ("box": kept mask, "tissue": tight-box mask vs the previous)
     sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
     island_min_area_mm2: float = 100.0  # parts smaller than this are not followed,
-    island_min_score: float = 0.85  # and a part is followed only where the model rates its mask this well
+    island_min_score: float = 0.8  # and a part is followed only where the model rates its mask this well
 
     @classmethod
     def legacy(cls) -> "PropagationSettings":
@@ -621,17 +622,26 @@ class PromptEngine:
         if not kept.any() or kept.sum() < st.growth_widening_ratio * anchor.sum():
             return kept  # narrowing: growth there is more often a neighbour than the object
         rs, cs = pixel_spacing(self.volume, axis)
-        wide = self._box_around(anchor, st.search_margin_mm / cs, st.search_margin_mm / rs)
-        wmask, wscore, _ = self._decode(emb, [], [], wide, None, False)
-        wmask = self._inside_roi(wmask, roi, axis)
-        if wscore < st.growth_min_score or (wmask & kept).sum() < st.growth_min_agreement * kept.sum():
-            return kept
-        grown = kept | wmask | mask
-        if st.hu_gate and self._seed_hu_range is not None:
-            grown = self._gate(grown, axis, s, kept)
-        grown |= kept
-        if st.growth_max_hu_shift is not None and not self._same_tissue(axis, s, kept, grown & ~kept):
-            return kept  # e.g. a tumour's box reaching into the liver around it
+        grown, around = kept, anchor
+        for _ in range(max(1, int(st.search_steps))):
+            wide = self._box_around(around, st.search_margin_mm / cs, st.search_margin_mm / rs)
+            wmask, wscore, _ = self._decode(emb, [], [], wide, None, False)
+            wmask = self._inside_roi(wmask, roi, axis)
+            if wscore < st.growth_min_score or (wmask & kept).sum() < st.growth_min_agreement * kept.sum():
+                break
+            cand = grown | wmask | mask
+            if st.hu_gate and self._seed_hu_range is not None:
+                cand = self._gate(cand, axis, s, kept)
+            cand |= kept
+            if st.growth_max_hu_shift is not None and not self._same_tissue(axis, s, kept, cand & ~kept):
+                break  # e.g. a tumour's box reaching into the liver around it
+            gained = int(cand.sum()) - int(grown.sum())
+            grown = cand
+            # The object may go on beyond that box: ask again around what was found, while the
+            # model's mask reaches the box's edge and still adds something.
+            if gained <= st.growth_min_gain * kept.sum() or not self._touches_box(wmask, wide):
+                break
+            around = grown
         return grown
 
     def _same_tissue(self, axis: str, s: int, kept: np.ndarray, added: np.ndarray) -> bool:
@@ -640,6 +650,22 @@ class PromptEngine:
             return True
         hu = slice_of(self.volume.array, axis, s)
         return abs(float(np.median(hu[added])) - float(np.median(hu[kept]))) <= self.settings.growth_max_hu_shift
+
+    @staticmethod
+    def _touches_box(mask: np.ndarray, box: Tuple[float, float, float, float]) -> bool:
+        """Whether ``mask`` reaches an edge of ``box`` (x0, y0, x1, y1) that is not the image's."""
+        rows, cols = mask.shape
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        edges = []
+        if x0 > 0:
+            edges.append(mask[y0:y1 + 1, x0:x0 + 2])
+        if y0 > 0:
+            edges.append(mask[y0:y0 + 2, x0:x1 + 1])
+        if x1 < cols - 1:
+            edges.append(mask[y0:y1 + 1, x1 - 1:x1 + 1])
+        if y1 < rows - 1:
+            edges.append(mask[y1 - 1:y1 + 1, x0:x1 + 1])
+        return any(e.any() for e in edges)
 
     def _grow_in_tissue(self, axis, s, anchor, kept, mask, emb, roi) -> np.ndarray:
         """``kept`` plus object the growth limit cut off: the tissue of the seed's HU range that is

@@ -230,7 +230,7 @@ register_model(ModelSpec(
     download_url=None,
     image_size=256,
     resize="longest_side",
-    min_field_mm=300.0,  # a typical abdominal field of view (issue 13: crops to the liver)
+    min_field_mm=280.0,  # below the field of a whole abdominal slice (issue 13: crops to the liver)
     normalization="minmax01",
     window=MEDSAM_WINDOW,
     architecture="LiteMedSAM (TinyViT)",
