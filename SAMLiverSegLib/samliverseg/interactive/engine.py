@@ -571,6 +571,21 @@ class PromptEngine:
             self._seed_hu_range = saved
         return (None, reason) if reason is not None else (kept, None)
 
+    def widen(self, axis: str, s: int, mask: np.ndarray,
+              hu_range: Optional[Tuple[float, float]] = None, roi: Optional[Roi3D] = None) -> np.ndarray:
+        """``mask`` on slice ``s`` plus the growth beyond it that propagation accepts there
+        (``settings.growth``: wider boxes the model is sure of, of the object's HU), for
+        corrections (``interactive.session3d``: a click in a part that reaches beyond what the
+        model saw). ``mask`` itself is kept."""
+        if not mask.any():
+            return mask
+        saved = self._seed_hu_range
+        self._seed_hu_range = hu_range
+        try:
+            return self._grow(axis, s, mask, mask, mask, self.embedding(axis, s), roi) | mask
+        finally:
+            self._seed_hu_range = saved
+
     def _box_around(self, mask: np.ndarray, margin_x: float, margin_y: float) -> Tuple[float, float, float, float]:
         x0, y0, x1, y1 = bbox_2d(mask)
         rows, cols = mask.shape
@@ -596,21 +611,29 @@ class PromptEngine:
         kept = mask & near
         if st.hu_gate and self._seed_hu_range is not None:
             kept = self._gate(kept, axis, s, anchor)
-        if kept.sum() < st.min_overlap * area_raw:
+        # Growth the model is sure of comes first: an object that widens fast (a lobe that joins)
+        # is not mistaken for a jump away.
+        grown = self._grow(axis, s, anchor, kept, mask, emb, roi)
+        if grown.sum() < st.min_overlap * area_raw:
             return None, score, f"mask jumped away from the previous slice at slice {s}"
         if score < st.min_score:
             return None, score, f"model confidence {score:.2f} below {st.min_score} at slice {s}"
         if st.hu_tolerance is not None and ref_hu is not None:
-            med = float(np.median(slice_of(vol.array, axis, s)[kept]))
+            med = float(np.median(slice_of(vol.array, axis, s)[grown]))
             if abs(med - ref_hu) > st.hu_tolerance:
                 return None, score, f"intensity changed (median {med:.0f} HU vs {ref_hu:.0f}) at slice {s}"
+        return grown, score, None
+
+    def _grow(self, axis, s, anchor, kept, mask, emb, roi) -> np.ndarray:
+        """``kept`` plus the growth beyond the limit that ``settings.growth`` accepts."""
+        st = self.settings
         if st.growth == "box":
-            kept = self._grow_in_box(axis, s, anchor, kept, mask, emb, roi)
-        elif st.growth == "tissue":
-            kept = self._grow_in_tissue(axis, s, anchor, kept, mask, emb, roi)
-        elif st.growth is not None:
+            return self._grow_in_box(axis, s, anchor, kept, mask, emb, roi)
+        if st.growth == "tissue":
+            return self._grow_in_tissue(axis, s, anchor, kept, mask, emb, roi)
+        if st.growth is not None:
             raise InputError(f"unknown growth rule {st.growth!r}: use 'box', 'tissue' or None")
-        return kept, score, None
+        return kept
 
     def _grow_in_box(self, axis, s, anchor, kept, mask, emb, roi) -> np.ndarray:
         """``kept`` plus what the model finds beyond the growth limit in a box ``search_margin_mm``

@@ -184,15 +184,24 @@ class CorrectionSession:
             # Away from it (an island the propagation never reached): the object under the click.
             region = eng.segment_slice(Prompts(positive=[p], negative=here.negative, slice_axis=axis)).mask
         corr.decoded_slices.append(s)
-        if self._hu_range is not None:  # only tissue of the object's HU (what the first prompts found)
-            hu = ndimage.gaussian_filter(slice_of(eng.volume.array, axis, s).astype(np.float32), 1.0)
-            region = region & (hu >= self._hu_range[0]) & (hu <= self._hu_range[1])
         lab, _ = ndimage.label(region)
         if lab[y, x]:
             region = lab == lab[y, x]
         elif near:
             ids = np.unique(lab[ndimage.binary_dilation(sl, iterations=2) & region])
             region = np.isin(lab, ids[ids > 0])
+        if self._hu_range is not None and region[y, x]:
+            # The click says that this tissue is the object: the HU range (of what the first prompts
+            # found) grows to the range of the part it lies in (a tumour inside the liver), and only
+            # tissue of that range is added; vessels inside stay (the holes are filled).
+            part = self._range_on_slice(region, s)
+            if part is not None:
+                self._hu_range = (min(self._hu_range[0], part[0]), max(self._hu_range[1], part[1]))
+            hu = ndimage.gaussian_filter(slice_of(eng.volume.array, axis, s).astype(np.float32), 1.0)
+            region = ndimage.binary_fill_holes(region & (hu >= self._hu_range[0]) & (hu <= self._hu_range[1]))
+        if (region & ~sl).any():
+            # The part may reach beyond the box the model was given: grow it as propagation does.
+            region = region | (eng.widen(axis, s, region | sl if near else region, self._hu_range) & ~sl)
         if not (region & ~sl).any():
             raise PromptError(f"found nothing to add under the click on slice {axis}={s}: click inside the object")
         max_area = self._max_added_area()
@@ -263,17 +272,24 @@ class CorrectionSession:
         a = axis_index(self.axis)
         return tuple(b for b in range(3) if b != a)  # type: ignore[return-value]
 
+    def _range_on_slice(self, mask2d: np.ndarray, s: int) -> Optional[Tuple[float, float]]:
+        """:meth:`_range_on` of one slice's mask."""
+        hu = ndimage.gaussian_filter(slice_of(self.engine.volume.array, self.axis, s).astype(np.float32), 1.0)
+        return self._range_of(hu[mask2d > 0])
+
     def _range_on(self, mask3d: np.ndarray, slices: Sequence[int]) -> Optional[Tuple[float, float]]:
         """The HU gate range: the [p, 100 - p] percentiles of the smoothed HU under the mask on
         ``slices``, +- the settings' margin."""
-        st = self.engine.settings
         vals = []
         for s in slices:
             m = slice_of(mask3d, self.axis, s) > 0
             if m.any():
                 hu = ndimage.gaussian_filter(slice_of(self.engine.volume.array, self.axis, s).astype(np.float32), 1.0)
                 vals.append(hu[m])
-        v = np.concatenate(vals) if vals else np.zeros(0)
+        return self._range_of(np.concatenate(vals) if vals else np.zeros(0))
+
+    def _range_of(self, v: np.ndarray) -> Optional[Tuple[float, float]]:
+        st = self.engine.settings
         if v.size < 10:
             return None
         q, margin = st.hu_gate_percentile, st.hu_gate_margin
