@@ -137,6 +137,24 @@ def test_positive_click_adds_a_missed_part(engine, phantom):
     assert (s.mask[before > 0] > 0).all()  # nothing the model had found right is lost
 
 
+def test_positive_click_in_a_missed_tumour_adds_it_in_3d(engine, phantom):
+    """The liver includes its tumours, which are darker: a liver mask that missed one (as the liver's
+    HU gate does where a tumour reaches the surface) gets it back from one click in it, in 3D."""
+    liver = phantom.liver_mask > 0
+    tumour = phantom.labels == 2
+    s = CorrectionSession(engine, Prompts(box=box_on(liver, at_fraction(liver, 0.5))))
+    s.mask[ndimage.binary_dilation(tumour, iterations=1) & liver] = 0  # the tumour was missed
+    before = s.mask.copy()
+    ks = np.flatnonzero(tumour.any(axis=(1, 2)))
+    kc = int(ks[np.argmax(tumour.sum(axis=(1, 2))[ks])])
+    corr = s.add_point(deepest_point(tumour, kc), positive=True)
+    gained = (s.mask > 0) & ~(before > 0)
+    back = float((gained & tumour).sum()) / float(tumour.sum())
+    assert back >= 0.6 and len(np.flatnonzero((gained & tumour).any(axis=(1, 2)))) >= 3, (back, corr)
+    assert float((gained & ~liver).sum()) <= 0.1 * float(gained.sum()), corr  # it stays in the liver
+    assert dice(s.mask, liver) > dice(before, liver), corr
+
+
 def test_a_correction_touches_only_the_slices_it_must(session, engine, phantom):
     liver = phantom.liver_mask > 0
     ka = at_fraction(liver, 0.5)

@@ -1,16 +1,21 @@
 """Issue 13 on the shared real CT (skipped without ``../shared/data``): the rules that follow the
 liver's topology (a wider search box, the island sweep) leave a tumour from one box as the rules
 of before did. A tumour's wider box reaches into the brighter liver around it; that growth is
-refused (``PropagationSettings.growth_max_hu_shift``). Real LiteMedSAM, 3D-IRCADb-01 patient 1."""
+refused (``PropagationSettings.growth_max_hu_shift``). And a positive click in the part of the
+liver that one caudal box missed (tumour 1, darker than the liver, at its surface) adds that part
+in 3D. Real LiteMedSAM, 3D-IRCADb-01 patient 1."""
 
 import numpy as np
 import pytest
+
+from scipy import ndimage
 
 from samliverseg.core.evaluation import dice
 from samliverseg.core.maskutil import bbox_2d, middle_slice
 from samliverseg.core.prompts import Prompts, SliceBox
 from samliverseg.demo import sample_data
 from samliverseg.interactive.engine import PromptEngine, PropagationSettings
+from samliverseg.interactive.session3d import CorrectionSession
 
 pytestmark = pytest.mark.slow
 
@@ -19,11 +24,12 @@ pytestmark = pytest.mark.slow
 def ircadb():
     if sample_data.shared_data_dir() is None:
         pytest.skip(sample_data.missing_reason())
-    return sample_data.load_ircadb(structures=("livertumor01", "livertumor03"))
+    return sample_data.load_ircadb(structures=("liver", "livertumor01", "livertumor03"))
 
 
 def test_a_tumour_from_one_box_is_not_worse_than_before(ircadb):
-    volume, tumours = ircadb
+    volume, masks = ircadb
+    tumours = {name: m for name, m in masks.items() if name != "liver"}
     engine = PromptEngine("lite_medsam", device="cpu", backend="auto")
     engine.set_volume(volume)
     for name, truth in tumours.items():
@@ -38,3 +44,25 @@ def test_a_tumour_from_one_box_is_not_worse_than_before(ircadb):
         assert got["now"] >= got["before"] - 0.002 and got["now"] >= 0.85, (name, got)
         if name == "livertumor01":  # the large one: its wider box takes liver in without the HU check
             assert got["no HU check"] < got["now"] - 0.003, (name, got)
+
+
+def test_a_click_in_what_a_caudal_box_missed_adds_it_in_3d(ircadb):
+    volume, masks = ircadb
+    liver = masks["liver"] > 0
+    ks = np.flatnonzero(liver.any(axis=(1, 2)))
+    k = int(ks[0] + round(0.2 * (ks[-1] - ks[0])))  # a caudal slice: the right lobe only
+    i0, j0, i1, j1 = bbox_2d(liver[k])
+    engine = PromptEngine("lite_medsam", device="cpu", backend="auto")
+    engine.set_volume(volume)
+    session = CorrectionSession(engine, Prompts(box=SliceBox.axial(i0 - 5, j0 - 5, i1 + 5, j1 + 5, k)))
+    before = session.mask > 0
+    missed, _ = ndimage.label(liver & ~before, structure=np.ones((3, 3, 3), dtype=bool))
+    part = missed == 1 + int(np.argmax(np.bincount(missed.ravel())[1:]))  # the largest missed part
+    depth = ndimage.distance_transform_edt(part, sampling=tuple(float(s) for s in volume.spacing[::-1]))
+    kc, jc, ic = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    session.add_point((float(ic), float(jc), float(kc)), positive=True)  # its deepest point
+    gained = (session.mask > 0) & ~before
+    d0, d1 = float(dice(before, liver)), float(dice(session.mask, liver))
+    assert d1 >= d0 + 0.015, (d0, d1)
+    assert float((gained & liver).sum()) >= 0.8 * float(gained.sum()), (d0, d1)
+    assert len(np.flatnonzero((gained & part).any(axis=(1, 2)))) >= 10  # in 3D, not on its slice only
