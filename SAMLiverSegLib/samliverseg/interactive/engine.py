@@ -14,11 +14,12 @@
   its median HU drifts more than 40 HU from the prompted slice's, or the model's own IoU
   estimate collapses. The defaults were tuned on the shared 3D-IRCADb case (see the benchmark).
 * Topology (issue 13, ``PropagationSettings.growth`` / ``sweep_islands``): where the object
-  widens, growth beyond that limit is accepted when the model, asked with a wider box, is
+  widens, growth beyond that limit is accepted when the model, asked with a box 25 mm wider
+  (again around what it found, up to 6 boxes, while its mask reaches the box's edge), is
   confident, still covers the kept mask, and the growth passes the HU gate and touches the kept
-  mask; then the object's slices are swept down and up, and a part of a slice's mask that the
-  next slice lacks (a lobe that was an island before it joined) is followed there with the same
-  rules. Growth whose median HU differs from the kept mask's by more than
+  mask; that growth counts before a slice is judged to have jumped away. Then the object's
+  slices are swept down and up, and a part of a slice's mask that the next slice lacks (a lobe
+  that was an island before it joined) is followed there with the same rules. Growth whose median HU differs from the kept mask's by more than
   ``growth_max_hu_shift`` is another tissue (a tumour's wide box reaching into the liver), and
   a part is followed only where the model is confident (``island_min_score``).
   ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).

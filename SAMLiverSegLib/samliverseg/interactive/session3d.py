@@ -11,8 +11,11 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
 * **a positive point outside the mask** adds to its slice: within ``NEAR_MM`` of the slice's mask
   the model is prompted with the box around that mask and the click (the object is larger there),
   farther away with the click alone (an island; for a box-only model such as LiteMedSAM through
-  ``seeded_region``); only pixels in the HU range of the first prompts' result are added, the part
-  connected to the click. The slice's new mask is then followed up and down, adding what is new,
+  ``seeded_region``); the part of the model's mask the click lies in is kept, and grown further
+  where it reaches beyond that box (``PromptEngine.widen``, propagation's growth rule). The click
+  says its tissue is the object: the session's HU range grows to that part's (a darker tumour
+  inside the liver), and only pixels in that range are added (holes filled, so vessels do not
+  split the part). The slice's new mask is then followed up and down, adding what is new,
   until it is already inside the mask (it has joined what was there), the object ends, a slice
   would grow past ``ADD_AREA_FACTOR`` times the object's largest slice, or another prompted slice
   is reached;
