@@ -183,16 +183,16 @@ class CorrectionSession:
                 point_labels=None if pts is None else np.asarray([1] * (len(here.positive) + 1) + [0] * len(here.negative)),
                 box=box, multimask_output=False)
             region = pred.best()[0]
-        else:
+            # The model, boxed around the mask, may leave the clicked tissue out (a darker tumour at
+            # the liver's surface): then the click means that tissue, as an island.
+            near = bool(region[y, x])
+        if not near:
             # Away from it (an island the propagation never reached): the object under the click.
             region = eng.segment_slice(Prompts(positive=[p], negative=here.negative, slice_axis=axis)).mask
         corr.decoded_slices.append(s)
         lab, _ = ndimage.label(region)
         if lab[y, x]:
             region = lab == lab[y, x]
-        elif near:
-            ids = np.unique(lab[ndimage.binary_dilation(sl, iterations=2) & region])
-            region = np.isin(lab, ids[ids > 0])
         if self._hu_range is not None and region[y, x]:
             # The click says that this tissue is the object: the HU range (of what the first prompts
             # found) grows to the range of the part it lies in (a tumour inside the liver), and only
