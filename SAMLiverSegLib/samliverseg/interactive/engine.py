@@ -143,7 +143,6 @@ class PropagationSettings:
     # Following the organ's topology (issue 13): growth beyond the limit above, and islands.
     growth: Optional[str] = "box"  # how growth beyond that limit is accepted: "box", "tissue" or None (never)
     search_margin_mm: float = 25.0  # "box": also ask with a box this much wider than the previous mask;
-    growth_confirm: Optional[float] = None  # "box": a tight box around the grown mask must find this fraction of the growth
     search_steps: int = 6  # "box": while the model's mask reaches that box's edge, ask again around what it found (at most this many boxes)
     growth_max_hu_shift: Optional[float] = 15.0  # "box": the growth's median HU within this of the kept mask's (the same tissue)
     tissue_search_mm: float = 40.0  # "tissue": box the seed-HU tissue connected to the kept mask within this distance
@@ -660,15 +659,6 @@ class PromptEngine:
             cand |= kept
             if st.growth_max_hu_shift is not None and not self._same_tissue(axis, s, kept, cand & ~kept):
                 break  # e.g. a tumour's box reaching into the liver around it
-            if st.growth_confirm is not None:
-                # Asked again with a tight box around the candidate, the model must still find
-                # what is added (a lobe), not fall back to the kept mask (a neighbour it was
-                # talked into by the wide box).
-                added = cand & ~grown
-                tight = self._box_around(cand, st.box_margin_px, st.box_margin_px)
-                tmask, _, _ = self._decode(emb, [], [], tight, None, False)
-                if (tmask & added).sum() < st.growth_confirm * added.sum():
-                    break
             gained = int(cand.sum()) - int(grown.sum())
             grown = cand
             # The object may go on beyond that box: ask again around what was found, while the
