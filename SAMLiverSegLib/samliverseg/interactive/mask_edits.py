@@ -6,8 +6,9 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
 * on the clicked slice, the region of similar HU grown from the click (``seeded_region``) inside
   the mask, the part connected to the click. Where it would take more than ``max_frac`` of the
   slice's mask and its median HU is within ``MIN_CONTRAST_HU`` of the rest's (the wrong tissue
-  looks like the object), only the blob around the click is taken: the pixels within twice the
-  click's depth (its distance to the mask border) of the click;
+  looks like the object), or where it would take more than ``DISTINCT_MAX_FRAC`` of it (almost
+  all of it: the rest is too small to compare), only the blob around the click is taken: the pixels within twice the
+  click's depth (its distance to the mask border) of the click, at most ``BLOB_MAX_MM``;
 * on the next slices, up and down (and on the clicked slice, to pick up what the grown region's
   opening left): the pixels of the mask whose (lightly smoothed) HU lies in the removed region's
   HU range (its 5th..95th percentile, +-``margin_hu``) and is nearer the removed region's median
@@ -45,6 +46,9 @@ MIN_CONTRAST_HU = 15.0
 DISTINCT_MAX_FRAC = 0.9
 #: A removal across slices may take at most this fraction of the whole mask (else only its slice).
 MAX_VOLUME_FRAC = 0.25
+#: ... and that blob's radius is at most this (mm): a click deep inside the mask (a vessel the
+#: reference leaves out) must not take a large disk of the object with it.
+BLOB_MAX_MM = 15.0
 #: The walk goes at most this many times the clicked region's equivalent diameter each way.
 TALL = 2.0
 
@@ -73,8 +77,10 @@ def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float]
     region = grow_region(hu2d, (x, y), pixel_spacing) & m
     if not region[y, x]:
         region = m.copy()
-    if region.sum() > max_frac * m.sum() and not _distinct(region, m & ~region, _smoothed(hu2d, pixel_spacing)):
-        region &= _disk_mm(m.shape, x, y, 2.0 * _depth_px(m, x, y, pixel_spacing), pixel_spacing)
+    if region.sum() > max_frac * m.sum() and (region.sum() > DISTINCT_MAX_FRAC * m.sum()
+                                               or not _distinct(region, m & ~region, _smoothed(hu2d, pixel_spacing))):
+        radius = min(2.0 * _depth_px(m, x, y, pixel_spacing), BLOB_MAX_MM)
+        region &= _disk_mm(m.shape, x, y, radius, pixel_spacing)
     lab, _ = ndimage.label(region)
     return lab == lab[y, x]
 
