@@ -193,24 +193,26 @@ class CorrectionSession:
         lab, _ = ndimage.label(region)
         if lab[y, x]:
             region = lab == lab[y, x]
-        if self._hu_range is not None and region[y, x]:
+        hu_range = self._hu_range
+        if hu_range is not None and region[y, x]:
             # The click says that this tissue is the object: the HU range (of what the first prompts
             # found) grows to the range of the part it lies in (a tumour inside the liver), and only
             # tissue of that range is added; vessels inside stay (the holes are filled).
             part = self._range_on_slice(region, s)
             if part is not None:
-                self._hu_range = (min(self._hu_range[0], part[0]), max(self._hu_range[1], part[1]))
+                hu_range = (min(hu_range[0], part[0]), max(hu_range[1], part[1]))
             hu = ndimage.gaussian_filter(slice_of(eng.volume.array, axis, s).astype(np.float32), 1.0)
-            region = ndimage.binary_fill_holes(region & (hu >= self._hu_range[0]) & (hu <= self._hu_range[1]))
+            region = ndimage.binary_fill_holes(region & (hu >= hu_range[0]) & (hu <= hu_range[1]))
         if (region & ~sl).any():
             # The part may reach beyond the box the model was given: grow it as propagation does.
-            region = region | (eng.widen(axis, s, region | sl if near else region, self._hu_range) & ~sl)
+            region = region | (eng.widen(axis, s, region | sl if near else region, hu_range) & ~sl)
         if not (region & ~sl).any():
             raise PromptError(f"found nothing to add under the click on slice {axis}={s}: click inside the object")
         max_area = self._max_added_area()
         if region.sum() > max_area:
             raise PromptError(f"the click on slice {axis}={s} would add {int(region.sum())} pixels, more than "
                               f"{ADD_AREA_FACTOR:g} times the object's largest slice: draw a box there instead")
+        self._hu_range = hu_range  # only now: a refused click changes nothing
         self._slice(s)[region] = 1
         corr.changed_slices.append(s)
         prev = self._slice(s).astype(bool) if near else region
