@@ -19,9 +19,10 @@
   confident, still covers the kept mask, and the growth passes the HU gate and touches the kept
   mask; that growth counts before a slice is judged to have jumped away. Then the object's
   slices are swept down and up, and a part of a slice's mask that the next slice lacks (a lobe
-  that was an island before it joined) is followed there with the same rules. Growth whose median HU differs from the kept mask's by more than
-  ``growth_max_hu_shift`` is another tissue (a tumour's wide box reaching into the liver), and
-  a part is followed only where the model is confident (``island_min_score``).
+  that was an island before it joined) is followed there with the same rules. Growth whose
+  median HU differs from the kept mask's by more than ``growth_max_hu_shift`` is another tissue
+  (a tumour's wide box reaching into the liver), and a part is followed only where the model is
+  confident (``island_min_score``).
   ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
 * A 3D ROI (a box over slices k0..k1) seeds the middle slice with the ROI's box and keeps the
   result inside the ROI.
@@ -147,7 +148,7 @@ class PropagationSettings:
     growth_max_hu_shift: Optional[float] = 15.0  # "box": the growth's median HU within this of the kept mask's (the same tissue)
     tissue_search_mm: float = 40.0  # "tissue": box the seed-HU tissue connected to the kept mask within this distance
     growth_opening_mm: float = 3.0  # ("tissue": bridges thinner than about twice this are cut)
-    growth_min_gain: float = 0.05  # ("tissue": only when that tissue would add this fraction)
+    growth_min_gain: float = 0.05  # ("tissue": only when that tissue would add this fraction; "box": ask again only when the last box added this fraction)
     growth_min_score: float = 0.85  # accept what the model adds in that box when it rates it this well,
     growth_min_agreement: float = 0.9  # it covers this fraction of the kept mask (the same object),
     growth_widening_ratio: float = 1.0  # the object does not narrow ("box": kept mask, "tissue": tight-box mask vs the previous)
