@@ -218,3 +218,24 @@ def test_unexpected_error_exits_70(phantom_cache, tmp_path, capsys, monkeypatch)
     assert main(["--config", str(cfg)]) == 70
     ev = read_events(capsys.readouterr().out)
     assert ev[-1]["event"] == "error" and ev[-1]["exit_code"] == 70
+
+
+@pytest.mark.parametrize("mode", ["agreed", "peer_dies"])
+def test_teardown_meets_at_a_barrier_and_does_not_wait_for_a_dead_peer(mode):
+    """``cleanup(agreed=True)``: the ranks meet before leaving the group; a peer that died does not
+    hold the other rank past the barrier's timeout (a plain barrier would wait 30 minutes)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen([sys.executable, str(SCRIPTS / "ddp_teardown.py"), mode],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = [p.returncode for p in procs]
+    assert codes == ([0, 0] if mode == "agreed" else [0, 3]), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert float(outs[0][0].split()[-1]) < 60.0

@@ -87,9 +87,27 @@ def setup(device: str = "auto") -> tuple:
     return DistInfo(info.rank, info.world_size, info.local_rank, backend), dev
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(agreed: bool = False, timeout_s: float = 60.0) -> None:
+    """Leave the process group.
+
+    ``agreed``: every rank reaches this point at the same step (the run ended, or the cancel vote
+    stopped it), so the ranks first meet at a barrier and no rank tears its connections down while
+    a peer still talks to it. gloo's ``monitored_barrier`` gives up after ``timeout_s`` (a peer
+    that died) and the group is destroyed anyway; other backends use the plain barrier. After an
+    error on one rank only (``agreed=False``) there is no barrier: the peers may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if agreed:
+        try:
+            if "gloo" in str(dist.get_backend()):
+                import datetime
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass  # a peer is gone: nothing left to wait for
+    dist.destroy_process_group()
 
 
 def barrier() -> None:

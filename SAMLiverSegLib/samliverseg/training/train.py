@@ -40,6 +40,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import sys
 import threading
@@ -124,6 +125,8 @@ def run_train(args: argparse.Namespace) -> int:
             old[sig] = signal.signal(sig, _on_signal)
     from pathlib import Path
     cfg = None
+    trainer = None
+    agreed = False  # every rank ends here at the same step: done, or stopped by the cancel vote
     try:
         out = getattr(args, "output", None)
         cfg = load_config(args.config, {"output": str(Path(out).expanduser().resolve()) if out else None})
@@ -131,8 +134,10 @@ def run_train(args: argparse.Namespace) -> int:
         trainer = build_trainer(cfg, progress, rank)
         trainer.run(resume=bool(getattr(args, "resume", False)), cancel=stop.is_set, register=True,
                     overwrite=bool(getattr(args, "overwrite", False)))
+        agreed = True
         return EXIT_OK
     except CancelledError:
+        agreed = trainer is not None
         return EXIT_CANCELLED  # the trainer has emitted `cancelled`
     except SAMLiverSegError as exc:
         msg = str(exc)
@@ -160,7 +165,11 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        distributed.cleanup()
+        # The trainer (its DDP module and reducer hold the process group) goes first, while the group
+        # and the interpreter are alive, not during interpreter shutdown after the group is gone.
+        trainer = None
+        gc.collect()
+        distributed.cleanup(agreed=agreed)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -38,4 +38,5 @@ report["step"] = tr.step
 last = Path(cfg.output) / "last.pt"  # rank 0 writes it; the barrier after saving makes it visible
 report["last_step"] = ck.load_checkpoint(last)["step"] if last.exists() else None
 Path(sys.argv[2], f"rank{info.rank}.json").write_text(json.dumps(report))
-distributed.cleanup()
+del tr
+distributed.cleanup(agreed=True)  # both ranks stopped at the same step (the cancel vote)
