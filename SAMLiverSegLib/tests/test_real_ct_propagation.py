@@ -3,7 +3,8 @@ liver's topology (a wider search box, the island sweep) leave a tumour from one 
 of before did. A tumour's wider box reaches into the brighter liver around it; that growth is
 refused (``PropagationSettings.growth_max_hu_shift``). And a positive click in the part of the
 liver that one caudal box missed (tumour 1, darker than the liver, at its surface) adds that part
-in 3D. Real LiteMedSAM, 3D-IRCADb-01 patient 1."""
+in 3D. From a caudal box, the left lobe that joins band by band going up is found coming back
+down (``PropagationSettings.sweep_whole``). Real LiteMedSAM, 3D-IRCADb-01 patient 1."""
 
 import numpy as np
 import pytest
@@ -66,3 +67,24 @@ def test_a_click_in_what_a_caudal_box_missed_adds_it_in_3d(ircadb):
     assert d1 >= d0 + 0.015, (d0, d1)
     assert float((gained & liver).sum()) >= 0.8 * float(gained.sum()), (d0, d1)
     assert len(np.flatnonzero((gained & part).any(axis=(1, 2)))) >= 10  # in 3D, not on its slice only
+
+
+def test_a_lobe_missed_going_up_is_found_coming_back_down(ircadb):
+    """One box at 20 % of the liver's extent (the right lobe only): the sweep that follows each
+    slice's larger neighbour adds the left lobe's bands (before: 0.917, now 0.937 on the benchmark);
+    from the middle slice it changes nothing that matters."""
+    volume, masks = ircadb
+    liver = masks["liver"] > 0
+    ks = np.flatnonzero(liver.any(axis=(1, 2)))
+    engine = PromptEngine("lite_medsam", device="cpu", backend="auto")
+    engine.set_volume(volume)
+    got = {}
+    for frac in (0.2, 0.5):
+        k = int(ks[0] + round(frac * (ks[-1] - ks[0])))
+        i0, j0, i1, j1 = bbox_2d(liver[k])
+        prompts = Prompts(box=SliceBox.axial(i0 - 5, j0 - 5, i1 + 5, j1 + 5, k))
+        for whole in (True, False):
+            engine.settings = PropagationSettings(sweep_whole=whole)
+            got[frac, whole] = float(dice(engine.segment(prompts).mask, liver))
+    assert got[0.2, True] >= got[0.2, False] + 0.01, got
+    assert got[0.5, True] >= got[0.5, False] - 0.002, got

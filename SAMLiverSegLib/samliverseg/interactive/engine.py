@@ -155,6 +155,7 @@ class PropagationSettings:
     sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
     island_min_area_mm2: float = 100.0  # parts smaller than this are not followed,
     island_min_score: float = 0.8  # and a part is followed only where the model rates its mask this well
+    sweep_whole: bool = True  # the sweep also follows a neighbour's whole mask where it is the larger (see _sweep_islands)
 
     @classmethod
     def legacy(cls) -> "PropagationSettings":
@@ -732,7 +733,16 @@ class PromptEngine:
         (of at least ``island_min_area_mm2``) that the next slice lacks, follow that part there
         with the same rules as propagation. A lobe that appears as an island and joins the rest
         further on is so found back from where it joins. Stays within the slices propagation
-        reached (the ends keep their stop rules)."""
+        reached (the ends keep their stop rules).
+
+        With ``sweep_whole``, where the neighbour's mask is larger than the slice's, the whole
+        neighbour is also followed there, and what that adds is kept when the model rates it at
+        least ``island_min_score``, it covers ``growth_min_agreement`` of the slice's mask (the same
+        object) and it is of the same tissue; only the parts of it that touch the slice's mask are
+        added (a neighbour's leak that is an island here is not carried on). Following an object from where it is wide to where it
+        narrows is the safe direction: from a caudal prompt, a lobe that joins gradually, band by
+        band, is missed going up and found coming back down. Where the neighbour is the smaller
+        (the object widens in the sweep's direction) a sweep would only carry leaks further."""
         st = self.settings
         nonempty = [int(v) for v in np.flatnonzero([slice_of(mask3d, axis, t).any() for t in range(slice_count(mask3d.shape, axis))])]
         if not nonempty:
@@ -753,6 +763,15 @@ class PromptEngine:
                 cur = slice_of(mask3d, axis, s).astype(bool)
                 if not nb.any():
                     continue
+                if st.sweep_whole and cur.any() and nb.sum() > cur.sum():
+                    kept, score, reason = self._follow(axis, s, nb, roi, seed_area, ref_hu, grow)
+                    if (reason is None and score >= st.island_min_score
+                            and (kept & cur).sum() >= st.growth_min_agreement * cur.sum()):
+                        add = self._touching(kept & ~cur, cur)  # extends the slice's parts, no new islands
+                        if add.sum() >= min_px and (st.growth_max_hu_shift is None
+                                                    or self._same_tissue(axis, s, cur, add)):
+                            cur = cur | add
+                            scores.setdefault(s, score)
                 missing = nb & ~ndimage.binary_dilation(cur, structure=structure, iterations=grow)
                 missing = ndimage.binary_opening(missing, structure=structure, iterations=2)
                 lab, n = ndimage.label(missing)
@@ -765,6 +784,16 @@ class PromptEngine:
                         cur = cur | kept
                         scores.setdefault(s, score)
                 slice_of(mask3d, axis, s)[...] = cur
+
+    @staticmethod
+    def _touching(parts: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The connected parts (8-connected) of ``parts`` that touch ``mask``."""
+        structure = np.ones((3, 3), dtype=bool)
+        lab, n = ndimage.label(parts, structure=structure)
+        if n == 0:
+            return parts
+        ids = np.unique(lab[ndimage.binary_dilation(mask, structure=structure) & parts])
+        return np.isin(lab, ids[ids > 0])
 
     def _postprocess(self, mask3d: np.ndarray, axis: str, anchors: Sequence[int]) -> np.ndarray:
         """Fill holes slice by slice; keep the connected components the prompted slices touch."""
