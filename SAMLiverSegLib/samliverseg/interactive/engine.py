@@ -739,10 +739,11 @@ class PromptEngine:
         neighbour is also followed there, and what that adds is kept when the model rates it at
         least ``island_min_score``, it covers ``growth_min_agreement`` of the slice's mask (the same
         object) and it is of the same tissue; only the parts of it that touch the slice's mask are
-        added (a neighbour's leak that is an island here is not carried on). Following an object from where it is wide to where it
-        narrows is the safe direction: from a caudal prompt, a lobe that joins gradually, band by
-        band, is missed going up and found coming back down. Where the neighbour is the smaller
-        (the object widens in the sweep's direction) a sweep would only carry leaks further."""
+        added (a neighbour's leak that is an island here is not carried on). Following an object
+        from where it is wide to where it narrows is the safe direction: from a caudal prompt, a
+        lobe that joins gradually, band by band, is missed going up and found coming back down.
+        Where the neighbour is the smaller (the object widens in the sweep's direction) a sweep
+        would only carry leaks further."""
         st = self.settings
         nonempty = [int(v) for v in np.flatnonzero([slice_of(mask3d, axis, t).any() for t in range(slice_count(mask3d.shape, axis))])]
         if not nonempty:

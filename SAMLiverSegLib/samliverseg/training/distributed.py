@@ -18,6 +18,7 @@ What the trainers do with it:
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, TypeVar
@@ -101,7 +102,6 @@ def cleanup(agreed: bool = False, timeout_s: float = 60.0) -> None:
     if agreed:
         try:
             if "gloo" in str(dist.get_backend()):
-                import datetime
                 dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
             else:
                 dist.barrier()
