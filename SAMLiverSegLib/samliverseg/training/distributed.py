@@ -93,8 +93,9 @@ def cleanup(agreed: bool = False, timeout_s: float = 60.0) -> None:
 
     ``agreed``: every rank reaches this point at the same step (the run ended, or the cancel vote
     stopped it), so the ranks first meet at a barrier and no rank tears its connections down while
-    a peer still talks to it. gloo's ``monitored_barrier`` gives up after ``timeout_s`` (a peer
-    that died) and the group is destroyed anyway; other backends use the plain barrier. After an
+    a peer still talks to it. gloo's ``monitored_barrier`` fails at once on a peer whose
+    connection closed and after ``timeout_s`` on one that hangs; the group is destroyed anyway.
+    Other backends use the plain barrier (NCCL: a hung peer holds it until the group's timeout). After an
     error on one rank only (``agreed=False``) there is no barrier: the peers may never arrive.
     """
     if not (dist.is_available() and dist.is_initialized()):
