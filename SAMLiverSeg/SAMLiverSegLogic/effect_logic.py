@@ -605,7 +605,7 @@ class SegmentAnythingSession:
         n = int(np.count_nonzero(mask))
         self.start_prefetch()
         msg = "" if n else "the model found nothing here: drag a box around the object"
-        return Outcome(True, msg, seconds, n, kind="preview")
+        return Outcome(True, msg, seconds, n, cold=bool(result.get("embedded", False)), kind="preview")
 
     def _finish_3d(self, task: Task, result: Dict[str, Any], seconds: float) -> Outcome:
         mask = self.client.read_array(result["mask"])

@@ -234,7 +234,7 @@ def test_click_to_preview_latency_and_display(scene, root, worker, capsys):
     with capsys.disabled():
         print(f"\n[latency] click -> 2D preview through the worker on CPU (first prompt starts it): "
               f"first {cold_s * 1000:.0f} ms, cached embedding {warm_s * 1000:.0f} ms")
-    assert warm_s < cold_s
+    assert cold.cold and not warm.cold  # the drag's slice was embedded; the click reused it
     # the neighbouring slices are embedded in the worker's background after a preview
     pump(session, lambda outs: not session.tasks, timeout=900)
     status = worker.request("status", timeout=60)

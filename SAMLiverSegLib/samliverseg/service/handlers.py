@@ -280,10 +280,12 @@ class EngineState:
     def prompt(self, req: Dict[str, Any]) -> Dict[str, Any]:
         volume = self.require_2d("prompt")
         prompts = prompts_from_request(req, volume)
+        n_embedded = len(self.engine.embed_times)
         res = self.engine.segment_slice(prompts)
         return {"mask": write_array(self.session_dir, "w-mask2d", res.mask), "slice_axis": res.slice_axis,
                 "slice_index": int(res.slice_index), "score": float(res.score), "prompts": prompts.describe(),
-                "ijk_to_ras": volume.ijk_to_ras_matrix()}
+                "ijk_to_ras": volume.ijk_to_ras_matrix(),
+                "embedded": len(self.engine.embed_times) > n_embedded}  # the slice was not cached
 
     def propagate(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:
         volume = self.require_2d("propagate")
