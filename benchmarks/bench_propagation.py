@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import sys
 import time
@@ -52,7 +53,11 @@ class DiskEmbeddings:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.predictor = engine.predictor
         self.compute = engine.predictor.embed
-        self.tag = f"{engine.spec.name}|{engine.backend.name}|{engine.backend.precision}"
+        # the model, the backend and the predictor's preprocessing code: a cache made before a change
+        # to how slices are resized or padded is not reused
+        code = hashlib.sha1((inspect.getsource(inspect.getmodule(type(self.predictor)))
+                             + repr(self.predictor.spec)).encode()).hexdigest()[:12]
+        self.tag = f"{engine.spec.name}|{engine.backend.name}|{engine.backend.precision}|{code}"
         self.hits = self.misses = 0
         engine.predictor.embed = self.embed
 

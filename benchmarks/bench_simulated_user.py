@@ -2,7 +2,8 @@
 """A simulated user: one box, then up to five corrective clicks. Prints tables (it is no test).
 
     PYTHONPATH=SAMLiverSegLib .venv/bin/python benchmarks/bench_simulated_user.py \
-        [--backend auto] [--cases ircadb,totalseg] [--starts 20,35,50,65,80] [--clicks 5] [--json out.json]
+        [--backend auto] [--cases ircadb,totalseg] [--starts 20,35,50,65,80] [--clicks 5] [--variants original,...]
+        [--embed-cache DIR] [--json out.json]
 
 The loop of the CVPR 2025 interactive 3D segmentation challenge, on the shared real CT:
 
@@ -46,6 +47,7 @@ from samliverseg.interactive.session3d import CorrectionSession
 
 import variants
 from bench_engine import print_table
+from bench_propagation import DiskEmbeddings
 #: Slices embedded beyond the objects' extent before the runs (propagation may leak a few slices).
 PREFETCH_MARGIN = 10
 
@@ -176,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--variants", default="original",
                     help=f"comma-separated variants of benchmarks/variants.py ({', '.join(variants.VARIANTS)})")
+    ap.add_argument("--embed-cache", default=None,
+                    help="folder of slice embeddings kept between runs (bench_propagation.DiskEmbeddings)")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
     if sample_data.shared_data_dir() is None:
@@ -183,6 +187,8 @@ def main(argv=None) -> int:
         return 0
     starts = [float(v) / 100.0 for v in args.starts.split(",") if v.strip()]
     engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=4096)
+    if args.embed_cache:
+        DiskEmbeddings(engine, Path(args.embed_cache))
     results: dict = {}
     rows: List[list] = []
     cases = []

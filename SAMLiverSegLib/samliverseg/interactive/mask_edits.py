@@ -7,18 +7,24 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   the mask, the part connected to the click. Where it would take more than ``max_frac`` of the
   slice's mask and its median HU is within ``MIN_CONTRAST_HU`` of the rest's (the wrong tissue
   looks like the object), or where it would take more than ``DISTINCT_MAX_FRAC`` of it (almost
-  all of it: the rest is too small to compare), only the blob around the click is taken: the pixels within twice the
-  click's depth (its distance to the mask border) of the click, at most ``BLOB_MAX_MM``;
+  all of it: the rest is too small to compare), only the blob around the click is taken: the
+  pixels within twice the click's depth (its distance to the mask border) of the click, at most
+  ``BLOB_MAX_MM``. Neither limit holds on a slice with no object: where the median HU of the
+  slice's mask lies ``MIN_CONTRAST_HU`` or more from the object's elsewhere (the median of the mask
+  on the other slices; a leak below the liver's end into bowel), and there the object's HU is
+  that one;
 * on the next slices, up and down (and on the clicked slice, to pick up what the grown region's
   opening left): the pixels of the mask whose (lightly smoothed) HU lies in the removed region's
   HU range (its 5th..95th percentile, +-``margin_hu``) and is nearer the removed region's median
   HU than the median of the rest of the clicked slice's mask, connected on that slice to what was
   removed on the slice before. Where those two medians differ by less than ``MIN_CONTRAST_HU`` the
   wrong tissue looks like the object and only the clicked slice's region is removed. A
-  continuation may take up to ``DISTINCT_MAX_FRAC`` of a slice's mask; the walk stops where
-  nothing is left, at a ``frozen`` slice (one that carries the user's own prompts), or where the
-  region would take more than that or more than double its previous area (the wrong tissue merges
-  with the object there): that slice loses only the previous slice's footprint, and the walk ends.
+  continuation may take up to ``DISTINCT_MAX_FRAC`` of a slice's mask, or all of it where that
+  mask's median HU is ``MIN_CONTRAST_HU`` away from the object's (no object on that slice); the
+  walk stops where nothing is left, at a ``frozen`` slice (one that carries the user's own
+  prompts), or where the region would take more than that or more than double its previous area
+  (the wrong tissue merges with the object there): that slice loses only the previous slice's
+  footprint, and the walk ends.
 
 A removal of more than ``MAX_VOLUME_FRAC`` of the whole mask is kept to the clicked slice. The
 result is a bool array on the volume grid; nothing outside the mask is ever included.
@@ -66,9 +72,10 @@ def _disk_mm(shape: Tuple[int, int], x: int, y: int, radius_mm: float, pixel_spa
 
 
 def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float], pixel_spacing: Sequence[float],
-                   max_frac: float = MAX_FRAC) -> np.ndarray:
+                   max_frac: float = MAX_FRAC, object_hu: Optional[float] = None) -> np.ndarray:
     """The part of ``mask2d`` a negative click at ``xy`` removes on its own slice (bool; empty when
-    the click lies outside the mask)."""
+    the click lies outside the mask). ``object_hu``: the object's median HU elsewhere, which lets a
+    region that is almost all of the slice's mask be taken whole when its HU is far from it."""
     m = np.asarray(mask2d) > 0
     rows, cols = m.shape
     x, y = min(max(int(round(xy[0])), 0), cols - 1), min(max(int(round(xy[1])), 0), rows - 1)
@@ -77,12 +84,23 @@ def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float]
     region = grow_region(hu2d, (x, y), pixel_spacing) & m
     if not region[y, x]:
         region = m.copy()
-    if region.sum() > max_frac * m.sum() and (region.sum() > DISTINCT_MAX_FRAC * m.sum()
-                                               or not _distinct(region, m & ~region, _smoothed(hu2d, pixel_spacing))):
+    smooth = _smoothed(hu2d, pixel_spacing)
+    if _far(smooth[m], object_hu):
+        limit = False  # no object on this slice: its mask is all wrong tissue
+    elif region.sum() > DISTINCT_MAX_FRAC * m.sum():
+        limit = True
+    else:
+        limit = region.sum() > max_frac * m.sum() and not _distinct(region, m & ~region, smooth)
+    if limit:
         radius = min(2.0 * _depth_px(m, x, y, pixel_spacing), BLOB_MAX_MM)
         region &= _disk_mm(m.shape, x, y, radius, pixel_spacing)
     lab, _ = ndimage.label(region)
     return lab == lab[y, x]
+
+
+def _far(values: np.ndarray, object_hu: Optional[float]) -> bool:
+    """Whether the median of ``values`` lies ``MIN_CONTRAST_HU`` or more from ``object_hu``."""
+    return object_hu is not None and values.size >= 10 and abs(float(np.median(values)) - object_hu) >= MIN_CONTRAST_HU
 
 
 def _distinct(region: np.ndarray, rest: np.ndarray, smooth_hu: np.ndarray) -> bool:
@@ -111,24 +129,36 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     the wrong tissue's HU far into the object.
     """
     out = np.zeros(mask3d.shape, dtype=bool)
-    first = clicked_region(get_slice(mask3d, axis, index), get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac)
+    m0 = get_slice(mask3d, axis, index) > 0
+    if not m0.any():
+        return out
+    elsewhere = _object_hu_elsewhere(mask3d, hu3d, axis, index)
+    first = clicked_region(m0, get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac, elsewhere)
     if not first.any():
         return out
-    m0 = get_slice(mask3d, axis, index) > 0
     hu0 = _smoothed(get_slice(hu3d, axis, index), pixel_spacing)
+    if _far(hu0[m0], elsewhere) and first.sum() >= max_frac * m0.sum():
+        first = m0.copy()  # no object on this slice and the click's tissue is most of it: all of it goes
     rest = m0 & ~first
-    if not _distinct(first, rest, hu0):
+    # The object's HU: the rest of the clicked slice's mask, or the mask's elsewhere where this
+    # slice has no object (its mask's HU is far from the rest's) or too little of it to compare.
+    if _far(hu0[m0], elsewhere) or rest.sum() < max(10, (1.0 - DISTINCT_MAX_FRAC) * m0.sum()):
+        object_hu = elsewhere
+    else:
+        object_hu = float(np.median(hu0[rest]))
+    wrong_hu = float(np.median(hu0[first])) if first.sum() >= 10 else None
+    if object_hu is None or wrong_hu is None or abs(wrong_hu - object_hu) < MIN_CONTRAST_HU:
         # The wrong tissue looks like the object: HU cannot tell them apart on other slices.
         get_slice(out, axis, index)[...] = first
         return out
-    wrong_hu, object_hu = float(np.median(hu0[first])), float(np.median(hu0[rest]))
     vals = hu0[first]
     band = (float(np.percentile(vals, 5)) - margin_hu, float(np.percentile(vals, 95)) + margin_hu)
     mid = (wrong_hu + object_hu) / 2  # a pixel is wrong tissue if nearer the wrong region's HU than the object's
     band = (max(band[0], mid), band[1]) if wrong_hu > object_hu else (band[0], min(band[1], mid))
     # On the clicked slice too, the HU-connected continuation of what grew from the click (the
     # grown region's opening may have left pieces of the wrong tissue).
-    region = _continuation(m0, get_slice(hu3d, axis, index), first, band, pixel_spacing, DISTINCT_MAX_FRAC, 1.0)
+    region = _continuation(m0, get_slice(hu3d, axis, index), first, band, pixel_spacing, DISTINCT_MAX_FRAC, 1.0,
+                           object_hu)
     get_slice(out, axis, index)[...] = first if region is None else (region | first)
     first = get_slice(out, axis, index).copy()
     if max_slices is None and slice_mm is not None:
@@ -144,7 +174,8 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
             m = get_slice(mask3d, axis, t) > 0
             if not m.any():
                 break
-            region = _continuation(m, get_slice(hu3d, axis, t), prev, band, pixel_spacing, DISTINCT_MAX_FRAC, 2.0)
+            region = _continuation(m, get_slice(hu3d, axis, t), prev, band, pixel_spacing, DISTINCT_MAX_FRAC, 2.0,
+                                   object_hu)
             last = region is None
             if last:
                 region = m & prev  # the wrong tissue merges with the object here: only the footprint
@@ -162,15 +193,33 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     return out
 
 
+def _object_hu_elsewhere(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int) -> Optional[float]:
+    """The median HU of the mask on every slice but ``index`` (None when it is empty there)."""
+    a = axis_index(axis)
+    sl = [slice(None)] * 3
+    vals = []
+    for part in (slice(0, index), slice(index + 1, None)):
+        sl[a] = part
+        m = np.asarray(mask3d[tuple(sl)]) > 0
+        if m.any():
+            vals.append(np.asarray(hu3d[tuple(sl)])[m])
+    return float(np.median(np.concatenate(vals))) if vals else None
+
+
 def _continuation(m: np.ndarray, hu2d: np.ndarray, prev: np.ndarray, band: Tuple[float, float],
-                  pixel_spacing: Sequence[float], max_frac: float, max_growth: float) -> Optional[np.ndarray]:
+                  pixel_spacing: Sequence[float], max_frac: float, max_growth: float,
+                  object_hu: Optional[float] = None) -> Optional[np.ndarray]:
     """The pixels of ``m`` in the HU ``band`` connected to ``prev``; None where that is more than
-    ``max_frac`` of ``m`` or more than ``max_growth`` times ``prev`` (+16 px)."""
+    ``max_growth`` times ``prev`` (+16 px), or more than ``max_frac`` of ``m`` unless ``m`` as a
+    whole is ``MIN_CONTRAST_HU`` away from ``object_hu`` (no object on this slice)."""
     lo, hi = band
-    inside = m & (np.abs(_smoothed(hu2d, pixel_spacing) - (lo + hi) / 2) <= (hi - lo) / 2)
+    smooth = _smoothed(hu2d, pixel_spacing)
+    inside = m & (np.abs(smooth - (lo + hi) / 2) <= (hi - lo) / 2)
     lab, _ = ndimage.label(inside)
     ids = np.unique(lab[ndimage.binary_dilation(prev, structure=np.ones((3, 3), dtype=bool)) & inside])
     region = np.isin(lab, ids[ids > 0])
-    if region.sum() > max_frac * m.sum() or region.sum() > max_growth * prev.sum() + 16:
+    if region.sum() > max_growth * prev.sum() + 16:
+        return None
+    if region.sum() > max_frac * m.sum() and not _far(smooth[m], object_hu):
         return None
     return region

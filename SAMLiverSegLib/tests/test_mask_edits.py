@@ -1,0 +1,66 @@
+"""What a negative click removes (``interactive.mask_edits.negative_region``), without a model, on
+a synthetic volume where propagation leaked past the object's end into another tissue."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from samliverseg.interactive.mask_edits import BLOB_MAX_MM, negative_region
+
+PIXEL_MM = (1.5, 1.5)  # (row, column)
+SLICE_MM = 3.0
+
+
+def disk(shape, centre_ji, radius):
+    jj, ii = np.ogrid[: shape[0], : shape[1]]
+    return (jj - centre_ji[0]) ** 2 + (ii - centre_ji[1]) ** 2 <= radius ** 2
+
+
+def leaked_scene():
+    """The object (60 HU) on slices 12..29; a leak into another tissue (15 HU) on slices 3..16,
+    touching the object on 12..16 and alone below it, where the mask also holds fat (-40 HU)
+    beside it: on slices 3..11 the mask holds no object at all."""
+    rng = np.random.default_rng(0)
+    shape = (32, 64, 64)
+    hu = np.full(shape, -100.0) + rng.normal(0.0, 5.0, shape)
+    obj, leak, fat = (np.zeros(shape, bool) for _ in range(3))
+    for k in range(12, 30):
+        obj[k] = disk(shape[1:], (32, 22), 14)
+    for k in range(3, 17):
+        leak[k] = disk(shape[1:], (32, 43), 7) & ~obj[k]
+    for k in range(3, 12):
+        fat[k] = disk(shape[1:], (32, 52), 5) & ~leak[k]
+    hu[obj] = 60.0 + rng.normal(0.0, 5.0, int(obj.sum()))
+    hu[leak] = 15.0 + rng.normal(0.0, 5.0, int(leak.sum()))
+    hu[fat] = -40.0 + rng.normal(0.0, 5.0, int(fat.sum()))
+    return hu.astype(np.float32), obj, leak, fat
+
+
+def test_a_click_where_the_mask_holds_no_object_takes_the_leak_away_in_3d():
+    hu, obj, leak, fat = leaked_scene()
+    mask = (obj | leak | fat).astype(np.uint8)
+    out = negative_region(mask, hu, "k", 6, (43.0, 32.0), PIXEL_MM, frozen=[20], slice_mm=SLICE_MM)
+    below = np.arange(mask.shape[0]) < 12
+    # the clicked slice loses its whole mask (the fat beside the leak too), the slices below the
+    # object's end almost all of theirs (the HU-connected continuation), ...
+    assert out[6].sum() == mask[6].sum()
+    assert out[below].sum() >= 0.97 * mask[below].sum(), (out[below].sum(), mask[below].sum())
+    # ... the leak goes on the slices where it touches the object, and the object stays
+    assert out[12:17][leak[12:17]].mean() > 0.9, out[12:17][leak[12:17]].mean()
+    assert out[obj].sum() < 0.005 * obj.sum()  # a few border pixels whose smoothed HU is a blend
+
+
+def test_a_click_in_the_object_itself_stays_a_small_blob_on_its_slice():
+    hu, obj, leak, fat = leaked_scene()
+    mask = (obj | leak | fat).astype(np.uint8)
+    out = negative_region(mask, hu, "k", 22, (22.0, 32.0), PIXEL_MM, frozen=[20], slice_mm=SLICE_MM)
+    assert set(np.flatnonzero(out.any(axis=(1, 2)))) == {22}
+    assert 0 < out.sum() <= np.pi * (BLOB_MAX_MM / PIXEL_MM[0] + 1) ** 2 < obj[22].sum()
+
+
+def test_without_the_object_elsewhere_a_whole_slice_click_stays_on_its_slice():
+    """A mask that is the leak alone (no object anywhere to compare with) is never cut in 3D."""
+    hu, obj, leak, fat = leaked_scene()
+    mask = leak.astype(np.uint8)
+    out = negative_region(mask, hu, "k", 6, (43.0, 32.0), PIXEL_MM, slice_mm=SLICE_MM)
+    assert set(np.flatnonzero(out.any(axis=(1, 2)))) <= {6}
