@@ -20,8 +20,9 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
   would grow past ``ADD_AREA_FACTOR`` times the object's largest slice, or another prompted slice
   is reached;
 * **a negative point inside the mask** removes the wrong region it lies in, in 3D
-  (``mask_edits.negative_region``: its slice's region grown from the click and its HU-connected
-  continuation on the next slices), never changing another prompted slice.
+  (``mask_edits.negative_region``: its slice's region grown from the click, or all of the slice's
+  mask where it holds no object, and its HU-connected continuation on the next slices), never
+  changing another prompted slice.
 
 After a negative click only the 3D components that touch a prompted slice's mask are kept (inside
 the mask's bounding box). Every slice with a user prompt keeps the user's result: later
