@@ -16,10 +16,11 @@ def disk(shape, centre_ji, radius):
     return (jj - centre_ji[0]) ** 2 + (ii - centre_ji[1]) ** 2 <= radius ** 2
 
 
-def leaked_scene():
+def leaked_scene(rim: bool = False):
     """The object (60 HU) on slices 12..29; a leak into another tissue (15 HU) on slices 3..16,
     touching the object on 12..16 and alone below it, where the mask also holds fat (-40 HU)
-    beside it: on slices 3..11 the mask holds no object at all."""
+    beside it: on slices 3..11 the mask holds no object at all. With ``rim``, slices 20..26 also
+    hold a ring of 25 HU tissue around the object (returned in ``fat``), 40 % of their mask."""
     rng = np.random.default_rng(0)
     shape = (32, 64, 64)
     hu = np.full(shape, -100.0) + rng.normal(0.0, 5.0, shape)
@@ -30,9 +31,14 @@ def leaked_scene():
         leak[k] = disk(shape[1:], (32, 43), 7) & ~obj[k]
     for k in range(3, 12):
         fat[k] = disk(shape[1:], (32, 52), 5) & ~leak[k]
+    if rim:
+        for k in range(20, 27):
+            fat[k] = disk(shape[1:], (32, 22), 18) & ~obj[k] & ~leak[k]
     hu[obj] = 60.0 + rng.normal(0.0, 5.0, int(obj.sum()))
     hu[leak] = 15.0 + rng.normal(0.0, 5.0, int(leak.sum()))
-    hu[fat] = -40.0 + rng.normal(0.0, 5.0, int(fat.sum()))
+    ring = fat & (np.arange(shape[0]) >= 20)[:, None, None]
+    hu[fat & ~ring] = -40.0 + rng.normal(0.0, 5.0, int((fat & ~ring).sum()))
+    hu[ring] = 25.0 + rng.normal(0.0, 5.0, int(ring.sum()))
     return hu.astype(np.float32), obj, leak, fat
 
 
@@ -56,6 +62,18 @@ def test_a_click_in_the_object_itself_stays_a_small_blob_on_its_slice():
     out = negative_region(mask, hu, "k", 22, (22.0, 32.0), PIXEL_MM, frozen=[20], slice_mm=SLICE_MM)
     assert set(np.flatnonzero(out.any(axis=(1, 2)))) == {22}
     assert 0 < out.sum() <= np.pi * (BLOB_MAX_MM / PIXEL_MM[0] + 1) ** 2 < obj[22].sum()
+
+
+def test_a_click_that_grows_into_the_object_is_not_carried_through_it():
+    """A click whose region is most of its slice's mask, of another HU than the rest of that slice
+    (a rim of wrong tissue) but of the object's HU elsewhere, is the object: it stays a blob on its
+    slice and is not walked through the object's other slices."""
+    hu, obj, leak, fat = leaked_scene(rim=True)
+    mask = (obj | leak | fat).astype(np.uint8)
+    assert obj[23].sum() > 0.5 * mask[23].sum()
+    out = negative_region(mask, hu, "k", 23, (22.0, 32.0), PIXEL_MM, frozen=[16], slice_mm=SLICE_MM)
+    assert set(np.flatnonzero(out.any(axis=(1, 2)))) == {23}
+    assert 0 < out.sum() <= np.pi * (BLOB_MAX_MM / PIXEL_MM[0] + 1) ** 2
 
 
 def test_without_the_object_elsewhere_a_whole_slice_click_stays_on_its_slice():

@@ -5,20 +5,22 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
 
 * on the clicked slice, the region of similar HU grown from the click (``seeded_region``) inside
   the mask, the part connected to the click. Where it would take more than ``max_frac`` of the
-  slice's mask and its median HU is within ``MIN_CONTRAST_HU`` of the rest's (the wrong tissue
-  looks like the object), or where it would take more than ``DISTINCT_MAX_FRAC`` of it (almost
-  all of it: the rest is too small to compare), only the blob around the click is taken: the
-  pixels within twice the click's depth (its distance to the mask border) of the click, at most
-  ``BLOB_MAX_MM``. Neither limit holds on a slice with no object: where the median HU of the
-  slice's mask lies ``MIN_CONTRAST_HU`` or more from the object's elsewhere (the median of the mask
-  on the other slices; a leak below the liver's end into bowel), and there the object's HU is
-  that one;
+  slice's mask and its median HU is within ``MIN_CONTRAST_HU`` of the rest's or of the object's
+  elsewhere (the wrong tissue looks like the object; a click at the object's border grew into
+  it), or where it would take more than ``DISTINCT_MAX_FRAC`` of it (almost all of it: the rest
+  is too small to compare), only the blob around the click is taken: the pixels within twice the
+  click's depth (its distance to the mask border) of the click, at most ``BLOB_MAX_MM``. Neither
+  limit holds on a slice with no object: where the median HU of the slice's mask lies
+  ``MIN_CONTRAST_HU`` or more from the object's elsewhere (the median of the mask on the other
+  slices; a leak past the liver's caudal end into bowel), all of its mask goes (when the click's
+  region is at least ``max_frac`` of it) and the object's HU is the one elsewhere;
 * on the next slices, up and down (and on the clicked slice, to pick up what the grown region's
   opening left): the pixels of the mask whose (lightly smoothed) HU lies in the removed region's
   HU range (its 5th..95th percentile, +-``margin_hu``) and is nearer the removed region's median
-  HU than the median of the rest of the clicked slice's mask, connected on that slice to what was
-  removed on the slice before. Where those two medians differ by less than ``MIN_CONTRAST_HU`` the
-  wrong tissue looks like the object and only the clicked slice's region is removed. A
+  HU than the object's (the median of the rest of the clicked slice's mask), connected on that
+  slice to what was removed on the slice before. Where those two medians differ by less than
+  ``MIN_CONTRAST_HU``, or the removed region's median is that close to the object's elsewhere,
+  the wrong tissue looks like the object and only the clicked slice's region is removed. A
   continuation may take up to ``DISTINCT_MAX_FRAC`` of a slice's mask, or all of it where that
   mask's median HU is ``MIN_CONTRAST_HU`` away from the object's (no object on that slice); the
   walk stops where nothing is left, at a ``frozen`` slice (one that carries the user's own
@@ -89,8 +91,9 @@ def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float]
         limit = False  # no object on this slice: its mask is all wrong tissue
     elif region.sum() > DISTINCT_MAX_FRAC * m.sum():
         limit = True
-    else:
-        limit = region.sum() > max_frac * m.sum() and not _distinct(region, m & ~region, smooth)
+    else:  # more than max_frac of the slice's mask, and it looks like the rest or like the object elsewhere
+        limit = region.sum() > max_frac * m.sum() and (not _distinct(region, m & ~region, smooth)
+                                                        or (object_hu is not None and not _far(smooth[region], object_hu)))
     if limit:
         radius = min(2.0 * _depth_px(m, x, y, pixel_spacing), BLOB_MAX_MM)
         region &= _disk_mm(m.shape, x, y, radius, pixel_spacing)
@@ -147,8 +150,10 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     else:
         object_hu = float(np.median(hu0[rest]))
     wrong_hu = float(np.median(hu0[first])) if first.sum() >= 10 else None
-    if object_hu is None or wrong_hu is None or abs(wrong_hu - object_hu) < MIN_CONTRAST_HU:
-        # The wrong tissue looks like the object: HU cannot tell them apart on other slices.
+    if (object_hu is None or wrong_hu is None or abs(wrong_hu - object_hu) < MIN_CONTRAST_HU
+            or (elsewhere is not None and not _far(hu0[first], elsewhere))):
+        # The wrong tissue looks like the object (the rest of its slice, or the mask elsewhere, where
+        # a click at the object's border grew into the object): HU cannot tell them apart.
         get_slice(out, axis, index)[...] = first
         return out
     vals = hu0[first]
