@@ -150,8 +150,8 @@ def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int
 
 def summary(results: dict, clicks: int) -> List[list]:
     out = []
-    for label, pick in (("liver", lambda key: key.split("/")[1] == "liver"),
-                        ("tumours", lambda key: key.split("/")[1].startswith("livertumor"))):
+    for label, pick in (("liver", lambda key: key.split("/")[-2] == "liver"),
+                        ("tumours", lambda key: key.split("/")[-2].startswith("livertumor"))):
         rs = [r for key, r in results.items() if pick(key)]
         if not rs:
             continue

@@ -11,8 +11,9 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   is too small to compare), only the blob around the click is taken: the pixels within twice the
   click's depth (its distance to the mask border) of the click, at most ``BLOB_MAX_MM``. Neither
   limit holds on a slice with no object: where the median HU of the slice's mask lies
-  ``MIN_CONTRAST_HU`` or more from the object's elsewhere (the median of the mask on the other
-  slices; a leak past the liver's caudal end into bowel), all of its mask goes (when the click's
+  ``MIN_CONTRAST_HU`` or more from the object's elsewhere (the mask on the other slices) and fewer
+  than ``NO_OBJECT_OVERLAP`` of its pixels lie in the object's interquartile HU range there (a leak
+  past the liver's caudal end into bowel). There all of the slice's mask goes (when the click's
   region is at least ``max_frac`` of it) and the object's HU is the one elsewhere;
 * on the next slices, up and down (and on the clicked slice, to pick up what the grown region's
   opening left): the pixels of the mask whose (lightly smoothed) HU lies in the removed region's
@@ -22,7 +23,7 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   ``MIN_CONTRAST_HU``, or the removed region's median is that close to the object's elsewhere,
   the wrong tissue looks like the object and only the clicked slice's region is removed. A
   continuation may take up to ``DISTINCT_MAX_FRAC`` of a slice's mask, or all of it where that
-  mask's median HU is ``MIN_CONTRAST_HU`` away from the object's (no object on that slice); the
+  slice holds no object (the same test); the
   walk stops where nothing is left, at a ``frozen`` slice (one that carries the user's own
   prompts), or where the region would take more than that or more than double its previous area
   (the wrong tissue merges with the object there): that slice loses only the previous slice's
@@ -52,6 +53,9 @@ MIN_CONTRAST_HU = 15.0
 #: Where the removed tissue is distinct by HU, it may take up to this fraction of a slice's mask
 #: (a leak into the heart at the dome can be larger than the liver there).
 DISTINCT_MAX_FRAC = 0.9
+#: A slice's mask holds no object where fewer than this fraction of its pixels lie in the object's
+#: interquartile HU range elsewhere (and its median is ``MIN_CONTRAST_HU`` away).
+NO_OBJECT_OVERLAP = 0.3
 #: A removal across slices may take at most this fraction of the whole mask (else only its slice).
 MAX_VOLUME_FRAC = 0.25
 #: ... and that blob's radius is at most this (mm): a click deep inside the mask (a vessel the
@@ -74,10 +78,11 @@ def _disk_mm(shape: Tuple[int, int], x: int, y: int, radius_mm: float, pixel_spa
 
 
 def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float], pixel_spacing: Sequence[float],
-                   max_frac: float = MAX_FRAC, object_hu: Optional[float] = None) -> np.ndarray:
+                   max_frac: float = MAX_FRAC, elsewhere: Optional[np.ndarray] = None) -> np.ndarray:
     """The part of ``mask2d`` a negative click at ``xy`` removes on its own slice (bool; empty when
-    the click lies outside the mask). ``object_hu``: the object's median HU elsewhere, which lets a
-    region that is almost all of the slice's mask be taken whole when its HU is far from it."""
+    the click lies outside the mask). ``elsewhere``: the quartiles of the object's HU on the
+    other slices (``_object_hu_elsewhere``), to tell a slice with no object and a click that grew
+    into the object."""
     m = np.asarray(mask2d) > 0
     rows, cols = m.shape
     x, y = min(max(int(round(xy[0])), 0), cols - 1), min(max(int(round(xy[1])), 0), rows - 1)
@@ -87,13 +92,13 @@ def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float]
     if not region[y, x]:
         region = m.copy()
     smooth = _smoothed(hu2d, pixel_spacing)
-    if _far(smooth[m], object_hu):
+    if _no_object(smooth[m], elsewhere):
         limit = False  # no object on this slice: its mask is all wrong tissue
     elif region.sum() > DISTINCT_MAX_FRAC * m.sum():
         limit = True
     else:  # more than max_frac of the slice's mask, and it looks like the rest or like the object elsewhere
         limit = region.sum() > max_frac * m.sum() and (not _distinct(region, m & ~region, smooth)
-                                                        or (object_hu is not None and not _far(smooth[region], object_hu)))
+                                                        or (elsewhere is not None and not _far(smooth[region], elsewhere[1])))
     if limit:
         radius = min(2.0 * _depth_px(m, x, y, pixel_spacing), BLOB_MAX_MM)
         region &= _disk_mm(m.shape, x, y, radius, pixel_spacing)
@@ -101,9 +106,19 @@ def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float]
     return lab == lab[y, x]
 
 
-def _far(values: np.ndarray, object_hu: Optional[float]) -> bool:
+def _far(values: np.ndarray, object_hu: float) -> bool:
     """Whether the median of ``values`` lies ``MIN_CONTRAST_HU`` or more from ``object_hu``."""
-    return object_hu is not None and values.size >= 10 and abs(float(np.median(values)) - object_hu) >= MIN_CONTRAST_HU
+    return values.size >= 10 and abs(float(np.median(values)) - float(object_hu)) >= MIN_CONTRAST_HU
+
+
+def _no_object(values: np.ndarray, elsewhere: Optional[np.ndarray]) -> bool:
+    """Whether a slice's mask (its smoothed HU ``values``) holds no object: its median lies
+    ``MIN_CONTRAST_HU`` or more from the object's elsewhere and fewer than ``NO_OBJECT_OVERLAP`` of
+    its pixels lie in the object's interquartile range there (half of an object's would)."""
+    if elsewhere is None or not _far(values, elsewhere[1]):
+        return False
+    q25, _, q75 = (float(v) for v in elsewhere)
+    return float(np.mean((values >= q25) & (values <= q75))) < NO_OBJECT_OVERLAP
 
 
 def _distinct(region: np.ndarray, rest: np.ndarray, smooth_hu: np.ndarray) -> bool:
@@ -140,18 +155,21 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     if not first.any():
         return out
     hu0 = _smoothed(get_slice(hu3d, axis, index), pixel_spacing)
-    if _far(hu0[m0], elsewhere) and first.sum() >= max_frac * m0.sum():
+    no_object = _no_object(hu0[m0], elsewhere)
+    if no_object and first.sum() >= max_frac * m0.sum():
         first = m0.copy()  # no object on this slice and the click's tissue is most of it: all of it goes
     rest = m0 & ~first
     # The object's HU: the rest of the clicked slice's mask, or the mask's elsewhere where this
-    # slice has no object (its mask's HU is far from the rest's) or too little of it to compare.
-    if _far(hu0[m0], elsewhere) or rest.sum() < max(10, (1.0 - DISTINCT_MAX_FRAC) * m0.sum()):
-        object_hu = elsewhere
+    # slice holds no object or too little of the rest to compare.
+    if elsewhere is None:
+        object_hu = float(np.median(hu0[rest])) if rest.sum() >= 10 else None
+    elif no_object or rest.sum() < max(10, (1.0 - DISTINCT_MAX_FRAC) * m0.sum()):
+        object_hu = float(elsewhere[1])
     else:
         object_hu = float(np.median(hu0[rest]))
     wrong_hu = float(np.median(hu0[first])) if first.sum() >= 10 else None
     if (object_hu is None or wrong_hu is None or abs(wrong_hu - object_hu) < MIN_CONTRAST_HU
-            or (elsewhere is not None and not _far(hu0[first], elsewhere))):
+            or (elsewhere is not None and not _far(hu0[first], elsewhere[1]))):
         # The wrong tissue looks like the object (the rest of its slice, or the mask elsewhere, where
         # a click at the object's border grew into the object): HU cannot tell them apart.
         get_slice(out, axis, index)[...] = first
@@ -163,7 +181,7 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     # On the clicked slice too, the HU-connected continuation of what grew from the click (the
     # grown region's opening may have left pieces of the wrong tissue).
     region = _continuation(m0, get_slice(hu3d, axis, index), first, band, pixel_spacing, DISTINCT_MAX_FRAC, 1.0,
-                           object_hu)
+                           elsewhere)
     get_slice(out, axis, index)[...] = first if region is None else (region | first)
     first = get_slice(out, axis, index).copy()
     if max_slices is None and slice_mm is not None:
@@ -180,7 +198,7 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
             if not m.any():
                 break
             region = _continuation(m, get_slice(hu3d, axis, t), prev, band, pixel_spacing, DISTINCT_MAX_FRAC, 2.0,
-                                   object_hu)
+                                   elsewhere)
             last = region is None
             if last:
                 region = m & prev  # the wrong tissue merges with the object here: only the footprint
@@ -198,8 +216,9 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     return out
 
 
-def _object_hu_elsewhere(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int) -> Optional[float]:
-    """The median HU of the mask on every slice but ``index`` (None when it is empty there)."""
+def _object_hu_elsewhere(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int) -> Optional[np.ndarray]:
+    """The quartiles (25th, 50th, 75th percentiles) of the HU of the mask on every slice but
+    ``index`` (None when it has fewer than 10 voxels there)."""
     a = axis_index(axis)
     sl = [slice(None)] * 3
     vals = []
@@ -208,15 +227,16 @@ def _object_hu_elsewhere(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index:
         m = np.asarray(mask3d[tuple(sl)]) > 0
         if m.any():
             vals.append(np.asarray(hu3d[tuple(sl)])[m])
-    return float(np.median(np.concatenate(vals))) if vals else None
+    vals = np.concatenate(vals) if vals else np.zeros(0)
+    return np.percentile(vals, [25.0, 50.0, 75.0]) if vals.size >= 10 else None
 
 
 def _continuation(m: np.ndarray, hu2d: np.ndarray, prev: np.ndarray, band: Tuple[float, float],
                   pixel_spacing: Sequence[float], max_frac: float, max_growth: float,
-                  object_hu: Optional[float] = None) -> Optional[np.ndarray]:
+                  elsewhere: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """The pixels of ``m`` in the HU ``band`` connected to ``prev``; None where that is more than
     ``max_growth`` times ``prev`` (+16 px), or more than ``max_frac`` of ``m`` unless ``m`` as a
-    whole is ``MIN_CONTRAST_HU`` away from ``object_hu`` (no object on this slice)."""
+    whole holds no object (``_no_object``; ``elsewhere``: the object's HU quartiles elsewhere)."""
     lo, hi = band
     smooth = _smoothed(hu2d, pixel_spacing)
     inside = m & (np.abs(smooth - (lo + hi) / 2) <= (hi - lo) / 2)
@@ -225,6 +245,6 @@ def _continuation(m: np.ndarray, hu2d: np.ndarray, prev: np.ndarray, band: Tuple
     region = np.isin(lab, ids[ids > 0])
     if region.sum() > max_growth * prev.sum() + 16:
         return None
-    if region.sum() > max_frac * m.sum() and not _far(smooth[m], object_hu):
+    if region.sum() > max_frac * m.sum() and not _no_object(smooth[m], elsewhere):
         return None
     return region
