@@ -55,7 +55,7 @@ MIN_CONTRAST_HU = 15.0
 DISTINCT_MAX_FRAC = 0.9
 #: A slice's mask holds no object where fewer than this fraction of its pixels lie in the object's
 #: interquartile HU range elsewhere (and its median is ``MIN_CONTRAST_HU`` away).
-NO_OBJECT_OVERLAP = 0.3
+NO_OBJECT_OVERLAP = 0.4
 #: A removal across slices may take at most this fraction of the whole mask (else only its slice).
 MAX_VOLUME_FRAC = 0.25
 #: ... and that blob's radius is at most this (mm): a click deep inside the mask (a vessel the
