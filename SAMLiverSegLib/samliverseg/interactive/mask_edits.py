@@ -23,11 +23,10 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   ``MIN_CONTRAST_HU``, or the removed region's median is that close to the object's elsewhere,
   the wrong tissue looks like the object and only the clicked slice's region is removed. A
   continuation may take up to ``DISTINCT_MAX_FRAC`` of a slice's mask, or all of it where that
-  slice holds no object (the same test); the
-  walk stops where nothing is left, at a ``frozen`` slice (one that carries the user's own
-  prompts), or where the region would take more than that or more than double its previous area
-  (the wrong tissue merges with the object there): that slice loses only the previous slice's
-  footprint, and the walk ends.
+  slice holds no object (the same test); the walk stops where nothing is left, at a ``frozen``
+  slice (one that carries the user's own prompts), or where the region would take more than that
+  or more than double its previous area (the wrong tissue merges with the object there): that
+  slice loses only the previous slice's footprint, and the walk ends.
 
 A removal of more than ``MAX_VOLUME_FRAC`` of the whole mask is kept to the clicked slice. The
 result is a bool array on the volume grid; nothing outside the mask is ever included.
