@@ -61,12 +61,11 @@ class DiskEmbeddings:
         self.hits = self.misses = 0
         engine.predictor.embed = self.embed
 
-    def embed(self, image: np.ndarray, pixel_spacing=(1.0, 1.0)) -> SliceEmbedding:
+    def embed(self, image: np.ndarray, pixel_spacing=(1.0, 1.0), field_mm=None) -> SliceEmbedding:
         h = hashlib.sha1(np.ascontiguousarray(image).tobytes())
         h.update(f"{image.shape}|{tuple(float(s) for s in pixel_spacing)}|{self.tag}".encode())
-        field = self.predictor.spec.min_field_mm
-        if field is not None and max(n * float(s) for n, s in zip(image.shape, pixel_spacing)) < field:
-            h.update(f"|padded to {self.predictor.input_size(*image.shape, pixel_spacing)}".encode())  # its place in the input
+        if field_mm is not None and max(n * float(s) for n, s in zip(image.shape, pixel_spacing)) < field_mm:
+            h.update(f"|padded to {self.predictor.input_size(*image.shape, pixel_spacing, field_mm)}".encode())  # its place in the input
         path = self.folder / f"{h.hexdigest()}.npz"
         if path.is_file():
             self.hits += 1
@@ -74,7 +73,7 @@ class DiskEmbeddings:
                 return SliceEmbedding(features=torch.from_numpy(z["features"]), original_hw=tuple(int(v) for v in z["original_hw"]),
                                       input_hw=tuple(int(v) for v in z["input_hw"]), image_size=int(z["image_size"]))
         self.misses += 1
-        emb = self.compute(image, pixel_spacing)
+        emb = self.compute(image, pixel_spacing, field_mm)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, features=emb.features.float().cpu().numpy(), original_hw=np.array(emb.original_hw),
                  input_hw=np.array(emb.input_hw), image_size=np.array(emb.image_size))
@@ -86,7 +85,7 @@ def run(engine: PromptEngine, prompts: Prompts, truth: np.ndarray, spacing, hd95
     t0 = time.perf_counter()
     res = engine.segment(prompts)
     out = {"seconds": round(time.perf_counter() - t0, 2), "stop": res.report["stop_reasons"],
-           "slices": res.report["slices_with_mask"]}
+           "slices": res.report["slices_with_mask"], "field_mm": res.report["field_mm"]}
     if hd95:
         m = evaluate(res.mask, truth, spacing)
         out.update(dice=float(m["dice"]), hd95_mm=float(m["hd95_mm"]))
@@ -122,8 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", default="current", choices=("current", "legacy"))
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override a PropagationSettings field (repeatable), e.g. --set search_margin_mm=20")
-    ap.add_argument("--min-field", default=None, metavar="MM",
-                    help="pad slices narrower than this (mm) instead of magnifying them; 'none': never (default: the model's)")
+    ap.add_argument("--crop-field", default=None, metavar="MM",
+                    help="show a volume cropped inside the body at this field (mm), padded, not magnified; "
+                         "'none': fill the input (default: the model's crop_field_mm)")
     ap.add_argument("--hd95", action="store_true", help="also HD95 (slower)")
     ap.add_argument("--embed-cache", default=None, help="folder for slice embeddings kept between runs")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
@@ -142,12 +142,12 @@ def main(argv=None) -> int:
         old = getattr(settings, name)  # AttributeError names a wrong field
         setattr(settings, name, None if value == "None" else (value == "True") if isinstance(old, bool) else float(value))
     engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=8192, settings=settings)
-    if args.min_field is not None:  # the model's field (ModelSpec.min_field_mm): "none" fills the input
+    if args.crop_field is not None:  # the model's field for crops (ModelSpec.crop_field_mm): "none" fills the input
         engine.spec = engine.predictor.spec = dataclasses.replace(
-            engine.spec, min_field_mm=None if args.min_field == "none" else float(args.min_field))
+            engine.spec, crop_field_mm=None if args.crop_field == "none" else float(args.crop_field))
     disk = DiskEmbeddings(engine, Path(args.embed_cache)) if args.embed_cache else None
     results: Dict[str, dict] = {"settings": args.settings, "overrides": args.set, "backend": engine.backend.name,
-                                "min_field_mm": engine.spec.min_field_mm}
+                                "crop_field_mm": engine.spec.crop_field_mm}
     rows: List[list] = []
     extras: List[list] = []
     t_all = time.perf_counter()
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
                                    r["stop"].get("down", "")])
     what = "Dice / HD95 mm" if args.hd95 else "Dice"
     print_table(f"liver {what} from one box on the slice at a fraction of its extent (caudal 0 -> cranial 1) + propagation; "
-                f"settings {args.settings}, model field {engine.spec.min_field_mm} mm, model {engine.spec.name}, backend {engine.backend.name} {engine.backend.precision}",
+                f"settings {args.settings}, crop field {engine.spec.crop_field_mm} mm, model {engine.spec.name}, backend {engine.backend.name} {engine.backend.precision}",
                 ["case/variant"] + [f"{int(round(100 * f))} %" for f in fracs], rows)
     if extras:
         print_table(f"one point / tumours ({what}), settings {args.settings}", ["case", "object", "prompt", what, "stop (up)", "stop (down)"],

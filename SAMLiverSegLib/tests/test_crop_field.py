@@ -1,6 +1,7 @@
-"""A volume cropped to the liver (issue 13: "ircadb-1.1 cropped"): LiteMedSAM's slices are
-padded to its field (``ModelSpec.min_field_mm``, 280 mm) instead of being magnified, so one box
-gives on the crop what it gives on the whole volume. Real LiteMedSAM, the demo's phantom."""
+"""A volume cropped to the liver (issue 13: "ircadb-1.1 cropped"): its sides cut through the body,
+so LiteMedSAM's slices are padded to the field of a whole slice (``ModelSpec.crop_field_mm``,
+366 mm) instead of being magnified, and one box gives on the crop what it gives on the whole
+volume. Real LiteMedSAM, the demo's phantom."""
 
 import dataclasses
 
@@ -41,12 +42,14 @@ def test_a_crop_to_the_liver_segments_like_the_whole_volume():
     whole, liver = ph.to_volume(), (ph.labels > 0).astype(np.uint8)
     tight, tight_liver = crop(whole, liver, 5.0)  # 200 x 163 mm
     engine = PromptEngine("lite_medsam", device="cpu", backend="auto")
-    assert engine.spec.min_field_mm == 280.0
+    assert engine.spec.crop_field_mm == 366.0
     fractions = (0.2, 0.8)
     ref = [box_dice(engine, whole, liver, f) for f in fractions]
+    assert engine.field_mm is None  # a whole slice (air around the body) fills the input
     padded = [box_dice(engine, tight, tight_liver, f) for f in fractions]
+    assert engine.field_mm == 366.0
     # the rule of before: the crop fills the model's input (magnified 1.5x)
-    engine.spec = engine.predictor.spec = dataclasses.replace(engine.spec, min_field_mm=None)
+    engine.spec = engine.predictor.spec = dataclasses.replace(engine.spec, crop_field_mm=None)
     magnified = [box_dice(engine, tight, tight_liver, f) for f in fractions]
     assert min(padded) >= 0.95 and all(p >= r - 0.025 for p, r in zip(padded, ref)), (ref, padded)
     assert np.mean(padded) >= np.mean(magnified) + 0.01, (padded, magnified)

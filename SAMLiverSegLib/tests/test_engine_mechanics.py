@@ -16,12 +16,12 @@ from samliverseg.core.prompts import Prompts, Roi3D, SliceBox
 from samliverseg.io.volume import Volume
 
 
-def tiny_sam(resize="longest_side", normalization="sam_pixel", min_field_mm=None):
+def tiny_sam(resize="longest_side", normalization="sam_pixel", crop_field_mm=None):
     torch.manual_seed(0)
     model = build_tiny_sam()
     model.spec = tiny_sam_spec("tiny_test", description="tiny random SAM", builder=lambda: model,
                                checkpoint_filename="none.pth", window="wide", resize=resize,
-                               normalization=normalization, min_field_mm=min_field_mm)
+                               normalization=normalization, crop_field_mm=crop_field_mm)
     return model
 
 
@@ -72,20 +72,48 @@ def test_predictor_keeps_physical_aspect_and_maps_back():
 
 
 def test_a_crop_narrower_than_the_field_is_padded_not_magnified():
-    pred = SlicePredictor(tiny_sam(min_field_mm=300.0), torch.device("cpu"))
-    # 75 x 100 mm (a crop to the organ): 64 px stand for 300 mm, so it fills 16 x 21 px
-    assert pred.input_size(50, 100, (1.5, 1.0)) == (16, 21)
-    # a whole abdominal slice (400 mm) is wider than the field: it fills the input as before
-    assert pred.input_size(400, 400, (1.0, 1.0)) == (64, 64)
+    pred = SlicePredictor(tiny_sam(), torch.device("cpu"))
+    # 75 x 100 mm (a crop to the organ) at a 300 mm field: 64 px stand for 300 mm, so it fills 16 x 21 px
+    assert pred.input_size(50, 100, (1.5, 1.0), 300.0) == (16, 21)
+    # without a field (a whole slice, whatever its width) it fills the input
+    assert pred.input_size(50, 100, (1.5, 1.0)) == (48, 64)
+    # a slice wider than the field fills the input too
+    assert pred.input_size(400, 400, (1.0, 1.0), 300.0) == (64, 64)
     img = np.random.default_rng(2).integers(0, 255, size=(50, 100), dtype=np.uint8)
-    emb = pred.embed(img, (1.5, 1.0))
+    emb = pred.embed(img, (1.5, 1.0), 300.0)
     assert emb.input_hw == (16, 21) and emb.original_hw == (50, 100)
-    x, _ = pred.preprocess(img, (1.5, 1.0))
+    x, _ = pred.preprocess(img, (1.5, 1.0), 300.0)
     assert float(x[..., 16:, :].abs().max()) == 0.0 and float(x[..., :, 21:].abs().max()) == 0.0  # padding
     out = pred.predict(emb, box=(10, 5, 80, 40), multimask_output=False)
     assert out.masks.shape == (1, 50, 100)
     back = pred.mask_to_low_res(out.masks[0], emb)
     assert back.shape == (1, 16, 16) and float((back[0, 4:, :] > 0).sum()) == 0.0  # the mask stays in the slice's corner
+
+
+def _ct(shape_kji, body_box_kji, direction=np.eye(3)):
+    """Air (-1000 HU) with a block of soft tissue (40 HU) at ``body_box_kji`` (slices)."""
+    a = np.full(shape_kji, -1000.0, dtype=np.float32)
+    a[body_box_kji] = 40.0
+    return Volume(a, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), direction)
+
+
+def test_the_engine_pads_only_a_volume_cropped_inside_the_body():
+    from samliverseg.core.body import is_body_crop, side_body_fraction
+
+    engine = PromptEngine(tiny_sam(crop_field_mm=300.0), device="cpu")
+    whole = _ct((6, 60, 80), (slice(None), slice(5, 55), slice(5, 75)))  # air around the body
+    engine.set_volume(whole)
+    assert engine.field_mm is None and engine.embedding("k", 2).input_hw == (48, 64)
+    crop = _ct((6, 60, 80), (slice(None), slice(None), slice(None)))  # tissue up to every side
+    engine.set_volume(crop)
+    assert engine.field_mm == 300.0 and engine.embedding("k", 2).input_hw == (13, 17)
+    # The sides are those across the patient, read from the direction: a volume whose k axis runs
+    # left-right (a sagittal acquisition) has its ends along the patient at j, not at k.
+    sagittal = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # i -> P, j -> S, k -> L
+    body = (slice(5, 55), slice(None), slice(5, 75))  # tissue up to the j ends (along the patient) only
+    a = _ct((60, 30, 80), body, sagittal)
+    assert side_body_fraction(a.array, a.direction) == 0.0 and not is_body_crop(a.array, a.direction)
+    assert side_body_fraction(a.array, np.eye(3)) > 0.25  # read as axial, the j ends would count
 
 
 def test_square_resize_and_minmax_normalisation():

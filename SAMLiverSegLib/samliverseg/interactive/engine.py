@@ -54,6 +54,7 @@ from scipy import ndimage
 from samliverseg.core.devices import resolve_device
 from samliverseg.core.errors import CancelledError, InputError, PromptError
 from samliverseg.core.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
+from samliverseg.core.body import is_body_crop
 from samliverseg.core.maskutil import bbox_2d, interior_point
 from samliverseg.core.postprocess import fill_holes, keep_components_touching
 from samliverseg.interactive.backends import BACKENDS, PRECISIONS
@@ -201,6 +202,7 @@ class PromptEngine:
         self.settings = settings or PropagationSettings()
         self.volume: Optional[Volume] = None
         self._windowed: Optional[np.ndarray] = None
+        self.field_mm: Optional[float] = None  # set_volume: the crop field for a crop, else None
         self._volume_key = ""
         self._seed_hu_range: Optional[Tuple[float, float]] = None
         self.embed_times: List[float] = []
@@ -224,6 +226,10 @@ class PromptEngine:
             raise InputError("the volume contains NaN or infinite values")
         self.volume = volume
         self._windowed = apply_window(arr, self.window)
+        # A volume cropped inside the body is shown at the field of a whole slice (the organ keeps
+        # its scale); a whole slice fills the model's input.
+        crop_field = getattr(self.spec, "crop_field_mm", None)
+        self.field_mm = float(crop_field) if crop_field and is_body_crop(arr, volume.direction) else None
         self._volume_key = uuid.uuid4().hex
         self.cache.clear()
 
@@ -249,7 +255,7 @@ class PromptEngine:
         emb = self.cache.get(key)
         if emb is None:
             t0 = time.perf_counter()
-            emb = self.predictor.embed(slice_of(self._windowed, axis, index), pixel_spacing(vol, axis))
+            emb = self.predictor.embed(slice_of(self._windowed, axis, index), pixel_spacing(vol, axis), self.field_mm)
             self.embed_times.append(time.perf_counter() - t0)
             self.cache.put(key, emb)
         return emb
@@ -452,6 +458,7 @@ class PromptEngine:
             "precision": self.backend.precision,
             "backend_info": self.backend.describe(),
             "window": self.window.spec(),
+            "field_mm": self.field_mm,
             "prompts": prompts.describe(),
             "slice_axis": axis,
             "seed_slices": anchors,

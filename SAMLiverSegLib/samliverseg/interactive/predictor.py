@@ -2,8 +2,10 @@
 
 A slice arrives as a windowed ``uint8`` image with its pixel spacing (rows, columns). It is
 resized so that its *physical* aspect ratio is kept (coronal and sagittal slices of an
-anisotropic CT have non-square pixels) and, for models with ``spec.min_field_mm``, a slice
-narrower than that field is not magnified beyond it (a crop keeps the organ's scale), three channels are made from the one grey channel, the
+anisotropic CT have non-square pixels) and fills the model's input, or, given a ``field_mm`` (the
+engine gives the model's ``crop_field_mm`` for a volume cropped inside the body), a slice narrower
+than that field is padded to it, not magnified (a crop keeps the organ's scale). Three channels
+are made from the one grey channel, the
 model's normalisation is applied and the image is padded to the model's square input. The
 :class:`SliceEmbedding` remembers the transform so that prompts given in slice pixel coordinates
 (x = column, y = row) are mapped into the model frame, and masks are mapped back.
@@ -144,22 +146,24 @@ class SlicePredictor:
         return self.backend.precision
 
     # -- image side -----------------------------------------------------------------------
-    def input_size(self, rows: int, cols: int, pixel_spacing: Sequence[float] = (1.0, 1.0)) -> Tuple[int, int]:
-        """(h, w) of the resized slice inside the square model input."""
+    def input_size(self, rows: int, cols: int, pixel_spacing: Sequence[float] = (1.0, 1.0),
+                   field_mm: Optional[float] = None) -> Tuple[int, int]:
+        """(h, w) of the resized slice inside the square model input: the longest side fills it,
+        unless the slice is narrower than ``field_mm`` (then it is scaled as that field would be)."""
         s = self.image_size
         if self.spec.resize == "square":
             return s, s
         h_mm, w_mm = rows * float(pixel_spacing[0]), cols * float(pixel_spacing[1])
-        # A crop narrower than the model's field keeps its physical scale (padded, not magnified).
-        scale = s / max(h_mm, w_mm, float(getattr(self.spec, "min_field_mm", None) or 0.0))
+        scale = s / max(h_mm, w_mm, float(field_mm or 0.0))
         return max(1, min(s, int(round(h_mm * scale)))), max(1, min(s, int(round(w_mm * scale))))
 
-    def preprocess(self, image: np.ndarray, pixel_spacing: Sequence[float] = (1.0, 1.0)) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def preprocess(self, image: np.ndarray, pixel_spacing: Sequence[float] = (1.0, 1.0),
+                   field_mm: Optional[float] = None) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """uint8 (rows, cols) slice -> (1, 3, S, S) normalised, padded model input."""
         if image.ndim != 2:
             raise ValueError(f"expected a 2D slice, got shape {image.shape}")
         rows, cols = image.shape
-        h, w = self.input_size(rows, cols, pixel_spacing)
+        h, w = self.input_size(rows, cols, pixel_spacing, field_mm)
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
         if (h, w) != (rows, cols):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=h < rows or w < cols)
@@ -178,8 +182,9 @@ class SlicePredictor:
         return x.contiguous(), (h, w)
 
     @torch.no_grad()
-    def embed(self, image: np.ndarray, pixel_spacing: Sequence[float] = (1.0, 1.0)) -> SliceEmbedding:
-        x, (h, w) = self.preprocess(image, pixel_spacing)
+    def embed(self, image: np.ndarray, pixel_spacing: Sequence[float] = (1.0, 1.0),
+              field_mm: Optional[float] = None) -> SliceEmbedding:
+        x, (h, w) = self.preprocess(image, pixel_spacing, field_mm)
         with self.lock:
             features = self.backend.encode(x)
         return SliceEmbedding(features=features, original_hw=tuple(image.shape), input_hw=(h, w), image_size=self.image_size)

@@ -53,9 +53,10 @@ class ModelSpec:
     normalization: ``"sam_pixel"`` ((x - pixel_mean) / pixel_std on 0..255 RGB) or
     ``"minmax01"`` ((x - min) / (max - min)).
     window: the CT window preset (``windowing.py``) the engine uses by default.
-    min_field_mm: with ``"longest_side"``, a slice narrower than this (a volume cropped to the
-    organ) is padded to it, so that the organ keeps the scale the model saw in training (whole
-    abdominal slices) instead of being magnified; ``None``: always fill the input.
+    crop_field_mm: with ``"longest_side"``, the slices of a volume cropped inside the body
+    (``core.body.is_body_crop``: an organ's box) are scaled as a whole slice of this field would
+    be (padded, not magnified), so that the organ keeps the scale of whole slices, which fill the
+    input at any width; ``None``: every slice fills the input.
     """
 
     name: str
@@ -80,7 +81,7 @@ class ModelSpec:
     # Trained with box prompts only (LiteMedSAM): the engine turns clicks into a box first
     # (seeded_region.py), since a lone point gives an almost empty mask.
     box_only: bool = False
-    min_field_mm: Optional[float] = None
+    crop_field_mm: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
@@ -230,7 +231,7 @@ register_model(ModelSpec(
     download_url=None,
     image_size=256,
     resize="longest_side",
-    min_field_mm=280.0,  # below the field of a whole abdominal slice (issue 13: crops to the liver)
+    crop_field_mm=366.0,  # a whole abdominal slice (the totalseg example: 366 mm); issue 13, crops
     normalization="minmax01",
     window=MEDSAM_WINDOW,
     architecture="LiteMedSAM (TinyViT)",
