@@ -53,10 +53,12 @@ class DiskEmbeddings:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.predictor = engine.predictor
         self.compute = engine.predictor.embed
-        # the model, the backend and the predictor's preprocessing code: a cache made before a change
-        # to how slices are resized or padded is not reused
-        code = hashlib.sha1((inspect.getsource(inspect.getmodule(type(self.predictor)))
-                             + repr(self.predictor.spec)).encode()).hexdigest()[:12]
+        # the model, the backend and the predictor's image-side code (resize, pad, encode): a cache made
+        # before a change to how slices are resized or padded is not reused; a change to the prompt
+        # side (predict, postprocess) keeps it
+        cls = type(self.predictor)
+        image_side = "".join(inspect.getsource(f) for f in (cls.input_size, cls.preprocess, cls.embed))
+        code = hashlib.sha1((image_side + repr(self.predictor.spec)).encode()).hexdigest()[:12]
         self.tag = f"{engine.spec.name}|{engine.backend.name}|{engine.backend.precision}|{code}"
         self.hits = self.misses = 0
         engine.predictor.embed = self.embed
