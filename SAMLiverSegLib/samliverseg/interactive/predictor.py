@@ -128,6 +128,9 @@ class SlicePredictor:
         self.requested = (backend, precision)
         self._notify = notify
         self._backend: Optional[Backend] = None
+        # The decoder's constant inputs (see _constants), made once.
+        self._dense_pe: Optional[torch.Tensor] = None
+        self._no_mask_dense: Optional[torch.Tensor] = None
         # Inference from a GUI thread and a prefetch thread must not interleave on one model.
         self.lock = threading.RLock()
 
@@ -216,11 +219,25 @@ class SlicePredictor:
             boxes = torch.as_tensor(b)[None].to(dev)
         masks = mask_input[None].to(dev) if mask_input is not None else None
         with self.lock:
-            pe = self.model.prompt_encoder
-            sparse, dense = pe(points=points, boxes=boxes, masks=masks)
-            low_res, iou = self.backend.decode(embedding.features, pe.get_dense_pe(), sparse, dense, multimask_output)
+            dense_pe, no_mask_dense = self._constants()
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
+            if masks is None:
+                dense = no_mask_dense
+            low_res, iou = self.backend.decode(embedding.features, dense_pe, sparse, dense, multimask_output)
         full = self.postprocess(low_res, embedding)
         return Prediction(masks=(full > 0.0).cpu().numpy(), scores=iou[0].float().cpu().numpy(), low_res_logits=low_res[0].detach())
+
+    @torch.no_grad()
+    def _constants(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The decoder inputs that do not depend on the slice or the prompt, made once and
+        contiguous (a backend then reads them without a copy): the positional encoding of the
+        embedding grid and the dense embedding of "no mask". The prompt encoder is frozen at
+        inference (the exported backends compile the model once anyway)."""
+        if self._dense_pe is None:
+            pe = self.model.prompt_encoder
+            self._dense_pe = pe.get_dense_pe().contiguous()
+            self._no_mask_dense = pe(points=None, boxes=None, masks=None)[1].contiguous()
+        return self._dense_pe, self._no_mask_dense
 
     @torch.no_grad()
     def mask_to_low_res(self, mask: np.ndarray, embedding: SliceEmbedding, logit: float = 8.0) -> torch.Tensor:

@@ -138,7 +138,9 @@ class Runtime:
             self.input_names = [i.get_any_name() for i in compiled.inputs]
             request = compiled.create_infer_request()
             outputs = list(compiled.outputs)
-            self._run = lambda feed: [np.array(r[o]) for r in [request.infer(feed)] for o in outputs]
+            # share_inputs: the request reads the (contiguous float32) arrays in place, no copy;
+            # the outputs are copied out of the request (share_outputs is off), so they stay valid.
+            self._run = lambda feed: [r[o] for r in [request.infer(feed, share_inputs=True)] for o in outputs]
 
     def run(self, inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
         feed = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in zip(self.input_names, inputs)}
