@@ -71,6 +71,34 @@ def test_predictor_keeps_physical_aspect_and_maps_back():
     assert single.masks.shape == (1, 12, 50)
 
 
+def test_predictor_decodes_as_the_model_does_with_its_constants_made_once():
+    """The predictor keeps the positional encoding and the no-mask embedding (made once, contiguous):
+    box, point and dense-mask prompts decode exactly as ``SamModel.decode`` (which makes them per call)."""
+    model = tiny_sam()
+    with torch.no_grad():  # a no-mask embedding that is not zero, so that using it for a mask prompt would show
+        model.prompt_encoder.no_mask_embed.weight.normal_()
+    pred = SlicePredictor(model, torch.device("cpu"))
+    img = np.random.default_rng(3).integers(0, 255, size=(64, 64), dtype=np.uint8)
+    emb = pred.embed(img)
+    low = torch.randn(1, 16, 16)
+    cases = [dict(box=(5.0, 6.0, 40.0, 50.0)),
+             dict(point_coords=np.array([[20.0, 30.0], [40.0, 10.0]]), point_labels=np.array([1, 0])),
+             dict(box=(5.0, 6.0, 40.0, 50.0), mask_input=low)]
+    for _ in range(2):  # the second round reads the kept constants
+        for kw in cases:
+            out = pred.predict(emb, multimask_output=False, **kw)
+            points = None
+            if "point_coords" in kw:
+                points = (torch.as_tensor(kw["point_coords"], dtype=torch.float32)[None],
+                          torch.as_tensor(kw["point_labels"])[None])
+            boxes = torch.tensor([kw["box"]], dtype=torch.float32) if "box" in kw else None
+            with torch.no_grad():
+                ref, iou = model.decode(emb.features, points, boxes, low[None] if "mask_input" in kw else None)
+            assert torch.equal(out.low_res_logits, ref[0]) and np.array_equal(out.scores, iou[0].numpy())
+    pe, no_mask = pred._constants()
+    assert pe.is_contiguous() and no_mask.is_contiguous() and pred._constants()[0] is pe
+
+
 def test_a_crop_narrower_than_the_field_is_padded_not_magnified():
     pred = SlicePredictor(tiny_sam(), torch.device("cpu"))
     # 75 x 100 mm (a crop to the organ) at a 300 mm field: 64 px stand for 300 mm, so it fills 16 x 21 px
