@@ -3,7 +3,7 @@
 
     PYTHONPATH=SAMLiverSegLib .venv/bin/python benchmarks/bench_simulated_user.py \
         [--backend auto] [--cases ircadb,totalseg] [--starts 20,35,50,65,80] [--clicks 5] [--variants original,...]
-        [--embed-cache DIR] [--json out.json]
+        [--embed-cache DIR] [--repeat-refused] [--json out.json]
 
 The loop of the CVPR 2025 interactive 3D segmentation challenge, on the shared real CT:
 
@@ -23,7 +23,10 @@ The loop of the CVPR 2025 interactive 3D segmentation challenge, on the shared r
 
 Objects: the liver of ircadb-1.1 and of the totalseg example, each of the 7 ircadb-1.1 tumours;
 ``--variants`` chooses the case variants of ``benchmarks/variants.py`` (flips, crops, 3 / 5 mm
-slices). A failed step (an error) is reported in the table and the object's Dice stays where it was.
+slices). A failed step (an error: the click was refused) is reported in the table and the object's
+Dice stays where it was; the next click then goes to the largest error component that holds no refused
+click, as a user would click elsewhere (``--repeat-refused``: the protocol of runs 1-8, where the same
+click came again, the mask being unchanged).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -52,9 +55,10 @@ from bench_propagation import DiskEmbeddings
 PREFETCH_MARGIN = 10
 
 
-def next_click(pred: np.ndarray, truth: np.ndarray, spacing) -> Optional[Tuple[Tuple[float, float, float], bool, int]]:
+def next_click(pred: np.ndarray, truth: np.ndarray, spacing, avoid: Sequence[Tuple[float, float, float]] = ()
+               ) -> Optional[Tuple[Tuple[float, float, float], bool, int]]:
     """((i, j, k), positive, voxels of the error component) at the deepest point of the largest 3D error
-    component; None when there is no error."""
+    component that holds none of the ``avoid`` points (i, j, k); None when there is no such error."""
     best = None
     for positive, err in ((True, truth & ~pred), (False, pred & ~truth)):
         if not err.any():
@@ -62,6 +66,10 @@ def next_click(pred: np.ndarray, truth: np.ndarray, spacing) -> Optional[Tuple[T
         lab, n = ndimage.label(err, structure=np.ones((3, 3, 3), dtype=bool))
         sizes = np.bincount(lab.ravel())
         sizes[0] = 0
+        for i, j, k in avoid:
+            sizes[lab[int(k), int(j), int(i)]] = 0
+        if not sizes.any():
+            continue
         c = int(np.argmax(sizes))
         if best is None or sizes[c] > best[2]:
             best = (lab, c, int(sizes[c]), positive)
@@ -81,7 +89,8 @@ def auc(dices: List[float]) -> float:
     return float((sum(dices) - (dices[0] + dices[-1]) / 2.0) / n) if n > 0 else float(dices[0])
 
 
-def simulate(engine: PromptEngine, truth: np.ndarray, spacing, k: int, margin: int, clicks: int) -> dict:
+def simulate(engine: PromptEngine, truth: np.ndarray, spacing, k: int, margin: int, clicks: int,
+             repeat_refused: bool = False) -> dict:
     truth = truth > 0
     t0 = time.perf_counter()
     try:
@@ -90,9 +99,10 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, k: int, margin: i
         return {"error": f"initial box: {exc}", "dice": [0.0] * (clicks + 1), "seconds": [], "clicks": []}
     out = {"box_seconds": time.perf_counter() - t0, "dice": [dice(session.mask, truth)], "seconds": [], "clicks": [],
            "decoded": [], "changed": []}
+    refused: List[Tuple[float, float, float]] = []
     for _ in range(clicks):
         pred = session.mask > 0
-        click = next_click(pred, truth, spacing)
+        click = next_click(pred, truth, spacing, () if repeat_refused else refused)
         if click is None:
             out["dice"].append(out["dice"][-1])
             continue
@@ -102,6 +112,7 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, k: int, margin: i
             corr = session.add_point(ijk, positive=positive)
         except SAMLiverSegError as exc:
             out.setdefault("errors", []).append(str(exc))
+            refused.append(ijk)
             out["dice"].append(out["dice"][-1])
             continue
         out["seconds"].append(time.perf_counter() - t1)
@@ -126,7 +137,7 @@ def row_of(case: str, obj: str, start: str, r: dict, clicks: int) -> list:
 
 
 def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int, List[Optional[float]]]],
-             clicks: int, results: dict, rows: List[list]) -> None:
+             clicks: int, results: dict, rows: List[list], repeat_refused: bool = False) -> None:
     """Every object of one volume (its slices embedded once); a start of None is the object's middle slice."""
     engine.set_volume(volume)
     t0 = time.perf_counter()
@@ -140,7 +151,7 @@ def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int
         for frac in starts:
             k = middle_slice(truth, "k") if frac is None else variants.prompt_slice(volume, truth, frac)
             where = "middle" if frac is None else f"{100 * frac:g}%"
-            r = simulate(engine, truth, volume.spacing, k, margin, clicks)
+            r = simulate(engine, truth, volume.spacing, k, margin, clicks, repeat_refused)
             r.update(start=where, start_slice=k)
             results[f"{case}/{obj}/{where}"] = r
             rows.append(row_of(case, obj, f"{where} (k={k})", r, clicks))
@@ -176,6 +187,8 @@ def main(argv=None) -> int:
                                                    "middle slice")
     ap.add_argument("--tumours", default="", help="only these tumours, e.g. 1,3 (default: all)")
     ap.add_argument("--clicks", type=int, default=5)
+    ap.add_argument("--repeat-refused", action="store_true",
+                    help="after a refused click, click the same error again (the protocol of runs 1-8)")
     ap.add_argument("--variants", default="original",
                     help=f"comma-separated variants of benchmarks/variants.py ({', '.join(variants.VARIANTS)})")
     ap.add_argument("--embed-cache", default=None,
@@ -208,7 +221,7 @@ def main(argv=None) -> int:
             if objects:
                 cases.append((case.name if vname == "original" else v.name, v.volume, objects))
     for case, vol, objects in cases:
-        run_case(engine, case, vol, objects, args.clicks, results, rows)
+        run_case(engine, case, vol, objects, args.clicks, results, rows, args.repeat_refused)
     steps = [f"Dice@{n}" for n in range(args.clicks + 1)]
     print_table(f"simulated user: model {engine.spec.name}, backend {engine.backend.name} ({engine.backend.precision}), "
                 f"device {engine.device}; s = seconds per correction with cached embeddings (mean/max)",
