@@ -12,6 +12,12 @@ flight and the current preview. It never blocks and starts no thread:
   prompt and send the worker a ``prompt`` request (RAS points/box on the slice, see
   WORKER_PROTOCOL.md); :meth:`~SegmentAnythingSession.start_propagate`,
   :meth:`~SegmentAnythingSession.start_uncertainty` send theirs. Each returns at once.
+* Once a 3D result of a 2D model is shown (a propagation), a click or a box on any slice of the
+  same axis corrects it: a ``correct`` request with that one prompt and the ``result_id`` of the
+  result shown, which the worker applies to the result it holds (``CorrectionSession``: only the
+  slices the correction walks through are decoded), or, holding another, makes again from all the
+  prompts. Corrections clicked while one is in flight are queued; one the worker refuses (a click
+  that would add an organ) is taken out of the prompts, and the result shown stays.
 * The volume goes to the worker lazily (at the first prompt), not when the source volume
   changes, and again before a request whenever the shared worker holds another volume (the
   module panel's run loaded its own, or the voxels changed): the client knows which volume it
@@ -72,6 +78,8 @@ UNCERTAINTY_COLOR_NAME = "SAM uncertainty"
 UNCERTAINTY_THRESHOLD = 0.05
 #: Slices embedded ahead on each side of a clicked slice (a background ``prefetch``).
 NEIGHBOUR_PREFETCH = 4
+#: The requests whose result the user waits for (one at a time; clear() drops them).
+USER_TASKS = ("preview", "propagate", "correct", "uncertainty", "click3d")
 #: Seconds a ``prompt`` may take before the client answers it with an error and cancels it (the
 #: first one also waits for the model to build and the volume to load).
 PROMPT_TIMEOUT_S = 600.0
@@ -106,7 +114,7 @@ class Outcome:
     voxels: int = 0
     cold: bool = False  # the slice had to be embedded (not cached)
     data: object = None  # what the computation produced, when the caller needs more than a mask
-    kind: str = ""  # what finished: preview, propagate, uncertainty, volume, prefetch ('' for a direct answer)
+    kind: str = ""  # what finished: preview, propagate, correct, uncertainty, volume, prefetch ('' for a direct answer)
 
 
 def is_model_3d(name: Optional[str]) -> bool:
@@ -166,7 +174,7 @@ def voxels_view(volume_node) -> np.ndarray:
 class Task:
     """A request in flight."""
 
-    kind: str  # volume | preview | propagate | uncertainty | prefetch | click3d
+    kind: str  # volume | preview | propagate | correct | uncertainty | prefetch | click3d
     generation: int  # the prompts' generation when it was sent (clear() starts a new one)
     sent: float = field(default_factory=time.perf_counter)
     slice_axis: Optional[str] = None
@@ -205,6 +213,10 @@ class SegmentAnythingSession:
         # 3D models (SAM-Med3D): every click prompts the whole volume and refines the last result
         self.clicks3d: List[tuple] = []  # ((i, j, k), label) in the order clicked
         self.sent3d = 0  # how many of them the current 3D result has seen
+        # 2D models: once a 3D result is shown, a prompt on any slice corrects it in the worker
+        # (``correct``: only the slices it changes are decoded) instead of previewing its slice
+        self.result_id: Optional[str] = None  # the worker's id of the 3D result shown
+        self.pending_corrections: List[Tuple[Dict[str, Any], Callable[[], None]]] = []  # (correction, undo)
 
     # -- worker ---------------------------------------------------------------------------
     def is_3d_model(self) -> bool:
@@ -251,16 +263,17 @@ class SegmentAnythingSession:
         return self.client.next_timeout() if self.client is not None else None
 
     def busy(self) -> Optional[str]:
-        """The kind of the user-visible computation in flight (preview, propagate, uncertainty, click3d), or None."""
+        """The kind of the user-visible computation in flight (preview, propagate, correct, uncertainty,
+        click3d), or None."""
         for task in self.tasks.values():
-            if task.kind in ("preview", "propagate", "uncertainty", "click3d") and not task.cancelled:
+            if task.kind in USER_TASKS and not task.cancelled:
                 return task.kind
         return None
 
     def progress(self) -> Tuple[int, int]:
         """(done, total) of the propagation or uncertainty in flight ((0, 0) if none)."""
         for task in self.tasks.values():
-            if task.kind in ("propagate", "uncertainty") and not task.cancelled:
+            if task.kind in ("propagate", "correct", "uncertainty") and not task.cancelled:
                 return task.progress
         return 0, 0
 
@@ -336,7 +349,14 @@ class SegmentAnythingSession:
                 self.builder.slice_axis, self.builder.current_slice = target.slice_axis, target.slice_index
                 note = ""
             else:
+                correcting = preview and self._correcting(target.slice_axis)
                 note = self.builder.add_point(target, positive)
+                if correcting:
+                    added = self.builder.positive if positive else self.builder.negative
+                    point = added[-1]
+                    fields = self._ras_fields(Prompts(positive=[point], slice_axis=target.slice_axis))
+                    return self._correct({"point": fields["points"][0], "label": int(positive)}, note,
+                                         lambda: added.remove(point))
         except SAMLiverSegError as exc:
             return Outcome(False, str(exc))
         return self._after_prompt(note, preview)
@@ -349,10 +369,61 @@ class SegmentAnythingSession:
             self._require_volume()
             a = slice_clicks.map_click(slice_node, self.volume_node, xy0, self.shape_kji)
             b = slice_clicks.map_click(slice_node, self.volume_node, xy1, self.shape_kji, a.slice_axis)
+            correcting = preview and self._correcting(a.slice_axis)
+            before = (self.builder.box, list(self.builder.boxes))
             note = self.builder.set_box(a, b)
+            if correcting:
+                box = self.builder.box
+                fields = self._ras_fields(Prompts(box=box, slice_axis=a.slice_axis))
+
+                def undo():
+                    self.builder.box, self.builder.boxes = before
+
+                return self._correct({"box": fields["box"]}, note, undo)
         except SAMLiverSegError as exc:
             return Outcome(False, str(exc))
         return self._after_prompt(note, preview)
+
+    def _correcting(self, slice_axis: str) -> bool:
+        """True when a prompt on an ``slice_axis`` slice corrects the 3D result shown (a 2D model's
+        propagation, or a correction of it) rather than previewing its slice."""
+        hello = self.client.hello_result if self.client is not None else None
+        # an older worker lacks ``correct``; one (re)starting now is this installation's and has it
+        served = hello is None or "correct" in hello.get("requests", ())
+        return (served and not self.is_3d_model() and self.preview_is_3d and self.result_id is not None
+                and self.builder.slice_axis == slice_axis)
+
+    def _correct(self, correction: Dict[str, Any], note: str, undo: Callable[[], None]) -> Outcome:
+        """Send ``correction`` (RAS; the builder holds it already) to the worker, or queue it behind
+        the correction in flight; ``undo`` takes it out of the builder if the worker refuses it."""
+        self.show_prompts()
+        if self.busy() not in (None, "correct"):
+            undo()
+            self.show_prompts()
+            return Outcome(False, f"wait for the {self.busy()} to finish, or cancel it")
+        self.pending_corrections.append((correction, undo))
+        if self.busy() is None:
+            out = self._send_correction()
+            if out.ok and note:
+                out.message = note
+            return out
+        return Outcome(True, note)
+
+    def _send_correction(self) -> Outcome:
+        """Send the first queued correction of the 3D result shown, with all the prompts (the worker
+        makes the 3D mask again from them if it no longer holds that result)."""
+        correction, undo = self.pending_corrections.pop(0)
+        try:
+            self._require_volume()
+            fields = self._ras_fields(self.builder.prompts())
+            rid, note = self._send("correct", "correct", timeout=PROMPT_TIMEOUT_S, base=self.result_id,
+                                   correction=correction, **fields)
+        except SEND_ERRORS as exc:
+            undo()
+            self.show_prompts()
+            return Outcome(False, send_error_message(exc), kind="correct")
+        self.tasks[rid].extra["undo"] = undo
+        return Outcome(True, note)
 
     def _after_prompt(self, note: str, preview: bool) -> Outcome:
         """Show the prompts; send the preview request (unless told not to). A note of the prompt
@@ -372,12 +443,13 @@ class SegmentAnythingSession:
         """Forget the prompts and the preview; results of requests in flight are dropped."""
         self.generation += 1
         for rid, task in self.tasks.items():
-            if task.kind in ("preview", "propagate", "uncertainty", "click3d") and not task.cancelled:
+            if task.kind in USER_TASKS and not task.cancelled:
                 task.cancelled = True
                 if self.client is not None:
                     self.client.cancel(rid)
         self.preview_pending = False
         self.clicks3d, self.sent3d = [], 0
+        self.result_id, self.pending_corrections = None, []
         if self.builder is not None:
             self.builder.clear()
         self.preview, self.preview_is_3d = None, False
@@ -464,6 +536,7 @@ class SegmentAnythingSession:
             self._require_volume()
             prompts = self.builder.prompts()
             _, note = self._send("propagate", "propagate", **self._ras_fields(prompts))
+            self.pending_corrections = []  # queued corrections are among the prompts propagated
         except SEND_ERRORS as exc:
             return Outcome(False, send_error_message(exc))
         return Outcome(True, note)
@@ -516,7 +589,7 @@ class SegmentAnythingSession:
         if self.client is None:
             return
         for rid, task in self.tasks.items():
-            if task.kind in ("propagate", "uncertainty", "prefetch"):
+            if task.kind in ("propagate", "correct", "uncertainty", "prefetch"):
                 self.client.cancel(rid)
 
     # -- answers ------------------------------------------------------------------------------
@@ -544,6 +617,10 @@ class SegmentAnythingSession:
             sent = self.request_preview()
             if not sent.ok:
                 out.append(Outcome(False, sent.message, kind="preview"))
+        if self.pending_corrections and self.busy() is None:
+            sent = self._send_correction()
+            if not sent.ok:
+                out.append(sent)
         return out
 
     def _drop_arrays(self, msg: Dict[str, Any]) -> None:
@@ -565,10 +642,14 @@ class SegmentAnythingSession:
             self._drop_arrays(msg)
             return None
         if not msg["ok"]:
+            if task.kind == "correct" and not stale:  # the prompt is dropped; the result shown stays
+                task.extra["undo"]()
+                self.show_prompts()
             if stale and msg.get("exit_code") == 130:
                 return None
             if msg.get("exit_code") == 130:
                 what = {"propagate": "propagation cancelled; the preview is unchanged",
+                        "correct": "correction cancelled; the preview is unchanged",
                         "uncertainty": "uncertainty cancelled"}.get(task.kind, f"{task.kind} cancelled")
                 return Outcome(False, what, seconds, kind=task.kind)
             if task.kind == "click3d" and not stale:  # the clicks that failed are dropped, the earlier result stays
@@ -581,10 +662,11 @@ class SegmentAnythingSession:
             self._drop_arrays(msg)
             return None
         result = msg["result"]
+        task.extra["timings"] = msg.get("timings")
         try:
             if task.kind == "preview":
                 return self._finish_preview(task, result, seconds)
-            if task.kind in ("propagate", "click3d"):
+            if task.kind in ("propagate", "correct", "click3d"):
                 return self._finish_3d(task, result, seconds)
             if task.kind == "uncertainty":
                 return self._finish_uncertainty(result, seconds)
@@ -614,11 +696,21 @@ class SegmentAnythingSession:
         self._set_preview((mask != 0).astype(np.uint8), True)
         if task.kind == "click3d":
             self.sent3d = int(task.extra.get("upto", len(self.clicks3d)))
+        else:
+            self.result_id = result.get("result_id")
         n = int(np.count_nonzero(self.preview))
         what = "click inside the object" if task.kind == "click3d" else "the model found nothing to propagate"
         if task.kind == "propagate" and n:
             what = ""
-        return Outcome(True, "" if n else what, seconds, n, kind=task.kind)
+        if task.kind == "correct":
+            data = {"correction": result.get("correction"), "incremental": result.get("incremental"),
+                    "timings": task.extra.get("timings")}
+            c = data["correction"]
+            what = ("made again from all the prompts (the worker held another result)" if c is None else
+                    f"corrected from slice {c['slice_index']}: {len(c['changed_slices'])} slices changed")
+            return Outcome(True, what if n else "the correction removed the whole object", seconds, n, data=data,
+                           kind="correct")
+        return Outcome(True, what if not n else "", seconds, n, kind=task.kind)
 
     def _finish_uncertainty(self, result: Dict[str, Any], seconds: float) -> Outcome:
         variance = self.client.read_array(result["variance"])

@@ -134,8 +134,9 @@ class PromptBuilder:
     """Collects the clicks and drags of one object into IJK :class:`Prompts`.
 
     All prompts share one slice axis (the first click's); a click in a view of another
-    orientation starts over. Points may lie on several slices (3D propagation uses them all);
-    the 2D preview uses the ones on the slice last clicked (:meth:`prompts_on_slice`).
+    orientation starts over. Points and boxes may lie on several slices (3D propagation uses them
+    all; a box replaces the one on its own slice); the 2D preview uses the ones on the slice last
+    clicked (:meth:`prompts_on_slice`). ``box`` is the box drawn last, ``boxes`` those on other slices.
     """
 
     shape_kji: Tuple[int, int, int]
@@ -145,13 +146,17 @@ class PromptBuilder:
     box: Optional[SliceBox] = None
     slice_axis: Optional[str] = None
     current_slice: Optional[int] = None
+    boxes: List[SliceBox] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not self.positive and not self.negative and self.box is None
+        return not self.positive and not self.negative and self.box is None and not self.boxes
 
     def clear(self) -> None:
-        self.positive, self.negative, self.box = [], [], None
+        self.positive, self.negative, self.box, self.boxes = [], [], None, []
         self.slice_axis, self.current_slice = None, None
+
+    def _box_slice(self, box: SliceBox) -> int:
+        return int(round(box.corner_a[IJK_INDEX[self.slice_axis or "k"]]))
 
     def _accept_axis(self, target: ClickTarget) -> str:
         note = ""
@@ -186,13 +191,15 @@ class PromptBuilder:
         note = self._accept_axis(corner_a)
         self.slice_axis = axis
         self.current_slice = corner_a.slice_index
+        kept = self.boxes + ([self.box] if self.box is not None else [])
+        self.boxes = [q for q in kept if self._box_slice(q) != corner_a.slice_index]
         self.box = SliceBox(tuple(a), tuple(b))
         return note or corner_a.note()
 
     def prompts(self) -> Prompts:
         """All prompts, validated against the volume (PromptError if there are none)."""
         p = Prompts(positive=list(self.positive), negative=list(self.negative), box=self.box,
-                    slice_axis=self.slice_axis or "k")
+                    boxes=list(self.boxes), slice_axis=self.slice_axis or "k")
         return validate_prompts(p, self.shape_kji)
 
     def prompts_on_slice(self, index: Optional[int] = None) -> Prompts:
@@ -202,7 +209,7 @@ class PromptBuilder:
         axis = self.slice_axis or "k"
         c = IJK_INDEX[axis]
         on = lambda p: int(round(p[c])) == index  # noqa: E731
-        box = self.box if self.box is not None and on(self.box.corner_a) else None
+        box = next((b for b in [self.box] + self.boxes if b is not None and on(b.corner_a)), None)
         p = Prompts(positive=[q for q in self.positive if on(q)], negative=[q for q in self.negative if on(q)],
                     box=box, slice_axis=axis)
         if not p.positive and box is None:

@@ -2,7 +2,8 @@
 
 In a slice view: left-click adds a positive point, Ctrl+click a negative point, click-drag draws
 a box. The 2D result shows as a preview (a separate segmentation node, like Grow from seeds);
-"Propagate to 3D" extends it through the volume; "Apply" writes it into the selected segment
+"Propagate to 3D" extends it through the volume; then a click or a box on any slice corrects the
+3D result (only the slices it changes are recomputed); "Apply" writes it into the selected segment
 through the Segment Editor (editable area, overwrite mode, undo).
 
 All decisions are in ``SAMLiverSegLogic.effect_logic`` (Qt-free, tested with pytest); the mouse
@@ -84,8 +85,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return """<html>Segment with a Segment-Anything model (LiteMedSAM by default).<p>
 <b>Left-click</b>: positive point. <b>Ctrl+click</b>: negative point. <b>Drag</b>: box (best for
 LiteMedSAM/MedSAM). Shift+drag still pans the view. The result on that slice shows as soon as the
-model answers; <b>Propagate to 3D</b> extends it through the volume; <b>Apply</b> writes it into
-the selected segment (Ctrl+Z undoes it). Works in axial, coronal and sagittal views. With a 3D
+model answers; <b>Propagate to 3D</b> extends it through the volume. Then a click, Ctrl+click or box
+on any slice corrects the 3D result: a click adds the missed part under it, a Ctrl+click removes the
+wrong region it lies in (in 3D), a box re-segments its slice and the slices beyond it.
+<b>Apply</b> writes it into the selected segment (Ctrl+Z undoes it). Works in axial, coronal and sagittal views. With a 3D
 model (SAM-Med3D) every click, in any view, segments the whole object in 3D and refines it.
 <b>Show uncertainty</b> marks where the model is unsure (the best places for the next click).
 The model runs in a separate process, started at the first click.</html>"""
@@ -260,8 +263,8 @@ The model runs in a separate process, started at the first click.</html>"""
         self.applyButton.enabled = hasPreview and not busy
         self.clearButton.enabled = hasPrompts or hasPreview or busy
         kind = self.session.busy() if self.session is not None else None
-        self.progressBar.visible = self.cancelTaskButton.visible = kind in ("propagate", "uncertainty")
-        if kind in ("propagate", "uncertainty"):
+        self.progressBar.visible = self.cancelTaskButton.visible = kind in ("propagate", "correct", "uncertainty")
+        if kind in ("propagate", "correct", "uncertainty"):
             done, total = self.session.progress()
             self.progressBar.setMaximum(max(total, 1))
             self.progressBar.setValue(done)
@@ -382,6 +385,8 @@ The model runs in a separate process, started at the first click.</html>"""
             self.showStatus(outcome.message, error=True)
         elif outcome.message:  # a note: oblique view, prompts started over, not CT intensities
             self.showStatus(outcome.message)
+        elif self.session.busy() == "correct":
+            self.showStatus("Correcting the 3D result...")
         else:
             self.showStatus("Computing the preview... (the first one also starts the model)"
                             if self.session.busy() else "")

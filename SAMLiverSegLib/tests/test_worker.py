@@ -597,3 +597,71 @@ def test_a_3d_model_is_served_clicks_in_ras_refine_and_equal_the_in_process_engi
         again = c.request("prompt3d", frame="ijk", points=[list(pos), list(neg)], labels=[1, 0], timeout=600)
         assert again["clicks_reused"] == 2
         np.testing.assert_array_equal(c.read_array(again["mask"]), ref2.mask)
+
+
+def test_corrections_through_the_worker_equal_the_in_process_session(client):
+    """``correct``: a propagation, then corrections on other slices (a negative click, a box) sent in
+    RAS of an oblique volume, applied by the worker to the result it holds: the in-process
+    ``CorrectionSession``'s masks, decoding only the slices each walks. A stale ``base`` (the worker
+    holds another result) makes the mask again from all the prompts, as ``propagate``; a refused
+    correction (a point outside the volume) changes nothing and the next one still builds on the
+    result."""
+    from samliverseg.interactive.session3d import CorrectionSession
+
+    ph = make_phantom((20, 96, 96), (2.5, 2.5, 5.0), seed=2, n_tumors=0)
+    vol = volume_from_ijk_to_ras(ph.hu, GEOMETRIES["oblique"])
+    liver = ph.liver_mask > 0
+    ks = np.flatnonzero(liver.any(axis=(1, 2)))
+    k = int(ks[len(ks) // 2])
+    i0, j0, i1, j1 = bbox_2d(liver[k])
+    box = SliceBox((i0 - 3.0, j0 - 3.0, float(k)), (i1 + 3.0, j1 + 3.0, float(k)))
+    client.request("load_volume", array=client.write_array("vol", ph.hu), ijk_to_ras=vol.ijk_to_ras_matrix())
+    first = client.request("propagate", box=ras(vol, [box.corner_a, box.corner_b]), timeout=600)
+    eng = PromptEngine("lite_medsam", device="cpu")
+    eng.set_volume(vol)
+    session = CorrectionSession(eng, Prompts(box=box))
+    np.testing.assert_array_equal(client.read_array(first["mask"]), session.mask)
+    assert first["result_id"]
+
+    # a negative click inside the mask, two slices up
+    from scipy import ndimage
+
+    kn = k + 2
+    d = ndimage.distance_transform_edt(session.mask[kn])
+    jn, i_n = np.unravel_index(int(np.argmax(d)), d.shape)
+    neg = (float(i_n), float(jn), float(kn))
+    corr = session.add_point(neg, positive=False)
+    all_fields = dict(box=ras(vol, [box.corner_a, box.corner_b]), points=ras(vol, [neg]), labels=[0])
+    r1 = client.request("correct", base=first["result_id"], correction={"point": ras(vol, [neg])[0], "label": 0},
+                        **all_fields, timeout=600)
+    assert r1["incremental"] is True and r1["result_id"] != first["result_id"]
+    assert r1["correction"]["changed_slices"] == corr.changed_slices and corr.changed_slices
+    assert r1["correction"]["decoded_slices"] == corr.decoded_slices
+    np.testing.assert_array_equal(client.read_array(r1["mask"]), session.mask)
+
+    # a refused correction (outside the volume) is one line, exit 2, and changes nothing
+    outside = ras(vol, [[200.0, 10.0, float(k)]])[0]
+    bad = client.send("correct", base=r1["result_id"], correction={"point": outside, "label": 1}, **all_fields)
+    resp = client.wait(bad, timeout=120)
+    assert resp["ok"] is False and resp["exit_code"] == 2 and "\n" not in resp["error"]
+
+    # a box on a slice below the first: it replaces that slice and re-propagates from it
+    kb = k - 2
+    i0, j0, i1, j1 = bbox_2d(liver[kb])
+    box2 = SliceBox((i0 - 2.0, j0 - 2.0, float(kb)), (i1 + 2.0, j1 + 2.0, float(kb)))
+    corr2 = session.add_box(box2)
+    r2 = client.request("correct", base=r1["result_id"], boxes=[ras(vol, [box2.corner_a, box2.corner_b])],
+                        correction={"box": ras(vol, [box2.corner_a, box2.corner_b])}, **all_fields, timeout=600)
+    assert r2["incremental"] is True and r2["correction"]["kind"] == "box"
+    assert r2["correction"]["decoded_slices"] == corr2.decoded_slices
+    np.testing.assert_array_equal(client.read_array(r2["mask"]), session.mask)
+
+    # a stale base: the mask is made again from all the prompts
+    r3 = client.request("correct", base="not-the-last-result", boxes=[ras(vol, [box2.corner_a, box2.corner_b])],
+                        correction={"box": ras(vol, [box2.corner_a, box2.corner_b])}, **all_fields, timeout=600)
+    assert r3["incremental"] is False and r3["correction"] is None
+    ref = eng.segment(Prompts(box=box, boxes=[box2], negative=[neg]))
+    np.testing.assert_array_equal(client.read_array(r3["mask"]), ref.mask)
+    for wrong in ({"point": outside, "box": [outside, outside]}, {"label": 1}, {"point": outside, "size": 3}):
+        resp = client.wait(client.send("correct", correction=wrong, **all_fields), timeout=120)
+        assert resp["ok"] is False and resp["exit_code"] == 2 and "correction must be" in resp["error"]

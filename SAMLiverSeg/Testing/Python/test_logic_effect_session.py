@@ -348,3 +348,67 @@ def test_the_effect_and_a_panel_run_share_one_worker_without_taking_each_others_
     np.testing.assert_array_equal(volume_nodes.segment_mask(third.segmentation_node, third.segment_id, panel_vol),
                                   panel_mask)
     session.shutdown()
+
+
+def test_after_a_propagation_clicks_and_boxes_on_any_slice_correct_it_in_the_worker(scene, client, engine):
+    """Once the 3D result is shown, a click or a box on another slice corrects it through the worker
+    (``correct``) instead of previewing its slice: the in-process ``CorrectionSession``'s masks, on an
+    oblique volume. A click while a correction is in flight is queued and sent after it. A worker
+    killed meanwhile: the next correction goes to a new worker, which makes the mask again from all
+    the prompts (``propagate``'s mask)."""
+    from samliverseg.interactive.session3d import CorrectionSession
+
+    vol, session, sn = session_on(scene, client, "oblique")
+    assert session.drag_box(sn, *box_xy(sn, vol, *BOX), preview=False).ok
+    assert session.start_propagate().ok
+    out = [o for o in pump(session, finished("propagate")) if o.kind == "propagate"][-1]
+    assert out.ok, out.message
+    assert session.result_id
+    engine.set_volume(volume_nodes.volume_from_node(vol))
+    ref = CorrectionSession(engine, session.builder.prompts())
+    np.testing.assert_array_equal(session.preview, ref.mask)
+    ks = [int(k) for k in np.flatnonzero(ref.mask.any(axis=(1, 2)))]
+    assert len(ks) >= 3, ks
+
+    # a negative click inside the mask on another slice, then a positive one beside it, clicked at once
+    kn = ks[-1]
+    j, i = np.argwhere(ref.mask[kn])[len(np.argwhere(ref.mask[kn])) // 2]
+    centre_view_on(sn, geometry.ijk_to_ras_point(vol, (float(i), float(j), float(kn))))
+    assert session.click(sn, point_xy(sn, vol, (float(i), float(j), float(kn))), positive=False).ok
+    assert session.busy() == "correct" and session.preview_is_3d  # sent, nothing waited
+    kp = ks[0] - 1
+    centre_view_on(sn, geometry.ijk_to_ras_point(vol, (20.0, 20.0, float(kp))))
+    assert session.click(sn, point_xy(sn, vol, (20.0, 20.0, float(kp))), positive=True).ok
+    assert len(session.pending_corrections) == 1  # queued behind the first
+    outs = pump(session, lambda o: sum(x.kind == "correct" for x in o) == 2 and not session.tasks)
+    corrections = [o for o in outs if o.kind == "correct"]
+    assert all(o.ok for o in corrections), corrections
+    assert "corrected from slice" in corrections[0].message
+    neg, pos = session.builder.negative[-1], session.builder.positive[-1]
+    assert int(round(neg[2])) == kn and int(round(pos[2])) == kp
+    ref.add_point(neg, positive=False)
+    try:
+        ref.add_point(pos, positive=True)
+    except Exception as exc:  # the worker refused it as well: the effect dropped it from its prompts
+        assert pos not in session.builder.positive, exc
+    np.testing.assert_array_equal(session.preview, ref.mask)
+    np.testing.assert_array_equal(session.display.preview_mask(vol), ref.mask)
+
+    # a box on another slice sent to a killed worker: a one-line message, the box is dropped and
+    # the result shown stays; drawn again, a new worker makes the mask from all the prompts
+    shown = session.preview.copy()
+    os.kill(client.pid, signal.SIGKILL)
+    kb = [k for k in ks if k not in (BOX[0][2], kn)][0]  # not the first box's slice: a second box
+    centre_view_on(sn, geometry.ijk_to_ras_point(vol, (24.0, 20.0, float(kb))))
+    lo, hi = (10.0, 10.0, float(kb)), (33.0, 29.0, float(kb))
+    for attempt in range(2):
+        assert session.drag_box(sn, *box_xy(sn, vol, lo, hi)).ok
+        outs = pump(session, lambda o: any(x.kind == "correct" for x in o) and not session.tasks, timeout=600)
+        last = [o for o in outs if o.kind == "correct"][-1]
+        if attempt == 0:
+            assert not last.ok and "killed" in last.message and "\n" not in last.message
+            assert session.builder.boxes == [] and session.builder.box is not None  # the first box only
+            np.testing.assert_array_equal(session.preview, shown)
+    assert last.ok and "made again from all the prompts" in last.message, last.message
+    assert len(session.builder.prompts().all_boxes()) == 2
+    np.testing.assert_array_equal(session.preview, in_process(engine, vol, session.builder.prompts(), propagate=True))

@@ -49,7 +49,7 @@ from samliverseg.core.evaluation import dice
 from samliverseg.core.maskutil import axis_index, bbox_2d, bbox_3d
 from samliverseg.core.postprocess import keep_components_touching
 from samliverseg.core.prompts import IJK_INDEX, Point, Prompts, SliceBox, validate_prompts
-from samliverseg.interactive.engine import PromptEngine, pixel_spacing, point_to_xy, slice_count, slice_of
+from samliverseg.interactive.engine import PromptEngine, SegmentationResult, pixel_spacing, point_to_xy, slice_count, slice_of
 from samliverseg.interactive.mask_edits import negative_region
 
 
@@ -76,7 +76,10 @@ class Correction:
 class CorrectionSession:
     """The current 3D mask of one object and its prompts; :meth:`add_point` / :meth:`add_box` correct it."""
 
-    def __init__(self, engine: PromptEngine, prompts: Prompts, agree_dice: float = 0.98):
+    def __init__(self, engine: PromptEngine, prompts: Prompts, agree_dice: float = 0.98,
+                 result: Optional[SegmentationResult] = None):
+        """Segment ``prompts`` (``engine.segment``), or take ``result``: what ``engine.segment`` made
+        of exactly these prompts on the engine's volume (the worker keeps its last propagation so)."""
         vol = engine.volume
         if vol is None:
             raise PromptError("no volume: call set_volume() on the engine first")
@@ -85,7 +88,9 @@ class CorrectionSession:
         self.engine = engine
         self.agree_dice = float(agree_dice)
         self.axis = prompts.slice_axis
-        res = engine.segment(prompts)
+        res = engine.segment(prompts) if result is None else result
+        if res.mask.shape != vol.array.shape:
+            raise PromptError(f"the result has shape {list(res.mask.shape)}, the volume {list(vol.array.shape)}")
         self.report = res.report
         self.mask = res.mask.astype(np.uint8)
         self.prompts = validate_prompts(prompts, vol.array.shape)

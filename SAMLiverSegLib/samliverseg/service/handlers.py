@@ -7,6 +7,7 @@ Everything here runs on the worker's main thread (the one thread that touches th
 from __future__ import annotations
 
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -203,7 +204,9 @@ def prompts_from_request(req: Dict[str, Any], volume: Volume) -> Prompts:
 class EngineState:
     """The model (built on first need), the volume, and the work each request does.
 
-    A 3D model also keeps its last result and the clicks that made it (``prompt3d`` refines it).
+    A 3D model also keeps its last result and the clicks that made it (``prompt3d`` refines it); a
+    2D model keeps its last 3D result as a :class:`~samliverseg.interactive.session3d.CorrectionSession`
+    under a ``result_id`` (``correct`` corrects it).
     """
 
     def __init__(self, options: EngineOptions, session_dir: str):
@@ -213,6 +216,8 @@ class EngineState:
         self.volume: Optional[Volume] = None
         self.result3d = None
         self.clicks3d: List[Tuple[Tuple[float, float, float], int]] = []
+        self.corrections = None  # CorrectionSession of the last 3D result of a 2D model
+        self.result_id: Optional[str] = None  # its id (a new one after every change)
 
     def require_engine(self):
         if self.engine is None:
@@ -261,6 +266,7 @@ class EngineState:
             volume = volume_from_ijk_to_ras(array, m)
         engine = self.require_engine()
         self.volume, self.result3d, self.clicks3d = None, None, []
+        self.corrections, self.result_id = None, None
         if is_3d_engine(engine):
             engine.prepare(volume)  # the working grid now, so that the first click only encodes
         else:
@@ -290,8 +296,54 @@ class EngineState:
     def propagate(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:
         volume = self.require_2d("propagate")
         prompts = prompts_from_request(req, volume)
-        res = self.engine.segment(prompts, propagate=req.get("propagate", True), progress=progress, cancel=cancel)
+        propagate = req.get("propagate", True)
+        res = self.engine.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
+        self._keep(prompts, res if propagate and prompts.roi is None else None)
         return {"mask": write_array(self.session_dir, "w-mask3d", res.mask), "report": res.report,
+                "result_id": self.result_id, "ijk_to_ras": volume.ijk_to_ras_matrix()}
+
+    def _keep(self, prompts: Prompts, res) -> None:
+        """Keep ``res`` (what ``engine.segment`` made of ``prompts``; None: nothing) for ``correct``."""
+        from samliverseg.interactive.session3d import CorrectionSession
+
+        self.corrections = None if res is None else CorrectionSession(self.engine, prompts, result=res)
+        self.result_id = None if res is None else uuid.uuid4().hex
+
+    def correct(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:
+        """One correction (a point or a box on any slice) of the 3D result ``base``: only the slices
+        it walks through are decoded (``CorrectionSession``). When the worker no longer holds that
+        result (another result since, a new volume, a restarted worker), the 3D mask is made again
+        from all the prompts, as ``propagate`` does. A refused correction changes nothing."""
+        volume = self.require_2d("correct")
+        prompts = prompts_from_request(req, volume)
+        c = req["correction"]
+        frame = {k: req[k] for k in ("frame", "orientation", "normal", "slice_axis") if k in req}
+        if set(c) - {"point", "label", "box"} or ("point" in c) == ("box" in c) or ("label" in c and "box" in c):
+            raise ProtocolError("correction must be {\"point\": [x, y, z], \"label\": 1 or 0} or {\"box\": [corner, corner]}")
+        if "point" in c:
+            new = prompts_from_request(dict(frame, points=[c["point"]], labels=[c.get("label", 1)]), volume)
+        else:
+            new = prompts_from_request(dict(frame, box=c["box"]), volume)
+        session = self.corrections
+        incremental = (session is not None and req.get("base") is not None and req.get("base") == self.result_id
+                       and session.axis == new.slice_axis)
+        summary = None
+        if incremental:
+            if new.box is not None:
+                corr = session.add_box(new.box)
+            else:
+                positive = bool(new.positive)
+                corr = session.add_point((new.positive or new.negative)[0], positive=positive)
+            self.result_id = uuid.uuid4().hex
+            mask, report = session.mask, {"model": self.engine.spec.name, "voxels": int(session.mask.sum())}
+            summary = {"kind": corr.kind, "slice_index": corr.slice_index, "changed_slices": corr.changed_slices,
+                       "decoded_slices": corr.decoded_slices, "stops": corr.stops, "seconds": round(corr.seconds, 3)}
+        else:
+            res = self.engine.segment(prompts, propagate=True, progress=progress, cancel=cancel)
+            self._keep(prompts, res)  # (correct takes no ROI)
+            mask, report = res.mask, res.report
+        return {"mask": write_array(self.session_dir, "w-mask3d", mask), "report": report,
+                "result_id": self.result_id, "incremental": incremental, "correction": summary,
                 "ijk_to_ras": volume.ijk_to_ras_matrix()}
 
     def prompt3d(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:

@@ -44,8 +44,8 @@ PROTOCOL_PAGE = "SAMLiverSegLib/WORKER_PROTOCOL.md"
 EXIT_INPUT, EXIT_CHECKPOINT, EXIT_CANCELLED = 2, 3, CancelledError.exit_code
 
 #: Request types, in the order the page documents them.
-REQUEST_TYPES = ("hello", "load_volume", "prompt", "propagate", "prompt3d", "uncertainty", "prefetch", "cancel",
-                 "status", "shutdown")
+REQUEST_TYPES = ("hello", "load_volume", "prompt", "propagate", "correct", "prompt3d", "uncertainty", "prefetch",
+                 "cancel", "status", "shutdown")
 
 #: Slice orientations of a slice view -> the RAS normal of its plane.
 ORIENTATION_NORMALS = {"axial": (0.0, 0.0, 1.0), "coronal": (0.0, 1.0, 0.0), "sagittal": (1.0, 0.0, 0.0)}
@@ -53,7 +53,7 @@ ORIENTATION_NORMALS = {"axial": (0.0, 0.0, 1.0), "coronal": (0.0, 1.0, 0.0), "sa
 WORKER_HELP = f"""\
 The persistent inference worker: holds the model, one volume and its slice embeddings, and answers
 requests until `shutdown` (or until stdin closes). It serves 2D prompt models (prompt, propagate,
-uncertainty, prefetch) and SAM-Med3D models (prompt3d).
+correct, uncertainty, prefetch) and SAM-Med3D models (prompt3d).
 
 Protocol version {PROTOCOL_VERSION}, documented in {PROTOCOL_PAGE}:
   * stdin: one JSON request per line, {{"id": N, "type": T, ...}}; T is one of
@@ -240,6 +240,11 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[tuple, bool]]] = {
     "shutdown": {},
 }
 REQUEST_FIELDS["propagate"] = dict(REQUEST_FIELDS["prompt"], propagate=((bool,), False))
+#: ``correct``: all the prompts (as ``propagate``, without an ROI), the ``result_id`` of the result
+#: they correct (``base``), and the one prompt among them that is new (``correction``: ``point`` and
+#: ``label``, or ``box``, in the request's frame).
+REQUEST_FIELDS["correct"] = dict({k: v for k, v in REQUEST_FIELDS["prompt"].items() if k != "roi"},
+                                 base=((str,), False), correction=((dict,), True))
 REQUEST_FIELDS["prompt3d"] = {"frame": ((str,), False), "points": ((list,), True), "labels": ((list,), False)}
 
 

@@ -210,6 +210,8 @@ class Server:
             return state.prompt(req)
         if job.type == "propagate":
             return state.propagate(req, progress, job.cancel)
+        if job.type == "correct":
+            return state.correct(req, progress, job.cancel)
         if job.type == "uncertainty":
             return state.uncertainty(req, progress, job.cancel)
         if job.type == "prompt3d":
