@@ -607,6 +607,8 @@ class SegmentAnythingSession:
             if "ok" not in msg:
                 if msg.get("event") == "progress":
                     task.progress = (int(msg.get("done", 0)), int(msg.get("total", 0)))
+                elif msg.get("event") == "partial":
+                    self._show_partial(task, msg)
                 continue
             del self.tasks[msg["id"]]
             outcome = self._finish(msg["id"], task, msg)
@@ -622,6 +624,25 @@ class SegmentAnythingSession:
             if not sent.ok:
                 out.append(sent)
         return out
+
+    def _show_partial(self, task: Task, msg: Dict[str, Any]) -> None:
+        """A correction's own slice, sent before the walk through the others: shown at once in the
+        3D result (the final answer then replaces the whole result)."""
+        if task.kind != "correct" or task.cancelled or task.generation != self.generation or self.preview is None:
+            self._drop_arrays(msg)
+            return
+        try:
+            part = msg["result"]
+            mask2d = self.client.read_array(part["mask"])
+            target = slice_clicks.slice_array(self.preview, part["slice_axis"], int(part["slice_index"]))
+            if target.shape != mask2d.shape:
+                return
+        except (KeyError, TypeError, ValueError, OSError, SAMLiverSegError):
+            self._drop_arrays(msg)
+            return
+        target[...] = mask2d != 0
+        self._set_preview(self.preview, True)
+        task.extra["first_shown"] = time.perf_counter() - task.sent
 
     def _drop_arrays(self, msg: Dict[str, Any]) -> None:
         """Remove the result files of an answer nobody uses."""
@@ -704,7 +725,7 @@ class SegmentAnythingSession:
             what = ""
         if task.kind == "correct":
             data = {"correction": result.get("correction"), "incremental": result.get("incremental"),
-                    "timings": task.extra.get("timings")}
+                    "timings": task.extra.get("timings"), "first_shown_s": task.extra.get("first_shown")}
             c = data["correction"]
             what = ("made again from all the prompts (the worker held another result)" if c is None else
                     f"corrected from slice {c['slice_index']}: {len(c['changed_slices'])} slices changed")

@@ -503,6 +503,7 @@ class WorkerClient:
         rid = message.get("id")
         info = self._pending.get(rid)
         if rid in self._abandoned:
+            self.discard_result(message)  # a late answer (or a part of one): its array files go
             if protocol.is_final(message):
                 self._abandoned.discard(rid)
                 self._pending.pop(rid, None)
@@ -540,14 +541,14 @@ class WorkerClient:
             if protocol.is_final(message):
                 log.info("SAMLiverSeg worker client: dropped the answer to request %s (%s): its owner %r is gone",
                          message.get("id"), "ok" if message.get("ok") else "failed", owner.name)
-                self.discard_result(message)
+            self.discard_result(message)  # (also a partial event's)
             return
         self._inboxes.setdefault(owner, []).append(message)
         if owner is not None and owner not in self._woken:
             self._woken.append(owner)
 
     def discard_result(self, message: Dict[str, Any]) -> None:
-        """Remove the array files of an answer nobody reads (never raises)."""
+        """Remove the array files of an answer (or a ``partial`` event) nobody reads (never raises)."""
         for value in (message.get("result") or {}).values():
             if isinstance(value, dict) and "npy" in value:
                 try:

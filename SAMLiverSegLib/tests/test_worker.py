@@ -650,11 +650,18 @@ def test_corrections_through_the_worker_equal_the_in_process_session(client):
     i0, j0, i1, j1 = bbox_2d(liver[kb])
     box2 = SliceBox((i0 - 2.0, j0 - 2.0, float(kb)), (i1 + 2.0, j1 + 2.0, float(kb)))
     corr2 = session.add_box(box2)
-    r2 = client.request("correct", base=r1["result_id"], boxes=[ras(vol, [box2.corner_a, box2.corner_b])],
-                        correction={"box": ras(vol, [box2.corner_a, box2.corner_b])}, **all_fields, timeout=600)
+    events = []
+    rid = client.send("correct", base=r1["result_id"], boxes=[ras(vol, [box2.corner_a, box2.corner_b])],
+                      correction={"box": ras(vol, [box2.corner_a, box2.corner_b])}, **all_fields)
+    r2 = client.wait(rid, timeout=600, on_event=events.append)["result"]
     assert r2["incremental"] is True and r2["correction"]["kind"] == "box"
-    assert r2["correction"]["decoded_slices"] == corr2.decoded_slices
-    np.testing.assert_array_equal(client.read_array(r2["mask"]), session.mask)
+    assert r2["correction"]["decoded_slices"] == corr2.decoded_slices and len(corr2.decoded_slices) > 1
+    mask = client.read_array(r2["mask"])
+    np.testing.assert_array_equal(mask, session.mask)
+    # the box's own slice came first, before the walk (a progressive answer): the final one's slice
+    parts = [e for e in events if e.get("event") == "partial"]
+    assert len(parts) == 1 and parts[0]["result"]["slice_index"] == kb and parts[0]["result"]["slice_axis"] == "k"
+    np.testing.assert_array_equal(client.read_array(parts[0]["result"]["mask"]), mask[kb])
 
     # a stale base: the mask is made again from all the prompts
     r3 = client.request("correct", base="not-the-last-result", boxes=[ras(vol, [box2.corner_a, box2.corner_b])],

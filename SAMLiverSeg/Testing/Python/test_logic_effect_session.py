@@ -384,6 +384,7 @@ def test_after_a_propagation_clicks_and_boxes_on_any_slice_correct_it_in_the_wor
     corrections = [o for o in outs if o.kind == "correct"]
     assert all(o.ok for o in corrections), corrections
     assert "corrected from slice" in corrections[0].message
+    assert corrections[0].data["first_shown_s"] is None  # a cut decodes nothing: no part comes first
     neg, pos = session.builder.negative[-1], session.builder.positive[-1]
     assert int(round(neg[2])) == kn and int(round(pos[2])) == kp
     ref.add_point(neg, positive=False)
@@ -410,5 +411,21 @@ def test_after_a_propagation_clicks_and_boxes_on_any_slice_correct_it_in_the_wor
             assert session.builder.boxes == [] and session.builder.box is not None  # the first box only
             np.testing.assert_array_equal(session.preview, shown)
     assert last.ok and "made again from all the prompts" in last.message, last.message
+    assert last.data["first_shown_s"] is None  # made again, not corrected: no part first
     assert len(session.builder.prompts().all_boxes()) == 2
     np.testing.assert_array_equal(session.preview, in_process(engine, vol, session.builder.prompts(), propagate=True))
+
+    # a box on a third slice: its own slice is shown first (a ``partial`` event), then the walk
+    ref2 = CorrectionSession(engine, session.builder.prompts())
+    np.testing.assert_array_equal(session.preview, ref2.mask)
+    k3 = [k for k in ks if k not in (BOX[0][2], kb)][-1]
+    centre_view_on(sn, geometry.ijk_to_ras_point(vol, (24.0, 20.0, float(k3))))
+    lo, hi = (11.0, 11.0, float(k3)), (32.0, 28.0, float(k3))
+    assert session.drag_box(sn, *box_xy(sn, vol, lo, hi)).ok
+    corr = ref2.add_box(session.builder.box)
+    outs = pump(session, lambda o: any(x.kind == "correct" for x in o) and not session.tasks, timeout=600)
+    last = [o for o in outs if o.kind == "correct"][-1]
+    assert last.ok and last.data["incremental"], last.message
+    assert 0 < last.data["first_shown_s"] <= last.seconds
+    assert last.data["correction"]["decoded_slices"] == corr.decoded_slices
+    np.testing.assert_array_equal(session.preview, ref2.mask)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -117,8 +117,11 @@ class CorrectionSession:
         return checked.positive[0]
 
     # -- corrections ------------------------------------------------------------------------
-    def add_point(self, point_ijk: Sequence[float], positive: bool = True) -> Correction:
-        """A positive or negative click (IJK) on any slice; returns what it changed."""
+    def add_point(self, point_ijk: Sequence[float], positive: bool = True,
+                  first: Optional[Callable[[Correction], None]] = None) -> Correction:
+        """A positive or negative click (IJK) on any slice; returns what it changed. ``first`` is
+        called once the clicked slice holds its result, before the walk through the others (a
+        progressive answer: that slice can be shown at once; a cut decodes nothing and does not call it)."""
         t0 = time.perf_counter()
         p = self._validated_point(point_ijk)
         s = self._index_of(p)
@@ -127,7 +130,7 @@ class CorrectionSession:
         corr = Correction("positive" if positive else "negative", s)
         if positive:
             if not inside:
-                self._add_region(s, p, corr)  # raises (and changes nothing) where nothing is under the click
+                self._add_region(s, p, corr, first)  # raises (and changes nothing) where nothing is under the click
             self.prompts.positive.append(p)
         else:
             self.prompts.negative.append(p)
@@ -140,8 +143,9 @@ class CorrectionSession:
                 corr.changed_slices = [int(v) for v in np.flatnonzero(wrong.any(axis=self._other_axes()))]
         return self._finish(corr, t0)
 
-    def add_box(self, box: SliceBox) -> Correction:
-        """A box on any slice (it replaces a box the user gave there before); returns what it changed."""
+    def add_box(self, box: SliceBox, first: Optional[Callable[[Correction], None]] = None) -> Correction:
+        """A box on any slice (it replaces a box the user gave there before); returns what it changed.
+        ``first``: as for :meth:`add_point`, called once the box's slice holds its result."""
         t0 = time.perf_counter()
         checked = validate_prompts(Prompts(box=box, slice_axis=self.axis), self.mask.shape).box
         s = self.prompts.box_slice(checked)
@@ -159,6 +163,8 @@ class CorrectionSession:
         if not np.array_equal(new, self._slice(s)):
             corr.changed_slices.append(s)
         self._slice(s)[...] = new
+        if first is not None:
+            first(corr)
         self._hu_range = self._range_on(self.mask, self.anchors())
         seed_area = int(new.sum())
         for direction in (+1, -1):
@@ -167,7 +173,7 @@ class CorrectionSession:
         return self._finish(corr, t0)
 
     # -- the walks ---------------------------------------------------------------------------
-    def _add_region(self, s: int, p: Point, corr: Correction) -> None:
+    def _add_region(self, s: int, p: Point, corr: Correction, first: Optional[Callable[[Correction], None]]) -> None:
         eng, axis = self.engine, self.axis
         here = self.prompts.on_slice(s)
         x, y = (int(round(v)) for v in point_to_xy(p, axis))
@@ -221,6 +227,8 @@ class CorrectionSession:
         self._hu_range = hu_range  # only now: a refused click changes nothing
         self._slice(s)[region] = 1
         corr.changed_slices.append(s)
+        if first is not None:
+            first(corr)
         prev = self._slice(s).astype(bool) if near else region
         seed_area = int(prev.sum())
         for direction in (+1, -1):

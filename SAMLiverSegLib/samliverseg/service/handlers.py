@@ -309,11 +309,14 @@ class EngineState:
         self.corrections = None if res is None else CorrectionSession(self.engine, prompts, result=res)
         self.result_id = None if res is None else uuid.uuid4().hex
 
-    def correct(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event) -> Dict[str, Any]:
+    def correct(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event,
+                partial: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
         """One correction (a point or a box on any slice) of the 3D result ``base``: only the slices
         it walks through are decoded (``CorrectionSession``). When the worker no longer holds that
         result (another result since, a new volume, a restarted worker), the 3D mask is made again
-        from all the prompts, as ``propagate`` does. A refused correction changes nothing."""
+        from all the prompts, as ``propagate`` does. A refused correction changes nothing. ``partial``
+        gets the corrected slice itself (``slice_axis``, ``slice_index``, ``mask``) as soon as it is
+        made, before the walk through the others (the ``partial`` event)."""
         volume = self.require_2d("correct")
         prompts = prompts_from_request(req, volume)
         c = req["correction"]
@@ -329,11 +332,19 @@ class EngineState:
                        and session.axis == new.slice_axis)
         summary = None
         if incremental:
+            from samliverseg.interactive.engine import slice_of
+
+            def first(corr) -> None:
+                if partial is not None:
+                    s = corr.slice_index
+                    partial({"slice_axis": session.axis, "slice_index": s,
+                             "mask": write_array(self.session_dir, "w-mask2d", slice_of(session.mask, session.axis, s))})
+
             if new.box is not None:
-                corr = session.add_box(new.box)
+                corr = session.add_box(new.box, first=first)
             else:
                 positive = bool(new.positive)
-                corr = session.add_point((new.positive or new.negative)[0], positive=positive)
+                corr = session.add_point((new.positive or new.negative)[0], positive=positive, first=first)
             self.result_id = uuid.uuid4().hex
             mask, report = session.mask, {"model": self.engine.spec.name, "voxels": int(session.mask.sum())}
             summary = {"kind": corr.kind, "slice_index": corr.slice_index, "changed_slices": corr.changed_slices,

@@ -148,6 +148,11 @@ def progress_event(request_id: Any, done: int, total: int, stage: str = "") -> D
     return event
 
 
+def partial_event(request_id: Any, result: Dict[str, Any]) -> Dict[str, Any]:
+    """A part of a result sent before the final response (``correct``: the corrected slice)."""
+    return {"id": request_id, "event": "partial", "result": result}
+
+
 # -- arrays --------------------------------------------------------------------------------------
 
 def session_root() -> str:

@@ -211,7 +211,8 @@ class Server:
         if job.type == "propagate":
             return state.propagate(req, progress, job.cancel)
         if job.type == "correct":
-            return state.correct(req, progress, job.cancel)
+            return state.correct(req, progress, job.cancel,
+                                 partial=lambda result: self.send(protocol.partial_event(job.id, result)))
         if job.type == "uncertainty":
             return state.uncertainty(req, progress, job.cancel)
         if job.type == "prompt3d":
