@@ -18,6 +18,8 @@ flight and the current preview. It never blocks and starts no thread:
   slices the correction walks through are decoded), or, holding another, makes again from all the
   prompts. Corrections clicked while one is in flight are queued; one the worker refuses (a click
   that would add an organ) is taken out of the prompts, and the result shown stays.
+  :meth:`~SegmentAnythingSession.undo_correction` takes the last correction back (its prompt, and
+  in the worker the slices it changed).
 * The volume goes to the worker lazily (at the first prompt), not when the source volume
   changes, and again before a request whenever the shared worker holds another volume (the
   module panel's run loaded its own, or the voxels changed): the client knows which volume it
@@ -217,6 +219,7 @@ class SegmentAnythingSession:
         # (``correct``: only the slices it changes are decoded) instead of previewing its slice
         self.result_id: Optional[str] = None  # the worker's id of the 3D result shown
         self.pending_corrections: List[Tuple[Dict[str, Any], Callable[[], None]]] = []  # (correction, undo)
+        self.applied: List[Callable[[], None]] = []  # corrections of the result shown: each one's undo, in order
 
     # -- worker ---------------------------------------------------------------------------
     def is_3d_model(self) -> bool:
@@ -370,14 +373,18 @@ class SegmentAnythingSession:
             a = slice_clicks.map_click(slice_node, self.volume_node, xy0, self.shape_kji)
             b = slice_clicks.map_click(slice_node, self.volume_node, xy1, self.shape_kji, a.slice_axis)
             correcting = preview and self._correcting(a.slice_axis)
-            before = (self.builder.box, list(self.builder.boxes))
+            c = IJK_INDEX[a.slice_axis]
+            replaced = next((q for q in [self.builder.box] + self.builder.boxes
+                             if q is not None and int(round(q.corner_a[c])) == a.slice_index), None)
             note = self.builder.set_box(a, b)
             if correcting:
                 box = self.builder.box
                 fields = self._ras_fields(Prompts(box=box, slice_axis=a.slice_axis))
 
-                def undo():
-                    self.builder.box, self.builder.boxes = before
+                def undo():  # this box out, the one it replaced back; boxes queued after it stay
+                    kept = [q for q in [self.builder.box] + self.builder.boxes if q is not None and q is not box]
+                    kept += [replaced] if replaced is not None else []
+                    self.builder.box, self.builder.boxes = (kept[-1], kept[:-1]) if kept else (None, [])
 
                 return self._correct({"box": fields["box"]}, note, undo)
         except SAMLiverSegError as exc:
@@ -409,6 +416,29 @@ class SegmentAnythingSession:
             return out
         return Outcome(True, note)
 
+    def can_undo(self) -> bool:
+        """True when a correction of the 3D result shown can be taken back (:meth:`undo_correction`)."""
+        return bool(self.applied) and self.builder is not None and self._correcting(self.builder.slice_axis)
+
+    def undo_correction(self) -> Outcome:
+        """Take back the last correction of the 3D result shown: its prompt leaves the prompts and the
+        worker restores the slices it changed (``correct`` with ``{"undo": true}``)."""
+        if not self.applied:
+            return Outcome(False, "no correction to undo")
+        if self.busy() is not None or self.pending_corrections:
+            return Outcome(False, f"wait for the {self.busy() or 'correct'} to finish")
+        undo = self.applied.pop()
+        saved = (list(self.builder.positive), list(self.builder.negative), self.builder.box, list(self.builder.boxes))
+        undo()
+        self.show_prompts()
+
+        def restore() -> None:  # the worker could not take it back: the prompt comes back too
+            (self.builder.positive, self.builder.negative, self.builder.box, self.builder.boxes) = saved
+            self.applied.append(undo)
+
+        self.pending_corrections.append(({"undo": True}, restore))
+        return self._send_correction()
+
     def _send_correction(self) -> Outcome:
         """Send the first queued correction of the 3D result shown, with all the prompts (the worker
         makes the 3D mask again from them if it no longer holds that result)."""
@@ -423,6 +453,7 @@ class SegmentAnythingSession:
             self.show_prompts()
             return Outcome(False, send_error_message(exc), kind="correct")
         self.tasks[rid].extra["undo"] = undo
+        self.tasks[rid].extra["is_undo"] = correction == {"undo": True}
         return Outcome(True, note)
 
     def _after_prompt(self, note: str, preview: bool) -> Outcome:
@@ -449,7 +480,7 @@ class SegmentAnythingSession:
                     self.client.cancel(rid)
         self.preview_pending = False
         self.clicks3d, self.sent3d = [], 0
-        self.result_id, self.pending_corrections = None, []
+        self.result_id, self.pending_corrections, self.applied = None, [], []
         if self.builder is not None:
             self.builder.clear()
         self.preview, self.preview_is_3d = None, False
@@ -536,7 +567,7 @@ class SegmentAnythingSession:
             self._require_volume()
             prompts = self.builder.prompts()
             _, note = self._send("propagate", "propagate", **self._ras_fields(prompts))
-            self.pending_corrections = []  # queued corrections are among the prompts propagated
+            self.pending_corrections, self.applied = [], []  # queued ones are among the prompts propagated
         except SEND_ERRORS as exc:
             return Outcome(False, send_error_message(exc))
         return Outcome(True, note)
@@ -727,7 +758,11 @@ class SegmentAnythingSession:
             data = {"correction": result.get("correction"), "incremental": result.get("incremental"),
                     "timings": task.extra.get("timings"), "first_shown_s": task.extra.get("first_shown")}
             c = data["correction"]
+            if not task.extra.get("is_undo"):
+                self.applied.append(task.extra["undo"])
             what = ("made again from all the prompts (the worker held another result)" if c is None else
+                    f"took back the correction on slice {c['slice_index']}: {len(c['changed_slices'])} slices "
+                    "restored" if c["kind"] == "undo" else
                     f"corrected from slice {c['slice_index']}: {len(c['changed_slices'])} slices changed")
             return Outcome(True, what if n else "the correction removed the whole object", seconds, n, data=data,
                            kind="correct")

@@ -87,7 +87,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 LiteMedSAM/MedSAM). Shift+drag still pans the view. The result on that slice shows as soon as the
 model answers; <b>Propagate to 3D</b> extends it through the volume. Then a click, Ctrl+click or box
 on any slice corrects the 3D result: a click adds the missed part under it, a Ctrl+click removes the
-wrong region it lies in (in 3D), a box re-segments its slice and the slices beyond it.
+wrong region it lies in (in 3D), a box re-segments its slice and the slices beyond it;
+<b>Undo correction</b> takes the last one back.
 <b>Apply</b> writes it into the selected segment (Ctrl+Z undoes it). Works in axial, coronal and sagittal views. With a 3D
 model (SAM-Med3D) every click, in any view, segments the whole object in 3D and refines it.
 <b>Show uncertainty</b> marks where the model is unsure (the best places for the next click).
@@ -169,6 +170,9 @@ The model runs in a separate process, started at the first click.</html>"""
         self.propagateButton = qt.QPushButton("Propagate to 3D")
         self.propagateButton.objectName = self.__class__.__name__ + "Propagate"
         self.propagateButton.toolTip = "Extend the result through the volume, both ways from the prompted slice"
+        self.undoButton = qt.QPushButton("Undo correction")
+        self.undoButton.objectName = self.__class__.__name__ + "UndoCorrection"
+        self.undoButton.toolTip = "Take back the last click or box that corrected the 3D result"
         self.clearButton = qt.QPushButton("Clear")
         self.clearButton.objectName = self.__class__.__name__ + "Clear"
         self.clearButton.toolTip = "Remove the prompts and the preview"
@@ -177,6 +181,7 @@ The model runs in a separate process, started at the first click.</html>"""
         self.applyButton.toolTip = "Write the preview into the selected segment (undo with Ctrl+Z)"
         buttons = qt.QHBoxLayout()
         buttons.addWidget(self.propagateButton)
+        buttons.addWidget(self.undoButton)
         buttons.addWidget(self.clearButton)
         buttons.addWidget(self.applyButton)
         self.scriptedEffect.addOptionsWidget(buttons)
@@ -187,6 +192,7 @@ The model runs in a separate process, started at the first click.</html>"""
         self.scriptedEffect.addOptionsWidget(self.uncertaintyCheckBox)
 
         self.propagateButton.connect("clicked()", self.onPropagate)
+        self.undoButton.connect("clicked()", self.onUndoCorrection)
         self.clearButton.connect("clicked()", self.onClear)
         self.applyButton.connect("clicked()", self.onApply)
         self.cancelTaskButton.connect("clicked()", self.onCancelTask)
@@ -261,6 +267,7 @@ The model runs in a separate process, started at the first click.</html>"""
         hasPrompts = self.session is not None and self.session.has_prompts()
         self.propagateButton.enabled = hasPrompts and not busy
         self.applyButton.enabled = hasPreview and not busy
+        self.undoButton.enabled = self.session is not None and self.session.can_undo() and not busy
         self.clearButton.enabled = hasPrompts or hasPreview or busy
         kind = self.session.busy() if self.session is not None else None
         self.progressBar.visible = self.cancelTaskButton.visible = kind in ("propagate", "correct", "uncertainty")
@@ -500,6 +507,14 @@ The model runs in a separate process, started at the first click.</html>"""
             self.showStatus(outcome.message, error=True)
             return
         self.showStatus(f"Applied {outcome.voxels} voxels to the segment (Ctrl+Z to undo).")
+        self.updateButtons()
+
+    def onUndoCorrection(self):
+        if self.session is None:
+            return
+        outcome = self.session.undo_correction()
+        self.showStatus(outcome.message or "Taking the last correction back...", error=not outcome.ok)
+        self.watchWorker()
         self.updateButtons()
 
     def onClear(self):

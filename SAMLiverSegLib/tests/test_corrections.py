@@ -223,6 +223,36 @@ def test_bad_corrections_give_one_line_errors(tiny_engine):
     np.testing.assert_array_equal(s.mask, before)  # a refused correction changes nothing
 
 
+def test_undo_takes_corrections_back_one_by_one(tiny_engine):
+    """Each undo restores the mask, the prompts and the HU range exactly as before that correction;
+    a refused correction leaves nothing to undo; with none left, undo is a one-line error."""
+    s = CorrectionSession(tiny_engine, Prompts(box=SliceBox.axial(12, 10, 34, 29, 5)))
+    states = [(s.mask.copy(), s.prompts.describe(), s._hu_range)]
+    with pytest.raises(PromptError):
+        s.add_box(SliceBox.axial(10, 10, 20, 20, 0))  # refused: nothing to undo
+    assert s.can_undo() == 0
+    made = []
+    for call in (lambda: s.add_box(SliceBox.axial(13, 11, 33, 28, 7)),
+                 lambda: s.add_point((20.0, 20.0, 6.0), positive=False),
+                 lambda: s.add_box(SliceBox.axial(12, 12, 30, 27, 3))):
+        made.append(call())
+        states.append((s.mask.copy(), s.prompts.describe(), s._hu_range))
+    assert s.can_undo() == 3 and any(c.changed_slices for c in made)
+    assert not np.array_equal(states[0][0], states[-1][0])
+    for n in (2, 1, 0):
+        corr = s.undo()
+        assert corr.kind == "undo" and s.can_undo() == n
+        np.testing.assert_array_equal(s.mask, states[n][0])
+        assert s.prompts.describe() == states[n][1] and s._hu_range == states[n][2]
+        assert set(corr.changed_slices) == set(np.flatnonzero((states[n][0] != states[n + 1][0]).any(axis=(1, 2))))
+    assert len(s.history) == 0
+    with pytest.raises(PromptError) as err:
+        s.undo()
+    assert "no correction to undo" in str(err.value)
+    s.add_point((20.0, 20.0, 6.0), positive=False)  # corrections go on after undoing
+    assert s.can_undo() == 1
+
+
 # -- the command line: a repeatable --box-ijk -----------------------------------------------------
 
 def run_cli(*args):

@@ -637,7 +637,8 @@ def test_corrections_through_the_worker_equal_the_in_process_session(client):
     assert r1["incremental"] is True and r1["result_id"] != first["result_id"]
     assert r1["correction"]["changed_slices"] == corr.changed_slices and corr.changed_slices
     assert r1["correction"]["decoded_slices"] == corr.decoded_slices
-    np.testing.assert_array_equal(client.read_array(r1["mask"]), session.mask)
+    client_mask_r1 = client.read_array(r1["mask"])
+    np.testing.assert_array_equal(client_mask_r1, session.mask)
 
     # a refused correction (outside the volume) is one line, exit 2, and changes nothing
     outside = ras(vol, [[200.0, 10.0, float(k)]])[0]
@@ -663,12 +664,24 @@ def test_corrections_through_the_worker_equal_the_in_process_session(client):
     assert len(parts) == 1 and parts[0]["result"]["slice_index"] == kb and parts[0]["result"]["slice_axis"] == "k"
     np.testing.assert_array_equal(client.read_array(parts[0]["result"]["mask"]), mask[kb])
 
+    # undo takes the box back: the mask after the negative click, the prompts without the box
+    session.undo()
+    ru = client.request("correct", base=r2["result_id"], correction={"undo": True}, **all_fields, timeout=600)
+    assert ru["incremental"] is True and ru["correction"]["kind"] == "undo" and ru["result_id"] != r2["result_id"]
+    np.testing.assert_array_equal(client.read_array(ru["mask"]), client_mask_r1)
+    np.testing.assert_array_equal(session.mask, client_mask_r1)
+    session.add_box(box2)
+    r2 = client.request("correct", base=ru["result_id"], boxes=[ras(vol, [box2.corner_a, box2.corner_b])],
+                        correction={"box": ras(vol, [box2.corner_a, box2.corner_b])}, **all_fields, timeout=600)
+    np.testing.assert_array_equal(client.read_array(r2["mask"]), mask)
+
     # a stale base: the mask is made again from all the prompts
     r3 = client.request("correct", base="not-the-last-result", boxes=[ras(vol, [box2.corner_a, box2.corner_b])],
                         correction={"box": ras(vol, [box2.corner_a, box2.corner_b])}, **all_fields, timeout=600)
     assert r3["incremental"] is False and r3["correction"] is None
     ref = eng.segment(Prompts(box=box, boxes=[box2], negative=[neg]))
     np.testing.assert_array_equal(client.read_array(r3["mask"]), ref.mask)
-    for wrong in ({"point": outside, "box": [outside, outside]}, {"label": 1}, {"point": outside, "size": 3}):
+    for wrong in ({"point": outside, "box": [outside, outside]}, {"label": 1}, {"point": outside, "size": 3},
+                  {"undo": False}, {"undo": True, "label": 1}):
         resp = client.wait(client.send("correct", correction=wrong, **all_fields), timeout=120)
         assert resp["ok"] is False and resp["exit_code"] == 2 and "correction must be" in resp["error"]

@@ -429,3 +429,23 @@ def test_after_a_propagation_clicks_and_boxes_on_any_slice_correct_it_in_the_wor
     assert 0 < last.data["first_shown_s"] <= last.seconds
     assert last.data["correction"]["decoded_slices"] == corr.decoded_slices
     np.testing.assert_array_equal(session.preview, ref2.mask)
+
+    # Undo correction: the third box is taken back in the worker (the slices it changed restored);
+    # the one before it was made by a new worker from all prompts, which holds nothing to take back:
+    # undoing it makes the mask again from the prompts left
+    before_k3 = session.preview.copy()
+    ref2.undo()
+    assert session.can_undo()
+    assert session.undo_correction().ok
+    outs = pump(session, lambda o: any(x.kind == "correct" for x in o) and not session.tasks, timeout=600)
+    last = [o for o in outs if o.kind == "correct"][-1]
+    assert last.ok and last.data["incremental"] and "took back" in last.message, last.message
+    np.testing.assert_array_equal(session.preview, ref2.mask)
+    assert not np.array_equal(session.preview, before_k3)
+    assert len(session.builder.prompts().all_boxes()) == 2
+    assert session.undo_correction().ok
+    outs = pump(session, lambda o: any(x.kind == "correct" for x in o) and not session.tasks, timeout=600)
+    last = [o for o in outs if o.kind == "correct"][-1]
+    assert last.ok and not last.data["incremental"], last.message
+    assert len(session.builder.prompts().all_boxes()) == 1
+    np.testing.assert_array_equal(session.preview, in_process(engine, vol, session.builder.prompts(), propagate=True))

@@ -22,7 +22,9 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
 * **a negative point inside the mask** removes the wrong region it lies in, in 3D
   (``mask_edits.negative_region``: its slice's region grown from the click, or all of the slice's
   mask where it holds no object, and its HU-connected continuation on the next slices), never
-  changing another prompted slice.
+  changing another prompted slice;
+* :meth:`~CorrectionSession.undo` takes the last correction back (the slices it changed, the
+  prompts and the HU range as they were), up to ``UNDO_DEPTH`` corrections.
 
 After a negative click only the 3D components that touch a prompted slice's mask are kept (inside
 the mask's bounding box). Every slice with a user prompt keeps the user's result: later
@@ -37,6 +39,7 @@ slices are dropped, and only what touches the previous slice's mask is kept.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
@@ -56,6 +59,8 @@ from samliverseg.interactive.mask_edits import negative_region
 #: A positive click at most this far (mm) from its slice's mask extends the object there (a box
 #: around the mask and the click); farther, it segments the object under it (an island).
 NEAR_MM = 10.0
+#: Corrections that :meth:`CorrectionSession.undo` can take back (the slices each changed are kept).
+UNDO_DEPTH = 20
 #: What a positive click adds is refused on its slice, and its walk stops, where a slice's mask would
 #: exceed this many times the object's largest slice before the click (a click must not add an organ).
 ADD_AREA_FACTOR = 3.0
@@ -95,6 +100,8 @@ class CorrectionSession:
         self.mask = res.mask.astype(np.uint8)
         self.prompts = validate_prompts(prompts, vol.array.shape)
         self.history: List[Correction] = []
+        # per correction: the slices it changed as they were, the prompts and the HU range before it
+        self._undo: List[Tuple[Dict[int, np.ndarray], Prompts, Optional[Tuple[float, float]]]] = []
         self._hu_range = self._range_on(self.mask, self.anchors())
 
     # -- state ------------------------------------------------------------------------------
@@ -123,6 +130,7 @@ class CorrectionSession:
         called once the clicked slice holds its result, before the walk through the others (a
         progressive answer: that slice can be shown at once; a cut decodes nothing and does not call it)."""
         t0 = time.perf_counter()
+        before = self._state()
         p = self._validated_point(point_ijk)
         s = self._index_of(p)
         x, y = point_to_xy(p, self.axis)
@@ -141,12 +149,13 @@ class CorrectionSession:
                                         slice_mm=float(vol.spacing[IJK_INDEX[self.axis]]))
                 self.mask[wrong] = 0
                 corr.changed_slices = [int(v) for v in np.flatnonzero(wrong.any(axis=self._other_axes()))]
-        return self._finish(corr, t0)
+        return self._finish(corr, t0, before)
 
     def add_box(self, box: SliceBox, first: Optional[Callable[[Correction], None]] = None) -> Correction:
         """A box on any slice (it replaces a box the user gave there before); returns what it changed.
         ``first``: as for :meth:`add_point`, called once the box's slice holds its result."""
         t0 = time.perf_counter()
+        before = self._state()
         checked = validate_prompts(Prompts(box=box, slice_axis=self.axis), self.mask.shape).box
         s = self.prompts.box_slice(checked)
         kept = [b for b in self.prompts.all_boxes() if self.prompts.box_slice(b) != s]
@@ -170,7 +179,7 @@ class CorrectionSession:
         for direction in (+1, -1):
             corr.stops["up" if direction > 0 else "down"] = self._walk(s, new.astype(bool), direction, seed_area,
                                                                        self._hu_range, corr, replace=True)
-        return self._finish(corr, t0)
+        return self._finish(corr, t0, before)
 
     # -- the walks ---------------------------------------------------------------------------
     def _add_region(self, s: int, p: Point, corr: Correction, first: Optional[Callable[[Correction], None]]) -> None:
@@ -314,7 +323,29 @@ class CorrectionSession:
         q, margin = st.hu_gate_percentile, st.hu_gate_margin
         return float(np.percentile(v, q)) - margin, float(np.percentile(v, 100 - q)) + margin
 
-    def _finish(self, corr: Correction, t0: float) -> Correction:
+    def undo(self) -> Correction:
+        """Take back the last correction: its slices, the prompts and the HU range as they were
+        before it (at most ``UNDO_DEPTH`` corrections back); PromptError when none is left."""
+        if not self._undo:
+            raise PromptError("no correction to undo")
+        t0 = time.perf_counter()
+        slices, prompts, hu_range = self._undo.pop()
+        for s, old in slices.items():
+            self._slice(s)[...] = old
+        self.prompts, self._hu_range = prompts, hu_range
+        last = self.history.pop()
+        corr = Correction("undo", last.slice_index, changed_slices=sorted(slices))
+        corr.seconds = time.perf_counter() - t0
+        return corr
+
+    def can_undo(self) -> int:
+        """How many corrections :meth:`undo` can take back."""
+        return len(self._undo)
+
+    def _state(self) -> Tuple[np.ndarray, Prompts, Optional[Tuple[float, float]]]:
+        return self.mask.copy(), copy.deepcopy(self.prompts), self._hu_range
+
+    def _finish(self, corr: Correction, t0: float, before) -> Correction:
         """After a cut, keep the 3D components that touch a prompted slice's mask (inside the mask's
         box); what a box or a positive click adds grows from its own slice and stays connected."""
         box = bbox_3d(self.mask) if corr.kind == "negative" and corr.changed_slices else None
@@ -333,6 +364,10 @@ class CorrectionSession:
             crop[...] = kept
         corr.changed_slices = sorted(set(corr.changed_slices))
         corr.decoded_slices = sorted(set(corr.decoded_slices))
+        old, prompts, hu_range = before
+        changed = np.flatnonzero((old != self.mask).any(axis=self._other_axes()))
+        self._undo.append(({int(c): slice_of(old, self.axis, int(c)).copy() for c in changed}, prompts, hu_range))
+        del self._undo[:-UNDO_DEPTH]
         corr.seconds = time.perf_counter() - t0
         self.history.append(corr)
         return corr

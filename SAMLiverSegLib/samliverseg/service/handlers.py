@@ -311,25 +311,31 @@ class EngineState:
 
     def correct(self, req: Dict[str, Any], progress: ProgressFn, cancel: threading.Event,
                 partial: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
-        """One correction (a point or a box on any slice) of the 3D result ``base``: only the slices
-        it walks through are decoded (``CorrectionSession``). When the worker no longer holds that
-        result (another result since, a new volume, a restarted worker), the 3D mask is made again
-        from all the prompts, as ``propagate`` does. A refused correction changes nothing. ``partial``
+        """One correction (a point or a box on any slice, or undo: the last one taken back) of the 3D
+        result ``base``: only the slices it walks through are decoded (``CorrectionSession``). When
+        the worker no longer holds that result (another result since, a new volume, a restarted
+        worker) or, for undo, no correction of it to take back, the 3D mask is made again from all
+        the prompts, as ``propagate`` does. A refused correction changes nothing. ``partial``
         gets the corrected slice itself (``slice_axis``, ``slice_index``, ``mask``) as soon as it is
         made, before the walk through the others (the ``partial`` event)."""
         volume = self.require_2d("correct")
         prompts = prompts_from_request(req, volume)
         c = req["correction"]
         frame = {k: req[k] for k in ("frame", "orientation", "normal", "slice_axis") if k in req}
-        if set(c) - {"point", "label", "box"} or ("point" in c) == ("box" in c) or ("label" in c and "box" in c):
-            raise ProtocolError("correction must be {\"point\": [x, y, z], \"label\": 1 or 0} or {\"box\": [corner, corner]}")
-        if "point" in c:
+        undo = c == {"undo": True}
+        if not undo and (set(c) - {"point", "label", "box"} or ("point" in c) == ("box" in c)
+                         or ("label" in c and "box" in c)):
+            raise ProtocolError("correction must be {\"point\": [x, y, z], \"label\": 1 or 0}, "
+                                "{\"box\": [corner, corner]} or {\"undo\": true}")
+        if undo:  # the prompts are those left without the correction taken back
+            new = Prompts(slice_axis=prompts.slice_axis)
+        elif "point" in c:
             new = prompts_from_request(dict(frame, points=[c["point"]], labels=[c.get("label", 1)]), volume)
         else:
             new = prompts_from_request(dict(frame, box=c["box"]), volume)
         session = self.corrections
         incremental = (session is not None and req.get("base") is not None and req.get("base") == self.result_id
-                       and session.axis == new.slice_axis)
+                       and session.axis == new.slice_axis and (not undo or session.can_undo() > 0))
         summary = None
         if incremental:
             from samliverseg.interactive.engine import slice_of
@@ -340,7 +346,9 @@ class EngineState:
                     partial({"slice_axis": session.axis, "slice_index": s,
                              "mask": write_array(self.session_dir, "w-mask2d", slice_of(session.mask, session.axis, s))})
 
-            if new.box is not None:
+            if undo:
+                corr = session.undo()
+            elif new.box is not None:
                 corr = session.add_box(new.box, first=first)
             else:
                 positive = bool(new.positive)
