@@ -21,7 +21,8 @@ For each click: **its slice shown**, from the click to the clicked slice correct
 worker's ``partial`` event, sent before the correction walks through the other slices; for a cut,
 which decodes nothing, the end to end time); **end to end**, from the click to the whole corrected
 3D result shown (the request, the worker's correction, the mask file written and read back, the
-preview segmentation node updated); the worker's own compute time; and the rest. Dice after each step, and whether the
+preview segmentation node updated); the worker's own compute time; and the rest. Then "Undo correction" once: its
+seconds, and whether Dice is back where it was before the last click. Dice after each step, and whether the
 worker corrected the result it held (it always should here).
 """
 
@@ -116,6 +117,14 @@ def run(client, case, start: float, clicks: int, backend: str) -> dict:
             step["rest_s"] = end_to_end - step["worker_s"]
         result["steps"].append(step)
         result["dice"].append(dice(session.preview, truth))
+    if session.can_undo():  # "Undo correction": the last one taken back
+        before = result["dice"][-2] if len(result["dice"]) > 1 else None
+        t1 = time.perf_counter()
+        assert session.undo_correction().ok
+        outs = pump(session, lambda o: finished("correct")(o) and not session.tasks, timeout=600)
+        o = [x for x in outs if x.kind == "correct"][-1]
+        result["undo"] = {"ok": o.ok, "seconds": time.perf_counter() - t1, "dice": dice(session.preview, truth),
+                          "dice_before_last": before, "incremental": bool((o.data or {}).get("incremental"))}
     session.shutdown()
     scene.Clear(1)
     return result
@@ -140,6 +149,8 @@ def main(argv=None) -> int:
                       + " ".join(f"{d:.3f}" for d in r["dice"]), flush=True)
                 for st in r["steps"]:
                     print("   ", st, flush=True)
+                if "undo" in r:
+                    print("    undo:", r["undo"], flush=True)
     rows = []
     for r in results:
         for st in r["steps"]:
@@ -162,6 +173,11 @@ def main(argv=None) -> int:
               f"max {max(first):.2f} s ({sum(v <= 1.0 for v in first)} within 1 s); the whole correction shown after "
               f"median {statistics.median(e2e):.2f} s, max {max(e2e):.2f} s ({sum(v <= 1.0 for v in e2e)} within 1 s); "
               f"besides the worker's compute: median {statistics.median(rest):.3f} s, max {max(rest):.3f} s")
+    undos = [r["undo"] for r in results if "undo" in r]
+    if undos:
+        secs = ", ".join(f"{u['seconds']:.2f}" for u in undos)
+        back = sum(u["dice_before_last"] is not None and abs(u["dice"] - u["dice_before_last"]) < 1e-9 for u in undos)
+        print(f"Undo correction ({len(undos)}): seconds {secs}; Dice back to before the last click in {back} of {len(undos)}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
