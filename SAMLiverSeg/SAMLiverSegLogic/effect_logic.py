@@ -687,6 +687,9 @@ class SegmentAnythingSession:
             self._volume_failed.add(rid)  # (the client forgets it: the next prompt sends it again)
             return Outcome(False, f"the inference worker cannot use the volume: {msg['error']}", seconds, kind="volume")
         if task.volume_rid in self._volume_failed:  # already said why
+            if task.kind == "correct" and not task.cancelled and task.generation == self.generation:
+                task.extra["undo"]()  # not applied: its prompt goes, as for a refused one
+                self.show_prompts()
             self._drop_arrays(msg)
             return None
         stale = task.cancelled or task.generation != self.generation
