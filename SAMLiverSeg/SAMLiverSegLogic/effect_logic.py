@@ -373,9 +373,8 @@ class SegmentAnythingSession:
             a = slice_clicks.map_click(slice_node, self.volume_node, xy0, self.shape_kji)
             b = slice_clicks.map_click(slice_node, self.volume_node, xy1, self.shape_kji, a.slice_axis)
             correcting = preview and self._correcting(a.slice_axis)
-            c = IJK_INDEX[a.slice_axis]
             replaced = next((q for q in [self.builder.box] + self.builder.boxes
-                             if q is not None and int(round(q.corner_a[c])) == a.slice_index), None)
+                             if q is not None and self.builder.box_slice(q) == a.slice_index), None)
             note = self.builder.set_box(a, b)
             if correcting:
                 box = self.builder.box

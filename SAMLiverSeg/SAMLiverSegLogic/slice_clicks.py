@@ -155,8 +155,9 @@ class PromptBuilder:
         self.positive, self.negative, self.box, self.boxes = [], [], None, []
         self.slice_axis, self.current_slice = None, None
 
-    def _box_slice(self, box: SliceBox) -> int:
-        return int(round(box.corner_a[IJK_INDEX[self.slice_axis or "k"]]))
+    def box_slice(self, box: SliceBox) -> int:
+        """The index of the slice ``box`` lies on (across the prompts' axis)."""
+        return Prompts(slice_axis=self.slice_axis or "k").box_slice(box)
 
     def _accept_axis(self, target: ClickTarget) -> str:
         note = ""
@@ -192,7 +193,7 @@ class PromptBuilder:
         self.slice_axis = axis
         self.current_slice = corner_a.slice_index
         kept = self.boxes + ([self.box] if self.box is not None else [])
-        self.boxes = [q for q in kept if self._box_slice(q) != corner_a.slice_index]
+        self.boxes = [q for q in kept if self.box_slice(q) != corner_a.slice_index]
         self.box = SliceBox(tuple(a), tuple(b))
         return note or corner_a.note()
 

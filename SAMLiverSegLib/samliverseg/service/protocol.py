@@ -247,7 +247,7 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[tuple, bool]]] = {
 REQUEST_FIELDS["propagate"] = dict(REQUEST_FIELDS["prompt"], propagate=((bool,), False))
 #: ``correct``: all the prompts (as ``propagate``, without an ROI), the ``result_id`` of the result
 #: they correct (``base``), and the one prompt among them that is new (``correction``: ``point`` and
-#: ``label``, or ``box``, in the request's frame).
+#: ``label``, or ``box``, in the request's frame; or ``{"undo": true}``, the last one taken back).
 REQUEST_FIELDS["correct"] = dict({k: v for k, v in REQUEST_FIELDS["prompt"].items() if k != "roi"},
                                  base=((str,), False), correction=((dict,), True))
 REQUEST_FIELDS["prompt3d"] = {"frame": ((str,), False), "points": ((list,), True), "labels": ((list,), False)}
