@@ -3,13 +3,14 @@ prefetch with progress and cancel, and the errors a user meets. (Accuracy with t
 LiteMedSAM weights is in test_engine_litemedsam.py.)"""
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from libtest_helpers import build_tiny_sam, tiny_sam_spec
-from samliverseg.interactive.engine import PromptEngine, pixel_spacing, point_to_xy, slice_of
+from samliverseg.interactive.engine import PromptEngine, PropagationSettings, hu_gate_range, pixel_spacing, point_to_xy, slice_of
 from samliverseg.core.errors import CancelledError, InputError, PromptError
 from samliverseg.interactive.predictor import EmbeddingCache, SliceEmbedding, SlicePredictor
 from samliverseg.core.prompts import Prompts, Roi3D, SliceBox
@@ -285,3 +286,24 @@ def test_reduced_precision_encoder_keeps_float32_embeddings(volume):
     assert 0 < rel < 0.1  # it did run in bf16, and stayed close
     with pytest.raises(InputError, match="precision"):
         PromptEngine(model=tiny_sam(), device="cpu", precision="int4")
+
+
+def test_the_hu_gate_range_is_the_seed_tissues_not_a_neighbours_it_also_covers():
+    """A seed mask that also covers gas and fat next to the liver (the model's box mask on a slice
+    where the colon touches the liver) gives the liver's range, not one wide enough to let the
+    colon through; on a clean seed the range is that of before (all values) within 1 HU."""
+    rng = np.random.default_rng(0)
+    liver = rng.normal(44.0, 9.0, 4000)
+    leak = np.concatenate([rng.normal(-800.0, 100.0, 1500), rng.normal(-90.0, 15.0, 800), rng.normal(15.0, 8.0, 200)])
+    st = PropagationSettings()
+    before = replace(st, hu_range_trim=None)
+    clean = hu_gate_range(liver, st)
+    assert np.allclose(clean, hu_gate_range(liver, before), atol=1.0)
+    assert clean[0] == pytest.approx(np.percentile(liver, 5) - st.hu_gate_margin, abs=1.0)
+    lo, hi = hu_gate_range(np.concatenate([liver, leak]), st)
+    assert clean[0] - 12.0 < lo <= clean[0] and hi == pytest.approx(clean[1], abs=3.0)
+    assert hu_gate_range(np.concatenate([liver, leak]), before)[0] < -800.0  # the rule of before took the gas in
+    # a seed that is mostly bright (contrast-filled vessels) keeps its own range: the trim follows the median
+    vessel = rng.normal(220.0, 12.0, 3000)
+    assert hu_gate_range(vessel, st)[0] == pytest.approx(np.percentile(vessel, 5) - st.hu_gate_margin, abs=1.0)
+    assert hu_gate_range(liver[:9], st) is None

@@ -52,7 +52,7 @@ from samliverseg.core.evaluation import dice
 from samliverseg.core.maskutil import axis_index, bbox_2d, bbox_3d
 from samliverseg.core.postprocess import keep_components_touching
 from samliverseg.core.prompts import IJK_INDEX, Point, Prompts, SliceBox, validate_prompts
-from samliverseg.interactive.engine import PromptEngine, SegmentationResult, pixel_spacing, point_to_xy, slice_count, slice_of
+from samliverseg.interactive.engine import PromptEngine, SegmentationResult, hu_gate_range, pixel_spacing, point_to_xy, slice_count, slice_of
 from samliverseg.interactive.mask_edits import negative_region
 
 
@@ -306,8 +306,7 @@ class CorrectionSession:
         return self._range_of(hu[mask2d > 0])
 
     def _range_on(self, mask3d: np.ndarray, slices: Sequence[int]) -> Optional[Tuple[float, float]]:
-        """The HU gate range: the [p, 100 - p] percentiles of the smoothed HU under the mask on
-        ``slices``, +- the settings' margin."""
+        """The HU gate range (``engine.hu_gate_range``) of the smoothed HU under the mask on ``slices``."""
         vals = []
         for s in slices:
             m = slice_of(mask3d, self.axis, s) > 0
@@ -317,11 +316,7 @@ class CorrectionSession:
         return self._range_of(np.concatenate(vals) if vals else np.zeros(0))
 
     def _range_of(self, v: np.ndarray) -> Optional[Tuple[float, float]]:
-        st = self.engine.settings
-        if v.size < 10:
-            return None
-        q, margin = st.hu_gate_percentile, st.hu_gate_margin
-        return float(np.percentile(v, q)) - margin, float(np.percentile(v, 100 - q)) + margin
+        return hu_gate_range(v, self.engine.settings)
 
     def undo(self) -> Correction:
         """Take back the last correction: its slices, the prompts and the HU range as they were
