@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-from samliverseg.core.maskutil import (bbox_2d, bbox_3d, get_slice, interior_point, largest_slice, middle_slice,
-                                       nonempty_slices, slice_box)
+from scipy import ndimage
+
+from samliverseg.core.maskutil import (bbox_2d, bbox_3d, bbox_window, dilate, get_slice, interior_point, largest_slice,
+                                       middle_slice, nonempty_slices, slice_box)
 from samliverseg.core.postprocess import (fill_holes, keep_components_touching, label_components,
                                      largest_connected_component, remove_small_components)
 
@@ -92,6 +94,54 @@ def test_fill_holes_3d_versus_per_slice():
     ring[1:6, 1:6] = True
     ring[3, 3] = False
     assert fill_holes(ring).sum() == 25
+
+
+def _random_masks(shape, n=12, seed=0):
+    """Blobs of random size and place, some cut by the array's border, some with holes, and empty."""
+    rng = np.random.default_rng(seed)
+    yield np.zeros(shape, dtype=bool)
+    for _ in range(n):
+        noise = ndimage.gaussian_filter(rng.random(shape), 1.5)
+        m = noise > np.quantile(noise, rng.uniform(0.6, 0.97))
+        if rng.random() < 0.5:  # keep one corner's part: objects small against their array
+            m[tuple(slice(int(rng.integers(d // 3, d)), None) for d in shape)] = False
+        yield m
+
+
+@pytest.mark.parametrize("shape", [(23, 31), (9, 17, 21)])
+def test_work_in_the_bounding_box_gives_the_whole_arrays_result(shape):
+    """dilate, fill_holes and keep_components_touching work in the mask's bounding box (for speed):
+    their results equal scipy's on the whole array, for objects cut by the border, with holes,
+    and empty ones."""
+    full = np.ones((3,) * len(shape), dtype=bool)
+    for i, m in enumerate(_random_masks(shape, seed=len(shape))):
+        for it in (1, 2, 4):
+            for st in (None, full):
+                assert np.array_equal(dilate(m, it, st), ndimage.binary_dilation(m, st, iterations=it)), (i, it)
+        assert np.array_equal(fill_holes(m).astype(bool), ndimage.binary_fill_holes(m))
+        if m.ndim == 3:
+            ref = np.stack([ndimage.binary_fill_holes(s) for s in m])
+            assert np.array_equal(fill_holes(m, per_slice=True).astype(bool), ref)
+        seed = np.zeros_like(m)
+        seed.flat[::37] = True
+        for conn in range(1, m.ndim + 1):
+            lab, _ = ndimage.label(m, ndimage.generate_binary_structure(m.ndim, conn))
+            ids = np.unique(lab[seed & m])
+            ref = np.isin(lab, ids[ids > 0])
+            assert np.array_equal(keep_components_touching(m, seed, conn).astype(bool), ref)
+        nowhere = np.zeros_like(m)
+        sizes = np.bincount(lab.ravel())[1:]
+        ref = lab == 1 + int(np.argmax(sizes)) if sizes.size else np.zeros_like(m)
+        assert np.array_equal(keep_components_touching(m, nowhere, m.ndim, fallback_largest=True).astype(bool), ref)
+
+
+def test_bbox_window():
+    m = np.zeros((10, 20), dtype=bool)
+    assert bbox_window(m) is None
+    m[2:4, 5:9] = True
+    assert bbox_window(m) == (slice(2, 4), slice(5, 9))
+    assert bbox_window(m, 3) == (slice(0, 7), slice(2, 12))  # clipped at the border
+    assert bbox_window(m[None], 1) == (slice(0, 1), slice(1, 5), slice(4, 10))
 
 
 # -- maskutil --------------------------------------------------------------------------------------

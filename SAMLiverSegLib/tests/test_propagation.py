@@ -42,6 +42,28 @@ def runs(phantom):
     return out
 
 
+def test_the_sweep_reuses_propagations_answers_and_gets_the_same_mask(phantom):
+    """Within one segment() the answers to box prompts are kept (the decoder is deterministic):
+    the island sweep asks many of propagation's questions again. The mask is the same with and
+    without the memo, with fewer decoder calls."""
+    liver = phantom.liver_mask
+    ks = np.flatnonzero(liver.any(axis=(1, 2)))
+    k = int(ks[0] + round(0.5 * (ks[-1] - ks[0])))
+    i0, j0, i1, j1 = bbox_2d(liver[k])
+    prompts = Prompts(box=SliceBox.axial(i0 - 3, j0 - 3, i1 + 3, j1 + 3, k))
+    engine = PromptEngine("lite_medsam", device="cpu", backend="auto")
+    engine.set_volume(phantom.to_volume())
+    out = {}
+    for memo in (False, True):
+        engine.memoize_decodes = memo
+        res = engine.segment(prompts)
+        out[memo] = (res.mask, res.report["timings"]["decodes"])
+    (plain, n_plain), (memoized, n_memo) = out[False], out[True]
+    assert np.array_equal(plain, memoized) and dice(memoized > 0, liver) > 0.8
+    assert n_memo < n_plain, (n_memo, n_plain)
+    assert engine._box_memo is None  # kept for one segment() only
+
+
 def island_voxels(phantom) -> np.ndarray:
     """The left lobe where it is a separate island: the components of each slice's liver that
     do not hold the slice's largest (the right lobe)."""

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 __all__ = [
     "axis_index", "get_slice", "bbox_2d", "bbox_3d", "slice_areas", "nonempty_slices",
-    "largest_slice", "middle_slice", "interior_point", "slice_box",
+    "largest_slice", "middle_slice", "interior_point", "slice_box", "bbox_window", "dilate",
 ]
 
 Axis = Union[int, str]
@@ -63,6 +63,34 @@ def bbox_3d(mask3d: np.ndarray) -> Optional[Tuple[int, int, int, int, int, int]]
     js = np.flatnonzero(m.any(axis=(0, 2)))
     is_ = np.flatnonzero(m.any(axis=(0, 1)))
     return int(is_[0]), int(js[0]), int(ks[0]), int(is_[-1]), int(js[-1]), int(ks[-1])
+
+
+def bbox_window(mask: np.ndarray, pad: int = 0) -> Optional[Tuple[slice, ...]]:
+    """Index slices (one per axis, any number of axes) of the non-zero elements' bounding box
+    grown by ``pad`` on every side and clipped to the array; None if empty. Morphology of a
+    bounded reach gives the whole array's result when computed in such a window (see
+    :func:`dilate`), at the cost of the object rather than of the array."""
+    m = np.asarray(mask)
+    out = []
+    for a in range(m.ndim):
+        idx = np.flatnonzero(m.any(axis=tuple(b for b in range(m.ndim) if b != a)))
+        if idx.size == 0:
+            return None
+        out.append(slice(max(0, int(idx[0]) - pad), min(m.shape[a], int(idx[-1]) + pad + 1)))
+    return tuple(out)
+
+
+def dilate(mask: np.ndarray, iterations: int = 1, structure: Optional[np.ndarray] = None) -> np.ndarray:
+    """``scipy.ndimage.binary_dilation(mask, structure, iterations)`` (bool, same shape), computed
+    in the mask's bounding box grown by the dilation's reach: the same result, faster for an
+    object much smaller than its array. ``structure`` must reach one element (3 wide on every axis)."""
+    m = np.asarray(mask) != 0
+    out = np.zeros(m.shape, dtype=bool)
+    it = max(1, int(iterations))
+    win = bbox_window(m, it)
+    if win is not None:
+        out[win] = ndimage.binary_dilation(m[win], structure=structure, iterations=it)
+    return out
 
 
 def slice_areas(mask3d: np.ndarray, axis: Axis = "k") -> np.ndarray:

@@ -13,6 +13,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
+from samliverseg.core.maskutil import bbox_window
+
 __all__ = ["label_components", "largest_connected_component", "remove_small_components",
            "keep_components_touching", "fill_holes"]
 
@@ -70,16 +72,21 @@ def keep_components_touching(mask: np.ndarray, seed_mask: np.ndarray, connectivi
     seed = np.asarray(seed_mask) != 0
     if seed.shape != m.shape:
         raise ValueError(f"seed_mask shape {seed.shape} differs from mask shape {m.shape}")
-    lab, n = label_components(m, connectivity)
-    if n == 0:
-        return np.zeros(m.shape, dtype=np.uint8)
-    ids = np.unique(lab[seed & m])
+    out = np.zeros(m.shape, dtype=np.uint8)
+    win = bbox_window(m)  # components lie within the mask's bounding box (the same labels, in raster order)
+    if win is None:
+        return out
+    lab, n = label_components(m[win], connectivity)
+    ids = np.unique(lab[seed[win] & m[win]])
     ids = ids[ids > 0]
     if ids.size == 0:
-        return largest_connected_component(m, connectivity) if fallback_largest else np.zeros(m.shape, np.uint8)
+        if fallback_largest:
+            out[win] = largest_connected_component(m[win], connectivity)
+        return out
     keep = np.zeros(n + 1, dtype=bool)
     keep[ids] = True
-    return keep[lab].astype(np.uint8)
+    out[win] = keep[lab]
+    return out
 
 
 def fill_holes(mask: np.ndarray, per_slice: bool = False, axis: Union[int, str] = 0,
@@ -95,11 +102,21 @@ def fill_holes(mask: np.ndarray, per_slice: bool = False, axis: Union[int, str] 
     if not m.any():
         return np.zeros(m.shape, dtype=np.uint8)
     if m.ndim == 2 or not per_slice:
-        return ndimage.binary_fill_holes(m, structure=structure).astype(np.uint8)
+        return _fill_in_box(m, structure).astype(np.uint8)
     a = {"k": 0, "j": 1, "i": 2}.get(axis, axis) if isinstance(axis, str) else int(axis)
     if a not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1, 2 or 'k', 'j', 'i', got {axis!r}")
     out = np.moveaxis(m.copy(), a, 0)
     for s in np.flatnonzero(out.any(axis=(1, 2))):
-        out[s] = ndimage.binary_fill_holes(out[s], structure=structure)
+        out[s] = _fill_in_box(out[s], structure)
     return np.ascontiguousarray(np.moveaxis(out, 0, a)).astype(np.uint8)
+
+
+def _fill_in_box(m: np.ndarray, structure: Optional[np.ndarray]) -> np.ndarray:
+    """``binary_fill_holes`` computed in the mask's bounding box plus one element: outside the box
+    all is background connected to the array's border, so the holes are the same."""
+    out = m.copy()
+    win = bbox_window(m, 1)
+    if win is not None:
+        out[win] = ndimage.binary_fill_holes(m[win], structure=structure)
+    return out

@@ -25,6 +25,10 @@
   (a tumour's wide box reaching into the liver), and a part is followed only where the model is
   confident (``island_min_score``).
   ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
+* Within one :meth:`PromptEngine.segment` the answers to box prompts are kept
+  (``memoize_decodes``): the sweep asks many of propagation's questions again, and the decoder is
+  deterministic, so the mask is the same with 8-45 % fewer decoder calls. The morphology of each
+  step works in the mask's bounding box (``core.maskutil.dilate``; the same result).
 * A 3D ROI (a box over slices k0..k1) seeds the middle slice with the ROI's box and keeps the
   result inside the ROI.
 * :meth:`PromptEngine.prefetch` computes embeddings ahead of time (a GUI runs it in a thread)
@@ -56,7 +60,7 @@ from samliverseg.core.devices import resolve_device
 from samliverseg.core.errors import CancelledError, InputError, PromptError
 from samliverseg.core.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
 from samliverseg.core.body import is_body_crop
-from samliverseg.core.maskutil import bbox_2d, interior_point
+from samliverseg.core.maskutil import bbox_2d, bbox_window, dilate, interior_point
 from samliverseg.core.postprocess import fill_holes, keep_components_touching
 from samliverseg.interactive.backends import BACKENDS, PRECISIONS
 from samliverseg.interactive.mask_edits import negative_region
@@ -70,6 +74,9 @@ ProgressFn = Callable[[int, int], None]
 #: The HU gate works in its mask's box plus this many pixels (more than the smoothing's reach of 4
 #: and the opening's 2, so the result is the whole slice's).
 GATE_PAD = 8
+#: At most this many answers are kept in one segment()'s memo (``PromptEngine._decode_box``): a
+#: 512 x 512 mask takes 32 kB packed, so 4096 take at most 128 MB.
+BOX_MEMO_ENTRIES = 4096
 
 
 # -- slices of the [k, j, i] array ------------------------------------------------------------
@@ -235,6 +242,10 @@ class PromptEngine:
         self._seed_hu_range: Optional[Tuple[float, float]] = None
         self.embed_times: List[float] = []
         self.decode_times: List[float] = []
+        # During one segment(): the answers to box prompts decoded there, by (axis, slice, box,
+        # points); the sweep asks many of propagation's questions again (``_decode_box``).
+        self.memoize_decodes = True
+        self._box_memo: Optional[Dict[tuple, tuple]] = None
 
     @property
     def backend(self):
@@ -333,6 +344,23 @@ class PromptEngine:
         )
         self.decode_times.append(time.perf_counter() - t0)
         return pred.best()
+
+    def _decode_box(self, axis: str, s: int, points_xy, box_xyxy) -> Tuple[np.ndarray, float]:
+        """(mask, score) of positive points and a box on slice ``s``. What segment() already asked
+        there is answered from its memo (without the slice's embedding): the same mask and score,
+        since the decoder is deterministic and within one segment() neither the volume nor the
+        window changes (the island sweep asks many of propagation's questions again)."""
+        memo = self._box_memo
+        key = (axis, int(s), tuple(float(v) for v in box_xyxy),
+               tuple((float(x), float(y)) for x, y in points_xy))
+        if memo is not None and key in memo:
+            bits, shape, score = memo[key]
+            return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool), score
+        mask, score, _ = self._decode(self.embedding(axis, s), points_xy, [1] * len(points_xy), box_xyxy, None, False)
+        mask = mask.astype(bool)
+        if memo is not None and len(memo) < BOX_MEMO_ENTRIES:
+            memo[key] = (np.packbits(mask), mask.shape, score)
+        return mask, score
 
     def _segment_on_slice(self, axis: str, index: int, prompts: Prompts,
                           mask_input: Optional[torch.Tensor] = None) -> SliceResult:
@@ -459,13 +487,17 @@ class PromptEngine:
 
             # Both passes start at the lowest prompted slice: the upward one walks through the
             # other prompted slices (which keep the user's result) to the top.
-            for direction in (+1, -1):
-                stop_reasons["up" if direction > 0 else "down"] = self._propagate(
-                    mask3d, axis, min(anchors), direction, (lo_lim, hi_lim), seeds, roi,
-                    seed_area, ref_hu, scores, tick, cancel,
-                )
-            if self.settings.sweep_islands:
-                self._sweep_islands(mask3d, axis, anchors, roi, seed_area, ref_hu, scores, cancel)
+            self._box_memo = {} if self.memoize_decodes else None
+            try:
+                for direction in (+1, -1):
+                    stop_reasons["up" if direction > 0 else "down"] = self._propagate(
+                        mask3d, axis, min(anchors), direction, (lo_lim, hi_lim), seeds, roi,
+                        seed_area, ref_hu, scores, tick, cancel,
+                    )
+                if self.settings.sweep_islands:
+                    self._sweep_islands(mask3d, axis, anchors, roi, seed_area, ref_hu, scores, cancel)
+            finally:
+                self._box_memo = None
         for p in cuts:
             c = IJK_INDEX[axis]
             wrong = negative_region(mask3d, vol.array, axis, int(round(p[c])), point_to_xy(p, axis),
@@ -631,7 +663,7 @@ class PromptEngine:
         saved = self._seed_hu_range
         self._seed_hu_range = hu_range
         try:
-            return self._grow(axis, s, mask, mask, mask, self.embedding(axis, s), roi) | mask
+            return self._grow(axis, s, mask, mask, mask, roi) | mask
         finally:
             self._seed_hu_range = saved
 
@@ -650,19 +682,18 @@ class PromptEngine:
                                st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1))
         rs, cs = pixel_spacing(vol, axis)
         points = [interior_point(anchor, spacing=(cs, rs))] if st.add_point and not getattr(self.spec, "box_only", False) else []
-        emb = self.embedding(axis, s)
-        mask, score, _ = self._decode(emb, points, [1] * len(points), box, None, False)
+        mask, score = self._decode_box(axis, s, points, box)
         mask = self._inside_roi(mask, roi, axis)
         area_raw = int(mask.sum())
         if area_raw < max(st.min_area_px, st.min_area_frac * seed_area):
             return None, score, f"object ended at slice {s} (area {area_raw} px)"
-        near = ndimage.binary_dilation(anchor, structure=np.ones((3, 3), dtype=bool), iterations=grow)
+        near = dilate(anchor, grow, np.ones((3, 3), dtype=bool))
         kept = mask & near
         if st.hu_gate and self._seed_hu_range is not None:
             kept = self._gate(kept, axis, s, anchor)
         # Growth the model is sure of comes first: an object that widens fast (a lobe that joins)
         # is not mistaken for a jump away.
-        grown = self._grow(axis, s, anchor, kept, mask, emb, roi)
+        grown = self._grow(axis, s, anchor, kept, mask, roi)
         if grown.sum() < st.min_overlap * area_raw:
             return None, score, f"mask jumped away from the previous slice at slice {s}"
         if score < st.min_score:
@@ -673,18 +704,18 @@ class PromptEngine:
                 return None, score, f"intensity changed (median {med:.0f} HU vs {ref_hu:.0f}) at slice {s}"
         return grown, score, None
 
-    def _grow(self, axis, s, anchor, kept, mask, emb, roi) -> np.ndarray:
+    def _grow(self, axis, s, anchor, kept, mask, roi) -> np.ndarray:
         """``kept`` plus the growth beyond the limit that ``settings.growth`` accepts."""
         st = self.settings
         if st.growth == "box":
-            return self._grow_in_box(axis, s, anchor, kept, mask, emb, roi)
+            return self._grow_in_box(axis, s, anchor, kept, mask, roi)
         if st.growth == "tissue":
-            return self._grow_in_tissue(axis, s, anchor, kept, mask, emb, roi)
+            return self._grow_in_tissue(axis, s, anchor, kept, mask, roi)
         if st.growth is not None:
             raise InputError(f"unknown growth rule {st.growth!r}: use 'box', 'tissue' or None")
         return kept
 
-    def _grow_in_box(self, axis, s, anchor, kept, mask, emb, roi) -> np.ndarray:
+    def _grow_in_box(self, axis, s, anchor, kept, mask, roi) -> np.ndarray:
         """``kept`` plus what the model finds beyond the growth limit in a box ``search_margin_mm``
         wider than ``anchor``, where the object does not narrow (``kept`` at least
         ``growth_widening_ratio`` of ``anchor``), the model is confident, sees the same object,
@@ -697,7 +728,7 @@ class PromptEngine:
         grown, around = kept, anchor
         for _ in range(max(1, int(st.search_steps))):
             wide = self._box_around(around, st.search_margin_mm / cs, st.search_margin_mm / rs)
-            wmask, wscore, _ = self._decode(emb, [], [], wide, None, False)
+            wmask, wscore = self._decode_box(axis, s, [], wide)
             wmask = self._inside_roi(wmask, roi, axis)
             if wscore < st.growth_min_score or (wmask & kept).sum() < st.growth_min_agreement * kept.sum():
                 break
@@ -739,7 +770,7 @@ class PromptEngine:
             edges.append(mask[y1 - 1:y1 + 1, x0:x1 + 1])
         return any(e.any() for e in edges)
 
-    def _grow_in_tissue(self, axis, s, anchor, kept, mask, emb, roi) -> np.ndarray:
+    def _grow_in_tissue(self, axis, s, anchor, kept, mask, roi) -> np.ndarray:
         """``kept`` plus object the growth limit cut off: the tissue of the seed's HU range that is
         connected to ``kept`` through more than a thin bridge and lies within ``tissue_search_mm``
         of it is boxed with ``kept``; the model, asked with that box, must be confident, cover
@@ -767,7 +798,7 @@ class PromptEngine:
         if region.sum() <= kept.sum() * (1.0 + st.growth_min_gain):
             return kept  # nothing worth a look beyond the kept mask
         wide = self._box_around(region, st.box_margin_px, st.box_margin_px)
-        wmask, wscore, _ = self._decode(emb, [], [], wide, None, False)
+        wmask, wscore = self._decode_box(axis, s, [], wide)
         wmask = self._inside_roi(wmask, roi, axis)
         if wscore < st.growth_min_score or (wmask & kept).sum() < st.growth_min_agreement * kept.sum():
             return kept
@@ -819,11 +850,15 @@ class PromptEngine:
                                                     or self._same_tissue(axis, s, cur, add)):
                             cur = cur | add
                             scores.setdefault(s, score)
-                missing = nb & ~ndimage.binary_dilation(cur, structure=structure, iterations=grow)
+                # What the neighbour has beyond the slice's mask, in the neighbour's box plus the
+                # dilation's reach (the whole slice's result: the opening stays within 2 pixels).
+                win = bbox_window(nb, grow + 2)
+                missing = nb[win] & ~ndimage.binary_dilation(cur[win], structure=structure, iterations=grow)
                 missing = ndimage.binary_opening(missing, structure=structure, iterations=2)
                 lab, n = ndimage.label(missing)
                 for c in range(1, n + 1):
-                    part = lab == c
+                    part = np.zeros(nb.shape, dtype=bool)
+                    part[win] = lab == c
                     if part.sum() < min_px:
                         continue
                     kept, score, reason = self._follow(axis, s, part, roi, seed_area, ref_hu, grow)
