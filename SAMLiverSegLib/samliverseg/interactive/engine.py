@@ -23,7 +23,9 @@
   that was an island before it joined) is followed there with the same rules. Growth whose
   median HU differs from the kept mask's by more than ``growth_max_hu_shift`` is another tissue
   (a tumour's wide box reaching into the liver), and a part is followed only where the model is
-  confident (``island_min_score``).
+  confident (``island_min_score``). Growth that lies where the model offered it on the slice
+  before and the limit left it out there is refused (``growth_max_left_out``): a neighbour that
+  lay beside the object all along (the duodenum beside the liver), not a part that appears.
   ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
 * Within one :meth:`PromptEngine.segment` the answers to box prompts are kept
   (``memoize_decodes``): the sweep asks many of propagation's questions again, and the decoder is
@@ -186,6 +188,7 @@ class PropagationSettings:
     search_margin_mm: float = 25.0  # "box": also ask with a box this much wider than the previous mask;
     search_steps: int = 6  # "box": while the model's mask reaches that box's edge, ask again around what it found (at most this many boxes)
     growth_max_hu_shift: Optional[float] = 15.0  # "box": the growth's median HU within this of the kept mask's (the same tissue)
+    growth_max_left_out: Optional[float] = 0.5  # refuse growth this much of which lies (within 2 px) where the model offered it on the neighbouring slice and it was left out there
     tissue_search_mm: float = 40.0  # "tissue": box the seed-HU tissue connected to the kept mask within this distance
     growth_opening_mm: float = 3.0  # ("tissue": bridges thinner than about twice this are cut)
     growth_min_gain: float = 0.05  # ("tissue": only when that tissue would add this fraction; "box": ask again only when the last box added this fraction)
@@ -246,6 +249,9 @@ class PromptEngine:
         # points); the sweep asks many of propagation's questions again (``_decode_box``).
         self.memoize_decodes = True
         self._box_memo: Optional[Dict[tuple, tuple]] = None
+        # During one segment(): per slice, its mask as growth left it and what the model offered
+        # beyond it (packed bits), for ``growth_max_left_out``.
+        self._left_out: Optional[Dict[tuple, tuple]] = None
 
     @property
     def backend(self):
@@ -488,6 +494,7 @@ class PromptEngine:
             # Both passes start at the lowest prompted slice: the upward one walks through the
             # other prompted slices (which keep the user's result) to the top.
             self._box_memo = {} if self.memoize_decodes else None
+            self._left_out = {}
             try:
                 for direction in (+1, -1):
                     stop_reasons["up" if direction > 0 else "down"] = self._propagate(
@@ -497,7 +504,7 @@ class PromptEngine:
                 if self.settings.sweep_islands:
                     self._sweep_islands(mask3d, axis, anchors, roi, seed_area, ref_hu, scores, cancel)
             finally:
-                self._box_memo = None
+                self._box_memo, self._left_out = None, None
         for p in cuts:
             c = IJK_INDEX[axis]
             wrong = negative_region(mask3d, vol.array, axis, int(round(p[c])), point_to_xy(p, axis),
@@ -702,7 +709,37 @@ class PromptEngine:
             med = float(np.median(slice_of(vol.array, axis, s)[grown]))
             if abs(med - ref_hu) > st.hu_tolerance:
                 return None, score, f"intensity changed (median {med:.0f} HU vs {ref_hu:.0f}) at slice {s}"
-        return grown, score, None
+        return self._refuse_left_out(axis, s, anchor, kept, grown, mask), score, None
+
+    def _refuse_left_out(self, axis, s, anchor, kept, grown, mask) -> np.ndarray:
+        """``grown`` without its growth beyond ``kept`` where that growth lies (at least
+        ``growth_max_left_out`` of it, within 2 pixels) where the model offered it on the
+        neighbouring slice (the one ``anchor`` is the mask of) and it was left out there: a
+        neighbour that lay beside the object all along (the duodenum beside the liver, which the
+        model takes in with it), not a part that appears (a lobe that joins was not offered).
+        Within segment() only, after the stop rules (the growth still tells a fast-widening object
+        from a jump). Records this slice's mask and what the model offered beyond it."""
+        st = self.settings
+        if self._left_out is None or st.growth_max_left_out is None:
+            return grown
+        added = grown & ~kept
+        behind = self._left_out_behind(axis, s, anchor) if added.any() else None
+        if behind is not None and behind.sum() >= st.growth_max_left_out * added.sum():
+            near_behind = dilate(behind, 2, np.ones((3, 3), dtype=bool))
+            if (added & near_behind).sum() >= st.growth_max_left_out * added.sum():
+                grown = kept
+        self._left_out[(axis, int(s))] = (np.packbits(grown), np.packbits(mask & ~grown))
+        return grown
+
+    def _left_out_behind(self, axis: str, s: int, anchor: np.ndarray) -> Optional[np.ndarray]:
+        """What the model offered on the neighbouring slice that ``anchor`` is the mask of, beyond
+        that mask (None when ``anchor`` is not a neighbour's mask as this segment() left it)."""
+        packed = np.packbits(anchor)
+        for t in (s - 1, s + 1):
+            stored = self._left_out.get((axis, t))
+            if stored is not None and np.array_equal(stored[0], packed):
+                return np.unpackbits(stored[1], count=anchor.size).reshape(anchor.shape).astype(bool)
+        return None
 
     def _grow(self, axis, s, anchor, kept, mask, roi) -> np.ndarray:
         """``kept`` plus the growth beyond the limit that ``settings.growth`` accepts."""
