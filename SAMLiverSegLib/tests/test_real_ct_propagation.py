@@ -71,44 +71,47 @@ def test_a_click_in_what_a_caudal_box_missed_adds_it_in_3d(ircadb):
     assert len(np.flatnonzero((gained & part).any(axis=(1, 2)))) >= 10  # in 3D, not on its slice only
 
 
-def test_a_lobe_missed_going_up_is_found_coming_back_down(ircadb):
-    """One box at 20 % of the liver's extent (the right lobe only): the sweep that follows each
-    slice's larger neighbour adds the left lobe's bands (before: 0.917, now 0.937 on the benchmark);
-    from the middle slice it changes nothing that matters."""
+@pytest.fixture(scope="module")
+def liver_engine(ircadb):
+    """LiteMedSAM on ircadb-1.1 (embedded once for the tests below, which set their settings)."""
     volume, masks = ircadb
-    liver = masks["liver"] > 0
-    ks = np.flatnonzero(liver.any(axis=(1, 2)))
     engine = PromptEngine("lite_medsam", device="cpu", backend="auto")
     engine.set_volume(volume)
+    return engine, masks["liver"] > 0
+
+
+def liver_dice_from_boxes(liver_engine, fractions, settings):
+    """{(fraction, name): Dice} of the liver from one box (its box + 5 voxels) on the slice at
+    each fraction of its extent, with each of ``settings`` ({name: PropagationSettings})."""
+    engine, liver = liver_engine
+    ks = np.flatnonzero(liver.any(axis=(1, 2)))
     got = {}
-    for frac in (0.2, 0.5):
+    for frac in fractions:
         k = int(ks[0] + round(frac * (ks[-1] - ks[0])))
         i0, j0, i1, j1 = bbox_2d(liver[k])
         prompts = Prompts(box=SliceBox.axial(i0 - 5, j0 - 5, i1 + 5, j1 + 5, k))
-        for whole in (True, False):
-            engine.settings = PropagationSettings(sweep_whole=whole)
-            got[frac, whole] = float(dice(engine.segment(prompts).mask, liver))
+        for name, st in settings.items():
+            engine.settings = st
+            got[frac, name] = float(dice(engine.segment(prompts).mask, liver))
+    return got
+
+
+def test_a_lobe_missed_going_up_is_found_coming_back_down(liver_engine):
+    """One box at 20 % of the liver's extent (the right lobe only): the sweep that follows each
+    slice's larger neighbour adds the left lobe's bands (before: 0.917, now 0.937 on the benchmark);
+    from the middle slice it changes nothing that matters."""
+    got = liver_dice_from_boxes(liver_engine, (0.2, 0.5), {True: PropagationSettings(sweep_whole=True),
+                                                           False: PropagationSettings(sweep_whole=False)})
     assert got[0.2, True] >= got[0.2, False] + 0.01, got
     assert got[0.5, True] >= got[0.5, False] - 0.002, got
 
 
-def test_a_neighbour_left_out_on_the_slice_before_is_not_let_in_by_the_wider_box(ircadb):
+def test_a_neighbour_left_out_on_the_slice_before_is_not_let_in_by_the_wider_box(liver_engine):
     """One box at 80 % of the liver's extent: going down, LiteMedSAM's mask takes in the duodenum
     beside the liver (same HU). The growth limit leaves it out slice after slice, until the wider
     box would let it in (k=57) and propagation carried it 30 slices down (Dice 0.941 on the
     benchmark; 0.963 when that growth is refused). From the middle slice nothing changes."""
-    volume, masks = ircadb
-    liver = masks["liver"] > 0
-    ks = np.flatnonzero(liver.any(axis=(1, 2)))
-    engine = PromptEngine("lite_medsam", device="cpu", backend="auto")
-    engine.set_volume(volume)
-    got = {}
-    for frac in (0.8, 0.5):
-        k = int(ks[0] + round(frac * (ks[-1] - ks[0])))
-        i0, j0, i1, j1 = bbox_2d(liver[k])
-        prompts = Prompts(box=SliceBox.axial(i0 - 5, j0 - 5, i1 + 5, j1 + 5, k))
-        for rule in (0.5, None):
-            engine.settings = PropagationSettings(growth_max_left_out=rule)
-            got[frac, rule] = float(dice(engine.segment(prompts).mask, liver))
+    got = liver_dice_from_boxes(liver_engine, (0.8, 0.5), {0.5: PropagationSettings(growth_max_left_out=0.5),
+                                                           None: PropagationSettings(growth_max_left_out=None)})
     assert got[0.8, 0.5] >= got[0.8, None] + 0.01 and got[0.8, 0.5] >= 0.955, got
     assert got[0.5, 0.5] >= got[0.5, None] - 0.002, got
