@@ -188,7 +188,7 @@ class PropagationSettings:
     search_margin_mm: float = 25.0  # "box": also ask with a box this much wider than the previous mask;
     search_steps: int = 6  # "box": while the model's mask reaches that box's edge, ask again around what it found (at most this many boxes)
     growth_max_hu_shift: Optional[float] = 15.0  # "box": the growth's median HU within this of the kept mask's (the same tissue)
-    growth_max_left_out: Optional[float] = 0.5  # refuse growth this much of which lies (within 2 px) where the model offered it on the neighbouring slice and it was left out there
+    growth_max_left_out: Optional[float] = 0.5  # refuse growth this much of which lies (within 2 px) where the model offered it on the neighbouring slice and it was left out there (and that left-out part is this much of the growth's size)
     tissue_search_mm: float = 40.0  # "tissue": box the seed-HU tissue connected to the kept mask within this distance
     growth_opening_mm: float = 3.0  # ("tissue": bridges thinner than about twice this are cut)
     growth_min_gain: float = 0.05  # ("tissue": only when that tissue would add this fraction; "box": ask again only when the last box added this fraction)
@@ -714,9 +714,10 @@ class PromptEngine:
     def _refuse_left_out(self, axis, s, anchor, kept, grown, mask) -> np.ndarray:
         """``grown`` without its growth beyond ``kept`` where that growth lies (at least
         ``growth_max_left_out`` of it, within 2 pixels) where the model offered it on the
-        neighbouring slice (the one ``anchor`` is the mask of) and it was left out there: a
-        neighbour that lay beside the object all along (the duodenum beside the liver, which the
-        model takes in with it), not a part that appears (a lobe that joins was not offered).
+        neighbouring slice (the one ``anchor`` is the mask of) and it was left out there, and what
+        was left out there is at least that fraction of the growth's size: a neighbour that lay
+        beside the object all along (the duodenum beside the liver, which the model takes in with
+        it), not a part that appears (a lobe that joins was not offered, or only its first pixels).
         Within segment() only, after the stop rules (the growth still tells a fast-widening object
         from a jump). Records this slice's mask and what the model offered beyond it."""
         st = self.settings
