@@ -80,16 +80,16 @@ def liver_engine(ircadb):
     return engine, masks["liver"] > 0
 
 
-def liver_dice_from_boxes(liver_engine, fractions, settings):
-    """{(fraction, name): Dice} of the liver from one box (its box + 5 voxels) on the slice at
-    each fraction of its extent, with each of ``settings`` ({name: PropagationSettings})."""
+def liver_dice_from_boxes(liver_engine, fractions, settings, margin=5):
+    """{(fraction, name): Dice} of the liver from one box (its box + ``margin`` voxels) on the
+    slice at each fraction of its extent, with each of ``settings`` ({name: PropagationSettings})."""
     engine, liver = liver_engine
     ks = np.flatnonzero(liver.any(axis=(1, 2)))
     got = {}
     for frac in fractions:
         k = int(ks[0] + round(frac * (ks[-1] - ks[0])))
         i0, j0, i1, j1 = bbox_2d(liver[k])
-        prompts = Prompts(box=SliceBox.axial(i0 - 5, j0 - 5, i1 + 5, j1 + 5, k))
+        prompts = Prompts(box=SliceBox.axial(i0 - margin, j0 - margin, i1 + margin, j1 + margin, k))
         for name, st in settings.items():
             engine.settings = st
             got[frac, name] = float(dice(engine.segment(prompts).mask, liver))
@@ -115,3 +115,27 @@ def test_a_neighbour_left_out_on_the_slice_before_is_not_let_in_by_the_wider_box
                                                            None: PropagationSettings(growth_max_left_out=None)})
     assert got[0.8, 0.5] >= got[0.8, None] + 0.01 and got[0.8, 0.5] >= 0.955, got
     assert got[0.5, 0.5] >= got[0.5, None] - 0.002, got
+
+
+@pytest.fixture(scope="module")
+def totalseg_engine():
+    """LiteMedSAM on the TotalSegmentator example (its model's liver as the reference)."""
+    if sample_data.shared_data_dir() is None:
+        pytest.skip(sample_data.missing_reason())
+    volume, liver = sample_data.load_totalseg_example()
+    engine = PromptEngine("lite_medsam", device="cpu", backend="auto")
+    engine.set_volume(volume)
+    return engine, liver > 0
+
+
+def test_a_part_the_model_is_unsure_of_is_followed_where_the_whole_neighbour_covers_it(totalseg_engine):
+    """One box at 35 % of the totalseg liver's extent (the model's mask takes the colon's wall in
+    with the liver there). Coming back down, the sweep meets parts of the liver the slice lacks that
+    the model, asked with the part's box, rates below ``island_min_score``; the whole neighbour,
+    followed there with confidence, covers them, so they are followed (and a part it leaves out is
+    not). Benchmark: 0.894 -> 0.906; from the middle slice at most 0.003 lower."""
+    got = liver_dice_from_boxes(totalseg_engine, (0.35, 0.5), {True: PropagationSettings(sweep_second_opinion=True),
+                                                               False: PropagationSettings(sweep_second_opinion=False)},
+                                margin=2)
+    assert got[0.35, True] >= got[0.35, False] + 0.008, got
+    assert got[0.5, True] >= got[0.5, False] - 0.003, got

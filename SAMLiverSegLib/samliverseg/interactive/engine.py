@@ -23,9 +23,11 @@
   that was an island before it joined) is followed there with the same rules. Growth whose
   median HU differs from the kept mask's by more than ``growth_max_hu_shift`` is another tissue
   (a tumour's wide box reaching into the liver), and a part is followed only where the model is
-  confident (``island_min_score``). Growth that lies where the model offered it on the slice
-  before and the limit left it out there is refused (``growth_max_left_out``): a neighbour that
-  lay beside the object all along (the duodenum beside the liver), not a part that appears.
+  confident (``island_min_score``), or where the whole neighbour, followed with confidence,
+  covers what it finds (``sweep_second_opinion``; a part it leaves out is not followed). Growth
+  that lies where the model offered it on the slice before and the limit left it out there is
+  refused (``growth_max_left_out``): a neighbour that lay beside the object all along (the
+  duodenum beside the liver), not a part that appears.
   ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
 * Within one :meth:`PromptEngine.segment` the answers to box prompts are kept
   (``memoize_decodes``): the sweep asks many of propagation's questions again, and the decoder is
@@ -198,6 +200,7 @@ class PropagationSettings:
     sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
     island_min_area_mm2: float = 100.0  # parts smaller than this are not followed,
     island_min_score: float = 0.8  # and a part is followed only where the model rates its mask this well
+    sweep_second_opinion: bool = True  # where the whole neighbour is followed with confidence, that decides whether a part is followed (see _part_accepted)
     sweep_whole: bool = True  # the sweep also follows a neighbour's whole mask where it is the larger (see _sweep_islands)
 
     @classmethod
@@ -858,7 +861,11 @@ class PromptEngine:
         from where it is wide to where it narrows is the safe direction: from a caudal prompt, a
         lobe that joins gradually, band by band, is missed going up and found coming back down.
         Where the neighbour is the smaller (the object widens in the sweep's direction) a sweep
-        would only carry leaks further."""
+        would only carry leaks further. That confident answer is also a second opinion on the
+        parts followed on their own (``sweep_second_opinion``, :meth:`_part_accepted`): a part it
+        covers is followed even where the model rates the part's own box lower (a lobe that is an
+        island here and joins on the neighbour), and a part it leaves out is not (a leak the
+        neighbour carries)."""
         st = self.settings
         nonempty = [int(v) for v in np.flatnonzero([slice_of(mask3d, axis, t).any() for t in range(slice_count(mask3d.shape, axis))])]
         if not nonempty:
@@ -879,10 +886,12 @@ class PromptEngine:
                 cur = slice_of(mask3d, axis, s).astype(bool)
                 if not nb.any():
                     continue
+                whole = None  # the whole neighbour followed here, where the model is sure of it
                 if st.sweep_whole and cur.any() and nb.sum() > cur.sum():
                     kept, score, reason = self._follow(axis, s, nb, roi, seed_area, ref_hu, grow)
                     if (reason is None and score >= st.island_min_score
                             and (kept & cur).sum() >= st.growth_min_agreement * cur.sum()):
+                        whole = kept
                         add = self._touching(kept & ~cur, cur)  # extends the slice's parts, no new islands
                         if add.sum() >= min_px and (st.growth_max_hu_shift is None
                                                     or self._same_tissue(axis, s, cur, add)):
@@ -900,10 +909,25 @@ class PromptEngine:
                     if part.sum() < min_px:
                         continue
                     kept, score, reason = self._follow(axis, s, part, roi, seed_area, ref_hu, grow)
-                    if reason is None and score >= st.island_min_score:
+                    if reason is None and self._part_accepted(kept, score, whole):
                         cur = cur | kept
                         scores.setdefault(s, score)
                 slice_of(mask3d, axis, s)[...] = cur
+
+    def _part_accepted(self, kept: np.ndarray, score: float, whole: Optional[np.ndarray]) -> bool:
+        """Whether the sweep keeps ``kept``, what following a part of the neighbour found: the model
+        rates it at least ``island_min_score``, unless the whole neighbour, followed there with
+        confidence (``whole``), is a second opinion (``sweep_second_opinion``): then ``kept`` is
+        kept when ``whole`` covers ``growth_min_agreement`` of it and refused when it covers less
+        than half, whatever its own score."""
+        st = self.settings
+        if st.sweep_second_opinion and whole is not None:
+            covered = int((kept & whole).sum())
+            if covered >= st.growth_min_agreement * kept.sum():
+                return True
+            if covered < 0.5 * kept.sum():
+                return False
+        return score >= st.island_min_score
 
     @staticmethod
     def _touching(parts: np.ndarray, mask: np.ndarray) -> np.ndarray:
