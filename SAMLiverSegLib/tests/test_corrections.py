@@ -155,6 +155,39 @@ def test_positive_click_in_a_missed_tumour_adds_it_in_3d(engine, phantom):
     assert dice(s.mask, liver) > dice(before, liver), corr
 
 
+def test_a_click_adds_the_part_it_lies_in_not_other_differences_along_the_edge(engine, phantom):
+    """On a slice whose mask lacks two parts of the liver at different edges, a click in one adds that
+    part; the model's answer there also covers the other, but the click says nothing about it."""
+    liver = phantom.liver_mask > 0
+    k = at_fraction(liver, 0.5)
+    s = CorrectionSession(engine, Prompts(box=box_on(liver, k)))
+    kc = k + 2
+    on = s.mask[kc] > 0
+    i0, j0, i1, j1 = bbox_2d(on)
+    rows, cols = np.arange(on.shape[0])[:, None], np.arange(on.shape[1])[None, :]
+    a = on & (cols < i0 + 8)  # 20 mm at the left edge
+    b = on & (rows > j1 - 6) & (abs(cols - (i0 + i1) / 2) < 6)  # a notch in the bottom edge (within the box)
+    s.mask[kc][a | b] = 0
+    corr = s.add_point(deepest_point(np.stack([a if t == kc else np.zeros_like(a) for t in range(liver.shape[0])]), kc))
+    after = s.mask[kc] > 0
+    assert (after & a).sum() >= 0.8 * a.sum(), (int((after & a).sum()), int(a.sum()), corr)
+    assert not (after & b).any(), (int((after & b).sum()), int(b.sum()), corr)
+
+
+def test_what_a_click_adds_is_the_new_part_it_lies_in_or_the_nearest():
+    added = np.zeros((20, 30), dtype=bool)
+    added[2:6, 2:6] = True  # part 1
+    added[10:15, 20:28] = True  # part 2
+    part1 = np.zeros_like(added)
+    part1[2:6, 2:6] = True
+    assert (CorrectionSession._part_at(added, 3, 3) == part1).all()
+    near2 = CorrectionSession._part_at(added, 18, 12)  # in neither: the nearest, part 2
+    assert near2[12, 24] and not near2[3, 3] and near2.sum() == 40
+    one = np.zeros_like(added)
+    one[5:8, 5:8] = True
+    assert (CorrectionSession._part_at(one, 0, 0) == one).all()
+
+
 def test_a_correction_touches_only_the_slices_it_must(session, engine, phantom):
     liver = phantom.liver_mask > 0
     ka = at_fraction(liver, 0.5)

@@ -11,8 +11,11 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
 * **a positive point outside the mask** adds to its slice: within ``NEAR_MM`` of the slice's mask
   the model is prompted with the box around that mask and the click (the object is larger there),
   farther away with the click alone (an island; for a box-only model such as LiteMedSAM through
-  ``seeded_region``); the part of the model's mask the click lies in is kept, and grown further
-  where it reaches beyond that box (``PromptEngine.widen``, propagation's growth rule). The click
+  ``seeded_region``); the part of the model's mask the click lies in is kept (a click the model's
+  mask leaves out is refused: it would add only what the click says nothing about), and grown
+  further where it reaches beyond that box (``PromptEngine.widen``, propagation's growth rule); of
+  what that adds to the slice, only the connected part the click lies in is added (the model's
+  answer may also differ from the mask elsewhere along its edge: a neighbour it takes in). The click
   says its tissue is the object: the session's HU range grows to that part's (a darker tumour
   inside the liver), and only pixels in that range are added (holes filled, so vessels do not
   split the part). The slice's new mask is then followed up and down, adding what is new,
@@ -212,8 +215,10 @@ class CorrectionSession:
             region = eng.segment_slice(Prompts(positive=[p], negative=here.negative, slice_axis=axis)).mask
         corr.decoded_slices.append(s)
         lab, _ = ndimage.label(region)
-        if lab[y, x]:
-            region = lab == lab[y, x]
+        if not lab[y, x]:
+            raise PromptError(f"the model's mask on slice {axis}={s} leaves the click out: click in the middle "
+                              "of the missed part, or draw a box around it")
+        region = lab == lab[y, x]
         hu_range = self._hu_range
         if hu_range is not None and region[y, x]:
             # The click says that this tissue is the object: the HU range (of what the first prompts
@@ -227,7 +232,8 @@ class CorrectionSession:
         if (region & ~sl).any():
             # The part may reach beyond the box the model was given: grow it as propagation does.
             region = region | (eng.widen(axis, s, region | sl if near else region, hu_range) & ~sl)
-        if not (region & ~sl).any():
+        region = self._part_at(region & ~sl, x, y)
+        if not region.any():
             raise PromptError(f"found nothing to add under the click on slice {axis}={s}: click inside the object")
         max_area = self._max_added_area()
         if region.sum() > max_area:
@@ -243,6 +249,20 @@ class CorrectionSession:
         for direction in (+1, -1):
             corr.stops["up" if direction > 0 else "down"] = self._walk(s, prev, direction, seed_area, self._hu_range,
                                                                        corr, replace=False, max_area=max_area)
+
+    @staticmethod
+    def _part_at(added: np.ndarray, x: int, y: int) -> np.ndarray:
+        """The connected part (8-connected) of ``added`` that holds pixel (x, y), or the nearest one:
+        what a click adds. The model's answer may also differ from the slice's mask elsewhere along
+        its edge (a neighbour it takes in there), which the click says nothing about."""
+        lab, n = ndimage.label(added, structure=np.ones((3, 3), dtype=bool))
+        if n <= 1:
+            return added
+        if not lab[y, x]:
+            yy, xx = np.nonzero(lab)
+            nearest = int(np.argmin((yy - y) ** 2 + (xx - x) ** 2))
+            y, x = int(yy[nearest]), int(xx[nearest])
+        return lab == lab[y, x]
 
     def _max_added_area(self) -> float:
         """What one positive click may make of a slice: ``ADD_AREA_FACTOR`` times the largest slice."""
