@@ -82,3 +82,42 @@ def test_without_the_object_elsewhere_a_whole_slice_click_stays_on_its_slice():
     mask = leak.astype(np.uint8)
     out = negative_region(mask, hu, "k", 6, (43.0, 32.0), PIXEL_MM, slice_mm=SLICE_MM)
     assert set(np.flatnonzero(out.any(axis=(1, 2)))) <= {6}
+
+
+def darker_part_scene():
+    """The object (60 HU, a disk on slices 12..29) whose part right of column 25 is darker (0 HU)
+    on slices 18..25, and there a 3-pixel rim of wrong tissue of that HU beside it, in the mask
+    (``rim``): 40 % of those slices' mask, a fifth of the mask as a whole."""
+    rng = np.random.default_rng(1)
+    shape = (32, 64, 64)
+    hu = np.full(shape, -100.0) + rng.normal(0.0, 5.0, shape)
+    obj, rim = np.zeros(shape, bool), np.zeros(shape, bool)
+    right = (np.arange(shape[2]) > 25)[None, :]
+    for k in range(12, 30):
+        obj[k] = disk(shape[1:], (32, 22), 14)
+    for k in range(18, 26):
+        rim[k] = disk(shape[1:], (32, 22), 17) & ~obj[k] & right
+    dark = obj & (np.arange(shape[0]) >= 18)[:, None, None] & (np.arange(shape[0]) <= 25)[:, None, None] & right[None]
+    hu[obj] = 60.0 + rng.normal(0.0, 10.0, int(obj.sum()))
+    hu[dark | rim] = 0.0 + rng.normal(0.0, 5.0, int((dark | rim).sum()))
+    return hu.astype(np.float32), obj, dark, rim
+
+
+def test_a_click_on_a_rim_at_the_masks_edge_takes_a_blob_not_the_darker_part_it_grows_into():
+    """A negative click on a rim of wrong tissue at the mask's edge whose region grows into a
+    darker part of the object (more than ``max_frac`` of its slice's mask) takes only its blob, on
+    its slice (before: the darker part went, on 8 slices); a click in the middle of that darker part
+    says the part is wrong, and it goes in 3D."""
+    hu, obj, dark, rim = darker_part_scene()
+    mask = (obj | rim).astype(np.uint8)
+    wrong = dark | rim
+    frac = 0.3
+    assert wrong[22].sum() > frac * mask[22].sum() and wrong.sum() < 0.25 * mask.sum()
+    edge = negative_region(mask, hu, "k", 22, (37.0, 32.0), PIXEL_MM, max_frac=frac, slice_mm=SLICE_MM)
+    assert set(np.flatnonzero(edge.any(axis=(1, 2)))) == {22}
+    assert 0 < edge.sum() < 0.2 * wrong[22].sum(), (int(edge.sum()), int(wrong[22].sum()))
+    middle = negative_region(mask, hu, "k", 22, (31.0, 32.0), PIXEL_MM, max_frac=frac, slice_mm=SLICE_MM)
+    assert set(np.flatnonzero(middle.any(axis=(1, 2)))) >= set(range(19, 25))
+    assert (middle & wrong).sum() > 0.8 * wrong.sum()
+    # (and the footprint on the slice where the darker part ends, where the walk stops, and border pixels)
+    assert (middle & ~wrong).sum() < 0.15 * middle.sum(), (int((middle & ~wrong).sum()), int(middle.sum()))

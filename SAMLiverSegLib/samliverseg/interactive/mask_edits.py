@@ -7,7 +7,8 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   the mask, the part connected to the click. Where it would take more than ``max_frac`` of the
   slice's mask and its median HU is within ``MIN_CONTRAST_HU`` of the rest's or of the object's
   elsewhere (the wrong tissue looks like the object; a click at the object's border grew into
-  it), or where it would take more than ``DISTINCT_MAX_FRAC`` of it (almost all of it: the rest
+  it) or the click lies at its edge (``EDGE_FRAC``; then the removal also stays on the clicked
+  slice), or where it would take more than ``DISTINCT_MAX_FRAC`` of it (almost all of it: the rest
   is too small to compare), only the blob around the click is taken: the pixels within twice the
   click's depth (its distance to the mask border) of the click, at most ``BLOB_MAX_MM``. Neither
   limit holds on a slice with no object: where the median HU of the slice's mask lies
@@ -60,6 +61,11 @@ MAX_VOLUME_FRAC = 0.25
 #: ... and that blob's radius is at most this (mm): a click deep inside the mask (a vessel the
 #: reference leaves out) must not take a large disk of the object with it.
 BLOB_MAX_MM = 15.0
+#: A click within this fraction of its grown region's equivalent radius of that region's border,
+#: where the region is more than ``MAX_FRAC`` of the slice's mask, lay on a rim of wrong tissue at
+#: the mask's edge and grew from there into the object (a darker part of the liver): only its blob
+#: goes, on its slice. A click in the middle of a large leak lies deeper than this.
+EDGE_FRAC = 0.2
 #: The walk goes at most this many times the clicked region's equivalent diameter each way.
 TALL = 2.0
 
@@ -82,27 +88,45 @@ def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float]
     the click lies outside the mask). ``elsewhere``: the quartiles of the object's HU on the
     other slices (``_object_hu_elsewhere``), to tell a slice with no object and a click that grew
     into the object."""
+    return _clicked(mask2d, hu2d, xy, pixel_spacing, max_frac, elsewhere)[0]
+
+
+def _clicked(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float], pixel_spacing: Sequence[float],
+             max_frac: float, elsewhere: Optional[np.ndarray]) -> Tuple[np.ndarray, bool]:
+    """:func:`clicked_region`, and whether the click lay at the edge of what grew from it (see
+    ``EDGE_FRAC``: it was kept to the blob around the click, on its slice)."""
     m = np.asarray(mask2d) > 0
     rows, cols = m.shape
     x, y = min(max(int(round(xy[0])), 0), cols - 1), min(max(int(round(xy[1])), 0), rows - 1)
     if not m[y, x]:
-        return np.zeros_like(m)
+        return np.zeros_like(m), False
     region = grow_region(hu2d, (x, y), pixel_spacing) & m
     if not region[y, x]:
         region = m.copy()
     smooth = _smoothed(hu2d, pixel_spacing)
+    edge = False
     if _no_object(smooth[m], elsewhere):
         limit = False  # no object on this slice: its mask is all wrong tissue
     elif region.sum() > DISTINCT_MAX_FRAC * m.sum():
         limit = True
-    else:  # more than max_frac of the slice's mask, and it looks like the rest or like the object elsewhere
-        limit = region.sum() > max_frac * m.sum() and (not _distinct(region, m & ~region, smooth)
-                                                        or (elsewhere is not None and not _far(smooth[region], elsewhere[1])))
+    elif region.sum() > max_frac * m.sum():
+        # It looks like the rest or like the object elsewhere, or the click lies at its edge.
+        edge = _at_edge(region, x, y, pixel_spacing)
+        limit = edge or not _distinct(region, m & ~region, smooth) or (
+            elsewhere is not None and not _far(smooth[region], elsewhere[1]))
+    else:
+        limit = False
     if limit:
         radius = min(2.0 * _depth_px(m, x, y, pixel_spacing), BLOB_MAX_MM)
         region &= _disk_mm(m.shape, x, y, radius, pixel_spacing)
     lab, _ = ndimage.label(region)
-    return lab == lab[y, x]
+    return lab == lab[y, x], edge
+
+
+def _at_edge(region: np.ndarray, x: int, y: int, pixel_spacing: Sequence[float]) -> bool:
+    """Whether pixel (x, y) lies within ``EDGE_FRAC`` of ``region``'s equivalent radius of its border."""
+    area_mm2 = float(region.sum()) * float(pixel_spacing[0]) * float(pixel_spacing[1])
+    return _depth_px(region, x, y, pixel_spacing) < EDGE_FRAC * np.sqrt(area_mm2 / np.pi)
 
 
 def _far(values: np.ndarray, object_hu: float) -> bool:
@@ -150,8 +174,11 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     if not m0.any():
         return out
     elsewhere = _object_hu_elsewhere(mask3d, hu3d, axis, index)
-    first = clicked_region(m0, get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac, elsewhere)
+    first, edge = _clicked(m0, get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac, elsewhere)
     if not first.any():
+        return out
+    if edge:  # a rim the click lay on: its blob, on its slice
+        get_slice(out, axis, index)[...] = first
         return out
     hu0 = _smoothed(get_slice(hu3d, axis, index), pixel_spacing)
     no_object = _no_object(hu0[m0], elsewhere)
