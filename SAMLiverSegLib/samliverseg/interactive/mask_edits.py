@@ -7,8 +7,8 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   the mask, the part connected to the click. Where it would take more than ``max_frac`` of the
   slice's mask and its median HU is within ``MIN_CONTRAST_HU`` of the rest's or of the object's
   elsewhere (the wrong tissue looks like the object; a click at the object's border grew into
-  it) or the click lies at its edge (``EDGE_FRAC``; then the removal also stays on the clicked
-  slice), or where it would take more than ``DISTINCT_MAX_FRAC`` of it (almost all of it: the rest
+  it), or where the click lies at the edge of what grew (``EDGE_FRAC``, at any size; then the
+  removal also stays on the clicked slice), or where it would take more than ``DISTINCT_MAX_FRAC`` of it (almost all of it: the rest
   is too small to compare), only the blob around the click is taken: the pixels within twice the
   click's depth (its distance to the mask border) of the click, at most ``BLOB_MAX_MM``. Neither
   limit holds on a slice with no object: where the median HU of the slice's mask lies
@@ -61,10 +61,10 @@ MAX_VOLUME_FRAC = 0.25
 #: ... and that blob's radius is at most this (mm): a click deep inside the mask (a vessel the
 #: reference leaves out) must not take a large disk of the object with it.
 BLOB_MAX_MM = 15.0
-#: A click within this fraction of its grown region's equivalent radius of that region's border,
-#: where the region is more than ``MAX_FRAC`` of the slice's mask, lay on a rim of wrong tissue at
-#: the mask's edge and grew from there into the object (a darker part of the liver): only its blob
-#: goes, on its slice. A click in the middle of a large leak lies deeper than this.
+#: A click within this fraction of its grown region's equivalent radius of that region's border
+#: lay on a rim of wrong tissue at the mask's edge and may have grown from there into the object (a
+#: darker part of the liver): only its blob goes, on its slice. A click in the middle of a leak lies
+#: deeper than this (a slice with no object is not limited).
 EDGE_FRAC = 0.2
 #: The walk goes at most this many times the clicked region's equivalent diameter each way.
 TALL = 2.0
@@ -109,13 +109,12 @@ def _clicked(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float], pixe
         limit = False  # no object on this slice: its mask is all wrong tissue
     elif region.sum() > DISTINCT_MAX_FRAC * m.sum():
         limit = True
-    elif region.sum() > max_frac * m.sum():
-        # It looks like the rest or like the object elsewhere, or the click lies at its edge.
-        edge = _at_edge(region, x, y, pixel_spacing)
-        limit = edge or not _distinct(region, m & ~region, smooth) or (
-            elsewhere is not None and not _far(smooth[region], elsewhere[1]))
     else:
-        limit = False
+        # The click lies at the edge of what grew from it, or that is more than max_frac of the
+        # slice's mask and looks like the rest or like the object elsewhere.
+        edge = _at_edge(region, x, y, pixel_spacing)
+        limit = edge or (region.sum() > max_frac * m.sum() and (not _distinct(region, m & ~region, smooth) or (
+            elsewhere is not None and not _far(smooth[region], elsewhere[1]))))
     if limit:
         radius = min(2.0 * _depth_px(m, x, y, pixel_spacing), BLOB_MAX_MM)
         region &= _disk_mm(m.shape, x, y, radius, pixel_spacing)
