@@ -11,8 +11,10 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
 * **a positive point outside the mask** adds to its slice: within ``NEAR_MM`` of the slice's mask
   the model is prompted with the box around that mask and the click (the object is larger there),
   farther away with the click alone (an island; for a box-only model such as LiteMedSAM through
-  ``seeded_region``); the part of the model's mask the click lies in is kept (a click the model's
-  mask leaves out is refused: it would add only what the click says nothing about), and grown
+  ``seeded_region``); the part of the model's mask the click lies in (or the nearest, within
+  ``NEAR_MM``, where it covers half of the slice's mask: the object reaching toward the click) is kept (a
+  click the model's mask leaves out otherwise is refused: it would add only what the click says
+  nothing about), and grown
   further where it reaches beyond that box (``PromptEngine.widen``, propagation's growth rule); of
   what that adds to the slice, only the connected part the click lies in is added (the model's
   answer may also differ from the mask elsewhere along its edge: a neighbour it takes in). The click
@@ -214,11 +216,18 @@ class CorrectionSession:
             # Away from it (an island the propagation never reached): the object under the click.
             region = eng.segment_slice(Prompts(positive=[p], negative=here.negative, slice_axis=axis)).mask
         corr.decoded_slices.append(s)
-        lab, _ = ndimage.label(region)
+        lab, n = ndimage.label(region)
+        at = (y, x)
         if not lab[y, x]:
-            raise PromptError(f"the model's mask on slice {axis}={s} leaves the click out: click in the middle "
-                              "of the missed part, or draw a box around it")
-        region = lab == lab[y, x]
+            # The model's mask may pass beside the click: its part nearest the click, within NEAR_MM,
+            # where that part is the object the slice's mask holds (it covers half of it or more)
+            # reaching toward the click; not another organ beside it.
+            dist, (iy, ix) = ndimage.distance_transform_edt(lab == 0, sampling=(rs, cs), return_indices=True)
+            at = (int(iy[y, x]), int(ix[y, x]))
+            if n == 0 or dist[y, x] > NEAR_MM or (sl & (lab == lab[at])).sum() < 0.5 * sl.sum():
+                raise PromptError(f"the model's mask on slice {axis}={s} leaves the click out: click in the middle "
+                                  "of the missed part, or draw a box around it")
+        region = lab == lab[at]
         hu_range = self._hu_range
         if hu_range is not None and region[y, x]:
             # The click says that this tissue is the object: the HU range (of what the first prompts
@@ -232,7 +241,7 @@ class CorrectionSession:
         if (region & ~sl).any():
             # The part may reach beyond the box the model was given: grow it as propagation does.
             region = region | (eng.widen(axis, s, region | sl if near else region, hu_range) & ~sl)
-        region = self._part_at(region & ~sl, x, y)
+        whole, region = region, self._part_at(region & ~sl, x, y)
         if not region.any():
             raise PromptError(f"found nothing to add under the click on slice {axis}={s}: click inside the object")
         max_area = self._max_added_area()
@@ -244,7 +253,8 @@ class CorrectionSession:
         corr.changed_slices.append(s)
         if first is not None:
             first(corr)
-        prev = self._slice(s).astype(bool) if near else region
+        # The walk follows the slice's new mask, or (an island) the model's part the click lies in.
+        prev = self._slice(s).astype(bool) if near else whole | region
         seed_area = int(prev.sum())
         for direction in (+1, -1):
             corr.stops["up" if direction > 0 else "down"] = self._walk(s, prev, direction, seed_area, self._hu_range,
