@@ -106,8 +106,9 @@ def darker_part_scene():
 def test_a_click_on_a_rim_at_the_masks_edge_takes_a_blob_not_the_darker_part_it_grows_into():
     """A negative click on a rim of wrong tissue at the mask's edge whose region grows into a
     darker part of the object (more than ``max_frac`` of its slice's mask) takes only its blob, on
-    its slice (before: the darker part went, on 8 slices); a click in the middle of that darker part
-    says the part is wrong, and it goes in 3D."""
+    its slice (before: the darker part and the rim went on all 18 of the object's slices, with 253
+    px of the object beyond); a click in the middle of that darker part says the part is wrong, and
+    it goes in 3D."""
     hu, obj, dark, rim = darker_part_scene()
     mask = (obj | rim).astype(np.uint8)
     wrong = dark | rim
