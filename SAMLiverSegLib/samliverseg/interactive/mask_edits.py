@@ -8,9 +8,10 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   slice's mask and its median HU is within ``MIN_CONTRAST_HU`` of the rest's or of the object's
   elsewhere (the wrong tissue looks like the object; a click at the object's border grew into
   it), or where the click lies at the edge of what grew (``EDGE_FRAC``, at any size; then the
-  removal also stays on the clicked slice), or where it would take more than ``DISTINCT_MAX_FRAC`` of it (almost all of it: the rest
-  is too small to compare), only the blob around the click is taken: the pixels within twice the
-  click's depth (its distance to the mask border) of the click, at most ``BLOB_MAX_MM``. Neither
+  removal also stays on the clicked slice), or where it would take more than
+  ``DISTINCT_MAX_FRAC`` of it (almost all of it: the rest is too small to compare), only the blob
+  around the click is taken: the pixels within twice the click's depth (its distance to the mask
+  border) of the click, at most ``BLOB_MAX_MM``. Neither
   limit holds on a slice with no object: where the median HU of the slice's mask lies
   ``MIN_CONTRAST_HU`` or more from the object's elsewhere (the mask on the other slices) and fewer
   than ``NO_OBJECT_OVERLAP`` of its pixels lie in the object's interquartile HU range there (a leak

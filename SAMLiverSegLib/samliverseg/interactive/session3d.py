@@ -12,12 +12,12 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
   the model is prompted with the box around that mask and the click (the object is larger there),
   farther away with the click alone (an island; for a box-only model such as LiteMedSAM through
   ``seeded_region``); the part of the model's mask the click lies in (or the nearest, within
-  ``NEAR_MM``, where it covers half of the slice's mask: the object reaching toward the click) is kept (a
-  click the model's mask leaves out otherwise is refused: it would add only what the click says
-  nothing about), and grown
-  further where it reaches beyond that box (``PromptEngine.widen``, propagation's growth rule); of
-  what that adds to the slice, only the connected part the click lies in is added (the model's
-  answer may also differ from the mask elsewhere along its edge: a neighbour it takes in). The click
+  ``NEAR_MM``, where it covers half of the slice's mask: the object reaching toward the click) is
+  kept (a click the model's mask leaves out otherwise is refused: it would add only what the click
+  says nothing about), and grown further where it reaches beyond that box (``PromptEngine.widen``,
+  propagation's growth rule); of what that adds to the slice, only the connected part the click
+  lies in is added (the model's answer may also differ from the mask elsewhere along its edge: a
+  neighbour it takes in). The click
   says its tissue is the object: the session's HU range grows to that part's (a darker tumour
   inside the liver), and only pixels in that range are added (holes filled, so vessels do not
   split the part). The slice's new mask is then followed up and down, adding what is new,
@@ -254,7 +254,7 @@ class CorrectionSession:
         if first is not None:
             first(corr)
         # The walk follows the slice's new mask, or (an island) the model's part the click lies in.
-        prev = self._slice(s).astype(bool) if near else whole | region
+        prev = self._slice(s).astype(bool) if near else whole
         seed_area = int(prev.sum())
         for direction in (+1, -1):
             corr.stops["up" if direction > 0 else "down"] = self._walk(s, prev, direction, seed_area, self._hu_range,
