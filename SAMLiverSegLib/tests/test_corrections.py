@@ -19,7 +19,7 @@ from samliverseg.core.errors import PromptError
 from samliverseg.core.evaluation import dice
 from samliverseg.core.maskutil import bbox_2d
 from samliverseg.core.prompts import Prompts, SliceBox, validate_prompts
-from samliverseg.demo.phantom import ORGAN_CODES, make_phantom
+from samliverseg.demo.phantom import ORGAN_CODES, make_island_lobe_phantom, make_phantom
 from samliverseg.interactive.engine import PromptEngine
 from samliverseg.interactive.session3d import CorrectionSession
 from samliverseg.io.volume import Volume
@@ -116,6 +116,42 @@ def test_negative_click_removes_a_leak_in_3d(session, phantom):
     assert session.mask[k][leak[k]].mean() < 0.2  # the edge pixels (partial volume with fat) may stay
     assert any(s != k for s in corr.changed_slices)
     assert dice(session.mask, liver) >= dice(before, liver) - 0.01
+
+
+@pytest.fixture(scope="module")
+def same_hu_neighbour():
+    """The island-lobe phantom whose kidney, joined to the right lobe by a thin bridge, has the
+    liver's HU (110, as the pancreas or duodenum beside a portal-phase liver): HU cannot tell it."""
+    p = make_island_lobe_phantom(seed=3)
+    hu = p.hu.copy()
+    hu[p.organs == ORGAN_CODES["kidney"]] -= p.hu_table["kidney"] - p.hu_table["liver"]
+    vol = Volume(hu, spacing=p.spacing, origin=p.origin, direction=p.direction)
+    eng = PromptEngine("lite_medsam", device="cpu", backend="auto")
+    eng.set_volume(vol)
+    return p, eng
+
+
+def test_a_cut_the_hu_cannot_carry_is_followed_by_the_model(same_hu_neighbour):
+    """A negative click in a leak of the object's HU: the cut is followed across slices by the model
+    (each slice segmented from the corrected one before it), not kept to the clicked slice."""
+    p, eng = same_hu_neighbour
+    liver = p.labels > 0
+    kidney = p.organs == ORGAN_CODES["kidney"]
+    s = CorrectionSession(eng, Prompts(box=box_on(liver, at_fraction(liver, 0.6))))
+    ks = [k for k in np.flatnonzero(kidney.any(axis=(1, 2))) if s.mask[k].any()]
+    leak = np.zeros_like(kidney)
+    leak[ks] = kidney[ks]  # the propagation leaked into the kidney on every slice it shares with the liver
+    assert len(ks) >= 6 and leak.sum() > 1000
+    s.mask[leak] = 1
+    before = s.mask.copy()
+    k = int(ks[np.argmax(leak.sum(axis=(1, 2))[ks])])
+    corr = s.add_point(deepest_point(leak, k), positive=False)
+    others = leak.copy()
+    others[k] = False
+    assert s.mask[others].mean() < 0.3, (float(s.mask[others].mean()), corr)  # gone on the other slices too
+    assert len([t for t in corr.changed_slices if t != k]) >= 3, corr
+    lost = (before > 0) & ~(s.mask > 0) & liver
+    assert lost.sum() <= 0.01 * (before[liver] > 0).sum(), (int(lost.sum()), corr)  # the liver stays
 
 
 def test_positive_click_adds_a_missed_part(engine, phantom):

@@ -27,7 +27,10 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
 * **a negative point inside the mask** removes the wrong region it lies in, in 3D
   (``mask_edits.negative_region``: its slice's region grown from the click, or all of the slice's
   mask where it holds no object, and its HU-connected continuation on the next slices), never
-  changing another prompted slice;
+  changing another prompted slice. Where HU cannot carry the cut beyond its slice (the wrong
+  tissue has the object's HU), the model does (``_cut_walk``): each next slice is segmented from
+  the corrected one before it, and what the mask held beyond that answer, connected to the
+  previous slice's cut, goes;
 * :meth:`~CorrectionSession.undo` takes the last correction back (the slices it changed, the
   prompts and the HU range as they were), up to ``UNDO_DEPTH`` corrections.
 
@@ -69,6 +72,12 @@ UNDO_DEPTH = 20
 #: What a positive click adds is refused on its slice, and its walk stops, where a slice's mask would
 #: exceed this many times the object's largest slice before the click (a click must not add an organ).
 ADD_AREA_FACTOR = 3.0
+#: A cut the model follows (where HU cannot carry it beyond its slice) stops where the next slice's
+#: cut would be more than this many times the previous one's (+16 px) ...
+CUT_GROWTH = 2.0
+#: ... or more than this fraction of that slice's mask (the object itself, not a leak); nor is a cut
+#: followed that took more than this of its own slice's mask.
+CUT_MAX_FRAC = 0.5
 
 
 @dataclass
@@ -133,7 +142,8 @@ class CorrectionSession:
                   first: Optional[Callable[[Correction], None]] = None) -> Correction:
         """A positive or negative click (IJK) on any slice; returns what it changed. ``first`` is
         called once the clicked slice holds its result, before the walk through the others (a
-        progressive answer: that slice can be shown at once; a cut decodes nothing and does not call it)."""
+        progressive answer: that slice can be shown at once; a cut does not call it: it decodes
+        nothing, or only where the model follows it, and comes whole)."""
         t0 = time.perf_counter()
         before = self._state()
         p = self._validated_point(point_ijk)
@@ -154,6 +164,8 @@ class CorrectionSession:
                                         slice_mm=float(vol.spacing[IJK_INDEX[self.axis]]))
                 self.mask[wrong] = 0
                 corr.changed_slices = [int(v) for v in np.flatnonzero(wrong.any(axis=self._other_axes()))]
+                if corr.changed_slices == [s]:
+                    self._cut_walk(s, slice_of(wrong, self.axis, s), corr)
         return self._finish(corr, t0, before)
 
     def add_box(self, box: SliceBox, first: Optional[Callable[[Correction], None]] = None) -> Correction:
@@ -311,6 +323,43 @@ class CorrectionSession:
             prev = new
             t += direction
         return "reached the end of the volume"
+
+    def _cut_walk(self, s: int, removed: np.ndarray, corr: Correction) -> None:
+        """Follow with the model a cut (``removed``, on slice ``s``) that HU could not carry beyond its
+        slice: the wrong tissue looks like the object (a pancreas or duodenum beside a portal-phase
+        liver). Each next slice is segmented from the corrected slice before it (propagation's step:
+        its box, growth limit and HU gate); what the mask held there beyond that answer, connected to
+        the previous slice's cut, goes. The walk ends where nothing goes, where the cut would grow
+        past ``CUT_GROWTH`` times the previous one or take more than ``CUT_MAX_FRAC`` of the slice's
+        mask, where the object ends, or at a prompted slice. A cut that took more than
+        ``CUT_MAX_FRAC`` of its own slice's mask is not followed: a click whose region grew into
+        the object (a tumour's rim of the liver's HU) must not carry that on."""
+        anchors = set(self.anchors())
+        seed_area = int(self._slice(s).sum())
+        if (seed_area == 0 or removed.sum() < self.engine.settings.min_area_px
+                or removed.sum() > CUT_MAX_FRAC * (seed_area + removed.sum())):
+            return  # too little to follow, or most of the slice (the object itself, not a leak)
+        grow = np.ones((3, 3), dtype=bool)
+        for direction in (+1, -1):
+            prev_mask, prev_cut = self._slice(s).astype(bool), removed
+            t = s + direction
+            while 0 <= t < self._n() and t not in anchors:
+                old = self._slice(t).astype(bool)
+                if not old.any():
+                    break
+                new, _ = self._follow(t, prev_mask, seed_area, self._hu_range)
+                corr.decoded_slices.append(t)
+                if new is None:
+                    break
+                lab, _n = ndimage.label(old & ~new)
+                ids = np.unique(lab[ndimage.binary_dilation(prev_cut, structure=grow) & (lab > 0)])
+                cut = np.isin(lab, ids[ids > 0])
+                if not cut.any() or cut.sum() > CUT_GROWTH * prev_cut.sum() + 16 or cut.sum() > CUT_MAX_FRAC * old.sum():
+                    break
+                self._slice(t)[cut] = 0
+                corr.changed_slices.append(t)
+                prev_mask, prev_cut = old & ~cut, cut
+                t += direction
 
     def _clear_until_anchor(self, t: int, direction: int, anchors: Set[int], corr: Correction) -> None:
         while 0 <= t < self._n() and t not in anchors and self._slice(t).any():
