@@ -27,7 +27,9 @@
   covers what it finds (``sweep_second_opinion``; a part it leaves out is not followed). Growth
   that lies where the model offered it on the slice before and the limit left it out there is
   refused (``growth_max_left_out``): a neighbour that lay beside the object all along (the
-  duodenum beside the liver), not a part that appears.
+  duodenum beside the liver), not a part that appears. Where a slice's answer jumps away, the
+  model is asked once more with the previous mask's own box before the object is judged to end
+  there (``jump_retry_margin_px``; the margin may have let a neighbour in).
   ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
 * Within one :meth:`PromptEngine.segment` the answers to box prompts are kept
   (``memoize_decodes``): the sweep asks many of propagation's questions again, and the decoder is
@@ -202,11 +204,13 @@ class PropagationSettings:
     island_min_score: float = 0.8  # and a part is followed only where the model rates its mask this well
     sweep_second_opinion: bool = True  # where the whole neighbour is followed with confidence, that decides whether a part is followed (see _part_accepted)
     sweep_whole: bool = True  # the sweep also follows a neighbour's whole mask where it is the larger (see _sweep_islands)
+    jump_retry_margin_px: Optional[float] = 0.0  # where the answer jumps away, ask once more with the previous mask's own box plus this (None: stop at once; see _follow)
+    jump_retry_min_overlap: float = 0.9  # ... and keep that answer only where this much of it survives the growth limit and HU gate (the object goes on where it was)
 
     @classmethod
     def legacy(cls) -> "PropagationSettings":
         """The rules of before issue 13 (for before/after benchmarks): no wider search, no sweep."""
-        return cls(growth=None, sweep_islands=False)
+        return cls(growth=None, sweep_islands=False, jump_retry_margin_px=None)
 
 
 class PromptEngine:
@@ -684,27 +688,37 @@ class PromptEngine:
 
     def _follow(self, axis, s, anchor, roi, seed_area, ref_hu, grow):
         """The object on slice ``s`` next to ``anchor`` (its mask on the neighbouring slice):
-        (mask, score, None), or (None, score, why it ended there)."""
+        (mask, score, None), or (None, score, why it ended there). Where the model's answer to
+        ``anchor``'s box plus the margin jumps away (too little of it survives the growth limit and
+        the HU gate: the margin let it take a neighbour in, as bowel beside the liver's caudal
+        tip), it is asked once more with ``anchor``'s own box (``jump_retry_margin_px``), and that
+        answer is kept where almost all of it survives (``jump_retry_min_overlap``); else the
+        object ends there, as before."""
         st = self.settings
         vol = self.volume
         x0, y0, x1, y1 = bbox_2d(anchor)
-        box = self._box_around(anchor, st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1),
-                               st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1))
         rs, cs = pixel_spacing(vol, axis)
         points = [interior_point(anchor, spacing=(cs, rs))] if st.add_point and not getattr(self.spec, "box_only", False) else []
-        mask, score = self._decode_box(axis, s, points, box)
-        mask = self._inside_roi(mask, roi, axis)
-        area_raw = int(mask.sum())
-        if area_raw < max(st.min_area_px, st.min_area_frac * seed_area):
-            return None, score, f"object ended at slice {s} (area {area_raw} px)"
         near = dilate(anchor, grow, np.ones((3, 3), dtype=bool))
-        kept = mask & near
-        if st.hu_gate and self._seed_hu_range is not None:
-            kept = self._gate(kept, axis, s, anchor)
-        # Growth the model is sure of comes first: an object that widens fast (a lobe that joins)
-        # is not mistaken for a jump away.
-        grown = self._grow(axis, s, anchor, kept, mask, roi)
-        if grown.sum() < st.min_overlap * area_raw:
+        margins = [(st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1), st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1))]
+        if st.jump_retry_margin_px is not None:
+            margins.append((st.jump_retry_margin_px, st.jump_retry_margin_px))
+        for mx, my in margins:
+            mask, score = self._decode_box(axis, s, points, self._box_around(anchor, mx, my))
+            mask = self._inside_roi(mask, roi, axis)
+            area_raw = int(mask.sum())
+            if area_raw < max(st.min_area_px, st.min_area_frac * seed_area):
+                return None, score, f"object ended at slice {s} (area {area_raw} px)"
+            kept = mask & near
+            if st.hu_gate and self._seed_hu_range is not None:
+                kept = self._gate(kept, axis, s, anchor)
+            # Growth the model is sure of comes first: an object that widens fast (a lobe that joins)
+            # is not mistaken for a jump away.
+            grown = self._grow(axis, s, anchor, kept, mask, roi)
+            retry = len(margins) > 1 and (mx, my) == margins[-1]
+            if grown.sum() >= (st.jump_retry_min_overlap if retry else st.min_overlap) * area_raw:
+                break
+        else:
             return None, score, f"mask jumped away from the previous slice at slice {s}"
         if score < st.min_score:
             return None, score, f"model confidence {score:.2f} below {st.min_score} at slice {s}"
