@@ -700,10 +700,12 @@ class PromptEngine:
         rs, cs = pixel_spacing(vol, axis)
         points = [interior_point(anchor, spacing=(cs, rs))] if st.add_point and not getattr(self.spec, "box_only", False) else []
         near = dilate(anchor, grow, np.ones((3, 3), dtype=bool))
-        margins = [(st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1), st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1))]
+        # (box margin x, y; fraction of the answer that must survive): the box, then the second look
+        tries = [(st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1), st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1),
+                  st.min_overlap)]
         if st.jump_retry_margin_px is not None:
-            margins.append((st.jump_retry_margin_px, st.jump_retry_margin_px))
-        for mx, my in margins:
+            tries.append((st.jump_retry_margin_px, st.jump_retry_margin_px, st.jump_retry_min_overlap))
+        for mx, my, min_overlap in tries:
             mask, score = self._decode_box(axis, s, points, self._box_around(anchor, mx, my))
             mask = self._inside_roi(mask, roi, axis)
             area_raw = int(mask.sum())
@@ -715,8 +717,7 @@ class PromptEngine:
             # Growth the model is sure of comes first: an object that widens fast (a lobe that joins)
             # is not mistaken for a jump away.
             grown = self._grow(axis, s, anchor, kept, mask, roi)
-            retry = len(margins) > 1 and (mx, my) == margins[-1]
-            if grown.sum() >= (st.jump_retry_min_overlap if retry else st.min_overlap) * area_raw:
+            if grown.sum() >= min_overlap * area_raw:
                 break
         else:
             return None, score, f"mask jumped away from the previous slice at slice {s}"
