@@ -351,9 +351,7 @@ class CorrectionSession:
                 corr.decoded_slices.append(t)
                 if new is None:
                     break
-                lab, _n = ndimage.label(old & ~new)
-                ids = np.unique(lab[ndimage.binary_dilation(prev_cut, structure=grow) & (lab > 0)])
-                cut = np.isin(lab, ids[ids > 0])
+                cut = keep_components_touching(old & ~new, ndimage.binary_dilation(prev_cut, structure=grow)) > 0
                 if not cut.any() or cut.sum() > CUT_GROWTH * prev_cut.sum() + 16 or cut.sum() > CUT_MAX_FRAC * old.sum():
                     break
                 self._slice(t)[cut] = 0
