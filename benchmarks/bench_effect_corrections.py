@@ -18,8 +18,8 @@ QSocketNotifier):
   leak), which the session sends as a ``correct`` request.
 
 For each click: **its slice shown**, from the click to the clicked slice corrected in the scene (the
-worker's ``partial`` event, sent before the correction walks through the other slices; for a cut,
-which comes whole, the end to end time); **end to end**, from the click to the whole corrected
+worker's ``partial`` event, sent before the correction walks through the other slices; for a cut
+that HU carries, which comes whole, the end to end time); **end to end**, from the click to the whole corrected
 3D result shown (the request, the worker's correction, the mask file written and read back, the
 preview segmentation node updated); the worker's own compute time; and the rest. Then "Undo correction" once: its
 seconds, and whether Dice is back where it was before the last click. Dice after each step, and whether the

@@ -19,7 +19,9 @@ The loop of the CVPR 2025 interactive 3D segmentation challenge, on the shared r
 * Dice after each step, the area under the Dice curve over steps 0..N (trapezoids, divided by N),
   and the seconds of each correction (the slices of the objects' extent +-10 are embedded first, so
   these are the seconds of a correction with cached embeddings; the initial box's seconds are reported
-  apart).
+  apart), and the seconds until its clicked slice holds its result ("shown": what the Slicer effect
+  shows first, ``first`` of ``CorrectionSession.add_point``; the whole correction where it comes
+  whole).
 
 Objects: the liver of ircadb-1.1 and of the totalseg example, each of the 7 ircadb-1.1 tumours;
 ``--variants`` chooses the case variants of ``benchmarks/variants.py`` (flips, crops, 3 / 5 mm
@@ -98,7 +100,7 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, k: int, margin: i
     except SAMLiverSegError as exc:
         return {"error": f"initial box: {exc}", "dice": [0.0] * (clicks + 1), "seconds": [], "clicks": []}
     out = {"box_seconds": time.perf_counter() - t0, "dice": [dice(session.mask, truth)], "seconds": [], "clicks": [],
-           "decoded": [], "changed": []}
+           "shown_seconds": [], "decoded": [], "changed": []}
     refused: List[Tuple[float, float, float]] = []
     for _ in range(clicks):
         pred = session.mask > 0
@@ -108,14 +110,17 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, k: int, margin: i
             continue
         ijk, positive, size = click
         t1 = time.perf_counter()
+        shown: List[float] = []
         try:
-            corr = session.add_point(ijk, positive=positive)
+            corr = session.add_point(ijk, positive=positive, first=lambda c: shown.append(time.perf_counter()))
         except SAMLiverSegError as exc:
             out.setdefault("errors", []).append(str(exc))
             refused.append(ijk)
             out["dice"].append(out["dice"][-1])
             continue
-        out["seconds"].append(time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        out["seconds"].append(t2 - t1)
+        out["shown_seconds"].append((shown[0] if shown else t2) - t1)
         out["clicks"].append(("+" if positive else "-") + f"k{int(ijk[2])}({size})")
         out["decoded"].append(len(corr.decoded_slices))
         out["changed"].append(len(corr.changed_slices))
@@ -168,10 +173,12 @@ def summary(results: dict, clicks: int) -> List[list]:
             continue
         d = np.array([r["dice"] + [r["dice"][-1]] * (clicks + 1 - len(r["dice"])) for r in rs])
         secs = [s for r in rs for s in r.get("seconds", [])]
+        shown = [s for r in rs for s in r.get("shown_seconds", [])]
         out.append([label, str(len(rs))] + [f"{v:.3f}" for v in d.mean(axis=0)] + [
             f"{float(np.mean([r.get('auc', 0.0) for r in rs])):.3f}", f"{float(d[:, min(1, clicks)].min()):.3f}",
             f"{np.mean(secs):.2f}" if secs else "-", f"{np.median(secs):.2f}" if secs else "-",
-            f"{np.max(secs):.2f}" if secs else "-"])
+            f"{np.max(secs):.2f}" if secs else "-",
+            f"{np.median(shown):.2f}/{np.max(shown):.2f}" if shown else "-"])
     return out
 
 
@@ -228,7 +235,8 @@ def main(argv=None) -> int:
                 ["case", "object", "start", *steps, "AUC", "box s", "s/corr", "clicks (+/- on slice k, error voxels)"],
                 rows)
     print_table("summary (means; min@1 = the lowest Dice after one correction; seconds per correction)",
-                ["object", "runs", *steps, "AUC", "min@1", "mean s", "median s", "max s"], summary(results, args.clicks))
+                ["object", "runs", *steps, "AUC", "min@1", "mean s", "median s", "max s",
+                 "shown s (median/max)"], summary(results, args.clicks))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
     return 0

@@ -145,7 +145,10 @@ def test_a_cut_the_hu_cannot_carry_is_followed_by_the_model(same_hu_neighbour):
     s.mask[leak] = 1
     before = s.mask.copy()
     k = int(ks[np.argmax(leak.sum(axis=(1, 2))[ks])])
-    corr = s.add_point(deepest_point(leak, k), positive=False)
+    shown = []  # what the effect shows first: the clicked slice cut, the others not yet
+    corr = s.add_point(deepest_point(leak, k), positive=False, first=lambda c: shown.append(s.mask.copy()))
+    assert len(shown) == 1 and shown[0][k][leak[k]].mean() < 0.3
+    assert np.array_equal(np.delete(shown[0], k, axis=0), np.delete(before, k, axis=0))
     others = leak.copy()
     others[k] = False
     assert s.mask[others].mean() < 0.3, (float(s.mask[others].mean()), corr)  # gone on the other slices too

@@ -142,8 +142,9 @@ class CorrectionSession:
                   first: Optional[Callable[[Correction], None]] = None) -> Correction:
         """A positive or negative click (IJK) on any slice; returns what it changed. ``first`` is
         called once the clicked slice holds its result, before the walk through the others (a
-        progressive answer: that slice can be shown at once; a cut does not call it: it decodes
-        nothing, or only where the model follows it, and comes whole)."""
+        progressive answer: that slice can be shown at once). A cut calls it only where the model
+        follows it beyond its slice (``_cut_walk``, about 65 ms a slice on a 2-core CPU); a cut that
+        HU carries decodes nothing and comes whole."""
         t0 = time.perf_counter()
         before = self._state()
         p = self._validated_point(point_ijk)
@@ -165,7 +166,7 @@ class CorrectionSession:
                 self.mask[wrong] = 0
                 corr.changed_slices = [int(v) for v in np.flatnonzero(wrong.any(axis=self._other_axes()))]
                 if corr.changed_slices == [s]:
-                    self._cut_walk(s, slice_of(wrong, self.axis, s), corr)
+                    self._cut_walk(s, slice_of(wrong, self.axis, s), corr, first)
         return self._finish(corr, t0, before)
 
     def add_box(self, box: SliceBox, first: Optional[Callable[[Correction], None]] = None) -> Correction:
@@ -324,7 +325,8 @@ class CorrectionSession:
             t += direction
         return "reached the end of the volume"
 
-    def _cut_walk(self, s: int, removed: np.ndarray, corr: Correction) -> None:
+    def _cut_walk(self, s: int, removed: np.ndarray, corr: Correction,
+                  first: Optional[Callable[[Correction], None]] = None) -> None:
         """Follow with the model a cut (``removed``, on slice ``s``) that HU could not carry beyond its
         slice: the wrong tissue looks like the object (a pancreas or duodenum beside a portal-phase
         liver). Each next slice is segmented from the corrected slice before it (propagation's step:
@@ -333,12 +335,15 @@ class CorrectionSession:
         past ``CUT_GROWTH`` times the previous one or take more than ``CUT_MAX_FRAC`` of the slice's
         mask, where the object ends, or at a prompted slice. A cut that took more than
         ``CUT_MAX_FRAC`` of its own slice's mask is not followed: a click whose region grew into
-        the object (a tumour's rim of the liver's HU) must not carry that on."""
+        the object (a tumour's rim of the liver's HU) must not carry that on. ``first`` is called
+        before the walk (the clicked slice holds its cut)."""
         anchors = set(self.anchors())
         seed_area = int(self._slice(s).sum())
         if (seed_area == 0 or removed.sum() < self.engine.settings.min_area_px
                 or removed.sum() > CUT_MAX_FRAC * (seed_area + removed.sum())):
             return  # too little to follow, or most of the slice (the object itself, not a leak)
+        if first is not None:
+            first(corr)
         grow = np.ones((3, 3), dtype=bool)
         for direction in (+1, -1):
             prev_mask, prev_cut = self._slice(s).astype(bool), removed
