@@ -37,6 +37,7 @@ from samliverseg.models.build_sam import build_lite_medsam, build_model, build_s
 from samliverseg.modeling.adapters import AdapterConfig, apply_adapters, count_parameters
 from samliverseg.models.adapters import load_adapted_model
 from samliverseg.interactive.predictor import SlicePredictor
+from samliverseg.interactive.slice_view import cache_view
 
 
 def parameter_table(cfg: AdapterConfig) -> list:
@@ -168,6 +169,10 @@ def main(argv=None) -> int:
 
         with np.load(work / "cache" / "cases" / "ircadb_test.npz") as z:
             image, label, spacing = z["image"], z["label"] > 0, [float(s) for s in z["spacing"]]
+            view = cache_view(z)  # the slices as the engine and the trainers show them to the model
+        image, label = view.image(image), view.image(label)
+        rows, cols = view.spacing((spacing[1], spacing[0]))
+        spacing = [cols, rows, spacing[2]]
         ks = np.flatnonzero(label.any(axis=(1, 2)))
         ks = ks[np.unique(np.linspace(0, len(ks) - 1, min(args.test_slices, len(ks))).round().astype(int))]
         t0 = time.perf_counter()

@@ -205,6 +205,26 @@ def make_phantom_cache(root: Path, n_cases: int, shape, phantom_spacing, seed0: 
     return prepare_dataset(root / "cache", lab, **prepare)
 
 
+def phantom_caches_in_two_orders(root: Path):
+    """One phantom written as NIfTI stored LPS and stored RAS (i and j reversed: the same patient)
+    and each prepared into a training cache: ``({"lps": (cache, case), "ras": (cache, case)}, k)``,
+    k the slice with the most liver."""
+    import SimpleITK as sitk
+
+    from samliverseg.demo.phantom import make_phantom
+    from samliverseg.training.prepare import prepare_dataset
+    p = make_phantom((10, 48, 48), (3.0, 3.0, 5.0), seed=4, n_tumors=1)
+    out = {}
+    for order, flip in (("lps", [False, False, False]), ("ras", [True, True, False])):
+        folder = root / order / "pairs"
+        folder.mkdir(parents=True)
+        for name, what in (("p0.nii.gz", "hu"), ("p0_label.nii.gz", "labels")):
+            sitk.WriteImage(sitk.Flip(p.to_sitk(what), flip), str(folder / name))
+        m = prepare_dataset(root / order / "cache", folder, val_fraction=0.0)
+        out[order] = (root / order / "cache", m["cases"][0])
+    return out, int(np.argmax((p.labels > 0).sum(axis=(1, 2))))
+
+
 class Lines:
     """A text stream that keeps what is written (progress lines of a trainer in this process)."""
 

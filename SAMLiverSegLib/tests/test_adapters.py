@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from libtest_helpers import (SCRIPTS, build_tiny_sam, make_phantom_cache, save_tiny_sam, tiny_sam_fixture,
-                             tiny_sam_json, writer)
+from libtest_helpers import (SCRIPTS, build_tiny_sam, make_phantom_cache, phantom_caches_in_two_orders,
+                             save_tiny_sam, tiny_sam_fixture, tiny_sam_json, writer)
 from samliverseg.models.build_sam import build_lite_medsam, build_model, build_sam_vit_b, find_model_checkpoint
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.modeling import MaskDecoder, PromptEncoder, SamModel, TinyViT, TwoWayTransformer
@@ -325,6 +325,21 @@ def tiny_cfg(cache, out, adapter=None, **kw):
              max_slices_per_case=3, seed=7, device="cpu", scheduler="cosine", adapter=adapter or {})
     d.update(kw)
     return config_from_dict(d)
+
+
+def test_the_trainer_shows_the_model_each_slice_as_the_engine_does(tiny_model, tmp_path):
+    """The adapter trainer's slabs and targets of one phantom stored LPS and stored RAS are the same:
+    each slice turned upright as the engine turns it (``slice_view``)."""
+    weights = save_tiny_sam(tmp_path / "tiny.pth", seed=5, **ARCH)
+    caches, _ = phantom_caches_in_two_orders(tmp_path)
+    sets = {order: AdapterTrainer(tiny_cfg({"cache": cache, "weights": weights}, tmp_path / order / "run",
+                                           {"sd_trans": True, "depth": 3}), progress=writer()[0])
+            ._build_set("train", lambda: False) for order, (cache, _) in caches.items()}
+    lps, ras = sets["lps"], sets["ras"]
+    assert lps.ids == ras.ids and len(lps.ids) >= 1 and lps.masks.sum() > 0
+    assert all(np.array_equal(a, b) for a, b in zip(lps.images, ras.images))
+    assert torch.equal(lps.masks, ras.masks) and torch.equal(lps.low_res, ras.low_res)
+    assert lps.pixel_spacing == ras.pixel_spacing
 
 
 def test_options_validation(cache, tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from libtest_helpers import (Lines, make_phantom_cache, save_tiny_sam, sigterm_after_first_step,
-                             tiny_sam_command, tiny_sam_fixture, writer)
+from libtest_helpers import (Lines, make_phantom_cache, phantom_caches_in_two_orders, save_tiny_sam,
+                             sigterm_after_first_step, tiny_sam_command, tiny_sam_fixture, writer)
 from samliverseg.models.build_sam import build_model, find_model_checkpoint
 from samliverseg.core.errors import CancelledError, CheckpointError, InputError
 from samliverseg.training import checkpoint as ck
@@ -253,3 +253,26 @@ def test_lite_medsam_short_run_loss_decreases(cache, tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     m = build_model("lite_medsam", checkpoint=tmp_path / "lm" / "model.pth")
     assert m.spec.name == "lite_medsam" and res["best_dice"] is not None
+
+
+def test_the_trainer_shows_the_model_each_slice_as_the_engine_does(tmp_path):
+    """One phantom stored LPS and stored RAS (i and j reversed, the same patient): the trainer's
+    embeddings and targets of a slice are the same in both (each slice turned upright, as the
+    engine turns it: ``slice_view``); a cache keeps the file's voxel order."""
+    import numpy as np
+
+    weights = save_tiny_sam(tmp_path / "tiny.pth", seed=5)
+    caches, k = phantom_caches_in_two_orders(tmp_path)
+    out = {}
+    for order, (cache, case) in caches.items():
+        trainer = DecoderTrainer(tiny_cfg({"cache": cache, "weights": weights}, tmp_path / order / "run"),
+                                 progress=writer()[0])
+        with np.load(cache / case["file"]) as z:
+            image = z["image"]
+        out[order] = (image[k], trainer._embed_case(case, [k], lambda: False))
+    lps_image, lps = out["lps"]
+    ras_image, ras = out["ras"]
+    assert np.array_equal(ras_image, lps_image[::-1, ::-1])  # the cache keeps the file's order
+    assert lps["masks"].sum() > 0
+    assert torch.equal(lps["masks"], ras["masks"]) and torch.equal(lps["low_res"], ras["low_res"])
+    assert torch.allclose(lps["features"], ras["features"])

@@ -46,7 +46,9 @@
 Slices are taken across ``slice_axis`` of the array [k, j, i]:
 ``'k'`` -> ``array[k]`` (rows j, cols i); ``'j'`` -> ``array[:, j, :]`` (rows k, cols i);
 ``'i'`` -> ``array[:, :, i]`` (rows k, cols j). Prompt points map to slice pixels as
-(x = column index, y = row index).
+(x = column index, y = row index). The model sees each slice turned upright (``slice_view``: the
+radiological orientation of its plane, from the volume's direction), so that the voxel order a
+file was stored in does not change the answer; prompts and masks stay in slice pixels.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ from samliverseg.interactive.backends import BACKENDS, PRECISIONS
 from samliverseg.interactive.mask_edits import negative_region
 from samliverseg.interactive.predictor import EmbeddingCache, SlicePredictor
 from samliverseg.interactive.seeded_region import box_from_points, grow_region
+from samliverseg.interactive.slice_view import SliceView, view_for
 from samliverseg.io.volume import Volume
 from samliverseg.core.windowing import Window, apply_window, get_window
 
@@ -282,6 +285,7 @@ class PromptEngine:
         # its scale); a whole slice fills the model's input.
         crop_field = getattr(self.spec, "crop_field_mm", None)
         self.field_mm = float(crop_field) if crop_field and is_body_crop(arr, volume.direction) else None
+        self._views = {a: view_for(volume.direction, a) for a in ("i", "j", "k")}
         self._volume_key = uuid.uuid4().hex
         self.cache.clear()
 
@@ -295,6 +299,11 @@ class PromptEngine:
             raise InputError("no volume: call set_volume() first")
         return self.volume
 
+    def view(self, axis: str) -> SliceView:
+        """How slices across ``axis`` are turned for the model (``slice_view.view_for``)."""
+        self._require_volume()
+        return self._views[axis]
+
     def _key(self, axis: str, index: int):
         return (self._volume_key, axis, int(index))
 
@@ -307,7 +316,10 @@ class PromptEngine:
         emb = self.cache.get(key)
         if emb is None:
             t0 = time.perf_counter()
-            emb = self.predictor.embed(slice_of(self._windowed, axis, index), pixel_spacing(vol, axis), self.field_mm)
+            view = self.view(axis)
+            emb = self.predictor.embed(np.ascontiguousarray(view.image(slice_of(self._windowed, axis, index))),
+                                       view.spacing(pixel_spacing(vol, axis)), self.field_mm)
+            emb.view = view
             self.embed_times.append(time.perf_counter() - t0)
             self.cache.put(key, emb)
         return emb

@@ -8,7 +8,10 @@ than that field is padded to it, not magnified (a crop keeps the organ's scale).
 are made from the one grey channel, the
 model's normalisation is applied and the image is padded to the model's square input. The
 :class:`SliceEmbedding` remembers the transform so that prompts given in slice pixel coordinates
-(x = column, y = row) are mapped into the model frame, and masks are mapped back.
+(x = column, y = row) are mapped into the model frame, and masks are mapped back. The engine
+embeds each slice as the model should see it (``slice_view``: upright, in the radiological
+orientation, whatever the file's voxel order); the embedding keeps that :class:`SliceView`, and
+prompts and masks cross it here, so callers keep the slice's own coordinates.
 
 Embeddings are kept in an :class:`EmbeddingCache`, an LRU bounded in bytes.
 
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from samliverseg.interactive.backends import TORCH_PRECISIONS, Backend, check_slice, open_backend
+from samliverseg.interactive.slice_view import SliceView
 
 
 @dataclass
@@ -35,9 +39,10 @@ class SliceEmbedding:
     """The image embedding of one slice and the geometry of its model input."""
 
     features: torch.Tensor  # (1, C, E, E) on the model's device
-    original_hw: Tuple[int, int]  # rows, cols of the slice
+    original_hw: Tuple[int, int]  # rows, cols of the image embedded (the slice's view)
     input_hw: Tuple[int, int]  # size of the resized image inside the padded model input
     image_size: int  # side of the square model input
+    view: SliceView = SliceView()  # how the slice was turned into the image embedded
 
     @property
     def scale_xy(self) -> Tuple[float, float]:
@@ -205,17 +210,18 @@ class SlicePredictor:
     ) -> Prediction:
         """Prompts in slice pixel coordinates: points (N, 2) as (x=col, y=row), labels 1/0,
         box (x0, y0, x1, y1) inclusive; ``mask_input`` (1, 4E, 4E) low-res logits from an
-        earlier prediction on the same model frame."""
+        earlier prediction on the same model frame. Masks come back on the slice's grid."""
         sx, sy = embedding.scale_xy
+        view, hw = embedding.view, embedding.original_hw
         dev = self.device
         points = None
         if point_coords is not None and len(point_coords):
-            c = torch.as_tensor(np.asarray(point_coords, dtype=np.float32) * np.array([sx, sy], dtype=np.float32))
+            c = torch.as_tensor(view.points(point_coords, hw) * np.array([sx, sy], dtype=np.float32))
             lab = torch.as_tensor(np.asarray(point_labels, dtype=np.int64))
             points = (c[None].to(dev), lab[None].to(dev))
         boxes = None
         if box is not None:
-            b = np.asarray(box, dtype=np.float32) * np.array([sx, sy, sx, sy], dtype=np.float32)
+            b = np.asarray(view.box(box, hw), dtype=np.float32) * np.array([sx, sy, sx, sy], dtype=np.float32)
             boxes = torch.as_tensor(b)[None].to(dev)
         masks = mask_input[None].to(dev) if mask_input is not None else None
         with self.lock:
@@ -242,21 +248,21 @@ class SlicePredictor:
     @torch.no_grad()
     def mask_to_low_res(self, mask: np.ndarray, embedding: SliceEmbedding, logit: float = 8.0) -> torch.Tensor:
         """A slice mask (rows, cols) -> a (1, 4E, 4E) dense mask prompt: the inverse of
-        :meth:`postprocess` (resize to the model-input size, pad to S, resize to 4E), given as
-        logits of +-``logit`` so that it reads like an earlier prediction's low-res output."""
+        :meth:`postprocess` (into the view, resize to the model-input size, pad to S, resize to
+        4E), given as logits of +-``logit`` so that it reads like an earlier prediction's low-res output."""
         s = embedding.image_size
         h, w = embedding.input_hw
         low = 4 * int(embedding.features.shape[-1])
-        m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        m = torch.from_numpy(np.ascontiguousarray(embedding.view.image(mask), dtype=np.float32))[None, None]
         m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
         m = F.pad(m, (0, s - w, 0, s - h))
         m = F.interpolate(m, size=(low, low), mode="bilinear", align_corners=False)
         return torch.where(m[0] > 0.5, float(logit), -float(logit))
 
     def postprocess(self, low_res: torch.Tensor, embedding: SliceEmbedding) -> torch.Tensor:
-        """(1, C, 4E, 4E) logits -> (C, rows, cols) logits on the slice grid."""
+        """(1, C, 4E, 4E) logits -> (C, rows, cols) logits on the slice grid (out of the view)."""
         s = embedding.image_size
         h, w = embedding.input_hw
         x = F.interpolate(low_res.float(), size=(s, s), mode="bilinear", align_corners=False)[..., :h, :w]
         x = F.interpolate(x, size=embedding.original_hw, mode="bilinear", align_corners=False)
-        return x[0]
+        return embedding.view.unview(x[0])

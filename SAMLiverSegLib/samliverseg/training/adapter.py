@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from samliverseg.core.errors import CancelledError
+from samliverseg.interactive.slice_view import cache_view
 from samliverseg.modeling.adapters import (ADAPTER_KIND, AdapterConfig, adapter_state, apply_adapters, count_parameters,
                                  is_adapter_key)
 from samliverseg.models.adapters import save_adapted_model
@@ -182,13 +183,15 @@ class AdapterTrainer(DecoderTrainer):
             with np.load(Path(self.cfg.cache) / case["file"]) as z:
                 image, label = z["image"], z["label"]
                 spacing = [float(x) for x in z["spacing"]]
-            p = (spacing[1], spacing[0])  # rows (j), cols (i)
+                view = cache_view(z)
+            image, label = view.image(image), view.image(label)  # each slice as the engine shows it
+            p = view.spacing((spacing[1], spacing[0]))  # rows (j), cols (i) of the slice, turned
             for k in ks:
                 slab = self._slab(k, image.shape[0])
                 m_list, l_list = [], []
                 for s in slab:
                     h, w = self.predictor.input_size(image.shape[1], image.shape[2], p)
-                    m = torch.from_numpy(self.target(label[s]).astype(np.float32))[None, None]
+                    m = torch.from_numpy(self.target(np.ascontiguousarray(label[s])).astype(np.float32))[None, None]
                     m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
                     m = F.pad(m, (0, S - w, 0, S - h))
                     low = F.interpolate(m, size=(L, L), mode="bilinear", align_corners=False) > 0.5

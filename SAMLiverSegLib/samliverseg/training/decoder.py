@@ -76,6 +76,7 @@ import torch.nn.functional as F
 
 from samliverseg.core.errors import CancelledError, CheckpointError, SAMLiverSegError
 from samliverseg.interactive.predictor import SlicePredictor
+from samliverseg.interactive.slice_view import cache_view
 from samliverseg.io import torchfile
 from samliverseg.models.build_sam import build_model, find_model_checkpoint, get_spec
 from samliverseg.training import checkpoint as ck
@@ -84,7 +85,7 @@ from samliverseg.training.base import Trainer, content_hash, no_target_error, ta
 from samliverseg.training.config import TrainConfig
 from samliverseg.training.progress import ProgressWriter
 
-EMBED_FORMAT = 1
+EMBED_FORMAT = 2  # 2: each slice turned upright as the engine shows it (slice_view)
 
 
 @dataclass
@@ -279,13 +280,14 @@ class DecoderTrainer(Trainer):
         with np.load(Path(self.cfg.cache) / case["file"]) as z:
             image, label = z["image"], z["label"]
             spacing = [float(x) for x in z["spacing"]]
-        pix = (spacing[1], spacing[0])  # rows (j), cols (i)
+            view = cache_view(z)
+        pix = view.spacing((spacing[1], spacing[0]))  # rows (j), cols (i) of the slice, turned
         for k in ks:
             if cancel():
                 raise CancelledError("cancelled while precomputing the image embeddings")
-            emb = self.predictor.embed(image[k], pix)
+            emb = self.predictor.embed(np.ascontiguousarray(view.image(image[k])), pix)
             h, w = emb.input_hw
-            m = torch.from_numpy(self.target(label[k]).astype(np.float32))[None, None]
+            m = torch.from_numpy(self.target(np.ascontiguousarray(view.image(label[k]))).astype(np.float32))[None, None]
             m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
             m = F.pad(m, (0, S - w, 0, S - h))
             L = int(emb.features.shape[-1]) * 4
