@@ -2,13 +2,13 @@
 
 A slice (``engine.slice_of``: rows and columns of the array, x = column, y = row) is stored in
 whatever order the file had: a DICOM series usually runs left and back (LPS), a NIfTI file often
-right and front (RAS), and a volume may be transposed or tilted. The 2D models were trained on
-slices shown upright, and on the shared CT they are best so: liver Dice from one box (5 starts,
-20-80 % of the liver) on ircadb-1.1 stored LPS / flipped in i / in j / in both, 0.960 / 0.962 /
-0.954 / 0.955; on the totalseg example (stored flipped in both) 0.939 shown upright against
-0.934 / 0.929 / 0.931 in its other orders. So each slice is turned, before the model sees it, into
-the display orientation of the plane it lies closest to (the radiological convention, as Slicer's
-slice views show it):
+right and front (RAS), and a volume may be transposed or tilted. A 2D model's answer depends on
+that order. One rule for every file makes the mask independent of it, and on the shared CT
+slices shown upright do best or nearly: liver Dice from one box (5 starts, 20-80 % of the liver) on ircadb-1.1 stored LPS /
+flipped in i / in j / in both, 0.960 / 0.962 / 0.954 / 0.955; on the totalseg example (stored
+flipped in both) 0.939 shown upright against 0.934 / 0.929 / 0.931 in its other orders. So each
+slice is turned, before the model sees it, into the display orientation of the plane it lies
+closest to (the radiological convention, as Slicer's slice views show it):
 
 * axial (normal closest to S): x towards the patient's left (L), y towards the back (P);
 * coronal (normal closest to P): x towards L, y towards the feet (I);
