@@ -19,6 +19,7 @@ from samliverseg.core.prompts import Prompts, SliceBox
 from samliverseg.demo import sample_data
 from samliverseg.interactive.engine import PromptEngine, PropagationSettings
 from samliverseg.interactive.session3d import CorrectionSession
+from samliverseg.interactive.slice_view import view_for
 from samliverseg.io.volume import Volume
 
 pytestmark = pytest.mark.slow
@@ -130,25 +131,29 @@ def totalseg_engine():
 
 
 def test_a_part_the_model_is_unsure_of_is_followed_where_the_whole_neighbour_covers_it(totalseg_engine):
-    """One box at 35 % of the totalseg liver's extent (the model's mask takes the colon's wall in
-    with the liver there). Coming back down, the sweep meets parts of the liver the slice lacks that
-    the model, asked with the part's box, rates below ``island_min_score``; the whole neighbour,
-    followed there with confidence, covers them, so they are followed (and a part it leaves out is
-    not). Benchmark: 0.894 -> 0.906; from the middle slice at most 0.003 lower."""
+    """One box on the middle slice of the totalseg liver. Coming back down, the sweep meets parts of
+    the liver the slice lacks that the model, asked with the part's box, rates below
+    ``island_min_score``; the whole neighbour, followed there with confidence, covers them, so they
+    are followed (and a part it leaves out is not). With the slices seen upright (session 11):
+    0.925 -> 0.935 at 50 %, 0.941 -> 0.942 at 35 % (seen turned half round, as before session 11,
+    it lifted 35 %: 0.894 -> 0.906)."""
     got = liver_dice_from_boxes(totalseg_engine, (0.35, 0.5), {True: PropagationSettings(sweep_second_opinion=True),
                                                                False: PropagationSettings(sweep_second_opinion=False)},
                                 margin=2)
-    assert got[0.35, True] >= got[0.35, False] + 0.008, got
-    assert got[0.5, True] >= got[0.5, False] - 0.003, got
+    assert got[0.5, True] >= got[0.5, False] + 0.005, got
+    assert got[0.35, True] >= got[0.35, False] - 0.003, got
 
 
 def test_where_the_answer_jumps_away_a_tighter_box_is_asked_before_stopping(totalseg_engine):
-    """The totalseg example cropped to its liver plus 20 mm, one box on the middle slice. Going
-    down, LiteMedSAM's mask takes bowel in beside the liver's caudal tip; on the next slice its
-    answer to the previous mask's box (plus the usual margin) lies mostly beyond the growth limit,
-    and propagation stopped there, 13 slices above the liver's end. Asked again with the previous
-    mask's box plus ``jump_retry_margin_px``, the model finds the tip (benchmark: 0.883 -> 0.923).
-    On the whole volume, from the middle slice, nothing is lower."""
+    """The totalseg example cropped to its liver plus 20 mm, one box on the middle slice, its slices
+    shown to the model turned half round (the crop given an LPS geometry: the voxels of the RAS
+    file as stored, as every file was seen before session 11; seen upright, no answer jumps away
+    there and the retry changes nothing on any totalseg entry of the benchmark). Going down,
+    LiteMedSAM's mask takes bowel in beside the liver's caudal tip; on the next slice its answer to
+    the previous mask's box (plus the usual margin) lies mostly beyond the growth limit, and
+    propagation stopped there, 13 slices above the liver's end. Asked again with the previous
+    mask's box plus ``jump_retry_margin_px``, the model finds the tip (benchmark before session 11:
+    0.883 -> 0.923). On the whole volume, from the middle slice, nothing is lower."""
     engine, liver = totalseg_engine
     whole = engine.volume
     m = [int(np.ceil(20.0 / s)) for s in whole.spacing]
@@ -157,7 +162,8 @@ def test_where_the_answer_jumps_away_a_tighter_box_is_asked_before_stopping(tota
     hi = [min(n - 1, int(v[-1]) + mm) for v, n, mm in zip(idx, whole.shape_ijk, m)]
     grid = whole.grid.sub_grid(lo, [h - l + 1 for l, h in zip(lo, hi)])
     sl = (slice(lo[2], hi[2] + 1), slice(lo[1], hi[1] + 1), slice(lo[0], hi[0] + 1))
-    crop = Volume(whole.array[sl].copy(), grid.spacing, grid.origin, grid.direction_matrix)
+    assert not view_for(grid.direction_matrix, "k").identity  # stored RAS: shown upright, turned
+    crop = Volume(whole.array[sl].copy(), grid.spacing, grid.origin, np.eye(3))
     settings = {True: PropagationSettings(), False: PropagationSettings(jump_retry_margin_px=None)}
     assert settings[True].jump_retry_margin_px is not None
     got = liver_dice_from_boxes(totalseg_engine, (0.5,), settings, margin=2)
