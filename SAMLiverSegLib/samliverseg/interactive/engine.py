@@ -202,6 +202,10 @@ class PropagationSettings:
     growth_min_score: float = 0.85  # accept what the model adds in that box when it rates it this well,
     growth_min_agreement: float = 0.9  # it covers this fraction of the kept mask (the same object),
     growth_widening_ratio: float = 1.0  # the object does not narrow ("box": kept mask, "tissue": tight-box mask vs the previous)
+    # "box", where the object narrows slightly (kept mask from growth_narrowing_min_ratio to growth_widening_ratio of the previous):
+    growth_narrowing_min_hu_shift: Optional[float] = 0.0  # grow only into tissue at least this much brighter (median HU) than the kept mask (None: never grow there),
+    growth_narrowing_min_score: float = 0.91  # where the model rates the wider box at least this
+    growth_narrowing_min_ratio: float = 0.95  # (narrower than this: never)
     sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
     island_min_area_mm2: float = 100.0  # parts smaller than this are not followed,
     island_min_score: float = 0.8  # and a part is followed only where the model rates its mask this well
@@ -785,27 +789,41 @@ class PromptEngine:
 
     def _grow_in_box(self, axis, s, anchor, kept, mask, roi) -> np.ndarray:
         """``kept`` plus what the model finds beyond the growth limit in a box ``search_margin_mm``
-        wider than ``anchor``, where the object does not narrow (``kept`` at least
-        ``growth_widening_ratio`` of ``anchor``), the model is confident, sees the same object,
-        and the growth passes the HU gate and touches ``kept`` (so it is connected in 3D to the
-        neighbouring slice's mask)."""
+        wider than ``anchor``, where the model is confident, sees the same object, and the growth
+        passes the HU gate, touches ``kept`` (so it is connected in 3D to the neighbouring slice's
+        mask) and is of the same tissue (median HU within ``growth_max_hu_shift``). Where the
+        object narrows (``kept`` below ``growth_widening_ratio`` of ``anchor``), growth is more
+        often a neighbour or the partial-volume rim than the object, mostly darker than it; a lobe
+        that joins while the mask within the growth limit narrows a little is not. So where
+        ``kept`` is from ``growth_narrowing_min_ratio`` to ``growth_widening_ratio`` of ``anchor``,
+        the model must rate the wider box at least ``growth_narrowing_min_score`` and the growth's
+        median HU be at least ``growth_narrowing_min_hu_shift`` above ``kept``'s; where it is
+        narrower (or that shift is None), nothing grows."""
         st = self.settings
-        if not kept.any() or kept.sum() < st.growth_widening_ratio * anchor.sum():
-            return kept  # narrowing: growth there is more often a neighbour than the object
+        if not kept.any():
+            return kept
+        narrowing = kept.sum() < st.growth_widening_ratio * anchor.sum()
+        if narrowing and (st.growth_narrowing_min_hu_shift is None
+                          or kept.sum() < st.growth_narrowing_min_ratio * anchor.sum()):
+            return kept
+        min_score = max(st.growth_min_score, st.growth_narrowing_min_score) if narrowing else st.growth_min_score
         rs, cs = pixel_spacing(self.volume, axis)
         grown, around = kept, anchor
         for _ in range(max(1, int(st.search_steps))):
             wide = self._box_around(around, st.search_margin_mm / cs, st.search_margin_mm / rs)
             wmask, wscore = self._decode_box(axis, s, [], wide)
             wmask = self._inside_roi(wmask, roi, axis)
-            if wscore < st.growth_min_score or (wmask & kept).sum() < st.growth_min_agreement * kept.sum():
+            if wscore < min_score or (wmask & kept).sum() < st.growth_min_agreement * kept.sum():
                 break
             cand = grown | wmask | mask
             if st.hu_gate and self._seed_hu_range is not None:
                 cand = self._gate(cand, axis, s, kept)
             cand |= kept
-            if st.growth_max_hu_shift is not None and not self._same_tissue(axis, s, kept, cand & ~kept):
+            shift = self._hu_shift(axis, s, kept, cand & ~kept)
+            if st.growth_max_hu_shift is not None and abs(shift) > st.growth_max_hu_shift:
                 break  # e.g. a tumour's box reaching into the liver around it
+            if narrowing and shift < st.growth_narrowing_min_hu_shift:
+                break  # a darker neighbour or rim where the object narrows, not a part of it that joins
             gained = int(cand.sum()) - int(grown.sum())
             grown = cand
             # The object may go on beyond that box: ask again around what was found, while the
@@ -815,12 +833,12 @@ class PromptEngine:
             around = grown
         return grown
 
-    def _same_tissue(self, axis: str, s: int, kept: np.ndarray, added: np.ndarray) -> bool:
-        """Whether the median HU of ``added`` lies within ``growth_max_hu_shift`` of ``kept``'s."""
+    def _hu_shift(self, axis: str, s: int, kept: np.ndarray, added: np.ndarray) -> float:
+        """The median HU of ``added`` minus ``kept``'s (0 where nothing is added)."""
         if not added.any():
-            return True
+            return 0.0
         hu = slice_of(self.volume.array, axis, s)
-        return abs(float(np.median(hu[added])) - float(np.median(hu[kept]))) <= self.settings.growth_max_hu_shift
+        return float(np.median(hu[added])) - float(np.median(hu[kept]))
 
     @staticmethod
     def _touches_box(mask: np.ndarray, box: Tuple[float, float, float, float]) -> bool:
@@ -921,7 +939,7 @@ class PromptEngine:
                         whole = kept
                         add = self._touching(kept & ~cur, cur)  # extends the slice's parts, no new islands
                         if add.sum() >= min_px and (st.growth_max_hu_shift is None
-                                                    or self._same_tissue(axis, s, cur, add)):
+                                                    or abs(self._hu_shift(axis, s, cur, add)) <= st.growth_max_hu_shift):
                             cur = cur | add
                             scores.setdefault(s, score)
                 # What the neighbour has beyond the slice's mask, in the neighbour's box plus the
