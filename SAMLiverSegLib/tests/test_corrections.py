@@ -269,6 +269,43 @@ def tiny_engine():
     return eng
 
 
+@pytest.mark.parametrize("fat_cols,k,ends", [(1, 14, True), (12, 14, False), (1, 6, False)])
+def test_a_cut_of_almost_all_of_its_slice_ends_the_object_there(fat_cols, k, ends):
+    """A negative click past the object's end, in tissue of its HU (an isodense tumour's mask running
+    on into the liver): where the click's region is almost all (``END_FRAC``) of its slice's mask,
+    all of that slice goes and what lay beyond it with it (the object ends there); the prompted side
+    stays. Where the rest of the slice's mask is more (a band of fat, 3 x ``fat_cols`` pixels, at the
+    disk's edge), or the slice holds the user's box, only the click's region goes."""
+    import torch
+    from samliverseg.interactive.session3d import END_FRAC
+    torch.manual_seed(0)
+    model = build_tiny_sam()
+    model.spec = tiny_sam_spec("tiny_end", builder=lambda: model, checkpoint_filename="none.pth", window="wide")
+    rng = np.random.default_rng(1)
+    arr = rng.normal(110, 10, size=(24, 48, 48)).astype(np.float32)  # one tissue: the mask cannot be told from around it
+    yy, xx = np.ogrid[:48, :48]
+    disk = (yy - 24) ** 2 + (xx - 24) ** 2 <= 64  # 8 mm
+    arr[k, 23:26, 32:] = -100.0  # a band of fat from the disk's edge to the image's on slice k,
+    rim = np.zeros((48, 48), dtype=bool)
+    rim[23:26, 33:33 + fat_cols] = True  # its first columns in the mask
+    eng = PromptEngine(model=model, device="cpu", window="abdomen")
+    eng.set_volume(Volume(array=arr, spacing=(1.0, 1.0, 2.5)))
+    s = CorrectionSession(eng, Prompts(box=SliceBox.axial(14, 14, 34, 34, 6)))
+    s.mask[...] = 0  # the object on slices 2..21 (or 2..k-1, its mask running on past its end)
+    s.mask[2:22][:, disk] = 1
+    s.mask[k][rim] = 1
+    assert (disk.sum() >= END_FRAC * (disk.sum() + rim.sum())) == (fat_cols == 1)
+    corr = s.add_point((24.0, 24.0, float(k)), positive=False)
+    assert s.mask[k][disk].sum() <= 0.05 * disk.sum()  # the click's region goes (its edge by the fat may stay)
+    assert s.mask[2:k][:, disk].all() and not s.mask[2:k][:, ~disk].any()  # the prompted side stays
+    if ends:
+        assert not s.mask[k:].any(), corr
+        assert corr.changed_slices == list(range(k, 22))
+    else:
+        assert s.mask[k][rim].all() and s.mask[k + 1:22][:, disk].all(), corr
+        assert corr.changed_slices == [k]
+
+
 @pytest.mark.parametrize("prompts,words", [
     (Prompts(box=SliceBox.axial(12, 10, 34, 29, 5), boxes=[SliceBox.axial(10, 10, 20, 20, 0)]), "slice k=0 is empty"),
     (Prompts(box=SliceBox.axial(12, 10, 34, 29, 5), boxes=[SliceBox.axial(12, 10, 34, 29, 10)]), "outside the volume"),

@@ -30,7 +30,9 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
   changing another prompted slice. Where HU cannot carry the cut beyond its slice (the wrong
   tissue has the object's HU), the model does (``_cut_walk``): each next slice is segmented from
   the corrected one before it, and what the mask held beyond that answer, connected to the
-  previous slice's cut, goes;
+  previous slice's cut, goes. Where the click's region is almost all of its slice's mask
+  (``END_FRAC``), all of it goes: the object is not on that slice (a tumour's mask running on
+  past its end into liver of its HU), and what lay beyond it goes with it (below);
 * :meth:`~CorrectionSession.undo` takes the last correction back (the slices it changed, the
   prompts and the HU range as they were), up to ``UNDO_DEPTH`` corrections.
 
@@ -78,6 +80,10 @@ CUT_GROWTH = 2.0
 #: ... or more than this fraction of that slice's mask (the object itself, not a leak); nor is a cut
 #: followed that took more than this of its own slice's mask.
 CUT_MAX_FRAC = 0.5
+#: A negative click whose region takes at least this fraction of its slice's mask takes all of it
+#: (unless an earlier prompt lies on that slice): the object is not on that slice, and what lay
+#: beyond it (connected to the prompted slices only through it) goes too.
+END_FRAC = 0.9
 
 
 @dataclass
@@ -157,12 +163,19 @@ class CorrectionSession:
                 self._add_region(s, p, corr, first)  # raises (and changes nothing) where nothing is under the click
             self.prompts.positive.append(p)
         else:
+            prompted = s in self.anchors()  # by the user's earlier prompts
             self.prompts.negative.append(p)
             if inside:
                 vol = self.engine.volume
                 wrong = negative_region(self.mask, vol.array, self.axis, s, (x, y), pixel_spacing(vol, self.axis),
                                         frozen=[a for a in self.anchors() if a != s],
                                         slice_mm=float(vol.spacing[IJK_INDEX[self.axis]]))
+                here, removed = self._slice(s) > 0, slice_of(wrong, self.axis, s)
+                if not prompted and removed.sum() >= END_FRAC * here.sum():
+                    # (Almost) all of the slice's mask is wrong: the object is not on this slice (a
+                    # leak past its end of the object's HU); what lies beyond goes with it (below).
+                    # Not on a slice of the user's earlier prompts: the object is there.
+                    removed |= here
                 self.mask[wrong] = 0
                 corr.changed_slices = [int(v) for v in np.flatnonzero(wrong.any(axis=self._other_axes()))]
                 if corr.changed_slices == [s]:
