@@ -294,8 +294,13 @@ def test_a_cut_of_almost_all_of_its_slice_ends_the_object_there(fat_cols, k, end
     s.mask[...] = 0  # the object on slices 2..21 (or 2..k-1, its mask running on past its end)
     s.mask[2:22][:, disk] = 1
     s.mask[k][rim] = 1
+    before = s.mask.copy()
     assert (disk.sum() >= END_FRAC * (disk.sum() + rim.sum())) == (fat_cols == 1)
     corr = s.add_point((24.0, 24.0, float(k)), positive=False)
+    after = s.mask.copy()
+    s.undo()  # what the cut took, beyond its slice too, comes back whole
+    np.testing.assert_array_equal(s.mask, before)
+    s.mask[...] = after
     assert s.mask[k][disk].sum() <= 0.05 * disk.sum()  # the click's region goes (its edge by the fat may stay)
     assert s.mask[2:k][:, disk].all() and not s.mask[2:k][:, ~disk].any()  # the prompted side stays
     if ends:
