@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,13 @@ def test_corrupt_and_truncated_files_are_not_readable_checkpoints(cache, tmp_pat
     with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint") as info:
         build_model(_tiny_spec(), checkpoint=junk)
     assert "\n" not in str(info.value)
+    proto7 = tmp_path / "proto7.pth"  # starts as a pickle of protocol 7: torch warns, then fails
+    proto7.write_bytes(b"\x80\x07" + bytes(range(256)) * 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
+            build_model(_tiny_spec(), checkpoint=proto7)
+    assert not caught, [str(w.message) for w in caught]  # the error's one line says it all
     good = tmp_path / "good.pth"
     _save_tiny(good)
     truncated = tmp_path / "truncated.pth"

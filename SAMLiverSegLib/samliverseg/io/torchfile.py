@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,15 +93,26 @@ def load(path: PathLike, *, plain_records: bool = False, mmap: bool = False, wha
     """``torch.load(path, weights_only=True)`` on the CPU; failures -> one-line CheckpointError.
 
     ``mmap=True`` maps the tensors instead of reading them (zip files only; a legacy file is read
-    normally). ``what`` names the file in messages ("training checkpoint", ...)."""
-    p = Path(path)
+    normally). ``what`` names the file in messages ("training checkpoint", ...). The warnings
+    torch gives while reading a file it then cannot read (e.g. "Detected pickle protocol 7" for
+    a file that starts with byte 0x80) are dropped: the error's one line says it; those of a file
+    that loads are given as they came."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        obj = _load(Path(path), plain_records, mmap, what)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return obj
+
+
+def _load(p: Path, plain_records: bool, mmap: bool, what: str) -> Any:
     try:
         try:
             return _load_with_plain_records(p, mmap) if plain_records else torch.load(
                 p, map_location="cpu", weights_only=True, mmap=mmap)
         except RuntimeError as exc:
             if mmap and "mmap" in str(exc):  # a legacy (non-zip) file cannot be mapped
-                return load(p, plain_records=plain_records, mmap=False, what=what)
+                return _load(p, plain_records, False, what)
             raise
     except FileNotFoundError:
         raise WeightsMissingError(f"{what} file {p} does not exist") from None
