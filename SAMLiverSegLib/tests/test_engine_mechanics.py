@@ -307,3 +307,63 @@ def test_the_hu_gate_range_is_the_seed_tissues_not_a_neighbours_it_also_covers()
     vessel = rng.normal(220.0, 12.0, 3000)
     assert hu_gate_range(vessel, st)[0] == pytest.approx(np.percentile(vessel, 5) - st.hu_gate_margin, abs=1.0)
     assert hu_gate_range(liver[:9], st) is None
+
+
+def _liver_and_gallbladder(rng):
+    """[k, j, i] HU: fat; a "liver" of 50 HU over k=8..29 (a tip on k=8..15, wide from k=16); a
+    "gallbladder" of 10 HU beside the tip, a little smaller than it, over k=0..15 (running 8
+    slices, 24 mm, past the liver's end). Returns the volume, the liver, and the mask a walk that followed the
+    gallbladder on would leave (liver | gallbladder)."""
+    shape = (30, 64, 64)
+    liver = np.zeros(shape, dtype=bool)
+    liver[8:16, 27:41, 27:41] = True
+    liver[16:30, 10:41, 10:41] = True
+    gall = np.zeros(shape, dtype=bool)
+    gall[0:16, 42:53, 24:40] = True
+    arr = rng.normal(-100.0, 6.0, shape)
+    arr[liver] = rng.normal(50.0, 6.0, int(liver.sum()))
+    arr[gall] = rng.normal(10.0, 6.0, int(gall.sum()))
+    return Volume(array=arr.astype(np.float32), spacing=(1.0, 1.0, 3.0)), liver, liver | gall
+
+
+def test_the_ends_of_the_object_drop_a_neighbour_of_another_tissue(engine):
+    """A walk that reached the liver's caudal tip beside the gallbladder (about 40 HU darker)
+    followed the gallbladder past the liver's end. Against the whole object's median HU, that tail
+    (8 slices of the gallbladder's median HU) goes, and so does the gallbladder on the slices
+    behind it where it is at least ``end_foreign_frac`` of the mask; the tip stays, the prompted
+    slice and the slices inside it are untouched. A tail shorter than ``end_tail_min_mm`` (the
+    darker last slices of an organ's tip, by partial volume) is no tail."""
+    rng = np.random.default_rng(1)
+    volume, liver, walked = _liver_and_gallbladder(rng)
+    engine.set_volume(volume)
+    st = PropagationSettings()
+    assert st.end_tissue_hu is not None and PropagationSettings.legacy().end_tissue_hu is None
+    engine.settings = st
+    mask = walked.astype(np.uint8)
+    assert engine._trim_foreign_ends(mask, "k", [20]) == 16  # k=0..15
+    assert np.array_equal(mask > 0, liver)
+    # a prompt inside the mixed slices: that slice and those inside it stay as they were
+    mask = walked.astype(np.uint8)
+    assert engine._trim_foreign_ends(mask, "k", [12]) == 12  # k=0..11
+    assert np.array_equal(mask[12:] > 0, walked[12:]) and np.array_equal(mask[:12] > 0, liver[:12])
+    # the same along another axis: the volume and the masks transposed, slices across 'i'
+    engine.set_volume(Volume(array=np.ascontiguousarray(volume.array.transpose(2, 1, 0)), spacing=(3.0, 1.0, 1.0)))
+    mask = np.ascontiguousarray(walked.transpose(2, 1, 0)).astype(np.uint8)
+    assert engine._trim_foreign_ends(mask, "i", [20]) == 16
+    assert np.array_equal(mask > 0, liver.transpose(2, 1, 0))
+    # an object of one tissue is left alone; so is everything with the rule off
+    engine.set_volume(volume)
+    mask = liver.astype(np.uint8)
+    assert engine._trim_foreign_ends(mask, "k", [20]) == 0 and np.array_equal(mask > 0, liver)
+    engine.settings = replace(st, end_tissue_hu=None)
+    mask = walked.astype(np.uint8)
+    assert engine._trim_foreign_ends(mask, "k", [20]) == 0 and np.array_equal(mask > 0, walked)
+    # behind the tail, slices where the other tissue is under end_foreign_frac of the mask are left
+    engine.settings = replace(st, end_foreign_frac=0.9)
+    mask = walked.astype(np.uint8)
+    assert engine._trim_foreign_ends(mask, "k", [20]) == 8 and np.array_equal(mask[8:] > 0, walked[8:])
+    assert not mask[:8].any()
+    # a tail of 24 mm is no tail where end_tail_min_mm asks for more
+    engine.settings = replace(st, end_tail_min_mm=25.0)
+    mask = walked.astype(np.uint8)
+    assert engine._trim_foreign_ends(mask, "k", [20]) == 0 and np.array_equal(mask > 0, walked)

@@ -29,7 +29,12 @@
   refused (``growth_max_left_out``): a neighbour that lay beside the object all along (the
   duodenum beside the liver), not a part that appears. Where a slice's answer jumps away, the
   model is asked once more with the previous mask's own box before the object is judged to end
-  there (``jump_retry_margin_px``; the margin may have let a neighbour in).
+  there (``jump_retry_margin_px``; the margin may have let a neighbour in). Where the HU gate
+  takes a tenth or more of a prompted slice's mask (``gate_prompted``: its box took in fat or gas
+  beside the object), the walk starts from the gated mask; the slice keeps its own.
+  Last, where the object ends in a tail of another tissue than the whole object's
+  (``end_tissue_hu``: the gallbladder the walk followed past the liver's caudal tip), the tail
+  and that tissue on the slices behind it go (``_trim_foreign_ends``).
   ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
 * Within one :meth:`PromptEngine.segment` the answers to box prompts are kept
   (``memoize_decodes``): the sweep asks many of propagation's questions again, and the decoder is
@@ -213,11 +218,16 @@ class PropagationSettings:
     sweep_whole: bool = True  # the sweep also follows a neighbour's whole mask where it is the larger (see _sweep_islands)
     jump_retry_margin_px: Optional[float] = 0.0  # where the answer jumps away, ask once more with the previous mask's own box plus this (None: stop at once; see _follow)
     jump_retry_min_overlap: float = 0.9  # ... and keep that answer only where this much of it survives the growth limit and HU gate (the object goes on where it was)
+    gate_prompted: Optional[float] = 0.1  # the walk starts from a prompted slice's mask through the HU gate where the gate takes at least this fraction of it (None: never; see _walk_from)
+    end_tissue_hu: Optional[float] = 20.0  # at the object's ends, tissue whose (smoothed) HU lies further than this from the whole object's median is another's (None: keep it; see _trim_foreign_ends)
+    end_tail_min_mm: float = 10.0  # ... where the slices at an end whose median HU lies that far from it span at least this (a tail)
+    end_foreign_frac: float = 0.3  # ... and behind such a tail, the slices where at least this fraction of the mask is such tissue
 
     @classmethod
     def legacy(cls) -> "PropagationSettings":
         """The rules of before issue 13 (for before/after benchmarks): no wider search, no sweep."""
-        return cls(growth=None, sweep_islands=False, jump_retry_margin_px=None)
+        return cls(growth=None, sweep_islands=False, jump_retry_margin_px=None, end_tissue_hu=None,
+                   gate_prompted=None)
 
 
 class PromptEngine:
@@ -501,6 +511,7 @@ class PromptEngine:
             raise PromptError("the prompt gave an empty mask on its slice: try a box around the object or another point")
 
         stop_reasons: Dict[str, str] = {}
+        trimmed = 0
         t_prop = time.perf_counter()
         if propagate:
             seed_area = max(int(slice_of(mask3d, axis, s).sum()) for s in anchors)
@@ -526,6 +537,7 @@ class PromptEngine:
                     )
                 if self.settings.sweep_islands:
                     self._sweep_islands(mask3d, axis, anchors, roi, seed_area, ref_hu, scores, cancel)
+                trimmed = self._trim_foreign_ends(mask3d, axis, anchors)
             finally:
                 self._box_memo, self._left_out = None, None
         for p in cuts:
@@ -554,6 +566,7 @@ class PromptEngine:
             "seed_slices": anchors,
             "propagated": bool(propagate),
             "stop_reasons": stop_reasons,
+            "end_slices_trimmed": trimmed,
             "slices_with_mask": [sl[0], sl[-1]] if sl else [],
             "voxels": int(mask3d.sum()),
             "volume_ml": round(int(mask3d.sum()) * voxel_ml, 3),
@@ -595,7 +608,7 @@ class PromptEngine:
         rows, cols = mask.shape
         win = (slice(max(0, y0 - GATE_PAD), min(rows, y1 + GATE_PAD + 1)),
                slice(max(0, x0 - GATE_PAD), min(cols, x1 + GATE_PAD + 1)))
-        hu = ndimage.gaussian_filter(slice_of(self.volume.array, axis, s)[win].astype(np.float32), 1.0)
+        hu = self._smoothed_hu(axis, s, win)
         gated = mask[win] & (hu >= lo) & (hu <= hi)
         gated = ndimage.binary_opening(gated, structure=np.ones((3, 3), dtype=bool), iterations=2)
         lab, n = ndimage.label(gated)
@@ -604,6 +617,76 @@ class PromptEngine:
             gated = np.isin(lab, ids[ids > 0])
         out[win] = ndimage.binary_fill_holes(gated)
         return out
+
+    def _smoothed_hu(self, axis: str, s: int, win) -> np.ndarray:
+        """The HU of slice ``s`` within ``win`` (row, column slices), smoothed (Gaussian, 1 pixel)."""
+        return ndimage.gaussian_filter(slice_of(self.volume.array, axis, s)[win].astype(np.float32), 1.0)
+
+    def _trim_foreign_ends(self, mask3d: np.ndarray, axis: str, anchors: Sequence[int]) -> int:
+        """Where the object ends in a tail of another tissue, that tissue goes.
+
+        A walk that reached the object's end beside a neighbour of another tissue (the gallbladder
+        below the liver's caudal tip, about 35 HU darker) can follow that neighbour on: the
+        prompted slice's HU range held both tissues, and its median, a mix of both, was within
+        ``hu_tolerance`` of them. The whole 3D mask's median HU is the object's own tissue's.
+
+        * A tail: the slices at an end whose mask's median HU lies further than ``end_tissue_hu``
+          from the whole mask's, over at least ``end_tail_min_mm`` (the last one or two slices of
+          an organ's tip or dome are darker by partial volume, and are not a tail).
+        * Behind a tail, going inwards, also the slices where at least ``end_foreign_frac`` of the
+          mask is of that other tissue: smoothed HU further than ``end_tissue_hu`` from the
+          object's, in regions wider than the 1-2 pixel rim where the smoothing mixes the object
+          with what borders it (an opening).
+        * Those slices keep only the rest of their mask, as far as it connects (slice by slice,
+          from the inside out) to the first slice inside them.
+
+        Slices with a prompt, and all slices from them inwards, are left as they are. Returns how
+        many slices changed."""
+        st = self.settings
+        tol = st.end_tissue_hu
+        if tol is None or not mask3d.any():
+            return 0
+        hu3d = self.volume.array
+        ref = float(np.median(hu3d[mask3d > 0]))
+        n = slice_count(mask3d.shape, axis)
+        tail_slices = int(math.ceil(st.end_tail_min_mm / float(self.volume.spacing[IJK_INDEX[axis]]) - 1e-6))
+        structure = np.ones((3, 3), dtype=bool)
+        present = [int(t) for t in np.flatnonzero([slice_of(mask3d, axis, t).any() for t in range(n)])]
+        changed = 0
+        for ends, inward in ((present[::-1], -1), (present, +1)):
+            tail = 0
+            for s in ends:
+                m = slice_of(mask3d, axis, s) > 0
+                if s in anchors or abs(float(np.median(slice_of(hu3d, axis, s)[m])) - ref) <= tol:
+                    break
+                tail += 1
+            if tail < max(1, tail_slices):
+                continue
+            zone = []  # (slice, its mask's window, the other tissue there), from the end inwards
+            for s in ends:
+                if s in anchors:
+                    break
+                m = slice_of(mask3d, axis, s) > 0
+                win = bbox_window(m, GATE_PAD)
+                foreign = ndimage.binary_opening(m[win] & (np.abs(self._smoothed_hu(axis, s, win) - ref) > tol), structure=structure)
+                if len(zone) >= tail and foreign.sum() < st.end_foreign_frac * m.sum():
+                    break
+                zone.append((s, win, foreign))
+            inner_s = zone[-1][0] + inward
+            inner = slice_of(mask3d, axis, inner_s) > 0 if 0 <= inner_s < n else np.zeros(slice_of(mask3d, axis, 0).shape, dtype=bool)
+            for s, win, foreign in reversed(zone):  # from the inside out
+                m = slice_of(mask3d, axis, s) > 0
+                keep = ndimage.binary_opening(m[win] & ~foreign, structure=structure)
+                lab, _ = ndimage.label(keep)
+                ids = np.unique(lab[keep & ndimage.binary_dilation(inner[win], structure=structure, iterations=2)])
+                keep = np.isin(lab, ids[ids > 0])
+                out = np.zeros_like(m)
+                if keep.sum() >= st.min_area_px:
+                    out[win] = ndimage.binary_fill_holes(keep)
+                slice_of(mask3d, axis, s)[...] = out
+                changed += 1
+                inner = out
+        return changed
 
     def _hu_range(self, axis: str, anchors: Sequence[int], mask3d: np.ndarray) -> Optional[Tuple[float, float]]:
         vals = [ndimage.gaussian_filter(slice_of(self.volume.array, axis, s).astype(np.float32), 1.0)[slice_of(mask3d, axis, s) > 0]
@@ -631,14 +714,14 @@ class PromptEngine:
     def _propagate(self, mask3d, axis, start, direction, limits, seeds, roi,
                    seed_area, ref_hu, scores, tick, cancel) -> str:
         grow = self._growth_px(axis)
-        prev = slice_of(mask3d, axis, start).astype(bool)
+        prev = self._walk_from(mask3d, axis, start)
         s = start + direction
         ahead = sorted((a for a in seeds if (a - start) * direction > 0), key=lambda a: a * direction)
         while limits[0] <= s <= limits[1]:
             if cancel is not None and cancel.is_set():
                 raise CancelledError("propagation cancelled")
             if s in seeds:
-                prev = slice_of(mask3d, axis, s).astype(bool)
+                prev = self._walk_from(mask3d, axis, s)
                 ahead = [a for a in ahead if a != s]
                 s += direction
                 tick()
@@ -653,6 +736,21 @@ class PromptEngine:
                 return reason
             s = ahead[0]  # the object ended before the next prompted slice: resume there
         return "reached the end of the volume" if roi is None else "reached the end of the ROI"
+
+    def _walk_from(self, mask3d, axis, s) -> np.ndarray:
+        """What the walk starts from on a prompted slice ``s``: its mask, or that mask through the
+        HU gate where the gate takes at least ``gate_prompted`` of it. There the prompt's box took
+        in another tissue (fat and gas beside the liver: 29-43 % of the mask on the totalseg
+        variants that lost their caudal slices), and the next slice's box, built from the whole
+        mask, would be that much wider, so the answer jumped away. Below that fraction the gate
+        takes only the rim and fine detail (ircadb-1.1: the liver at most 3 %, the tumours 9 %), and the
+        mask is kept. The slice itself keeps its mask either way."""
+        m = slice_of(mask3d, axis, s).astype(bool)
+        st = self.settings
+        if st.gate_prompted is None or not st.hu_gate or self._seed_hu_range is None or not m.any():
+            return m
+        g = self._gate(m, axis, s, m)
+        return g if g.any() and (m & ~g).sum() >= st.gate_prompted * m.sum() else m
 
     def _propagate_one(self, mask3d, axis, s, prev, roi, seed_area, ref_hu, scores, grow) -> Optional[str]:
         """Segment slice ``s`` from the previous slice's mask; None, or why the object ended."""
