@@ -6,8 +6,9 @@ liver that one caudal box missed (tumour 1, darker than the liver, at its surfac
 in 3D. From a caudal box, the left lobe that joins band by band going up is found coming back
 down (``PropagationSettings.sweep_whole``). From a cranial box, the duodenum that LiteMedSAM takes
 in with the liver is not let in by the wider box (``PropagationSettings.growth_max_left_out``).
-On the totalseg example: the walk starts from a prompted mask without the fat and gas its box took
-in (``gate_prompted``), and a tail of the gallbladder past the liver's end goes (``end_tissue_hu``).
+On the totalseg example: where the walk ends next to the prompted slice (its box took in gas and fat
+in a hollow of the liver), it tries again from the gated mask (``retry_gated_seed``), and a tail of
+the gallbladder past the liver's end goes (``end_tissue_hu``).
 Real LiteMedSAM, 3D-IRCADb-01 patient 1."""
 
 import numpy as np
@@ -218,20 +219,20 @@ def test_a_lobe_that_joins_where_the_mask_narrows_is_taken_where_it_is_not_darke
     assert got[0.8, True] >= got[0.8, False] - 0.002, got
 
 
-def test_the_walk_starts_from_the_prompted_mask_without_what_it_took_of_another_tissue(totalseg_engine):
+def test_where_the_walk_ends_next_to_the_prompt_it_tries_again_from_the_gated_mask(totalseg_engine):
     """The totalseg example mirrored left-right (the array flipped along i, its geometry kept: a
     patient with the liver on the left), one box at 35 % of the liver's extent (k=84).
-    LiteMedSAM's mask there takes in 269 px of fat and gas beside the liver (median -30 HU) with
-    its 423 px of liver. The next slice's box, built from that mask, was so much wider than the
-    liver that the answer jumped away, and propagation stopped at once: the 11 caudal slices of
-    the liver were lost (0.911 on the benchmark). Where the HU gate takes a tenth or more of the
-    prompted mask (here 29 %), the walk now starts from the gated mask (``gate_prompted``; the
-    slice keeps its own) and goes down to k=73 with
-    almost no false positives (0.940). From the middle slice of the original nothing is lower."""
+    LiteMedSAM's mask there takes in 269 px of fat and gas in a hollow under the liver (median
+    -30 HU) with its 423 px of liver. Going down, the answer to that mask's box took them in too,
+    the growth limit and the HU gate left too little of it (also with the retry's tighter box),
+    and the walk ended next to the prompted slice: the 14 caudal slices of the liver were lost
+    (0.911 on the benchmark). It now tries once more from the prompted mask through the HU gate
+    (``retry_gated_seed``; the slice keeps its mask) and goes down to k=73 with almost no false
+    positives (0.940). From the middle slice of the original nothing changes."""
     engine, liver = totalseg_engine
     whole = engine.volume
-    settings = {True: PropagationSettings(), False: PropagationSettings(gate_prompted=None)}
-    assert settings[True].gate_prompted is not None and PropagationSettings.legacy().gate_prompted is None
+    settings = {True: PropagationSettings(), False: PropagationSettings(retry_gated_seed=False)}
+    assert settings[True].retry_gated_seed and not PropagationSettings.legacy().retry_gated_seed
     got = liver_dice_from_boxes(totalseg_engine, (0.5,), settings, margin=2)
     mirrored = Volume(np.ascontiguousarray(whole.array[:, :, ::-1]), whole.spacing, whole.origin, whole.direction)
     try:
@@ -251,8 +252,8 @@ def test_a_tail_of_another_tissue_past_the_objects_end_goes(totalseg_engine):
     caudal tip, and the walk down followed it 16 slices (80 mm) past the liver's end. The seed's HU
     range held both tissues and its median, a mix of both, was within ``hu_tolerance`` of them.
     Against the whole mask's median, that tail, and the gallbladder on the slices behind it where
-    it is a good part of the mask, now go (``end_tissue_hu``; 0.838 -> 0.92 on the benchmark with
-    ``gate_prompted``). From the middle slice nothing changes."""
+    it is a good part of the mask, now go (``end_tissue_hu``; 0.838 -> 0.920 on the benchmark).
+    From the middle slice nothing changes."""
     engine, liver = totalseg_engine
     whole = engine.volume
     settings = {True: PropagationSettings(), False: PropagationSettings(end_tissue_hu=None)}
