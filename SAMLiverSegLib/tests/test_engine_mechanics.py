@@ -288,6 +288,21 @@ def test_reduced_precision_encoder_keeps_float32_embeddings(volume):
         PromptEngine(model=tiny_sam(), device="cpu", precision="int4")
 
 
+def test_the_growth_limit_is_the_same_distance_in_mm_along_both_axes_of_a_slice(engine, volume):
+    """A slice's mask may grow one slice spacing beyond its neighbour's (at least two pixels):
+    on a coronal or sagittal slice of a volume with thick slices (here 0.8 x 0.8 x 2.5 mm) the
+    rows are 2.5 mm apart and the columns 0.8 mm, so that distance is 2 rows and 6 columns, not 6
+    of each (15 mm along the slices' axis, where a leak walked in)."""
+    assert volume.spacing == (0.8, 0.8, 2.5)
+    assert engine._growth_px("k") == (3, 3)  # axial: 2.5 mm across, 0.8 mm pixels
+    for axis in ("j", "i"):
+        rows, cols = engine._growth_px(axis)
+        rs, cs = pixel_spacing(volume, axis)
+        assert (rs, cs) == (2.5, 0.8)
+        assert (rows, cols) == (2, 6)  # 5 mm (two 2.5 mm pixels, the coarse axis' floor) both ways
+        assert abs(rows * rs - cols * cs) <= max(rs, cs) / 2
+
+
 def test_the_hu_gate_range_is_the_seed_tissues_not_a_neighbours_it_also_covers():
     """A seed mask that also covers gas and fat next to the liver (the model's box mask on a slice
     where the colon touches the liver) gives the liver's range, not one wide enough to let the

@@ -5,7 +5,7 @@ import pytest
 
 from scipy import ndimage
 
-from samliverseg.core.maskutil import (bbox_2d, bbox_3d, bbox_window, dilate, get_slice, interior_point, largest_slice,
+from samliverseg.core.maskutil import (bbox_2d, bbox_3d, bbox_window, dilate, dilate_rect, get_slice, interior_point, largest_slice,
                                        middle_slice, nonempty_slices, slice_box)
 from samliverseg.core.postprocess import (fill_holes, keep_components_touching, label_components,
                                      largest_connected_component, remove_small_components)
@@ -133,6 +133,27 @@ def test_work_in_the_bounding_box_gives_the_whole_arrays_result(shape):
         sizes = np.bincount(lab.ravel())[1:]
         ref = lab == 1 + int(np.argmax(sizes)) if sizes.size else np.zeros_like(m)
         assert np.array_equal(keep_components_touching(m, nowhere, m.ndim, fallback_largest=True).astype(bool), ref)
+
+
+@pytest.mark.parametrize("shape", [(23, 31), (9, 17, 21)])
+def test_a_rectangle_dilation_reaches_its_own_count_along_each_axis(shape):
+    """dilate_rect: with one reach on every axis, the full 3 x 3 (x 3) structure iterated that many
+    times (what propagation used before); with different reaches, exactly the box of those
+    half-widths around every pixel."""
+    full = np.ones((3,) * len(shape), dtype=bool)
+    for i, m in enumerate(_random_masks(shape, seed=10 + len(shape))):
+        for r in (1, 2, 3):
+            ref = ndimage.binary_dilation(m, full, iterations=r)
+            assert np.array_equal(dilate_rect(m, (r,) * m.ndim), ref), (i, r)
+        reach = (1, 4) if m.ndim == 2 else (0, 1, 3)
+        box = np.ones(tuple(2 * r + 1 for r in reach), dtype=bool)
+        assert np.array_equal(dilate_rect(m, reach), ndimage.binary_dilation(m, box)), i
+    one = np.zeros(shape, dtype=bool)
+    one[tuple(d // 2 for d in shape)] = True  # away from the border
+    reach = (1, 4) if len(shape) == 2 else (0, 1, 3)
+    assert dilate_rect(one, reach).sum() == np.prod([2 * r + 1 for r in reach])
+    with pytest.raises(ValueError, match="reach has"):
+        dilate_rect(one, (1,) * (len(shape) + 1))
 
 
 def test_bbox_window():

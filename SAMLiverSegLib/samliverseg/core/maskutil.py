@@ -17,7 +17,7 @@ from scipy import ndimage
 
 __all__ = [
     "axis_index", "get_slice", "bbox_2d", "bbox_3d", "slice_areas", "nonempty_slices",
-    "largest_slice", "middle_slice", "interior_point", "slice_box", "bbox_window", "dilate",
+    "largest_slice", "middle_slice", "interior_point", "slice_box", "bbox_window", "dilate", "dilate_rect",
 ]
 
 Axis = Union[int, str]
@@ -90,6 +90,29 @@ def dilate(mask: np.ndarray, iterations: int = 1, structure: Optional[np.ndarray
     win = bbox_window(m, it)
     if win is not None:
         out[win] = ndimage.binary_dilation(m[win], structure=structure, iterations=it)
+    return out
+
+
+def dilate_rect(mask: np.ndarray, reach: Sequence[int]) -> np.ndarray:
+    """``mask`` (bool, same shape) dilated by a rectangle that reaches ``reach[a]`` elements along
+    each axis ``a`` (separably, in the mask's bounding box grown by the largest reach). A reach in
+    mm is a different count of pixels along each axis of an anisotropic slice (a coronal or sagittal
+    slice of a volume with thick slices); with equal reaches it is :func:`dilate` with the full
+    3 x 3 structure iterated that many times (the same square)."""
+    m = np.asarray(mask) != 0
+    if len(reach) != m.ndim:
+        raise ValueError(f"reach has {len(reach)} entries for a {m.ndim}-D mask")
+    out = np.zeros(m.shape, dtype=bool)
+    win = bbox_window(m, max(int(r) for r in reach))
+    if win is None:
+        return out
+    w = m[win]
+    for a, r in enumerate(reach):
+        if int(r) > 0:
+            shape = [1] * m.ndim
+            shape[a] = 2 * int(r) + 1
+            w = ndimage.binary_dilation(w, structure=np.ones(shape, dtype=bool))
+    out[win] = w
     return out
 
 

@@ -73,7 +73,7 @@ from samliverseg.core.devices import resolve_device
 from samliverseg.core.errors import CancelledError, InputError, PromptError
 from samliverseg.core.prompts import IJK_INDEX, Prompts, Roi3D, SliceBox, validate_prompts
 from samliverseg.core.body import is_body_crop
-from samliverseg.core.maskutil import bbox_2d, bbox_window, dilate, interior_point
+from samliverseg.core.maskutil import bbox_2d, bbox_window, dilate, dilate_rect, interior_point
 from samliverseg.core.postprocess import fill_holes, keep_components_touching
 from samliverseg.interactive.backends import BACKENDS, PRECISIONS
 from samliverseg.interactive.mask_edits import negative_region
@@ -697,9 +697,13 @@ class PromptEngine:
         vals = np.concatenate(vals) if vals else np.zeros(0)
         return float(np.median(vals)) if vals.size else None
 
-    def _growth_px(self, axis: str) -> int:
-        """How far (pixels) a slice's mask may grow beyond its neighbour's: one slice spacing (or
-        ``max_growth_mm``, if smaller), at least two pixels."""
+    def _growth_px(self, axis: str) -> Tuple[int, int]:
+        """How far (pixels along the slice's rows, along its columns) a slice's mask may grow
+        beyond its neighbour's: one slice spacing (or ``max_growth_mm``, if smaller), at least two
+        pixels. The same distance in mm along both: a coronal or sagittal slice of a volume with
+        thick slices has pixels several times longer along one of them (ircadb-1.1 sagittal:
+        1.6 x 0.57 mm), where one count of pixels let the mask grow 9.6 mm a step along the
+        slices' axis and leak."""
         st = self.settings
         rs, cs = pixel_spacing(self.volume, axis)
         growth_mm = st.max_growth_mm
@@ -708,7 +712,7 @@ class PromptEngine:
             # least two pixels, or a 3 mm grid could never follow a sloping boundary.
             across = float(self.volume.spacing[IJK_INDEX[axis]])
             growth_mm = min(growth_mm, max(st.max_growth_slices * across, 2.0 * max(rs, cs)))
-        return max(2, int(round(growth_mm / min(rs, cs))))
+        return max(2, int(round(growth_mm / rs))), max(2, int(round(growth_mm / cs)))
 
     def _propagate(self, mask3d, axis, start, direction, limits, seeds, roi,
                    seed_area, ref_hu, scores, tick, cancel) -> str:
@@ -815,7 +819,7 @@ class PromptEngine:
         x0, y0, x1, y1 = bbox_2d(anchor)
         rs, cs = pixel_spacing(vol, axis)
         points = [interior_point(anchor, spacing=(cs, rs))] if st.add_point and not getattr(self.spec, "box_only", False) else []
-        near = dilate(anchor, grow, np.ones((3, 3), dtype=bool))
+        near = dilate_rect(anchor, grow)
         # (box margin x, y; fraction of the answer that must survive): the box, then the second look
         tries = [(st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1), st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1),
                   st.min_overlap)]
@@ -1044,8 +1048,8 @@ class PromptEngine:
                             scores.setdefault(s, score)
                 # What the neighbour has beyond the slice's mask, in the neighbour's box plus the
                 # dilation's reach (the whole slice's result: the opening stays within 2 pixels).
-                win = bbox_window(nb, grow + 2)
-                missing = nb[win] & ~ndimage.binary_dilation(cur[win], structure=structure, iterations=grow)
+                win = bbox_window(nb, max(grow) + 2)
+                missing = nb[win] & ~dilate_rect(cur[win], grow)
                 missing = ndimage.binary_opening(missing, structure=structure, iterations=2)
                 lab, n = ndimage.label(missing)
                 for c in range(1, n + 1):
