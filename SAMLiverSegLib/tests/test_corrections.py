@@ -225,6 +225,14 @@ def test_what_a_click_adds_is_the_new_part_it_lies_in_or_the_nearest():
     one = np.zeros_like(added)
     one[5:8, 5:8] = True
     assert (CorrectionSession._part_at(one, 0, 0) == one).all()
+    # Nearest in mm: on a coronal slice of 2.5 mm slices (rows 2.5 mm, columns 0.8 mm apart), a
+    # part 3 rows away (7.5 mm) is farther than one 5 columns away (4 mm).
+    two = np.zeros((20, 30), dtype=bool)
+    two[13, 10] = True  # 3 rows below the click at (x=10, y=10)
+    two[10, 15] = True  # 5 columns to its right
+    assert CorrectionSession._part_at(two, 10, 10)[13, 10]  # in pixels
+    assert CorrectionSession._part_at(two, 10, 10, (2.5, 0.8))[10, 15]
+    assert CorrectionSession._part_at(two, 10, 10, (2.5, 0.8)).sum() == 1
 
 
 def test_a_correction_touches_only_the_slices_it_must(session, engine, phantom):

@@ -267,7 +267,7 @@ class CorrectionSession:
         if (region & ~sl).any():
             # The part may reach beyond the box the model was given: grow it as propagation does.
             region = region | (eng.widen(axis, s, region | sl if near else region, hu_range) & ~sl)
-        whole, region = region, self._part_at(region & ~sl, x, y)
+        whole, region = region, self._part_at(region & ~sl, x, y, (rs, cs))
         if not region.any():
             raise PromptError(f"found nothing to add under the click on slice {axis}={s}: click inside the object")
         max_area = self._max_added_area()
@@ -287,16 +287,18 @@ class CorrectionSession:
                                                                        corr, replace=False, max_area=max_area)
 
     @staticmethod
-    def _part_at(added: np.ndarray, x: int, y: int) -> np.ndarray:
-        """The connected part (8-connected) of ``added`` that holds pixel (x, y), or the nearest one:
-        what a click adds. The model's answer may also differ from the slice's mask elsewhere along
-        its edge (a neighbour it takes in there), which the click says nothing about."""
+    def _part_at(added: np.ndarray, x: int, y: int, spacing: Tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+        """The connected part (8-connected) of ``added`` that holds pixel (x, y), or the nearest one
+        in mm (``spacing``: row, column; a coronal or sagittal slice's pixels are longer along the
+        slices' axis): what a click adds. The model's answer may also differ from the slice's mask
+        elsewhere along its edge (a neighbour it takes in there), which the click says nothing
+        about."""
         lab, n = ndimage.label(added, structure=np.ones((3, 3), dtype=bool))
         if n <= 1:
             return added
         if not lab[y, x]:
             yy, xx = np.nonzero(lab)
-            nearest = int(np.argmin((yy - y) ** 2 + (xx - x) ** 2))
+            nearest = int(np.argmin(((yy - y) * spacing[0]) ** 2 + ((xx - x) * spacing[1]) ** 2))
             y, x = int(yy[nearest]), int(xx[nearest])
         return lab == lab[y, x]
 
