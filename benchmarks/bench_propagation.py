@@ -11,6 +11,11 @@ HD95 with ``--hd95``). Also, on the original cases: the liver from one positive 
 deepest liver point, outside the tumours, on the middle slice) and, for ircadb-1.1, each tumour
 from one box on its middle slice (what ``bench_engine.py`` measures).
 
+``--views axial,coronal,sagittal`` also boxes the original cases on a coronal (j) and a sagittal
+(i) slice at the same fractions of the liver's extent along that axis, in index order
+(``variants.view_box_prompt``), and propagates across that axis: its own table, keys
+``case/original[view]@fraction``.
+
 ``--settings legacy`` runs the propagation rules of before issue 13 (``PropagationSettings.legacy()``)
 for a before/after table from one code base. ``--embed-cache DIR`` keeps slice embeddings on disk
 (keyed by the windowed slice, its spacing, the model and the backend) so that a second run only
@@ -120,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", default=None, help="comma-separated prompt-slice fractions (default 0.2..0.8)")
     ap.add_argument("--quick", action="store_true", help=f"variants {','.join(QUICK_VARIANTS)} at {QUICK_FRACTIONS}")
     ap.add_argument("--no-extras", action="store_true", help="skip the one-point and tumour rows")
+    ap.add_argument("--views", default="axial",
+                    help="comma-separated: axial (the variants' table, always run), coronal, sagittal (the original cases)")
     ap.add_argument("--settings", default="current", choices=("current", "legacy"))
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override a PropagationSettings field (repeatable), e.g. --set search_margin_mm=20")
@@ -150,8 +157,13 @@ def main(argv=None) -> int:
     disk = DiskEmbeddings(engine, Path(args.embed_cache)) if args.embed_cache else None
     results: Dict[str, dict] = {"settings": args.settings, "overrides": args.set, "backend": engine.backend.name,
                                 "crop_field_mm": engine.spec.crop_field_mm}
+    views = args.views.split(",")
+    for view in views:
+        if view not in variants.VIEW_AXES:
+            ap.error(f"unknown view {view!r}: use {', '.join(variants.VIEW_AXES)}")
     rows: List[list] = []
     extras: List[list] = []
+    view_rows: List[list] = []
     t_all = time.perf_counter()
     for case in variants.load_cases(args.cases.split(",")):
         tumours = {}
@@ -174,6 +186,20 @@ def main(argv=None) -> int:
                 row.append(cell(r, args.hd95))
                 print(f"{key}: {r}", flush=True)
             rows.append(row)
+            for view in (w for w in views if w != "axial" and vname == "original"):
+                row = [f"{v.name} ({view})"]
+                for f in fracs:
+                    key = f"{v.name}[{view}]@{f:.2f}"
+                    prompts = variants.view_box_prompt(v, variants.VIEW_AXES[view], f)
+                    try:
+                        r = run(engine, prompts, v.truth, v.volume.spacing, args.hd95)
+                    except Exception as exc:  # report, keep going
+                        r = {"error": str(exc)[:200]}
+                    r["slice"] = prompts.slice_indices()[0]
+                    results[key] = r
+                    row.append(cell(r, args.hd95))
+                    print(f"{key}: {r}", flush=True)
+                view_rows.append(row)
             if vname == "original" and not args.no_extras:
                 avoid = sample_data.tumor_union(tumours) if tumours else None
                 r = run(engine, point_prompt(v.truth, avoid), v.truth, v.volume.spacing, args.hd95)
@@ -190,10 +216,14 @@ def main(argv=None) -> int:
     print_table(f"liver {what} from one box on the slice at a fraction of its extent (caudal 0 -> cranial 1) + propagation; "
                 f"settings {args.settings}, crop field {engine.spec.crop_field_mm} mm, model {engine.spec.name}, backend {engine.backend.name} {engine.backend.precision}",
                 ["case/variant"] + [f"{int(round(100 * f))} %" for f in fracs], rows)
+    if view_rows:
+        print_table(f"liver {what} from one box on a coronal / sagittal slice at a fraction of its extent along that axis "
+                    f"(index order) + propagation across it; settings {args.settings}",
+                    ["case (view)"] + [f"{int(round(100 * f))} %" for f in fracs], view_rows)
     if extras:
         print_table(f"one point / tumours ({what}), settings {args.settings}", ["case", "object", "prompt", what, "stop (up)", "stop (down)"],
                     extras)
-    vals = [r["dice"] for k, r in results.items() if "@" in k and "dice" in r]
+    vals = [r["dice"] for k, r in results.items() if "@" in k and "[" not in k and "dice" in r]
     if vals:
         print(f"\nbox table: min {min(vals):.3f}, mean {np.mean(vals):.3f}, entries below 0.93: {sum(v < 0.93 for v in vals)} of {len(vals)}")
     print(f"total {time.perf_counter() - t_all:.0f} s" + (f"; embeddings from disk {disk.hits}, computed {disk.misses}" if disk else ""))

@@ -206,6 +206,35 @@ def box_prompt_at(case: Case, fraction: float, margin: Optional[int] = None) -> 
     return box_prompt(case.truth, k, case.margin if margin is None else margin)
 
 
+#: The views a box can be drawn in (Slicer's names) and the IJK axis their slices cross.
+VIEW_AXES = {"axial": "k", "coronal": "j", "sagittal": "i"}
+
+
+def view_box_prompt(case: Case, axis: str, fraction: float, margin: Optional[int] = None) -> Prompts:
+    """A box on the slice across IJK ``axis`` (``"j"`` coronal, ``"i"`` sagittal, ``"k"`` axial)
+    at ``fraction`` of the truth's extent along that axis in index order (the nearest slice where
+    the truth is not empty): the truth's bounding box on that slice plus the case's margin (or
+    ``margin``) voxels, clipped to the volume; its corners in IJK."""
+    a, c = _AXIS[axis]
+    t = case.truth > 0
+    idx = np.flatnonzero(t.any(axis=tuple(b for b in range(3) if b != a)))
+    if idx.size == 0:
+        raise ValueError("the truth is empty")
+    s = int(round(idx[0] + fraction * (idx[-1] - idx[0])))
+    s = int(idx[np.argmin(np.abs(idx - s))])
+    m = case.margin if margin is None else margin
+    lo: List[float] = [0.0, 0.0, 0.0]  # IJK
+    hi: List[float] = [0.0, 0.0, 0.0]
+    lo[c] = hi[c] = float(s)
+    on = np.take(t, s, axis=a)  # the other two numpy axes, in order
+    for b2, b in enumerate(x for x in range(3) if x != a):
+        nz = np.flatnonzero(on.any(axis=1 - b2))
+        ijk = 2 - b  # numpy axis 0 is k, 1 is j, 2 is i
+        lo[ijk] = float(max(0, int(nz[0]) - m))
+        hi[ijk] = float(min(t.shape[b] - 1, int(nz[-1]) + m))
+    return Prompts(box=SliceBox(tuple(lo), tuple(hi)), slice_axis=axis)
+
+
 __all__ = ["Case", "PROMPT_FRACTIONS", "VARIANTS", "box_on_slice", "box_prompt", "box_prompt_at", "caudal_is_low_k",
            "cropped", "cropped_around", "flipped", "load_cases", "make_variant", "make_variants", "prompt_slice",
-           "resampled_slices", "truth_box_ijk"]
+           "resampled_slices", "truth_box_ijk", "VIEW_AXES", "view_box_prompt"]
