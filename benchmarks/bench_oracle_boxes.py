@@ -34,7 +34,7 @@ from samliverseg.interactive.engine import PromptEngine
 
 import variants
 from bench_engine import print_table
-from bench_propagation import DiskEmbeddings
+from bench_propagation import DiskEmbeddings, add_engine_args
 
 
 def oracle(engine: PromptEngine, case: variants.Case, thresholds: List[float]) -> dict:
@@ -60,14 +60,9 @@ def oracle(engine: PromptEngine, case: variants.Case, thresholds: List[float]) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="lite_medsam")
-    ap.add_argument("--backend", default="auto", help="torch, onnxruntime, openvino or auto (default)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--cases", default="ircadb,totalseg")
+    add_engine_args(ap)
     ap.add_argument("--variants", default=None, help="comma-separated (default: all of benchmarks/variants.py)")
     ap.add_argument("--thresholds", default="-1,0,1", help="logit thresholds (the model's own is 0)")
-    ap.add_argument("--embed-cache", default=None, help="folder for slice embeddings kept between runs")
-    ap.add_argument("--json", default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
     from samliverseg.demo import sample_data
 

@@ -115,12 +115,20 @@ def cell(r: dict, hd95: bool) -> str:
     return f"{r['dice']:.3f}" + (f" / {r['hd95_mm']:.1f}" if hd95 else "")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """The options every liver benchmark on the shared cases takes: the model, its backend and
+    device, the cases, the embedding cache and the JSON output."""
     ap.add_argument("--model", default="lite_medsam")
     ap.add_argument("--backend", default="auto", help="torch, onnxruntime, openvino or auto (default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cases", default="ircadb,totalseg")
+    ap.add_argument("--embed-cache", default=None, help="folder for slice embeddings kept between runs")
+    ap.add_argument("--json", default=None, help="also write the numbers as JSON")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_engine_args(ap)
     ap.add_argument("--variants", default=None, help="comma-separated (default: all; --quick: a subset)")
     ap.add_argument("--fractions", default=None, help="comma-separated prompt-slice fractions (default 0.2..0.8)")
     ap.add_argument("--quick", action="store_true", help=f"variants {','.join(QUICK_VARIANTS)} at {QUICK_FRACTIONS}")
@@ -134,8 +142,6 @@ def main(argv=None) -> int:
                     help="show a volume cropped inside the body at this field (mm), padded, not magnified; "
                          "'none': fill the input (default: the model's crop_field_mm)")
     ap.add_argument("--hd95", action="store_true", help="also HD95 (slower)")
-    ap.add_argument("--embed-cache", default=None, help="folder for slice embeddings kept between runs")
-    ap.add_argument("--json", default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
     from samliverseg.demo import sample_data
 
