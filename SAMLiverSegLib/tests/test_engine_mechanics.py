@@ -382,3 +382,50 @@ def test_the_ends_of_the_object_drop_a_neighbour_of_another_tissue(engine):
     engine.settings = replace(st, end_tail_min_mm=25.0)
     mask = walked.astype(np.uint8)
     assert engine._trim_foreign_ends(mask, "k", [20]) == 0 and np.array_equal(mask > 0, walked)
+
+
+def test_a_coronal_box_is_propagated_again_across_axial_slices_and_keeps_its_own_slice(engine, volume):
+    """Prompts on coronal (or sagittal) slices only are handed to axial slices
+    (``PropagationSettings.axial_handoff``): the report says on which axial slice and with which
+    prompt, the prompted slice keeps the result of the pass across coronal slices, and one
+    progress bar runs over both passes."""
+    box = Prompts(box=SliceBox((12, 20, 3), (34, 20, 9)), slice_axis="j")
+    seen = []
+    engine.settings = PropagationSettings(axial_handoff=False)
+    try:
+        native = engine.segment(box)
+    except PromptError as exc:  # a random model may find nothing: then the message must say so
+        assert "empty" in str(exc)
+        return
+    engine.settings = PropagationSettings()
+    res = engine.segment(box, progress=lambda d, t: seen.append((d, t)))
+    assert "axial_handoff" not in native.report
+    hand = res.report["axial_handoff"]
+    assert 0 <= hand["slice_k"] < volume.array.shape[0] and hand["prompt"].startswith(("box", "point"))
+    assert np.array_equal(res.mask[:, 20, :], native.mask[:, 20, :])
+    assert res.report["voxels"] == int(res.mask.sum()) and res.report["slice_axis"] == "j"
+    n = volume.array.shape[1] + volume.array.shape[0]
+    assert seen and {t for _, t in seen} == {n}, seen
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_the_axial_answer_must_stay_within_the_users_boxes_where_it_crosses_their_slices(engine):
+    """``_within_user_boxes``: an axial mask crosses a coronal box's slice along a row (a sagittal
+    box's along a column); there it may reach at most ``box_margin_px`` (3) beyond the box, and
+    it may not cross the box's slice at all on an axial slice the box does not span."""
+    coronal = Prompts(box=SliceBox((12, 20, 6), (34, 20, 9)), slice_axis="j")
+    m = np.zeros((40, 50), dtype=bool)
+    m[15:25, 10:33] = True  # row 20: i = 10..32, 2 px beyond i0 = 12
+    assert engine._within_user_boxes(m, 5, coronal, "j")
+    assert not engine._within_user_boxes(m, 2, coronal, "j")  # k = 2: the box spans k = 6..9 (3 more each way)
+    m[20, 4:10] = True  # now 8 px beyond
+    assert not engine._within_user_boxes(m, 5, coronal, "j")
+    m[:] = False
+    m[30:35, 0:50] = True  # does not reach row 20
+    assert engine._within_user_boxes(m, 2, coronal, "j")
+    sagittal = Prompts(box=SliceBox((25, 10, 3), (25, 30, 9)), slice_axis="i")
+    m[:] = False
+    m[8:31, 20:30] = True  # column 25: j = 8..30
+    assert engine._within_user_boxes(m, 5, sagittal, "i")
+    m[2:8, 25] = True
+    assert not engine._within_user_boxes(m, 5, sagittal, "i")

@@ -36,6 +36,13 @@
   (``end_tissue_hu``: the gallbladder the walk followed past the liver's caudal tip), the tail
   and that tissue on the slices behind it go (``_trim_foreign_ends``).
   ``PropagationSettings.legacy()`` gives the rules of before (benchmarks/bench_propagation.py).
+* Prompts on coronal or sagittal slices only (``PropagationSettings.axial_handoff``): after
+  propagation across those slices, the object is asked again on the axial slice through the
+  deepest point of the prompted slice's mask, with a box around the 3D mask's section there or,
+  where the model's answer to a point there is more of the same object and stays within the
+  user's boxes, that point, and propagated across axial slices; the prompted slices keep their
+  own results. Across sagittal slices a box through the left lobe never reaches the right lobe;
+  across axial ones the lobes join (``_axial_handoff``).
 * Within one :meth:`PromptEngine.segment` the answers to box prompts are kept
   (``memoize_decodes``): the sweep asks many of propagation's questions again, and the decoder is
   deterministic, so the mask is the same with 8-45 % fewer decoder calls. The morphology of each
@@ -222,12 +229,15 @@ class PropagationSettings:
     end_tissue_hu: Optional[float] = 20.0  # at the object's ends, tissue whose (smoothed) HU lies further than this from the whole object's median is another's (None: keep it; see _trim_foreign_ends)
     end_tail_min_mm: float = 10.0  # ... where the slices at an end whose median HU lies that far from it span at least this (a tail)
     end_foreign_frac: float = 0.3  # ... and behind such a tail, the slices where at least this fraction of the mask is such tissue
+    # Prompts on coronal or sagittal slices only: the result is propagated again across axial slices
+    # from the object's section on the axial slice through the prompted slice's mask (see _axial_handoff).
+    axial_handoff: bool = True
 
     @classmethod
     def legacy(cls) -> "PropagationSettings":
         """The rules of before issue 13 (for before/after benchmarks): no wider search, no sweep."""
         return cls(growth=None, sweep_islands=False, jump_retry_margin_px=None, end_tissue_hu=None,
-                   retry_gated_seed=False)
+                   retry_gated_seed=False, axial_handoff=False)
 
 
 class PromptEngine:
@@ -470,7 +480,34 @@ class PromptEngine:
         Boxes may lie on several slices, points on any slice: every slice with a box or a positive
         point is segmented from its own prompts and keeps that result, propagation runs between
         and beyond them, and negative points on other slices remove the wrong region they lie in
-        (``mask_edits.negative_region``, in 3D)."""
+        (``mask_edits.negative_region``, in 3D).
+
+        Prompts on coronal or sagittal slices only are propagated across those slices first, then
+        handed to axial slices (``settings.axial_handoff``, :meth:`_axial_handoff`); the report's
+        ``axial_handoff`` says how."""
+        vol = self._require_volume()
+        t_start = time.perf_counter()
+        handoff = (propagate and self.settings.axial_handoff and prompts.roi is None
+                   and prompts.slice_axis in ("i", "j") and vol.array.shape[0] > 1)
+        first_progress = progress
+        if handoff and progress is not None:
+            # one bar over both passes: the native one's slices, then the axial ones
+            def first_progress(done: int, total: int) -> None:
+                progress(done, total + vol.array.shape[0])
+        res = self._segment_once(prompts, propagate, first_progress, cancel)
+        if handoff:
+            n_native = slice_count(vol.array.shape, prompts.slice_axis)
+
+            def second_progress(done: int, total: int) -> None:
+                if progress is not None:
+                    progress(n_native + done, n_native + total)
+            res = self._axial_handoff(validate_prompts(prompts, vol.array.shape), res, second_progress, cancel)
+            res.report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+        return res
+
+    def _segment_once(self, prompts: Prompts, propagate: bool, progress: Optional[ProgressFn],
+                      cancel: Optional[threading.Event]) -> SegmentationResult:
+        """:meth:`segment` across the prompts' own slice axis."""
         vol = self._require_volume()
         t_start = time.perf_counter()
         n_embed0, n_dec0 = len(self.embed_times), len(self.decode_times)
@@ -540,6 +577,8 @@ class PromptEngine:
                 trimmed = self._trim_foreign_ends(mask3d, axis, anchors)
             finally:
                 self._box_memo, self._left_out = None, None
+            if progress is not None:
+                progress(total, total)  # the walks stop where the object ends: the bar still ends full
         for p in cuts:
             c = IJK_INDEX[axis]
             wrong = negative_region(mask3d, vol.array, axis, int(round(p[c])), point_to_xy(p, axis),
@@ -584,6 +623,96 @@ class PromptEngine:
             },
         }
         return SegmentationResult(mask=mask3d, report=report)
+
+    def _axial_handoff(self, prompts: Prompts, native: SegmentationResult, progress: Optional[ProgressFn],
+                       cancel: Optional[threading.Event]) -> SegmentationResult:
+        """``native`` (propagated across the coronal or sagittal slices the prompts lie on) made
+        again across axial slices, the acquisition plane, where propagation is at its best (issue
+        13: a sagittal box through the left lobe never reaches the right one across sagittal
+        slices; across axial slices the lobes join).
+
+        The axial slice is the one through the deepest point of the largest prompted slice's
+        mask. There the object is asked two ways: a box around ``native``'s section (plus
+        propagation's margin), and a positive point at that deepest point. The point's answer is
+        taken where it is the same object, more of it, and stays within the user's boxes: the model
+        rates it at least ``growth_min_score``, it covers ``growth_min_agreement`` of the box's
+        answer and is larger, and on each prompted slice with a box it reaches at most
+        ``box_margin_px`` beyond that box (a point in a tumour that is nearly the liver's HU
+        grows into the liver, far beyond the user's box around the tumour). Else the box is.
+        That prompt and the user's negative points are propagated across axial slices, then the
+        prompted slices get their own results back (they keep the user's result). Where the
+        axial pass finds nothing, ``native`` stays."""
+        st = self.settings
+        vol = self.volume
+        axis = native.report["slice_axis"]
+        anchors = native.report["seed_slices"]
+        mask3d = native.mask
+        s = max(anchors, key=lambda a: int(slice_of(mask3d, axis, a).sum()))
+        rs, cs = pixel_spacing(vol, axis)
+        x, y = interior_point(slice_of(mask3d, axis, s) > 0, spacing=(cs, rs))  # rows of a j or i slice are k
+        k = int(round(y))
+        point = (float(x), float(s), float(k)) if axis == "j" else (float(s), float(x), float(k))
+        section = mask3d[k] > 0
+        x0, y0, x1, y1 = bbox_2d(section)
+        bx0, by0, bx1, by1 = self._box_around(section, st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1),
+                                              st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1))
+        box = SliceBox.axial(bx0, by0, bx1, by1, k)
+        chosen, why = Prompts(box=box, negative=prompts.negative, slice_axis="k"), "box"
+        boxed = self._segment_on_slice("k", k, Prompts(box=box, slice_axis="k")).mask > 0
+        try:
+            pt = self._segment_on_slice("k", k, Prompts(positive=[point], slice_axis="k"))
+        except PromptError:
+            pt = None
+        if pt is not None:
+            pmask = pt.mask > 0
+            if pt.score < st.growth_min_score:
+                why = f"box (the point's answer rated {pt.score:.3f})"
+            elif pmask.sum() <= boxed.sum() or (pmask & boxed).sum() < st.growth_min_agreement * boxed.sum():
+                why = "box (the point's answer is not more of the same object)"
+            elif not self._within_user_boxes(pmask, k, prompts, axis):
+                why = "box (the point's answer reaches beyond the user's box)"
+            else:
+                chosen, why = Prompts(positive=[point], negative=prompts.negative, slice_axis="k"), "point"
+        try:
+            axial = self._segment_once(chosen, True, progress, cancel)
+        except PromptError:
+            native.report["axial_handoff"] = {"slice_k": k, "prompt": why, "kept": "native (the axial pass found nothing)"}
+            return native
+        out = axial.mask.copy()
+        for a in anchors:
+            slice_of(out, axis, a)[...] = slice_of(mask3d, axis, a)
+        out = self._postprocess(out, axis, anchors)
+        report = dict(native.report)
+        sl = np.flatnonzero(out.any(axis=tuple(b for b in range(3) if b != {"k": 0, "j": 1, "i": 2}[axis])))
+        report.update({
+            "voxels": int(out.sum()),
+            "volume_ml": round(int(out.sum()) * float(np.prod(vol.spacing)) / 1000.0, 3),
+            "slices_with_mask": [int(sl[0]), int(sl[-1])] if sl.size else [],
+            "axial_handoff": {"slice_k": k, "prompt": why, "prompts": chosen.describe(),
+                              "native_voxels": int(mask3d.sum()), "stop_reasons": axial.report["stop_reasons"],
+                              "slices_with_mask": axial.report["slices_with_mask"],
+                              "timings": axial.report["timings"]},
+        })
+        return SegmentationResult(mask=out, report=report)
+
+    def _within_user_boxes(self, mask2d: np.ndarray, k: int, prompts: Prompts, axis: str) -> bool:
+        """Whether ``mask2d`` (on axial slice ``k``) reaches at most ``box_margin_px`` beyond each
+        of the user's boxes (on slices across ``axis``) where it crosses that box's slice, and
+        nowhere on a box's slice that the box does not span at ``k``."""
+        tol = self.settings.box_margin_px
+        for b in prompts.all_boxes():
+            lo, hi = b.lo(), b.hi()
+            s = prompts.box_slice(b)
+            line = mask2d[s, :] if axis == "j" else mask2d[:, s]  # the box's slice crosses axial slice k there
+            c = 0 if axis == "j" else 1  # the IJK axis along that line
+            idx = np.flatnonzero(line)
+            if not idx.size:
+                continue
+            if not lo[2] - tol <= k <= hi[2] + tol:
+                return False
+            if idx[0] < lo[c] - tol or idx[-1] > hi[c] + tol:
+                return False
+        return True
 
     def _inside_roi(self, mask2d: np.ndarray, roi: Optional[Roi3D], axis: str) -> np.ndarray:
         if roi is None:
