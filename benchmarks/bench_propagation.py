@@ -11,10 +11,12 @@ HD95 with ``--hd95``). Also, on the original cases: the liver from one positive 
 deepest liver point, outside the tumours, on the middle slice) and, for ircadb-1.1, each tumour
 from one box on its middle slice (what ``bench_engine.py`` measures).
 
-``--views axial,coronal,sagittal`` also boxes the original cases on a coronal (j) and a sagittal
-(i) slice at the same fractions of the liver's extent along that axis, in index order
-(``variants.view_box_prompt``), and propagates across that axis: its own table, keys
-``case/original[view]@fraction``.
+``--views axial,coronal,sagittal`` also boxes the original cases (or ``--view-variants``) on a
+coronal (j) and a sagittal (i) slice at the same fractions of the liver's extent along that axis,
+in index order (``variants.view_box_prompt``), and segments them (propagation across that axis,
+then across axial slices: ``PropagationSettings.axial_handoff``, off with
+``--set axial_handoff=False``): its own table, keys ``case/variant[view]@fraction``, and each
+ircadb tumour boxed on its middle coronal and sagittal slice (``case/tumour[view]``).
 
 ``--settings legacy`` runs the propagation rules of before issue 13 (``PropagationSettings.legacy()``)
 for a before/after table from one code base. ``--embed-cache DIR`` keeps slice embeddings on disk
@@ -93,6 +95,8 @@ def run(engine: PromptEngine, prompts: Prompts, truth: np.ndarray, spacing, hd95
     res = engine.segment(prompts)
     out = {"seconds": round(time.perf_counter() - t0, 2), "stop": res.report["stop_reasons"],
            "slices": res.report["slices_with_mask"], "field_mm": res.report["field_mm"]}
+    if "axial_handoff" in res.report:  # a coronal or sagittal prompt, propagated again across axial slices
+        out["handoff"] = res.report["axial_handoff"]["prompt"]
     if hd95:
         m = evaluate(res.mask, truth, spacing)
         out.update(dice=float(m["dice"]), hd95_mm=float(m["hd95_mm"]))
@@ -134,7 +138,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"variants {','.join(QUICK_VARIANTS)} at {QUICK_FRACTIONS}")
     ap.add_argument("--no-extras", action="store_true", help="skip the one-point and tumour rows")
     ap.add_argument("--views", default="axial",
-                    help="comma-separated: axial (the variants' table, always run), coronal, sagittal (the original cases)")
+                    help="comma-separated: axial (the variants' table, always run), coronal, sagittal (on --view-variants; "
+                         "the tumours too, boxed on their middle slice, unless --no-extras)")
+    ap.add_argument("--view-variants", default="original",
+                    help="comma-separated variants (of those run) that the coronal / sagittal rows are run on (default: original)")
     ap.add_argument("--settings", default="current", choices=("current", "legacy"))
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override a PropagationSettings field (repeatable), e.g. --set search_margin_mm=20")
@@ -164,6 +171,7 @@ def main(argv=None) -> int:
     results: Dict[str, dict] = {"settings": args.settings, "overrides": args.set, "backend": engine.backend.name,
                                 "crop_field_mm": engine.spec.crop_field_mm}
     views = args.views.split(",")
+    view_variants = args.view_variants.split(",")
     for view in views:
         if view not in variants.VIEW_AXES:
             ap.error(f"unknown view {view!r}: use {', '.join(variants.VIEW_AXES)}")
@@ -192,7 +200,7 @@ def main(argv=None) -> int:
                 row.append(cell(r, args.hd95))
                 print(f"{key}: {r}", flush=True)
             rows.append(row)
-            for view in (w for w in views if w != "axial" and vname == "original"):
+            for view in (w for w in views if w != "axial" and vname in view_variants):
                 row = [f"{v.name} ({view})"]
                 for f in fracs:
                     key = f"{v.name}[{view}]@{f:.2f}"
@@ -218,6 +226,13 @@ def main(argv=None) -> int:
                     results[f"{case.name}/{tname}"] = r
                     extras.append([case.name, tname, "1 box (middle slice)", cell(r, args.hd95), r["stop"].get("up", ""),
                                    r["stop"].get("down", "")])
+                    for view in (w for w in views if w != "axial"):
+                        tcase = variants.Case(tname, v.volume, tmask, max(1, case.margin // 2))
+                        r = run(engine, variants.view_box_prompt(tcase, variants.VIEW_AXES[view], 0.5), tmask,
+                                v.volume.spacing, args.hd95)
+                        results[f"{case.name}/{tname}[{view}]"] = r
+                        extras.append([case.name, tname, f"1 box (middle {view} slice)", cell(r, args.hd95),
+                                       r.get("handoff", r["stop"].get("up", "")), r["stop"].get("down", "")])
     what = "Dice / HD95 mm" if args.hd95 else "Dice"
     print_table(f"liver {what} from one box on the slice at a fraction of its extent (caudal 0 -> cranial 1) + propagation; "
                 f"settings {args.settings}, crop field {engine.spec.crop_field_mm} mm, model {engine.spec.name}, backend {engine.backend.name} {engine.backend.precision}",
