@@ -8,8 +8,10 @@ down (``PropagationSettings.sweep_whole``). From a cranial box, the duodenum tha
 in with the liver is not let in by the wider box (``PropagationSettings.growth_max_left_out``).
 On the totalseg example: where the walk ends next to the prompted slice (its box took in gas and fat
 in a hollow of the liver), it tries again from the gated mask (``retry_gated_seed``), and a tail of
-the gallbladder past the liver's end goes (``end_tissue_hu``).
-Real LiteMedSAM, 3D-IRCADb-01 patient 1."""
+the gallbladder past the liver's end goes (``end_tissue_hu``). A box on a coronal slice is handed
+to axial slices (``axial_handoff``): with a point where its answer stays within the user's box
+(the totalseg liver), with a box where it does not (an ircadb tumour of nearly the liver's HU).
+Real LiteMedSAM, 3D-IRCADb-01 patient 1 and the TotalSegmentator example."""
 
 import numpy as np
 import pytest
@@ -285,6 +287,17 @@ def _view_box(truth: np.ndarray, axis: str, fraction: float, margin: int) -> Pro
     return Prompts(box=SliceBox((s, lo[0], lo[1]), (s, hi[0], hi[1])), slice_axis="i")
 
 
+def _with_and_without_handoff(engine, prompts: Prompts, truth: np.ndarray):
+    """({hand-off on: Dice}, the report's ``axial_handoff``)."""
+    got, how = {}, None
+    for on in (False, True):
+        engine.settings = PropagationSettings(axial_handoff=on)
+        res = engine.segment(prompts)
+        got[on] = float(dice(res.mask, truth))
+        how = res.report.get("axial_handoff", how)
+    return got, how
+
+
 def test_a_coronal_box_finds_the_part_that_appears_across_axial_slices(totalseg_engine):
     """One box on the coronal slice at 80 % of the totalseg liver's extent along j. A few coronal
     slices on, the liver reaches 36 mm further caudally from one slice to the next; across coronal
@@ -294,12 +307,7 @@ def test_a_coronal_box_finds_the_part_that_appears_across_axial_slices(totalseg_
     through the left lobe: 0.400 -> 0.958)."""
     engine, liver = totalseg_engine
     prompts = _view_box(liver, "j", 0.8, margin=2)
-    got, how = {}, None
-    for on in (False, True):
-        engine.settings = PropagationSettings(axial_handoff=on)
-        res = engine.segment(prompts)
-        got[on] = float(dice(res.mask, liver))
-        how = res.report.get("axial_handoff", how)
+    got, how = _with_and_without_handoff(engine, prompts, liver)
     assert got[True] >= 0.92 and got[True] >= got[False] + 0.2, (got, how)
     assert how["prompt"] == "point", how
 
@@ -313,11 +321,6 @@ def test_a_coronal_box_round_a_tumour_of_the_livers_hu_is_handed_on_as_a_box(liv
     _, masks = sample_data.load_ircadb(structures=("livertumor04",))
     tumour = masks["livertumor04"] > 0
     prompts = _view_box(tumour, "j", 0.5, margin=2)
-    got, how = {}, None
-    for on in (False, True):
-        engine.settings = PropagationSettings(axial_handoff=on)
-        res = engine.segment(prompts)
-        got[on] = float(dice(res.mask, tumour))
-        how = res.report.get("axial_handoff", how)
+    got, how = _with_and_without_handoff(engine, prompts, tumour)
     assert "beyond the user's box" in how["prompt"], how
     assert got[True] >= got[False] + 0.2, (got, how)
