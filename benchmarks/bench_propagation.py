@@ -242,7 +242,7 @@ def main(argv=None) -> int:
                     f"(index order) + propagation across it; settings {args.settings}",
                     ["case (view)"] + [f"{int(round(100 * f))} %" for f in fracs], view_rows)
     if extras:
-        print_table(f"one point / tumours ({what}), settings {args.settings}", ["case", "object", "prompt", what, "stop (up)", "stop (down)"],
+        print_table(f"one point / tumours ({what}), settings {args.settings}", ["case", "object", "prompt", what, "stop (up); a view's: the hand-off's prompt", "stop (down)"],
                     extras)
     vals = [r["dice"] for k, r in results.items() if "@" in k and "[" not in k and "dice" in r]
     if vals:
