@@ -117,6 +117,12 @@ def slice_count(shape_kji: Sequence[int], axis: str) -> int:
     return int(shape_kji[{"k": 0, "j": 1, "i": 2}[axis]])
 
 
+def slices_with_mask(mask3d: np.ndarray, axis: str) -> List[int]:
+    """The indices of the slices across ``axis`` where ``mask3d`` [k, j, i] is not empty."""
+    a = {"k": 0, "j": 1, "i": 2}[axis]
+    return [int(s) for s in np.flatnonzero(mask3d.any(axis=tuple(b for b in range(3) if b != a)))]
+
+
 def pixel_spacing(volume: Volume, axis: str) -> Tuple[float, float]:
     """(row, column) spacing in mm of a slice across ``axis``."""
     si, sj, sk = (float(s) for s in volume.spacing)
@@ -588,7 +594,7 @@ class PromptEngine:
         mask3d = self._postprocess(mask3d, axis, anchors)
         t_end = time.perf_counter()
 
-        sl = [int(s) for s in np.flatnonzero(mask3d.any(axis=tuple(a for a in range(3) if a != {"k": 0, "j": 1, "i": 2}[axis])))]
+        sl = slices_with_mask(mask3d, axis)
         voxel_ml = float(np.prod(vol.spacing)) / 1000.0
         embeds = self.embed_times[n_embed0:]
         decodes = self.decode_times[n_dec0:]
@@ -653,9 +659,7 @@ class PromptEngine:
         k = int(round(y))
         point = (float(x), float(s), float(k)) if axis == "j" else (float(s), float(x), float(k))
         section = mask3d[k] > 0
-        x0, y0, x1, y1 = bbox_2d(section)
-        bx0, by0, bx1, by1 = self._box_around(section, st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1),
-                                              st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1))
+        bx0, by0, bx1, by1 = self._box_around(section, *self._box_margins(section))
         box = SliceBox.axial(bx0, by0, bx1, by1, k)
         chosen, why = Prompts(box=box, negative=prompts.negative, slice_axis="k"), "box"
         boxed = self._segment_on_slice("k", k, Prompts(box=box, slice_axis="k")).mask > 0
@@ -683,11 +687,11 @@ class PromptEngine:
             slice_of(out, axis, a)[...] = slice_of(mask3d, axis, a)
         out = self._postprocess(out, axis, anchors)
         report = dict(native.report)
-        sl = np.flatnonzero(out.any(axis=tuple(b for b in range(3) if b != {"k": 0, "j": 1, "i": 2}[axis])))
+        sl = slices_with_mask(out, axis)
         report.update({
             "voxels": int(out.sum()),
             "volume_ml": round(int(out.sum()) * float(np.prod(vol.spacing)) / 1000.0, 3),
-            "slices_with_mask": [int(sl[0]), int(sl[-1])] if sl.size else [],
+            "slices_with_mask": [sl[0], sl[-1]] if sl else [],
             "axial_handoff": {"slice_k": k, "prompt": why, "prompts": chosen.describe(),
                               "native_voxels": int(mask3d.sum()), "stop_reasons": axial.report["stop_reasons"],
                               "slices_with_mask": axial.report["slices_with_mask"],
@@ -930,6 +934,12 @@ class PromptEngine:
         finally:
             self._seed_hu_range = saved
 
+    def _box_margins(self, mask: np.ndarray) -> Tuple[float, float]:
+        """Propagation's box margin (x, y) around ``mask``: ``box_margin_px`` plus ``box_margin_frac`` of its size."""
+        st = self.settings
+        x0, y0, x1, y1 = bbox_2d(mask)
+        return st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1), st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1)
+
     def _box_around(self, mask: np.ndarray, margin_x: float, margin_y: float) -> Tuple[float, float, float, float]:
         x0, y0, x1, y1 = bbox_2d(mask)
         rows, cols = mask.shape
@@ -945,13 +955,11 @@ class PromptEngine:
         object ends there, as before."""
         st = self.settings
         vol = self.volume
-        x0, y0, x1, y1 = bbox_2d(anchor)
         rs, cs = pixel_spacing(vol, axis)
         points = [interior_point(anchor, spacing=(cs, rs))] if st.add_point and not getattr(self.spec, "box_only", False) else []
         near = dilate_rect(anchor, grow)
         # (box margin x, y; fraction of the answer that must survive): the box, then the second look
-        tries = [(st.box_margin_px + st.box_margin_frac * (x1 - x0 + 1), st.box_margin_px + st.box_margin_frac * (y1 - y0 + 1),
-                  st.min_overlap)]
+        tries = [(*self._box_margins(anchor), st.min_overlap)]
         if st.jump_retry_margin_px is not None:
             tries.append((st.jump_retry_margin_px, st.jump_retry_margin_px, st.jump_retry_min_overlap))
         for mx, my, min_overlap in tries:
