@@ -45,6 +45,7 @@ from scipy import ndimage
 
 from samliverseg.core.errors import SAMLiverSegError
 from samliverseg.core.evaluation import dice
+from samliverseg.core.prompts import Prompts
 from samliverseg.core.maskutil import middle_slice
 from samliverseg.demo import sample_data
 from samliverseg.interactive.engine import PromptEngine
@@ -91,16 +92,18 @@ def auc(dices: List[float]) -> float:
     return float((sum(dices) - (dices[0] + dices[-1]) / 2.0) / n) if n > 0 else float(dices[0])
 
 
-def simulate(engine: PromptEngine, truth: np.ndarray, spacing, k: int, margin: int, clicks: int,
-             repeat_refused: bool = False) -> dict:
+def simulate(engine: PromptEngine, truth: np.ndarray, spacing, prompts: Prompts, clicks: int,
+             repeat_refused: bool = False, walk_axis: Optional[str] = None) -> dict:
+    """The initial ``prompts`` (a box), then up to ``clicks`` corrections; ``walk_axis``: the
+    session's (``CorrectionSession``'s ``axis``; None: its default)."""
     truth = truth > 0
     t0 = time.perf_counter()
     try:
-        session = CorrectionSession(engine, variants.box_prompt(truth.astype(np.uint8), k, margin))
+        session = CorrectionSession(engine, prompts, axis=walk_axis)
     except SAMLiverSegError as exc:
         return {"error": f"initial box: {exc}", "dice": [0.0] * (clicks + 1), "seconds": [], "clicks": []}
     out = {"box_seconds": time.perf_counter() - t0, "dice": [dice(session.mask, truth)], "seconds": [], "clicks": [],
-           "shown_seconds": [], "decoded": [], "changed": []}
+           "shown_seconds": [], "decoded": [], "changed": [], "walk_axis": session.axis}
     refused: List[Tuple[float, float, float]] = []
     for _ in range(clicks):
         pred = session.mask > 0
@@ -121,7 +124,7 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, k: int, margin: i
         t2 = time.perf_counter()
         out["seconds"].append(t2 - t1)
         out["shown_seconds"].append((shown[0] if shown else t2) - t1)
-        out["clicks"].append(("+" if positive else "-") + f"k{int(ijk[2])}({size})")
+        out["clicks"].append(("+" if positive else "-") + f"{session.axis}{corr.slice_index}({size})")
         out["decoded"].append(len(corr.decoded_slices))
         out["changed"].append(len(corr.changed_slices))
         out["dice"].append(dice(session.mask, truth))
@@ -142,8 +145,10 @@ def row_of(case: str, obj: str, start: str, r: dict, clicks: int) -> list:
 
 
 def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int, List[Optional[float]]]],
-             clicks: int, results: dict, rows: List[list], repeat_refused: bool = False) -> None:
-    """Every object of one volume (its slices embedded once); a start of None is the object's middle slice."""
+             clicks: int, results: dict, rows: List[list], repeat_refused: bool = False,
+             views: Sequence[str] = ("axial",), walk_axis: Optional[str] = None) -> None:
+    """Every object of one volume (its slices embedded once), boxed in each of ``views``; a start of
+    None is the object's middle slice (of a view: in index order across its axis)."""
     engine.set_volume(volume)
     t0 = time.perf_counter()
     ks = np.flatnonzero(np.any([truth.any(axis=(1, 2)) for truth, _, _ in objects.values()], axis=0))
@@ -153,13 +158,21 @@ def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int
           f"(backend {engine.backend.name}, {engine.backend.precision})")
     sys.stdout.flush()
     for obj, (truth, margin, starts) in objects.items():
-        for frac in starts:
-            k = middle_slice(truth, "k") if frac is None else variants.prompt_slice(volume, truth, frac)
+        for view, frac in ((v, f) for v in views for f in starts):
             where = "middle" if frac is None else f"{100 * frac:g}%"
-            r = simulate(engine, truth, volume.spacing, k, margin, clicks, repeat_refused)
+            if view == "axial":
+                k = middle_slice(truth, "k") if frac is None else variants.prompt_slice(volume, truth, frac)
+                prompts, at = variants.box_prompt(truth.astype(np.uint8), k, margin), f"k={k}"
+            else:
+                axis = variants.VIEW_AXES[view]
+                obj_case = variants.Case(case, volume, truth.astype(np.uint8), margin)
+                prompts = variants.view_box_prompt(obj_case, axis, 0.5 if frac is None else frac)
+                at, k = f"{axis}={prompts.box_slice(prompts.box)}", prompts.box_slice(prompts.box)
+                where = f"{where} {view}"
+            r = simulate(engine, truth, volume.spacing, prompts, clicks, repeat_refused, walk_axis)
             r.update(start=where, start_slice=k)
             results[f"{case}/{obj}/{where}"] = r
-            rows.append(row_of(case, obj, f"{where} (k={k})", r, clicks))
+            rows.append(row_of(case, obj, f"{where} ({at})", r, clicks))
             print("  " + " ".join(str(c) for c in rows[-1]))
             sys.stdout.flush()
 
@@ -193,6 +206,12 @@ def main(argv=None) -> int:
                                                    "caudal end (variants.prompt_slice); tumours start on their "
                                                    "middle slice")
     ap.add_argument("--tumours", default="", help="only these tumours, e.g. 1,3 (default: all)")
+    ap.add_argument("--views", default="axial",
+                    help="comma-separated views the first box is drawn in: axial, coronal, sagittal (a view's "
+                         "start is in index order across its axis, variants.view_box_prompt)")
+    ap.add_argument("--walk-axis", default=None, choices=["i", "j", "k"],
+                    help="the axis corrections walk across (default: CorrectionSession's, the result's last "
+                         "propagation's: axial after a coronal or sagittal box's hand-off)")
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--repeat-refused", action="store_true",
                     help="after a refused click, click the same error again (the protocol of runs 1-8)")
@@ -206,6 +225,10 @@ def main(argv=None) -> int:
         print(f"benchmark skipped: {sample_data.missing_reason()}")
         return 0
     starts = [float(v) / 100.0 for v in args.starts.split(",") if v.strip()]
+    views = [v for v in args.views.split(",") if v.strip()]
+    for view in views:
+        if view not in variants.VIEW_AXES:
+            ap.error(f"unknown view {view!r}: use {', '.join(variants.VIEW_AXES)}")
     engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=4096)
     if args.embed_cache:
         DiskEmbeddings(engine, Path(args.embed_cache))
@@ -228,7 +251,7 @@ def main(argv=None) -> int:
             if objects:
                 cases.append((case.name if vname == "original" else v.name, v.volume, objects))
     for case, vol, objects in cases:
-        run_case(engine, case, vol, objects, args.clicks, results, rows, args.repeat_refused)
+        run_case(engine, case, vol, objects, args.clicks, results, rows, args.repeat_refused, views, args.walk_axis)
     steps = [f"Dice@{n}" for n in range(args.clicks + 1)]
     print_table(f"simulated user: model {engine.spec.name}, backend {engine.backend.name} ({engine.backend.precision}), "
                 f"device {engine.device}; s = seconds per correction with cached embeddings (mean/max)",

@@ -12,8 +12,8 @@ flight and the current preview. It never blocks and starts no thread:
   prompt and send the worker a ``prompt`` request (RAS points/box on the slice, see
   WORKER_PROTOCOL.md); :meth:`~SegmentAnythingSession.start_propagate`,
   :meth:`~SegmentAnythingSession.start_uncertainty` send theirs. Each returns at once.
-* Once a 3D result of a 2D model is shown (a propagation), a click or a box on any slice of the
-  same axis corrects it: a ``correct`` request with that one prompt and the ``result_id`` of the
+* Once a 3D result of a 2D model is shown (a propagation), a click in any view or a box on any
+  slice of the prompts' axis corrects it: a ``correct`` request with that one prompt and the ``result_id`` of the
   result shown, which the worker applies to the result it holds (``CorrectionSession``: only the
   slices the correction walks through are decoded), or, holding another, makes again from all the
   prompts. Corrections clicked while one is in flight are queued; one the worker refuses (a click
@@ -352,8 +352,9 @@ class SegmentAnythingSession:
                 self.builder.slice_axis, self.builder.current_slice = target.slice_axis, target.slice_index
                 note = ""
             else:
-                correcting = preview and self._correcting(target.slice_axis)
-                note = self.builder.add_point(target, positive)
+                correcting = preview and self._correcting(target.slice_axis, point=True)
+                # a correcting click in another view joins the prompts (a voxel lies on a slice of every axis)
+                note = (self.builder.add_correction_point if correcting else self.builder.add_point)(target, positive)
                 if correcting:
                     added = self.builder.positive if positive else self.builder.negative
                     point = added[-1]
@@ -390,14 +391,16 @@ class SegmentAnythingSession:
             return Outcome(False, str(exc))
         return self._after_prompt(note, preview)
 
-    def _correcting(self, slice_axis: str) -> bool:
+    def _correcting(self, slice_axis: str, point: bool = False) -> bool:
         """True when a prompt on an ``slice_axis`` slice corrects the 3D result shown (a 2D model's
-        propagation, or a correction of it) rather than previewing its slice."""
+        propagation, or a correction of it) rather than previewing its slice: a ``point`` in any
+        view (the worker corrects the slice through it that its session walks across), a box on a
+        slice across the prompts' axis (in another view a box starts the prompts over)."""
         hello = self.client.hello_result if self.client is not None else None
         # an older worker lacks ``correct``; one (re)starting now is this installation's and has it
         served = hello is None or "correct" in hello.get("requests", ())
         return (served and not self.is_3d_model() and self.preview_is_3d and self.result_id is not None
-                and self.builder.slice_axis == slice_axis)
+                and (point or self.builder.slice_axis == slice_axis))
 
     def _correct(self, correction: Dict[str, Any], note: str, undo: Callable[[], None]) -> Outcome:
         """Send ``correction`` (RAS; the builder holds it already) to the worker, or queue it behind
@@ -765,7 +768,8 @@ class SegmentAnythingSession:
             what = ("made again from all the prompts (the worker held another result)" if c is None else
                     f"took back the correction on slice {c['slice_index']}: {len(c['changed_slices'])} slices "
                     "restored" if c["kind"] == "undo" else
-                    f"corrected from slice {c['slice_index']}: {len(c['changed_slices'])} slices changed")
+                    f"corrected from slice {c.get('slice_axis', '')}{'=' if c.get('slice_axis') else ''}"
+                    f"{c['slice_index']}: {len(c['changed_slices'])} slices changed")
             return Outcome(True, what if n else "the correction removed the whole object", seconds, n, data=data,
                            kind="correct")
         return Outcome(True, what if not n else "", seconds, n, kind=task.kind)

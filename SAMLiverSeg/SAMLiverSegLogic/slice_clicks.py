@@ -177,6 +177,17 @@ class PromptBuilder:
         (self.positive if positive else self.negative).append(tuple(target.ijk))
         return note or target.note()
 
+    def add_correction_point(self, target: ClickTarget, positive: bool = True) -> str:
+        """Add a point clicked in any view to prompts across another axis, which stays theirs (a
+        correction of their 3D result: a point is a voxel, on one slice of every axis); returns the
+        view's note or ''. Raises PromptError for an empty slice."""
+        if self.slice_axis is None or self.is_empty():
+            return self.add_point(target, positive)
+        if self.array_kji is not None:
+            check_slice_not_empty(self.array_kji, target.slice_axis, target.slice_index)
+        (self.positive if positive else self.negative).append(tuple(target.ijk))
+        return target.note()
+
     def set_box(self, corner_a: ClickTarget, corner_b: ClickTarget) -> str:
         """Set the box from the two corners of a drag (the second is moved onto the first's slice)."""
         if corner_b.slice_axis != corner_a.slice_axis:

@@ -260,6 +260,62 @@ def test_a_correction_touches_only_the_slices_it_must(session, engine, phantom):
     assert dice(session.mask, full) >= 0.9
 
 
+def coronal_box(mask, j, margin=3):
+    """The box around ``mask``'s section on coronal slice ``j`` (IJK corners; rows of a j slice are k)."""
+    on = mask[:, j, :]
+    ks, is_ = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
+    return SliceBox((float(is_[0] - margin), float(j), float(max(0, ks[0] - 1))),
+                    (float(is_[-1] + margin), float(j), float(min(mask.shape[0] - 1, ks[-1] + 1))))
+
+
+def test_after_a_coronal_box_corrections_walk_across_axial_slices(engine, phantom):
+    """A coronal box is handed to axial slices (the engine's ``axial_handoff``), so its corrections walk
+    across axial slices too (``walk_axis``): a click in a missed part adds it on the axial slice through
+    the click and follows it up and down; the coronal box's slice is no axial anchor. A second coronal box
+    makes the mask again from all the prompts (as ``engine.segment`` does), and undo takes that back."""
+    from samliverseg.interactive.session3d import walk_axis
+    liver = phantom.liver_mask > 0
+    js = np.flatnonzero(liver.any(axis=(0, 2)))
+    j = int(js[len(js) // 2])
+    prompts = Prompts(box=coronal_box(liver, j), slice_axis="j")
+    s = CorrectionSession(engine, prompts)
+    assert s.report["axial_handoff"]["prompt"] and walk_axis(prompts, s.report) == "k" and s.axis == "k"
+    assert s.anchors() == [] and s._hu_range is not None  # the HU range of the coronal box's slice
+    assert CorrectionSession(engine, prompts, result=engine.segment(prompts), axis="j").anchors() == [j]
+
+    # a part of the found liver taken away on 7 axial slices, away from the coronal box's slice
+    lo, hi = extent(liver)
+    kc = (lo + hi) // 2
+    cols = np.flatnonzero(liver[kc].any(axis=0))
+    sides = []
+    for rows in (slice(0, j - 2), slice(j + 3, liver.shape[1])):
+        block = np.zeros_like(liver)
+        block[kc - 3:kc + 4, rows, int(np.median(cols)):] = True
+        sides.append(block & (s.mask > 0))
+    block = max(sides, key=lambda b: int(b[kc].sum()))
+    assert block[kc].sum() > 150, int(block[kc].sum())
+    s.mask[block] = 0
+    before = s.mask.copy()
+    corr = s.add_point(deepest_point(block, kc), positive=True)
+    assert corr.slice_axis == "k" and corr.slice_index == kc and kc in corr.decoded_slices
+    gained = (s.mask > 0) & ~(before > 0)
+    assert set(np.flatnonzero(gained.any(axis=(1, 2)))) <= set(corr.changed_slices)
+    assert len(corr.changed_slices) >= 3, corr
+    assert (gained & block).sum() >= 0.6 * block.sum(), (int((gained & block).sum()), int(block.sum()), corr)
+    assert (gained & ~liver).sum() <= 0.1 * gained.sum(), corr
+
+    # a second coronal box: the mask made again from all the prompts (the point stays one of them)
+    after_point = s.mask.copy()
+    j2 = int(js[len(js) // 3])
+    corr = s.add_box(coronal_box(liver, j2))
+    assert corr.kind == "box" and corr.slice_axis == "j" and corr.slice_index == j2 and "remade" in corr.stops
+    assert len(s.prompts.all_boxes()) == 2 and len(s.prompts.positive) == 1
+    np.testing.assert_array_equal(s.mask, engine.segment(s.prompts).mask)
+    s.undo()
+    np.testing.assert_array_equal(s.mask, after_point)
+    assert len(s.prompts.all_boxes()) == 1
+
+
 # -- bad prompts (a tiny random SAM: only the messages matter) ----------------------------------
 
 @pytest.fixture(scope="module")

@@ -350,6 +350,57 @@ def test_the_effect_and_a_panel_run_share_one_worker_without_taking_each_others_
     session.shutdown()
 
 
+@pytest.mark.parametrize("box_view,click_view", [("Axial", "Coronal"), ("Coronal", "Axial")])
+def test_a_click_in_another_view_corrects_the_result_shown(scene, client, engine, box_view, click_view):
+    """A click in a view other than the box's corrects the 3D result shown, as one in the box's view
+    does (a point is a voxel, on one slice of every axis), instead of starting the prompts over: the
+    prompts keep their axis, and the worker's session walks across the axis of the result's last
+    propagation through the click (axial slices after a coronal box, which is handed to axial ones).
+    The in-process ``CorrectionSession``'s mask, on an oblique volume."""
+    from samliverseg.interactive.session3d import CorrectionSession
+
+    vol, session, sn = session_on(scene, client, "oblique")
+    first = slice_node_for(scene, box_view, vol)
+    lo, hi = ((10, 10, 6), (34, 30, 6)) if box_view == "Axial" else ((10, 20, 2), (34, 20, 10))
+    centre_view_on(first, geometry.ijk_to_ras_point(vol, [(a + b) / 2.0 for a, b in zip(lo, hi)]))
+    assert session.drag_box(first, *box_xy(first, vol, lo, hi), preview=False).ok
+    axis = session.builder.slice_axis
+    assert axis == ("k" if box_view == "Axial" else "j")
+    assert session.start_propagate().ok
+    out = [o for o in pump(session, finished("propagate")) if o.kind == "propagate"][-1]
+    assert out.ok, out.message
+    engine.set_volume(volume_nodes.volume_from_node(vol))
+    ref = CorrectionSession(engine, session.builder.prompts())
+    np.testing.assert_array_equal(session.preview, ref.mask)
+    assert ref.axis == "k"  # an axial box's own axis; a coronal box's hand-off's
+
+    # a negative click inside the mask, on an axial slice other than the box's, in the other view
+    inside = np.argwhere(ref.mask > 0)
+    k, j, i = inside[len(inside) // 3]
+    other = slice_node_for(scene, click_view, vol)
+    centre_view_on(other, geometry.ijk_to_ras_point(vol, (float(i), float(j), float(k))))
+    assert session.click(other, point_xy(other, vol, (float(i), float(j), float(k))), positive=False).ok
+    assert session.busy() == "correct"  # a correction, not a preview of the clicked slice
+    outs = pump(session, lambda o: any(x.kind == "correct" for x in o) and not session.tasks, timeout=600)
+    last = [o for o in outs if o.kind == "correct"][-1]
+    assert last.ok and last.data["incremental"], last.message
+    assert "started over" not in last.message
+    assert session.builder.slice_axis == axis and session.builder.box is not None  # the prompts stay
+    assert len(session.builder.negative) == 1
+    corr = ref.add_point(session.builder.negative[-1], positive=False)
+    c = last.data["correction"]
+    assert (c["slice_axis"], c["slice_index"], c["walk_axis"]) == ("k", corr.slice_index, "k") and corr.slice_index == k
+    assert c["changed_slices"] == corr.changed_slices and corr.changed_slices
+    np.testing.assert_array_equal(session.preview, ref.mask)
+
+    # a box in the other view starts the prompts over (a new object, or the same drawn anew there)
+    box2 = ((10, 10, 6), (34, 30, 6)) if click_view == "Axial" else ((10, 20, 2), (34, 20, 10))
+    centre_view_on(other, geometry.ijk_to_ras_point(vol, [(a + b) / 2.0 for a, b in zip(*box2)]))
+    out = session.drag_box(other, *box_xy(other, vol, *box2))
+    assert out.ok and "started over" in out.message, out.message
+    assert session.builder.slice_axis != axis and not session.builder.negative
+
+
 def test_after_a_propagation_clicks_and_boxes_on_any_slice_correct_it_in_the_worker(scene, client, engine):
     """Once the 3D result is shown, a click or a box on another slice corrects it through the worker
     (``correct``) instead of previewing its slice: the in-process ``CorrectionSession``'s masks, on an

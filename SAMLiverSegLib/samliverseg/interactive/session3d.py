@@ -1,11 +1,16 @@
 """Interactive 3D corrections: a current 3D mask, its prompts, and one correction at a time.
 
 A :class:`CorrectionSession` starts from :meth:`PromptEngine.segment` (boxes on one or more
-slices, points on any slice) and then takes corrections on any slice (across ``slice_axis`` of
-the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
+slices, points on any slice) and then takes corrections on any slice (points and boxes in IJK of
+the array ``[k, j, i]``, see ``core.prompts``). Its walks go across :attr:`~CorrectionSession.axis`
+(:func:`walk_axis`): the axis of the result's last propagation, which is the prompts' own, or axial
+where the engine handed coronal or sagittal prompts to axial slices (``axial_handoff``). A point
+is a voxel, so a click in any view corrects the slice through it across that axis; a box lies on a
+slice across the prompts' axis:
 
-* **a box** re-segments its slice with that slice's prompts and re-propagates from it up and
-  down, replacing what was there, until the new result agrees with the previous one (Dice at
+* **a box** (after a hand-off: the 3D mask is made again from all the prompts, ``engine.segment``)
+  re-segments its slice with that slice's prompts and re-propagates from it up and down, replacing
+  what was there, until the new result agrees with the previous one (Dice at
   least ``agree_dice``), the object ends (the slices beyond lose what they had, up to the next
   prompted slice) or another prompted slice is reached;
 * **a positive point outside the mask** adds to its slice: within ``NEAR_MM`` of the slice's mask
@@ -37,8 +42,9 @@ the array ``[k, j, i]``; points and boxes in IJK, see ``core.prompts``):
   prompts and the HU range as they were), up to ``UNDO_DEPTH`` corrections.
 
 After a negative click only the 3D components that touch a prompted slice's mask are kept (inside
-the mask's bounding box). Every slice with a user prompt keeps the user's result: later
-propagation stops there. With the embeddings cached a correction decodes only the slices it walks
+the mask's bounding box). Every slice across the walks' axis with a user prompt keeps the user's
+result: later propagation stops there (a coronal box's slice, after a hand-off, is none: the axial
+walks cross it). With the embeddings cached a correction decodes only the slices it walks
 through, which is what makes it fast (``benchmarks/bench_simulated_user.py`` measures it).
 
 Propagation from a correction follows the engine's rule (``PropagationSettings``): the model is
@@ -62,7 +68,8 @@ from samliverseg.core.evaluation import dice
 from samliverseg.core.maskutil import axis_index, bbox_2d, bbox_3d
 from samliverseg.core.postprocess import keep_components_touching
 from samliverseg.core.prompts import IJK_INDEX, Point, Prompts, SliceBox, validate_prompts
-from samliverseg.interactive.engine import PromptEngine, SegmentationResult, hu_gate_range, pixel_spacing, point_to_xy, slice_count, slice_of
+from samliverseg.interactive.engine import (PromptEngine, SegmentationResult, hu_gate_range, pixel_spacing, point_to_xy,
+                                           slice_count, slice_of, slices_with_mask)
 from samliverseg.interactive.mask_edits import negative_region
 
 
@@ -86,12 +93,21 @@ CUT_MAX_FRAC = 0.5
 END_FRAC = 0.9
 
 
+def walk_axis(prompts: Prompts, report: dict) -> str:
+    """The axis whose slices :class:`CorrectionSession` walks across: that of the result's last
+    propagation (axial where the engine handed coronal or sagittal prompts to axial slices,
+    ``report["axial_handoff"]``; else the prompts' own)."""
+    handoff = report.get("axial_handoff")
+    return "k" if handoff and "kept" not in handoff else prompts.slice_axis
+
+
 @dataclass
 class Correction:
     """What one correction did."""
 
     kind: str  # "box", "positive" or "negative"
     slice_index: int
+    slice_axis: str = ""  # across which slice_index counts: the session's axis (a remade box: the prompts')
     changed_slices: List[int] = field(default_factory=list)  # slices whose mask changed
     decoded_slices: List[int] = field(default_factory=list)  # slices the model was run on
     stops: Dict[str, str] = field(default_factory=dict)  # why the walk ended, up and down
@@ -102,32 +118,50 @@ class CorrectionSession:
     """The current 3D mask of one object and its prompts; :meth:`add_point` / :meth:`add_box` correct it."""
 
     def __init__(self, engine: PromptEngine, prompts: Prompts, agree_dice: float = 0.98,
-                 result: Optional[SegmentationResult] = None):
+                 result: Optional[SegmentationResult] = None, axis: Optional[str] = None):
         """Segment ``prompts`` (``engine.segment``), or take ``result``: what ``engine.segment`` made
-        of exactly these prompts on the engine's volume (the worker keeps its last propagation so)."""
+        of exactly these prompts on the engine's volume (the worker keeps its last propagation so).
+
+        ``axis``: the slices corrections walk across; by default those the result was propagated
+        across last (:func:`walk_axis`: axial after the engine's hand-off of coronal or sagittal
+        prompts, else the prompts' own axis)."""
         vol = engine.volume
         if vol is None:
             raise PromptError("no volume: call set_volume() on the engine first")
         if prompts.roi is not None:
             raise PromptError("a correction session starts from boxes or points on slices, not from a 3D ROI")
+        if axis is not None and axis not in IJK_INDEX:
+            raise PromptError(f"axis must be 'i', 'j' or 'k', got {axis!r}")
         self.engine = engine
         self.agree_dice = float(agree_dice)
-        self.axis = prompts.slice_axis
         res = engine.segment(prompts) if result is None else result
         if res.mask.shape != vol.array.shape:
             raise PromptError(f"the result has shape {list(res.mask.shape)}, the volume {list(vol.array.shape)}")
+        self.axis = axis or walk_axis(prompts, res.report)
         self.report = res.report
         self.mask = res.mask.astype(np.uint8)
         self.prompts = validate_prompts(prompts, vol.array.shape)
         self.history: List[Correction] = []
         # per correction: the slices it changed as they were, the prompts and the HU range before it
         self._undo: List[Tuple[Dict[int, np.ndarray], Prompts, Optional[Tuple[float, float]]]] = []
-        self._hu_range = self._range_on(self.mask, self.anchors())
+        self._hu_range = self._prompted_range()
 
     # -- state ------------------------------------------------------------------------------
     def anchors(self) -> List[int]:
-        """The slices that carry user prompts (they keep the user's result)."""
-        return self.prompts.slice_indices()
+        """The slices across :attr:`axis` that carry user prompts (they keep the user's result).
+        Boxes on slices across another axis (the prompts' own, before a hand-off) are none of them."""
+        return self._walk_prompts().slice_indices()
+
+    def _walk_prompts(self) -> Prompts:
+        """The prompts as seen across :attr:`axis`: all of them, or only the points (they are voxels
+        and lie on one slice of every axis) where the prompts' boxes lie across another axis."""
+        if self.prompts.slice_axis == self.axis:
+            return self.prompts
+        return Prompts(positive=list(self.prompts.positive), negative=list(self.prompts.negative), slice_axis=self.axis)
+
+    def _prompted_range(self) -> Optional[Tuple[float, float]]:
+        """The HU range of the mask on the slices of the user's prompts (across their own axis)."""
+        return self._range_on(self.mask, self.prompts.slice_indices(), self.prompts.slice_axis)
 
     def _slice(self, index: int) -> np.ndarray:
         return slice_of(self.mask, self.axis, index)
@@ -187,9 +221,12 @@ class CorrectionSession:
         ``first``: as for :meth:`add_point`, called once the box's slice holds its result."""
         t0 = time.perf_counter()
         before = self._state()
-        checked = validate_prompts(Prompts(box=box, slice_axis=self.axis), self.mask.shape).box
+        checked = validate_prompts(Prompts(box=box, slice_axis=self.prompts.slice_axis), self.mask.shape).box
         s = self.prompts.box_slice(checked)
         kept = [b for b in self.prompts.all_boxes() if self.prompts.box_slice(b) != s]
+        if self.prompts.slice_axis != self.axis:
+            corr = Correction("box", s, slice_axis=self.prompts.slice_axis)  # comes whole: no ``first``
+            return self._remake(kept + [checked], s, corr, t0, before)
         here = self.prompts.on_slice(s)
         here.box, here.boxes = checked, []
         corr = Correction("box", s)
@@ -205,17 +242,37 @@ class CorrectionSession:
         self._slice(s)[...] = new
         if first is not None:
             first(corr)
-        self._hu_range = self._range_on(self.mask, self.anchors())
+        self._hu_range = self._prompted_range()
         seed_area = int(new.sum())
         for direction in (+1, -1):
             corr.stops["up" if direction > 0 else "down"] = self._walk(s, new.astype(bool), direction, seed_area,
                                                                        self._hu_range, corr, replace=True)
         return self._finish(corr, t0, before)
 
+    def _remake(self, boxes: List[SliceBox], s: int, corr: Correction, t0: float, before) -> Correction:
+        """A box across the prompts' axis where corrections walk across another (after the engine's
+        hand-off to axial slices): the 3D mask is made again from all the prompts with ``boxes``
+        (``engine.segment``: the boxes' slices, their propagation and the hand-off); the points
+        stay prompts. It comes whole (``first`` is not called)."""
+        prompts = copy.deepcopy(self.prompts)
+        prompts.box, prompts.boxes = None, []
+        for b in boxes:
+            prompts.add_box(b)
+        res = self.engine.segment(prompts)  # raises before anything changes
+        if not res.mask.any():
+            raise PromptError(f"the box gave an empty mask on slice {prompts.slice_axis}={s}: draw it around the object")
+        self.prompts, self.report = prompts, res.report
+        self.mask[...] = res.mask > 0
+        corr.stops = {"remade": "from all the prompts (the box lies across the prompts' axis, "
+                                f"corrections walk across {self.axis})"}
+        corr.decoded_slices = slices_with_mask(self.mask, self.axis)
+        self._hu_range = self._prompted_range()
+        return self._finish(corr, t0, before)
+
     # -- the walks ---------------------------------------------------------------------------
     def _add_region(self, s: int, p: Point, corr: Correction, first: Optional[Callable[[Correction], None]]) -> None:
         eng, axis = self.engine, self.axis
-        here = self.prompts.on_slice(s)
+        here = self._walk_prompts().on_slice(s)
         x, y = (int(round(v)) for v in point_to_xy(p, axis))
         sl = self._slice(s).astype(bool)
         rs, cs = pixel_spacing(eng.volume, axis)
@@ -402,13 +459,16 @@ class CorrectionSession:
         hu = ndimage.gaussian_filter(slice_of(self.engine.volume.array, self.axis, s).astype(np.float32), 1.0)
         return self._range_of(hu[mask2d > 0])
 
-    def _range_on(self, mask3d: np.ndarray, slices: Sequence[int]) -> Optional[Tuple[float, float]]:
-        """The HU gate range (``engine.hu_gate_range``) of the smoothed HU under the mask on ``slices``."""
+    def _range_on(self, mask3d: np.ndarray, slices: Sequence[int], axis: Optional[str] = None
+                  ) -> Optional[Tuple[float, float]]:
+        """The HU gate range (``engine.hu_gate_range``) of the smoothed HU under the mask on ``slices``
+        (across ``axis``, by default :attr:`axis`)."""
+        axis = axis or self.axis
         vals = []
         for s in slices:
-            m = slice_of(mask3d, self.axis, s) > 0
+            m = slice_of(mask3d, axis, s) > 0
             if m.any():
-                hu = ndimage.gaussian_filter(slice_of(self.engine.volume.array, self.axis, s).astype(np.float32), 1.0)
+                hu = ndimage.gaussian_filter(slice_of(self.engine.volume.array, axis, s).astype(np.float32), 1.0)
                 vals.append(hu[m])
         return self._range_of(np.concatenate(vals) if vals else np.zeros(0))
 
@@ -426,7 +486,7 @@ class CorrectionSession:
             self._slice(s)[...] = old
         self.prompts, self._hu_range = prompts, hu_range
         last = self.history.pop()
-        corr = Correction("undo", last.slice_index, changed_slices=sorted(slices))
+        corr = Correction("undo", last.slice_index, last.slice_axis, changed_slices=sorted(slices))
         corr.seconds = time.perf_counter() - t0
         return corr
 
@@ -445,15 +505,19 @@ class CorrectionSession:
             i0, j0, k0, i1, j1, k1 = box
             crop = self.mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1]
             seeds = np.zeros_like(crop)
+            for axis, slices in ((self.axis, self.anchors()), (self.prompts.slice_axis, self.prompts.slice_indices())):
+                a = axis_index(axis)
+                lo = (k0, j0, i0)[a]
+                for s in slices:
+                    if 0 <= s - lo < crop.shape[a]:
+                        slice_of(seeds, axis, s - lo)[...] = slice_of(crop, axis, s - lo)
             a = axis_index(self.axis)
             lo = (k0, j0, i0)[a]
-            for s in self.anchors():
-                if 0 <= s - lo < crop.shape[a]:
-                    slice_of(seeds, self.axis, s - lo)[...] = slice_of(crop, self.axis, s - lo)
             kept = keep_components_touching(crop, seeds, connectivity=3, fallback_largest=True).astype(np.uint8)
             dropped = np.flatnonzero((crop.astype(bool) & ~kept.astype(bool)).any(axis=self._other_axes()))
             corr.changed_slices += [int(d) + lo for d in dropped]
             crop[...] = kept
+        corr.slice_axis = corr.slice_axis or self.axis
         corr.changed_slices = sorted(set(corr.changed_slices))
         corr.decoded_slices = sorted(set(corr.decoded_slices))
         old, prompts, hu_range = before

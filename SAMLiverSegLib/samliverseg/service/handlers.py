@@ -335,7 +335,7 @@ class EngineState:
             new = prompts_from_request(dict(frame, box=c["box"]), volume)
         session = self.corrections
         incremental = (session is not None and req.get("base") is not None and req.get("base") == self.result_id
-                       and session.axis == new.slice_axis and (not undo or session.can_undo() > 0))
+                       and session.prompts.slice_axis == new.slice_axis and (not undo or session.can_undo() > 0))
         summary = None
         if incremental:
             from samliverseg.interactive.engine import slice_of
@@ -355,7 +355,8 @@ class EngineState:
                 corr = session.add_point((new.positive or new.negative)[0], positive=positive, first=first)
             self.result_id = uuid.uuid4().hex
             mask, report = session.mask, {"model": self.engine.spec.name, "voxels": int(session.mask.sum())}
-            summary = {"kind": corr.kind, "slice_index": corr.slice_index, "changed_slices": corr.changed_slices,
+            summary = {"kind": corr.kind, "slice_axis": corr.slice_axis, "slice_index": corr.slice_index,
+                       "walk_axis": session.axis, "changed_slices": corr.changed_slices,
                        "decoded_slices": corr.decoded_slices, "stops": corr.stops, "seconds": round(corr.seconds, 3)}
         else:
             res = self.engine.segment(prompts, propagate=True, progress=progress, cancel=cancel)
