@@ -2,8 +2,8 @@
 
 In a slice view: left-click adds a positive point, Ctrl+click a negative point, click-drag draws
 a box. The 2D result shows as a preview (a separate segmentation node, like Grow from seeds);
-"Propagate to 3D" extends it through the volume; then a click or a box on any slice corrects the
-3D result (only the slices it changes are recomputed); "Apply" writes it into the selected segment
+"Propagate to 3D" extends it through the volume; then a click in any view or a box in the view of
+the prompts corrects the 3D result (only the slices it changes are recomputed); "Apply" writes it into the selected segment
 through the Segment Editor (editable area, overwrite mode, undo).
 
 All decisions are in ``SAMLiverSegLogic.effect_logic`` (Qt-free, tested with pytest); the mouse
@@ -85,9 +85,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return """<html>Segment with a Segment-Anything model (LiteMedSAM by default).<p>
 <b>Left-click</b>: positive point. <b>Ctrl+click</b>: negative point. <b>Drag</b>: box (best for
 LiteMedSAM/MedSAM). Shift+drag still pans the view. The result on that slice shows as soon as the
-model answers; <b>Propagate to 3D</b> extends it through the volume. Then a click, Ctrl+click or box
-on any slice corrects the 3D result: a click adds the missed part under it, a Ctrl+click removes the
-wrong region it lies in (in 3D), a box re-segments its slice and the slices beyond it;
+model answers; <b>Propagate to 3D</b> extends it through the volume. Then a click or Ctrl+click in
+any view, or a box in the view of the first prompts, corrects the 3D result: a click adds the missed
+part under it, a Ctrl+click removes the wrong region it lies in (in 3D), a box re-segments its slice
+and the slices beyond it (a box in another view starts the prompts over);
 <b>Undo correction</b> takes the last one back.
 <b>Apply</b> writes it into the selected segment (Ctrl+Z undoes it). Works in axial, coronal and sagittal views. With a 3D
 model (SAM-Med3D) every click, in any view, segments the whole object in 3D and refines it.
