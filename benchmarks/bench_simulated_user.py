@@ -3,7 +3,8 @@
 
     PYTHONPATH=SAMLiverSegLib .venv/bin/python benchmarks/bench_simulated_user.py \
         [--backend auto] [--cases ircadb,totalseg] [--starts 20,35,50,65,80] [--clicks 5] [--variants original,...]
-        [--embed-cache DIR] [--repeat-refused] [--json out.json]
+        [--embed-cache DIR] [--repeat-refused] [--views axial,coronal,sagittal] [--walk-axis auto,prompts]
+        [--json out.json]
 
 The loop of the CVPR 2025 interactive 3D segmentation challenge, on the shared real CT:
 
@@ -22,6 +23,11 @@ The loop of the CVPR 2025 interactive 3D segmentation challenge, on the shared r
   apart), and the seconds until its clicked slice holds its result ("shown": what the Slicer effect
   shows first, ``first`` of ``CorrectionSession.add_point``; the whole correction where it comes
   whole).
+
+``--views coronal,sagittal`` draws the first box on the slice at ``--starts`` percent of the
+object's extent along j or i instead (``variants.view_box_prompt``, index order); ``--walk-axis``
+chooses the slices corrections walk across (``CorrectionSession``'s ``axis``), several in turn from
+each start.
 
 Objects: the liver of ircadb-1.1 and of the totalseg example, each of the 7 ircadb-1.1 tumours;
 ``--variants`` chooses the case variants of ``benchmarks/variants.py`` (flips, crops, 3 / 5 mm
@@ -146,9 +152,10 @@ def row_of(case: str, obj: str, start: str, r: dict, clicks: int) -> list:
 
 def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int, List[Optional[float]]]],
              clicks: int, results: dict, rows: List[list], repeat_refused: bool = False,
-             views: Sequence[str] = ("axial",), walk_axis: Optional[str] = None) -> None:
+             views: Sequence[str] = ("axial",), walks: Sequence[str] = ("auto",)) -> None:
     """Every object of one volume (its slices embedded once), boxed in each of ``views``; a start of
-    None is the object's middle slice (of a view: in index order across its axis)."""
+    None is the object's middle slice (of a view: in index order across its axis). Each start runs
+    once per ``walks`` (``--walk-axis``), one after the other (interleaved: their seconds compare)."""
     engine.set_volume(volume)
     t0 = time.perf_counter()
     ks = np.flatnonzero(np.any([truth.any(axis=(1, 2)) for truth, _, _ in objects.values()], axis=0))
@@ -169,19 +176,25 @@ def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int
                 prompts = variants.view_box_prompt(obj_case, axis, 0.5 if frac is None else frac)
                 at, k = f"{axis}={prompts.box_slice(prompts.box)}", prompts.box_slice(prompts.box)
                 where = f"{where} {view}"
-            r = simulate(engine, truth, volume.spacing, prompts, clicks, repeat_refused, walk_axis)
-            r.update(start=where, start_slice=k)
-            results[f"{case}/{obj}/{where}"] = r
-            rows.append(row_of(case, obj, f"{where} ({at})", r, clicks))
-            print("  " + " ".join(str(c) for c in rows[-1]))
-            sys.stdout.flush()
+            for walk in walks:
+                axis = {"auto": None, "prompts": prompts.slice_axis}.get(walk, walk)
+                r = simulate(engine, truth, volume.spacing, prompts, clicks, repeat_refused, axis)
+                label = where if len(walks) == 1 else f"{where}, walk {walk}"
+                r.update(start=where, start_slice=k, walk=walk)
+                results[f"{case}/{obj}/{label}"] = r
+                rows.append(row_of(case, obj, f"{label} ({at})", r, clicks))
+                print("  " + " ".join(str(c) for c in rows[-1]))
+                sys.stdout.flush()
 
 
 def summary(results: dict, clicks: int) -> List[list]:
     out = []
-    for label, pick in (("liver", lambda key: key.split("/")[-2] == "liver"),
-                        ("tumours", lambda key: key.split("/")[-2].startswith("livertumor"))):
-        rs = [r for key, r in results.items() if pick(key)]
+    walks = sorted({r.get("walk", "auto") for r in results.values()})
+    for (label, pick), walk in ((g, w) for g in (("liver", lambda key: key.split("/")[-2] == "liver"),
+                                                 ("tumours", lambda key: key.split("/")[-2].startswith("livertumor")))
+                                for w in walks):
+        rs = [r for key, r in results.items() if pick(key) and r.get("walk", "auto") == walk]
+        label = label if len(walks) == 1 else f"{label} (walk {walk})"
         if not rs:
             continue
         d = np.array([r["dice"] + [r["dice"][-1]] * (clicks + 1 - len(r["dice"])) for r in rs])
@@ -209,9 +222,11 @@ def main(argv=None) -> int:
     ap.add_argument("--views", default="axial",
                     help="comma-separated views the first box is drawn in: axial, coronal, sagittal (a view's "
                          "start is in index order across its axis, variants.view_box_prompt)")
-    ap.add_argument("--walk-axis", default=None, choices=["i", "j", "k"],
-                    help="the axis corrections walk across (default: CorrectionSession's, the result's last "
-                         "propagation's: axial after a coronal or sagittal box's hand-off)")
+    ap.add_argument("--walk-axis", default="auto",
+                    help="comma-separated: the axis corrections walk across, each run in turn from every start: "
+                         "auto (CorrectionSession's: the result's last propagation's, axial after a coronal or "
+                         "sagittal box's hand-off), prompts (the first box's own axis: the rule before session "
+                         "17), i, j or k")
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--repeat-refused", action="store_true",
                     help="after a refused click, click the same error again (the protocol of runs 1-8)")
@@ -226,6 +241,10 @@ def main(argv=None) -> int:
         return 0
     starts = [float(v) / 100.0 for v in args.starts.split(",") if v.strip()]
     views = [v for v in args.views.split(",") if v.strip()]
+    walks = [w for w in args.walk_axis.split(",") if w.strip()]
+    for walk in walks:
+        if walk not in ("auto", "prompts", "i", "j", "k"):
+            ap.error(f"unknown --walk-axis {walk!r}: use auto, prompts, i, j or k")
     for view in views:
         if view not in variants.VIEW_AXES:
             ap.error(f"unknown view {view!r}: use {', '.join(variants.VIEW_AXES)}")
@@ -251,11 +270,12 @@ def main(argv=None) -> int:
             if objects:
                 cases.append((case.name if vname == "original" else v.name, v.volume, objects))
     for case, vol, objects in cases:
-        run_case(engine, case, vol, objects, args.clicks, results, rows, args.repeat_refused, views, args.walk_axis)
+        run_case(engine, case, vol, objects, args.clicks, results, rows, args.repeat_refused, views, walks)
     steps = [f"Dice@{n}" for n in range(args.clicks + 1)]
     print_table(f"simulated user: model {engine.spec.name}, backend {engine.backend.name} ({engine.backend.precision}), "
                 f"device {engine.device}; s = seconds per correction with cached embeddings (mean/max)",
-                ["case", "object", "start", *steps, "AUC", "box s", "s/corr", "clicks (+/- on slice k, error voxels)"],
+                ["case", "object", "start", *steps, "AUC", "box s", "s/corr",
+                 "clicks (+/- on the slice across the walk axis, error voxels)"],
                 rows)
     print_table("summary (means; min@1 = the lowest Dice after one correction; seconds per correction)",
                 ["object", "runs", *steps, "AUC", "min@1", "mean s", "median s", "max s",

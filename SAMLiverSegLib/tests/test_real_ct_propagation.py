@@ -324,3 +324,33 @@ def test_a_coronal_box_round_a_tumour_of_the_livers_hu_is_handed_on_as_a_box(liv
     got, how = _with_and_without_handoff(engine, prompts, tumour)
     assert "beyond the user's box" in how["prompt"], how
     assert got[True] >= got[False] + 0.2, (got, how)
+
+
+def test_after_a_sagittal_box_a_cut_past_a_tumours_end_takes_what_lies_beyond(liver_engine):
+    """Tumour 4 of ircadb-1.1 boxed on its middle sagittal slice: its mask runs on past its end into
+    liver of its HU. Corrections walk across axial slices (the hand-off's), and a negative click in
+    that part, on an axial slice where it is almost all of the mask (``END_FRAC``), takes what lies
+    beyond it too: a cut keeps what stays connected to the hand-off's axial slice, not to the user's
+    sagittal slice, whose mask spans the part past the end as well (the simulated user's first click:
+    0.44 -> 0.61; kept connected to the sagittal slice, 0.46)."""
+    engine, _ = liver_engine
+    engine.settings = PropagationSettings()
+    _, masks = sample_data.load_ircadb(structures=("livertumor04",))
+    tumour = masks["livertumor04"] > 0
+    s = CorrectionSession(engine, _view_box(tumour, "i", 0.5, margin=2))
+    assert s.axis == "k" and s.anchors() == []
+    wrong = (s.mask > 0) & ~tumour
+    lab, _ = ndimage.label(wrong, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    box = ndimage.find_objects((lab == int(np.argmax(sizes))).astype(np.uint8))[0]
+    si, sj, sk = engine.volume.spacing
+    depth = ndimage.distance_transform_edt(np.pad(lab[box] == int(np.argmax(sizes)), 1), sampling=(sk, sj, si))
+    k, j, i = (int(v) + b.start - 1 for v, b in zip(np.unravel_index(int(np.argmax(depth)), depth.shape), box))
+    before = float(dice(s.mask, tumour))
+    corr = s.add_point((float(i), float(j), float(k)), positive=False)
+    after = float(dice(s.mask, tumour))
+    assert after >= before + 0.1, (before, after, (i, j, k), corr)
+    here = s.report["axial_handoff"]["slice_k"]
+    beyond = s.mask[k:] if k > here else s.mask[:k + 1]  # the click's slice and all past it, away from the hand-off's
+    assert not beyond.any() and len(corr.changed_slices) >= 3, (k, here, corr)

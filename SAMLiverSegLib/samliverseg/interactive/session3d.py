@@ -497,6 +497,19 @@ class CorrectionSession:
     def _state(self) -> Tuple[np.ndarray, Prompts, Optional[Tuple[float, float]]]:
         return self.mask.copy(), copy.deepcopy(self.prompts), self._hu_range
 
+    def _seed_slices(self) -> List[Tuple[str, List[int]]]:
+        """(axis, slices) whose mask a cut keeps connected to: the anchors across the walks' axis
+        and, where the prompts lie across another (after a hand-off), the hand-off's axial slice
+        (through the middle of the user's prompted slice's mask), not the prompted slice itself: it
+        spans the object's whole extent across the walks, and would keep a leak past the object's
+        end that a cut has just cut off."""
+        out = [(self.axis, self.anchors())]
+        if self.prompts.slice_axis != self.axis:
+            k = (self.report.get("axial_handoff") or {}).get("slice_k")
+            out.append(("k", [int(k)]) if k is not None and self.axis == "k"
+                       else (self.prompts.slice_axis, self.prompts.slice_indices()))
+        return out
+
     def _finish(self, corr: Correction, t0: float, before) -> Correction:
         """After a cut, keep the 3D components that touch a prompted slice's mask (inside the mask's
         box); what a box or a positive click adds grows from its own slice and stays connected."""
@@ -505,7 +518,7 @@ class CorrectionSession:
             i0, j0, k0, i1, j1, k1 = box
             crop = self.mask[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1]
             seeds = np.zeros_like(crop)
-            for axis, slices in ((self.axis, self.anchors()), (self.prompts.slice_axis, self.prompts.slice_indices())):
+            for axis, slices in self._seed_slices():
                 a = axis_index(axis)
                 lo = (k0, j0, i0)[a]
                 for s in slices:
