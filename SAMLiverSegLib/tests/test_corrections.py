@@ -279,6 +279,7 @@ def test_after_a_coronal_box_corrections_walk_across_axial_slices(engine, phanto
     j = int(js[len(js) // 2])
     prompts = Prompts(box=coronal_box(liver, j), slice_axis="j")
     s = CorrectionSession(engine, prompts)
+    handed = s.report
     assert s.report["axial_handoff"]["prompt"] and walk_axis(prompts, s.report) == "k" and s.axis == "k"
     assert s.anchors() == [] and s._hu_range is not None  # the HU range of the coronal box's slice
     assert CorrectionSession(engine, prompts, result=engine.segment(prompts), axis="j").anchors() == [j]
@@ -311,9 +312,10 @@ def test_after_a_coronal_box_corrections_walk_across_axial_slices(engine, phanto
     assert corr.kind == "box" and corr.slice_axis == "j" and corr.slice_index == j2 and "remade" in corr.stops
     assert len(s.prompts.all_boxes()) == 2 and len(s.prompts.positive) == 1
     np.testing.assert_array_equal(s.mask, engine.segment(s.prompts).mask)
+    assert s.report is not handed
     s.undo()
     np.testing.assert_array_equal(s.mask, after_point)
-    assert len(s.prompts.all_boxes()) == 1
+    assert len(s.prompts.all_boxes()) == 1 and s.report is handed  # the first hand-off's report is back
 
 
 # -- bad prompts (a tiny random SAM: only the messages matter) ----------------------------------

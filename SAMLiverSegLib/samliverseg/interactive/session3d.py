@@ -142,8 +142,9 @@ class CorrectionSession:
         self.mask = res.mask.astype(np.uint8)
         self.prompts = validate_prompts(prompts, vol.array.shape)
         self.history: List[Correction] = []
-        # per correction: the slices it changed as they were, the prompts and the HU range before it
-        self._undo: List[Tuple[Dict[int, np.ndarray], Prompts, Optional[Tuple[float, float]]]] = []
+        # per correction: the slices it changed as they were, the prompts, the HU range and the
+        # report (a remade box's hand-off) before it
+        self._undo: List[Tuple[Dict[int, np.ndarray], Prompts, Optional[Tuple[float, float]], dict]] = []
         self._hu_range = self._prompted_range()
 
     # -- state ------------------------------------------------------------------------------
@@ -476,12 +477,12 @@ class CorrectionSession:
         return hu_gate_range(v, self.engine.settings)
 
     def undo(self) -> Correction:
-        """Take back the last correction: its slices, the prompts and the HU range as they were
-        before it (at most ``UNDO_DEPTH`` corrections back); PromptError when none is left."""
+        """Take back the last correction: its slices, the prompts, the HU range and the report as
+        they were before it (at most ``UNDO_DEPTH`` corrections back); PromptError when none is left."""
         if not self._undo:
             raise PromptError("no correction to undo")
         t0 = time.perf_counter()
-        slices, prompts, hu_range = self._undo.pop()
+        slices, prompts, hu_range, self.report = self._undo.pop()
         for s, old in slices.items():
             self._slice(s)[...] = old
         self.prompts, self._hu_range = prompts, hu_range
@@ -494,8 +495,8 @@ class CorrectionSession:
         """How many corrections :meth:`undo` can take back."""
         return len(self._undo)
 
-    def _state(self) -> Tuple[np.ndarray, Prompts, Optional[Tuple[float, float]]]:
-        return self.mask.copy(), copy.deepcopy(self.prompts), self._hu_range
+    def _state(self) -> Tuple[np.ndarray, Prompts, Optional[Tuple[float, float]], dict]:
+        return self.mask.copy(), copy.deepcopy(self.prompts), self._hu_range, self.report
 
     def _seed_slices(self) -> List[Tuple[str, List[int]]]:
         """(axis, slices) whose mask a cut keeps connected to: the anchors across the walks' axis
@@ -533,9 +534,10 @@ class CorrectionSession:
         corr.slice_axis = corr.slice_axis or self.axis
         corr.changed_slices = sorted(set(corr.changed_slices))
         corr.decoded_slices = sorted(set(corr.decoded_slices))
-        old, prompts, hu_range = before
+        old, prompts, hu_range, report = before
         changed = np.flatnonzero((old != self.mask).any(axis=self._other_axes()))
-        self._undo.append(({int(c): slice_of(old, self.axis, int(c)).copy() for c in changed}, prompts, hu_range))
+        self._undo.append(({int(c): slice_of(old, self.axis, int(c)).copy() for c in changed}, prompts, hu_range,
+                           report))
         del self._undo[:-UNDO_DEPTH]
         corr.seconds = time.perf_counter() - t0
         self.history.append(corr)
