@@ -13,8 +13,8 @@ flight and the current preview. It never blocks and starts no thread:
   WORKER_PROTOCOL.md); :meth:`~SegmentAnythingSession.start_propagate`,
   :meth:`~SegmentAnythingSession.start_uncertainty` send theirs. Each returns at once.
 * Once a 3D result of a 2D model is shown (a propagation), a click in any view or a box on any
-  slice of the prompts' axis corrects it: a ``correct`` request with that one prompt and the ``result_id`` of the
-  result shown, which the worker applies to the result it holds (``CorrectionSession``: only the
+  slice of the prompts' axis corrects it: a ``correct`` request with that one prompt and the
+  ``result_id`` of the result shown, which the worker applies to the result it holds (``CorrectionSession``: only the
   slices the correction walks through are decoded), or, holding another, makes again from all the
   prompts. Corrections clicked while one is in flight are queued; one the worker refuses (a click
   that would add an organ) is taken out of the prompts, and the result shown stays.
@@ -763,13 +763,15 @@ class SegmentAnythingSession:
             data = {"correction": result.get("correction"), "incremental": result.get("incremental"),
                     "timings": task.extra.get("timings"), "first_shown_s": task.extra.get("first_shown")}
             c = data["correction"]
+            # (an older worker's summary has no slice_axis)
+            where = "" if c is None else (f"{c['slice_axis']}={c['slice_index']}" if c.get("slice_axis")
+                                          else str(c["slice_index"]))
             if not task.extra.get("is_undo"):
                 self.applied.append(task.extra["undo"])
             what = ("made again from all the prompts (the worker held another result)" if c is None else
-                    f"took back the correction on slice {c['slice_index']}: {len(c['changed_slices'])} slices "
+                    f"took back the correction on slice {where}: {len(c['changed_slices'])} slices "
                     "restored" if c["kind"] == "undo" else
-                    f"corrected from slice {c.get('slice_axis', '')}{'=' if c.get('slice_axis') else ''}"
-                    f"{c['slice_index']}: {len(c['changed_slices'])} slices changed")
+                    f"corrected from slice {where}: {len(c['changed_slices'])} slices changed")
             return Outcome(True, what if n else "the correction removed the whole object", seconds, n, data=data,
                            kind="correct")
         return Outcome(True, what if not n else "", seconds, n, kind=task.kind)
