@@ -190,6 +190,32 @@ def test_new_view_orientation_starts_over(scene):
     assert builder.slice_axis == "j" and len(builder.positive) == 1
 
 
+def test_a_correction_point_in_another_view_joins_the_prompts(scene):
+    """A point clicked in another view to correct a 3D result keeps the prompts (and their axis); on
+    no prompts it starts them, as a point does; on an empty slice it is a message."""
+    arr = np.full(SHAPE, -1000, np.int16)
+    arr[5:20, 10:30, 10:40] = 40  # tissue; coronal slice j=2 is air only
+    vol = volume_nodes.add_volume_node(scene, arr, GEOMETRIES["identity"], "CT")
+    builder = slice_clicks.PromptBuilder(SHAPE, arr)
+    ras = geometry.ijk_to_ras_point(vol, VOXEL)
+    axial, coronal = slice_node_for(scene, "Axial"), slice_node_for(scene, "Coronal")
+    for sn in (axial, coronal):
+        centre_view_on(sn, ras)
+    target = slice_clicks.map_click(coronal, vol, slice_clicks.ras_to_xy(coronal, ras)[:2])
+    assert builder.add_correction_point(target) == "" and builder.slice_axis == "j"  # nothing to join: a start
+    builder.clear()
+    builder.add_point(slice_clicks.map_click(axial, vol, slice_clicks.ras_to_xy(axial, ras)[:2]))
+    note = builder.add_correction_point(target, positive=False)
+    assert "started over" not in note and builder.slice_axis == "k"
+    assert len(builder.positive) == 1 and len(builder.negative) == 1
+    np.testing.assert_allclose(builder.negative[0], VOXEL, atol=1e-6)
+    air = geometry.ijk_to_ras_point(vol, (VOXEL[0], 2, VOXEL[2]))
+    centre_view_on(coronal, air)
+    with pytest.raises(PromptError, match="only air"):
+        builder.add_correction_point(slice_clicks.map_click(coronal, vol, slice_clicks.ras_to_xy(coronal, air)[:2]))
+    assert len(builder.negative) == 1
+
+
 def test_tiny_box_is_a_message(scene):
     vol = add_ct(scene, GEOMETRIES["identity"], SHAPE)
     sn = slice_node_for(scene, "Axial")
