@@ -525,11 +525,10 @@ class CorrectionSession:
                 for s in slices:
                     if 0 <= s - lo < crop.shape[a]:
                         slice_of(seeds, axis, s - lo)[...] = slice_of(crop, axis, s - lo)
-            a = axis_index(self.axis)
-            lo = (k0, j0, i0)[a]
             kept = keep_components_touching(crop, seeds, connectivity=3, fallback_largest=True).astype(np.uint8)
             dropped = np.flatnonzero((crop.astype(bool) & ~kept.astype(bool)).any(axis=self._other_axes()))
-            corr.changed_slices += [int(d) + lo for d in dropped]
+            first = (k0, j0, i0)[axis_index(self.axis)]  # the crop's first slice across the walks' axis
+            corr.changed_slices += [int(d) + first for d in dropped]
             crop[...] = kept
         corr.slice_axis = corr.slice_axis or self.axis
         corr.changed_slices = sorted(set(corr.changed_slices))
