@@ -24,7 +24,9 @@ slice across the prompts' axis:
   lies in is added (the model's answer may also differ from the mask elsewhere along its edge: a
   neighbour it takes in). The click
   says its tissue is the object: the session's HU range grows to that part's (a darker tumour
-  inside the liver), and only pixels in that range are added (holes filled, so vessels do not
+  inside the liver) where the click lies in the part's range (not where the part is mostly another
+  tissue, as the model's answer to a click on a missed rim can be the fat beside it), and only
+  pixels in that range are added (holes filled, so vessels do not
   split the part). The slice's new mask is then followed up and down, adding what is new,
   until it is already inside the mask (it has joined what was there), the object ends, a slice
   would grow past ``ADD_AREA_FACTOR`` times the object's largest slice, or another prompted slice
@@ -314,13 +316,16 @@ class CorrectionSession:
         region = lab == lab[at]
         hu_range = self._hu_range
         if hu_range is not None and region[y, x]:
-            # The click says that this tissue is the object: the HU range (of what the first prompts
-            # found) grows to the range of the part it lies in (a tumour inside the liver), and only
-            # tissue of that range is added; vessels inside stay (the holes are filled).
-            part = self._range_on_slice(region, s)
-            if part is not None:
-                hu_range = (min(hu_range[0], part[0]), max(hu_range[1], part[1]))
+            # The click says that its tissue is the object: the HU range (of what the first prompts
+            # found) grows to the range of the part it lies in (a tumour inside the liver), where
+            # the click lies in that part's range: the part is the click's tissue. (A click on a
+            # missed rim of the object, whose smoothed HU mixes it with what borders it, may get an
+            # answer that is mostly that neighbour, fat: its range is not the object's.) Only
+            # tissue of the range is added; vessels inside stay (the holes are filled).
             hu = ndimage.gaussian_filter(slice_of(eng.volume.array, axis, s).astype(np.float32), 1.0)
+            part = self._range_of(hu[region])
+            if part is not None and part[0] <= hu[y, x] <= part[1]:
+                hu_range = (min(hu_range[0], part[0]), max(hu_range[1], part[1]))
             region = ndimage.binary_fill_holes(region & (hu >= hu_range[0]) & (hu <= hu_range[1]))
         if (region & ~sl).any():
             # The part may reach beyond the box the model was given: grow it as propagation does.
@@ -454,11 +459,6 @@ class CorrectionSession:
     def _other_axes(self) -> Tuple[int, int]:
         a = axis_index(self.axis)
         return tuple(b for b in range(3) if b != a)  # type: ignore[return-value]
-
-    def _range_on_slice(self, mask2d: np.ndarray, s: int) -> Optional[Tuple[float, float]]:
-        """:meth:`_range_on` of one slice's mask."""
-        hu = ndimage.gaussian_filter(slice_of(self.engine.volume.array, self.axis, s).astype(np.float32), 1.0)
-        return self._range_of(hu[mask2d > 0])
 
     def _range_on(self, mask3d: np.ndarray, slices: Sequence[int], axis: Optional[str] = None
                   ) -> Optional[Tuple[float, float]]:
