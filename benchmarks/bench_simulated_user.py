@@ -29,7 +29,8 @@ object's extent along j or i instead (``variants.view_box_prompt``, index order)
 chooses the slices corrections walk across (``CorrectionSession``'s ``axis``), several in turn from
 each start.
 
-Objects: the liver of ircadb-1.1 and of the totalseg example, each of the 7 ircadb-1.1 tumours;
+Objects: the liver of ircadb-1.1 and of the totalseg example, each of the 7 ircadb-1.1 tumours
+(``--cases phantom``: the liver of the synthetic island-lobe phantoms, ``variants.PHANTOM_SEEDS``);
 ``--variants`` chooses the case variants of ``benchmarks/variants.py`` (flips, crops, 3 / 5 mm
 slices). A failed step (an error: the click was refused) is reported in the table and the object's
 Dice stays where it was; the next click then goes to the largest error component that holds no refused
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="lite_medsam")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--cases", default="ircadb,totalseg")
+    ap.add_argument("--cases", default="ircadb,totalseg", help="ircadb, totalseg and/or phantom")
     ap.add_argument("--objects", default="liver,tumours", help="liver and/or tumours (ircadb-1.1 only)")
     ap.add_argument("--starts", default="50", help="start slices of the liver, percent of its k extent from its "
                                                    "caudal end (variants.prompt_slice); tumours start on their "
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
                     help="folder of slice embeddings kept between runs (bench_propagation.DiskEmbeddings)")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
-    if sample_data.shared_data_dir() is None:
+    if {"ircadb", "totalseg"} & set(args.cases.split(",")) and sample_data.shared_data_dir() is None:
         print(f"benchmark skipped: {sample_data.missing_reason()}")
         return 0
     starts = [float(v) / 100.0 for v in args.starts.split(",") if v.strip()]

@@ -54,10 +54,18 @@ class Case:
     margin: int = 5
 
 
+#: Seeds of the island-lobe phantoms that ``load_cases(["phantom"])`` makes (the noise and
+#: texture differ, the geometry does not).
+PHANTOM_SEEDS = (0, 1, 2, 3)
+
+
 def load_cases(names: Sequence[str] = ("ircadb", "totalseg")) -> List[Case]:
     """The liver of the shared cases: ``ircadb`` (3D-IRCADb-01 patient 1, manual mask) and
-    ``totalseg`` (the TotalSegmentator example, its model's liver). Needs ``../shared/data``."""
+    ``totalseg`` (the TotalSegmentator example, its model's liver), which need ``../shared/data``;
+    ``phantom``: the synthetic island-lobe phantoms of ``PHANTOM_SEEDS`` (a left lobe that appears
+    caudally as an island and joins cranially, a kidney of liver HU on a thin bridge; 3 mm slices)."""
     from samliverseg.demo import sample_data
+    from samliverseg.demo.phantom import make_island_lobe_phantom
 
     cases = []
     for n in names:
@@ -67,8 +75,12 @@ def load_cases(names: Sequence[str] = ("ircadb", "totalseg")) -> List[Case]:
         elif n == "totalseg":
             vol, liver = sample_data.load_totalseg_example()
             cases.append(Case("totalseg", vol, liver.astype(np.uint8), margin=2))
+        elif n == "phantom":
+            for seed in PHANTOM_SEEDS:
+                ph = make_island_lobe_phantom(seed=seed)
+                cases.append(Case(f"phantom-s{seed}", ph.to_volume(), ph.liver_mask.astype(np.uint8), margin=3))
         else:
-            raise ValueError(f"unknown case {n!r}: use 'ircadb' or 'totalseg'")
+            raise ValueError(f"unknown case {n!r}: use 'ircadb', 'totalseg' or 'phantom'")
     return cases
 
 
@@ -235,6 +247,6 @@ def view_box_prompt(case: Case, axis: str, fraction: float, margin: Optional[int
     return Prompts(box=SliceBox(tuple(lo), tuple(hi)), slice_axis=axis)
 
 
-__all__ = ["Case", "PROMPT_FRACTIONS", "VARIANTS", "box_on_slice", "box_prompt", "box_prompt_at", "caudal_is_low_k",
+__all__ = ["Case", "PHANTOM_SEEDS", "PROMPT_FRACTIONS", "VARIANTS", "box_on_slice", "box_prompt", "box_prompt_at", "caudal_is_low_k",
            "cropped", "cropped_around", "flipped", "load_cases", "make_variant", "make_variants", "prompt_slice",
            "resampled_slices", "truth_box_ijk", "VIEW_AXES", "view_box_prompt"]
