@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from samliverseg.demo import sample_data
 
-    if {"ircadb", "totalseg"} & set(args.cases.split(",")) and sample_data.shared_data_dir() is None:
+    if variants.needs_shared_data(args.cases.split(",")) and sample_data.shared_data_dir() is None:
         print(f"benchmark skipped: {sample_data.missing_reason()}")
         return 0
     names = args.variants.split(",") if args.variants else (QUICK_VARIANTS if args.quick else variants.VARIANTS)

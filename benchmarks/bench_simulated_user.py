@@ -237,7 +237,7 @@ def main(argv=None) -> int:
                     help="folder of slice embeddings kept between runs (bench_propagation.DiskEmbeddings)")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
-    if {"ircadb", "totalseg"} & set(args.cases.split(",")) and sample_data.shared_data_dir() is None:
+    if variants.needs_shared_data(args.cases.split(",")) and sample_data.shared_data_dir() is None:
         print(f"benchmark skipped: {sample_data.missing_reason()}")
         return 0
     starts = [float(v) / 100.0 for v in args.starts.split(",") if v.strip()]

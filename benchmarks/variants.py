@@ -59,6 +59,11 @@ class Case:
 PHANTOM_SEEDS = (0, 1, 2, 3)
 
 
+def needs_shared_data(names: Sequence[str]) -> bool:
+    """Whether :func:`load_cases` of ``names`` reads ``../shared/data`` (the phantoms do not)."""
+    return bool({"ircadb", "totalseg"} & set(names))
+
+
 def load_cases(names: Sequence[str] = ("ircadb", "totalseg")) -> List[Case]:
     """The liver of the shared cases: ``ircadb`` (3D-IRCADb-01 patient 1, manual mask) and
     ``totalseg`` (the TotalSegmentator example, its model's liver), which need ``../shared/data``;
@@ -247,6 +252,6 @@ def view_box_prompt(case: Case, axis: str, fraction: float, margin: Optional[int
     return Prompts(box=SliceBox(tuple(lo), tuple(hi)), slice_axis=axis)
 
 
-__all__ = ["Case", "PHANTOM_SEEDS", "PROMPT_FRACTIONS", "VARIANTS", "box_on_slice", "box_prompt", "box_prompt_at", "caudal_is_low_k",
+__all__ = ["Case", "PHANTOM_SEEDS", "needs_shared_data", "PROMPT_FRACTIONS", "VARIANTS", "box_on_slice", "box_prompt", "box_prompt_at", "caudal_is_low_k",
            "cropped", "cropped_around", "flipped", "load_cases", "make_variant", "make_variants", "prompt_slice",
            "resampled_slices", "truth_box_ijk", "VIEW_AXES", "view_box_prompt"]
