@@ -23,7 +23,9 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   HU than the object's (the median of the rest of the clicked slice's mask), connected on that
   slice to what was removed on the slice before. Where those two medians differ by less than
   ``MIN_CONTRAST_HU``, or the removed region's median is that close to the object's elsewhere,
-  the wrong tissue looks like the object and only the clicked slice's region is removed. A
+  or that HU range holds more than ``MAX_BAND_SHARE`` of the object's interior on the clicked
+  slice (a scan without contrast, where the object's darker part lies in it), the wrong tissue
+  looks like the object and only the clicked slice's region is removed. A
   continuation may take up to ``DISTINCT_MAX_FRAC`` of a slice's mask, or all of it where that
   slice holds no object (the same test); the walk stops where nothing is left, at a ``frozen``
   slice (one that carries the user's own prompts), or where the region would take more than that
@@ -69,12 +71,26 @@ BLOB_MAX_MM = 15.0
 EDGE_FRAC = 0.2
 #: The walk goes at most this many times the clicked region's equivalent diameter each way.
 TALL = 2.0
+#: HU carries a cut beyond its slice only where its band (the removed region's HU range, up to
+#: midway to the object's) holds at most this fraction of the object's interior on the clicked
+#: slice (the rest of its mask deeper than ``CORE_MM``); else the object's own pixels of that HU
+#: would go too, and only the clicked slice's region is removed here (``session3d`` then follows
+#: the cut with the model).
+MAX_BAND_SHARE = 0.1
+#: ... the interior: deeper than this (mm) inside the rest of the slice's mask, whose border pixels
+#: mix the object with what lies beside it (partial volume) and are not the object's HU.
+CORE_MM = 3.0
+
+
+def _depth_mm(mask2d: np.ndarray, pixel_spacing: Sequence[float]) -> np.ndarray:
+    """Each pixel's distance (mm) to the border of ``mask2d`` (0 outside it)."""
+    d = ndimage.distance_transform_edt(np.pad(mask2d, 1), sampling=tuple(float(s) for s in pixel_spacing))
+    return d[1:-1, 1:-1]
 
 
 def _depth_px(mask2d: np.ndarray, x: int, y: int, pixel_spacing: Sequence[float]) -> float:
     """Distance (mm) from pixel (x, y) to the border of ``mask2d``."""
-    d = ndimage.distance_transform_edt(np.pad(mask2d, 1), sampling=tuple(float(s) for s in pixel_spacing))
-    return float(d[y + 1, x + 1])
+    return float(_depth_mm(mask2d, pixel_spacing)[y, x])
 
 
 def _disk_mm(shape: Tuple[int, int], x: int, y: int, radius_mm: float, pixel_spacing: Sequence[float]) -> np.ndarray:
@@ -151,6 +167,16 @@ def _distinct(region: np.ndarray, rest: np.ndarray, smooth_hu: np.ndarray) -> bo
     return abs(float(np.median(smooth_hu[region])) - float(np.median(smooth_hu[rest]))) >= MIN_CONTRAST_HU
 
 
+def _interior(mask2d: np.ndarray, pixel_spacing: Sequence[float], depth_mm: float) -> np.ndarray:
+    """The pixels of ``mask2d`` deeper than ``depth_mm`` from its border."""
+    return _depth_mm(mask2d, pixel_spacing) > depth_mm
+
+
+def _share_in_band(values: np.ndarray, band: Tuple[float, float]) -> float:
+    """The fraction of ``values`` (HU) that lie in ``band`` (lo, hi)."""
+    return float(np.mean((values >= band[0]) & (values <= band[1]))) if values.size else 0.0
+
+
 def _smoothed(hu2d: np.ndarray, pixel_spacing: Sequence[float]) -> np.ndarray:
     sr, sc = (float(s) for s in pixel_spacing)
     return ndimage.gaussian_filter(hu2d.astype(np.float32), sigma=(1.0 / sr, 1.0 / sc))
@@ -204,6 +230,12 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     band = (float(np.percentile(vals, 5)) - margin_hu, float(np.percentile(vals, 95)) + margin_hu)
     mid = (wrong_hu + object_hu) / 2  # a pixel is wrong tissue if nearer the wrong region's HU than the object's
     band = (max(band[0], mid), band[1]) if wrong_hu > object_hu else (band[0], min(band[1], mid))
+    core = _interior(rest, pixel_spacing, CORE_MM)
+    if not no_object and core.sum() >= 10 and _share_in_band(hu0[core], band) > MAX_BAND_SHARE:
+        # The band holds much of the object's own HU on this slice (a scan without contrast: the
+        # object's darker part lies in it): a walk by HU would take the object on every slice.
+        get_slice(out, axis, index)[...] = first
+        return out
     # On the clicked slice too, the HU-connected continuation of what grew from the click (the
     # grown region's opening may have left pieces of the wrong tissue).
     region = _continuation(m0, get_slice(hu3d, axis, index), first, band, pixel_spacing, DISTINCT_MAX_FRAC, 1.0,

@@ -35,7 +35,8 @@ slice across the prompts' axis:
   (``mask_edits.negative_region``: its slice's region grown from the click, or all of the slice's
   mask where it holds no object, and its HU-connected continuation on the next slices), never
   changing another prompted slice. Where HU cannot carry the cut beyond its slice (the wrong
-  tissue has the object's HU), the model does (``_cut_walk``): each next slice is segmented from
+  tissue has the object's HU, or, in a scan without contrast, its HU band holds the object's
+  darker part: ``mask_edits.MAX_BAND_SHARE``), the model does (``_cut_walk``): each next slice is segmented from
   the corrected one before it, and what the mask held beyond that answer, connected to the
   previous slice's cut, goes. Where the click's region is almost all of its slice's mask
   (``END_FRAC``), all of it goes: the object is not on that slice (a tumour's mask running on
