@@ -132,6 +132,22 @@ def test_a_neighbour_left_out_on_the_slice_before_is_not_let_in_by_the_wider_box
     assert got[0.5, 0.5] >= got[0.5, None] - 0.002, got
 
 
+def _around(mask: np.ndarray, volume: Volume, margin_mm: float):
+    """IJK corners (lo, hi; lists) of ``mask``'s bounding box plus ``margin_mm``, within the volume,
+    and the k indices ``mask`` lies on."""
+    m = [int(np.ceil(margin_mm / s)) for s in volume.spacing]
+    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in (2, 1, 0)]
+    lo = [max(0, int(v[0]) - mm) for v, mm in zip(idx, m)]
+    hi = [min(n - 1, int(v[-1]) + mm) for v, n, mm in zip(idx, volume.shape_ijk, m)]
+    return lo, hi, idx[2]
+
+
+def _sub_grid(volume: Volume, lo, hi):
+    """The grid of voxels ``lo``..``hi`` (IJK, inclusive) of ``volume`` and the array's slices [k, j, i] of it."""
+    grid = volume.grid.sub_grid(lo, [h - l + 1 for l, h in zip(lo, hi)])
+    return grid, (slice(lo[2], hi[2] + 1), slice(lo[1], hi[1] + 1), slice(lo[0], hi[0] + 1))
+
+
 @pytest.fixture(scope="module")
 def totalseg_engine():
     """LiteMedSAM on the TotalSegmentator example (its model's liver as the reference)."""
@@ -169,12 +185,8 @@ def test_where_the_answer_jumps_away_a_tighter_box_is_asked_before_stopping(tota
     0.883 -> 0.923). On the whole volume, from the middle slice, nothing is lower."""
     engine, liver = totalseg_engine
     whole = engine.volume
-    m = [int(np.ceil(20.0 / s)) for s in whole.spacing]
-    idx = [np.flatnonzero(liver.any(axis=tuple(a for a in range(3) if a != ax))) for ax in (2, 1, 0)]
-    lo = [max(0, int(v[0]) - mm) for v, mm in zip(idx, m)]
-    hi = [min(n - 1, int(v[-1]) + mm) for v, n, mm in zip(idx, whole.shape_ijk, m)]
-    grid = whole.grid.sub_grid(lo, [h - l + 1 for l, h in zip(lo, hi)])
-    sl = (slice(lo[2], hi[2] + 1), slice(lo[1], hi[1] + 1), slice(lo[0], hi[0] + 1))
+    lo, hi, _ = _around(liver, whole, 20.0)
+    grid, sl = _sub_grid(whole, lo, hi)
     assert not view_for(grid.direction_matrix, "k").identity  # stored RAS: shown upright, turned
     crop = Volume(whole.array[sl].copy(), grid.spacing, grid.origin, np.eye(3))
     settings = {True: PropagationSettings(), False: PropagationSettings(jump_retry_margin_px=None)}
@@ -366,19 +378,14 @@ def test_a_cut_in_a_scan_without_contrast_keeps_to_the_wrong_tissue(totalseg_eng
     wrong tissue, followed by the model, and Dice does not fall."""
     engine, liver = totalseg_engine
     whole = engine.volume
-    m = [int(np.ceil(20.0 / s)) for s in whole.spacing]
-    idx = [np.flatnonzero(liver.any(axis=tuple(a for a in range(3) if a != ax))) for ax in (2, 1, 0)]
-    lo = [max(0, int(v[0]) - mm) for v, mm in zip(idx, m)]
-    hi = [min(n - 1, int(v[-1]) + mm) for v, n, mm in zip(idx, whole.shape_ijk, m)]
-    ks = idx[2]
+    lo, hi, ks = _around(liver, whole, 20.0)
     cut = int(round(0.15 * (ks[-1] - ks[0] + 1)))
     caudal_low = float(whole.direction[2, 2]) >= 0.0  # k grows towards the head
     if caudal_low:
         hi[2] = int(ks[-1]) - cut
     else:
         lo[2] = int(ks[0]) + cut
-    grid = whole.grid.sub_grid(lo, [h - l + 1 for l, h in zip(lo, hi)])
-    sl = (slice(lo[2], hi[2] + 1), slice(lo[1], hi[1] + 1), slice(lo[0], hi[0] + 1))
+    grid, sl = _sub_grid(whole, lo, hi)
     crop = Volume(whole.array[sl].copy(), grid.spacing, grid.origin, grid.direction_matrix)
     truth = liver[sl]
     tk = np.flatnonzero(truth.any(axis=(1, 2)))
