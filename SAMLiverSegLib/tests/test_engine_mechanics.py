@@ -378,6 +378,14 @@ def test_the_ends_of_the_object_drop_a_neighbour_of_another_tissue(engine):
     mask = walked.astype(np.uint8)
     assert engine._trim_foreign_ends(mask, "k", [20]) == 8 and np.array_equal(mask[8:] > 0, walked[8:])
     assert not mask[:8].any()
+    # the gallbladder running 3 slices (9 mm) past the tip is a tail (end_tail_min_mm 8: on these
+    # 3 mm slices, 3; under the 10 mm of before it was not); 2 slices (6 mm) are not
+    engine.settings = st
+    for past, changed in ((3, 11), (2, 0)):
+        mask = walked.astype(np.uint8)
+        mask[: 8 - past] = 0
+        assert engine._trim_foreign_ends(mask, "k", [20]) == changed, past
+        assert np.array_equal(mask > 0, liver if changed else walked & (np.arange(30) >= 8 - past)[:, None, None]), past
     # a tail of 24 mm is no tail where end_tail_min_mm asks for more
     engine.settings = replace(st, end_tail_min_mm=25.0)
     mask = walked.astype(np.uint8)

@@ -233,7 +233,7 @@ class PropagationSettings:
     jump_retry_min_overlap: float = 0.9  # ... and keep that answer only where this much of it survives the growth limit and HU gate (the object goes on where it was)
     retry_gated_seed: bool = True  # where the walk stops at its first step from a prompted slice, try once more from that slice's mask through the HU gate (see _retry_gated)
     end_tissue_hu: Optional[float] = 20.0  # at the object's ends, tissue whose (smoothed) HU lies further than this from the whole object's median is another's (None: keep it; see _trim_foreign_ends)
-    end_tail_min_mm: float = 10.0  # ... where the slices at an end whose median HU lies that far from it span at least this (a tail)
+    end_tail_min_mm: float = 8.0  # ... where the slices at an end whose median HU lies that far from it span at least this (a tail; 5 slices of 1.6 mm, 3 of 3 mm, 2 of 5 mm)
     end_foreign_frac: float = 0.3  # ... and behind such a tail, the slices where at least this fraction of the mask is such tissue
     # Prompts on coronal or sagittal slices only: the result is propagated again across axial slices
     # from the object's section on the axial slice through the prompted slice's mask (see _axial_handoff).
