@@ -24,8 +24,9 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   slice to what was removed on the slice before. Where those two medians differ by less than
   ``MIN_CONTRAST_HU``, or the removed region's median is that close to the object's elsewhere,
   or that HU range holds more than ``MAX_BAND_SHARE`` of the object's interior on the clicked
-  slice (a scan without contrast, where the object's darker part lies in it), the wrong tissue
-  looks like the object and only the clicked slice's region is removed. A
+  slice (a scan without contrast, where the object's darker part lies in it; where the clicked
+  slice holds no object or too little of it, on the nearest slice each way that holds it), the
+  wrong tissue looks like the object and only the clicked slice's region is removed. A
   continuation may take up to ``DISTINCT_MAX_FRAC`` of a slice's mask, or all of it where that
   slice holds no object (the same test); the walk stops where nothing is left, at a ``frozen``
   slice (one that carries the user's own prompts), or where the region would take more than that
@@ -231,9 +232,13 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     mid = (wrong_hu + object_hu) / 2  # a pixel is wrong tissue if nearer the wrong region's HU than the object's
     band = (max(band[0], mid), band[1]) if wrong_hu > object_hu else (band[0], min(band[1], mid))
     core = _interior(rest, pixel_spacing, CORE_MM)
-    if not no_object and core.sum() >= 10 and _share_in_band(hu0[core], band) > MAX_BAND_SHARE:
+    core_hu = hu0[core] if not no_object and core.sum() >= 10 else _core_hu_nearby(
+        mask3d, hu3d, axis, index, first, pixel_spacing, elsewhere)
+    if core_hu.size >= 10 and _share_in_band(core_hu, band) > MAX_BAND_SHARE:
         # The band holds much of the object's own HU on this slice (a scan without contrast: the
-        # object's darker part lies in it): a walk by HU would take the object on every slice.
+        # object's darker part lies in it), or on the nearest slices that hold the object where
+        # this one holds none or too little (past a tumour's end, the liver around it): a walk by
+        # HU would take the object on every slice.
         get_slice(out, axis, index)[...] = first
         return out
     # On the clicked slice too, the HU-connected continuation of what grew from the click (the
@@ -272,6 +277,30 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
         get_slice(only, axis, index)[...] = get_slice(out, axis, index)
         return only
     return out
+
+
+def _core_hu_nearby(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int, first: np.ndarray,
+                    pixel_spacing: Sequence[float], elsewhere: Optional[np.ndarray]) -> np.ndarray:
+    """The smoothed HU of the object's interior on the nearest slice each way from ``index`` whose
+    mask holds the object (not ``_no_object``): the rest of that slice's mask outside the clicked
+    region ``first`` (where the wrong tissue goes on: a leak touches the object on its last slices),
+    deeper than ``CORE_MM``. Empty if there is none."""
+    a = axis_index(axis)
+    vals = []
+    for direction in (-1, +1):
+        t = index + direction
+        while 0 <= t < mask3d.shape[a]:
+            m = get_slice(mask3d, axis, t) > 0
+            if not m.any():
+                break
+            smooth = _smoothed(get_slice(hu3d, axis, t), pixel_spacing)
+            if not _no_object(smooth[m], elsewhere):
+                core = _interior(m & ~first, pixel_spacing, CORE_MM)
+                if core.any():
+                    vals.append(smooth[core])
+                break
+            t += direction
+    return np.concatenate(vals) if vals else np.zeros(0, dtype=np.float32)
 
 
 def _object_hu_elsewhere(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int) -> Optional[np.ndarray]:
