@@ -23,6 +23,7 @@ from samliverseg.core.geometry import resample
 from samliverseg.core.maskutil import bbox_2d, interior_point, middle_slice
 from samliverseg.core.prompts import Prompts, SliceBox
 from samliverseg.demo import sample_data
+from samliverseg.interactive import mask_edits
 from samliverseg.interactive.engine import PromptEngine, PropagationSettings
 from samliverseg.interactive.session3d import CorrectionSession
 from samliverseg.interactive.slice_view import view_for
@@ -311,6 +312,39 @@ def test_a_tumours_tail_of_liver_past_its_end_goes_on_thin_slices(liver_engine):
     assert not (got[8.0] & ~got[10.0]).any(), d
     assert (got[8.0] & tumour).sum() >= 0.98 * (got[10.0] & tumour).sum(), d
 
+
+
+def test_a_cut_from_a_slice_without_the_tumour_does_not_walk_into_its_end(liver_engine, monkeypatch):
+    """Tumour 5 of ircadb-1.1 boxed on its middle slice, then the simulated user's clicks (each at
+    the deepest point of the largest error; the refused one left out). The last is a negative click
+    at k=107, where the mask holds liver and no tumour by HU. With nothing of the object on that
+    slice to test the cut's HU band against, the walk by HU went up into the tumour's iso-dense
+    caudal end and took 1,684 of its voxels on 5 slices (0.821 -> 0.774). The band is now tested
+    against the tumour's interior on the nearest slice each way that holds it (outside the click's
+    footprint): about half of it lies in the band, the cut stays on its slice (then the model
+    follows it), and Dice does not fall."""
+    engine, _ = liver_engine
+    engine.settings = PropagationSettings()
+    _, masks = sample_data.load_ircadb(structures=("livertumor05",))
+    tumour = masks["livertumor05"] > 0
+    k = middle_slice(tumour, "k")
+    i0, j0, i1, j1 = bbox_2d(tumour[k])
+    s = CorrectionSession(engine, Prompts(box=SliceBox.axial(i0 - 2, j0 - 2, i1 + 2, j1 + 2, k)))
+    for ijk, positive in (((193, 242, 117), False), ((214, 208, 107), True), ((229, 214, 113), False)):
+        s.add_point(tuple(float(v) for v in ijk), positive=positive)
+    before = float(dice(s.mask, tumour))
+    got = {}
+    for rule in ("nearby", "none"):
+        if rule == "none":  # the rule before: no interior to test, the walk by HU goes on
+            monkeypatch.setattr(mask_edits, "_core_hu_nearby", lambda *a, **kw: np.zeros(0))
+        m0 = s.mask > 0
+        corr = s.add_point((218.0, 214.0, 107.0), positive=False)
+        removed = m0 & ~(s.mask > 0)
+        got[rule] = (float(dice(s.mask, tumour)), int((removed & tumour).sum()), corr.changed_slices)
+        s.undo()
+    assert got["none"][1] > 1000 and got["none"][0] < before - 0.03, (before, got)
+    assert got["nearby"][1] < 200 and got["nearby"][0] >= before, (before, got)
+    assert 107 in got["nearby"][2] and not any(108 < t for t in got["nearby"][2]), got
 
 def _view_box(truth: np.ndarray, axis: str, fraction: float, margin: int) -> Prompts:
     """The box around ``truth`` (plus ``margin`` voxels) on the sagittal (``"i"``) or coronal
