@@ -124,6 +124,19 @@ def test_a_click_on_a_rim_at_the_masks_edge_takes_a_blob_not_the_darker_part_it_
     assert (middle & ~wrong).sum() < 0.15 * middle.sum(), (int((middle & ~wrong).sum()), int(middle.sum()))
 
 
+def two_tissues(seed, obj_slices, obj_disk, wrong_slices, wrong_disk):
+    """(rng, HU of fat at -100, the object, the wrong tissue): disks ((row, column) centre, radius)
+    on the given slices of a 32x64x64 volume; the wrong tissue leaves out the object."""
+    rng = np.random.default_rng(seed)
+    shape = (32, 64, 64)
+    hu = np.full(shape, -100.0) + rng.normal(0.0, 5.0, shape)
+    obj, wrong = np.zeros(shape, bool), np.zeros(shape, bool)
+    for k in obj_slices:
+        obj[k] = disk(shape[1:], *obj_disk)
+    for k in wrong_slices:
+        wrong[k] = disk(shape[1:], *wrong_disk) & ~obj[k]
+    return rng, hu, obj, wrong
+
 def test_in_a_low_contrast_scan_a_cut_whose_hu_band_holds_the_objects_darker_part_stays_on_its_slice():
     """A non-contrast scan (the totalseg example: liver 35..53 HU interquartile, a wrong region at
     26 HU beside it). The cut's HU band reaches midway to the object's median, and a quarter of the
@@ -131,14 +144,7 @@ def test_in_a_low_contrast_scan_a_cut_whose_hu_band_holds_the_objects_darker_par
     every slice (here 222 voxels of the object on 21 slices; on the totalseg liver cropped at its
     top, 848 of the 1,245 voxels a click removed were liver). HU cannot carry that cut: only the
     clicked slice's region goes (a ``CorrectionSession`` then follows it with the model)."""
-    rng = np.random.default_rng(2)
-    shape = (32, 64, 64)
-    hu = np.full(shape, -100.0) + rng.normal(0.0, 5.0, shape)
-    obj, wrong = np.zeros(shape, bool), np.zeros(shape, bool)
-    for k in range(6, 27):
-        obj[k] = disk(shape[1:], (32, 22), 14)
-    for k in range(10, 21):
-        wrong[k] = disk(shape[1:], (32, 41), 6) & ~obj[k]
+    rng, hu, obj, wrong = two_tissues(2, range(6, 27), ((32, 22), 14), range(10, 21), ((32, 41), 6))
     hu[obj] = 44.0 + rng.normal(0.0, 13.0, int(obj.sum()))
     hu[wrong] = 26.0 + rng.normal(0.0, 6.0, int(wrong.sum()))
     mask = (obj | wrong).astype(np.uint8)
@@ -161,16 +167,9 @@ def test_a_cut_from_a_slice_with_no_object_whose_band_holds_the_objects_end_stay
     slice each way that holds it, outside the clicked region's footprint: half of it lies in the
     band, and only the clicked slice's region goes. Where the tumour's end is as dark as the rest of
     it, the same cut takes the liver away on every slice below the tumour."""
-    rng = np.random.default_rng(3)
-    shape = (32, 64, 64)
-    hu = np.full(shape, -100.0) + rng.normal(0.0, 5.0, shape)
-    obj, wrong = np.zeros(shape, bool), np.zeros(shape, bool)
-    for k in range(10, 25):
-        obj[k] = disk(shape[1:], (32, 30), 14)
-    for k in range(3, 10):
-        wrong[k] = disk(shape[1:], (32, 36), 8)
+    rng, hu, obj, wrong = two_tissues(3, range(10, 25), ((32, 30), 14), range(3, 10), ((32, 36), 8))
     mask = (obj | wrong).astype(np.uint8)
-    end = obj & (np.arange(shape[0]) <= 13)[:, None, None]
+    end = obj & (np.arange(hu.shape[0]) <= 13)[:, None, None]
     hu[wrong] = 120.0 + rng.normal(0.0, 8.0, int(wrong.sum()))
     hu[obj] = 90.0 + rng.normal(0.0, 10.0, int(obj.sum()))
     bright_end = hu.copy()
