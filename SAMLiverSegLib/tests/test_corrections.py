@@ -5,6 +5,7 @@ slices it must; and the one-line errors of bad prompts (tiny random SAM)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from scipy import ndimage
 from libtest_helpers import build_tiny_sam, tiny_sam_spec
 from samliverseg.core.errors import PromptError
 from samliverseg.core.evaluation import dice
-from samliverseg.core.maskutil import bbox_2d
+from samliverseg.core.maskutil import bbox_2d, dilate_rect
 from samliverseg.core.prompts import Prompts, SliceBox, validate_prompts
 from samliverseg.demo.phantom import ORGAN_CODES, make_island_lobe_phantom, make_phantom
 from samliverseg.interactive.engine import PromptEngine
@@ -174,6 +175,31 @@ def test_positive_click_adds_a_missed_part(engine, phantom):
     assert any(gained[t].any() for t in range(gained.shape[0]) if t != kc), corr
     assert dice(s.mask, liver) >= dice(before, liver) + 0.05, (dice(before, liver), dice(s.mask, liver), corr)
     assert (s.mask[before > 0] > 0).all()  # nothing the model had found right is lost
+
+
+def test_a_corrections_walk_keeps_to_the_growth_limit(engine, phantom):
+    """A correction's walk (``follow_slice``) takes no growth beyond the growth limit
+    (``PropagationSettings.walk_growth``, off by default): from the liver shrunk by 4 px on the
+    slice before, the next slice's mask stays within the limit around it, where with that growth
+    (propagation's rule from a box) the model's wider box adds the rest of the liver there."""
+    liver = phantom.liver_mask > 0
+    grow = engine._growth_px("k")
+    saved = engine.settings
+    beyond = {}
+    try:
+        for walk_growth in (False, True):
+            engine.settings = dataclasses.replace(saved, walk_growth=walk_growth)
+            for f in (0.4, 0.5, 0.7):
+                k = at_fraction(liver, f)
+                prev = ndimage.binary_erosion(liver[k - 1], iterations=4)
+                new, why = engine.follow_slice("k", k, prev, int(prev.sum()))
+                assert new is not None, why
+                assert (new & liver[k]).sum() >= 0.9 * new.sum()  # the liver
+                beyond[walk_growth, f] = int((new & ~dilate_rect(prev, grow)).sum())
+    finally:
+        engine.settings = saved
+    assert all(beyond[False, f] == 0 for f in (0.4, 0.5, 0.7)), beyond
+    assert all(beyond[True, f] >= 100 for f in (0.4, 0.5, 0.7)), beyond  # what the default leaves out
 
 
 def test_positive_click_in_a_missed_tumour_adds_it_in_3d(engine, phantom):

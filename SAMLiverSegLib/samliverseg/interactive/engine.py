@@ -224,6 +224,7 @@ class PropagationSettings:
     growth_narrowing_min_hu_shift: Optional[float] = 0.0  # grow only into tissue at least this much brighter (median HU) than the kept mask (None: never grow there),
     growth_narrowing_min_score: float = 0.91  # where the model rates the wider box at least this
     growth_narrowing_min_ratio: float = 0.95  # (narrower than this: never)
+    walk_growth: bool = False  # corrections' walks (follow_slice) accept that growth too (False: they keep to the limit; see follow_slice)
     sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
     island_min_area_mm2: float = 100.0  # parts smaller than this are not followed,
     island_min_score: float = 0.8  # and a part is followed only where the model rates its mask this well
@@ -907,14 +908,20 @@ class PromptEngine:
                      roi: Optional[Roi3D] = None) -> Tuple[Optional[np.ndarray], Optional[str]]:
         """One step of propagation, for corrections (``interactive.session3d``): slice ``s``
         segmented from ``prev`` (the object's mask on the neighbouring slice) by the same rules as
-        :meth:`segment` (growth limit, HU gate with ``hu_range``, growth the model is sure of).
+        :meth:`segment` (growth limit, HU gate with ``hu_range``), except growth beyond the limit,
+        which is accepted only with ``settings.walk_growth``. A correction's walk follows a part
+        (what a click added, what a cut removed) along a mask that propagation already grew; a
+        wider box there mostly takes in again what the user is correcting. Measured on the
+        simulated user (session 22, 145 runs): liver AUC 0.9549 with that growth, 0.9553 without,
+        after five clicks 0.9567 and 0.9575; four clicks on ircadb-1.1 decode 62 slices, not 107.
         Returns (mask, None), or (None, why the object ended there)."""
         if not prev.any():
             return None, f"empty mask before slice {s}"
         saved = self._seed_hu_range
         self._seed_hu_range = hu_range
         try:
-            kept, _score, reason = self._follow(axis, s, prev, roi, seed_area, ref_hu, self._growth_px(axis))
+            kept, _score, reason = self._follow(axis, s, prev, roi, seed_area, ref_hu, self._growth_px(axis),
+                                                widen=self.settings.walk_growth)
         finally:
             self._seed_hu_range = saved
         return (None, reason) if reason is not None else (kept, None)
@@ -945,14 +952,15 @@ class PromptEngine:
         rows, cols = mask.shape
         return (max(0.0, x0 - margin_x), max(0.0, y0 - margin_y), min(cols - 1.0, x1 + margin_x), min(rows - 1.0, y1 + margin_y))
 
-    def _follow(self, axis, s, anchor, roi, seed_area, ref_hu, grow):
+    def _follow(self, axis, s, anchor, roi, seed_area, ref_hu, grow, widen=True):
         """The object on slice ``s`` next to ``anchor`` (its mask on the neighbouring slice):
         (mask, score, None), or (None, score, why it ended there). Where the model's answer to
         ``anchor``'s box plus the margin jumps away (too little of it survives the growth limit and
         the HU gate: the margin let it take a neighbour in, as bowel beside the liver's caudal
         tip), it is asked once more with ``anchor``'s own box (``jump_retry_margin_px``), and that
         answer is kept where almost all of it survives (``jump_retry_min_overlap``); else the
-        object ends there, as before."""
+        object ends there, as before. Growth beyond the limit (``settings.growth``) counts only
+        with ``widen``."""
         st = self.settings
         vol = self.volume
         rs, cs = pixel_spacing(vol, axis)
@@ -973,7 +981,7 @@ class PromptEngine:
                 kept = self._gate(kept, axis, s, anchor)
             # Growth the model is sure of comes first: an object that widens fast (a lobe that joins)
             # is not mistaken for a jump away.
-            grown = self._grow(axis, s, anchor, kept, mask, roi)
+            grown = self._grow(axis, s, anchor, kept, mask, roi) if widen else kept
             if grown.sum() >= min_overlap * area_raw:
                 break
         else:

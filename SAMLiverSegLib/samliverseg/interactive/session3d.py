@@ -53,7 +53,9 @@ through, which is what makes it fast (``benchmarks/bench_simulated_user.py`` mea
 Propagation from a correction follows the engine's rule (``PropagationSettings``): the model is
 prompted with the previous slice's bounding box plus a margin, may grow at most one slice spacing
 (at most ``max_growth_mm``) beyond the previous mask, pixels outside the HU range of the prompted
-slices are dropped, and only what touches the previous slice's mask is kept.
+slices are dropped, and only what touches the previous slice's mask is kept. Growth beyond that
+limit, which propagation from a box accepts where the model is sure of a wider box, is not
+accepted in a correction's walk (``PropagationSettings.walk_growth``, ``PromptEngine.follow_slice``).
 """
 
 from __future__ import annotations
