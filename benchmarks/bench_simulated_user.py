@@ -36,6 +36,12 @@ slices). A failed step (an error: the click was refused) is reported in the tabl
 Dice stays where it was; the next click then goes to the largest error component that holds no refused
 click, as a user would click elsewhere (``--repeat-refused``: the protocol of runs 1-8, where the same
 click came again, the mask being unchanged).
+
+``--set NAME=VALUE`` overrides a ``PropagationSettings`` field for every run; ``--alt NAME=VALUE``
+runs every start once more with that override, right after the run without it (``--alt
+walk_growth=True``: corrections' walks with propagation's growth beyond the limit, the rule before
+session 23), and the JSON records each correction's decoder calls (``decodes``) beside the slices
+its walk decoded (``decoded``).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from samliverseg.core.evaluation import dice
 from samliverseg.core.prompts import Prompts
 from samliverseg.core.maskutil import middle_slice
 from samliverseg.demo import sample_data
-from samliverseg.interactive.engine import PromptEngine
+from samliverseg.interactive.engine import PromptEngine, PropagationSettings
 from samliverseg.interactive.session3d import CorrectionSession
 
 import variants
@@ -119,6 +125,7 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, prompts: Prompts,
             out["dice"].append(out["dice"][-1])
             continue
         ijk, positive, size = click
+        n_dec = len(engine.decode_times)
         t1 = time.perf_counter()
         shown: List[float] = []
         try:
@@ -133,6 +140,7 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, prompts: Prompts,
         out["shown_seconds"].append((shown[0] if shown else t2) - t1)
         out["clicks"].append(("+" if positive else "-") + f"{session.axis}{corr.slice_index}({size})")
         out["decoded"].append(len(corr.decoded_slices))
+        out.setdefault("decodes", []).append(len(engine.decode_times) - n_dec)
         out["changed"].append(len(corr.changed_slices))
         out["dice"].append(dice(session.mask, truth))
     out["auc"] = auc(out["dice"])
@@ -153,10 +161,13 @@ def row_of(case: str, obj: str, start: str, r: dict, clicks: int) -> list:
 
 def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int, List[Optional[float]]]],
              clicks: int, results: dict, rows: List[list], repeat_refused: bool = False,
-             views: Sequence[str] = ("axial",), walks: Sequence[str] = ("auto",)) -> None:
+             views: Sequence[str] = ("axial",), walks: Sequence[str] = ("auto",),
+             alts: Sequence[Optional[str]] = (None,)) -> None:
     """Every object of one volume (its slices embedded once), boxed in each of ``views``; a start of
     None is the object's middle slice (of a view: in index order across its axis). Each start runs
-    once per ``walks`` (``--walk-axis``), one after the other (interleaved: their seconds compare)."""
+    once per ``walks`` (``--walk-axis``) and per ``alts`` (None: the engine's settings; else
+    ``NAME=VALUE`` overrides of them, ``--alt``), one after the other (interleaved: their seconds
+    compare)."""
     engine.set_volume(volume)
     t0 = time.perf_counter()
     ks = np.flatnonzero(np.any([truth.any(axis=(1, 2)) for truth, _, _ in objects.values()], axis=0))
@@ -177,11 +188,17 @@ def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int
                 prompts = variants.view_box_prompt(obj_case, axis, 0.5 if frac is None else frac)
                 at, k = f"{axis}={prompts.box_slice(prompts.box)}", prompts.box_slice(prompts.box)
                 where = f"{where} {view}"
-            for walk in walks:
+            for walk, alt in ((w, a) for w in walks for a in alts):
                 axis = {"auto": None, "prompts": prompts.slice_axis}.get(walk, walk)
-                r = simulate(engine, truth, volume.spacing, prompts, clicks, repeat_refused, axis)
+                base = engine.settings
+                engine.settings = base if alt is None else variants.with_overrides(base, alt.split(","))
+                try:
+                    r = simulate(engine, truth, volume.spacing, prompts, clicks, repeat_refused, axis)
+                finally:
+                    engine.settings = base
                 label = where if len(walks) == 1 else f"{where}, walk {walk}"
-                r.update(start=where, start_slice=k, walk=walk)
+                label = label if alt is None else f"{label}, {alt}"
+                r.update(start=where, start_slice=k, walk=walk, alt=alt)
                 results[f"{case}/{obj}/{label}"] = r
                 rows.append(row_of(case, obj, f"{label} ({at})", r, clicks))
                 print("  " + " ".join(str(c) for c in rows[-1]))
@@ -191,11 +208,14 @@ def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int
 def summary(results: dict, clicks: int) -> List[list]:
     out = []
     walks = sorted({r.get("walk", "auto") for r in results.values()})
-    for (label, pick), walk in ((g, w) for g in (("liver", lambda key: key.split("/")[-2] == "liver"),
-                                                 ("tumours", lambda key: key.split("/")[-2].startswith("livertumor")))
-                                for w in walks):
-        rs = [r for key, r in results.items() if pick(key) and r.get("walk", "auto") == walk]
+    alts = sorted({r.get("alt") or "" for r in results.values()})
+    for (label, pick), walk, alt in ((g, w, a) for g in (("liver", lambda key: key.split("/")[-2] == "liver"),
+                                                         ("tumours", lambda key: key.split("/")[-2].startswith("livertumor")))
+                                     for w in walks for a in alts):
+        rs = [r for key, r in results.items()
+              if pick(key) and r.get("walk", "auto") == walk and (r.get("alt") or "") == alt]
         label = label if len(walks) == 1 else f"{label} (walk {walk})"
+        label = f"{label} ({alt})" if alt else label
         if not rs:
             continue
         d = np.array([r["dice"] + [r["dice"][-1]] * (clicks + 1 - len(r["dice"])) for r in rs])
@@ -228,6 +248,11 @@ def main(argv=None) -> int:
                          "auto (CorrectionSession's: the result's last propagation's, axial after a coronal or "
                          "sagittal box's hand-off), prompts (the first box's own axis: the rule before session "
                          "17), i, j or k")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a PropagationSettings field for every run (repeatable)")
+    ap.add_argument("--alt", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="also run every start with these overrides, right after the run without them "
+                         "(repeatable: one more run per --alt; interleaved, so the seconds compare)")
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--repeat-refused", action="store_true",
                     help="after a refused click, click the same error again (the protocol of runs 1-8)")
@@ -249,7 +274,13 @@ def main(argv=None) -> int:
     for view in views:
         if view not in variants.VIEW_AXES:
             ap.error(f"unknown view {view!r}: use {', '.join(variants.VIEW_AXES)}")
-    engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=4096)
+    try:
+        settings = variants.with_overrides(PropagationSettings(), args.set)
+        for alt in args.alt:
+            variants.with_overrides(settings, alt.split(","))  # a wrong one fails before the runs
+    except (AttributeError, ValueError) as exc:
+        ap.error(f"--set/--alt: {exc}")
+    engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=4096, settings=settings)
     if args.embed_cache:
         DiskEmbeddings(engine, Path(args.embed_cache))
     results: dict = {}
@@ -271,7 +302,8 @@ def main(argv=None) -> int:
             if objects:
                 cases.append((case.name if vname == "original" else v.name, v.volume, objects))
     for case, vol, objects in cases:
-        run_case(engine, case, vol, objects, args.clicks, results, rows, args.repeat_refused, views, walks)
+        run_case(engine, case, vol, objects, args.clicks, results, rows, args.repeat_refused, views, walks,
+                 [None] + list(args.alt))
     steps = [f"Dice@{n}" for n in range(args.clicks + 1)]
     print_table(f"simulated user: model {engine.spec.name}, backend {engine.backend.name} ({engine.backend.precision}), "
                 f"device {engine.device}; s = seconds per correction with cached embeddings (mean/max)",

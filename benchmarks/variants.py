@@ -26,6 +26,7 @@ Load the shared cases with :func:`load_cases` (``samliverseg.demo.sample_data``)
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -57,6 +58,27 @@ class Case:
 #: Seeds of the island-lobe phantoms that ``load_cases(["phantom"])`` makes (the noise and
 #: texture differ, the geometry does not).
 PHANTOM_SEEDS = (0, 1, 2, 3)
+
+
+def with_overrides(settings, items: Sequence[str]):
+    """A copy of ``settings`` (a ``PropagationSettings``) with ``NAME=VALUE`` overrides (the
+    benchmarks' ``--set``): None, True/False for a bool field, text for a text field, else a number. An unknown name
+    raises AttributeError."""
+    out = copy.copy(settings)
+    for item in items:
+        name, _, value = item.partition("=")
+        old = getattr(out, name)
+        if value == "None":
+            setattr(out, name, None)
+        elif isinstance(old, bool):
+            if value not in ("True", "False"):
+                raise ValueError(f"{name} takes True or False, not {value!r}")
+            setattr(out, name, value == "True")
+        elif isinstance(old, str):
+            setattr(out, name, value)
+        else:
+            setattr(out, name, float(value))
+    return out
 
 
 def needs_shared_data(names: Sequence[str]) -> bool:
