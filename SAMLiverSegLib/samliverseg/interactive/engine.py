@@ -224,7 +224,7 @@ class PropagationSettings:
     growth_narrowing_min_hu_shift: Optional[float] = 0.0  # grow only into tissue at least this much brighter (median HU) than the kept mask (None: never grow there),
     growth_narrowing_min_score: float = 0.91  # where the model rates the wider box at least this
     growth_narrowing_min_ratio: float = 0.95  # (narrower than this: never)
-    walk_growth: bool = False  # corrections' walks (follow_slice) accept that growth too (False: they keep to the limit; see follow_slice)
+    walk_growth: bool = False  # the walks of clicks (follow_slice) accept that growth too (False: they keep to the limit; a box's walk always grows; see follow_slice)
     sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
     island_min_area_mm2: float = 100.0  # parts smaller than this are not followed,
     island_min_score: float = 0.8  # and a part is followed only where the model rates its mask this well
@@ -905,13 +905,15 @@ class PromptEngine:
 
     def follow_slice(self, axis: str, s: int, prev: np.ndarray, seed_area: int,
                      hu_range: Optional[Tuple[float, float]] = None, ref_hu: Optional[float] = None,
-                     roi: Optional[Roi3D] = None) -> Tuple[Optional[np.ndarray], Optional[str]]:
+                     roi: Optional[Roi3D] = None, widen: Optional[bool] = None
+                     ) -> Tuple[Optional[np.ndarray], Optional[str]]:
         """One step of propagation, for corrections (``interactive.session3d``): slice ``s``
         segmented from ``prev`` (the object's mask on the neighbouring slice) by the same rules as
         :meth:`segment` (growth limit, HU gate with ``hu_range``), except growth beyond the limit,
-        which is accepted only with ``settings.walk_growth``. A correction's walk follows a part
-        (what a click added, what a cut removed) along a mask that propagation already grew; a
-        wider box there mostly takes in again what the user is correcting. Measured on the
+        which is accepted only with ``widen`` (None: ``settings.walk_growth``; a box's walk passes
+        True, as propagation from a box grows). A click's walk follows a part (what a click added,
+        what a cut removed) along a mask that propagation already grew; a wider box there mostly
+        takes in again what the user is correcting. Measured on the
         simulated user (session 22, 145 runs): liver AUC 0.9549 with that growth, 0.9553 without,
         after five clicks 0.9567 and 0.9575; four clicks on ircadb-1.1 decode 62 slices, not 107.
         Returns (mask, None), or (None, why the object ended there)."""
@@ -921,7 +923,7 @@ class PromptEngine:
         self._seed_hu_range = hu_range
         try:
             kept, _score, reason = self._follow(axis, s, prev, roi, seed_area, ref_hu, self._growth_px(axis),
-                                                widen=self.settings.walk_growth)
+                                                widen=self.settings.walk_growth if widen is None else widen)
         finally:
             self._seed_hu_range = saved
         return (None, reason) if reason is not None else (kept, None)
