@@ -158,8 +158,11 @@ def main(argv=None) -> int:
     names = args.variants.split(",") if args.variants else (QUICK_VARIANTS if args.quick else variants.VARIANTS)
     fracs = [float(f) for f in args.fractions.split(",")] if args.fractions else (
         QUICK_FRACTIONS if args.quick else variants.PROMPT_FRACTIONS)
-    settings = variants.with_overrides(
-        PropagationSettings.legacy() if args.settings == "legacy" else PropagationSettings(), args.set)
+    try:
+        settings = variants.with_overrides(
+            PropagationSettings.legacy() if args.settings == "legacy" else PropagationSettings(), args.set)
+    except (AttributeError, ValueError) as exc:
+        ap.error(f"--set: {exc}")
     engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=8192, settings=settings)
     if args.crop_field is not None:  # the model's field for crops (ModelSpec.crop_field_mm): "none" fills the input
         engine.spec = engine.predictor.spec = dataclasses.replace(

@@ -39,7 +39,7 @@ click came again, the mask being unchanged).
 
 ``--set NAME=VALUE`` overrides a ``PropagationSettings`` field for every run; ``--alt NAME=VALUE``
 runs every start once more with that override, right after the run without it (``--alt
-walk_growth=True``: corrections' walks with propagation's growth beyond the limit, the rule before
+walk_growth=True``: clicks' walks with propagation's growth beyond the limit, the rule before
 session 23), and the JSON records each correction's decoder calls (``decodes``) beside the slices
 its walk decoded (``decoded``).
 """

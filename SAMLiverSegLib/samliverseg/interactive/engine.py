@@ -915,7 +915,8 @@ class PromptEngine:
         what a cut removed) along a mask that propagation already grew; a wider box there mostly
         takes in again what the user is correcting. Measured on the
         simulated user (session 22, 145 runs): liver AUC 0.9549 with that growth, 0.9553 without,
-        after five clicks 0.9567 and 0.9575; four clicks on ircadb-1.1 decode 62 slices, not 107.
+        after five clicks 0.9567 and 0.9575; the first four clicks on ircadb-1.1 from 20 % call the
+        decoder 62 times, not 107 (session 23: mean seconds per correction 0.49 -> 0.38, interleaved).
         Returns (mask, None), or (None, why the object ended there)."""
         if not prev.any():
             return None, f"empty mask before slice {s}"
