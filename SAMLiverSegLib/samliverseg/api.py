@@ -82,13 +82,13 @@ def call_with_cpu_fallback(job: Callable[[str], T], device: Union[str, torch.dev
 
 def open_model(name: str, checkpoint: Optional[str] = None, device: Union[str, torch.device] = "auto",
                window: Optional[str] = None, *, precision: str = "fp32", cache_mb: Optional[float] = None,
-               notes: Optional[List[str]] = None, **engine_options: Any):
+               notes: Optional[List[str]] = None, decoder_precision: str = "fp32", **engine_options: Any):
     """The object that segments with the model called ``name`` (see the module docstring).
 
     checkpoint: weights for a built-in model (a trained model has its own: InputError).
     window: the CT window of a 2D model (None: the model's own, or its training cache's); SAM-Med3D
     z-scores each patch itself and an automatic model windows as its training cache did, so a
-    window for them is an InputError, as is a precision other than fp32.
+    window for them is an InputError, as is a precision or decoder_precision other than fp32.
     cache_mb: the 2D engine's embedding cache (the other families have none). engine_options go to
     the engine (``PromptEngine``: ``settings``, ...; ``Sam3DEngine``: ``settings``).
     Out of GPU memory while opening: opened on the CPU instead (:func:`call_with_cpu_fallback`).
@@ -100,34 +100,36 @@ def open_model(name: str, checkpoint: Optional[str] = None, device: Union[str, t
         described = describe_user_model(name)
         if described.automatic:
             _refuse(name, f"an automatic {described.kind} model that windows the CT as its training cache did",
-                    window, precision, engine_options)
+                    window, precision, engine_options, decoder_precision)
             loader = resolve(SEGMENTERS[described.kind])
             return call_with_cpu_fallback(lambda d: loader.load(described.path, d), device, notes)
 
         def open_trained(d: str) -> PromptEngine:
             loaded = load_user_model(described, device=d)
             return PromptEngine(model=loaded.model, device=d, window=window or loaded.window, precision=precision,
-                                **_cache(cache_mb), **engine_options)
+                                decoder_precision=decoder_precision, **_cache(cache_mb), **engine_options)
 
         return call_with_cpu_fallback(open_trained, device, notes)
     if entry.family == SAM3D:
-        _refuse(name, "a 3D model that z-scores the HU of each patch itself", window, precision, {})
+        _refuse(name, "a 3D model that z-scores the HU of each patch itself", window, precision, {}, decoder_precision)
         return call_with_cpu_fallback(lambda d: Sam3DEngine(name, checkpoint=checkpoint, device=d, **engine_options),
                                       device, notes)
     return call_with_cpu_fallback(
         lambda d: PromptEngine(model=name, checkpoint=checkpoint, device=d, window=window, precision=precision,
-                               **_cache(cache_mb), **engine_options), device, notes)
+                               decoder_precision=decoder_precision, **_cache(cache_mb), **engine_options), device, notes)
 
 
 def _cache(cache_mb: Optional[float]) -> dict:
     return {} if cache_mb is None else {"cache_mb": cache_mb}
 
 
-def _refuse(name: str, what: str, window: Optional[str], precision: str, options: dict) -> None:
+def _refuse(name: str, what: str, window: Optional[str], precision: str, options: dict,
+            decoder_precision: str = "fp32") -> None:
     if window:
         raise InputError(f"--window does not apply to {name}: it is {what}")
-    if precision != "fp32":
-        raise InputError(f"--precision {precision} is not supported by {name}; leave it at fp32")
+    for flag, value in (("--precision", precision), ("--decoder-precision", decoder_precision)):
+        if value != "fp32":
+            raise InputError(f"{flag} {value} is not supported by {name}; leave it at fp32")
     if options:
         raise InputError(f"{name} is {what}; it takes no {', '.join(sorted(options))}")
 

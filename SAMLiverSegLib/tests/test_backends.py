@@ -23,6 +23,8 @@ from samliverseg.core.maskutil import bbox_2d, middle_slice
 from samliverseg.core.windowing import apply_window, get_window
 from samliverseg.demo.phantom import make_phantom
 from samliverseg.interactive.backends import check_slice, exported, store
+from samliverseg.core.errors import InputError
+from samliverseg.interactive.backends import select
 from samliverseg.interactive.backends.select import entry_key, open_backend
 from samliverseg.interactive.predictor import SlicePredictor
 from samliverseg.modeling import MaskDecoder, PromptEncoder, SamModel, TinyViT, TwoWayTransformer
@@ -113,6 +115,34 @@ def test_backend_matches_torch_with_the_real_weights(name, phantom):
         p0 = eager.predict(e0, point_coords=np.array([[(x0 + x1) / 2, (y0 + y1) / 2]]), point_labels=np.array([1]))
         p1 = fast.predict(e1, point_coords=np.array([[(x0 + x1) / 2, (y0 + y1) / 2]]), point_labels=np.array([1]))
         assert np.allclose(p1.scores, p0.scores, atol=1e-3)
+
+
+def openvino_bf16() -> bool:
+    if "openvino" not in FAST:
+        return False
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not openvino_bf16(), reason="OpenVINO with a CPU that has bf16 natively is needed")
+def test_bf16_decoder_agrees_with_fp32_with_the_real_weights(phantom):
+    """The opt-in bf16 decoder on the real weights: the same masks as fp32 within 1 %, from one embedding."""
+    model = build_model("lite_medsam")
+    fp32 = SlicePredictor(model, "cpu", backend="openvino")
+    bf16 = SlicePredictor(model, "cpu", backend="openvino", decoder_precision="bf16")
+    assert bf16.backend.decoder_precision == "bf16" and fp32.backend.decoder_precision == "fp32"
+    window = get_window("abdomen")
+    k0 = middle_slice(phantom.liver_mask)
+    for k in (k0 - 3, k0, k0 + 3):
+        emb = fp32.embed(apply_window(phantom.hu[k], window), (2.0, 2.0))
+        x0, y0, x1, y1 = bbox_2d(phantom.liver_mask[k])
+        a = fp32.predict(emb, box=(x0 - 3, y0 - 3, x1 + 3, y1 + 3), multimask_output=False)
+        b = bf16.predict(emb, box=(x0 - 3, y0 - 3, x1 + 3, y1 + 3), multimask_output=False)
+        assert a.masks[0].sum() > 100 and dice(b.masks[0], a.masks[0]) >= 0.99
+        assert not np.array_equal(a.low_res_logits.numpy(), b.low_res_logits.numpy())  # it did run bf16
+        assert np.allclose(b.scores, a.scores, atol=0.02)
 
 
 # -- the cache of converted models ---------------------------------------------------------------
@@ -216,6 +246,43 @@ def test_openvino_precision_is_pinned():
         assert auto.precision == "bf16"
     else:
         assert bf16.name == "torch" and bf16.precision == "bf16" and "natively" in notes[0]
+
+
+@pytest.mark.skipif("openvino" not in FAST, reason="openvino (with onnx) is not installed")
+def test_decoder_precision_is_an_opt_in_pinned_per_part():
+    """decoder_precision=bf16: the decoder compiled bf16 (the encoder keeps its own precision) where the
+    CPU has bf16 natively, its self-check recorded against the bf16 tolerance; elsewhere fp32 and one note."""
+    model = tiny_litemedsam(4)
+    import openvino
+
+    f32, bf16_type = openvino.Type.f32, openvino.Type.bf16
+    notes = []
+    b = SlicePredictor(model, "cpu", "fp32", backend="openvino", notify=notes.append, decoder_precision="bf16").backend
+    assert b.name == "openvino" and b.precision == "fp32"
+    assert b.encoder.compiled.get_property("INFERENCE_PRECISION_HINT") == f32
+    if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert b.decoder_precision == "bf16" and b.describe()["decoder_precision"] == "bf16"
+        assert b.decoder.compiled.get_property("INFERENCE_PRECISION_HINT") == bf16_type
+        assert not any("decoder runs" in n for n in notes), notes
+        key = entry_key(model, "decoder", "openvino", exported.backend_version(openvino), "bf16", 64)
+        check = store.read_meta(store.entry_dir(key))["self_check"]
+        assert check["passed"] and check["tolerance"] == select.DECODER_TOLERANCE["bf16"] and check["relative_l2"] > 0
+    else:
+        assert b.decoder_precision == "fp32" and b.decoder.compiled.get_property("INFERENCE_PRECISION_HINT") == f32
+        assert [n for n in notes if "decoder runs fp32" in n and "native bf16" in n], notes
+    assert SlicePredictor(model, "cpu", backend="openvino").backend.describe()["decoder_precision"] == "fp32"
+
+
+@pytest.mark.parametrize("name", ["torch"] + [n for n in FAST if n == "onnxruntime"])
+def test_a_bf16_decoder_elsewhere_stays_fp32_with_one_note(name):
+    notes = []
+    b = SlicePredictor(tiny_litemedsam(5), "cpu", backend=name, notify=notes.append, decoder_precision="bf16").backend
+    assert b.name == name and b.decoder_precision == "fp32" and b.describe()["decoder_precision"] == "fp32"
+    said = [n for n in notes if "decoder" in n and not n.startswith("convert")]  # (a conversion says so too)
+    assert len(said) == 1 and f"decoder runs fp32 on {name}" in said[0] and "OpenVINO" in said[0], notes
+    assert b.notes == said  # recorded in the backend (a report's backend_info)
+    with pytest.raises(InputError, match="decoder precision"):
+        open_backend(tiny_litemedsam(5), "cpu", "torch", decoder_precision="fp16")
 
 
 @pytest.mark.skipif("onnxruntime" not in FAST, reason="onnxruntime (with onnx) is not installed")
@@ -327,6 +394,23 @@ def test_cli_backend_and_report(case):
 def test_unknown_backend_is_a_usage_error(case):
     rc, out, err = run_segment(case, case["dir"] / "x.nii.gz", "--backend", "tensorrt")
     assert rc == 2 and "invalid choice" in err
+    rc, out, err = run_segment(case, case["dir"] / "x.nii.gz", "--decoder-precision", "fp16")
+    assert rc == 2 and "invalid choice" in err and not (case["dir"] / "x.nii.gz").exists()
+
+
+def test_cli_decoder_precision_is_reported_and_refused_by_3d_models(case):
+    d = case["dir"]
+    rc, out, err = run_segment(case, d / "dp.nii.gz", "--backend", "torch", "--decoder-precision", "bf16",
+                               "--report", d / "dp.json")
+    assert rc == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "the mask decoder runs fp32 on torch" in lines[0], err
+    info = json.loads((d / "dp.json").read_text())["backend_info"]
+    assert info["decoder_precision"] == "fp32" and info["notes"] == [lines[0].split("samliverseg: ", 1)[1]]
+    from samliverseg.api import open_model
+
+    with pytest.raises(InputError, match="--decoder-precision bf16 is not supported by sam_med3d_turbo"):
+        open_model("sam_med3d_turbo", device="cpu", decoder_precision="bf16")  # before any weights are looked for
 
 
 # -- the eager torch fixes in TinyViT ---------------------------------------------------------------

@@ -245,6 +245,13 @@ def test_worker_masks_equal_the_in_process_engine(identity_results):
     assert progress and progress[-1]["done"] == progress[-1]["total"]
 
 
+
+def test_worker_status_says_what_runs_the_model(client, identity_results):
+    backend = client.request("status")["backend"]  # open since the first embedding
+    assert backend["name"] in ("torch", "openvino", "onnxruntime") and backend["decoder_precision"] == "fp32"
+    assert backend["precision"] == "fp32" and isinstance(backend["notes"], list)
+
+
 def test_worker_uncertainty_equals_the_in_process_ensemble(client, engine, identity_results):
     mask = np.zeros_like(identity_results["mask3d"])  # one slice: its neighbours' embeddings are cached
     mask[identity_results["k"] + 1] = identity_results["mask3d"][identity_results["k"] + 1]

@@ -32,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
                    help="image encoder precision: fp32 (default), bf16 (faster on recent CPUs and GPUs), fp16 (GPU), "
                         "auto (bf16 where the backend runs it natively, else fp32)")
+    p.add_argument("--decoder-precision", default="fp32", choices=("fp32", "bf16"),
+                   help="mask decoder precision: fp32 (default: masks do not depend on the CPU) or bf16 (faster "
+                        "corrections; OpenVINO on a CPU with native bf16, else fp32 with a note)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino", "onnxruntime"),
                    help="what runs a 2D model: auto (default: the fastest installed CPU backend that passes a "
                         "self-check, else torch), torch, openvino or onnxruntime (CPU; converted once per machine)")
@@ -193,7 +196,8 @@ def _segment_automatic(args, entry, volume, prompts, t0: float, t_read: float, n
                          f"and takes no prompts; drop --box-ijk/--roi-ijk/--point-ijk/--negative-ijk/--prompts")
     t1 = time.perf_counter()
     mask = call_with_cpu_fallback(lambda device: np.asarray(open_model(
-        args.model, args.checkpoint, device, args.window, precision=args.precision, notes=notes).segment_volume(volume)),
+        args.model, args.checkpoint, device, args.window, precision=args.precision, notes=notes,
+        decoder_precision=args.decoder_precision).segment_volume(volume)),
         args.device, notes)  # a GPU out of memory: once more on the CPU
     _print_notes(notes)
     if mask.shape != volume.array.shape:
@@ -240,7 +244,7 @@ def cmd_segment(args) -> int:
 
     def run(device: str):
         engine = open_model(args.model, args.checkpoint, device, args.window, precision=args.precision, notes=notes,
-                            backend=args.backend)
+                            backend=args.backend, decoder_precision=args.decoder_precision)
         if args.no_postprocess:
             engine.settings.fill_holes = False
             engine.settings.largest_component = False

@@ -25,8 +25,9 @@ def segment_3d(args, volume, t0: float) -> int:
                          "not --box-ijk or --roi-ijk")
     if args.window:
         raise InputError(f"--window does not apply to {args.model}: it z-scores the HU of each patch itself")
-    if args.precision != "fp32":
-        raise InputError(f"--precision {args.precision} is not supported by {args.model}; leave it at fp32")
+    for flag, value in (("--precision", args.precision), ("--decoder-precision", args.decoder_precision)):
+        if value != "fp32":
+            raise InputError(f"{flag} {value} is not supported by {args.model}; leave it at fp32")
     positive = [tuple(p) for p in args.point_ijk]
     negative = [tuple(p) for p in args.negative_ijk]
     if args.prompts:

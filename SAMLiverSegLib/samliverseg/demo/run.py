@@ -113,7 +113,7 @@ def run_demo(args) -> Dict:
             raise InputError("the demo on a real image needs --reference LABELS or --box-ijk I0 J0 I1 J1 K")
 
     engine = PromptEngine(model=args.model, checkpoint=args.checkpoint, device=args.device, window=args.window,
-                          precision=args.precision, backend=args.backend)
+                          precision=args.precision, backend=args.backend, decoder_precision=args.decoder_precision)
     engine.set_volume(volume)
     print(f"demo: model {engine.spec.name} on {engine.device}, window {engine.window.spec()}, "
           f"volume {volume.array.shape[::-1]} (i, j, k) at {tuple(round(s, 2) for s in volume.spacing)} mm")

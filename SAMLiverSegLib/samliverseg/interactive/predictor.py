@@ -123,14 +123,14 @@ class SlicePredictor:
     PRECISIONS = TORCH_PRECISIONS
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32",
-                 backend: str = "torch", notify=None):
+                 backend: str = "torch", notify=None, decoder_precision: str = "fp32"):
         self.model = model
         self.spec = model.spec
         self.device = torch.device(device)
         self.image_size = int(self.spec.image_size)
         if precision not in self.PRECISIONS and precision != "auto":
             raise ValueError(f"precision must be one of {sorted(self.PRECISIONS)} or auto, got {precision!r}")
-        self.requested = (backend, precision)
+        self.requested = (backend, precision, decoder_precision)
         self._notify = notify
         self._backend: Optional[Backend] = None
         # The decoder's constant inputs (see _constants), made once.
@@ -144,9 +144,10 @@ class SlicePredictor:
         """What runs the encoder and decoder; opened (converted, on first use per machine) when first needed."""
         with self.lock:
             if self._backend is None:
-                backend, precision = self.requested
+                backend, precision, decoder_precision = self.requested
                 check = None if backend == "torch" else self.preprocess(check_slice(self.image_size))[0]
-                self._backend = open_backend(self.model, self.device, backend, precision, check, self._notify)
+                self._backend = open_backend(self.model, self.device, backend, precision, check, self._notify,
+                                             decoder_precision)
             return self._backend
 
     @property

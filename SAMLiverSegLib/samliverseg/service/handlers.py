@@ -34,6 +34,7 @@ class EngineOptions:
     device: str = "auto"
     window: Optional[str] = None
     precision: str = "fp32"
+    decoder_precision: str = "fp32"  # fp32 | bf16 (2D models: interactive.backends)
     cache_mb: float = 768.0
     backend: str = "torch"  # torch | auto | openvino | onnxruntime (interactive.backends)
 
@@ -50,12 +51,13 @@ def open_engine(options: EngineOptions):
     entry = find_model(options.model, usable=True)
     if entry.family == SAM3D:
         return open_model(options.model, options.checkpoint, options.device, options.window,
-                          precision=options.precision)
+                          precision=options.precision, decoder_precision=options.decoder_precision)
     if not entry.interactive:
         raise InputError(f"{options.model!r} is an automatic model (no prompts): the worker serves prompt models "
                          f"(e.g. lite_medsam, a trained decoder/adapter, or a SAM-Med3D model)")
     return open_model(options.model, options.checkpoint, options.device, options.window,
-                      precision=options.precision, cache_mb=options.cache_mb, backend=options.backend)
+                      precision=options.precision, cache_mb=options.cache_mb, backend=options.backend,
+                      decoder_precision=options.decoder_precision)
 
 
 def is_3d_engine(engine) -> bool:
@@ -453,6 +455,7 @@ class EngineState:
         elif e is not None:
             out.update({"device": str(e.device), "window": e.window.spec(), "slices_embedded": len(e.embed_times),
                         "cache_hits": e.cache.hits, "cache_misses": e.cache.misses})
-            if e.embed_times:
+            if e.embed_times:  # the backend is open (it opens at the first embedding)
                 out["embed_ms_mean"] = round(1000 * float(np.mean(e.embed_times)), 1)
+                out["backend"] = e.backend.describe()
         return out

@@ -287,7 +287,8 @@ def run_worker(args) -> int:
     prints (of any library, C code included) never corrupt the message stream.
     """
     options = EngineOptions(model=args.model, checkpoint=args.checkpoint, device=args.device, window=args.window,
-                            precision=args.precision, cache_mb=args.cache_mb, backend=args.backend)
+                            precision=args.precision, cache_mb=args.cache_mb, backend=args.backend,
+                            decoder_precision=args.decoder_precision)
     if args.connect:
         requests_in, proto_out = connect_back(args.connect)
     else:

@@ -7,10 +7,11 @@ ONNX export and the two runtimes, ``store.py`` the on-disk cache of converted mo
 
 from samliverseg.interactive.backends.select import (
     BACKENDS,
+    DECODER_PRECISIONS,
     PRECISIONS,
     check_slice,
     open_backend,
 )
 from samliverseg.interactive.backends.torch_backend import TORCH_PRECISIONS, Backend, TorchBackend
 
-__all__ = ["BACKENDS", "PRECISIONS", "TORCH_PRECISIONS", "Backend", "TorchBackend", "check_slice", "open_backend"]
+__all__ = ["BACKENDS", "DECODER_PRECISIONS", "PRECISIONS", "TORCH_PRECISIONS", "Backend", "TorchBackend", "check_slice", "open_backend"]

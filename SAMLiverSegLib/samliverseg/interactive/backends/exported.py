@@ -10,8 +10,8 @@ Export (once per machine, see ``store.py``): ``torch.onnx.export`` of
 
 ONNX Runtime runs the ONNX file with all graph optimisations, in float32 (its CPU kernels have
 no bf16 path). OpenVINO converts it once to its IR (weights kept in float32, never compressed
-to fp16) and compiles it with the inference precision pinned: ``f32``, or ``bf16`` only when
-asked and the CPU has it natively (OpenVINO would otherwise pick bf16 by itself on such CPUs).
+to fp16) and compiles each part with the inference precision pinned: ``f32``, or ``bf16`` only when
+asked (the encoder's ``precision``, the decoder's ``decoder_precision``) and the CPU has it natively (OpenVINO would otherwise pick bf16 by itself on such CPUs).
 Both use as many threads as torch does (``torch.get_num_threads()``).
 """
 
@@ -151,8 +151,8 @@ class ExportedBackend(Backend):
     """Encoder (and decoder, unless it stays in torch) through ONNX Runtime or OpenVINO."""
 
     def __init__(self, name: str, version: str, precision: str, encoder: Runtime, decoder: Runtime,
-                 notes: Optional[List[str]] = None):
-        super().__init__(precision, version, name, notes)
+                 notes: Optional[List[str]] = None, decoder_precision: str = "fp32"):
+        super().__init__(precision, version, name, notes, decoder_precision)
         self.name = name
         self.encoder = encoder
         self.decoder = decoder

@@ -21,8 +21,10 @@ class Backend:
 
     name = "torch"
 
-    def __init__(self, precision: str, version: str, decoder: str, notes: Optional[List[str]] = None):
+    def __init__(self, precision: str, version: str, decoder: str, notes: Optional[List[str]] = None,
+                 decoder_precision: str = "fp32"):
         self.precision = precision
+        self.decoder_precision = decoder_precision
         self.version = version
         self.decoder_backend = decoder
         self.notes: List[str] = list(notes or [])
@@ -43,7 +45,7 @@ class Backend:
             "version": self.version,
             "precision": self.precision,
             "decoder": self.decoder_backend,
-            "decoder_precision": "fp32",
+            "decoder_precision": self.decoder_precision,
             "startup_s": None if self.startup_s is None else round(self.startup_s, 3),
             "conversion_s": None if self.conversion_s is None else round(self.conversion_s, 3),
             "notes": list(self.notes),
@@ -51,7 +53,7 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    """Eager torch on ``device``; ``precision`` autocasts the encoder (bf16/fp16)."""
+    """Eager torch on ``device``; ``precision`` autocasts the encoder (bf16/fp16); the decoder is fp32."""
 
     name = "torch"
 
