@@ -44,6 +44,7 @@ from slicer import (
 from SAMLiverSegLogic import MODULE_VERSION
 from SAMLiverSegLogic.constants import (
     BACKEND_CHOICES,
+    DECODER_PRECISION_CHOICES,
     DEVICE_CHOICES,
     EFFECT_NAME,
     MODEL_CHOICES,
@@ -133,6 +134,7 @@ class SAMLiverSegParameterNode:
     checkpoint: str = ""
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
     backend: Annotated[str, Choice(BACKEND_CHOICES)] = "auto"
+    decoderPrecision: Annotated[str, Choice(DECODER_PRECISION_CHOICES)] = "fp32"
     window: Annotated[str, Choice(WINDOW_CHOICES)] = "model"
     customWindow: str = "-200,300"
     propagate: bool = True
@@ -443,7 +445,8 @@ class SAMLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ensureBackend(p.backend, p.device)
         return module_logic.worker_settings(p.model, p.checkpoint, p.device, p.backend,
                                             module_logic.window_spec(p.window, p.customWindow),
-                                            python=self.logic.pythonSlicerExecutable())
+                                            python=self.logic.pythonSlicerExecutable(),
+                                            decoder_precision=p.decoderPrecision)
 
     def ensureBackend(self, backend: str, device: str) -> None:
         """First use of a fast CPU backend: offer to install its package (saying its download size).

@@ -7,6 +7,9 @@ MODEL_3D_CHOICES = ["sam_med3d_turbo", "sam_med3d"]
 DEVICE_CHOICES = ["auto", "cpu", "cuda", "mps"]
 #: What runs a 2D model (samliverseg.interactive.backends.BACKENDS; checked by a test).
 BACKEND_CHOICES = ["auto", "torch", "openvino", "onnxruntime"]
+#: The mask decoder's precision (samliverseg.interactive.backends.DECODER_PRECISIONS; checked by a test):
+#: fp32, or bf16 for faster corrections where OpenVINO runs bf16 natively (else fp32, with a note).
+DECODER_PRECISION_CHOICES = ["fp32", "bf16"]
 #: "model" = the window the model was trained with; "custom" = the LOW,HIGH field.
 WINDOW_CHOICES = ["model", "wide", "liver", "abdomen", "custom"]
 #: Batch: what to segment, and the output format.

@@ -91,7 +91,7 @@ PROMPT_TIMEOUT_S = 600.0
 #: name that is not stored logs a critical error; so optional ones (the checkpoint) have no
 #: default here and are read with :func:`read_parameter`, which never calls ``parameter()``.
 PARAMETER_DEFAULTS = {"Model": "lite_medsam", "Device": "auto", "Backend": "auto", "Window": "model",
-                      "CustomWindow": "-200,300"}
+                      "CustomWindow": "-200,300", "DecoderPrecision": "fp32"}
 OPTIONAL_PARAMETERS = ("Checkpoint",)
 
 
@@ -135,6 +135,8 @@ class EngineSettings:
     window: Optional[str] = None  # None: the model's own window
     cache_mb: float = 768
     backend: str = "auto"  # auto | torch | openvino | onnxruntime (samliverseg.interactive.backends)
+    #: fp32 | bf16: the mask decoder's precision (bf16: faster corrections where OpenVINO has native bf16)
+    decoder_precision: str = "fp32"
     python: Optional[str] = None  # the worker's interpreter (Slicer: PythonSlicer); None: this one
 
     def client_settings(self) -> Dict[str, Any]:
@@ -142,7 +144,7 @@ class EngineSettings:
         three_d = is_model_3d(self.model)  # a 3D model z-scores its patches itself and caches nothing
         return {"python": self.python, "model": self.model, "checkpoint": self.checkpoint, "device": self.device,
                 "window": None if three_d else self.window, "cache_mb": None if three_d else self.cache_mb,
-                "backend": self.backend}
+                "backend": self.backend, "decoder_precision": "fp32" if three_d else self.decoder_precision}
 
 
 def worker_python() -> str:

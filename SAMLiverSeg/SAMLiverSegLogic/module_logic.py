@@ -123,12 +123,13 @@ def model_choices(rows: Optional[List[ModelRow]] = None) -> List[str]:
 # -- "Segment liver/tumor" through the worker ------------------------------------------------------
 
 def worker_settings(model: str, checkpoint: Optional[str], device: str, backend: str, window: Optional[str],
-                    python: Optional[str] = None) -> Dict[str, Any]:
+                    python: Optional[str] = None, decoder_precision: str = "fp32") -> Dict[str, Any]:
     """The ``worker_client.shared_client(**settings)`` of the panel's choices (``window`` as
     :func:`window_spec` gives it). The effect passes the same keys, so the two share one worker
     while their choices agree."""
     return {"python": python, "model": model, "checkpoint": checkpoint or None, "device": device,
-            "backend": backend, "window": window or None}
+            "backend": backend, "window": window or None,
+            "decoder_precision": decoder_precision}
 
 
 def roi_node_for_ijk_box(scene, volume_node, lo_ijk, hi_ijk, name: str = "ROI"):

@@ -26,8 +26,8 @@ kills its process tree if it does not within ``shutdown_timeout``.
 
 One worker for the whole module: :func:`shared_client` is the accessor the Segment Editor effect,
 the module panel's "Segment liver/tumor" and the uncertainty overlay all use. It returns the one
-client while the settings (python, model, checkpoint, device, backend, precision, window, env,
-cache_mb) stay the same; when they change it shuts the old worker down and makes a new client,
+client while the settings (python, model, checkpoint, device, backend, precision, decoder_precision,
+window, env, cache_mb) stay the same; when they change it shuts the old worker down and makes a new client,
 which starts its worker on its first request. :func:`shutdown_shared_client` stops it (module or
 effect cleanup, application exit; it is also registered with ``atexit``).
 
@@ -286,11 +286,12 @@ class WorkerClient:
                  device: str = "auto", window: Optional[str] = None, precision: str = "fp32",
                  cache_mb: Optional[float] = None, env: Optional[Dict[str, str]] = None, backend: str = "auto",
                  protocol_version: int = protocol.PROTOCOL_VERSION, shutdown_timeout: float = 5.0,
-                 transport: Optional[str] = None):
+                 transport: Optional[str] = None, decoder_precision: str = "fp32"):
         self.python = python or sys.executable
         self.model, self.checkpoint, self.device, self.window = model, checkpoint, device, window
         self.precision, self.cache_mb = precision, cache_mb
         self.backend = backend  # auto | torch | openvino | onnxruntime (samliverseg.interactive.backends)
+        self.decoder_precision = decoder_precision  # fp32 | bf16 (the mask decoder; bf16: OpenVINO with native bf16)
         self.env = env
         self.protocol_version = int(protocol_version)
         self.shutdown_timeout = float(shutdown_timeout)
@@ -326,7 +327,8 @@ class WorkerClient:
     # -- process ------------------------------------------------------------------------------------
     def command(self) -> List[str]:
         cmd = [self.python, "-m", "samliverseg", "worker", "--model", self.model, "--device", self.device,
-               "--precision", self.precision, "--backend", self.backend, "--session-dir", str(self.session_dir)]
+               "--precision", self.precision, "--decoder-precision", self.decoder_precision,
+               "--backend", self.backend, "--session-dir", str(self.session_dir)]
         if self.checkpoint:
             cmd += ["--checkpoint", str(self.checkpoint)]
         if self.window:
@@ -972,7 +974,8 @@ class Channel:
 # -- the one shared worker of the module ------------------------------------------------------------
 
 #: The settings that make a worker; another value of any of them means another worker.
-SHARED_SETTINGS = ("python", "model", "checkpoint", "device", "backend", "precision", "window", "env", "cache_mb")
+SHARED_SETTINGS = ("python", "model", "checkpoint", "device", "backend", "precision", "decoder_precision", "window",
+                   "env", "cache_mb")
 
 _shared: Optional[WorkerClient] = None
 _shared_key: Optional[Tuple[Any, ...]] = None
@@ -985,7 +988,8 @@ def _settings_key(settings: Dict[str, Any]) -> Tuple[Any, ...]:
     if unknown:
         raise TypeError(f"shared_client() got unknown settings {unknown}; known: {', '.join(SHARED_SETTINGS)}")
     defaults = {"python": sys.executable, "model": "lite_medsam", "checkpoint": None, "device": "auto",
-                "backend": "auto", "precision": "fp32", "window": None, "env": None, "cache_mb": None}
+                "backend": "auto", "precision": "fp32", "decoder_precision": "fp32", "window": None, "env": None,
+                "cache_mb": None}
     values = dict(defaults, **{k: v for k, v in settings.items() if v is not None})
     values["python"] = values["python"] or sys.executable
     values["checkpoint"] = str(values["checkpoint"]) if values["checkpoint"] else None

@@ -257,8 +257,10 @@ def test_prompts_and_preview_stay_visible_until_cleared(scene):
 def test_3d_models_are_recognised_by_name_without_model_code():
     assert all(effect_logic.is_model_3d(n) for n in ("sam_med3d", "sam_med3d_turbo", "sam_med3d_tiny"))
     assert not any(effect_logic.is_model_3d(n) for n in ("lite_medsam", "medsam", "sam_vit_b", "", None))
-    s = effect_logic.EngineSettings(model="sam_med3d_turbo", window="liver", backend="torch").client_settings()
-    assert s["window"] is None and s["model"] == "sam_med3d_turbo"
+    s = effect_logic.EngineSettings(model="sam_med3d_turbo", window="liver", backend="torch",
+                                    decoder_precision="bf16").client_settings()
+    assert s["window"] is None and s["model"] == "sam_med3d_turbo" and s["decoder_precision"] == "fp32"
+    assert effect_logic.EngineSettings(decoder_precision="bf16").client_settings()["decoder_precision"] == "bf16"
 
 
 def test_window_choices():

@@ -68,6 +68,11 @@ def test_shared_client_is_one_worker_per_settings():
         with pytest.raises(TypeError, match="unknown settings"):
             shared_client(devise="cpu")
         assert current_shared_client() is b
+        c = shared_client(device="cpu", backend="torch", window="abdomen", decoder_precision="bf16")
+        assert c is not b and b.proc is None
+        assert c.command()[c.command().index("--decoder-precision") + 1] == "bf16"
+        assert c.request("status", timeout=300)["model_loaded"] is False  # the worker takes the option
+        assert shared_client(device="cpu", backend="torch", window="abdomen", decoder_precision="bf16") is c
     finally:
         shutdown_shared_client()
     assert current_shared_client() is None

@@ -283,6 +283,16 @@ def test_backend_choices_are_the_library_backends():
     assert EngineSettings().backend in BACKEND_CHOICES
 
 
+def test_decoder_precision_choices_are_the_librarys():
+    from samliverseg.interactive.backends import DECODER_PRECISIONS
+    from SAMLiverSegLogic.constants import DECODER_PRECISION_CHOICES
+    from SAMLiverSegLogic.effect_logic import PARAMETER_DEFAULTS, EngineSettings
+
+    assert list(DECODER_PRECISION_CHOICES) == list(DECODER_PRECISIONS)
+    assert EngineSettings().decoder_precision == PARAMETER_DEFAULTS["DecoderPrecision"] == DECODER_PRECISION_CHOICES[0]
+    assert 'self.parameterValue("DecoderPrecision")' in EFFECT_PY.read_text()
+
+
 def test_effect_registration_points_at_the_effect_file():
     src = MODULE_PY.read_text()
     assert '"SegmentEditorSegmentAnything", "SegmentEditorEffect.py"' in src
