@@ -21,7 +21,7 @@ from samliverseg.core.evaluation import dice
 from samliverseg.core.maskutil import bbox_2d, dilate_rect
 from samliverseg.core.prompts import Prompts, SliceBox, validate_prompts
 from samliverseg.demo.phantom import ORGAN_CODES, make_island_lobe_phantom, make_phantom
-from samliverseg.interactive.engine import PromptEngine
+from samliverseg.interactive.engine import PromptEngine, PropagationSettings
 from samliverseg.interactive.session3d import CorrectionSession
 from samliverseg.io.volume import Volume
 
@@ -202,6 +202,32 @@ def test_a_clicks_walk_keeps_to_the_growth_limit(engine, phantom):
         engine.settings = saved
     assert beyond[False] == [0] * 6, beyond
     assert min(beyond[True]) >= 100, beyond  # what a click's walk leaves out
+
+
+def test_a_boxs_walk_grows_by_box_walk_growth(engine, phantom, monkeypatch):
+    """A box added as a correction walks with ``PropagationSettings.box_walk_growth`` as its
+    ``widen`` (True by default, as propagation from a box grows); a click's walk leaves it to
+    ``walk_growth``. The engine's real ``follow_slice`` runs; the spy only records the argument."""
+    liver = phantom.liver_mask > 0
+    real, seen = engine.follow_slice, []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("widen", "absent"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "follow_slice", recording)
+    saved = engine.settings
+    try:
+        for flag in (True, False):
+            engine.settings = dataclasses.replace(saved, box_walk_growth=flag)
+            s = CorrectionSession(engine, Prompts(box=box_on(liver, at_fraction(liver, 0.5))))
+            seen.clear()
+            corr = s.add_box(box_on(liver, at_fraction(liver, 0.3)))
+            assert len(seen) == len(corr.decoded_slices) - 1 >= 2 and set(seen) == {flag}, (seen, corr)
+            assert dice(s.mask, liver) > 0.85  # still the liver
+    finally:
+        engine.settings = saved
+    assert PropagationSettings().box_walk_growth is True
 
 
 def test_positive_click_in_a_missed_tumour_adds_it_in_3d(engine, phantom):

@@ -55,7 +55,7 @@ prompted with the previous slice's bounding box plus a margin, may grow at most 
 (at most ``max_growth_mm``) beyond the previous mask, pixels outside the HU range of the prompted
 slices are dropped, and only what touches the previous slice's mask is kept. Growth beyond that
 limit, which propagation from a box accepts where the model is sure of a wider box, is accepted
-in a box's walk and not in a click's (``PropagationSettings.walk_growth``,
+in a box's walk (``PropagationSettings.box_walk_growth``) and not in a click's (``walk_growth``,
 ``PromptEngine.follow_slice``).
 """
 
@@ -385,7 +385,8 @@ class CorrectionSession:
             if t in anchors:
                 return f"reached the prompted slice {t}"
             old = self._slice(t).astype(bool)
-            new, reason = self._follow(t, prev, seed_area, hu_range, widen=True if replace else None)
+            new, reason = self._follow(t, prev, seed_area, hu_range,
+                                       widen=self.engine.settings.box_walk_growth if replace else None)
             corr.decoded_slices.append(t)
             if new is None:
                 if replace:
@@ -455,8 +456,8 @@ class CorrectionSession:
     def _follow(self, t: int, prev: np.ndarray, seed_area: int, hu_range: Optional[Tuple[float, float]],
                 widen: Optional[bool] = None) -> Tuple[Optional[np.ndarray], str]:
         """Slice ``t`` segmented from the previous slice's mask ``prev`` by the engine's propagation
-        step (``widen``: growth beyond the limit, ``PromptEngine.follow_slice``; a box's walk grows as
-        propagation does, a click's by ``PropagationSettings.walk_growth``); (mask, "") or (None,
+        step (``widen``: growth beyond the limit, ``PromptEngine.follow_slice``; a box's walk by
+        ``PropagationSettings.box_walk_growth``, a click's by ``walk_growth``); (mask, "") or (None,
         why it ended)."""
         kept, reason = self.engine.follow_slice(self.axis, t, prev, seed_area, hu_range, widen=widen)
         return kept, reason or ""
