@@ -37,11 +37,18 @@ Dice stays where it was; the next click then goes to the largest error component
 click, as a user would click elsewhere (``--repeat-refused``: the protocol of runs 1-8, where the same
 click came again, the mask being unchanged).
 
+``--correct-with box`` corrects with boxes instead of clicks: at each step the reference's box
+(plus the case's margin) on the axial slice of the largest error's deepest point
+(``CorrectionSession.add_box``, which walks from it with ``PropagationSettings.box_walk_growth``),
+or a click where the reference is empty on that slice.
+
 ``--set NAME=VALUE`` overrides a ``PropagationSettings`` field for every run; ``--alt NAME=VALUE``
 runs every start once more with that override, right after the run without it (``--alt
 walk_growth=True``: clicks' walks with propagation's growth beyond the limit, the rule before
 session 23), and the JSON records each correction's decoder calls (``decodes``) beside the slices
-its walk decoded (``decoded``).
+its walk decoded (``decoded``). ``decoder_precision`` is not a setting but the engine's (``--decoder-precision``,
+default fp32): ``--alt decoder_precision=bf16`` runs the alt's corrections with a second predictor of
+the same model whose decoder runs bf16 (embeddings stay the engine's, from the fp32 encoder).
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from samliverseg.core.prompts import Prompts
 from samliverseg.core.maskutil import middle_slice
 from samliverseg.demo import sample_data
 from samliverseg.interactive.engine import PromptEngine, PropagationSettings
+from samliverseg.interactive.predictor import SlicePredictor
 from samliverseg.interactive.session3d import CorrectionSession
 
 import variants
@@ -106,9 +114,13 @@ def auc(dices: List[float]) -> float:
 
 
 def simulate(engine: PromptEngine, truth: np.ndarray, spacing, prompts: Prompts, clicks: int,
-             repeat_refused: bool = False, walk_axis: Optional[str] = None) -> dict:
+             repeat_refused: bool = False, walk_axis: Optional[str] = None, boxes_margin: Optional[int] = None) -> dict:
     """The initial ``prompts`` (a box), then up to ``clicks`` corrections; ``walk_axis``: the
-    session's (``CorrectionSession``'s ``axis``; None: its default)."""
+    session's (``CorrectionSession``'s ``axis``; None: its default). ``boxes_margin``: correct with
+    boxes (``--correct-with box``): on the axial slice of the largest error's deepest point, the
+    reference's box there plus this margin (``CorrectionSession.add_box``); a click where the
+    reference is empty on that slice (a box cannot say "nothing here"). A box that changes nothing
+    counts as refused (the next correction goes to another error)."""
     truth = truth > 0
     t0 = time.perf_counter()
     try:
@@ -125,11 +137,20 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, prompts: Prompts,
             out["dice"].append(out["dice"][-1])
             continue
         ijk, positive, size = click
+        k = int(round(ijk[2]))
+        box = None
+        if boxes_margin is not None and truth[k].any():
+            box = variants.box_prompt(truth.astype(np.uint8), k, boxes_margin).box
         n_dec = len(engine.decode_times)
         t1 = time.perf_counter()
         shown: List[float] = []
         try:
-            corr = session.add_point(ijk, positive=positive, first=lambda c: shown.append(time.perf_counter()))
+            if box is not None:
+                corr = session.add_box(box, first=lambda c: shown.append(time.perf_counter()))
+                if not corr.changed_slices:
+                    raise SAMLiverSegError(f"the box on slice k={k} changed nothing")
+            else:
+                corr = session.add_point(ijk, positive=positive, first=lambda c: shown.append(time.perf_counter()))
         except SAMLiverSegError as exc:
             out.setdefault("errors", []).append(str(exc))
             refused.append(ijk)
@@ -138,7 +159,8 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, prompts: Prompts,
         t2 = time.perf_counter()
         out["seconds"].append(t2 - t1)
         out["shown_seconds"].append((shown[0] if shown else t2) - t1)
-        out["clicks"].append(("+" if positive else "-") + f"{session.axis}{corr.slice_index}({size})")
+        kind = "box " if box is not None else ("+" if positive else "-")
+        out["clicks"].append(kind + f"{session.axis}{corr.slice_index}({size})")
         out["decoded"].append(len(corr.decoded_slices))
         out.setdefault("decodes", []).append(len(engine.decode_times) - n_dec)
         out["changed"].append(len(corr.changed_slices))
@@ -159,15 +181,28 @@ def row_of(case: str, obj: str, start: str, r: dict, clicks: int) -> list:
     ]
 
 
+def split_alt(alt: Optional[str]) -> Tuple[List[str], Optional[str]]:
+    """An ``--alt``'s ``PropagationSettings`` overrides, and its ``decoder_precision`` (None: the engine's)."""
+    items, precision = [], None
+    for item in (alt or "").split(","):
+        name, _, value = item.partition("=")
+        if name == "decoder_precision":
+            precision = value
+        elif item:
+            items.append(item)
+    return items, precision
+
+
 def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int, List[Optional[float]]]],
              clicks: int, results: dict, rows: List[list], repeat_refused: bool = False,
              views: Sequence[str] = ("axial",), walks: Sequence[str] = ("auto",),
-             alts: Sequence[Optional[str]] = (None,)) -> None:
+             alts: Sequence[Optional[str]] = (None,), predictors: Optional[Dict[str, object]] = None,
+             correct_with: str = "click") -> None:
     """Every object of one volume (its slices embedded once), boxed in each of ``views``; a start of
     None is the object's middle slice (of a view: in index order across its axis). Each start runs
     once per ``walks`` (``--walk-axis``) and per ``alts`` (None: the engine's settings; else
-    ``NAME=VALUE`` overrides of them, ``--alt``), one after the other (interleaved: their seconds
-    compare)."""
+    ``NAME=VALUE`` overrides of them, ``--alt``; a ``decoder_precision`` there picks that one of
+    ``predictors``), one after the other (interleaved: their seconds compare)."""
     engine.set_volume(volume)
     t0 = time.perf_counter()
     ks = np.flatnonzero(np.any([truth.any(axis=(1, 2)) for truth, _, _ in objects.values()], axis=0))
@@ -190,12 +225,16 @@ def run_case(engine, case: str, volume, objects: Dict[str, Tuple[np.ndarray, int
                 where = f"{where} {view}"
             for walk, alt in ((w, a) for w in walks for a in alts):
                 axis = {"auto": None, "prompts": prompts.slice_axis}.get(walk, walk)
-                base = engine.settings
-                engine.settings = base if alt is None else variants.with_overrides(base, alt.split(","))
+                base, base_predictor = engine.settings, engine.predictor
+                items, precision = split_alt(alt)
+                engine.settings = variants.with_overrides(base, items)
+                engine.predictor = base_predictor if precision is None else (predictors or {})[precision]
                 try:
-                    r = simulate(engine, truth, volume.spacing, prompts, clicks, repeat_refused, axis)
+                    r = simulate(engine, truth, volume.spacing, prompts, clicks, repeat_refused, axis,
+                                 margin if correct_with == "box" else None)
+                    r["decoder_precision"] = engine.backend.decoder_precision
                 finally:
-                    engine.settings = base
+                    engine.settings, engine.predictor = base, base_predictor
                 label = where if len(walks) == 1 else f"{where}, walk {walk}"
                 label = label if alt is None else f"{label}, {alt}"
                 r.update(start=where, start_slice=k, walk=walk, alt=alt)
@@ -253,6 +292,12 @@ def main(argv=None) -> int:
     ap.add_argument("--alt", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also run every start with these overrides, right after the run without them "
                          "(repeatable: one more run per --alt; interleaved, so the seconds compare)")
+    ap.add_argument("--decoder-precision", default="fp32", choices=("fp32", "bf16"),
+                    help="the engine's mask decoder precision (an --alt decoder_precision=... runs the other)")
+    ap.add_argument("--correct-with", default="click", choices=("click", "box"),
+                    help="click (default): a positive or negative click at the largest error's deepest point; box: "
+                         "the reference's box (plus the case's margin) on that point's axial slice, a click where "
+                         "the reference is empty there (axial views only)")
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--repeat-refused", action="store_true",
                     help="after a refused click, click the same error again (the protocol of runs 1-8)")
@@ -274,13 +319,23 @@ def main(argv=None) -> int:
     for view in views:
         if view not in variants.VIEW_AXES:
             ap.error(f"unknown view {view!r}: use {', '.join(variants.VIEW_AXES)}")
+    if args.correct_with == "box" and (views != ["axial"] or walks != ["auto"]):
+        ap.error("--correct-with box takes axial boxes: use it with --views axial and --walk-axis auto")
     try:
         settings = variants.with_overrides(PropagationSettings(), args.set)
         for alt in args.alt:
-            variants.with_overrides(settings, alt.split(","))  # a wrong one fails before the runs
+            items, precision = split_alt(alt)
+            variants.with_overrides(settings, items)  # a wrong one fails before the runs
+            if precision is not None and precision not in ("fp32", "bf16"):
+                raise ValueError(f"decoder_precision takes fp32 or bf16, not {precision!r}")
     except (AttributeError, ValueError) as exc:
         ap.error(f"--set/--alt: {exc}")
-    engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=4096, settings=settings)
+    engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=4096, settings=settings,
+                          decoder_precision=args.decoder_precision)
+    predictors = {p: SlicePredictor(engine.model, engine.device, backend=args.backend, decoder_precision=p)
+                  for p in {split_alt(alt)[1] for alt in args.alt} - {None}}
+    for predictor in predictors.values():
+        predictor.backend  # opened (converted, once per machine) before the runs: not in a correction's seconds
     if args.embed_cache:
         DiskEmbeddings(engine, Path(args.embed_cache))
     results: dict = {}
@@ -303,12 +358,12 @@ def main(argv=None) -> int:
                 cases.append((case.name if vname == "original" else v.name, v.volume, objects))
     for case, vol, objects in cases:
         run_case(engine, case, vol, objects, args.clicks, results, rows, args.repeat_refused, views, walks,
-                 [None] + list(args.alt))
+                 [None] + list(args.alt), predictors, args.correct_with)
     steps = [f"Dice@{n}" for n in range(args.clicks + 1)]
     print_table(f"simulated user: model {engine.spec.name}, backend {engine.backend.name} ({engine.backend.precision}), "
                 f"device {engine.device}; s = seconds per correction with cached embeddings (mean/max)",
                 ["case", "object", "start", *steps, "AUC", "box s", "s/corr",
-                 "clicks (+/- on the slice across the walk axis, error voxels)"],
+                 "corrections (+/- clicks, box; on the slice across the walk axis, error voxels)"],
                 rows)
     print_table("summary (means; min@1 = the lowest Dice after one correction; seconds per correction)",
                 ["object", "runs", *steps, "AUC", "min@1", "mean s", "median s", "max s",
