@@ -21,7 +21,7 @@ from samliverseg.core.evaluation import dice
 from samliverseg.core.maskutil import bbox_2d, dilate_rect
 from samliverseg.core.prompts import Prompts, SliceBox, validate_prompts
 from samliverseg.demo.phantom import ORGAN_CODES, make_island_lobe_phantom, make_phantom
-from samliverseg.interactive.engine import PromptEngine, PropagationSettings
+from samliverseg.interactive.engine import JUMPED_AWAY, PromptEngine, PropagationSettings
 from samliverseg.interactive.session3d import CorrectionSession
 from samliverseg.io.volume import Volume
 
@@ -228,6 +228,35 @@ def test_a_boxs_walk_grows_by_box_walk_growth(engine, phantom, monkeypatch):
     finally:
         engine.settings = saved
     assert PropagationSettings().box_walk_growth is True
+
+
+def test_a_boxs_walk_keeps_the_slices_beyond_where_it_cannot_follow():
+    """An object that shifts by more than its radius between two slices (k=9 to k=10): the walk of a
+    box on k=9 cannot follow it (the model's answer jumps away, ``JUMPED_AWAY``). That says nothing
+    about the object beyond, so the user's mask there stays (``box_walk_keeps_on_jump``); the rule
+    before cleared it up to the next prompted slice, as where the object ends (the simulated user's
+    box corrections lost 11-15 slices of liver so, session 24)."""
+    n = 96
+    y, x = np.mgrid[0:n, 0:n]
+    hu = np.full((20, n, n), -1000.0, np.float32)
+    truth = np.zeros(hu.shape, bool)
+    for k in range(20):
+        hu[k][((x - 48) / 44.0) ** 2 + ((y - 48) / 40.0) ** 2 < 1] = 30.0
+        truth[k] = (x - 48) ** 2 + (y - (40 if k < 10 else 62)) ** 2 < 14 ** 2
+        hu[k][truth[k]] = 140.0
+    hu += np.random.RandomState(0).normal(0.0, 5.0, hu.shape).astype(np.float32)
+    eng = PromptEngine("lite_medsam", device="cpu", backend="auto")
+    eng.set_volume(Volume(hu, spacing=(1.5, 1.5, 3.0)))
+    above = {}
+    for keep in (True, False):
+        eng.settings = PropagationSettings(box_walk_keeps_on_jump=keep)
+        s = CorrectionSession(eng, Prompts(box=box_on(truth, 4)))
+        s.mask[...] = truth  # the mask so far: the whole object (as the user corrected it)
+        corr = s.add_box(box_on(truth, 9))
+        assert corr.stops["up"].startswith(JUMPED_AWAY) and corr.stops["up"].endswith("slice 10"), corr.stops
+        above[keep] = int(s.mask[10:].any(axis=(1, 2)).sum())
+        assert dice(s.mask[:10], truth[:10]) > 0.9
+    assert above == {True: 10, False: 0}, above
 
 
 def test_positive_click_in_a_missed_tumour_adds_it_in_3d(engine, phantom):

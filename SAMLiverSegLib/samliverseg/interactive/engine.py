@@ -189,6 +189,11 @@ class SegmentationResult:
     report: dict = field(default_factory=dict)
 
 
+#: How a propagation step says the model's answer took a neighbour in (it could not follow the
+#: object there; it does not say that the object ended).
+JUMPED_AWAY = "mask jumped away from the previous slice"
+
+
 @dataclass
 class PropagationSettings:
     """Knobs of 3D propagation; the defaults were tuned on real CT (see the benchmark)."""
@@ -227,6 +232,7 @@ class PropagationSettings:
     growth_narrowing_min_ratio: float = 0.95  # (narrower than this: never)
     walk_growth: bool = False  # the walks of clicks (follow_slice) accept that growth too (False: they keep to the limit; see follow_slice)
     box_walk_growth: bool = True  # the walk of a box added as a correction (CorrectionSession.add_box) accepts it, as propagation from a box does
+    box_walk_keeps_on_jump: bool = True  # where that walk cannot follow (JUMPED_AWAY), the slices beyond keep their mask (False: cleared up to the next prompted slice, as where the object ends)
     sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
     island_min_area_mm2: float = 100.0  # parts smaller than this are not followed,
     island_min_score: float = 0.8  # and a part is followed only where the model rates its mask this well
@@ -994,7 +1000,7 @@ class PromptEngine:
             if grown.sum() >= min_overlap * area_raw:
                 break
         else:
-            return None, score, f"mask jumped away from the previous slice at slice {s}"
+            return None, score, f"{JUMPED_AWAY} at slice {s}"
         if score < st.min_score:
             return None, score, f"model confidence {score:.2f} below {st.min_score} at slice {s}"
         if st.hu_tolerance is not None and ref_hu is not None:

@@ -12,7 +12,9 @@ slice across the prompts' axis:
   re-segments its slice with that slice's prompts and re-propagates from it up and down, replacing
   what was there, until the new result agrees with the previous one (Dice at
   least ``agree_dice``), the object ends (the slices beyond lose what they had, up to the next
-  prompted slice) or another prompted slice is reached;
+  prompted slice), the walk cannot follow it (the model's answer jumps away, ``JUMPED_AWAY``: the
+  slices beyond keep what they had, ``PropagationSettings.box_walk_keeps_on_jump``) or another
+  prompted slice is reached;
 * **a positive point outside the mask** adds to its slice: within ``NEAR_MM`` of the slice's mask
   the model is prompted with the box around that mask and the click (the object is larger there),
   farther away with the click alone (an island; for a box-only model such as LiteMedSAM through
@@ -74,8 +76,8 @@ from samliverseg.core.evaluation import dice
 from samliverseg.core.maskutil import axis_index, bbox_2d, bbox_3d
 from samliverseg.core.postprocess import keep_components_touching
 from samliverseg.core.prompts import IJK_INDEX, Point, Prompts, SliceBox, validate_prompts
-from samliverseg.interactive.engine import (PromptEngine, SegmentationResult, hu_gate_range, pixel_spacing, point_to_xy,
-                                           slice_count, slice_of, slices_with_mask)
+from samliverseg.interactive.engine import (JUMPED_AWAY, PromptEngine, SegmentationResult, hu_gate_range, pixel_spacing,
+                                           point_to_xy, slice_count, slice_of, slices_with_mask)
 from samliverseg.interactive.mask_edits import negative_region
 
 
@@ -389,7 +391,8 @@ class CorrectionSession:
                                        widen=self.engine.settings.box_walk_growth if replace else None)
             corr.decoded_slices.append(t)
             if new is None:
-                if replace:
+                keep = reason.startswith(JUMPED_AWAY) and self.engine.settings.box_walk_keeps_on_jump
+                if replace and not keep:  # the object ends here: what the mask held beyond goes
                     self._clear_until_anchor(t, direction, anchors, corr)
                 return reason
             if replace:
