@@ -141,8 +141,9 @@ The model runs in a separate process, started at the first click.</html>"""
         self.decoderPrecisionComboBox = qt.QComboBox()
         self.decoderPrecisionComboBox.addItems(DECODER_PRECISION_CHOICES)
         self.decoderPrecisionComboBox.toolTip = (
-            "Precision of the mask decoder. fp32: masks do not depend on the CPU. bf16: faster corrections (about "
-            "0.6 of the time per slice) where OpenVINO runs bf16 natively; elsewhere fp32. 2D models only")
+            "Precision of the mask decoder. fp32: masks do not depend on the CPU. bf16: faster corrections (the "
+            "decoder takes about 0.6 of its fp32 time, a correction about 0.75; masks differ slightly) where OpenVINO "
+            "runs bf16 natively; elsewhere fp32. 2D models only")
         self.windowComboBox = qt.QComboBox()
         self.windowComboBox.addItems(WINDOW_CHOICES)
         self.customWindowLineEdit = qt.QLineEdit()
