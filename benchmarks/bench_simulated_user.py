@@ -68,6 +68,7 @@ from samliverseg.core.evaluation import dice
 from samliverseg.core.prompts import Prompts
 from samliverseg.core.maskutil import middle_slice
 from samliverseg.demo import sample_data
+from samliverseg.interactive.backends import DECODER_PRECISIONS
 from samliverseg.interactive.engine import PromptEngine, PropagationSettings
 from samliverseg.interactive.predictor import SlicePredictor
 from samliverseg.interactive.session3d import CorrectionSession
@@ -292,7 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--alt", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also run every start with these overrides, right after the run without them "
                          "(repeatable: one more run per --alt; interleaved, so the seconds compare)")
-    ap.add_argument("--decoder-precision", default="fp32", choices=("fp32", "bf16"),
+    ap.add_argument("--decoder-precision", default="fp32", choices=DECODER_PRECISIONS,
                     help="the engine's mask decoder precision (an --alt decoder_precision=... runs the other)")
     ap.add_argument("--correct-with", default="click", choices=("click", "box"),
                     help="click (default): a positive or negative click at the largest error's deepest point; box: "
@@ -326,8 +327,8 @@ def main(argv=None) -> int:
         for alt in args.alt:
             items, precision = split_alt(alt)
             variants.with_overrides(settings, items)  # a wrong one fails before the runs
-            if precision is not None and precision not in ("fp32", "bf16"):
-                raise ValueError(f"decoder_precision takes fp32 or bf16, not {precision!r}")
+            if precision is not None and precision not in DECODER_PRECISIONS:
+                raise ValueError(f"decoder_precision takes {' or '.join(DECODER_PRECISIONS)}, not {precision!r}")
     except (AttributeError, ValueError) as exc:
         ap.error(f"--set/--alt: {exc}")
     engine = PromptEngine(args.model, device=args.device, backend=args.backend, cache_mb=4096, settings=settings,
