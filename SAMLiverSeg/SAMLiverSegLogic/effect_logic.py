@@ -57,7 +57,7 @@ from vtk.util import numpy_support
 
 import slicer
 
-from samliverseg.core.errors import InputError, SAMLiverSegError
+from samliverseg.core.errors import InputError, PromptError, SAMLiverSegError
 from samliverseg.core.prompts import IJK_INDEX, Prompts
 
 from . import geometry, markups_prompts, segment_writer, slice_clicks, volume_nodes
@@ -376,6 +376,11 @@ class SegmentAnythingSession:
             a = slice_clicks.map_click(slice_node, self.volume_node, xy0, self.shape_kji)
             b = slice_clicks.map_click(slice_node, self.volume_node, xy1, self.shape_kji, a.slice_axis)
             correcting = preview and self._correcting(a.slice_axis)
+            if not correcting and self._would_drop_3d_result(a.slice_axis):
+                raise PromptError(
+                    f"a box in this view would start the prompts over (they lie on {self.builder.slice_axis} slices) "
+                    "and drop the 3D result shown: Apply or Clear it first; a box in the prompts' view, or a "
+                    "click in any view, corrects it")
             replaced = next((q for q in [self.builder.box] + self.builder.boxes
                              if q is not None and self.builder.box_slice(q) == a.slice_index), None)
             note = self.builder.set_box(a, b)
@@ -393,11 +398,19 @@ class SegmentAnythingSession:
             return Outcome(False, str(exc))
         return self._after_prompt(note, preview)
 
+    def _would_drop_3d_result(self, slice_axis: str) -> bool:
+        """True when a box on an ``slice_axis`` slice would start the prompts over (they lie across
+        another axis) while a 3D result that is not applied is shown: a propagation, and the
+        corrections made to it, that would be lost with them."""
+        return (self.preview_is_3d and self.preview is not None and bool(self.preview.any())
+                and not self.builder.is_empty() and self.builder.slice_axis not in (None, slice_axis))
+
     def _correcting(self, slice_axis: str, point: bool = False) -> bool:
         """True when a prompt on an ``slice_axis`` slice corrects the 3D result shown (a 2D model's
         propagation, or a correction of it) rather than previewing its slice: a ``point`` in any
         view (the worker corrects the slice through it that its session walks across), a box on a
-        slice across the prompts' axis (in another view a box starts the prompts over)."""
+        slice across the prompts' axis (in another view a box starts the prompts over, and is
+        refused while an unapplied 3D result is shown: ``_would_drop_3d_result``)."""
         hello = self.client.hello_result if self.client is not None else None
         # an older worker lacks ``correct``; one (re)starting now is this installation's and has it
         served = hello is None or "correct" in hello.get("requests", ())

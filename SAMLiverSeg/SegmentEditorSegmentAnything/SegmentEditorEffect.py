@@ -88,7 +88,7 @@ LiteMedSAM/MedSAM). Shift+drag still pans the view. The result on that slice sho
 model answers; <b>Propagate to 3D</b> extends it through the volume. Then a click or Ctrl+click in
 any view, or a box in the view of the first prompts, corrects the 3D result: a click adds the missed
 part under it, a Ctrl+click removes the wrong region it lies in (in 3D), a box re-segments its slice
-and the slices beyond it (a box in another view starts the prompts over);
+and the slices beyond it (a box in another view would start the prompts over: Apply or Clear the 3D result first);
 <b>Undo correction</b> takes the last one back.
 <b>Apply</b> writes it into the selected segment (Ctrl+Z undoes it). Works in axial, coronal and sagittal views. With a 3D
 model (SAM-Med3D) every click, in any view, segments the whole object in 3D and refines it.

@@ -395,12 +395,29 @@ def test_a_click_in_another_view_corrects_the_result_shown(scene, client, engine
     assert c["changed_slices"] == corr.changed_slices and corr.changed_slices
     np.testing.assert_array_equal(session.preview, ref.mask)
 
-    # a box in the other view starts the prompts over (a new object, or the same drawn anew there)
+    # a box in the other view would start the prompts over and drop the corrected 3D result shown,
+    # which is not applied: refused in one line, and nothing changes (nothing is sent)
     box2 = ((10, 10, 6), (34, 30, 6)) if click_view == "Axial" else ((10, 20, 2), (34, 20, 10))
     centre_view_on(other, geometry.ijk_to_ras_point(vol, [(a + b) / 2.0 for a, b in zip(*box2)]))
+    prompts_before = session.builder.prompts()
     out = session.drag_box(other, *box_xy(other, vol, *box2))
-    assert out.ok and "started over" in out.message, out.message
+    assert not out.ok and "Apply or Clear" in out.message and "\n" not in out.message, out.message
+    assert session.busy() is None and not session.tasks
+    assert session.builder.prompts() == prompts_before and session.preview_is_3d and session.can_undo()
+    np.testing.assert_array_equal(session.preview, ref.mask)
+
+    # after Clear, the box in the other view starts anew; while only its slice's 2D preview is shown, a
+    # box back in the first view starts the prompts over (a new object, or the same drawn anew there)
+    session.clear()
+    out = session.drag_box(other, *box_xy(other, vol, *box2))
+    assert out.ok, out.message
     assert session.builder.slice_axis != axis and not session.builder.negative
+    assert [o for o in pump(session, finished("preview")) if o.kind == "preview"][-1].ok
+    assert not session.preview_is_3d and session.preview.any()
+    out = session.drag_box(first, *box_xy(first, vol, lo, hi))
+    assert out.ok and "started over" in out.message, out.message
+    assert session.builder.slice_axis == axis
+    pump(session, finished("preview"))
 
 
 def test_after_a_propagation_clicks_and_boxes_on_any_slice_correct_it_in_the_worker(scene, client, engine):
