@@ -83,7 +83,8 @@ PREFETCH_MARGIN = 10
 def next_click(pred: np.ndarray, truth: np.ndarray, spacing, avoid: Sequence[Tuple[float, float, float]] = ()
                ) -> Optional[Tuple[Tuple[float, float, float], bool, int]]:
     """((i, j, k), positive, voxels of the error component) at the deepest point of the largest 3D error
-    component that holds none of the ``avoid`` points (i, j, k); None when there is no such error."""
+    component that holds none of the ``avoid`` points (i, j, k); None when there is no such error.
+    Of several deepest voxels, the one nearest the component's centre (in mm)."""
     best = None
     for positive, err in ((True, truth & ~pred), (False, pred & ~truth)):
         if not err.any():
@@ -105,7 +106,13 @@ def next_click(pred: np.ndarray, truth: np.ndarray, spacing, avoid: Sequence[Tup
     comp = np.pad(lab[sl] == c, 1)
     si, sj, sk = (float(s) for s in spacing)
     dist = ndimage.distance_transform_edt(comp, sampling=(sk, sj, si))[1:-1, 1:-1, 1:-1]
-    k, j, i = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    # The deepest voxels are often several (a plateau). Of them, the one nearest (in mm) the error
+    # component's centre: the same voxel in a mirrored volume, where np.argmax's first in index order
+    # is another one (a flipped variant then differed from the original by the click alone).
+    deepest = np.argwhere(dist >= dist.max() - 1e-6)
+    mm = np.array([sk, sj, si])
+    centre = np.argwhere(comp[1:-1, 1:-1, 1:-1]).mean(axis=0) * mm
+    k, j, i = deepest[int(np.argmin((((deepest * mm) - centre) ** 2).sum(axis=1)))]
     return (float(i + sl[2].start), float(j + sl[1].start), float(k + sl[0].start)), positive, size
 
 
@@ -138,6 +145,7 @@ def simulate(engine: PromptEngine, truth: np.ndarray, spacing, prompts: Prompts,
             out["dice"].append(out["dice"][-1])
             continue
         ijk, positive, size = click
+        out.setdefault("asked_ijk", []).append([int(v) for v in ijk])  # every correction asked, refused ones too
         k = int(round(ijk[2]))
         box = None
         if boxes_margin is not None and truth[k].any():
