@@ -24,7 +24,11 @@ slice across the prompts' axis:
   says nothing about), and grown further where it reaches beyond that box (``PromptEngine.widen``,
   propagation's growth rule); of what that adds to the slice, only the connected part the click
   lies in is added (the model's answer may also differ from the mask elsewhere along its edge: a
-  neighbour it takes in). The click
+  neighbour it takes in). It is refused where it would exceed ``ADD_AREA_FACTOR`` times the
+  object's largest slice, and, on a slice without mask next to one with mask (past where the object
+  ended), that many times the mask there (``PropagationSettings.island_beside_end_limit``: the
+  object does not grow so much past its end; a click beside a tumour's last slice took the liver
+  there). The click
   says its tissue is the object: the session's HU range grows to that part's (a darker tumour
   inside the liver) where the click lies in the part's range (not where the part is mostly another
   tissue, as the model's answer to a click on a missed rim can be the fat beside it), and only
@@ -343,6 +347,10 @@ class CorrectionSession:
         if region.sum() > max_area:
             raise PromptError(f"the click on slice {axis}={s} would add {int(region.sum())} pixels, more than "
                               f"{ADD_AREA_FACTOR:g} times the object's largest slice: draw a box there instead")
+        beside = self._beside_area(s) if not sl.any() and eng.settings.island_beside_end_limit else 0
+        if beside and region.sum() > ADD_AREA_FACTOR * beside:
+            raise PromptError(f"the click on slice {axis}={s} would add {int(region.sum())} pixels, more than "
+                              f"{ADD_AREA_FACTOR:g} times the object on the slice next to it: draw a box there instead")
         self._hu_range = hu_range  # only now: a refused click changes nothing
         self._slice(s)[region] = 1
         corr.changed_slices.append(s)
@@ -370,6 +378,10 @@ class CorrectionSession:
             nearest = int(np.argmin(((yy - y) * spacing[0]) ** 2 + ((xx - x) * spacing[1]) ** 2))
             y, x = int(yy[nearest]), int(xx[nearest])
         return lab == lab[y, x]
+
+    def _beside_area(self, s: int) -> int:
+        """The larger mask (pixels) of the slices next to slice ``s`` (0: neither holds one)."""
+        return max((int(self._slice(t).sum()) for t in (s - 1, s + 1) if 0 <= t < self._n()), default=0)
 
     def _max_added_area(self) -> float:
         """What one positive click may make of a slice: ``ADD_AREA_FACTOR`` times the largest slice."""
