@@ -230,23 +230,30 @@ def test_a_boxs_walk_grows_by_box_walk_growth(engine, phantom, monkeypatch):
     assert PropagationSettings().box_walk_growth is True
 
 
+def body_with_discs(discs, n=96, slices=20):
+    """An engine (real LiteMedSAM) on a small body (HU 30 in air, 1.5 x 1.5 x 3 mm) holding discs of
+    HU 140, ``{k: [(x, y, radius), ...]}``, with noise; and the discs' mask."""
+    y, x = np.mgrid[0:n, 0:n]
+    hu = np.full((slices, n, n), -1000.0, np.float32)
+    discs_mask = np.zeros(hu.shape, bool)
+    for k in range(slices):
+        hu[k][((x - 48) / 44.0) ** 2 + ((y - 48) / 40.0) ** 2 < 1] = 30.0
+        for cx, cy, r in discs.get(k, ()):
+            discs_mask[k] |= (x - cx) ** 2 + (y - cy) ** 2 < r ** 2
+        hu[k][discs_mask[k]] = 140.0
+    hu += np.random.RandomState(0).normal(0.0, 5.0, hu.shape).astype(np.float32)
+    eng = PromptEngine("lite_medsam", device="cpu", backend="auto")
+    eng.set_volume(Volume(hu, spacing=(1.5, 1.5, 3.0)))
+    return eng, discs_mask
+
+
 def test_a_boxs_walk_keeps_the_slices_beyond_where_it_cannot_follow():
     """An object that shifts by more than its radius between two slices (k=9 to k=10): the walk of a
     box on k=9 cannot follow it (the model's answer jumps away, ``JUMPED_AWAY``). That says nothing
     about the object beyond, so the user's mask there stays (``box_walk_keeps_on_jump``); the rule
     before cleared it up to the next prompted slice, as where the object ends (the simulated user's
     box corrections lost 11-15 slices of liver so, session 24)."""
-    n = 96
-    y, x = np.mgrid[0:n, 0:n]
-    hu = np.full((20, n, n), -1000.0, np.float32)
-    truth = np.zeros(hu.shape, bool)
-    for k in range(20):
-        hu[k][((x - 48) / 44.0) ** 2 + ((y - 48) / 40.0) ** 2 < 1] = 30.0
-        truth[k] = (x - 48) ** 2 + (y - (40 if k < 10 else 62)) ** 2 < 14 ** 2
-        hu[k][truth[k]] = 140.0
-    hu += np.random.RandomState(0).normal(0.0, 5.0, hu.shape).astype(np.float32)
-    eng = PromptEngine("lite_medsam", device="cpu", backend="auto")
-    eng.set_volume(Volume(hu, spacing=(1.5, 1.5, 3.0)))
+    eng, truth = body_with_discs({k: [(48, 40 if k < 10 else 62, 14)] for k in range(20)})
     above = {}
     for keep in (True, False):
         eng.settings = PropagationSettings(box_walk_keeps_on_jump=keep)
@@ -266,21 +273,10 @@ def test_a_click_past_the_objects_end_adds_no_larger_neighbour():
     the object's end it is refused (``island_beside_end_limit``): an object that goes on past its end
     is not much larger there than on its last slice. livertumor07 of ircadb-1.1 so took in 2,276 px
     on its last slice, 46 of them tumour, and 1,466 more beyond (Dice 0.917 -> 0.680, session 25)."""
-    n = 96
-    y, x = np.mgrid[0:n, 0:n]
-    hu = np.full((20, n, n), -1000.0, np.float32)
-    truth = np.zeros(hu.shape, bool)
-    radius = {4: 8, 5: 11, 6: 13, 7: 14, 8: 14, 9: 13, 10: 11, 11: 8, 12: 5}
-    for k in range(20):
-        hu[k][((x - 48) / 44.0) ** 2 + ((y - 48) / 40.0) ** 2 < 1] = 30.0
-        if k in radius:
-            truth[k] = (x - 48) ** 2 + (y - 48) ** 2 < radius[k] ** 2
-            hu[k][truth[k]] = 140.0
-    neighbour = (x - 48) ** 2 + (y - 48) ** 2 < 12 ** 2
-    hu[13][neighbour] = 140.0
-    hu += np.random.RandomState(0).normal(0.0, 5.0, hu.shape).astype(np.float32)
-    eng = PromptEngine("lite_medsam", device="cpu", backend="auto")
-    eng.set_volume(Volume(hu, spacing=(1.5, 1.5, 3.0)))
+    radius = {4: 8, 5: 11, 6: 13, 7: 14, 8: 14, 9: 13, 10: 11, 11: 8, 12: 5, 13: 12}  # k=13: the neighbour
+    eng, truth = body_with_discs({k: [(48, 48, r)] for k, r in radius.items()})
+    neighbour = truth[13].copy()
+    truth[13] = False
     added = {}
     for limit in (True, False):
         eng.settings = PropagationSettings(island_beside_end_limit=limit)
