@@ -25,10 +25,9 @@ slice across the prompts' axis:
   propagation's growth rule); of what that adds to the slice, only the connected part the click
   lies in is added (the model's answer may also differ from the mask elsewhere along its edge: a
   neighbour it takes in). It is refused where it would exceed ``ADD_AREA_FACTOR`` times the
-  object's largest slice, and, on a slice without mask next to one with mask (past where the object
-  ended), that many times the mask there (``PropagationSettings.island_beside_end_limit``: the
-  object does not grow so much past its end; a click beside a tumour's last slice took the liver
-  there). The click
+  object's largest slice, and (opt-in, ``PropagationSettings.island_beside_end_limit``), on a
+  slice without mask next to one with mask (past where the object ended), that many times the mask
+  there (a click beside a tumour's last slice took the liver there). The click
   says its tissue is the object: the session's HU range grows to that part's (a darker tumour
   inside the liver) where the click lies in the part's range (not where the part is mostly another
   tissue, as the model's answer to a click on a missed rim can be the fat beside it), and only
