@@ -270,9 +270,10 @@ def test_a_click_past_the_objects_end_adds_no_larger_neighbour():
     """A positive click on the slice past where the object ends (k=13, no mask there), on a neighbour
     of the object's HU 6 times the object's last slice (k=12): the click alone segments that
     neighbour, less than 3 times the object's largest slice, which was all that limited it. Next to
-    the object's end it is refused with ``island_beside_end_limit`` (opt-in, off by default): an
-    object that goes on past its end is not much larger there than on its last slice. livertumor07 of ircadb-1.1 so took in 2,276 px
-    on its last slice, 46 of them tumour, and 1,466 more beyond (Dice 0.917 -> 0.680, session 25)."""
+    the object's end it is refused (``island_beside_end_limit``, on by default): an object that goes
+    on past its end is not much larger there than on its last slice. livertumor07 of ircadb-1.1 so
+    took in 2,276 px on its last slice, 46 of them tumour, and 1,466 more beyond (Dice 0.917 -> 0.680,
+    session 25)."""
     radius = {4: 8, 5: 11, 6: 13, 7: 14, 8: 14, 9: 13, 10: 11, 11: 8, 12: 5, 13: 12}  # k=13: the neighbour
     eng, truth = body_with_discs({k: [(48, 48, r)] for k, r in radius.items()})
     neighbour = truth[13].copy()
@@ -290,6 +291,7 @@ def test_a_click_past_the_objects_end_adds_no_larger_neighbour():
             assert "next to it" in str(exc) and "\n" not in str(exc), exc
         added[limit] = int(((s.mask > 0) & ~(before > 0)).sum())
     assert added[True] == 0 and added[False] >= 0.7 * neighbour.sum(), added
+    assert PropagationSettings().island_beside_end_limit is True  # the default
 
 
 def test_positive_click_in_a_missed_tumour_adds_it_in_3d(engine, phantom):

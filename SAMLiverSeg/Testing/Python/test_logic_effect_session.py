@@ -423,9 +423,11 @@ def test_a_click_in_another_view_corrects_the_result_shown(scene, client, engine
 def test_after_a_propagation_clicks_and_boxes_on_any_slice_correct_it_in_the_worker(scene, client, engine):
     """Once the 3D result is shown, a click or a box on another slice corrects it through the worker
     (``correct``) instead of previewing its slice: the in-process ``CorrectionSession``'s masks, on an
-    oblique volume. A click while a correction is in flight is queued and sent after it. A worker
-    killed meanwhile: the next correction goes to a new worker, which makes the mask again from all
-    the prompts (``propagate``'s mask)."""
+    oblique volume. A click while a correction is in flight is queued and sent after it; one the
+    in-process session refuses (past the object's end) the worker refuses too, in one line, and the
+    effect drops it from its prompts. A worker killed meanwhile: the next correction goes to a new
+    worker, which makes the mask again from all the prompts (``propagate``'s mask)."""
+    from samliverseg.core.errors import PromptError
     from samliverseg.interactive.session3d import CorrectionSession
 
     vol, session, sn = session_on(scene, client, "oblique")
@@ -440,7 +442,8 @@ def test_after_a_propagation_clicks_and_boxes_on_any_slice_correct_it_in_the_wor
     ks = [int(k) for k in np.flatnonzero(ref.mask.any(axis=(1, 2)))]
     assert len(ks) >= 3, ks
 
-    # a negative click inside the mask on another slice, then a positive one beside it, clicked at once
+    # a negative click inside the mask on another slice, then a positive one on the slice past the
+    # object's other end, clicked at once
     kn = ks[-1]
     j, i = np.argwhere(ref.mask[kn])[len(np.argwhere(ref.mask[kn])) // 2]
     centre_view_on(sn, geometry.ijk_to_ras_point(vol, (float(i), float(j), float(kn))))
@@ -448,21 +451,31 @@ def test_after_a_propagation_clicks_and_boxes_on_any_slice_correct_it_in_the_wor
     assert session.busy() == "correct" and session.preview_is_3d  # sent, nothing waited
     kp = ks[0] - 1
     centre_view_on(sn, geometry.ijk_to_ras_point(vol, (20.0, 20.0, float(kp))))
+    pos = slice_clicks.map_click(sn, vol, point_xy(sn, vol, (20.0, 20.0, float(kp))), ref.mask.shape).ijk
     assert session.click(sn, point_xy(sn, vol, (20.0, 20.0, float(kp))), positive=True).ok
     assert len(session.pending_corrections) == 1  # queued behind the first
     outs = pump(session, lambda o: sum(x.kind == "correct" for x in o) == 2 and not session.tasks)
     corrections = [o for o in outs if o.kind == "correct"]
-    assert all(o.ok for o in corrections), corrections
+    assert len(corrections) == 2 and corrections[0].ok, corrections
     assert "corrected from slice" in corrections[0].message
-    neg, pos = session.builder.negative[-1], session.builder.positive[-1]
-    assert int(round(neg[2])) == kn and int(round(pos[2])) == kp
+    neg = session.builder.negative[-1]
+    assert int(round(neg[2])) == kn
     cut = ref.add_point(neg, positive=False)
     # a cut that HU carries comes whole; one the model follows beyond its slice shows that slice first
     assert (corrections[0].data["first_shown_s"] is None) == (not cut.decoded_slices), cut
+    # the worker takes or refuses the positive click as the in-process session does; refused (a click
+    # past the object's end that would add more than 3 times its last slice: here the model's answer
+    # is mostly the body around the organ's 22-px tip), it is dropped from the prompts, one line
     try:
         ref.add_point(pos, positive=True)
-    except Exception as exc:  # the worker refused it as well: the effect dropped it from its prompts
-        assert pos not in session.builder.positive, exc
+        refused = None
+    except PromptError as exc:
+        refused = str(exc)
+    if refused is None:
+        assert corrections[1].ok and int(round(session.builder.positive[-1][2])) == kp, corrections[1]
+    else:
+        assert not corrections[1].ok and refused in corrections[1].message, (refused, corrections[1])
+        assert "\n" not in corrections[1].message and not session.builder.positive
     np.testing.assert_array_equal(session.preview, ref.mask)
     np.testing.assert_array_equal(session.display.preview_mask(vol), ref.mask)
 

@@ -233,7 +233,7 @@ class PropagationSettings:
     walk_growth: bool = False  # the walks of clicks (follow_slice) accept that growth too (False: they keep to the limit; see follow_slice)
     box_walk_growth: bool = True  # the walk of a box added as a correction (CorrectionSession.add_box) accepts it, as propagation from a box does
     box_walk_keeps_on_jump: bool = True  # where that walk cannot follow (JUMPED_AWAY), the slices beyond keep their mask (False: cleared up to the next prompted slice, as where the object ends)
-    island_beside_end_limit: bool = False  # (opt-in, session 25) a positive click on a slice without mask next to one with mask (past where the object ended) is refused where it would add more than ADD_AREA_FACTOR times that slice's mask (see CorrectionSession._add_region)
+    island_beside_end_limit: bool = True  # (session 25; the default since session 26) a positive click on a slice without mask next to one with mask (past where the object ended) is refused where it would add more than ADD_AREA_FACTOR times that slice's mask (see CorrectionSession._add_region)
     sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
     island_min_area_mm2: float = 100.0  # parts smaller than this are not followed,
     island_min_score: float = 0.8  # and a part is followed only where the model rates its mask this well

@@ -25,7 +25,7 @@ slice across the prompts' axis:
   propagation's growth rule); of what that adds to the slice, only the connected part the click
   lies in is added (the model's answer may also differ from the mask elsewhere along its edge: a
   neighbour it takes in). It is refused where it would exceed ``ADD_AREA_FACTOR`` times the
-  object's largest slice, and (opt-in, ``PropagationSettings.island_beside_end_limit``), on a
+  object's largest slice, and (``PropagationSettings.island_beside_end_limit``, on by default), on a
   slice without mask next to one with mask (past where the object ended), that many times the mask
   there (a click beside a tumour's last slice took the liver there). The click
   says its tissue is the object: the session's HU range grows to that part's (a darker tumour
