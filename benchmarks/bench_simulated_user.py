@@ -11,8 +11,8 @@ The loop of the CVPR 2025 interactive 3D segmentation challenge, on the shared r
 * step 0: a box on one axial slice of the reference (``variants.box_prompt``: its bounding box
   there plus the case's margin, 5 voxels on ircadb-1.1 and 2 on totalseg; half that, at least 1,
   for tumours), for the liver on the slice at ``--starts`` percent of its extent from its caudal
-  end (``variants.prompt_slice``), for a tumour on its middle slice; segmented and propagated
-  (``CorrectionSession``);
+  end (``variants.prompt_slice``), for a tumour on its middle slice (``--tumour-starts``: at
+  percents of its extent, as ``--starts``); segmented and propagated (``CorrectionSession``);
 * steps 1..``--clicks``: the largest 3D connected component of the error (false negatives and false
   positives labelled apart, 26-connected) is found, and one click is placed at its deepest point
   (the maximum of its distance transform, in mm) on that point's axial slice: a positive click for a
@@ -285,8 +285,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="ircadb,totalseg", help="ircadb, totalseg and/or phantom")
     ap.add_argument("--objects", default="liver,tumours", help="liver and/or tumours (ircadb-1.1 only)")
     ap.add_argument("--starts", default="50", help="start slices of the liver, percent of its k extent from its "
-                                                   "caudal end (variants.prompt_slice); tumours start on their "
-                                                   "middle slice")
+                                                   "caudal end (variants.prompt_slice)")
+    ap.add_argument("--tumour-starts", default="middle",
+                    help="start slices of each tumour: middle (its middle slice, the tumour benchmark's), or "
+                         "percents of its k extent as --starts (its end slices are few pixels: a hard start)")
     ap.add_argument("--tumours", default="", help="only these tumours, e.g. 1,3 (default: all)")
     ap.add_argument("--views", default="axial",
                     help="comma-separated views the first box is drawn in: axial, coronal, sagittal (a view's "
@@ -320,6 +322,8 @@ def main(argv=None) -> int:
         print(f"benchmark skipped: {sample_data.missing_reason()}")
         return 0
     starts = [float(v) / 100.0 for v in args.starts.split(",") if v.strip()]
+    tumour_starts: List[Optional[float]] = [None] if args.tumour_starts.strip() == "middle" else [
+        float(v) / 100.0 for v in args.tumour_starts.split(",") if v.strip()]
     views = [v for v in args.views.split(",") if v.strip()]
     walks = [w for w in args.walk_axis.split(",") if w.strip()]
     for walk in walks:
@@ -361,8 +365,8 @@ def main(argv=None) -> int:
                 _, tumours = sample_data.load_ircadb(structures=sample_data.IRCADB_LIVER_STRUCTURES[1:])
                 wanted = {f"livertumor{int(t):02d}" for t in args.tumours.split(",") if t.strip()}
                 for name in sorted(tumours):
-                    if not wanted or name in wanted:  # the tumours start on their middle slice
-                        objects[name] = (tumours[name] > 0, max(1, case.margin // 2), [None])
+                    if not wanted or name in wanted:
+                        objects[name] = (tumours[name] > 0, max(1, case.margin // 2), tumour_starts)
             if objects:
                 cases.append((case.name if vname == "original" else v.name, v.volume, objects))
     for case, vol, objects in cases:
