@@ -294,6 +294,47 @@ def test_a_click_past_the_objects_end_adds_no_larger_neighbour():
     assert PropagationSettings().island_beside_end_limit is True  # the default
 
 
+def test_a_click_whose_answer_is_the_organ_around_the_object_is_refused():
+    """A tumour (dark core of HU 60, and a 3 px rim of the liver's HU 110 that the reference counts
+    as tumour) inside a liver disc, whose mask is the core. A positive click on the rim gets the
+    liver as the model's answer: it covers the tumour's mask and adds more than it of another
+    tissue. It is refused (``enclosing_answer_limit``, on by default); before, the liver was added on
+    that slice (less than 3 times the tumour's largest slice, so nothing else limited it):
+    livertumor01 of ircadb-1.1 so took in 23,364 px of liver (Dice 0.936 -> 0.876, and the next
+    click removed the slice and 18 beyond it: 0.654, session 27)."""
+    n, slices = 96, 20
+    y, x = np.mgrid[0:n, 0:n]
+    hu = np.full((slices, n, n), -1000.0, np.float32)
+    core = np.zeros(hu.shape, bool)
+    rim = np.zeros(hu.shape, bool)
+    liver = ((x - 48) ** 2 + (y - 48) ** 2) < 20 ** 2
+    for k in range(slices):
+        hu[k][((x - 48) / 44.0) ** 2 + ((y - 48) / 40.0) ** 2 < 1] = 30.0
+        hu[k][liver] = 110.0
+        if 4 <= k <= 13:
+            r = 12 - abs(k - 8.5)
+            core[k] = (x - 46) ** 2 + (y - 48) ** 2 < r ** 2
+            rim[k] = ((x - 46) ** 2 + (y - 48) ** 2 < (r + 3) ** 2) & ~core[k]
+            hu[k][core[k]] = 60.0
+    hu += np.random.RandomState(0).normal(0.0, 5.0, hu.shape).astype(np.float32)
+    eng = PromptEngine("lite_medsam", device="cpu", backend="auto")
+    eng.set_volume(Volume(hu, spacing=(1.5, 1.5, 3.0)))
+    kc = 8
+    assert liver.sum() - (core[kc] | rim[kc]).sum() > core[kc].sum()  # the liver around it is larger than the mask
+    added = {}
+    for limit in (True, False):
+        eng.settings = PropagationSettings(enclosing_answer_limit=limit)
+        s = CorrectionSession(eng, Prompts(box=box_on(core, kc)))
+        s.mask[...] = core  # the mask so far: the tumour's core
+        try:
+            s.add_point((46.0 - 13.0, 48.0, float(kc)), positive=True)  # on the rim, left of the core
+        except PromptError as exc:
+            assert "another tissue" in str(exc) and "\n" not in str(exc), exc
+        added[limit] = int(((s.mask[kc] > 0) & liver & ~core[kc] & ~rim[kc]).sum())
+    assert added[True] == 0 and added[False] >= 0.5 * (liver & ~core[kc] & ~rim[kc]).sum(), added
+    assert PropagationSettings().enclosing_answer_limit is True  # the default
+
+
 def test_positive_click_in_a_missed_tumour_adds_it_in_3d(engine, phantom):
     """The liver includes its tumours, which are darker: a liver mask that missed one (as the liver's
     HU gate does where a tumour reaches the surface) gets it back from one click in it, in 3D."""
@@ -328,7 +369,9 @@ def test_a_click_on_a_missed_rim_of_the_object_adds_no_other_tissue():
     island: the model's answer to the click alone there is mostly the fat beside the liver. That
     answer is not the click's tissue (the click lies outside its HU range), so the session's HU
     range must not grow to it. Before, it grew to fat, and the walk from that answer added fat on
-    every slice below (island-lobe phantom, a box at 80 %: Dice 0.988 -> 0.577)."""
+    every slice below (island-lobe phantom, a box at 80 %: Dice 0.988 -> 0.577). Since session 27
+    that answer, which covers the slice's mask and adds more than it of another tissue, refuses
+    the click in one line (``enclosing_answer_limit``); either way, nothing but liver is added."""
     ph = make_island_lobe_phantom(seed=3)
     liver = ph.liver_mask > 0
     vol = ph.to_volume()
@@ -339,7 +382,11 @@ def test_a_click_on_a_missed_rim_of_the_object_adds_no_other_tissue():
     click = deepest_missed_point(liver, before, vol.spacing)
     kc = int(click[2])
     assert (liver & ~before)[kc].sum() < 100  # a rim, not a missed part
-    corr = s.add_point(click, positive=True)
+    try:
+        corr = s.add_point(click, positive=True)
+    except PromptError as exc:
+        assert "another tissue" in str(exc) and "\n" not in str(exc), exc
+        corr = str(exc)
     after = s.mask > 0
     assert s._hu_range == hu_range, (hu_range, s._hu_range)
     assert (after & ~before & ~liver).sum() <= 20, (int((after & ~before & ~liver).sum()), corr)

@@ -27,7 +27,9 @@ slice across the prompts' axis:
   neighbour it takes in). It is refused where it would exceed ``ADD_AREA_FACTOR`` times the
   object's largest slice, and (``PropagationSettings.island_beside_end_limit``, on by default), on a
   slice without mask next to one with mask (past where the object ended), that many times the mask
-  there (a click beside a tumour's last slice took the liver there). The click
+  there (a click beside a tumour's last slice took the liver there), and
+  (``PropagationSettings.enclosing_answer_limit``, on by default) where the model's answer covers the
+  slice's mask and adds more than it of another tissue (the liver around a tumour). The click
   says its tissue is the object: the session's HU range grows to that part's (a darker tumour
   inside the liver) where the click lies in the part's range (not where the part is mostly another
   tissue, as the model's answer to a click on a missed rim can be the fat beside it), and only
@@ -81,7 +83,7 @@ from samliverseg.core.postprocess import keep_components_touching
 from samliverseg.core.prompts import IJK_INDEX, Point, Prompts, SliceBox, validate_prompts
 from samliverseg.interactive.engine import (JUMPED_AWAY, PromptEngine, SegmentationResult, hu_gate_range, pixel_spacing,
                                            point_to_xy, slice_count, slice_of, slices_with_mask)
-from samliverseg.interactive.mask_edits import negative_region
+from samliverseg.interactive.mask_edits import MIN_CONTRAST_HU, negative_region
 
 
 #: A positive click at most this far (mm) from its slice's mask extends the object there (a box
@@ -92,6 +94,10 @@ UNDO_DEPTH = 20
 #: What a positive click adds is refused on its slice, and its walk stops, where a slice's mask would
 #: exceed this many times the object's largest slice before the click (a click must not add an organ).
 ADD_AREA_FACTOR = 3.0
+#: A positive click's answer that covers at least this fraction of its slice's mask, adds at least
+#: as much again and adds another tissue by HU is the organ around the object: the click is refused
+#: (``PropagationSettings.enclosing_answer_limit``; ``CorrectionSession._encloses_with_other_tissue``).
+ENCLOSE_COVER = 0.9
 #: A cut the model follows (where HU cannot carry it beyond its slice) stops where the next slice's
 #: cut would be more than this many times the previous one's (+16 px) ...
 CUT_GROWTH = 2.0
@@ -323,6 +329,10 @@ class CorrectionSession:
                 raise PromptError(f"the model's mask on slice {axis}={s} leaves the click out: click in the middle "
                                   "of the missed part, or draw a box around it")
         region = lab == lab[at]
+        if eng.settings.enclosing_answer_limit and self._encloses_with_other_tissue(region, sl, s):
+            raise PromptError(f"the model's answer to the click on slice {axis}={s} is mostly another tissue around the "
+                              "object: click in the middle of the missed part, or draw a box "
+                              "around it")
         hu_range = self._hu_range
         if hu_range is not None and region[y, x]:
             # The click says that its tissue is the object: the HU range (of what the first prompts
@@ -377,6 +387,24 @@ class CorrectionSession:
             nearest = int(np.argmin(((yy - y) * spacing[0]) ** 2 + ((xx - x) * spacing[1]) ** 2))
             y, x = int(yy[nearest]), int(xx[nearest])
         return lab == lab[y, x]
+
+    def _encloses_with_other_tissue(self, part: np.ndarray, sl: np.ndarray, s: int) -> bool:
+        """Whether ``part`` (the model's answer to a positive click on slice ``s``) is the organ
+        around the object rather than more of it: it covers the slice's mask ``sl`` (at least
+        ``ENCLOSE_COVER`` of it), adds at least as many pixels as that mask holds, and what it adds
+        is another tissue (median smoothed HU ``MIN_CONTRAST_HU`` or more from the mask's): the
+        liver around a tumour, or the fat around the liver (the answer to a click on a few missed
+        pixels at its edge). A missed lobe of the organ, a darker tumour at the liver's surface
+        (the answer is the tumour, not the liver mask) and a rim the object's mask missed are
+        accepted; a tumour mask much too small inside a tumour rim of another HU is refused (a box
+        there says it)."""
+        if sl.sum() < 10 or (part & sl).sum() < ENCLOSE_COVER * sl.sum():
+            return False
+        added = part & ~sl
+        if added.sum() < sl.sum():
+            return False
+        hu = ndimage.gaussian_filter(slice_of(self.engine.volume.array, self.axis, s).astype(np.float32), 1.0)
+        return abs(float(np.median(hu[added])) - float(np.median(hu[sl]))) >= MIN_CONTRAST_HU
 
     def _beside_area(self, s: int) -> int:
         """The larger mask (pixels) of the slices next to slice ``s`` (0: neither holds one)."""
