@@ -7,11 +7,13 @@ A negative click is given on one slice (across ``axis`` of the array ``[k, j, i]
   the mask, the part connected to the click. Where it would take more than ``max_frac`` of the
   slice's mask and its median HU is within ``MIN_CONTRAST_HU`` of the rest's or of the object's
   elsewhere (the wrong tissue looks like the object; a click at the object's border grew into
-  it), or where the click lies at the edge of what grew (``EDGE_FRAC``, at any size; then the
-  removal also stays on the clicked slice), or where it would take more than
-  ``DISTINCT_MAX_FRAC`` of it (almost all of it: the rest is too small to compare), only the blob
-  around the click is taken: the pixels within twice the click's depth (its distance to the mask
-  border) of the click, at most ``BLOB_MAX_MM``. Neither
+  it), or where the click lies at the edge of what grew (``EDGE_FRAC``, at any size), or where it
+  would take more than ``DISTINCT_MAX_FRAC`` of it (almost all of it: the rest is too small to
+  compare), only the blob around the click is taken: the pixels within twice the click's depth
+  (its distance to the mask border) of the click, at most ``BLOB_MAX_MM``; and the removal stays on
+  the clicked slice (HU could not tell the wrong tissue from the object there, so its band would
+  take the object's bright border on the next slices; ``session3d`` may follow the cut with the
+  model). Neither
   limit holds on a slice with no object: where the median HU of the slice's mask lies
   ``MIN_CONTRAST_HU`` or more from the object's elsewhere (the mask on the other slices) and fewer
   than ``NO_OBJECT_OVERLAP`` of its pixels lie in the object's interquartile HU range there (a leak
@@ -111,8 +113,11 @@ def clicked_region(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float]
 
 def _clicked(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float], pixel_spacing: Sequence[float],
              max_frac: float, elsewhere: Optional[np.ndarray]) -> Tuple[np.ndarray, bool]:
-    """:func:`clicked_region`, and whether the click lay at the edge of what grew from it (see
-    ``EDGE_FRAC``: it was kept to the blob around the click, on its slice)."""
+    """:func:`clicked_region`, and whether it was kept to the blob around the click (the click lay
+    at the edge of what grew from it, ``EDGE_FRAC``, or what grew took almost all of the slice's
+    mask or looked like the object): then the removal stays on the clicked slice. Before session
+    27 only the edge kept it there; a blob whose region had grown over its slice carried its HU
+    band, the object's bright border in it, to the next slices (livertumor05 of ircadb-1.1)."""
     m = np.asarray(mask2d) > 0
     rows, cols = m.shape
     x, y = min(max(int(round(xy[0])), 0), cols - 1), min(max(int(round(xy[1])), 0), rows - 1)
@@ -122,7 +127,6 @@ def _clicked(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float], pixe
     if not region[y, x]:
         region = m.copy()
     smooth = _smoothed(hu2d, pixel_spacing)
-    edge = False
     if _no_object(smooth[m], elsewhere):
         limit = False  # no object on this slice: its mask is all wrong tissue
     elif region.sum() > DISTINCT_MAX_FRAC * m.sum():
@@ -130,14 +134,14 @@ def _clicked(mask2d: np.ndarray, hu2d: np.ndarray, xy: Tuple[float, float], pixe
     else:
         # The click lies at the edge of what grew from it, or that is more than max_frac of the
         # slice's mask and looks like the rest or like the object elsewhere.
-        edge = _at_edge(region, x, y, pixel_spacing)
-        limit = edge or (region.sum() > max_frac * m.sum() and (not _distinct(region, m & ~region, smooth) or (
-            elsewhere is not None and not _far(smooth[region], elsewhere[1]))))
+        limit = _at_edge(region, x, y, pixel_spacing) or (region.sum() > max_frac * m.sum() and (
+            not _distinct(region, m & ~region, smooth)
+            or (elsewhere is not None and not _far(smooth[region], elsewhere[1]))))
     if limit:
         radius = min(2.0 * _depth_px(m, x, y, pixel_spacing), BLOB_MAX_MM)
         region &= _disk_mm(m.shape, x, y, radius, pixel_spacing)
     lab, _ = ndimage.label(region)
-    return lab == lab[y, x], edge
+    return lab == lab[y, x], limit
 
 
 def _at_edge(region: np.ndarray, x: int, y: int, pixel_spacing: Sequence[float]) -> bool:
@@ -201,10 +205,10 @@ def negative_region(mask3d: np.ndarray, hu3d: np.ndarray, axis: str, index: int,
     if not m0.any():
         return out
     elsewhere = _object_hu_elsewhere(mask3d, hu3d, axis, index)
-    first, edge = _clicked(m0, get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac, elsewhere)
+    first, blob = _clicked(m0, get_slice(hu3d, axis, index), xy, pixel_spacing, max_frac, elsewhere)
     if not first.any():
         return out
-    if edge:  # a rim the click lay on: its blob, on its slice
+    if blob:  # HU could not tell the click's tissue from the object: its blob, on its slice
         get_slice(out, axis, index)[...] = first
         return out
     hu0 = _smoothed(get_slice(hu3d, axis, index), pixel_spacing)
