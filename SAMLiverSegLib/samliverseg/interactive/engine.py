@@ -234,7 +234,7 @@ class PropagationSettings:
     box_walk_growth: bool = True  # the walk of a box added as a correction (CorrectionSession.add_box) accepts it, as propagation from a box does
     box_walk_keeps_on_jump: bool = True  # where that walk cannot follow (JUMPED_AWAY), the slices beyond keep their mask (False: cleared up to the next prompted slice, as where the object ends)
     island_beside_end_limit: bool = True  # (session 25; the default since session 26) a positive click on a slice without mask next to one with mask (past where the object ended) is refused where it would add more than ADD_AREA_FACTOR times that slice's mask (see CorrectionSession._add_region)
-    enclosing_answer_limit: bool = True  # (session 27) a positive click is refused where the model's answer to it surrounds the slice's mask with another tissue (the organ around a tumour; see CorrectionSession._encloses_with_other_tissue)
+    enclosing_answer_limit: bool = True  # (session 27) a positive click is refused where the model's answer to it covers the slice's mask and adds more than it of another tissue (the organ around a tumour; see CorrectionSession._encloses_with_other_tissue)
     sweep_islands: bool = True  # then sweep the object both ways: a part of a slice's mask that the next slice lacks is followed there
     island_min_area_mm2: float = 100.0  # parts smaller than this are not followed,
     island_min_score: float = 0.8  # and a part is followed only where the model rates its mask this well

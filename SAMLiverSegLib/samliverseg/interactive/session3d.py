@@ -395,9 +395,9 @@ class CorrectionSession:
         is another tissue (median smoothed HU ``MIN_CONTRAST_HU`` or more from the mask's): the
         liver around a tumour, or the fat around the liver (the answer to a click on a few missed
         pixels at its edge). A missed lobe of the organ, a darker tumour at the liver's surface
-        (the answer is the tumour, not the liver mask) and a rim the object's mask missed are
-        accepted; a tumour mask much too small inside a tumour rim of another HU is refused (a box
-        there says it)."""
+        (the answer is the tumour, not the liver mask) and a rim of the object's own HU that its
+        mask missed are accepted; a tumour mask much too small inside a tumour rim of another HU
+        is refused (a box there says it)."""
         if sl.sum() < 10 or (part & sl).sum() < ENCLOSE_COVER * sl.sum():
             return False
         added = part & ~sl
