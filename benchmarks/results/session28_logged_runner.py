@@ -6,25 +6,29 @@ end, by partial volume: ``mask_edits._holds_no_object`` differs from ``_no_objec
 import sys
 import samliverseg.interactive.mask_edits as me
 import bench_simulated_user as b
-FIRES = {"wraps": 0, "calls": 0, "faint": 0, "no_object_calls": 0}
-orig = me._wraps
-def wraps(region, rest):
-    r = orig(region, rest)
-    FIRES["calls"] += 1
-    if r:
-        FIRES["wraps"] += 1
-        print(f"    [FIRE wraps] region {int(region.sum())} rest {int(rest.sum())}", flush=True)
-    return r
-me._wraps = wraps
-orig_h = me._holds_no_object
-def holds(m, smooth, pixel_spacing, elsewhere, around):
-    r = orig_h(m, smooth, pixel_spacing, elsewhere, around)
-    FIRES["no_object_calls"] += 1
-    if r != me._no_object(smooth[m], elsewhere):
-        FIRES["faint"] += 1
-        print(f"    [FIRE faint] mask {int(m.sum())} around {around:.0f}", flush=True)
-    return r
-me._holds_no_object = holds
+
+FIRES = {}
+
+
+def log_when(name, fired, describe):
+    """Replace ``mask_edits.<name>`` by a wrapper that counts its calls and prints where
+    ``fired(args, result)`` holds."""
+    orig = getattr(me, name)
+
+    def wrapper(*args):
+        result = orig(*args)
+        FIRES[name + " calls"] = FIRES.get(name + " calls", 0) + 1
+        if fired(args, result):
+            FIRES[name] = FIRES.get(name, 0) + 1
+            print(f"    [FIRE {name}] {describe(args)}", flush=True)
+        return result
+    setattr(me, name, wrapper)
+
+
+log_when("_wraps", lambda a, r: r, lambda a: f"region {int(a[0].sum())} rest {int(a[1].sum())}")
+# the faint-end rule: where the verdict differs from the HU-only one (the rule before)
+log_when("_holds_no_object", lambda a, r: r != me._no_object(a[1][a[0]], a[3]),
+         lambda a: f"mask {int(a[0].sum())}")
 rc = b.main(sys.argv[1:])
 print("FIRES", FIRES)
 sys.exit(rc)
