@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ class DiskEmbeddings:
                                       input_hw=tuple(int(v) for v in z["input_hw"]), image_size=int(z["image_size"]))
         self.misses += 1
         emb = self.compute(image, pixel_spacing, field_mm)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # two benchmarks may embed the same slice at once
         np.savez(tmp, features=emb.features.float().cpu().numpy(), original_hw=np.array(emb.original_hw),
                  input_hw=np.array(emb.input_hw), image_size=np.array(emb.image_size))
         tmp.replace(path)
