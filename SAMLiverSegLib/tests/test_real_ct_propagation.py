@@ -322,7 +322,9 @@ def test_a_cut_from_a_slice_without_the_tumour_does_not_walk_into_its_end(liver_
     caudal end and took 1,684 of its voxels on 5 slices (0.821 -> 0.774). The band is now tested
     against the tumour's interior on the nearest slice each way that holds it (outside the click's
     footprint): about half of it lies in the band, the cut stays on its slice (then the model
-    follows it), and Dice does not fall."""
+    follows it), and Dice does not fall. Session 28's rules (``mask_edits``: the tumour's faint end
+    slice holds the tumour; the walk stops where the band's continuation lies around the object)
+    keep the cut there too, without this one; the rule before is all three off."""
     engine, _ = liver_engine
     engine.settings = PropagationSettings()
     _, masks = sample_data.load_ircadb(structures=("livertumor05",))
@@ -334,17 +336,22 @@ def test_a_cut_from_a_slice_without_the_tumour_does_not_walk_into_its_end(liver_
         s.add_point(tuple(float(v) for v in ijk), positive=positive)
     before = float(dice(s.mask, tumour))
     got = {}
-    for rule in ("nearby", "none"):
-        if rule == "none":  # the rule before: no interior to test, the walk by HU goes on
+    for rule in ("nearby", "session28", "none"):
+        if rule == "session28":  # no interior to test, but session 28's rules on
             monkeypatch.setattr(mask_edits, "_core_hu_nearby", lambda *a, **kw: np.zeros(0))
+        if rule == "none":  # the rule before: the walk by HU goes on
+            monkeypatch.setattr(mask_edits, "WRAP_FRAC", 2.0)
+            monkeypatch.setattr(mask_edits, "_holds_no_object",
+                                lambda m, smooth, pixel_spacing, elsewhere, around: mask_edits._no_object(smooth[m], elsewhere))
         m0 = s.mask > 0
         corr = s.add_point((218.0, 214.0, 107.0), positive=False)
         removed = m0 & ~(s.mask > 0)
         got[rule] = (float(dice(s.mask, tumour)), int((removed & tumour).sum()), corr.changed_slices)
         s.undo()
     assert got["none"][1] > 1000 and got["none"][0] < before - 0.03, (before, got)
-    assert got["nearby"][1] < 200 and got["nearby"][0] >= before, (before, got)
-    assert 107 in got["nearby"][2] and not any(108 < t for t in got["nearby"][2]), got
+    for rule in ("nearby", "session28"):
+        assert got[rule][1] < 200 and got[rule][0] >= before, (rule, before, got)
+        assert 107 in got[rule][2] and not any(108 < t for t in got[rule][2]), (rule, got)
 
 def _view_box(truth: np.ndarray, axis: str, fraction: float, margin: int) -> Prompts:
     """The box around ``truth`` (plus ``margin`` voxels) on the sagittal (``"i"``) or coronal
